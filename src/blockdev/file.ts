@@ -1,0 +1,308 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import {
+  BlockDevice,
+  BlockDeviceError,
+  BlockSizeLimits,
+  Capabilities,
+  checkRange,
+  Extent,
+  EXTENT_HOLE,
+  EXTENT_ZERO,
+  WriteOptions,
+  ZeroOptions,
+} from './types.js';
+import { native, blockDeviceSizeOf, NativeOps } from './native.js';
+import { errnoCode, UserError } from '../util/errors.js';
+
+export interface FileDeviceOptions {
+  readOnly?: boolean;
+  /**
+   * Requests up to this many bytes are done with synchronous pread/pwrite on
+   * the calling thread; larger ones go to libuv's thread pool so several run
+   * in parallel. Measured on this machine (shared/bench/FINDINGS.md): the pool
+   * hop halves small-request throughput, while big copies need parallelism.
+   * 0 = always asynchronous (safest with a cold cache on a slow disk).
+   */
+  syncIoMaxBytes?: number;
+  /** Use the native add-on when present (tests turn it off to cover the fallback). */
+  useNative?: boolean;
+}
+
+const DEFAULT_SYNC_IO_MAX_BYTES = Number(process.env.DUET_SYNC_IO_MAX_BYTES ?? 64 * 1024);
+const ZERO_BUFFER = Buffer.alloc(1024 * 1024);
+const EXTENTS_MAX = 1024;
+
+/**
+ * A regular file or a block device. flush = fdatasync; FUA = a write through a
+ * second descriptor opened O_DSYNC. Holes are punched and seen only with the
+ * native add-on; without it the capabilities say so and the NBD server does
+ * not advertise trim, fast zero or real extents.
+ */
+export class FileDevice implements BlockDevice {
+  readonly blockSize: BlockSizeLimits = { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 };
+  readonly capabilities: Capabilities;
+  private fd: number;
+  private dsyncFd = -1;
+  private readonly syncIoMaxBytes: number;
+  private readonly ops: NativeOps | null;
+  private closed = false;
+
+  private constructor(
+    readonly name: string,
+    fd: number,
+    readonly size: number,
+    private readonly isBlockDevice: boolean,
+    readOnly: boolean,
+    options: FileDeviceOptions,
+    rotational: boolean,
+  ) {
+    this.fd = fd;
+    this.ops = options.useNative === false ? null : native;
+    this.syncIoMaxBytes = options.syncIoMaxBytes ?? DEFAULT_SYNC_IO_MAX_BYTES;
+    const holes = this.ops !== null;
+    this.capabilities = {
+      readOnly,
+      flush: true,
+      fua: true,
+      trim: holes && !readOnly,
+      fastZero: holes && !readOnly && !isBlockDevice,
+      extents: holes && !isBlockDevice,
+      multiConn: true,
+      rotational,
+    };
+  }
+
+  /** Open PATH; errors are one-line UserErrors naming the path. */
+  static open(filePath: string, options: FileDeviceOptions = {}): FileDevice {
+    const readOnly = options.readOnly ?? false;
+    let fd: number;
+    try {
+      fd = fs.openSync(filePath, readOnly ? 'r' : 'r+');
+    } catch (err) {
+      throw openError(filePath, err, readOnly);
+    }
+    try {
+      const st = fs.fstatSync(fd);
+      let size: number;
+      let rotational = false;
+      if (st.isFile()) {
+        size = st.size;
+      } else if (st.isBlockDevice()) {
+        size = blockDeviceSizeOf(filePath, fd);
+        rotational = readRotational(filePath);
+      } else {
+        throw new UserError(`${filePath}: not a regular file or block device`);
+      }
+      const dev = new FileDevice(filePath, fd, size, st.isBlockDevice(), readOnly, options, rotational);
+      if (!readOnly) dev.dsyncFd = fs.openSync(filePath, fs.constants.O_WRONLY | fs.constants.O_DSYNC);
+      return dev;
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+
+  read(offset: number, into: Buffer): void | Promise<void> {
+    this.check(offset, into.length, false);
+    if (into.length <= this.syncIoMaxBytes) {
+      this.preadSync(into, offset);
+      return;
+    }
+    return this.preadAsync(into, offset);
+  }
+
+  write(offset: number, data: Buffer, options?: WriteOptions): void | Promise<void> {
+    this.check(offset, data.length, true);
+    // FUA waits for the disk: never on the event loop.
+    if (options?.fua) return this.pwriteAsync(this.dsyncFd, data, offset);
+    if (data.length <= this.syncIoMaxBytes) {
+      this.pwriteSync(data, offset);
+      return;
+    }
+    return this.pwriteAsync(this.fd, data, offset);
+  }
+
+  flush(): Promise<void> {
+    this.check(0, 0, false);
+    return new Promise((resolve, reject) =>
+      fs.fdatasync(this.fd, (err) => (err ? reject(ioError(this.name, 'flush', err)) : resolve())),
+    );
+  }
+
+  trim(offset: number, length: number, options?: WriteOptions): void | Promise<void> {
+    this.check(offset, length, true);
+    if (!this.ops || length === 0) return; // trim is advisory: doing nothing is correct
+    try {
+      if (this.isBlockDevice) this.ops.discard(this.fd, offset, length);
+      else this.ops.punchHole(this.fd, offset, length);
+    } catch (err) {
+      if (!isUnsupported(err)) throw ioError(this.name, 'trim', err);
+    }
+    if (options?.fua) return this.flush();
+  }
+
+  writeZeroes(offset: number, length: number, options: ZeroOptions = {}): void | Promise<void> {
+    this.check(offset, length, true);
+    if (length === 0) return;
+    if (this.ops && !this.isBlockDevice) {
+      try {
+        if (options.noHole) this.ops.zeroRange(this.fd, offset, length);
+        else this.ops.punchHole(this.fd, offset, length);
+        return options.fua ? this.flush() : undefined;
+      } catch (err) {
+        if (!isUnsupported(err)) throw ioError(this.name, 'write zeroes', err);
+      }
+    }
+    if (options.fastOnly) throw new BlockDeviceError('ENOTSUP', `${this.name}: zeroing is not faster than writing here`);
+    return this.writeZeroBuffers(offset, length, options.fua ?? false);
+  }
+
+  blockStatus(offset: number, length: number): Extent[] {
+    this.check(offset, length, false);
+    const end = Math.min(this.size, offset + Math.max(length, 1));
+    if (!this.ops || this.isBlockDevice) return [{ offset, length: end - offset, flags: 0 }];
+    const extents: Extent[] = [];
+    let pos = offset;
+    try {
+      while (pos < end && extents.length < EXTENTS_MAX) {
+        let data = this.ops.seekData(this.fd, pos);
+        if (data < 0 || data > end) data = end;
+        if (data > pos) {
+          extents.push({ offset: pos, length: data - pos, flags: EXTENT_HOLE | EXTENT_ZERO });
+          pos = data;
+          continue;
+        }
+        let hole = this.ops.seekHole(this.fd, pos);
+        if (hole < 0 || hole > end) hole = end;
+        if (hole <= pos) hole = end; // defensive: never loop without progress
+        extents.push({ offset: pos, length: hole - pos, flags: 0 });
+        pos = hole;
+      }
+    } catch (err) {
+      if (extents.length === 0) return [{ offset, length: end - offset, flags: 0 }];
+    }
+    return extents;
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    this.check(offset, length, false);
+    // No posix_fadvise in Node: reading the range populates the page cache.
+    const scratch = Buffer.allocUnsafe(Math.min(length, 1024 * 1024));
+    for (let done = 0; done < length; ) {
+      const n = Math.min(scratch.length, length - done);
+      await this.preadAsync(scratch.subarray(0, n), offset + done);
+      done += n;
+    }
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    fs.closeSync(this.fd);
+    if (this.dsyncFd >= 0) fs.closeSync(this.dsyncFd);
+  }
+
+  private check(offset: number, length: number, writing: boolean): void {
+    if (this.closed) throw new BlockDeviceError('EIO', `${this.name}: device is closed`);
+    if (writing && this.capabilities.readOnly) throw new BlockDeviceError('EPERM', `${this.name}: export is read-only`);
+    checkRange(this, offset, length, writing ? 'ENOSPC' : 'EINVAL');
+  }
+
+  private preadSync(into: Buffer, offset: number): void {
+    let done = 0;
+    try {
+      while (done < into.length) {
+        const n = fs.readSync(this.fd, into, done, into.length - done, offset + done);
+        if (n === 0) throw new BlockDeviceError('EIO', `${this.name}: unexpected end of file at ${offset + done}`);
+        done += n;
+      }
+    } catch (err) {
+      throw ioError(this.name, 'read', err);
+    }
+  }
+
+  private pwriteSync(data: Buffer, offset: number): void {
+    let done = 0;
+    try {
+      while (done < data.length) done += fs.writeSync(this.fd, data, done, data.length - done, offset + done);
+    } catch (err) {
+      throw ioError(this.name, 'write', err);
+    }
+  }
+
+  private preadAsync(into: Buffer, offset: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const step = (done: number): void => {
+        fs.read(this.fd, into, done, into.length - done, offset + done, (err, n) => {
+          if (err) return reject(ioError(this.name, 'read', err));
+          if (n === 0) return reject(new BlockDeviceError('EIO', `${this.name}: unexpected end of file at ${offset + done}`));
+          if (done + n < into.length) return step(done + n);
+          resolve();
+        });
+      };
+      step(0);
+    });
+  }
+
+  private pwriteAsync(fd: number, data: Buffer, offset: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const step = (done: number): void => {
+        fs.write(fd, data, done, data.length - done, offset + done, (err, n) => {
+          if (err) return reject(ioError(this.name, 'write', err));
+          if (done + n < data.length) return step(done + n);
+          resolve();
+        });
+      };
+      step(0);
+    });
+  }
+
+  private async writeZeroBuffers(offset: number, length: number, fua: boolean): Promise<void> {
+    for (let done = 0; done < length; ) {
+      const n = Math.min(ZERO_BUFFER.length, length - done);
+      await this.pwriteAsync(this.fd, ZERO_BUFFER.subarray(0, n), offset + done);
+      done += n;
+    }
+    if (fua) await this.flush();
+  }
+}
+
+function isUnsupported(err: unknown): boolean {
+  const code = errnoCode(err);
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'ENOTTY';
+}
+
+function ioError(name: string, op: string, err: unknown): BlockDeviceError {
+  if (err instanceof BlockDeviceError) return err;
+  const code = errnoCode(err);
+  const mapped = code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG' ? 'ENOSPC' : code === 'EROFS' || code === 'EPERM' ? 'EPERM' : 'EIO';
+  return new BlockDeviceError(mapped, `${name}: ${op} failed: ${code ?? (err as Error).message}`);
+}
+
+function openError(filePath: string, err: unknown, readOnly: boolean): UserError {
+  switch (errnoCode(err)) {
+    case 'ENOENT':
+      return new UserError(`${filePath}: no such file or block device (create it first, e.g. truncate -s 1G ${filePath})`);
+    case 'EACCES':
+    case 'EPERM':
+      return new UserError(`${filePath}: permission denied${readOnly ? '' : ' (use --read-only to export it read-only)'}`);
+    case 'EROFS':
+      return new UserError(`${filePath}: read-only file system (use --read-only)`);
+    case 'EISDIR':
+      return new UserError(`${filePath}: is a directory, not a file or block device`);
+    case 'EBUSY':
+      return new UserError(`${filePath}: device is busy (in use by another program)`);
+    default:
+      return new UserError(`${filePath}: cannot open: ${(err as Error).message}`);
+  }
+}
+
+function readRotational(devicePath: string): boolean {
+  try {
+    const base = path.basename(fs.realpathSync(devicePath));
+    return fs.readFileSync(`/sys/class/block/${base}/queue/rotational`, 'utf8').trim() === '1';
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,38 @@
+/**
+ * The `duet` command line: a thin layer that parses arguments and calls the
+ * layers below. Errors meant for people are one line on stderr, exit 2.
+ */
+import { Command, CommanderError } from 'commander';
+import { UserError } from '../util/errors.js';
+import { registerServe } from './serve.js';
+import { registerDemo } from './demo.js';
+
+export async function main(argv: string[]): Promise<void> {
+  const program = new Command();
+  program
+    .name('duet')
+    .description('Two computers, one whole-system RAID: mirrored disks, thin volumes, NBD exports, VM failover')
+    .version('0.1.0')
+    .exitOverride()
+    .configureOutput({ outputError: (str, write) => write(`duet: ${str.replace(/^error: /, '')}`) });
+  registerServe(program);
+  registerDemo(program);
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+  } catch (err) {
+    exitWithError(err);
+  }
+}
+
+export function exitWithError(err: unknown): never {
+  if (err instanceof CommanderError) {
+    const ok = err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help';
+    process.exit(ok ? 0 : 2);
+  }
+  if (err instanceof UserError) {
+    process.stderr.write(`duet: ${err.message}\n`);
+    process.exit(err.exitCode);
+  }
+  process.stderr.write(`duet: internal error: ${(err as Error)?.stack ?? String(err)}\n`);
+  process.exit(70);
+}

@@ -1,0 +1,100 @@
+import path from 'node:path';
+import type { Command } from 'commander';
+import { FileDevice } from '../blockdev/file.js';
+import type { BlockDevice } from '../blockdev/types.js';
+import { StaticExports, NbdExport } from '../nbd/exports.js';
+import { NbdServer } from '../nbd/server.js';
+import { createLogger, Logger } from '../util/log.js';
+import { UserError } from '../util/errors.js';
+import { formatHostPort, listenError, parseListen } from './listen.js';
+
+interface ServeOptions {
+  listen: string;
+  readOnly?: boolean;
+}
+
+export function registerServe(program: Command): void {
+  program
+    .command('serve')
+    .description('export files or block devices over NBD (fixed newstyle)')
+    .argument('<exports...>', '[NAME=]PATH of a file or block device; the first is also the default export ""')
+    .option('--listen <host:port>', 'address to listen on', '127.0.0.1:10809')
+    .option('--read-only', 'refuse writes on every export')
+    .action(async (specs: string[], options: ServeOptions) => {
+      await serve(specs, options);
+    });
+}
+
+/** NAME=PATH, or PATH whose export name is its file name without extension. */
+export function parseExportSpec(spec: string): { name: string; path: string } {
+  const eq = spec.indexOf('=');
+  // A path may contain '=' itself; only treat the prefix as a name if it has no '/'.
+  if (eq > 0 && !spec.slice(0, eq).includes('/')) return { name: spec.slice(0, eq), path: spec.slice(eq + 1) };
+  if (eq === 0) throw new UserError(`"${spec}": empty export name before "="`);
+  const base = path.basename(spec);
+  const ext = path.extname(base);
+  return { name: ext && ext !== base ? base.slice(0, -ext.length) : base, path: spec };
+}
+
+export async function serve(specs: string[], options: ServeOptions): Promise<void> {
+  const log = createLogger('duet-serve');
+  const addr = parseListen(options.listen);
+  const parsed = specs.map(parseExportSpec);
+  const names = new Set<string>();
+  for (const p of parsed) {
+    if (!p.path) throw new UserError(`export "${p.name}": no PATH after "="`);
+    if (names.has(p.name)) throw new UserError(`export name "${p.name}" is used twice: give each PATH its own NAME=PATH`);
+    names.add(p.name);
+  }
+
+  const devices: BlockDevice[] = [];
+  const exports: NbdExport[] = [];
+  try {
+    for (const p of parsed) {
+      const device = FileDevice.open(p.path, { readOnly: options.readOnly });
+      devices.push(device);
+      exports.push({ name: p.name, device, description: p.path, readOnly: options.readOnly });
+    }
+  } catch (err) {
+    for (const d of devices) await d.close();
+    throw err;
+  }
+
+  const server = new NbdServer({ exports: new StaticExports(exports), log });
+  try {
+    await server.listen(addr.host, addr.port);
+  } catch (err) {
+    for (const d of devices) await d.close();
+    throw listenError(addr, err);
+  }
+  const where = formatHostPort(addr.host, addr.port);
+  for (const e of exports) process.stdout.write(`listening nbd://${where}/${e.name}\n`);
+  log.info({ event: 'serving', listen: where, exports: exports.map((e) => ({ name: e.name, path: e.description, size: e.device.size })) });
+  installShutdown(server, devices, log);
+}
+
+/** SIGINT/SIGTERM: stop accepting, finish in-flight requests, flush, exit 0. */
+export function installShutdown(server: NbdServer, devices: BlockDevice[], log: Logger, onExit?: () => Promise<void>): void {
+  let stopping = false;
+  const stop = async (signal: string): Promise<void> => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ event: 'shutting down', signal, connections: server.connectionCount });
+    let code = 0;
+    try {
+      await server.close();
+      for (const d of devices) {
+        if (!d.capabilities.readOnly) await d.flush();
+        await d.close();
+      }
+      if (onExit) await onExit();
+    } catch (err) {
+      log.error({ event: 'shutdown failed', err: (err as Error).message });
+      code = 1;
+    }
+    log.info({ event: 'stopped', stats: server.stats });
+    process.exit(code);
+  };
+  process.on('SIGINT', () => void stop('SIGINT'));
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+}

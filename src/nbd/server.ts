@@ -1,0 +1,230 @@
+/**
+ * The NBD server: accepts connections, runs the handshake, then hands the
+ * socket to the transmission phase. One connection's trouble (bad framing,
+ * a device error, a bug) ends that connection only.
+ */
+import net from 'node:net';
+import type { Logger } from '../util/log.js';
+import { ByteQueue } from './bytequeue.js';
+import type { ExportProvider } from './exports.js';
+import { negotiate, ProtocolError } from './handshake.js';
+import * as P from './protocol.js';
+import { Transmission, TransmissionStats } from './transmission.js';
+
+export interface NbdServerOptions {
+  exports: ExportProvider;
+  log: Logger;
+  /** How long shutdown waits for in-flight requests before cutting connections. */
+  shutdownTimeoutMs?: number;
+}
+
+class ClosedError extends Error {}
+
+class Connection {
+  readonly queue = new ByteQueue();
+  private waiter: { n: number; resolve: () => void; reject: (e: Error) => void } | null = null;
+  transmission: Transmission | null = null;
+  closed = false;
+  private readonly handshakeTimer: NodeJS.Timeout;
+
+  constructor(
+    readonly id: number,
+    readonly socket: net.Socket,
+    private readonly server: NbdServer,
+    readonly log: Logger,
+  ) {
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) => log.debug({ event: 'socket error', err: err.message }));
+    socket.on('close', () => this.onClose());
+    this.handshakeTimer = setTimeout(() => {
+      if (!this.transmission) this.abort('handshake took too long');
+    }, P.LIMITS.handshakeTimeoutMs);
+    this.handshakeTimer.unref();
+  }
+
+  async run(): Promise<void> {
+    try {
+      const negotiated = await negotiate(
+        {
+          queue: this.queue,
+          need: (n) => this.need(n),
+          write: (data) => {
+            if (!this.socket.destroyed) this.socket.write(data);
+          },
+        },
+        this.server.exports,
+        this.log,
+        { shuttingDown: () => this.server.shuttingDown },
+      );
+      clearTimeout(this.handshakeTimer);
+      if (!negotiated) {
+        this.log.debug({ event: 'client aborted handshake' });
+        this.socket.end();
+        return;
+      }
+      this.log.info({
+        event: 'client connected',
+        export: negotiated.export.name,
+        structuredReplies: negotiated.structuredReplies,
+        baseAllocation: negotiated.baseAllocation,
+      });
+      this.transmission = new Transmission(this.socket, this.queue, negotiated, this.log, {
+        onDisconnect: (reason) => void this.disconnect(reason),
+        stats: this.server.stats,
+      });
+      this.transmission.process();
+    } catch (err) {
+      clearTimeout(this.handshakeTimer);
+      if (err instanceof ClosedError) return;
+      if (err instanceof ProtocolError) this.abort(err.message);
+      else {
+        this.log.error({ event: 'handshake failed', err: (err as Error).stack });
+        this.abort('internal error');
+      }
+    }
+  }
+
+  /** Finish in-flight requests, then close (DISC, or a broken stream). */
+  async disconnect(reason: string): Promise<void> {
+    if (this.closed) return;
+    this.log.debug({ event: 'disconnecting', reason });
+    if (this.transmission) await this.transmission.stop();
+    if (reason !== 'client disconnected') this.log.warn({ event: 'connection dropped', reason });
+    this.socket.end();
+  }
+
+  abort(reason: string): void {
+    if (this.closed) return;
+    this.log.warn({ event: 'connection dropped', reason });
+    this.socket.destroy();
+  }
+
+  private need(n: number): Promise<void> {
+    if (this.queue.length >= n) return Promise.resolve();
+    if (this.closed) return Promise.reject(new ClosedError());
+    return new Promise((resolve, reject) => {
+      this.waiter = { n, resolve, reject };
+    });
+  }
+
+  private onData(chunk: Buffer): void {
+    this.queue.push(chunk);
+    if (this.transmission) {
+      try {
+        this.transmission.process();
+      } catch (err) {
+        this.log.error({ event: 'request processing failed', err: (err as Error).stack });
+        this.abort('internal error');
+      }
+      return;
+    }
+    // Handshake: bound what a client can make us buffer (options are capped,
+    // and a client must wait for each reply before sending the next).
+    if (this.queue.length > P.LIMITS.optionLengthMax + 1024 * 1024) {
+      this.abort('client sent too much data during the handshake');
+      return;
+    }
+    const w = this.waiter;
+    if (w && this.queue.length >= w.n) {
+      this.waiter = null;
+      w.resolve();
+    }
+  }
+
+  private onClose(): void {
+    this.closed = true;
+    clearTimeout(this.handshakeTimer);
+    this.queue.clear();
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = null;
+      w.reject(new ClosedError());
+    }
+    this.server.forget(this);
+  }
+}
+
+export class NbdServer {
+  readonly exports: ExportProvider;
+  readonly stats: TransmissionStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
+  shuttingDown = false;
+  private readonly log: Logger;
+  private readonly servers: net.Server[] = [];
+  private readonly connections = new Set<Connection>();
+  private nextId = 1;
+  private readonly shutdownTimeoutMs: number;
+
+  constructor(options: NbdServerOptions) {
+    this.exports = options.exports;
+    this.log = options.log;
+    this.shutdownTimeoutMs = options.shutdownTimeoutMs ?? 10_000;
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /** Listen on HOST:PORT (or a Unix socket path when `port` is undefined). */
+  listen(host: string, port?: number): Promise<net.AddressInfo | string> {
+    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      const done = (): void => {
+        server.off('error', reject);
+        server.on('error', (err) => this.log.error({ event: 'listener error', err: err.message }));
+        this.servers.push(server);
+        const addr = server.address();
+        resolve(addr as net.AddressInfo | string);
+      };
+      if (port === undefined) server.listen(host, done);
+      else server.listen({ host, port, backlog: 511 }, done);
+    });
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.shuttingDown) {
+      socket.destroy();
+      return;
+    }
+    const id = this.nextId++;
+    const log = this.log.child({ conn: id, peer: `${socket.remoteAddress ?? 'unix'}:${socket.remotePort ?? ''}` });
+    const conn = new Connection(id, socket, this, log);
+    this.connections.add(conn);
+    log.debug({ event: 'connection accepted' });
+    void conn.run();
+  }
+
+  forget(conn: Connection): void {
+    this.connections.delete(conn);
+  }
+
+  /**
+   * Graceful shutdown: stop accepting, let every connection finish its
+   * in-flight requests (bounded by shutdownTimeoutMs), then close them.
+   * The caller flushes and closes the devices afterwards.
+   */
+  async close(): Promise<void> {
+    this.shuttingDown = true;
+    const listening = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
+    const draining = [...this.connections].map(async (conn) => {
+      if (conn.transmission) {
+        await conn.transmission.stop();
+        conn.socket.end();
+      } else {
+        conn.socket.destroy();
+      }
+    });
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<void>((resolve) => {
+      timer = setTimeout(() => {
+        this.log.warn({ event: 'shutdown timeout', connections: this.connections.size });
+        resolve();
+      }, this.shutdownTimeoutMs);
+    });
+    await Promise.race([Promise.all(draining), timeout]);
+    clearTimeout(timer);
+    for (const conn of this.connections) conn.socket.destroy();
+    await Promise.all(listening);
+  }
+}
