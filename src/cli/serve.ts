@@ -61,13 +61,15 @@ export async function serve(specs: string[], options: ServeOptions): Promise<voi
   }
 
   const server = new NbdServer({ exports: new StaticExports(exports), log });
+  let port = addr.port;
   try {
-    await server.listen(addr.host, addr.port);
+    const bound = await server.listen(addr.host, addr.port);
+    if (typeof bound !== 'string') port = bound.port; // --listen HOST:0 picks a free port
   } catch (err) {
     for (const d of devices) await d.close();
     throw listenError(addr, err);
   }
-  const where = formatHostPort(addr.host, addr.port);
+  const where = formatHostPort(addr.host, port);
   for (const e of exports) process.stdout.write(`listening nbd://${where}/${e.name}\n`);
   log.info({ event: 'serving', listen: where, exports: exports.map((e) => ({ name: e.name, path: e.description, size: e.device.size })) });
   installShutdown(server, devices, log);
