@@ -29,7 +29,7 @@ export function registerDemo(program: Command): void {
           'try, from another terminal:',
           `  nbdinfo ${url}                      # size, flags, block sizes`,
           `  nbdinfo --map ${url}                # allocated vs hole extents`,
-          `  nbdcopy /dev/urandom ${url} --length 64M   # hmm: nbdcopy needs a sized source; see README`,
+          `  head -c 64M /dev/urandom > /tmp/rand.img && nbdcopy /tmp/rand.img ${url}`,
           `  qemu-img info ${url}`,
           `  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' ${url}`,
           `  nbdfuse /tmp/demo-mnt ${url} &   # then losetup + mkfs.ext4 + mount (README)`,
