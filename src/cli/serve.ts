@@ -1,16 +1,22 @@
+import fs from 'node:fs';
 import path from 'node:path';
+import tls from 'node:tls';
 import type { Command } from 'commander';
 import { FileDevice } from '../blockdev/file.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import { StaticExports, NbdExport } from '../nbd/exports.js';
-import { NbdServer } from '../nbd/server.js';
+import { NbdServer, NbdServerTls } from '../nbd/server.js';
 import { createLogger, Logger } from '../util/log.js';
-import { UserError } from '../util/errors.js';
+import { UserError, errnoCode } from '../util/errors.js';
 import { formatHostPort, listenError, parseListen } from './listen.js';
 
 interface ServeOptions {
   listen: string;
   readOnly?: boolean;
+  tls?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsCa?: string;
 }
 
 export function registerServe(program: Command): void {
@@ -20,6 +26,10 @@ export function registerServe(program: Command): void {
     .argument('<exports...>', '[NAME=]PATH of a file or block device; the first is also the default export ""')
     .option('--listen <host:port>', 'address to listen on', '127.0.0.1:10809')
     .option('--read-only', 'refuse writes on every export')
+    .option('--tls <mode>', 'on (clients may use STARTTLS) or require (they must); needs --tls-cert and --tls-key')
+    .option('--tls-cert <file>', 'server certificate chain (PEM)')
+    .option('--tls-key <file>', 'server private key (PEM)')
+    .option('--tls-ca <file>', 'CA (PEM) that client certificates must be signed by; asks every client for one')
     .action(async (specs: string[], options: ServeOptions) => {
       await serve(specs, options);
     });
@@ -60,7 +70,14 @@ export async function serve(specs: string[], options: ServeOptions): Promise<voi
     throw err;
   }
 
-  const server = new NbdServer({ exports: new StaticExports(exports), log });
+  let tlsSettings: NbdServerTls | undefined;
+  try {
+    tlsSettings = loadTls(options);
+  } catch (err) {
+    for (const d of devices) await d.close();
+    throw err;
+  }
+  const server = new NbdServer({ exports: new StaticExports(exports), log, tls: tlsSettings });
   let port = addr.port;
   try {
     const bound = await server.listen(addr.host, addr.port);
@@ -73,6 +90,31 @@ export async function serve(specs: string[], options: ServeOptions): Promise<voi
   for (const e of exports) process.stdout.write(`listening nbd://${where}/${e.name}\n`);
   log.info({ event: 'serving', listen: where, exports: exports.map((e) => ({ name: e.name, path: e.description, size: e.device.size })) });
   installShutdown(server, devices, log);
+}
+
+/** Read --tls-* options; undefined when TLS is off. */
+export function loadTls(options: ServeOptions): NbdServerTls | undefined {
+  const mode = options.tls ?? (options.tlsCert || options.tlsKey ? 'on' : 'off');
+  if (mode !== 'on' && mode !== 'require' && mode !== 'off') throw new UserError(`--tls ${mode}: use on, require or off`);
+  if (mode === 'off') return undefined;
+  if (!options.tlsCert || !options.tlsKey) throw new UserError(`--tls ${mode} needs --tls-cert FILE and --tls-key FILE`);
+  const read = (what: string, file: string): Buffer => {
+    try {
+      return fs.readFileSync(file);
+    } catch (err) {
+      throw new UserError(`${what} ${file}: cannot read (${errnoCode(err) ?? (err as Error).message})`);
+    }
+  };
+  const cert = read('--tls-cert', options.tlsCert);
+  const key = read('--tls-key', options.tlsKey);
+  const ca = options.tlsCa ? read('--tls-ca', options.tlsCa) : undefined;
+  let context: tls.SecureContext;
+  try {
+    context = tls.createSecureContext({ cert, key, ca, minVersion: 'TLSv1.2' });
+  } catch (err) {
+    throw new UserError(`--tls-cert/--tls-key: not a usable certificate and key: ${(err as Error).message}`);
+  }
+  return { context, required: mode === 'require', verifyClient: ca !== undefined };
 }
 
 /** SIGINT/SIGTERM: stop accepting, finish in-flight requests, flush, exit 0. */

@@ -30,8 +30,15 @@ export class ProtocolError extends Error {}
 
 export interface HandshakeOptions {
   shuttingDown(): boolean;
-  /** Offer NBD_OPT_STARTTLS? (not yet: STARTTLS is answered ERR_UNSUP / POLICY). */
-  tls?: false;
+  /** TLS via NBD_OPT_STARTTLS; absent = NOTLS mode (STARTTLS refused with ERR_POLICY). */
+  tls?: HandshakeTls;
+}
+
+export interface HandshakeTls {
+  /** FORCEDTLS: every option but STARTTLS and ABORT is refused until TLS is up. */
+  required: boolean;
+  /** Switch the connection to TLS (called right after the ACK is written). */
+  upgrade(): Promise<void>;
 }
 
 export function transmissionFlagsFor(exp: NbdExport, structuredReplies: boolean): number {
@@ -69,6 +76,7 @@ export async function negotiate(
   const noZeroes = (clientFlags & P.NBD_FLAG_C_NO_ZEROES) !== 0;
 
   let structuredReplies = false;
+  let tlsActive = false;
   /** Export name the last SET_META_CONTEXT referred to, and whether it selected base:allocation. */
   let meta: { exportName: string; baseAllocation: boolean } | null = null;
 
@@ -116,6 +124,12 @@ export async function negotiate(
       continue;
     }
 
+    if (options.tls?.required && !tlsActive && option !== P.NBD_OPT_STARTTLS && option !== P.NBD_OPT_ABORT) {
+      if (option === P.NBD_OPT_EXPORT_NAME) throw new ProtocolError('client chose an export without TLS, which this server requires');
+      replyError(option, P.NBD_REP_ERR_TLS_REQD, 'this server requires TLS: use NBD_OPT_STARTTLS first');
+      continue;
+    }
+
     switch (option) {
       case P.NBD_OPT_EXPORT_NAME: {
         const name = data.toString('utf8');
@@ -160,7 +174,17 @@ export async function negotiate(
       }
 
       case P.NBD_OPT_STARTTLS:
-        replyError(option, P.NBD_REP_ERR_POLICY, 'TLS is not configured on this server');
+        if (!options.tls) replyError(option, P.NBD_REP_ERR_POLICY, 'TLS is not configured on this server');
+        else if (tlsActive) replyError(option, P.NBD_REP_ERR_INVALID, 'TLS is already active');
+        else if (length !== 0) replyError(option, P.NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+        else {
+          reply(option, P.NBD_REP_ACK);
+          await options.tls.upgrade();
+          tlsActive = true;
+          // Everything negotiated in clear text is void after the upgrade (spec, STARTTLS).
+          structuredReplies = false;
+          meta = null;
+        }
         break;
 
       case P.NBD_OPT_INFO:

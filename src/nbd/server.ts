@@ -4,6 +4,7 @@
  * a device error, a bug) ends that connection only.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import type { Logger } from '../util/log.js';
 import { ByteQueue } from './bytequeue.js';
 import type { ExportProvider } from './exports.js';
@@ -16,6 +17,15 @@ export interface NbdServerOptions {
   log: Logger;
   /** How long shutdown waits for in-flight requests before cutting connections. */
   shutdownTimeoutMs?: number;
+  tls?: NbdServerTls;
+}
+
+export interface NbdServerTls {
+  context: tls.SecureContext;
+  /** FORCEDTLS mode: clients must upgrade before anything else. */
+  required: boolean;
+  /** Ask for and verify a client certificate against the context's CA. */
+  verifyClient?: boolean;
 }
 
 class ClosedError extends Error {}
@@ -27,14 +37,16 @@ class Connection {
   closed = false;
   private readonly handshakeTimer: NodeJS.Timeout;
 
+  private readonly dataListener = (chunk: Buffer): void => this.onData(chunk);
+
   constructor(
     readonly id: number,
-    readonly socket: net.Socket,
+    public socket: net.Socket,
     private readonly server: NbdServer,
     readonly log: Logger,
   ) {
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('data', this.dataListener);
     socket.on('error', (err) => log.debug({ event: 'socket error', err: err.message }));
     socket.on('close', () => this.onClose());
     this.handshakeTimer = setTimeout(() => {
@@ -55,7 +67,10 @@ class Connection {
         },
         this.server.exports,
         this.log,
-        { shuttingDown: () => this.server.shuttingDown },
+        {
+          shuttingDown: () => this.server.shuttingDown,
+          tls: this.server.tls ? { required: this.server.tls.required, upgrade: () => this.startTls() } : undefined,
+        },
       );
       clearTimeout(this.handshakeTimer);
       if (!negotiated) {
@@ -83,6 +98,30 @@ class Connection {
         this.abort('internal error');
       }
     }
+  }
+
+  /** NBD_OPT_STARTTLS was acknowledged: run the TLS handshake on this socket. */
+  private startTls(): Promise<void> {
+    const settings = this.server.tls!;
+    const raw = this.socket;
+    raw.off('data', this.dataListener);
+    const secure = new tls.TLSSocket(raw, {
+      isServer: true,
+      secureContext: settings.context,
+      requestCert: settings.verifyClient ?? false,
+      rejectUnauthorized: settings.verifyClient ?? false,
+    });
+    this.socket = secure;
+    secure.on('data', this.dataListener);
+    secure.on('error', (err) => this.log.debug({ event: 'tls error', err: err.message }));
+    secure.on('close', () => raw.destroy());
+    return new Promise((resolve, reject) => {
+      secure.once('secure', () => {
+        this.log.debug({ event: 'tls established', protocol: secure.getProtocol() });
+        resolve();
+      });
+      secure.once('error', (err) => reject(new ProtocolError(`TLS handshake failed: ${err.message}`)));
+    });
   }
 
   /** Finish in-flight requests, then close (DISC, or a broken stream). */
@@ -147,6 +186,7 @@ class Connection {
 
 export class NbdServer {
   readonly exports: ExportProvider;
+  readonly tls: NbdServerTls | undefined;
   readonly stats: TransmissionStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
   shuttingDown = false;
   private readonly log: Logger;
@@ -157,6 +197,7 @@ export class NbdServer {
 
   constructor(options: NbdServerOptions) {
     this.exports = options.exports;
+    this.tls = options.tls;
     this.log = options.log;
     this.shutdownTimeoutMs = options.shutdownTimeoutMs ?? 10_000;
   }
