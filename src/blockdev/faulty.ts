@@ -3,6 +3,7 @@ import {
   BlockDeviceError,
   BlockErrorCode,
   Capabilities,
+  checkRange,
   Extent,
   WriteOptions,
   ZeroOptions,
@@ -23,10 +24,14 @@ export interface FaultRule {
 }
 
 /** A write not yet made durable: replayed onto the inner device at flush time. */
-type Pending =
+type Pending = (
   | { kind: 'write'; offset: number; data: Buffer }
   | { kind: 'zero'; offset: number; length: number; noHole: boolean }
-  | { kind: 'trim'; offset: number; length: number };
+  | { kind: 'trim'; offset: number; length: number }
+) & {
+  /** Already durable (FUA): always part of what survives a power cut. */
+  fua: boolean;
+};
 
 export interface PowerCutOptions {
   /**
@@ -75,7 +80,7 @@ export class FaultyDevice implements BlockDevice {
   get blockSize() {
     return this.inner.blockSize;
   }
-  /** Bytes of writes not yet flushed. */
+  /** Number of write operations not yet flushed. */
   get unflushedWrites(): number {
     return this.pending.length;
   }
@@ -102,7 +107,11 @@ export class FaultyDevice implements BlockDevice {
     this.pending = [];
     this.off = true;
     if (options.keep === 'random') {
-      for (const p of lost) if (random() < 0.5) await this.applyDurably(p);
+      // What survives is a subsequence, in order, of the unflushed ops that
+      // contains every FUA op (those were durable when acknowledged). FUA ops
+      // are already on the inner device; replaying them in order keeps a later
+      // kept write from being overtaken by an earlier one.
+      for (const p of lost) if (p.fua || random() < 0.5) await this.applyDurably(p);
     }
   }
   powerOn(): void {
@@ -117,38 +126,48 @@ export class FaultyDevice implements BlockDevice {
   }
 
   async write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
-    await this.enter('write', offset, data.length);
+    await this.enter('write', offset, data.length, true);
     const copy = Buffer.from(data); // the caller may reuse its buffer
     if (!this.writeBack) return this.inner.write(offset, copy, options);
-    this.pending.push({ kind: 'write', offset, data: copy });
-    if (options?.fua) await this.inner.write(offset, copy, { fua: true });
+    await this.queue({ kind: 'write', offset, data: copy, fua: options?.fua ?? false });
   }
 
   async flush(): Promise<void> {
     await this.enter('flush', 0, 0);
     const batch = this.pending;
     this.pending = [];
-    for (const p of batch) await this.applyDurably(p);
+    for (let i = 0; i < batch.length; i++) {
+      try {
+        // FUA ops are replayed too, in order, so an older write cannot land on top of them.
+        await this.applyDurably(batch[i]);
+      } catch (err) {
+        // Not durable after all: keep the rest pending so no later flush reports success for them.
+        this.pending = batch.slice(i).concat(this.pending);
+        throw err;
+      }
+    }
     await this.inner.flush();
   }
 
   async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
-    await this.enter('trim', offset, length);
-    const p: Pending = { kind: 'trim', offset, length };
+    await this.enter('trim', offset, length, true);
     if (!this.writeBack) return this.inner.trim(offset, length, options);
-    this.pending.push(p);
-    if (options?.fua) await this.applyDurably(p);
+    await this.queue({ kind: 'trim', offset, length, fua: options?.fua ?? false });
   }
 
   async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
-    await this.enter('writeZeroes', offset, length);
+    await this.enter('writeZeroes', offset, length, true);
     if (options.fastOnly && !this.inner.capabilities.fastZero) {
       throw new BlockDeviceError('ENOTSUP', `${this.name}: zeroing is not fast here`);
     }
     if (!this.writeBack) return this.inner.writeZeroes(offset, length, options);
-    const p: Pending = { kind: 'zero', offset, length, noHole: options.noHole ?? false };
+    await this.queue({ kind: 'zero', offset, length, noHole: options.noHole ?? false, fua: options.fua ?? false });
+  }
+
+  /** Into the volatile cache; a FUA op also goes to stable storage before completing. */
+  private async queue(p: Pending): Promise<void> {
+    if (p.fua) await this.applyDurably(p);
     this.pending.push(p);
-    if (options.fua) await this.applyDurably(p);
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -165,12 +184,19 @@ export class FaultyDevice implements BlockDevice {
   }
 
   async close(): Promise<void> {
+    this.closed = true;
     await this.inner.close();
   }
 
-  private async enter(op: FaultOp, offset: number, length: number): Promise<void> {
+  private closed = false;
+
+  private async enter(op: FaultOp, offset: number, length: number, writing = false): Promise<void> {
     this.calls[op]++;
     if (this.off) throw new BlockDeviceError('EIO', `${this.name}: device has no power`);
+    if (this.closed) throw new BlockDeviceError('EIO', `${this.name}: device is closed`);
+    // The same checks the inner device makes, before anything is queued.
+    if (writing && this.inner.capabilities.readOnly) throw new BlockDeviceError('EPERM', `${this.name}: device is read-only`);
+    if (op !== 'flush') checkRange(this, offset, length, writing ? 'ENOSPC' : 'EINVAL');
     if (this.latencyMs > 0) await new Promise((r) => setTimeout(r, this.latencyMs));
     for (const rule of this.rules) {
       if (rule.op !== '*' && rule.op !== op) continue;

@@ -48,7 +48,9 @@ export function parseExportSpec(spec: string): { name: string; path: string } {
 
 export async function serve(specs: string[], options: ServeOptions): Promise<void> {
   const log = createLogger('duet-serve');
+  // Check every option before opening anything.
   const addr = parseListen(options.listen);
+  const tlsSettings = loadTls(options);
   const parsed = specs.map(parseExportSpec);
   const names = new Set<string>();
   for (const p of parsed) {
@@ -70,13 +72,6 @@ export async function serve(specs: string[], options: ServeOptions): Promise<voi
     throw err;
   }
 
-  let tlsSettings: NbdServerTls | undefined;
-  try {
-    tlsSettings = loadTls(options);
-  } catch (err) {
-    for (const d of devices) await d.close();
-    throw err;
-  }
   const server = new NbdServer({ exports: new StaticExports(exports), log, tls: tlsSettings });
   let port = addr.port;
   try {
