@@ -32,6 +32,7 @@ export interface FileDeviceOptions {
 const DEFAULT_SYNC_IO_MAX_BYTES = Number(process.env.DUET_SYNC_IO_MAX_BYTES ?? 64 * 1024);
 const ZERO_BUFFER = Buffer.alloc(1024 * 1024);
 const EXTENTS_MAX = 1024;
+const CACHE_BYTES_MAX = 64 * 1024 * 1024;
 
 /**
  * A regular file or a block device. flush = fdatasync; FUA = a write through a
@@ -188,6 +189,8 @@ export class FileDevice implements BlockDevice {
   async cache(offset: number, length: number): Promise<void> {
     this.check(offset, length, false);
     // No posix_fadvise in Node: reading the range populates the page cache.
+    // Advisory only, so bound the work one request can cause.
+    length = Math.min(length, CACHE_BYTES_MAX);
     const scratch = Buffer.allocUnsafe(Math.min(length, 1024 * 1024));
     for (let done = 0; done < length; ) {
       const n = Math.min(scratch.length, length - done);
