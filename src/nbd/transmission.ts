@@ -59,8 +59,9 @@ export class Transmission {
   private readonly readOnly: boolean;
   private readonly slab = new Slab();
   private inFlight = 0;
-  /** Payload bytes of an oversized write still to discard. */
+  /** Payload bytes of an oversized write still to discard, and its pending error reply. */
   private skipping = 0;
+  private skipReply: { hi: number; lo: number; message: string } | null = null;
   private paused = false;
   private stopped = false;
   private corked = false;
@@ -110,6 +111,9 @@ export class Transmission {
         q.skip(n);
         this.skipping -= n;
         if (this.skipping > 0) return;
+        const r = this.skipReply!;
+        this.skipReply = null;
+        this.replyError(r.hi, r.lo, P.NBD_EINVAL, r.message, null);
       }
       if (this.inFlight >= P.LIMITS.inFlightPerConnectionMax || this.socket.writableLength > P.LIMITS.queuedReplyBytesMax) {
         this.pause();
@@ -132,10 +136,12 @@ export class Transmission {
       if (type === P.NBD_CMD_WRITE) {
         if (length > P.LIMITS.requestBytesMax) {
           // Too big to buffer: discard it as it arrives, keep the stream in sync.
+          // The reply waits until the payload is consumed: a client may not
+          // expect an answer to a request it has not finished sending.
           q.skip(P.REQUEST_SIZE);
           this.skipping = length;
+          this.skipReply = { hi: cookieHi, lo: cookieLo, message: `write of ${length} bytes exceeds the maximum of ${P.LIMITS.requestBytesMax}` };
           this.hooks.stats.requests++;
-          this.replyError(cookieHi, cookieLo, type, P.NBD_EINVAL, 0, `write of ${length} bytes exceeds the maximum of ${P.LIMITS.requestBytesMax}`);
           continue;
         }
         if (q.length < P.REQUEST_SIZE + length) return; // wait for the payload
@@ -154,7 +160,7 @@ export class Transmission {
     const invalid = this.validate(type, cmdFlags, offset, length);
     if (invalid !== null) {
       if (type === P.NBD_CMD_DISC) return;
-      this.replyError(hi, lo, type, invalid[0], offset, invalid[1]);
+      this.replyError(hi, lo, invalid[0], invalid[1], null);
       return;
     }
     const dev = this.device;
@@ -386,7 +392,9 @@ export class Transmission {
     const message = err instanceof Error ? err.message : String(err);
     if (!(err instanceof BlockDeviceError)) this.log.error({ event: 'request failed', command: P.COMMAND_NAMES[type], offset, err: message });
     else this.log.debug({ event: 'request failed', command: P.COMMAND_NAMES[type], offset, err: message });
-    this.replyError(hi, lo, type, P.nbdErrorOf(code), offset, message);
+    // A device error on a read names where it happened (the request passed
+    // validation, so offset lies inside the requested range).
+    this.replyError(hi, lo, P.nbdErrorOf(code), message, type === P.NBD_CMD_READ ? offset : null);
   }
 
   private replyOk(hi: number, lo: number): void {
@@ -395,7 +403,7 @@ export class Transmission {
     this.send(reply);
   }
 
-  private replyError(hi: number, lo: number, type: number, error: number, offset: number, message: string): void {
+  private replyError(hi: number, lo: number, error: number, message: string, errorOffset: number | null): void {
     this.hooks.stats.errors++;
     if (!this.structured) {
       const reply = Buffer.allocUnsafe(P.SIMPLE_REPLY_SIZE);
@@ -404,14 +412,14 @@ export class Transmission {
       return;
     }
     const msg = Buffer.from(message.slice(0, 1024));
-    const withOffset = type === P.NBD_CMD_READ && offset <= Number.MAX_SAFE_INTEGER && offset < this.device.size;
+    const withOffset = errorOffset !== null;
     const payload = 6 + msg.length + (withOffset ? 8 : 0);
     const reply = Buffer.allocUnsafe(P.STRUCTURED_REPLY_HEADER_SIZE + payload);
     writeChunkHeader(reply, P.NBD_REPLY_FLAG_DONE, withOffset ? P.NBD_REPLY_TYPE_ERROR_OFFSET : P.NBD_REPLY_TYPE_ERROR, hi, lo, payload);
     reply.writeUInt32BE(error, 20);
     reply.writeUInt16BE(msg.length, 24);
     msg.copy(reply, 26);
-    if (withOffset) writeU64(reply, 26 + msg.length, offset);
+    if (withOffset) writeU64(reply, 26 + msg.length, errorOffset);
     this.send(reply);
   }
 
