@@ -21,6 +21,7 @@ export class ByteQueue {
    * they start. The caller must check `length >= n` first.
    */
   contiguous(n: number): [Buffer, number] {
+    if (this.chunks.length === 0) return [EMPTY, 0];
     const first = this.chunks[0];
     if (first.length - this.head >= n) return [first, this.head];
     // Merge just enough leading chunks to cover n bytes.

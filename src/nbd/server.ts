@@ -30,6 +30,9 @@ export interface NbdServerTls {
 
 class ClosedError extends Error {}
 
+/** How long a connection we ended may linger before its socket is destroyed. */
+const FINISH_GRACE_MS = 5_000;
+
 class Connection {
   readonly queue = new ByteQueue();
   private waiter: { n: number; resolve: () => void; reject: (e: Error) => void } | null = null;
@@ -130,7 +133,22 @@ class Connection {
     this.log.debug({ event: 'disconnecting', reason });
     if (this.transmission) await this.transmission.stop();
     if (reason !== 'client disconnected') this.log.warn({ event: 'connection dropped', reason });
-    this.socket.end();
+    this.finish();
+  }
+
+  /**
+   * Half-close and drain: a paused socket with unread bytes never sees the
+   * client's FIN, so discard whatever still arrives and keep reading until
+   * the close; a client that never closes is cut after a grace period.
+   */
+  finish(): void {
+    const socket = this.socket;
+    socket.off('data', this.dataListener);
+    this.queue.clear();
+    socket.on('data', () => {});
+    socket.resume();
+    socket.end();
+    setTimeout(() => socket.destroy(), FINISH_GRACE_MS).unref();
   }
 
   abort(reason: string): void {
@@ -251,7 +269,7 @@ export class NbdServer {
     const draining = [...this.connections].map(async (conn) => {
       if (conn.transmission) {
         await conn.transmission.stop();
-        conn.socket.end();
+        conn.finish();
       } else {
         conn.socket.destroy();
       }

@@ -158,8 +158,12 @@ export class Transmission {
 
   private dispatch(type: number, cmdFlags: number, hi: number, lo: number, offset: number, length: number, payload: Buffer | null): void {
     const invalid = this.validate(type, cmdFlags, offset, length);
+    if (type === P.NBD_CMD_DISC) {
+      // No reply to DISC, whatever its flags: finish in-flight work and close.
+      this.hooks.onDisconnect('client disconnected');
+      return;
+    }
     if (invalid !== null) {
-      if (type === P.NBD_CMD_DISC) return;
       this.replyError(hi, lo, invalid[0], invalid[1], null);
       return;
     }
