@@ -30,6 +30,32 @@ export interface NbdServerTls {
 
 class ClosedError extends Error {}
 
+const EMPTY = Buffer.alloc(0);
+const READ_SLAB_BYTES = 256 * 1024;
+const READ_REGION_MIN_BYTES = 16 * 1024;
+
+/**
+ * Re-create an accepted (paused) socket so that reads land in buffers we
+ * choose (net's `onread` option): no stream machinery per read, fewer and
+ * larger reads, and a large write payload read straight into its own buffer.
+ * Node offers `onread` only to sockets it creates, so the handle moves to a
+ * new Socket. Returns null if this Node does not look as expected; the caller
+ * then uses 'data' events.
+ */
+function adoptWithUserBuffer(
+  accepted: net.Socket,
+  buffer: () => Buffer,
+  callback: (n: number, buf: Buffer) => boolean,
+): net.Socket | null {
+  if (process.env.DUET_NO_USER_BUFFER === '1') return null;
+  const holder = accepted as unknown as { _handle: { useUserBuffer?: unknown } | null };
+  const handle = holder._handle;
+  if (!handle || typeof handle.useUserBuffer !== 'function') return null;
+  holder._handle = null;
+  accepted.destroy(); // only the empty shell: the server's connection count drops
+  return new net.Socket({ handle, onread: { buffer, callback }, readable: true, writable: true } as unknown as net.SocketConstructorOpts);
+}
+
 /** How long a connection we ended may linger before its socket is destroyed. */
 const FINISH_GRACE_MS = 5_000;
 
@@ -41,15 +67,26 @@ class Connection {
   private readonly handshakeTimer: NodeJS.Timeout;
 
   private readonly dataListener = (chunk: Buffer): void => this.onData(chunk);
+  /** Reads land in regions of this slab (each region handed out once, never reused). */
+  private slab = EMPTY;
+  private slabUsed = 0;
+  /** The buffer of the read in progress is a write payload, not the slab. */
+  private readDirect = false;
+  /** We ended the connection: drop whatever still arrives. */
+  private draining = false;
+  socket: net.Socket;
 
   constructor(
     readonly id: number,
-    public socket: net.Socket,
+    accepted: net.Socket,
     private readonly server: NbdServer,
     readonly log: Logger,
   ) {
+    const socket =
+      adoptWithUserBuffer(accepted, () => this.nextReadBuffer(), (n, buf) => this.onRead(n, buf)) ??
+      accepted.on('data', this.dataListener).resume();
+    this.socket = socket;
     socket.setNoDelay(true);
-    socket.on('data', this.dataListener);
     socket.on('error', (err) => log.debug({ event: 'socket error', err: err.message }));
     socket.on('close', () => this.onClose());
     this.handshakeTimer = setTimeout(() => {
@@ -143,9 +180,8 @@ class Connection {
    */
   finish(): void {
     const socket = this.socket;
-    socket.off('data', this.dataListener);
+    this.draining = true;
     this.queue.clear();
-    socket.on('data', () => {});
     socket.resume();
     socket.end();
     setTimeout(() => socket.destroy(), FINISH_GRACE_MS).unref();
@@ -165,7 +201,40 @@ class Connection {
     });
   }
 
+  /** Where the next socket read goes: straight into a large write payload, or the slab. */
+  private nextReadBuffer(): Buffer {
+    const direct = this.draining ? null : this.transmission?.directTarget();
+    if (direct) {
+      this.readDirect = true;
+      return direct;
+    }
+    this.readDirect = false;
+    if (this.slab.length - this.slabUsed < READ_REGION_MIN_BYTES) {
+      this.slab = Buffer.allocUnsafe(READ_SLAB_BYTES);
+      this.slabUsed = 0;
+    }
+    return this.slab.subarray(this.slabUsed);
+  }
+
+  private onRead(n: number, buf: Buffer): boolean {
+    if (this.draining) return true;
+    if (this.readDirect) {
+      try {
+        this.transmission!.directReceived(n);
+        this.transmission!.process();
+      } catch (err) {
+        this.log.error({ event: 'request processing failed', err: (err as Error).stack });
+        this.abort('internal error');
+      }
+      return true;
+    }
+    this.slabUsed += (n + 7) & ~7;
+    this.onData(buf.subarray(0, n));
+    return true;
+  }
+
   private onData(chunk: Buffer): void {
+    if (this.draining) return;
     this.queue.push(chunk);
     if (this.transmission) {
       try {
@@ -226,7 +295,7 @@ export class NbdServer {
 
   /** Listen on HOST:PORT (or a Unix socket path when `port` is undefined). */
   listen(host: string, port?: number): Promise<net.AddressInfo | string> {
-    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     return new Promise((resolve, reject) => {
       server.once('error', reject);
       const done = (): void => {

@@ -17,6 +17,8 @@ import * as P from './protocol.js';
 /** Reads at least this long look for holes first and send them as OFFSET_HOLE. */
 const SPARSE_READ_MIN_BYTES = 64 * 1024;
 const SLAB_BYTES = 1024 * 1024;
+/** Write payloads at least this long are gathered into their own buffer as they arrive. */
+const ASSEMBLE_MIN_BYTES = 128 * 1024;
 const SLAB_OBJECT_MAX_BYTES = 64 * 1024 + 64;
 const TWO_32 = 2 ** 32;
 
@@ -62,6 +64,8 @@ export class Transmission {
   /** Payload bytes of an oversized write still to discard, and its pending error reply. */
   private skipping = 0;
   private skipReply: { hi: number; lo: number; message: string } | null = null;
+  /** A large write whose payload is still arriving. */
+  private assembling: { target: Buffer; filled: number; cmdFlags: number; hi: number; lo: number; offset: number } | null = null;
   private paused = false;
   private stopped = false;
   private corked = false;
@@ -102,9 +106,48 @@ export class Transmission {
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
+  /**
+   * Where the next socket read should land: the rest of a large write
+   * payload being assembled, or null for the ordinary queue.
+   */
+  directTarget(): Buffer | null {
+    const a = this.assembling;
+    return a === null ? null : a.target.subarray(a.filled);
+  }
+
+  /** n bytes were read straight into directTarget(). */
+  directReceived(n: number): void {
+    const a = this.assembling!;
+    a.filled += n;
+    if (a.filled === a.target.length) this.assembled();
+  }
+
+  /** Copy queued bytes into the payload being assembled; true when it is complete. */
+  private fillFromQueue(): boolean {
+    const a = this.assembling!;
+    const q = this.queue;
+    while (a.filled < a.target.length && q.length > 0) {
+      const [buf, pos] = q.contiguous(1);
+      const n = Math.min(buf.length - pos, a.target.length - a.filled);
+      buf.copy(a.target, a.filled, pos, pos + n);
+      q.skip(n);
+      a.filled += n;
+    }
+    if (a.filled < a.target.length) return false;
+    this.assembled();
+    return true;
+  }
+
+  private assembled(): void {
+    const a = this.assembling!;
+    this.assembling = null;
+    this.dispatch(P.NBD_CMD_WRITE, a.cmdFlags, a.hi, a.lo, a.offset, a.target.length, a.target);
+  }
+
   /** Parse and run every complete request in the queue. */
   process(): void {
     const q = this.queue;
+    if (this.assembling !== null && !this.fillFromQueue()) return;
     while (!this.stopped) {
       if (this.skipping > 0) {
         const n = Math.min(this.skipping, q.length);
@@ -144,7 +187,17 @@ export class Transmission {
           this.hooks.stats.requests++;
           continue;
         }
-        if (q.length < P.REQUEST_SIZE + length) return; // wait for the payload
+        if (q.length < P.REQUEST_SIZE + length) {
+          if (length < ASSEMBLE_MIN_BYTES) return; // small: wait, then take a view
+          // Large: gather the payload into its own buffer as it arrives (the
+          // connection may read the rest straight into it), not by merging chunks later.
+          q.skip(P.REQUEST_SIZE);
+          this.hooks.stats.requests++;
+          const target = Buffer.allocUnsafe(length);
+          this.assembling = { target, filled: 0, cmdFlags, hi: cookieHi, lo: cookieLo, offset: offsetHi >= 0x200000 ? Number.MAX_SAFE_INTEGER : offset };
+          if (!this.fillFromQueue()) return;
+          continue;
+        }
         q.skip(P.REQUEST_SIZE);
         payload = q.take(length);
       } else {

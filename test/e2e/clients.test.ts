@@ -188,148 +188,155 @@ test('nbdinfo --map shows data vs hole extents after writing into a sparse file'
 
 // ---- nbdcopy, qemu-img -----------------------------------------------------------
 
-test('nbdcopy: a random 64 MiB file into an export and back, byte for byte', async (t) => {
-  const dir = tmpDir(t);
-  const src = path.join(dir, 'src.bin');
-  const back = path.join(dir, 'back.bin');
-  const disk = path.join(dir, 'disk.img');
-  randomFile(src, 64 * MiB);
-  sparseFile(disk, 64 * MiB);
-  const s = await startServe([disk], { t });
-  ok(await run('nbdcopy', ['--flush', src, s.uris[0]], { timeoutMs: 60_000 }), s);
-  ok(await run('nbdcopy', [s.uris[0], back], { timeoutMs: 60_000 }), s);
-  assert.equal(firstDifference(src, back), -1, `copy back differs from the source\n${s.describe()}`);
-  const stop = await s.stop();
-  assert.equal(stop.code, 0, s.describe());
-  assert.equal(firstDifference(src, disk), -1, `the backing file differs from what nbdcopy wrote\n${s.describe()}`);
-});
+// Both receive paths of the server: reads into its own buffers (default) and 'data' events.
+const RECEIVE_PATHS: [string, NodeJS.ProcessEnv][] = [['', {}], [' (data-event receive path)', { DUET_NO_USER_BUFFER: '1' }]];
 
-test('qemu-img: convert into the export, compare, convert nbd -> qcow2 -> compare', async (t) => {
-  const dir = tmpDir(t);
-  const src = path.join(dir, 'src.bin');
-  const disk = path.join(dir, 'disk.img');
-  const qcow = path.join(dir, 'out.qcow2');
-  randomFile(src, 8 * MiB);
-  fs.appendFileSync(src, Buffer.alloc(8 * MiB)); // second half zero: holes on the way out
-  sparseFile(disk, 16 * MiB);
-  const s = await startServe([disk], { t });
-  const uri = s.uris[0];
-  ok(await run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, uri], { timeoutMs: 30_000 }), s);
-  ok(await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, uri], { timeoutMs: 30_000 }), s);
-  const info = await run('qemu-img', ['info', '--output=json', '-f', 'raw', uri], { timeoutMs: 10_000 });
-  ok(info, s);
-  assert.equal((JSON.parse(info.stdout) as { 'virtual-size': number })['virtual-size'], 16 * MiB, fail(info, s, 'virtual-size'));
-  ok(await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', uri, qcow], { timeoutMs: 30_000 }), s);
-  ok(await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', qcow, src], { timeoutMs: 30_000 }), s);
-  // a one-byte change must be seen
-  ok(await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x01 5M 1'], { timeoutMs: 10_000 }), s);
-  const differ = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, uri], { timeoutMs: 30_000 });
-  assert.equal(differ.code, 1, fail(differ, s, 'qemu-img compare must report the changed byte'));
-  assert.match(differ.stdout, /offset 5242880/, fail(differ, s, 'first difference'));
-});
+for (const [mode, env] of RECEIVE_PATHS) {
+  test(`nbdcopy: a random 64 MiB file into an export and back, byte for byte${mode}`, async (t) => {
+    const dir = tmpDir(t);
+    const src = path.join(dir, 'src.bin');
+    const back = path.join(dir, 'back.bin');
+    const disk = path.join(dir, 'disk.img');
+    randomFile(src, 64 * MiB);
+    sparseFile(disk, 64 * MiB);
+    const s = await startServe([disk], { t, env });
+    ok(await run('nbdcopy', ['--flush', src, s.uris[0]], { timeoutMs: 60_000 }), s);
+    ok(await run('nbdcopy', [s.uris[0], back], { timeoutMs: 60_000 }), s);
+    assert.equal(firstDifference(src, back), -1, `copy back differs from the source\n${s.describe()}`);
+    const stop = await s.stop();
+    assert.equal(stop.code, 0, s.describe());
+    assert.equal(firstDifference(src, disk), -1, `the backing file differs from what nbdcopy wrote\n${s.describe()}`);
+  });
 
-// ---- qemu-io ---------------------------------------------------------------------
+  test(`qemu-img: convert into the export, compare, convert nbd -> qcow2 -> compare${mode}`, async (t) => {
+    const dir = tmpDir(t);
+    const src = path.join(dir, 'src.bin');
+    const disk = path.join(dir, 'disk.img');
+    const qcow = path.join(dir, 'out.qcow2');
+    randomFile(src, 8 * MiB);
+    fs.appendFileSync(src, Buffer.alloc(8 * MiB)); // second half zero: holes on the way out
+    sparseFile(disk, 16 * MiB);
+    const s = await startServe([disk], { t, env });
+    const uri = s.uris[0];
+    ok(await run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, uri], { timeoutMs: 30_000 }), s);
+    ok(await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, uri], { timeoutMs: 30_000 }), s);
+    const info = await run('qemu-img', ['info', '--output=json', '-f', 'raw', uri], { timeoutMs: 10_000 });
+    ok(info, s);
+    assert.equal((JSON.parse(info.stdout) as { 'virtual-size': number })['virtual-size'], 16 * MiB, fail(info, s, 'virtual-size'));
+    ok(await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', uri, qcow], { timeoutMs: 30_000 }), s);
+    ok(await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', qcow, src], { timeoutMs: 30_000 }), s);
+    // a one-byte change must be seen
+    ok(await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x01 5M 1'], { timeoutMs: 10_000 }), s);
+    const differ = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, uri], { timeoutMs: 30_000 });
+    assert.equal(differ.code, 1, fail(differ, s, 'qemu-img compare must report the changed byte'));
+    assert.match(differ.stdout, /offset 5242880/, fail(differ, s, 'first difference'));
+  });
 
-test('qemu-io: FUA pattern writes, flush, write zeroes, discard, verified reads', async (t) => {
-  const dir = tmpDir(t);
-  const disk = path.join(dir, 'disk.img');
-  randomFile(disk, 16 * MiB);
-  const original = fs.readFileSync(disk);
-  const s = await startServe([disk], { t });
-  const uri = s.uris[0];
-  const r = await run(
-    'qemu-io',
-    [
-      '-f', 'raw', uri,
-      '-c', 'write -f -P 0xa5 0 1M',
-      '-c', 'read -P 0xa5 0 1M',
-      '-c', 'write -P 0x5a 1M 1M',
-      '-c', 'flush',
-      '-c', 'read -P 0x5a 1M 1M',
-      '-c', 'write -z 2M 1M',
-      '-c', 'read -P 0 2M 1M',
-      '-c', 'write -z -u 3M 1M',
-      '-c', 'read -P 0 3M 1M',
-      '-c', 'write -z -f 4M 64k',
-      '-c', 'read -P 0 4M 64k',
-      '-c', 'write -P 0x3c 5M 1M',
-      '-c', 'discard 5M 512k',
-      '-c', 'read -P 0x3c 5632k 512k',
-      '-c', 'write -f -P 0x11 15M 1M',
-      '-c', 'aio_write -P 0x22 6M 256k',
-      '-c', 'aio_write -f -P 0x33 7M 256k',
-      '-c', 'aio_flush',
-      '-c', 'read -P 0x22 6M 256k',
-      '-c', 'read -P 0x33 7M 256k',
-      '-c', 'write -P 0x77 1000 3000',
-      '-c', 'read -P 0x77 1000 3000',
-      '-c', 'flush',
-    ],
-    { timeoutMs: 30_000 },
-  );
-  ok(r, s);
-  assert.doesNotMatch(r.stdout + r.stderr, /fail|error/i, fail(r, s, 'qemu-io reported a failure'));
-  // a wrong pattern must be caught (the checks above are real)
-  const neg = await run('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0xa6 0 4k'], { timeoutMs: 10_000 });
-  assert.match(neg.stdout + neg.stderr, /Pattern verification failed/, fail(neg, s, 'wrong pattern not detected'));
+  // ---- qemu-io ---------------------------------------------------------------------
 
-  const stop = await s.stop();
-  assert.equal(stop.code, 0, s.describe());
-  // the backing file holds exactly what was written; untouched ranges are unchanged
-  const expect = Buffer.from(original);
-  expect.fill(0xa5, 0, MiB);
-  expect.fill(0x5a, MiB, 2 * MiB);
-  expect.fill(0, 2 * MiB, 4 * MiB + 64 * 1024);
-  expect.fill(0x3c, 5632 * 1024, 6 * MiB);
-  expect.fill(0x22, 6 * MiB, 6 * MiB + 256 * 1024);
-  expect.fill(0x33, 7 * MiB, 7 * MiB + 256 * 1024);
-  expect.fill(0x11, 15 * MiB, 16 * MiB);
-  const got = fs.readFileSync(disk);
-  // 1000..4000 lies in the 0xa5 range and was overwritten with 0x77 afterwards
-  expect.fill(0x77, 1000, 4000);
-  // the discarded range 5M..5.5M is undefined after trim: take it from the file
-  got.copy(expect, 5 * MiB, 5 * MiB, 5632 * 1024);
-  assert.equal(got.length, expect.length, s.describe());
-  const diff = got.findIndex((v, i) => v !== expect[i]);
-  assert.equal(diff, -1, `backing file differs at byte ${diff}\n${s.describe()}`);
-});
+  test(`qemu-io: FUA pattern writes, flush, write zeroes, discard, verified reads${mode}`, async (t) => {
+    const dir = tmpDir(t);
+    const disk = path.join(dir, 'disk.img');
+    randomFile(disk, 16 * MiB);
+    const original = fs.readFileSync(disk);
+    const s = await startServe([disk], { t, env });
+    const uri = s.uris[0];
+    const r = await run(
+      'qemu-io',
+      [
+        '-f', 'raw', uri,
+        '-c', 'write -f -P 0xa5 0 1M',
+        '-c', 'read -P 0xa5 0 1M',
+        '-c', 'write -P 0x5a 1M 1M',
+        '-c', 'flush',
+        '-c', 'read -P 0x5a 1M 1M',
+        '-c', 'write -z 2M 1M',
+        '-c', 'read -P 0 2M 1M',
+        '-c', 'write -z -u 3M 1M',
+        '-c', 'read -P 0 3M 1M',
+        '-c', 'write -z -f 4M 64k',
+        '-c', 'read -P 0 4M 64k',
+        '-c', 'write -P 0x3c 5M 1M',
+        '-c', 'discard 5M 512k',
+        '-c', 'read -P 0x3c 5632k 512k',
+        '-c', 'write -f -P 0x11 15M 1M',
+        '-c', 'aio_write -P 0x22 6M 256k',
+        '-c', 'aio_write -f -P 0x33 7M 256k',
+        '-c', 'aio_flush',
+        '-c', 'read -P 0x22 6M 256k',
+        '-c', 'read -P 0x33 7M 256k',
+        '-c', 'write -P 0x77 1000 3000',
+        '-c', 'read -P 0x77 1000 3000',
+        '-c', 'flush',
+      ],
+      { timeoutMs: 30_000 },
+    );
+    ok(r, s);
+    assert.doesNotMatch(r.stdout + r.stderr, /fail|error/i, fail(r, s, 'qemu-io reported a failure'));
+    // a wrong pattern must be caught (the checks above are real)
+    const neg = await run('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0xa6 0 4k'], { timeoutMs: 10_000 });
+    assert.match(neg.stdout + neg.stderr, /Pattern verification failed/, fail(neg, s, 'wrong pattern not detected'));
+
+    const stop = await s.stop();
+    assert.equal(stop.code, 0, s.describe());
+    // the backing file holds exactly what was written; untouched ranges are unchanged
+    const expect = Buffer.from(original);
+    expect.fill(0xa5, 0, MiB);
+    expect.fill(0x5a, MiB, 2 * MiB);
+    expect.fill(0, 2 * MiB, 4 * MiB + 64 * 1024);
+    expect.fill(0x3c, 5632 * 1024, 6 * MiB);
+    expect.fill(0x22, 6 * MiB, 6 * MiB + 256 * 1024);
+    expect.fill(0x33, 7 * MiB, 7 * MiB + 256 * 1024);
+    expect.fill(0x11, 15 * MiB, 16 * MiB);
+    const got = fs.readFileSync(disk);
+    // 1000..4000 lies in the 0xa5 range and was overwritten with 0x77 afterwards
+    expect.fill(0x77, 1000, 4000);
+    // the discarded range 5M..5.5M is undefined after trim: take it from the file
+    got.copy(expect, 5 * MiB, 5 * MiB, 5632 * 1024);
+    assert.equal(got.length, expect.length, s.describe());
+    const diff = got.findIndex((v, i) => v !== expect[i]);
+    assert.equal(diff, -1, `backing file differs at byte ${diff}\n${s.describe()}`);
+  });
+}
 
 // ---- fio -------------------------------------------------------------------------
 
-test('fio ioengine=nbd randrw with crc32c verify', { skip: haveProgram('fio') ? false : 'fio not installed' }, async (t) => {
-  const dir = tmpDir(t);
-  const disk = path.join(dir, 'disk.img');
-  sparseFile(disk, 64 * MiB);
-  const s = await startServe([disk], { t });
-  const r = await run(
-    'fio',
-    [
-      '--name=duet', '--ioengine=nbd', `--uri=${s.uris[0]}`, '--rw=randrw', '--bs=4k', '--iodepth=16',
-      '--size=32M', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json',
-    ],
-    { timeoutMs: 60_000, cwd: dir },
-  );
-  ok(r, s);
-  const json = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as {
-    jobs: { error: number; read: { io_bytes: number }; write: { io_bytes: number } }[];
-  };
-  const job = json.jobs[0];
-  assert.equal(job.error, 0, fail(r, s, 'fio job error'));
-  assert.ok(job.write.io_bytes > 0 && job.read.io_bytes > 0, fail(r, s, 'fio did no reads or writes'));
-  assert.doesNotMatch(r.stderr, /verify|bad magic|crc32c/i, fail(r, s, 'fio verify complained'));
+for (const [mode, env] of RECEIVE_PATHS) {
+  test(`fio ioengine=nbd randrw with crc32c verify${mode}`, { skip: haveProgram('fio') ? false : 'fio not installed' }, async (t) => {
+    const dir = tmpDir(t);
+    const disk = path.join(dir, 'disk.img');
+    sparseFile(disk, 64 * MiB);
+    const s = await startServe([disk], { t, env });
+    const r = await run(
+      'fio',
+      [
+        '--name=duet', '--ioengine=nbd', `--uri=${s.uris[0]}`, '--rw=randrw', '--bs=4k', '--iodepth=16',
+        '--size=32M', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json',
+      ],
+      { timeoutMs: 60_000, cwd: dir },
+    );
+    ok(r, s);
+    const json = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as {
+      jobs: { error: number; read: { io_bytes: number }; write: { io_bytes: number } }[];
+    };
+    const job = json.jobs[0];
+    assert.equal(job.error, 0, fail(r, s, 'fio job error'));
+    assert.ok(job.write.io_bytes > 0 && job.read.io_bytes > 0, fail(r, s, 'fio did no reads or writes'));
+    assert.doesNotMatch(r.stderr, /verify|bad magic|crc32c/i, fail(r, s, 'fio verify complained'));
 
-  // a second pass with bigger random blocks and a deeper queue
-  const r2 = await run(
-    'fio',
-    [
-      '--name=duet2', '--ioengine=nbd', `--uri=${s.uris[0]}`, '--rw=randwrite', '--bsrange=512-256k', '--iodepth=32',
-      '--size=32M', '--offset=32M', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0',
-    ],
-    { timeoutMs: 60_000, cwd: dir },
-  );
-  ok(r2, s);
-  assert.match(r2.stdout, /err= 0/, fail(r2, s, 'fio error'));
-});
+    // a second pass with bigger random blocks and a deeper queue
+    const r2 = await run(
+      'fio',
+      [
+        '--name=duet2', '--ioengine=nbd', `--uri=${s.uris[0]}`, '--rw=randwrite', '--bsrange=512-256k', '--iodepth=32',
+        '--size=32M', '--offset=32M', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0',
+      ],
+      { timeoutMs: 60_000, cwd: dir },
+    );
+    ok(r2, s);
+    assert.match(r2.stdout, /err= 0/, fail(r2, s, 'fio error'));
+  });
+}
 
 // ---- libnbd: protocol corners -----------------------------------------------------
 
