@@ -289,6 +289,22 @@ static napi_value Discard(napi_env env, napi_callback_info info) {
   return undefined(env);
 }
 
+/* ---------- descriptors ---------- */
+
+/* dup with close-on-exec: hands an accepted socket to another thread's event
+ * loop, which then owns the new descriptor alone. */
+static napi_value Dup(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd;
+  if (!get_args(env, info, 1, argv) || !get_fd(env, argv[0], &fd)) return NULL;
+  int r = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (r < 0) {
+    throw_errno(env, errno, "fcntl(F_DUPFD_CLOEXEC)", NULL);
+    return NULL;
+  }
+  return number(env, r);
+}
+
 /* ---------- module ---------- */
 
 static napi_value Init(napi_env env, napi_value exports) {
@@ -301,6 +317,7 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"funlock", NULL, Funlock, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blockDeviceSize", NULL, BlockDeviceSize, NULL, NULL, NULL, napi_enumerable, NULL},
       {"discard", NULL, Discard, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"dup", NULL, Dup, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) {
     napi_throw_error(env, NULL, "duet_native: napi_define_properties failed");

@@ -31,6 +31,8 @@ export interface NativeOps {
   blockDeviceSize(fd: number): number;
   /** ioctl(BLKDISCARD) on a block device. */
   discard(fd: number, offset: number, length: number): void;
+  /** fcntl(F_DUPFD_CLOEXEC): a second descriptor for the same open file (or socket). */
+  dup(fd: number): number;
 }
 
 const FUNCTIONS: readonly (keyof NativeOps)[] = [
@@ -42,6 +44,7 @@ const FUNCTIONS: readonly (keyof NativeOps)[] = [
   'funlock',
   'blockDeviceSize',
   'discard',
+  'dup',
 ];
 
 const ADDON_RELATIVE = join('build', 'Release', 'duet_native.node');

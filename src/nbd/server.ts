@@ -18,6 +18,9 @@ export interface NbdServerOptions {
   /** How long shutdown waits for in-flight requests before cutting connections. */
   shutdownTimeoutMs?: number;
   tls?: NbdServerTls;
+  /** Offered every accepted socket first; returns true if it took it (serve workers). */
+  handoff?: (socket: net.Socket) => boolean;
+  onConnections?: (count: number) => void;
 }
 
 export interface NbdServerTls {
@@ -34,6 +37,11 @@ const EMPTY = Buffer.alloc(0);
 const READ_SLAB_BYTES = 256 * 1024;
 const READ_REGION_MIN_BYTES = 16 * 1024;
 
+/** DUET_NO_USER_BUFFER=1 selects the plain 'data' event path (tests cover both). */
+function userBufferEnabled(): boolean {
+  return process.env.DUET_NO_USER_BUFFER !== '1';
+}
+
 /**
  * Re-create an accepted (paused) socket so that reads land in buffers we
  * choose (net's `onread` option): no stream machinery per read, fewer and
@@ -47,7 +55,7 @@ function adoptWithUserBuffer(
   buffer: () => Buffer,
   callback: (n: number, buf: Buffer) => boolean,
 ): net.Socket | null {
-  if (process.env.DUET_NO_USER_BUFFER === '1') return null;
+  if (!userBufferEnabled()) return null;
   const holder = accepted as unknown as { _handle: { useUserBuffer?: unknown } | null };
   const handle = holder._handle;
   if (!handle || typeof handle.useUserBuffer !== 'function') return null;
@@ -78,13 +86,21 @@ class Connection {
 
   constructor(
     readonly id: number,
-    accepted: net.Socket,
+    source: net.Socket | number,
     private readonly server: NbdServer,
     readonly log: Logger,
   ) {
-    const socket =
-      adoptWithUserBuffer(accepted, () => this.nextReadBuffer(), (n, buf) => this.onRead(n, buf)) ??
-      accepted.on('data', this.dataListener).resume();
+    const buffer = (): Buffer => this.nextReadBuffer();
+    const callback = (n: number, buf: Buffer): boolean => this.onRead(n, buf);
+    let socket: net.Socket;
+    if (typeof source === 'number') {
+      // A descriptor handed over by another thread (serve workers): ours alone now.
+      socket = userBufferEnabled()
+        ? new net.Socket({ fd: source, readable: true, writable: true, onread: { buffer, callback } } as unknown as net.SocketConstructorOpts)
+        : new net.Socket({ fd: source, readable: true, writable: true }).on('data', this.dataListener);
+    } else {
+      socket = adoptWithUserBuffer(source, buffer, callback) ?? source.on('data', this.dataListener).resume();
+    }
     this.socket = socket;
     socket.setNoDelay(true);
     socket.on('error', (err) => log.debug({ event: 'socket error', err: err.message }));
@@ -282,7 +298,14 @@ export class NbdServer {
   private nextId = 1;
   private readonly shutdownTimeoutMs: number;
 
+  /** Give an accepted socket to someone else (serve workers); true when taken. */
+  private readonly handoff: ((socket: net.Socket) => boolean) | undefined;
+  /** Told the number of open connections whenever it changes. */
+  private readonly onConnections: ((count: number) => void) | undefined;
+
   constructor(options: NbdServerOptions) {
+    this.handoff = options.handoff;
+    this.onConnections = options.onConnections;
     this.exports = options.exports;
     this.tls = options.tls;
     this.log = options.log;
@@ -315,16 +338,32 @@ export class NbdServer {
       socket.destroy();
       return;
     }
+    if (this.handoff?.(socket)) return;
+    this.start(socket, `${socket.remoteAddress ?? 'unix'}:${socket.remotePort ?? ''}`);
+  }
+
+  /** Serve a connected socket descriptor accepted elsewhere (another thread). */
+  adopt(fd: number, peer: string): void {
+    if (this.shuttingDown) {
+      new net.Socket({ fd }).destroy();
+      return;
+    }
+    this.start(fd, peer);
+  }
+
+  private start(source: net.Socket | number, peer: string): void {
     const id = this.nextId++;
-    const log = this.log.child({ conn: id, peer: `${socket.remoteAddress ?? 'unix'}:${socket.remotePort ?? ''}` });
-    const conn = new Connection(id, socket, this, log);
+    const log = this.log.child({ conn: id, peer });
+    const conn = new Connection(id, source, this, log);
     this.connections.add(conn);
     log.debug({ event: 'connection accepted' });
+    this.onConnections?.(this.connections.size);
     void conn.run();
   }
 
   forget(conn: Connection): void {
     this.connections.delete(conn);
+    this.onConnections?.(this.connections.size);
   }
 
   /**

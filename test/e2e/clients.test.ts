@@ -189,9 +189,14 @@ test('nbdinfo --map shows data vs hole extents after writing into a sparse file'
 // ---- nbdcopy, qemu-img -----------------------------------------------------------
 
 // Both receive paths of the server: reads into its own buffers (default) and 'data' events.
-const RECEIVE_PATHS: [string, NodeJS.ProcessEnv][] = [['', {}], [' (data-event receive path)', { DUET_NO_USER_BUFFER: '1' }]];
+// And the worker threads of --workers, which get each connection as a dup'd descriptor.
+const RECEIVE_PATHS: [string, NodeJS.ProcessEnv, string[]][] = [
+  ['', {}, []],
+  [' (data-event receive path)', { DUET_NO_USER_BUFFER: '1' }, []],
+  [' (3 worker threads)', {}, ['--workers', '3']],
+];
 
-for (const [mode, env] of RECEIVE_PATHS) {
+for (const [mode, env, extra] of RECEIVE_PATHS) {
   test(`nbdcopy: a random 64 MiB file into an export and back, byte for byte${mode}`, async (t) => {
     const dir = tmpDir(t);
     const src = path.join(dir, 'src.bin');
@@ -199,7 +204,7 @@ for (const [mode, env] of RECEIVE_PATHS) {
     const disk = path.join(dir, 'disk.img');
     randomFile(src, 64 * MiB);
     sparseFile(disk, 64 * MiB);
-    const s = await startServe([disk], { t, env });
+    const s = await startServe([disk, ...extra], { t, env, exports: 1 });
     ok(await run('nbdcopy', ['--flush', src, s.uris[0]], { timeoutMs: 60_000 }), s);
     ok(await run('nbdcopy', [s.uris[0], back], { timeoutMs: 60_000 }), s);
     assert.equal(firstDifference(src, back), -1, `copy back differs from the source\n${s.describe()}`);
@@ -216,7 +221,7 @@ for (const [mode, env] of RECEIVE_PATHS) {
     randomFile(src, 8 * MiB);
     fs.appendFileSync(src, Buffer.alloc(8 * MiB)); // second half zero: holes on the way out
     sparseFile(disk, 16 * MiB);
-    const s = await startServe([disk], { t, env });
+    const s = await startServe([disk, ...extra], { t, env, exports: 1 });
     const uri = s.uris[0];
     ok(await run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, uri], { timeoutMs: 30_000 }), s);
     ok(await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, uri], { timeoutMs: 30_000 }), s);
@@ -239,7 +244,7 @@ for (const [mode, env] of RECEIVE_PATHS) {
     const disk = path.join(dir, 'disk.img');
     randomFile(disk, 16 * MiB);
     const original = fs.readFileSync(disk);
-    const s = await startServe([disk], { t, env });
+    const s = await startServe([disk, ...extra], { t, env, exports: 1 });
     const uri = s.uris[0];
     const r = await run(
       'qemu-io',
@@ -301,12 +306,12 @@ for (const [mode, env] of RECEIVE_PATHS) {
 
 // ---- fio -------------------------------------------------------------------------
 
-for (const [mode, env] of RECEIVE_PATHS) {
+for (const [mode, env, extra] of RECEIVE_PATHS) {
   test(`fio ioengine=nbd randrw with crc32c verify${mode}`, { skip: haveProgram('fio') ? false : 'fio not installed' }, async (t) => {
     const dir = tmpDir(t);
     const disk = path.join(dir, 'disk.img');
     sparseFile(disk, 64 * MiB);
-    const s = await startServe([disk], { t, env });
+    const s = await startServe([disk, ...extra], { t, env, exports: 1 });
     const r = await run(
       'fio',
       [
@@ -555,11 +560,12 @@ print(json.dumps(r))
   assert.ok(readAt(b, 8192, 4096).equals(Buffer.alloc(4096)), 'b.img untouched by the default export');
 });
 
-test('libnbd: multi-conn, a write flushed on one connection is seen on the others; 8 connections at once', { skip: skipPy }, async (t) => {
+for (const workers of ['0', '3']) {
+test(`libnbd: multi-conn, a write flushed on one connection is seen on the others; 8 connections at once (--workers ${workers})`, { skip: skipPy }, async (t) => {
   const dir = tmpDir(t);
   const disk = path.join(dir, 'disk.img');
   sparseFile(disk, 32 * MiB);
-  const s = await startServe([disk], { t });
+  const s = await startServe([disk, "--workers", workers], { t, exports: 1 });
   const out = await py(
     s,
     `
@@ -607,6 +613,7 @@ print(json.dumps(r))
   const stop = await s.stop();
   assert.equal(stop.code, 0, s.describe());
 });
+}
 
 test('nbdsh -c: a quick scripted session', { skip: haveProgram('nbdsh') && haveLibnbdPython ? false : 'nbdsh not installed' }, async (t) => {
   const dir = tmpDir(t);

@@ -84,6 +84,21 @@ test('serve errors: a missing PATH', async (t) => {
   await expectServeError([good.file, `y=${missing}`, '--listen', '127.0.0.1:0'], [good], /missing\.img/);
 });
 
+test('serve errors: a bad --workers, or workers without the native add-on', async (t) => {
+  const dir = tmpDir(t);
+  const good = goodFile(dir);
+  await expectServeError([good.file, '--workers', 'many', '--listen', '127.0.0.1:0'], [good], /--workers many/);
+  await expectServeError([good.file, '--workers', '-1', '--listen', '127.0.0.1:0'], [good], /--workers/);
+  const r = await run(process.execPath, [DUET, 'serve', good.file, '--workers', '2', '--listen', '127.0.0.1:0'], {
+    timeoutMs: 10_000,
+    cwd: ROOT,
+    env: { ...process.env, DUET_NO_NATIVE: '1' },
+  });
+  assert.equal(r.code, 2, r.describe());
+  assert.match(r.stderr, /^duet: --workers 2: needs the native add-on/, r.describe());
+  assertUntouched(good, r.describe());
+});
+
 test('serve errors: no PATH at all', async (t) => {
   const dir = tmpDir(t);
   const good = goodFile(dir);
@@ -287,11 +302,12 @@ function expectedBlock(i: number): Buffer {
   return b;
 }
 
-test('serve: SIGTERM while a client streams writes: exit 0, every acknowledged write is in the file', async (t) => {
+for (const workers of ['0', '2']) {
+test(`serve: SIGTERM while a client streams writes: exit 0, every acknowledged write is in the file (--workers ${workers})`, async (t) => {
   const dir = tmpDir(t);
   const disk = path.join(dir, 'disk.img');
   sparseFile(disk, 64 * MiB);
-  const s = await startServe([disk], { t });
+  const s = await startServe([disk, '--workers', workers], { t, exports: 1 });
   const writer = spawnTracked(t, PYTHON, ['-c', WRITER, s.uris[0]]);
   const acks = (): number[] =>
     writer
@@ -321,6 +337,7 @@ test('serve: SIGTERM while a client streams writes: exit 0, every acknowledged w
     fs.closeSync(fd);
   }
 });
+}
 
 test('serve: SIGTERM during an nbdcopy: the server exits 0, nbdcopy fails or completes, nothing hangs', async (t) => {
   const dir = tmpDir(t);

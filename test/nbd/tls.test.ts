@@ -153,3 +153,16 @@ test('TLS option errors are one line, exit 2', () => {
   assert.match(bad.stderr, /^duet: --tls-cert \/nonexistent.pem: cannot read/);
   assert.deepEqual(fs.readFileSync(image), Buffer.alloc(4096, 7));
 });
+
+test('STARTTLS on connections served by worker threads', { skip: !haveTools && 'needs openssl and python3-libnbd' }, async () => {
+  const s = await serve(['--workers', '2', '--tls', 'require', '--tls-cert', path.join(dir, 'server-cert.pem'), '--tls-key', path.join(dir, 'server-key.pem')]);
+  try {
+    for (let i = 0; i < 3; i++) {
+      const r = client(s.uri, 'require', path.join(dir, 'client-nocert'));
+      assert.ok(r.ok, r.out);
+    }
+    assert.ok(!client(s.uri, 'disable', '').ok, 'plain client refused by a worker too');
+  } finally {
+    await s.stop();
+  }
+});
