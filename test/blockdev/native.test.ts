@@ -61,7 +61,7 @@ describe('native add-on', { skip: skipNative }, () => {
 
   test('exports every function', () => {
     for (const name of [
-      'punchHole', 'zeroRange', 'seekData', 'seekHole', 'flock', 'funlock', 'blockDeviceSize', 'discard',
+      'punchHole', 'zeroRange', 'seekData', 'seekHole', 'flock', 'funlock', 'blockDeviceSize', 'discard', 'dup',
     ] as const) {
       assert.equal(typeof n[name], 'function', name);
     }
@@ -129,6 +129,20 @@ describe('native add-on', { skip: skipNative }, () => {
     } finally {
       fs.closeSync(fd);
     }
+  });
+
+  test('dup gives a second descriptor on the same open file that outlives the first', () => {
+    const file = path.join(dir, 'dup.bin');
+    fs.writeFileSync(file, 'hello duet');
+    const fd = fs.openSync(file, 'r');
+    const copy = n.dup(fd);
+    assert.notEqual(copy, fd);
+    fs.closeSync(fd);
+    const buf = Buffer.alloc(10);
+    assert.equal(fs.readSync(copy, buf, 0, 10, 0), 10);
+    assert.equal(buf.toString(), 'hello duet');
+    fs.closeSync(copy);
+    assert.throws(() => n.dup(copy), (e: NodeJS.ErrnoException) => e.code === 'EBADF');
   });
 
   test('flock conflicts between separately opened fds', () => {
