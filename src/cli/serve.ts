@@ -107,14 +107,16 @@ export async function serve(specs: string[], options: ServeOptions): Promise<voi
     throw listenError(addr, err);
   }
   const where = formatHostPort(addr.host, port);
-  for (const e of exports) process.stdout.write(`listening nbd://${where}/${e.name}\n`);
   log.info({
     event: 'serving',
     listen: where,
     workers: workers?.count ?? 0,
     exports: exports.map((e) => ({ name: e.name, path: e.description, size: e.device.size })),
   });
+  // Signal handlers before the ready lines: a script may send SIGTERM the
+  // moment it reads them.
   installShutdown(server, devices, log, workers);
+  for (const e of exports) process.stdout.write(`listening nbd://${where}/${e.name}\n`);
 }
 
 /** The TLS material, read and checked once; plain data so it can go to worker threads. */

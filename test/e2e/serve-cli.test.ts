@@ -357,3 +357,14 @@ test('serve: SIGTERM during an nbdcopy: the server exits 0, nbdcopy fails or com
   if (res.code === 0) assert.equal(sha256(disk), sha256(src), 'nbdcopy reported success: the copy must be complete');
   else assert.match(copy.stderr(), /\S/, 'nbdcopy failed without saying why');
 });
+
+test('serve: SIGTERM the moment the listening line appears still exits 0 (handlers come first)', async (t) => {
+  const dir = tmpDir(t);
+  const f = path.join(dir, 'd.img');
+  sparseFile(f, MiB);
+  for (let i = 0; i < 10; i++) {
+    const s = await startServe([f], { t });
+    const stop = await s.stop('SIGTERM', 10_000);
+    assert.equal(stop.code, 0, `round ${i}: ${s.describe()}`);
+  }
+});
