@@ -11,6 +11,7 @@ import { Worker } from 'node:worker_threads';
 import { native } from '../blockdev/native.js';
 import type { TransmissionStats } from '../nbd/transmission.js';
 import type { Logger } from '../util/log.js';
+import { finishedWithin } from '../util/timeout.js';
 import type { ExportSpec, TlsFiles } from './serve.js';
 
 export interface WorkerSetup {
@@ -35,7 +36,7 @@ interface Slot {
   index: number;
   connections: number;
   alive: boolean;
-  stopped: Promise<TransmissionStats | null>;
+  stopped: Promise<void>;
 }
 
 export class ServeWorkers {
@@ -58,7 +59,7 @@ export class ServeWorkers {
 
   private spawn(index: number, setup: WorkerSetup): Promise<void> {
     const worker = new Worker(new URL('./serve-worker.js', import.meta.url), { workerData: setup });
-    let resolveStopped!: (s: TransmissionStats | null) => void;
+    let resolveStopped!: () => void;
     const slot: Slot = {
       worker,
       index,
@@ -90,7 +91,7 @@ export class ServeWorkers {
             break;
           case 'stopped':
             this.stats.push(m.stats);
-            resolveStopped(m.stats);
+            resolveStopped();
             break;
         }
       });
@@ -103,7 +104,7 @@ export class ServeWorkers {
         clearTimeout(timer);
         if (slot.alive) this.log.error({ event: 'worker exited', worker: index, code });
         slot.alive = false;
-        resolveStopped(null);
+        resolveStopped();
         resolve();
       });
     });
@@ -138,11 +139,8 @@ export class ServeWorkers {
   async stop(): Promise<void> {
     const waits = this.slots.map(async (s) => {
       if (s.alive) s.worker.postMessage({ type: 'shutdown' } satisfies ToWorker);
-      let timer: NodeJS.Timeout | undefined;
-      const timeout = new Promise<null>((r) => (timer = setTimeout(() => r(null), STOP_TIMEOUT_MS)));
-      const result = await Promise.race([s.stopped, timeout]);
-      clearTimeout(timer);
-      if (result === null && s.alive) this.log.warn({ event: 'worker stop timeout', worker: s.index });
+      const inTime = await finishedWithin(s.stopped, STOP_TIMEOUT_MS);
+      if (!inTime && s.alive) this.log.warn({ event: 'worker stop timeout', worker: s.index });
       s.alive = false;
       await s.worker.terminate();
     });

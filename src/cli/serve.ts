@@ -76,7 +76,7 @@ export async function serve(specs: string[], options: ServeOptions): Promise<voi
   // Check every option before opening anything.
   const addr = parseListen(options.listen);
   const tlsFiles = loadTls(options);
-  resolveWorkers(options.workers);
+  const workerCount = resolveWorkers(options.workers);
   const parsed = specs.map(parseExportSpec);
   const names = new Set<string>();
   for (const p of parsed) {
@@ -86,7 +86,6 @@ export async function serve(specs: string[], options: ServeOptions): Promise<voi
   }
 
   const { devices, exports } = await openExports(parsed, options.readOnly ?? false);
-  const workerCount = resolveWorkers(options.workers);
   let workers: ServeWorkers | undefined;
   if (workerCount > 0) {
     workers = await ServeWorkers.start(workerCount, { exports: parsed, readOnly: options.readOnly ?? false, tls: tlsFiles }, log);

@@ -6,6 +6,7 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import type { Logger } from '../util/log.js';
+import { finishedWithin } from '../util/timeout.js';
 import { ByteQueue } from './bytequeue.js';
 import type { ExportProvider } from './exports.js';
 import { negotiate, ProtocolError } from './handshake.js';
@@ -235,13 +236,10 @@ class Connection {
   private onRead(n: number, buf: Buffer): boolean {
     if (this.draining) return true;
     if (this.readDirect) {
-      try {
-        this.transmission!.directReceived(n);
-        this.transmission!.process();
-      } catch (err) {
-        this.log.error({ event: 'request processing failed', err: (err as Error).stack });
-        this.abort('internal error');
-      }
+      this.runTransmission((t) => {
+        t.directReceived(n);
+        t.process();
+      });
       return true;
     }
     this.slabUsed += (n + 7) & ~7;
@@ -249,16 +247,21 @@ class Connection {
     return true;
   }
 
+  /** A bug while handling requests ends this connection only. */
+  private runTransmission(step: (t: Transmission) => void): void {
+    try {
+      step(this.transmission!);
+    } catch (err) {
+      this.log.error({ event: 'request processing failed', err: (err as Error).stack });
+      this.abort('internal error');
+    }
+  }
+
   private onData(chunk: Buffer): void {
     if (this.draining) return;
     this.queue.push(chunk);
     if (this.transmission) {
-      try {
-        this.transmission.process();
-      } catch (err) {
-        this.log.error({ event: 'request processing failed', err: (err as Error).stack });
-        this.abort('internal error');
-      }
+      this.runTransmission((t) => t.process());
       return;
     }
     // Handshake: bound what a client can make us buffer (options are capped,
@@ -382,15 +385,9 @@ export class NbdServer {
         conn.socket.destroy();
       }
     });
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<void>((resolve) => {
-      timer = setTimeout(() => {
-        this.log.warn({ event: 'shutdown timeout', connections: this.connections.size });
-        resolve();
-      }, this.shutdownTimeoutMs);
-    });
-    await Promise.race([Promise.all(draining), timeout]);
-    clearTimeout(timer);
+    if (!(await finishedWithin(Promise.all(draining), this.shutdownTimeoutMs))) {
+      this.log.warn({ event: 'shutdown timeout', connections: this.connections.size });
+    }
     for (const conn of this.connections) conn.socket.destroy();
     await Promise.all(listening);
   }

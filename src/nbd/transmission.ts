@@ -263,12 +263,12 @@ export class Transmission {
   }
 
   private dispatch(type: number, cmdFlags: number, hi: number, lo: number, offset: number, length: number, payload: Buffer | null): void {
-    const invalid = this.validate(type, cmdFlags, offset, length);
     if (type === P.NBD_CMD_DISC) {
       // No reply to DISC, whatever its flags: finish in-flight work and close.
       this.hooks.onDisconnect('client disconnected');
       return;
     }
+    const invalid = this.validate(type, cmdFlags, offset, length);
     if (invalid !== null) {
       this.replyError(hi, lo, invalid[0], invalid[1], null);
       return;
@@ -302,9 +302,6 @@ export class Transmission {
           return this.complete(hi, lo, type, offset, dev.cache(offset, length));
         case P.NBD_CMD_BLOCK_STATUS:
           return this.blockStatus(hi, lo, offset, length, (cmdFlags & P.NBD_CMD_FLAG_REQ_ONE) !== 0);
-        case P.NBD_CMD_DISC:
-          this.hooks.onDisconnect('client disconnected');
-          return;
       }
     } catch (err) {
       this.failed(hi, lo, type, offset, err);
@@ -329,13 +326,12 @@ export class Transmission {
       case P.NBD_CMD_TRIM:
       case P.NBD_CMD_CACHE:
       case P.NBD_CMD_FLUSH:
-      case P.NBD_CMD_DISC:
         break;
       default:
         return [P.NBD_EINVAL, `unknown command ${type}`];
     }
     if (cmdFlags & ~allowed) return [P.NBD_EINVAL, `flags 0x${cmdFlags.toString(16)} are not valid for ${P.COMMAND_NAMES[type]}`];
-    if (type === P.NBD_CMD_FLUSH || type === P.NBD_CMD_DISC) return null;
+    if (type === P.NBD_CMD_FLUSH) return null;
     const writing = type === P.NBD_CMD_WRITE || type === P.NBD_CMD_WRITE_ZEROES || type === P.NBD_CMD_TRIM;
     if (writing && this.readOnly) return [P.NBD_EPERM, 'export is read-only'];
     if (type === P.NBD_CMD_TRIM && (this.flags & P.NBD_FLAG_SEND_TRIM) === 0) return [P.NBD_EINVAL, 'trim is not supported by this export'];
