@@ -13,13 +13,13 @@ import net from 'node:net';
 import { createHash } from 'node:crypto';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/exports.js';
-import { MemoryDevice } from '../../src/blockdev/memory.js';
-import type { BlockDevice, WriteOptions, ZeroOptions } from '../../src/blockdev/types.js';
+import type { WriteOptions, ZeroOptions } from '../../src/blockdev/types.js';
 import { silentLogger } from '../../src/util/log.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import * as P from '../../src/nbd/protocol.js';
 import { LIMITS } from '../../src/nbd/protocol.js';
 import { Raw } from './raw-client.js';
+import { PassthroughDevice } from './passthrough-device.js';
 
 // ---- process-level failure recorders ---------------------------------------------
 
@@ -184,56 +184,31 @@ async function anyErrorReply(r: Raw): Promise<{ cookie: bigint; error: number }>
 const hash = (b: Buffer): string => createHash('sha1').update(b).digest('hex');
 
 /** Records every modifying call; `allowed` decides whether it was legitimately requested. */
-class SpyDevice implements BlockDevice {
-  readonly inner: MemoryDevice;
+class SpyDevice extends PassthroughDevice {
   readonly violations: string[] = [];
   mutations = 0;
   constructor(
     size: number,
-    readonly name: string,
+    name: string,
     private readonly allowed: (key: string) => boolean,
   ) {
-    this.inner = new MemoryDevice(size, name);
-  }
-  get size(): number {
-    return this.inner.size;
-  }
-  get blockSize() {
-    return this.inner.blockSize;
-  }
-  get capabilities() {
-    return this.inner.capabilities;
+    super(size, name);
   }
   private note(key: string): void {
     this.mutations++;
     if (!this.allowed(key)) this.violations.push(key);
   }
-  read(offset: number, into: Buffer) {
-    return this.inner.read(offset, into);
-  }
-  write(offset: number, data: Buffer, o?: WriteOptions) {
+  override write(offset: number, data: Buffer, o?: WriteOptions) {
     this.note(`w:${offset}:${data.length}:${hash(data)}`);
-    return this.inner.write(offset, data, o);
+    return super.write(offset, data, o);
   }
-  flush() {
-    return this.inner.flush();
-  }
-  trim(offset: number, length: number, o?: WriteOptions) {
+  override trim(offset: number, length: number, o?: WriteOptions) {
     this.note(`t:${offset}:${length}`);
-    return this.inner.trim(offset, length, o);
+    return super.trim(offset, length, o);
   }
-  writeZeroes(offset: number, length: number, o?: ZeroOptions) {
+  override writeZeroes(offset: number, length: number, o?: ZeroOptions) {
     this.note(`z:${offset}:${length}`);
-    return this.inner.writeZeroes(offset, length, o);
-  }
-  blockStatus(offset: number, length: number) {
-    return this.inner.blockStatus(offset, length);
-  }
-  cache(offset: number, length: number) {
-    return this.inner.cache(offset, length);
-  }
-  close() {
-    return this.inner.close();
+    return super.writeZeroes(offset, length, o);
   }
 }
 

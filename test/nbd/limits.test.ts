@@ -7,13 +7,13 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/exports.js';
-import { MemoryDevice } from '../../src/blockdev/memory.js';
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../../src/blockdev/types.js';
+import type { Extent } from '../../src/blockdev/types.js';
 import { silentLogger } from '../../src/util/log.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import * as P from '../../src/nbd/protocol.js';
 import { LIMITS } from '../../src/nbd/protocol.js';
 import { Raw } from './raw-client.js';
+import { PassthroughDevice } from './passthrough-device.js';
 
 // ---- a minimal raw client ----------------------------------------------------
 
@@ -126,24 +126,14 @@ async function rawSmoke(r: Raw, offset = 4096): Promise<void> {
 // ---- device wrappers ----------------------------------------------------------
 
 /** Delegates to a MemoryDevice; reads can be held until release(), extents overridden. */
-class WrappedDevice implements BlockDevice {
-  readonly inner: MemoryDevice;
+class WrappedDevice extends PassthroughDevice {
   reads = 0;
   private gated = false;
   private waiting: (() => void)[] = [];
   extentsOverride: ((offset: number, length: number) => Extent[] | Promise<Extent[]>) | null = null;
 
-  constructor(size: number, readonly name = 'wrapped') {
-    this.inner = new MemoryDevice(size, name);
-  }
-  get size(): number {
-    return this.inner.size;
-  }
-  get blockSize() {
-    return this.inner.blockSize;
-  }
-  get capabilities() {
-    return this.inner.capabilities;
+  constructor(size: number, name = 'wrapped') {
+    super(size, name);
   }
   hold(): void {
     this.gated = true;
@@ -154,31 +144,13 @@ class WrappedDevice implements BlockDevice {
     this.waiting = [];
     for (const f of w) f();
   }
-  read(offset: number, into: Buffer): void | Promise<void> {
+  override read(offset: number, into: Buffer): void | Promise<void> {
     this.reads++;
     if (!this.gated) return this.inner.read(offset, into);
     return new Promise<void>((resolve) => this.waiting.push(resolve)).then(() => this.inner.read(offset, into));
   }
-  write(offset: number, data: Buffer, o?: WriteOptions) {
-    return this.inner.write(offset, data, o);
-  }
-  flush() {
-    return this.inner.flush();
-  }
-  trim(offset: number, length: number, o?: WriteOptions) {
-    return this.inner.trim(offset, length, o);
-  }
-  writeZeroes(offset: number, length: number, o?: ZeroOptions) {
-    return this.inner.writeZeroes(offset, length, o);
-  }
-  blockStatus(offset: number, length: number) {
+  override blockStatus(offset: number, length: number) {
     return this.extentsOverride ? this.extentsOverride(offset, length) : this.inner.blockStatus(offset, length);
-  }
-  cache(offset: number, length: number) {
-    return this.inner.cache(offset, length);
-  }
-  close() {
-    return this.inner.close();
   }
 }
 
