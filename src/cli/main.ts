@@ -6,6 +6,8 @@ import { Command, CommanderError } from 'commander';
 import { UserError } from '../util/errors.js';
 import { registerServe } from './serve.js';
 import { registerDemo } from './demo.js';
+import { registerPool } from './pool.js';
+import { registerVol } from './vol.js';
 
 export async function main(argv: string[]): Promise<void> {
   const program = new Command();
@@ -14,8 +16,11 @@ export async function main(argv: string[]): Promise<void> {
     .description('Two computers, one whole-system RAID: mirrored disks, thin volumes, NBD exports, VM failover')
     .version('0.1.0')
     .exitOverride()
-    .configureOutput({ outputError: (str, write) => write(`duet: ${str.replace(/^error: /, '')}`) });
+    .configureOutput({ outputError: (str, write) => write(`duet: ${str.replace(/^error: /, '')}`) })
+    .option('--home <dir>', 'where duet keeps its pool registry, locks and admin sockets (DUET_HOME; default /var/lib/duet)');
   registerServe(program);
+  registerPool(program);
+  registerVol(program);
   registerDemo(program);
   try {
     await program.parseAsync(argv, { from: 'user' });

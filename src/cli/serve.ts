@@ -12,8 +12,9 @@ import { ServeWorkers } from './serve-workers.js';
 import { createLogger, Logger } from '../util/log.js';
 import { UserError, errnoCode } from '../util/errors.js';
 import { formatHostPort, listenError, parseListen } from './listen.js';
+import { servePool } from './serve-pool.js';
 
-interface ServeOptions {
+export interface ServeOptions {
   listen: string;
   readOnly?: boolean;
   tls?: string;
@@ -21,6 +22,7 @@ interface ServeOptions {
   tlsKey?: string;
   tlsCa?: string;
   workers?: string;
+  pool?: string;
 }
 
 /**
@@ -47,7 +49,8 @@ export function registerServe(program: Command): void {
   program
     .command('serve')
     .description('export files or block devices over NBD (fixed newstyle)')
-    .argument('<exports...>', '[NAME=]PATH of a file or block device; the first is also the default export ""')
+    .argument('[exports...]', '[NAME=]PATH of a file or block device; the first is also the default export ""')
+    .option('--pool <pool>', 'export every volume of POOL (snapshots read-only) instead of PATHs')
     .option('--listen <host:port>', 'address to listen on', '127.0.0.1:10809')
     .option('--read-only', 'refuse writes on every export')
     .option('--tls <mode>', 'on (clients may use STARTTLS) or require (they must); needs --tls-cert and --tls-key')
@@ -55,7 +58,13 @@ export function registerServe(program: Command): void {
     .option('--tls-key <file>', 'server private key (PEM)')
     .option('--tls-ca <file>', 'CA (PEM) that client certificates must be signed by; asks every client for one')
     .option('--workers <n>', 'extra threads serving connections: a number, or auto (one per core, at most 4); 0 = the main thread only', '0')
-    .action(async (specs: string[], options: ServeOptions) => {
+    .action(async (specs: string[], options: ServeOptions, cmd: Command) => {
+      if (options.pool !== undefined) {
+        if (specs.length > 0) throw new UserError('serve: give either PATHs or --pool POOL, not both');
+        await servePool(options.pool, options, cmd);
+        return;
+      }
+      if (specs.length === 0) throw new UserError('serve: name at least one PATH to export (or --pool POOL)');
       await serve(specs, options);
     });
 }
@@ -114,7 +123,12 @@ export async function serve(specs: string[], options: ServeOptions): Promise<voi
   });
   // Signal handlers before the ready lines: a script may send SIGTERM the
   // moment it reads them.
-  installShutdown(server, devices, log, workers);
+  installShutdown(server, log, async () => {
+    for (const d of devices) {
+      if (!d.capabilities.readOnly) await d.flush();
+      await d.close();
+    }
+  }, workers);
   for (const e of exports) process.stdout.write(`listening nbd://${where}/${e.name}\n`);
 }
 
@@ -182,8 +196,8 @@ export async function openExports(specs: ExportSpec[], readOnly: boolean): Promi
   return { devices, exports };
 }
 
-/** SIGINT/SIGTERM: stop accepting, finish in-flight requests, flush, exit 0. */
-export function installShutdown(server: NbdServer, devices: BlockDevice[], log: Logger, workers?: ServeWorkers): void {
+/** SIGINT/SIGTERM: stop accepting, finish in-flight requests, then `cleanup` (flush, close), exit 0. */
+export function installShutdown(server: NbdServer, log: Logger, cleanup: () => Promise<void>, workers?: ServeWorkers): void {
   let stopping = false;
   const stop = async (signal: string): Promise<void> => {
     if (stopping) return;
@@ -192,10 +206,7 @@ export function installShutdown(server: NbdServer, devices: BlockDevice[], log: 
     let code = 0;
     try {
       await Promise.all([server.close(), workers?.stop()]);
-      for (const d of devices) {
-        if (!d.capabilities.readOnly) await d.flush();
-        await d.close();
-      }
+      await cleanup();
     } catch (err) {
       log.error({ event: 'shutdown failed', err: (err as Error).message });
       code = 1;

@@ -18,6 +18,10 @@ export interface ExportProvider {
   list(): NbdExport[];
   /** The export for `name`; "" is the default export. */
   get(name: string): NbdExport | undefined;
+  /** A connection entered transmission on `exp` (so a provider can tell what is in use). */
+  opened?(exp: NbdExport): void;
+  /** That connection is gone. */
+  closed?(exp: NbdExport): void;
 }
 
 /** A fixed set of exports; the first is also the default export "". */

@@ -8,7 +8,7 @@ import tls from 'node:tls';
 import type { Logger } from '../util/log.js';
 import { finishedWithin } from '../util/timeout.js';
 import { ByteQueue } from './bytequeue.js';
-import type { ExportProvider } from './exports.js';
+import type { ExportProvider, NbdExport } from './exports.js';
 import { negotiate, ProtocolError } from './handshake.js';
 import * as P from './protocol.js';
 import { Transmission, TransmissionStats } from './transmission.js';
@@ -73,6 +73,8 @@ class Connection {
   private waiter: { n: number; resolve: () => void; reject: (e: Error) => void } | null = null;
   transmission: Transmission | null = null;
   closed = false;
+  /** The export this connection negotiated, once in transmission. */
+  private openedExport: NbdExport | undefined;
   private readonly handshakeTimer: NodeJS.Timeout;
 
   private readonly dataListener = (chunk: Buffer): void => this.onData(chunk);
@@ -141,6 +143,10 @@ class Connection {
         structuredReplies: negotiated.structuredReplies,
         baseAllocation: negotiated.baseAllocation,
       });
+      if (!this.closed) {
+        this.openedExport = negotiated.export;
+        this.server.exports.opened?.(negotiated.export);
+      }
       this.transmission = new Transmission(this.socket, this.queue, negotiated, this.log, {
         onDisconnect: (reason) => void this.disconnect(reason),
         stats: this.server.stats,
@@ -278,7 +284,9 @@ class Connection {
   }
 
   private onClose(): void {
+    if (this.closed) return;
     this.closed = true;
+    if (this.openedExport) this.server.exports.closed?.(this.openedExport);
     clearTimeout(this.handshakeTimer);
     this.queue.clear();
     if (this.waiter) {

@@ -128,6 +128,8 @@ export class Pool implements ChunkRefs {
   private sb: Superblock;
   private checkpointChunks: number[] = [];
   private staleMeta: number[] = [];
+  /** Damage found while opening that did not stop it (a bad copy, an unreadable journal): check reports it. */
+  readonly loadProblems: string[] = [];
   private journalAt = 0;
   private journalSeq = 0;
 
@@ -253,6 +255,7 @@ export class Pool implements ChunkRefs {
       }
     }
     if (!stream) throw new UserError(`pool ${this.name}: metadata checkpoint unreadable (${errors.join('; ')}); run duet pool check ${this.name}`);
+    for (const e of errors) this.loadProblems.push(`checkpoint ${e}`);
     if (errors.length > 0) this.log.warn({ event: 'checkpoint-copy-damaged', pool: this.name, errors }, 'a checkpoint copy is damaged; the other one was used');
     const state = deserializeCheckpoint(stream);
     this.nextVolumeId = state.nextVolumeId;
@@ -302,6 +305,7 @@ export class Pool implements ChunkRefs {
       try {
         await d.device.read(JOURNAL_OFFSET, area);
       } catch (err) {
+        this.loadProblems.push(`journal on ${d.device.name} unreadable: ${(err as Error).message}`);
         this.log.warn({ event: 'journal-unreadable', pool: this.name, device: d.device.name, err: (err as Error).message }, 'journal unreadable on one device');
         continue;
       }
@@ -384,6 +388,15 @@ export class Pool implements ChunkRefs {
 
   refcount(p: number): number {
     return this.refs[p];
+  }
+
+  /** References dropped but not yet committed (check adds them back). */
+  pendingDecrefs(): readonly number[] {
+    return this.decrefs;
+  }
+
+  isMetadataChunk(p: number): boolean {
+    return this.refs[p] === META;
   }
 
   /** Chunks kept free so a checkpoint (two copies) always fits. */

@@ -1,0 +1,150 @@
+/** `duet pool ...`: create, extend, list, show, check. */
+import path from 'node:path';
+import type { Command } from 'commander';
+import { FileDevice } from '../blockdev/file.js';
+import type { BlockDevice } from '../blockdev/types.js';
+import { Pool } from '../volume/pool.js';
+import { Registry, resolveHome } from '../volume/registry.js';
+import { runPoolCommand } from '../volume/session.js';
+import type { PoolInfo } from '../volume/service.js';
+import type { CheckReport } from '../volume/check.js';
+import { checkName } from '../volume/operations.js';
+import { createLogger } from '../util/log.js';
+import { UserError } from '../util/errors.js';
+import { formatSize, parseSize } from '../util/size.js';
+
+export function homeOf(cmd: Command): Registry {
+  const opts = cmd.optsWithGlobals() as { home?: string };
+  return new Registry(resolveHome(opts.home));
+}
+
+export function sizeOption(text: string, what: string): number {
+  try {
+    return parseSize(text);
+  } catch (err) {
+    throw new UserError(`${what}: ${(err as Error).message}`);
+  }
+}
+
+export function print(json: boolean, value: unknown, text: () => string): void {
+  process.stdout.write(json ? `${JSON.stringify(value, null, 2)}\n` : text());
+}
+
+export function registerPool(program: Command): void {
+  const pool = program.command('pool').description('pools: thin-provisioned space over one or more devices');
+
+  pool
+    .command('create')
+    .description('make a new pool on DEVICE... (files or block devices; their contents are lost)')
+    .argument('<pool>')
+    .argument('<devices...>')
+    .option('--chunk-size <size>', 'allocation unit of thin volumes and snapshots', '64K')
+    .action(async (name: string, paths: string[], options: { chunkSize: string }, cmd: Command) => {
+      const registry = homeOf(cmd);
+      checkName('pool', name);
+      const chunkSize = sizeOption(options.chunkSize, '--chunk-size');
+      if (registry.has(name)) throw new UserError(`pool ${name} already exists in ${registry.home}`);
+      const resolved = paths.map((p) => path.resolve(p));
+      const dup = resolved.find((p, i) => resolved.indexOf(p) !== i);
+      if (dup) throw new UserError(`${dup} is named twice`);
+      for (const p of resolved) {
+        const owner = registry.ownerOf(p);
+        if (owner) throw new UserError(`${p} already belongs to pool ${owner}`);
+      }
+      const devices: BlockDevice[] = [];
+      try {
+        for (const p of resolved) devices.push(FileDevice.open(p));
+        const created = await Pool.create(name, devices, { chunkSize, log: createLogger('duet-pool') });
+        registry.save({ name, uuid: created.uuid, devices: resolved });
+        const u = created.usage();
+        await created.close();
+        process.stdout.write(`created pool ${name}: ${formatSize(u.dataChunks * u.chunkSize)} on ${resolved.length} device(s), chunk size ${formatSize(u.chunkSize)}\n`);
+      } catch (err) {
+        for (const d of devices) await d.close();
+        throw err;
+      }
+    });
+
+  pool
+    .command('extend')
+    .description('add DEVICE to POOL (online if the pool is being served)')
+    .argument('<pool>')
+    .argument('<device>')
+    .action(async (name: string, device: string, _o: unknown, cmd: Command) => {
+      const info = (await runPoolCommand(homeOf(cmd), name, { cmd: 'pool.extend', device: path.resolve(device) })) as PoolInfo;
+      process.stdout.write(`extended pool ${name}: ${formatSize(info.sizeBytes)} on ${info.devices.length} device(s)\n`);
+    });
+
+  pool
+    .command('list')
+    .description('the pools this home knows')
+    .option('--json', 'machine-readable output')
+    .action(async (options: { json?: boolean }, cmd: Command) => {
+      const registry = homeOf(cmd);
+      const rows: (PoolInfo | { name: string; devices: string[]; error: string })[] = [];
+      for (const entry of registry.list()) {
+        try {
+          rows.push((await runPoolCommand(registry, entry.name, { cmd: 'pool.show' })) as PoolInfo);
+        } catch (err) {
+          rows.push({ name: entry.name, devices: entry.devices, error: (err as Error).message });
+        }
+      }
+      print(options.json === true, rows, () => {
+        const lines = [pad(['POOL', 'SIZE', 'USED', 'FREE', 'USE%', 'VOLUMES', 'DEVICES'])];
+        for (const r of rows) {
+          if ('error' in r) lines.push(`${r.name}  (${r.error})`);
+          else lines.push(pad([r.name, formatSize(r.sizeBytes), formatSize(r.usedBytes), formatSize(r.freeBytes), `${r.usedPercent}%`, String(r.volumes), String(r.devices.length)]));
+        }
+        return `${lines.join('\n')}\n`;
+      });
+    });
+
+  pool
+    .command('show')
+    .description('size, use, metadata, chunk size and devices of POOL')
+    .argument('<pool>')
+    .option('--json', 'machine-readable output')
+    .action(async (name: string, options: { json?: boolean }, cmd: Command) => {
+      const info = (await runPoolCommand(homeOf(cmd), name, { cmd: 'pool.show' })) as PoolInfo;
+      print(options.json === true, info, () =>
+        [
+          `pool:          ${info.name} (${info.uuid})`,
+          `size:          ${formatSize(info.sizeBytes)} (${info.sizeBytes} bytes)`,
+          `used:          ${formatSize(info.usedBytes)} (${info.usedPercent}% with metadata)`,
+          `free:          ${formatSize(info.freeBytes)}`,
+          `metadata:      ${formatSize(info.metadataBytes)} (checkpoint ${formatSize(info.metadataUsedBytes)}, ${formatSize(info.reservedBytes)} kept free for it)`,
+          `chunk size:    ${formatSize(info.chunkSizeBytes)}`,
+          `volumes:       ${info.volumes}`,
+          `devices:       ${info.devices.join(', ')}`,
+          ...(info.heldBy !== null ? [`served by:     pid ${info.heldBy}`] : []),
+          ...(info.warning ? [`warning:       ${info.warning}`] : []),
+          '',
+        ].join('\n'),
+      );
+    });
+
+  pool
+    .command('check')
+    .description('walk all metadata of POOL: exit 0 consistent, 1 damaged (prints what)')
+    .argument('<pool>')
+    .option('--json', 'machine-readable output')
+    .action(async (name: string, options: { json?: boolean }, cmd: Command) => {
+      const report = (await runPoolCommand(homeOf(cmd), name, { cmd: 'pool.check' })) as CheckReport;
+      print(options.json === true, report, () =>
+        [
+          report.ok
+            ? `pool ${name}: consistent (${report.volumes} volumes, ${report.mappedChunks} mapped chunks, ${report.nodes} map nodes)`
+            : `pool ${name}: DAMAGED, ${report.problems.length} problem(s):`,
+          ...report.problems.map((p) => `  ${p}`),
+          ...report.notes.map((n) => `  note: ${n}`),
+          '',
+        ].join('\n'),
+      );
+      if (!report.ok) process.exitCode = 1;
+    });
+}
+
+export function pad(cols: string[]): string {
+  const widths = [16, 9, 9, 9, 6, 8, 8];
+  return cols.map((c, i) => (i === cols.length - 1 ? c : c.padEnd(widths[i] ?? 10))).join(' ');
+}

@@ -1,0 +1,140 @@
+/** `duet vol ...`: thin volumes, snapshots, clones, diffs, send/receive. */
+import type { Command } from 'commander';
+import { runPoolCommand } from '../volume/session.js';
+import type { VolumeInfo } from '../volume/service.js';
+import type { Range } from '../volume/operations.js';
+import type { ReceiveResult, SendResult } from '../volume/stream.js';
+import { UserError } from '../util/errors.js';
+import { formatSize } from '../util/size.js';
+import { homeOf, print, sizeOption } from './pool.js';
+
+/** POOL/VOL → [pool, vol]. */
+export function parseVolumePath(text: string): [string, string] {
+  const slash = text.indexOf('/');
+  if (slash <= 0 || slash === text.length - 1 || text.indexOf('/', slash + 1) >= 0) throw new UserError(`"${text}": name a volume as POOL/VOLUME`);
+  return [text.slice(0, slash), text.slice(slash + 1)];
+}
+
+function samePool(a: string, b: string): [string, string, string] {
+  const [pa, va] = parseVolumePath(a);
+  const [pb, vb] = parseVolumePath(b);
+  if (pa !== pb) throw new UserError(`${a} and ${b} are in different pools; snapshots, clones and diffs stay within one pool`);
+  return [pa, va, vb];
+}
+
+export function registerVol(program: Command): void {
+  const vol = program.command('vol').description('thin volumes in a pool: create, resize, snapshot, clone, diff, send/receive');
+
+  vol
+    .command('create')
+    .argument('<pool/vol>')
+    .requiredOption('--size <size>', 'virtual size (thin: space is used only as data is written)')
+    .action(async (target: string, options: { size: string }, cmd: Command) => {
+      const [pool, name] = parseVolumePath(target);
+      const info = (await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.create', name, sizeBytes: sizeOption(options.size, '--size') })) as VolumeInfo;
+      process.stdout.write(`created volume ${pool}/${info.name}: ${formatSize(info.sizeBytes)}\n`);
+    });
+
+  vol
+    .command('resize')
+    .argument('<pool/vol>')
+    .requiredOption('--size <size>', 'new virtual size')
+    .option('--force', 'allow shrinking below data in use (that data is dropped)')
+    .action(async (target: string, options: { size: string; force?: boolean }, cmd: Command) => {
+      const [pool, name] = parseVolumePath(target);
+      const info = (await runPoolCommand(homeOf(cmd), pool, {
+        cmd: 'vol.resize',
+        name,
+        sizeBytes: sizeOption(options.size, '--size'),
+        force: options.force === true,
+      })) as VolumeInfo;
+      process.stdout.write(`resized volume ${pool}/${info.name}: ${formatSize(info.sizeBytes)}\n`);
+    });
+
+  vol
+    .command('snapshot')
+    .description('read-only point-in-time copy, in constant time')
+    .argument('<pool/vol>')
+    .argument('<pool/snap>')
+    .action(async (source: string, target: string, _o: unknown, cmd: Command) => {
+      const [pool, src, name] = samePool(source, target);
+      await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.snapshot', source: src, name });
+      process.stdout.write(`created snapshot ${pool}/${name} of ${pool}/${src}\n`);
+    });
+
+  vol
+    .command('clone')
+    .description('writable copy of a snapshot (or volume), in constant time')
+    .argument('<pool/snap>')
+    .argument('<pool/new>')
+    .action(async (source: string, target: string, _o: unknown, cmd: Command) => {
+      const [pool, src, name] = samePool(source, target);
+      await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.clone', source: src, name });
+      process.stdout.write(`created clone ${pool}/${name} of ${pool}/${src}\n`);
+    });
+
+  vol
+    .command('remove')
+    .argument('<pool/vol>')
+    .action(async (target: string, _o: unknown, cmd: Command) => {
+      const [pool, name] = parseVolumePath(target);
+      await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.remove', name });
+      process.stdout.write(`removed volume ${pool}/${name}\n`);
+    });
+
+  vol
+    .command('list')
+    .argument('<pool>')
+    .option('--json', 'machine-readable output')
+    .action(async (pool: string, options: { json?: boolean }, cmd: Command) => {
+      const rows = (await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.list' })) as VolumeInfo[];
+      print(options.json === true, rows, () => {
+        const lines = [['VOLUME', 'SIZE', 'USED', 'TYPE', 'ORIGIN'].map((c, i) => (i < 4 ? c.padEnd([20, 9, 9, 9][i]) : c)).join(' ')];
+        for (const r of rows) {
+          const type = r.snapshot ? 'snapshot' : r.origin ? 'clone' : 'volume';
+          lines.push([r.name.padEnd(20), formatSize(r.sizeBytes).padEnd(9), formatSize(r.usedBytes).padEnd(9), type.padEnd(9), r.origin ?? '-'].join(' '));
+        }
+        return `${lines.join('\n')}\n`;
+      });
+    });
+
+  vol
+    .command('diff')
+    .description('byte ranges where NEW differs from OLD, from the metadata alone')
+    .argument('<pool/old>')
+    .argument('<pool/new>')
+    .option('--json', 'machine-readable output: [{"offset": n, "length": n}, ...]')
+    .action(async (a: string, b: string, options: { json?: boolean }, cmd: Command) => {
+      const [pool, oldName, newName] = samePool(a, b);
+      const ranges = (await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.diff', old: oldName, new: newName })) as Range[];
+      print(options.json === true, ranges, () => {
+        const total = ranges.reduce((n, r) => n + r.length, 0);
+        return `${ranges.map((r) => `${r.offset} ${r.length}`).join('\n')}${ranges.length ? '\n' : ''}# ${ranges.length} range(s), ${formatSize(total)} changed\n`;
+      });
+    });
+
+  vol
+    .command('send')
+    .description('write a snapshot (or, with --from, what changed since an older one) to stdout')
+    .argument('<pool/snap>')
+    .option('--from <pool/old>', 'older snapshot the receiver already has')
+    .action(async (source: string, options: { from?: string }, cmd: Command) => {
+      if (process.stdout.isTTY) throw new UserError('send writes a binary stream: redirect stdout to a file or a pipe');
+      const [pool, name] = parseVolumePath(source);
+      const from = options.from === undefined ? undefined : samePool(source, options.from)[2];
+      const r = (await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.send', name, from }, { output: process.stdout })) as SendResult;
+      await new Promise<void>((resolve) => process.stdout.write('', () => resolve()));
+      process.stderr.write(`sent ${pool}/${name}${from ? ` (incremental from ${from})` : ''}: ${r.records} record(s), ${formatSize(r.dataBytes)} of data\n`);
+    });
+
+  vol
+    .command('receive')
+    .description('apply a stream from duet vol send (stdin) to POOL/VOL')
+    .argument('<pool/vol>')
+    .action(async (target: string, _o: unknown, cmd: Command) => {
+      if (process.stdin.isTTY) throw new UserError('receive reads a stream: redirect stdin from a file or a pipe');
+      const [pool, name] = parseVolumePath(target);
+      const r = (await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.receive', name }, { input: process.stdin })) as ReceiveResult;
+      process.stdout.write(`received ${pool}/${r.volume}${r.incremental ? ' (incremental)' : ''}: ${r.records} record(s), ${formatSize(r.dataBytes)} of data\n`);
+    });
+}

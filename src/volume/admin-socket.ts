@@ -1,0 +1,174 @@
+/**
+ * The admin socket of a process that holds a pool (HOME/pools/NAME.sock):
+ * how `duet vol ...` acts online while `serve --pool` runs.
+ *
+ * Protocol: the client sends one JSON line, the Command. For `vol.receive`
+ * the stream bytes follow and the client half-closes when done. The server
+ * answers one JSON line, {"ok":true,"result":...} or {"ok":false,"error":
+ * "...","exitCode":n}. For `vol.send` the answer line is preceded by the
+ * stream in frames ('D' u32 length, bytes), then 'E' (complete) or 'X'
+ * (failed), so a failure half-way can never pass for a complete stream.
+ */
+import fs from 'node:fs';
+import net from 'node:net';
+import { PassThrough, Readable, Writable } from 'node:stream';
+import type { Logger } from '../util/log.js';
+import { UserError, errnoCode } from '../util/errors.js';
+import type { Command } from './service.js';
+
+export type Handler = (command: Command, io: { input?: Readable; output?: Writable }) => Promise<unknown>;
+
+const MAX_REQUEST = 64 * 1024;
+
+export class AdminServer {
+  private constructor(
+    private readonly server: net.Server,
+    readonly path: string,
+  ) {}
+
+  static async listen(socketPath: string, handler: Handler, log: Logger): Promise<AdminServer> {
+    // A socket file left by a process that died: nobody can be listening (we hold the pool lock).
+    fs.rmSync(socketPath, { force: true });
+    const server = net.createServer((socket) => serveOne(socket, handler, log));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(socketPath, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    fs.chmodSync(socketPath, 0o600);
+    return new AdminServer(server, socketPath);
+  }
+
+  async close(): Promise<void> {
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    fs.rmSync(this.path, { force: true });
+  }
+}
+
+function serveOne(socket: net.Socket, handler: Handler, log: Logger): void {
+  let buffered: Buffer = Buffer.alloc(0);
+  socket.on('error', (err) => log.debug({ event: 'admin-socket-error', err: err.message }));
+  const onData = (chunk: Buffer): void => {
+    buffered = Buffer.concat([buffered, chunk]);
+    const nl = buffered.indexOf(0x0a);
+    if (nl < 0) {
+      if (buffered.length > MAX_REQUEST) socket.destroy();
+      return;
+    }
+    socket.off('data', onData);
+    socket.pause();
+    let command: Command;
+    try {
+      command = JSON.parse(buffered.subarray(0, nl).toString('utf8')) as Command;
+    } catch {
+      reply(socket, { ok: false, error: 'admin socket: malformed request', exitCode: 2 });
+      return;
+    }
+    const rest = buffered.subarray(nl + 1);
+    let input: Readable | undefined;
+    if (command.cmd === 'vol.receive') {
+      const pass = new PassThrough();
+      if (rest.length > 0) pass.write(rest);
+      socket.pipe(pass);
+      input = pass;
+    }
+    let output: Writable | undefined;
+    if (command.cmd === 'vol.send') output = new FrameWriter(socket);
+    log.info({ event: 'admin-command', cmd: command.cmd }, 'admin command');
+    handler(command, { input, output }).then(
+      async (result) => {
+        if (output) socket.write('E');
+        reply(socket, { ok: true, result });
+      },
+      (err: unknown) => {
+        if (!(err instanceof UserError)) log.error({ event: 'admin-command-failed', cmd: command.cmd, err: (err as Error).stack }, 'admin command failed');
+        const message = err instanceof UserError ? err.message : `internal error: ${(err as Error).message}`;
+        // Mid-stream: 'X' tells the client what it got is not a whole stream.
+        if (output) socket.write('X');
+        reply(socket, { ok: false, error: message, exitCode: err instanceof UserError ? err.exitCode : 70 });
+      },
+    );
+  };
+  socket.on('data', onData);
+}
+
+function reply(socket: net.Socket, answer: unknown): void {
+  if (!socket.destroyed) socket.end(`${JSON.stringify(answer)}\n`);
+}
+
+/** Frames the send stream: u32 length + bytes. */
+class FrameWriter extends Writable {
+  constructor(private readonly socket: net.Socket) {
+    super();
+  }
+  override _write(chunk: Buffer, _enc: BufferEncoding, done: (err?: Error | null) => void): void {
+    const head = Buffer.alloc(5);
+    head[0] = 0x44; // 'D'
+    head.writeUInt32LE(chunk.length, 1);
+    this.socket.write(head);
+    if (this.socket.write(chunk)) done();
+    else this.socket.once('drain', () => done());
+  }
+}
+
+/* ------------------------------------------------------------------ client */
+
+export interface Answer {
+  ok: boolean;
+  result?: unknown;
+  error?: string;
+  exitCode?: number;
+}
+
+/**
+ * Send `command` to the process holding the pool. `input` is streamed after
+ * the request (receive); stream frames are written to `output` (send).
+ */
+export async function callAdmin(socketPath: string, command: Command, io: { input?: Readable; output?: Writable } = {}): Promise<unknown> {
+  const socket = net.createConnection(socketPath);
+  await new Promise<void>((resolve, reject) => {
+    socket.once('connect', resolve);
+    socket.once('error', (err) => reject(new UserError(`cannot reach the process holding the pool at ${socketPath} (${errnoCode(err) ?? err.message})`)));
+  });
+  socket.write(`${JSON.stringify(command)}\n`);
+  if (io.input) {
+    io.input.pipe(socket, { end: true });
+  }
+  const answer = await readAnswer(socket, io.output);
+  if (!answer.ok) throw new UserError(answer.error ?? 'the pool holder refused the command', answer.exitCode ?? 2);
+  return answer.result;
+}
+
+async function readAnswer(socket: net.Socket, output: Writable | undefined): Promise<Answer> {
+  let buf: Buffer = Buffer.alloc(0);
+  let framing = output !== undefined;
+  for await (const chunk of socket as AsyncIterable<Buffer>) {
+    buf = buf.length === 0 ? chunk : Buffer.concat([buf, chunk]);
+    while (framing && buf.length > 0) {
+      if (buf[0] === 0x45 || buf[0] === 0x58) {
+        // 'E' complete, 'X' failed: the answer line follows either way.
+        buf = buf.subarray(1);
+        framing = false;
+        break;
+      }
+      if (buf[0] !== 0x44) throw new UserError('the pool holder sent a malformed stream frame');
+      if (buf.length < 5) break;
+      const len = buf.readUInt32LE(1);
+      if (buf.length < 5 + len) break;
+      const frame = buf.subarray(5, 5 + len);
+      buf = buf.subarray(5 + len);
+      if (!output!.write(frame)) await new Promise<void>((resolve) => output!.once('drain', resolve));
+    }
+  }
+  if (framing) throw new UserError('the pool holder closed the connection in the middle of the stream; the output is incomplete');
+  const text = buf.toString('utf8').trim();
+  if (!text) throw new UserError('the pool holder closed the connection without an answer');
+  try {
+    return JSON.parse(text) as Answer;
+  } catch {
+    throw new UserError('the pool holder sent a malformed answer');
+  }
+}
+
