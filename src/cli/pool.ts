@@ -54,7 +54,7 @@ export function registerPool(program: Command): void {
       const devices: BlockDevice[] = [];
       try {
         for (const p of resolved) devices.push(FileDevice.open(p));
-        const created = await Pool.create(name, devices, { chunkSize, log: createLogger('duet-pool') });
+        const created = await Pool.create(name, devices, { chunkSize, log: createLogger('duet-pool', process.env.DUET_LOG_LEVEL ?? 'warn') });
         registry.save({ name, uuid: created.uuid, devices: resolved });
         const u = created.usage();
         await created.close();

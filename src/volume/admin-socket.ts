@@ -29,7 +29,8 @@ export class AdminServer {
   static async listen(socketPath: string, handler: Handler, log: Logger): Promise<AdminServer> {
     // A socket file left by a process that died: nobody can be listening (we hold the pool lock).
     fs.rmSync(socketPath, { force: true });
-    const server = net.createServer((socket) => serveOne(socket, handler, log));
+    // Half-open: a receive's client ends its side when the stream is sent and still waits for the answer.
+    const server = net.createServer({ allowHalfOpen: true }, (socket) => serveOne(socket, handler, log));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.listen(socketPath, () => {
