@@ -146,8 +146,7 @@ export async function removeVolume(pool: Pool, name: string, inUse?: (name: stri
     const v = findVolume(pool, name);
     const users = inUse?.(name) ?? 0;
     if (users > 0) throw new UserError(`volume ${pool.name}/${name} is in use by ${users} NBD connection${users === 1 ? '' : 's'}; disconnect them first`);
-    await pool.quiesced(() => pool.apply({ type: 'remove', id: v.record.id }, true));
-    await pool.commit();
+    await pool.quiescedCommit(() => pool.apply({ type: 'remove', id: v.record.id }, true));
     pool.log.info({ event: 'volume-removed', pool: pool.name, volume: name }, 'volume removed');
   });
 }

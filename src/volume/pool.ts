@@ -633,6 +633,19 @@ export class Pool implements ChunkRefs {
     }
   }
 
+  /**
+   * Apply `fn` and commit it with no data write allowed until the commit is
+   * done. Needed when `fn` drops map nodes (remove, swap): a leaf it
+   * shared becomes private to the survivor at once, whose next write would
+   * go in place into chunks the still-committed old state refers to.
+   */
+  async quiescedCommit(fn: () => void): Promise<void> {
+    await this.quiesced(async () => {
+      fn();
+      await this.commit();
+    });
+  }
+
   /** Admin operations run one at a time. */
   async exclusive<T>(fn: () => Promise<T>): Promise<T> {
     const prev = this.adminLock;
@@ -708,7 +721,7 @@ export class Pool implements ChunkRefs {
     } catch (err) {
       this.ops = ops.concat(this.ops);
       this.decrefs = decrefs.concat(this.decrefs);
-      this.log.error({ event: 'commit-failed', pool: this.name, err: (err as Error).message }, 'metadata commit failed');
+      this.fail(err);
       throw err;
     }
     this.applyDecrefs(decrefs);
@@ -771,7 +784,7 @@ export class Pool implements ChunkRefs {
       }
       this.ops = taken.ops.concat(this.ops);
       this.decrefs = taken.decrefs.concat(this.decrefs);
-      this.log.error({ event: 'checkpoint-failed', pool: this.name, err: (err as Error).message }, 'metadata checkpoint failed');
+      this.fail(err);
       throw err;
     }
     // Rule 3 done: the old checkpoint is garbage now.
@@ -787,6 +800,21 @@ export class Pool implements ChunkRefs {
     this.applyDecrefs(taken.decrefs);
     this.log.debug({ event: 'checkpoint', pool: this.name, gen, bytes: stream.length }, 'metadata checkpoint written');
   }
+
+  /**
+   * Metadata could not be committed: what is in memory may be ahead of the
+   * disks in ways later writes must not build on. Like dm-thin's fail mode,
+   * the pool refuses writes until it is reopened (reads go on).
+   */
+  private fail(err: unknown): void {
+    if (this.failure === undefined) {
+      this.failure = (err as Error).message;
+      this.log.error({ event: 'pool-failed', pool: this.name, err: this.failure }, `pool ${this.name}: metadata commit failed; writes refused until it is reopened`);
+    }
+  }
+
+  /** Why the pool refuses writes, if it does. */
+  failure: string | undefined;
 
   private async writeSuperblocks(sb: Superblock): Promise<void> {
     const slot = sb.seq % 2;

@@ -351,7 +351,7 @@ function hiddenRecord(pool: Pool, name: string, size: number): VolumeRecord {
 async function finishReceive(pool: Pool, temp: VolumeState, target: VolumeState | undefined, name: string, uuid: string): Promise<void> {
   await pool.commit(); // the received data is durable before the metadata shows it
   await pool.exclusive(() =>
-    pool.quiesced(() => {
+    pool.quiescedCommit(() => {
       if (target) {
         if (target.removed || target.record.receivedUuid === undefined) throw new UserError(`receive: ${pool.name}/${name} changed while receiving; nothing was changed`);
         pool.apply({ type: 'swap', id: target.record.id, with: temp.record.id }, true);
@@ -363,11 +363,9 @@ async function finishReceive(pool: Pool, temp: VolumeState, target: VolumeState 
       }
     }),
   );
-  await pool.commit();
 }
 
 async function dropHidden(pool: Pool, temp: VolumeState): Promise<void> {
   if (temp.removed) return;
-  await pool.exclusive(() => pool.quiesced(() => pool.apply({ type: 'remove', id: temp.record.id }, true)));
-  await pool.commit();
+  await pool.exclusive(() => pool.quiescedCommit(() => pool.apply({ type: 'remove', id: temp.record.id }, true)));
 }

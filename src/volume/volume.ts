@@ -390,6 +390,7 @@ export class ThinVolume implements BlockDevice {
 
   private writable(): void {
     this.usable();
+    if (this.pool.failure !== undefined) throw new BlockDeviceError('EIO', `pool ${this.pool.name} refuses writes after a failed metadata commit (${this.pool.failure}); fix the device and reopen the pool`);
     if (this.capabilities.readOnly || this.state.record.readOnly) throw new BlockDeviceError('EPERM', `${this.name} is read-only (a snapshot: clone it to write)`);
   }
 }

@@ -126,3 +126,55 @@ export async function microticks(n: number): Promise<void> {
 export function macrotick(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
 }
+
+/* ------------------------------------------------------------ byte ranges */
+
+export type Align = 'any' | 'sector' | 'chunk' | 'straddle' | 'tail';
+
+/**
+ * A byte range of a volume of `size` bytes from raw numbers; the `align`
+ * modes make chunk-aligned ranges, ranges straddling a chunk boundary and
+ * ranges reaching the volume's end common.
+ */
+export function pickRange(size: number, cs: number, off: number, len: number, align: Align): [number, number] {
+  const maxLen = Math.min(size, 3 * cs + 5000);
+  let o: number;
+  let l: number;
+  switch (align) {
+    case 'any':
+      o = off % size;
+      l = 1 + (len % Math.min(maxLen, size - o));
+      break;
+    case 'sector':
+      o = Math.floor((off % size) / 512) * 512;
+      l = Math.min(size - o, 512 * (1 + (len % Math.max(1, Math.floor(maxLen / 512)))));
+      break;
+    case 'chunk':
+      o = Math.floor((off % size) / cs) * cs;
+      l = Math.min(size - o, cs * (1 + (len % 3)));
+      break;
+    case 'straddle': {
+      const chunks = Math.ceil(size / cs);
+      if (chunks < 2) return pickRange(size, cs, off, len, 'any');
+      const boundary = cs * (1 + (off % (chunks - 1)));
+      o = boundary - 1 - (len % Math.min(cs, boundary));
+      l = Math.min(size - o, boundary - o + 1 + (Math.floor(len / cs) % cs));
+      break;
+    }
+    case 'tail':
+      o = size - 1 - (off % Math.min(size, maxLen));
+      l = size - o;
+      break;
+  }
+  assert.ok(o >= 0 && l >= 1 && o + l <= size, `range ${o}+${l} in ${size}`);
+  return [o, l];
+}
+
+/** Whole chunks inside [o, o+l) (the last, partial chunk counts when the range reaches the end): what trim unmaps. */
+export function trimmedRange(size: number, cs: number, o: number, l: number): [number, number] | undefined {
+  const from = Math.ceil(o / cs);
+  const to = o + l === size ? Math.ceil(size / cs) : Math.floor((o + l) / cs);
+  if (from >= to) return undefined;
+  return [from * cs, Math.min(size, to * cs)];
+}
+
