@@ -3,7 +3,7 @@ import path from 'node:path';
 import type { Command } from 'commander';
 import { FileDevice } from '../blockdev/file.js';
 import type { BlockDevice } from '../blockdev/types.js';
-import { Pool } from '../volume/pool.js';
+import { Pool, PoolDamaged } from '../volume/pool.js';
 import { Registry, resolveHome } from '../volume/registry.js';
 import { runPoolCommand } from '../volume/session.js';
 import type { PoolInfo } from '../volume/service.js';
@@ -129,7 +129,14 @@ export function registerPool(program: Command): void {
     .argument('<pool>')
     .option('--json', 'machine-readable output')
     .action(async (name: string, options: { json?: boolean }, cmd: Command) => {
-      const report = (await runPoolCommand(homeOf(cmd), name, { cmd: 'pool.check' })) as CheckReport;
+      let report: CheckReport;
+      try {
+        report = (await runPoolCommand(homeOf(cmd), name, { cmd: 'pool.check' })) as CheckReport;
+      } catch (err) {
+        // Metadata too damaged to open the pool at all: that is the check's answer, not a usage error.
+        if (!(err instanceof PoolDamaged)) throw err;
+        report = { ok: false, problems: [err.message], notes: [], volumes: 0, nodes: 0, mappedChunks: 0 };
+      }
       print(options.json === true, report, () =>
         [
           report.ok

@@ -23,9 +23,9 @@ export function checkName(kind: 'pool' | 'volume', name: string): void {
   }
 }
 
-export function findVolume(pool: Pool, name: string): VolumeState {
+export function findVolume(pool: Pool, name: string, includeHidden = false): VolumeState {
   const v = pool.volume(name);
-  if (!v || v.record.incomplete) throw new UserError(`volume ${pool.name}/${name} does not exist (duet vol list ${pool.name} shows the volumes)`);
+  if (!v || (v.record.incomplete && !includeHidden)) throw new UserError(`volume ${pool.name}/${name} does not exist (duet vol list ${pool.name} shows the volumes)`);
   return v;
 }
 
@@ -92,10 +92,11 @@ export async function shareVolume(pool: Pool, source: string, name: string, writ
   });
 }
 
-export async function resizeVolume(pool: Pool, name: string, size: number, force = false): Promise<void> {
+/** `hidden`: the volume may be one a receive is building (flagged incomplete). */
+export async function resizeVolume(pool: Pool, name: string, size: number, force = false, hidden = false): Promise<void> {
   writableOrThrow(pool);
   await pool.exclusive(async () => {
-    const v = findVolume(pool, name);
+    const v = findVolume(pool, name, hidden);
     checkSize(pool, name, size);
     if (v.record.readOnly) throw new UserError(`volume ${pool.name}/${name} is a read-only snapshot; clone it to change it`);
     const old = v.record.sizeBytes;

@@ -65,6 +65,9 @@ import {
 } from './layout.js';
 import { UserError } from '../util/errors.js';
 
+/** The pool cannot be opened because its metadata is damaged (pool check reports it as damage, exit 1). */
+export class PoolDamaged extends UserError {}
+
 /** Reference count value of a chunk holding metadata (a checkpoint piece). */
 const META = 0xffff_ffff;
 
@@ -130,6 +133,8 @@ export class Pool implements ChunkRefs {
   private staleMeta: number[] = [];
   /** Damage found while opening that did not stop it (a bad copy, an unreadable journal): check reports it. */
   readonly loadProblems: string[] = [];
+  /** Disagreements found at open that a writable open fixes with a fresh checkpoint. */
+  private readonly repairs: string[] = [];
   private journalAt = 0;
   private journalSeq = 0;
 
@@ -208,7 +213,7 @@ export class Pool implements ChunkRefs {
     const found: { dev: BlockDevice; sb: Superblock }[] = [];
     for (const dev of devices) {
       const sb = await readBestSuperblock(dev);
-      if (!sb) throw new UserError(`pool ${name}: ${dev.name} has no readable pool superblock (not a duet pool device, or both copies damaged)`);
+      if (!sb) throw new PoolDamaged(`pool ${name}: ${dev.name} has no readable pool superblock (not a duet pool device, or both copies damaged)`);
       if (options.expectUuid && sb.poolUuid !== options.expectUuid) {
         throw new UserError(`pool ${name}: ${dev.name} belongs to pool ${sb.pool} (${sb.poolUuid}), not to this one`);
       }
@@ -230,12 +235,19 @@ export class Pool implements ChunkRefs {
       ordered.push(f.dev);
     }
     const pool = new Pool({ ...best, deviceUuid: '', deviceIndex: 0 }, placeDevices(ordered, best.devices), options);
+    if (ordered.some((d) => mine.find((m) => m.dev === d)!.sb.seq !== best.seq)) pool.repairs.push('a device missed the last superblock update');
     await pool.load();
     if (!pool.readOnly) {
       // Receives that never finished leave hidden volumes: drop them.
-      for (const v of [...pool.volumes.values()]) if (v.record.incomplete) pool.apply({ type: 'remove', id: v.record.id }, true);
-      // A fresh checkpoint makes every device's superblock and journal agree again.
-      await pool.writeCheckpoint();
+      const incomplete = [...pool.volumes.values()].filter((v) => v.record.incomplete);
+      for (const v of incomplete) pool.apply({ type: 'remove', id: v.record.id }, true);
+      if (incomplete.length > 0) pool.repairs.push(`${incomplete.length} unfinished receive(s) dropped`);
+      // Only when something disagrees: a fresh checkpoint makes every device's
+      // superblock and journal agree again. A clean open writes nothing.
+      if (pool.repairs.length > 0) {
+        pool.log.warn({ event: 'pool-repaired', pool: name, repairs: pool.repairs }, 'pool metadata rewritten at open');
+        await pool.writeCheckpoint();
+      }
     }
     pool.log.info({ event: 'pool-opened', pool: name, volumes: pool.volumes.size, readOnly: pool.readOnly }, 'pool opened');
     return pool;
@@ -254,8 +266,9 @@ export class Pool implements ChunkRefs {
         errors.push(`copy ${i + 1}: ${(err as Error).message}`);
       }
     }
-    if (!stream) throw new UserError(`pool ${this.name}: metadata checkpoint unreadable (${errors.join('; ')}); run duet pool check ${this.name}`);
+    if (!stream) throw new PoolDamaged(`pool ${this.name}: metadata checkpoint unreadable (${errors.join('; ')}); run duet pool check ${this.name}`);
     for (const e of errors) this.loadProblems.push(`checkpoint ${e}`);
+    if (errors.length > 0) this.repairs.push('a checkpoint copy is damaged');
     if (errors.length > 0) this.log.warn({ event: 'checkpoint-copy-damaged', pool: this.name, errors }, 'a checkpoint copy is damaged; the other one was used');
     const state = deserializeCheckpoint(stream);
     this.nextVolumeId = state.nextVolumeId;
@@ -300,12 +313,14 @@ export class Pool implements ChunkRefs {
   /** The longest valid journal among the devices (every commit went to all of them). */
   private async readJournal(): Promise<{ records: JournalOp[][]; bytes: number }> {
     let best: { records: JournalOp[][]; bytes: number } = { records: [], bytes: 0 };
+    const lengths = new Set<number>();
     for (const d of this.devices) {
       const area = Buffer.alloc(this.journalBytes);
       try {
         await d.device.read(JOURNAL_OFFSET, area);
       } catch (err) {
         this.loadProblems.push(`journal on ${d.device.name} unreadable: ${(err as Error).message}`);
+        lengths.add(-1);
         this.log.warn({ event: 'journal-unreadable', pool: this.name, device: d.device.name, err: (err as Error).message }, 'journal unreadable on one device');
         continue;
       }
@@ -319,8 +334,10 @@ export class Pool implements ChunkRefs {
         records.push(decodeOps(record.subarray(JOURNAL_HEADER, JOURNAL_HEADER + h.payloadLength)));
         at += h.recordBytes;
       }
+      lengths.add(records.length);
       if (records.length > best.records.length) best = { records, bytes: at };
     }
+    if (lengths.size > 1) this.repairs.push('the devices hold journals of different lengths');
     return best;
   }
 

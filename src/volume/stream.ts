@@ -339,7 +339,14 @@ async function shareHidden(pool: Pool, from: VolumeState, name: string, size: nu
       return pool.volume(name)!;
     }),
   );
-  if (size !== from.record.sizeBytes) await resizeVolume(pool, name, size, true);
+  if (size !== from.record.sizeBytes) {
+    try {
+      await resizeVolume(pool, name, size, true, true);
+    } catch (err) {
+      await dropHidden(pool, state).catch(() => undefined);
+      throw err;
+    }
+  }
   return state;
 }
 

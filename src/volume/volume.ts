@@ -282,7 +282,11 @@ export class ThinVolume implements BlockDevice {
     }
     const steps: (() => MaybePromise<void>)[] = [];
     if (firstWhole >= lastWhole) {
-      steps.push(() => this.zeroPartial(offset, length));
+      // No whole chunk inside, but the range may still straddle one chunk boundary:
+      // zeroPartial handles one chunk only.
+      const cut = Math.min(end, firstWhole);
+      steps.push(() => this.zeroPartial(offset, cut - offset));
+      if (cut < end) steps.push(() => this.zeroPartial(cut, end - cut));
     } else {
       if (offset < firstWhole) steps.push(() => this.zeroPartial(offset, firstWhole - offset));
       steps.push(() => this.unmapWhole(firstWhole, lastWhole - firstWhole, false));
