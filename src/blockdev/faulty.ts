@@ -56,6 +56,8 @@ export class FaultyDevice implements BlockDevice {
   private pending: Pending[] = [];
   private latencyMs = 0;
   private off = false;
+  /** Power cuts so far: a flush in flight across one must fail. */
+  private cuts = 0;
   /** Counts of calls per op, for tests that check what reached the device. */
   readonly calls: Record<FaultOp, number> = { read: 0, write: 0, flush: 0, trim: 0, writeZeroes: 0, blockStatus: 0, cache: 0 };
 
@@ -106,6 +108,7 @@ export class FaultyDevice implements BlockDevice {
     const lost = this.pending;
     this.pending = [];
     this.off = true;
+    this.cuts++;
     if (options.keep === 'random') {
       // What survives is a subsequence, in order, of the unflushed ops that
       // contains every FUA op (those were durable when acknowledged). FUA ops
@@ -133,6 +136,7 @@ export class FaultyDevice implements BlockDevice {
   }
 
   async flush(): Promise<void> {
+    const cuts = this.cuts;
     await this.enter('flush', 0, 0);
     const batch = this.pending;
     this.pending = [];
@@ -147,6 +151,8 @@ export class FaultyDevice implements BlockDevice {
       }
     }
     await this.inner.flush();
+    // Power lost while this flush ran (it may have taken nothing yet): what it was to make durable is gone.
+    if (this.cuts !== cuts) throw new BlockDeviceError('EIO', `${this.name}: power lost during flush`);
   }
 
   async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {

@@ -106,16 +106,21 @@ export async function resizeVolume(pool: Pool, name: string, size: number, force
       const keep = pool.chunksOf(size);
       let past = 0;
       forEachMapped(v.root, keep, pool.chunksOf(old), () => past++);
-      if (past > 0 && !force) {
+      // The part of the last kept chunk past the new end is dropped too (zeroed when growing).
+      let tailData = false;
+      if (!force && past === 0 && Math.min(old, keep * cs) > size) {
+        const tail = Buffer.alloc(Math.min(old, keep * cs) - size);
+        await new ThinVolume(pool, v).read(size, tail);
+        tailData = tail.some((b) => b !== 0);
+      }
+      if ((past > 0 || tailData) && !force) {
         throw new UserError(
-          `volume ${pool.name}/${name} has data past ${formatSize(size)} (${formatSize(past * cs)} mapped); shrinking would drop it: use --force`,
+          `volume ${pool.name}/${name} has data past ${formatSize(size)} (${tailData ? 'in its last chunk' : `${formatSize(past * cs)} mapped`}); shrinking would drop it: use --force`,
         );
       }
-      // The kept part of the last chunk beyond the new end is zeroed, so growing later reads zeros there.
-      if (size % cs !== 0) {
-        const tailEnd = Math.min(old, keep * cs);
-        if (tailEnd > size) await new ThinVolume(pool, v).writeZeroes(size, tailEnd - size);
-      }
+    } else {
+      // What a shrink left past the old end inside its last chunk must read as zeros now.
+      await new ThinVolume(pool, v).zeroPastEnd();
     }
     await pool.quiesced(() => {
       if (size < old) {
@@ -181,4 +186,7 @@ export function diffStates(pool: Pool, a: VolumeState, b: VolumeState): Range[] 
 
 function writableOrThrow(pool: Pool): void {
   if (pool.readOnly) throw new Error(`pool ${pool.name} is open read-only`);
+  if (pool.failure !== undefined) {
+    throw new UserError(`pool ${pool.name} refuses changes after a failed metadata commit (${pool.failure}); fix the device, then restart what serves it`);
+  }
 }

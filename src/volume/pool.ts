@@ -679,6 +679,15 @@ export class Pool implements ChunkRefs {
   /* ---------------------------------------------------------------- commit */
 
   /**
+   * Some change is not committed yet (queued, or its commit still running):
+   * a FUA write that went in place may be writing a chunk whose mapping is
+   * among them.
+   */
+  hasUncommitted(): boolean {
+    return this.ops.length > 0 || this.pumping;
+  }
+
+  /**
    * Make every write completed before this call durable, with the metadata
    * that maps it. Concurrent callers share commits: one that starts after
    * the call covers it.

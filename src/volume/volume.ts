@@ -112,12 +112,28 @@ export class ThinVolume implements BlockDevice {
   /* ----------------------------------------------------------------- write */
 
   write(offset: number, data: Buffer, options?: WriteOptions): MaybePromise<void> {
+    return this.writeAt(offset, data, options, false);
+  }
+
+  /**
+   * Zero the bytes between the volume's end and the end of its last chunk,
+   * which a shrink left in place: a grow must show zeros there. Runs before
+   * the size changes, so no client can write that range meanwhile.
+   */
+  zeroPastEnd(): MaybePromise<void> {
+    const size = this.size;
+    const chunkEnd = Math.ceil(size / this.cs) * this.cs;
+    if (chunkEnd === size || lookup(this.state.root, Math.floor(size / this.cs)) === 0) return;
+    return this.writeAt(size, Buffer.alloc(chunkEnd - size), undefined, true);
+  }
+
+  private writeAt(offset: number, data: Buffer, options: WriteOptions | undefined, pastEnd: boolean): MaybePromise<void> {
     this.writable();
-    checkRange(this, offset, data.length);
+    if (!pastEnd) checkRange(this, offset, data.length);
     const pool = this.pool;
-    if (pool.gateClosed > 0) return pool.whenGateOpen().then(() => this.write(offset, data, options));
+    if (pool.gateClosed > 0) return pool.whenGateOpen().then(() => this.writeAt(offset, data, options, pastEnd));
     if (this.state.busy.size > 0 && this.overlapsBusy(offset, data.length)) {
-      return this.waitBusy(offset, data.length).then(() => this.write(offset, data, options));
+      return this.waitBusy(offset, data.length).then(() => this.writeAt(offset, data, options, pastEnd));
     }
     if (this.state.record.receivedUuid !== undefined) {
       // Changed since it was received: an incremental stream no longer applies.
@@ -166,13 +182,16 @@ export class ThinVolume implements BlockDevice {
     }
     if (!pending) {
       pool.leave();
+      // In place and synchronous: the data is durable, its mapping may not be yet.
+      if (options?.fua && pool.hasUncommitted()) return pool.commit();
       return;
     }
     return Promise.all(pending).then(
       () => {
         pool.leave();
-        // A new mapping is durable only once committed.
-        if (provisioned && options?.fua) return pool.commit();
+        // A new mapping is durable only once committed; so is one an earlier write
+        // made that this one overwrote in place (FUA covers the data, not the map).
+        if (options?.fua && (provisioned || pool.hasUncommitted())) return pool.commit();
       },
       (err) => {
         pool.leave();

@@ -8,9 +8,10 @@
  * contents as of the last completed commit: a flush, or an admin operation
  * that resolved), and `since`, the values written since then. After a
  * power cut every byte must equal `durable` or one of the values written
- * to it since; a FUA write's bytes must be exactly its data. Snapshots must
- * read exactly as when they were taken; every volume an acknowledged admin
- * operation created must exist, and none it removed.
+ * to it since; a FUA write's bytes must be exactly its data (FUA as NBD
+ * defines it: that write is durable, not the unflushed ones before it).
+ * Snapshots must read exactly as when they were taken; every volume an
+ * acknowledged admin operation created must exist, and none it removed.
  *
  * Seeds are printed on failure; DUET_CRASH_SEED=N reruns one seed of each
  * random test (DUET_CRASH_RUNS=N widens the search).
@@ -27,7 +28,7 @@ import { JOURNAL_OFFSET } from '../../src/volume/format.js';
 import {
   KiB,
   MiB,
-  Align,
+  type Align,
   assertPoolOk,
   describeDiff,
   keep,
@@ -58,12 +59,21 @@ interface CVol {
 
 type KeepMode = 'none' | 'random' | 'prefix';
 
+const TRACE = process.env.DUET_CRASH_TRACE === '1';
+class TracedLog extends Array<string> {
+  override push(...items: string[]): number {
+    for (const i of items) console.error(`  ${i}`);
+    return super.push(...items);
+  }
+}
+
 class Rig {
   readonly inners: MemoryDevice[];
   devices: FaultyDevice[];
   pool!: Pool;
   readonly vols = new Map<string, CVol>();
-  readonly log: string[] = [];
+  /** Steps so far (DUET_CRASH_TRACE=1 prints them as they happen). */
+  readonly log: string[] = TRACE ? new TracedLog() : [];
   private nextName = 0;
   readonly cs: number;
 
@@ -301,6 +311,14 @@ async function burstStep(r: Rig): Promise<void> {
   r.log.push(`burst of ${n} write+flush on ${name}`);
   for (let i = 0; i < n; i++) {
     const v = r.vols.get(name)!;
+    if (r.rng() < 0.5) {
+      // Unmap a chunk first, so the write below provisions and the commit has a record to journal.
+      const [t] = pickRange(v.cur.length, r.cs, r.int(1 << 30), 1, 'chunk');
+      const len = Math.min(r.cs, v.cur.length - t);
+      await vol(r.pool, name).trim(t, len);
+      const z = trimmedRange(v.cur.length, r.cs, t, len);
+      if (z) r.wrote(name, z[0], Buffer.alloc(z[1] - z[0]), false);
+    }
     const [o, l] = pickRange(v.cur.length, r.cs, r.int(1 << 30), 1 + r.int(600), 'any');
     const data = pattern(r.int(1 << 30), l);
     await vol(r.pool, name).write(o, data);
@@ -312,7 +330,7 @@ async function burstStep(r: Rig): Promise<void> {
 
 /* ------------------------------------------------------ random crash runs */
 
-const RUNS = Number(process.env.DUET_CRASH_RUNS ?? 40);
+const RUNS = Number(process.env.DUET_CRASH_RUNS ?? 60);
 const ONE_SEED = process.env.DUET_CRASH_SEED !== undefined ? Number(process.env.DUET_CRASH_SEED) : undefined;
 
 function seeds(base: number): number[] {
@@ -359,6 +377,8 @@ async function randomRun(r: Rig, mode: KeepMode): Promise<void> {
     } else if (k < 0.92) {
       r.log.push('clean close and reopen');
       await r.pool.close();
+      // close() closed the FaultyDevice handles (not the disks under them).
+      r.devices = r.inners.map((d) => r.wrap(d));
       await r.open();
       r.committed();
     } else {
@@ -414,11 +434,16 @@ const outcomes = { before: 0, after: 0, completed: 0 };
  */
 async function cutDuringCommit(r: Rig, mode: KeepMode): Promise<void> {
   await r.create();
+  const ensureWritable = async (): Promise<void> => {
+    if (r.names((v) => !v.snapshot).length > 0) return;
+    const name = r.freshName();
+    r.log.push(`create ${name} ${512 * 700}`);
+    await createVolume(r.pool, name, 512 * 700);
+    r.vols.set(name, { cur: Buffer.alloc(512 * 700), durable: Buffer.alloc(512 * 700), since: [], snapshot: false });
+    r.committed();
+  };
   for (let i = 0; i < 3; i++) await adminStep(r);
-  if (r.vols.size === 0) {
-    await createVolume(r.pool, 'v-first', 512 * 700);
-    r.vols.set('v-first', { cur: Buffer.alloc(512 * 700), durable: Buffer.alloc(512 * 700), since: [], snapshot: false });
-  }
+  await ensureWritable();
   const prefix = 5 + r.int(20);
   for (let i = 0; i < prefix; i++) {
     const k = r.rng();
@@ -426,6 +451,7 @@ async function cutDuringCommit(r: Rig, mode: KeepMode): Promise<void> {
     else if (k < 0.8) await flushStep(r);
     else await adminStep(r);
   }
+  await ensureWritable();
   for (const name of r.names((v) => !v.snapshot)) {
     const s = r.freshName('pre');
     r.log.push(`snapshot ${name} -> ${s}`);
@@ -438,7 +464,13 @@ async function cutDuringCommit(r: Rig, mode: KeepMode): Promise<void> {
     const { journalBytes } = r.pool;
     const name = r.pick((v) => !v.snapshot)!;
     r.log.push(`fill the journal (flushes on ${name})`);
-    while (r.pool.describeMetadata().journalBytesUsed < journalBytes - 4096 * (1 + r.int(2))) {
+    const room = 4096 * (1 + r.int(2));
+    for (let i = 0; r.pool.describeMetadata().journalBytesUsed < journalBytes - room; i++) {
+      assert.ok(i < journalBytes / 4096, 'every flush here adds a journal record');
+      // Unmap and provision chunk 0 again: a mapping change for every commit.
+      const len = Math.min(r.cs, r.vols.get(name)!.cur.length);
+      await vol(r.pool, name).trim(0, len);
+      r.wrote(name, 0, Buffer.alloc(len), false);
       const data = Buffer.alloc(1, 1 + r.int(200));
       await vol(r.pool, name).write(0, data);
       r.wrote(name, 0, data, false);
@@ -454,6 +486,7 @@ async function cutDuringCommit(r: Rig, mode: KeepMode): Promise<void> {
   const writes = 1 + r.int(6);
   for (let i = 0; i < writes; i++) await dataStep(r, false);
 
+  await r.verifyLive('before the commit under test');
   const before = stateOf(r, 'durable');
   // The commit under test and the state it leads to.
   let op: () => Promise<unknown>;
@@ -495,10 +528,28 @@ async function cutDuringCommit(r: Rig, mode: KeepMode): Promise<void> {
     () => (done = true),
     (err) => (failed = err),
   );
-  const ticks = r.int(r.rng() < 0.5 ? 60 : 400);
-  await microticks(ticks);
+  let where: string;
+  if (r.rng() < 0.4) {
+    const ticks = r.int(r.rng() < 0.7 ? 40 : 200);
+    await microticks(ticks);
+    where = `${ticks} microtask turns`;
+  } else {
+    // Cut right after the k-th device request of the commit (plus a few turns): spreads the
+    // cut points over the commit's I/O (data flush, journal or checkpoint writes, superblocks).
+    const requests = (): number => r.devices.reduce((n, d) => n + d.calls.write + d.calls.flush + d.calls.writeZeroes + d.calls.trim, 0);
+    const start = requests();
+    const k = 1 + r.int(8);
+    let turns = 0;
+    while (!done && requests() - start < k && turns < 100_000) {
+      await microticks(1);
+      turns++;
+    }
+    const extra = r.int(4);
+    await microticks(extra);
+    where = `device request ${k} (+${extra} turns)`;
+  }
   const completed = done;
-  r.log.push(`power cut after ${ticks} microtask turns (keep ${mode}); the commit had ${completed ? '' : 'not '}completed`);
+  r.log.push(`power cut at ${where} (keep ${mode}); the commit had ${completed ? '' : 'not '}completed`);
   await r.cut(mode);
   await running;
   if (!completed && failed !== undefined) {
@@ -520,15 +571,193 @@ async function cutDuringCommit(r: Rig, mode: KeepMode): Promise<void> {
   await r.pool.close();
 }
 
-test('power cut in the middle of a commit (flush or admin operation): the pool opens, checks clean, and holds the state before or after it', { timeout: 600_000 }, async () => {
+test('power cut in the middle of a commit (flush or admin operation): the pool opens, checks clean, and holds the state before or after it', { timeout: 600_000 }, async (t) => {
   const n = ONE_SEED !== undefined ? 1 : RUNS * 3;
   const modes: KeepMode[] = ['none', 'random', 'prefix'];
   for (let i = 0; i < n; i++) {
     const seed = ONE_SEED ?? 5000 + i;
     await withSeed(`cut during commit`, seed, (r) => cutDuringCommit(r, modes[seed % 3]), makeRig);
   }
+  t.diagnostic(`outcomes: ${JSON.stringify(outcomes)}`);
   if (ONE_SEED === undefined) {
     // Both outcomes must have happened, or the cut points are not where the commits are.
     assert.ok(outcomes.before > 0 && outcomes.after > outcomes.completed, `outcomes ${JSON.stringify(outcomes)}`);
+  }
+});
+
+/* ------------------------------------------------- deterministic regressions */
+
+/** A pool over two FaultyDevices whose disks (MemoryDevices) outlive every handle. */
+async function faultyPool(cs: number): Promise<{ inners: MemoryDevice[]; devs: FaultyDevice[]; pool: Pool }> {
+  const inners = [new MemoryDevice(10 * MiB, 'm0'), new MemoryDevice(6 * MiB, 'm1')];
+  const devs = inners.map((d) => new FaultyDevice(keep(d)));
+  const pool = await Pool.create('fp', devs, { chunkSize: cs });
+  return { inners, devs, pool };
+}
+
+async function cutAndReopen(inners: MemoryDevice[], devs: FaultyDevice[], keepMode: 'none' | 'random', random?: () => number): Promise<{ devs: FaultyDevice[]; pool: Pool }> {
+  for (const d of devs) await d.powerCut({ keep: keepMode, random });
+  await macrotick();
+  const fresh = inners.map((d) => new FaultyDevice(keep(d)));
+  const pool = await Pool.open('fp', fresh);
+  await assertPoolOk(pool, 'reopen after a power cut');
+  return { devs: fresh, pool };
+}
+
+async function rejectsWith(p: () => unknown, code: string, what: string): Promise<void> {
+  await assert.rejects(
+    async () => p(),
+    (err: unknown) => {
+      assert.ok(err instanceof BlockDeviceError, `${what}: a BlockDeviceError, got ${String(err)}`);
+      assert.equal(err.code, code, `${what}: ${err.message}`);
+      return true;
+    },
+    what,
+  );
+}
+
+for (const concurrentCommit of [false, true]) {
+  test(`a FUA write over a chunk provisioned since the last commit survives a power cut${concurrentCommit ? ' (that commit running)' : ''}`, async () => {
+    for (const keepMode of ['none', 'random'] as const) {
+      const { inners, devs, pool } = await faultyPool(64 * KiB);
+      await createVolume(pool, 'v', 1 * MiB);
+      const v = vol(pool, 'v');
+      const first = pattern(1, 100_000);
+      await v.write(10_000, first); // provisions chunks 0 and 1; the mapping is not committed
+      const flushing = concurrentCommit ? Promise.resolve(v.flush()).catch(() => undefined) : undefined;
+      const fua = pattern(2, 5000);
+      await v.write(20_000, fua, { fua: true }); // in place into the new chunk
+      const { pool: again } = await cutAndReopen(inners, devs, keepMode, mulberry32(7));
+      await flushing;
+      const got = await readVolume(again, 'v');
+      assert.ok(got.subarray(20_000, 25_000).equals(fua), `keep ${keepMode}: the FUA write was acknowledged, so it must be there after the power cut`);
+      await again.close();
+    }
+  });
+}
+
+test('a write racing the removal of a snapshot cannot reach the snapshot before the removal is committed', async () => {
+  for (const keepMode of ['none', 'all'] as const) {
+    const { inners, devs, pool } = await faultyPool(64 * KiB);
+    const A = pattern(3, 256 * KiB);
+    await createVolume(pool, 'v', A.length);
+    await vol(pool, 'v').write(0, A);
+    await vol(pool, 'v').flush();
+    await shareVolume(pool, 'v', 's', false);
+    // Hold the removal's commit at its first device flush.
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    const flushes = devs.map((d) => d.flush.bind(d));
+    devs.forEach((d, i) => (d.flush = async () => (await gate, flushes[i]())));
+    const removing = removeVolume(pool, 's').then(
+      () => 'removed',
+      (e: Error) => e.message,
+    );
+    for (let i = 0; i < 50 && pool.volume('s'); i++) await microticks(1);
+    assert.equal(pool.volume('s'), undefined, 'the removal is applied in memory');
+    const B = pattern(4, 256 * KiB);
+    const writing = Promise.resolve(vol(pool, 'v').write(0, B)).then(
+      () => 'written',
+      (e: Error) => e.message,
+    );
+    for (let i = 0; i < 20; i++) await macrotick();
+    // The disk keeps everything it was sent, but the removal's journal record never came.
+    for (const d of devs) await d.powerCut(keepMode === 'none' ? { keep: 'none' } : { keep: 'random', random: () => 0 });
+    release();
+    await removing;
+    await writing;
+    await macrotick();
+    const again = await Pool.open('fp', inners.map((d) => new FaultyDevice(keep(d))));
+    await assertPoolOk(again, 'reopen');
+    assert.ok(again.volume('s'), 'the removal was not committed: the snapshot is still there');
+    const got = await readVolume(again, 's');
+    if (!got.equals(A)) assert.fail(describeDiff(`keep ${keepMode}: snapshot s after the cut`, A, got));
+    await again.close();
+  }
+});
+
+test('EIO on a provisioning write (and on the copy-on-write read): the write fails, the pool stays consistent, old content stays, later writes work', async () => {
+  const cs = 4 * KiB;
+  let { inners, devs, pool } = await faultyPool(cs);
+  const A = pattern(5, 512 * KiB);
+  await createVolume(pool, 'v', A.length);
+  await vol(pool, 'v').write(0, A);
+  await vol(pool, 'v').flush();
+  await shareVolume(pool, 'v', 's', false); // every chunk of v is shared now: a write provisions
+  await createVolume(pool, 'w', 256 * KiB); // nothing mapped: a write provisions
+  const dataArea = (i: number): { offset: number; length: number } => {
+    const d = pool.devices[i];
+    return { offset: d.entry.dataStart, length: d.device.size - d.entry.dataStart };
+  };
+  const arm = (op: 'write' | 'read'): void => pool.devices.forEach((d, i) => (d.device as FaultyDevice).failWith({ op, ...dataArea(i), count: 1 }));
+  const disarm = (): void => pool.devices.forEach((d) => (d.device as FaultyDevice).clearFaults());
+
+  const modelV = Buffer.from(A);
+  const modelW = Buffer.alloc(256 * KiB);
+  const cases: { name: string; vol: string; op: 'write' | 'read'; at: number; len: number }[] = [
+    { name: 'copy-on-write of a shared chunk, partial', vol: 'v', op: 'write', at: 5 * cs + 100, len: 1000 },
+    { name: 'copy-on-write of a shared chunk, whole', vol: 'v', op: 'write', at: 9 * cs, len: cs },
+    { name: 'fresh chunk', vol: 'w', op: 'write', at: 3 * cs + 7, len: 300 },
+    { name: 'reading the old chunk for copy-on-write', vol: 'v', op: 'read', at: 20 * cs + 5, len: 50 },
+  ];
+  for (const c of cases) {
+    const data = pattern(c.at, c.len);
+    arm(c.op);
+    await rejectsWith(() => vol(pool, c.vol).write(c.at, data), 'EIO', c.name);
+    disarm();
+    await assertPoolOk(pool, `EIO (${c.name})`);
+    const model = c.vol === 'v' ? modelV : modelW;
+    const got = await readVolume(pool, c.vol);
+    if (!got.equals(model)) assert.fail(describeDiff(`after EIO (${c.name}): ${c.vol} keeps its old content`, model, got));
+    assert.ok((await readVolume(pool, 's')).equals(A), 'the snapshot is untouched');
+    // The same write works once the device does.
+    await vol(pool, c.vol).write(c.at, data);
+    data.copy(model, c.at);
+  }
+  await vol(pool, 'v').flush();
+  ({ devs, pool } = await cutAndReopen(inners, devs, 'none'));
+  assert.ok((await readVolume(pool, 'v')).equals(modelV), 'v after the power cut');
+  assert.ok((await readVolume(pool, 'w')).equals(modelW), 'w after the power cut');
+  assert.ok((await readVolume(pool, 's')).equals(A), 's after the power cut');
+  await pool.close();
+});
+
+test('EIO on the journal write: the flush fails, the pool refuses writes but stays consistent; after a reopen all is well', async () => {
+  for (const ending of ['power cut', 'clean close'] as const) {
+    let { inners, devs, pool } = await faultyPool(4 * KiB);
+    const A = pattern(8, 300 * KiB);
+    await createVolume(pool, 'v', A.length);
+    await vol(pool, 'v').write(0, A);
+    await vol(pool, 'v').flush();
+    const B = pattern(9, 40 * KiB);
+    await createVolume(pool, 'w', B.length);
+    await vol(pool, 'w').write(0, B); // provisions: the flush must journal it
+    devs[0].failWith({ op: 'write', offset: JOURNAL_OFFSET, length: pool.journalBytes, count: 1 });
+    await rejectsWith(() => vol(pool, 'w').flush(), 'EIO', 'the flush whose journal write failed');
+    await assertPoolOk(pool, 'a failed commit');
+    await rejectsWith(() => vol(pool, 'v').write(0, Buffer.alloc(10, 1)), 'EIO', 'a write after a failed commit');
+    assert.ok((await readVolume(pool, 'v')).equals(A), 'reads go on');
+    assert.ok((await readVolume(pool, 'w')).equals(B), 'reads go on (w)');
+    if (ending === 'power cut') {
+      ({ devs, pool } = await cutAndReopen(inners, devs, 'none'));
+      const w = await readVolume(pool, 'w');
+      // w's data was never covered by a completed flush: all of it or none of it (one chunk map, one record).
+      assert.ok(w.equals(B) || w.equals(Buffer.alloc(B.length)), 'w holds its data or nothing');
+    } else {
+      await pool.close(); // the device works again: this commit lands
+      devs = inners.map((d) => new FaultyDevice(keep(d)));
+      pool = await Pool.open('fp', devs);
+      await assertPoolOk(pool, 'reopen after a clean close');
+      assert.ok((await readVolume(pool, 'w')).equals(B), 'w after the clean close');
+    }
+    assert.ok((await readVolume(pool, 'v')).equals(A), 'v after the reopen');
+    const C = pattern(10, 5000);
+    await vol(pool, 'v').write(1000, C);
+    await vol(pool, 'v').flush();
+    ({ devs, pool } = await cutAndReopen(inners, devs, 'none'));
+    const expect = Buffer.from(A);
+    C.copy(expect, 1000);
+    assert.ok((await readVolume(pool, 'v')).equals(expect), 'writes work and persist again');
+    await pool.close();
   }
 });

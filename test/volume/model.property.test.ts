@@ -4,7 +4,9 @@
  * model (name -> Buffer). Checks contents, checkPool, diffVolumes coverage and
  * block status, across reopens of the pool from the same devices.
  *
- * DUET_MODEL_SEED / DUET_MODEL_RUNS rerun or widen the search.
+ * fast-check picks a new seed each run and prints seed and path on failure:
+ * DUET_MODEL_SEED=<seed> DUET_MODEL_PATH=<path> reruns that case,
+ * DUET_MODEL_RUNS=<n> widens the search (default 100 sequences, ~15-20 s).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -46,9 +48,10 @@ type Cmd =
   | { t: 'readonly'; vol: number; seed: number }
   | { t: 'reopen'; reverse: boolean };
 
-/** Volume sizes in sectors: mostly under 1 MiB, sometimes a few MiB. */
+/** Volume sizes in sectors: often a few chunks (so commands overlap), mostly under 1 MiB, sometimes a few MiB. */
 const sectorsArb = fc.oneof(
-  { weight: 6, arbitrary: fc.integer({ min: 1, max: 2048 }) },
+  { weight: 4, arbitrary: fc.integer({ min: 1, max: 256 }) },
+  { weight: 3, arbitrary: fc.integer({ min: 1, max: 2048 }) },
   { weight: 1, arbitrary: fc.integer({ min: 2048, max: 6 * 2048 }) },
 );
 const alignArb = fc.constantFrom<Align>('any', 'any', 'sector', 'chunk', 'straddle', 'tail');
@@ -302,13 +305,15 @@ async function runCommands(config: Config, cmds: Cmd[]): Promise<void> {
 
 const runs = Number(process.env.DUET_MODEL_RUNS ?? 100);
 const seed = process.env.DUET_MODEL_SEED !== undefined ? Number(process.env.DUET_MODEL_SEED) : undefined;
+/** fast-check's replay path of a failure (printed with its seed), to rerun just the shrunk case. */
+const path = process.env.DUET_MODEL_PATH;
 
 test(`volume commands match a plain model (${runs} random sequences, checkPool and diff after every command)`, { timeout: 600_000 }, async () => {
   await fc.assert(
-    fc.asyncProperty(configArb, fc.array(cmdArb, { minLength: 1, maxLength: 45 }), async (config, cmds) => {
+    fc.asyncProperty(configArb, fc.array(cmdArb, { minLength: 1, maxLength: 50, size: 'max' }), async (config, cmds) => {
       await runCommands(config, cmds);
     }),
-    { numRuns: runs, seed, endOnFailure: false, verbose: 1 },
+    { numRuns: runs, seed, path },
   );
 });
 
@@ -333,6 +338,54 @@ test('the model test itself: a fixed sequence touching every command', async () 
     { t: 'reopen', reverse: false },
   ];
   for (const chunkSize of [4 * KiB, 64 * KiB]) await runCommands({ chunkSize, devices: [12 * MiB, 26 * MiB] }, all);
+});
+
+test('writeZeroes straddling one chunk boundary (no whole chunk inside) zeroes both sides, whichever is mapped', async () => {
+  for (const cs of [4 * KiB, 64 * KiB]) {
+    const pool = await Pool.create('zp', memoryDevices([12 * MiB, 26 * MiB]), { chunkSize: cs });
+    await createVolume(pool, 'v', 4 * cs);
+    const v = vol(pool, 'v');
+    const model = Buffer.alloc(4 * cs);
+    // Chunk 0 unmapped, chunk 1 mapped; chunk 2 mapped, chunk 3 unmapped.
+    const data = pattern(11, 2 * cs);
+    await v.write(cs, data);
+    data.copy(model, cs);
+    for (const [o, l] of [
+      [cs - 100, 200],
+      [3 * cs - 50, 120],
+      [2 * cs - 1, 2],
+    ]) {
+      await v.writeZeroes(o, l);
+      model.fill(0, o, o + l);
+      const got = await readVolume(pool, 'v');
+      if (!got.equals(model)) assert.fail(describeDiff(`chunk ${cs}: writeZeroes(${o}, ${l})`, model, got));
+    }
+    await assertPoolOk(pool, 'writeZeroes');
+    await pool.close();
+  }
+});
+
+test('a shrink without force refuses to drop data in the part of the last kept chunk past the new end', async () => {
+  const cs = 4 * KiB;
+  const pool = await Pool.create('rp', memoryDevices([12 * MiB, 26 * MiB]), { chunkSize: cs });
+  await createVolume(pool, 'v', 34 * 512); // 4 whole chunks and a partial one
+  await vol(pool, 'v').write(34 * 512 - 1, Buffer.from([7]));
+  // Within the last chunk: no whole chunk is dropped, but the byte is.
+  await assert.rejects(resizeVolume(pool, 'v', 33 * 512), /use --force/);
+  await assert.rejects(resizeVolume(pool, 'v', 4 * cs + 512), /use --force/);
+  assert.equal(vol(pool, 'v').size, 34 * 512);
+  assert.equal((await readVolume(pool, 'v'))[34 * 512 - 1], 7, 'the data is still there');
+  // Zeros past the new end: nothing to lose, no force needed.
+  await vol(pool, 'v').write(4 * cs, Buffer.from([9]));
+  await vol(pool, 'v').writeZeroes(34 * 512 - 1, 1);
+  await resizeVolume(pool, 'v', 4 * cs + 512);
+  await resizeVolume(pool, 'v', 34 * 512, false);
+  const expect = Buffer.alloc(34 * 512);
+  expect[4 * cs] = 9;
+  assert.ok((await readVolume(pool, 'v')).equals(expect));
+  await resizeVolume(pool, 'v', 4 * cs, true);
+  await assertPoolOk(pool, 'resizes');
+  await pool.close();
 });
 
 /* ------------------------------------------------------------------ ENOSPC */
