@@ -46,6 +46,7 @@ start() { # label uri cmd...
 }
 bench() { # label uri patterns
   echo "# $1" >&2
+  sync   # no writeback of an earlier step competing with this one
   "$NBD_BENCH" --uri "$2" --server-pid "$SPID" --label "$1" --patterns "$3" "${OPTS[@]}" > "$OUT/$1.txt" 2> "$OUT/$1.progress"
 }
 
@@ -63,24 +64,30 @@ stop_server
 
 # provisioned volume
 start volume "nbd://127.0.0.1:$PORT/vol" $DUET serve --pool bench --listen 127.0.0.1:$PORT
-nbdcopy "$IMG" "nbd://127.0.0.1:$PORT/vol"
-cat "$WORK/pool.img" > /dev/null 2>&1 || true
+nbdcopy --flush "$IMG" "nbd://127.0.0.1:$PORT/vol"
+
 bench volume "nbd://127.0.0.1:$PORT/vol" "$PATTERNS"
 
-# first writes: each pattern on its own fresh 16 GiB volume, so (nearly) every write hits an unallocated chunk
-for p in ${FIRST_PATTERNS//,/ }; do
-  $DUET vol create "bench/fresh-$p" --size 16G >/dev/null
-  "$NBD_BENCH" --uri "nbd://127.0.0.1:$PORT/fresh-$p" --server-pid "$SPID" --label firstwr --patterns "$p" --repeat 1 --runtime 5 --ramp 0 > "$OUT/firstwr-$p.txt" 2> "$OUT/firstwr-$p.progress"
-  $DUET vol remove "bench/fresh-$p" >/dev/null
-done
-# and the raw file export on the same pattern over a fresh sparse 16 GiB file, for the ratio
-stop_server
+# first writes: each pattern on a fresh 16 GiB volume (nearly every write hits an unallocated
+# chunk), then the raw export of a fresh sparse 16 GiB file; sync before each run so
+# neither pays for the other's writeback.
 truncate -s 16G "$WORK/fresh.img"
-start rawfresh "nbd://127.0.0.1:$PORT/fresh" $DUET serve "fresh=$WORK/fresh.img" --listen 127.0.0.1:$PORT
-for p in ${FIRST_PATTERNS//,/ }; do
-  "$NBD_BENCH" --uri "nbd://127.0.0.1:$PORT/fresh" --server-pid "$SPID" --label rawfresh --patterns "$p" --repeat 1 --runtime 5 --ramp 0 > "$OUT/rawfresh-$p.txt" 2> "$OUT/rawfresh-$p.progress"
-done
 stop_server
+for p in ${FIRST_PATTERNS//,/ }; do
+  # A fresh pool on a fresh sparse file, as the raw export gets a fresh file.
+  rm -f "$WORK/fresh-pool.img" "$DUET_HOME/pools/fresh.json"; truncate -s 40G "$WORK/fresh-pool.img"
+  $DUET pool create fresh "$WORK/fresh-pool.img" >/dev/null
+  $DUET vol create fresh/fresh --size 16G >/dev/null
+  start volume "nbd://127.0.0.1:$PORT/fresh" $DUET serve --pool fresh --listen 127.0.0.1:$PORT
+  sync
+  "$NBD_BENCH" --uri "nbd://127.0.0.1:$PORT/fresh" --server-pid "$SPID" --label firstwr --patterns "$p" --repeat 1 --runtime 5 --ramp 0 > "$OUT/firstwr-$p.txt" 2> "$OUT/firstwr-$p.progress"
+  stop_server
+  rm -f "$WORK/fresh.img"; truncate -s 16G "$WORK/fresh.img"
+  start rawfresh "nbd://127.0.0.1:$PORT/fresh" $DUET serve "fresh=$WORK/fresh.img" --listen 127.0.0.1:$PORT
+  sync
+  "$NBD_BENCH" --uri "nbd://127.0.0.1:$PORT/fresh" --server-pid "$SPID" --label rawfresh --patterns "$p" --repeat 1 --runtime 5 --ramp 0 > "$OUT/rawfresh-$p.txt" 2> "$OUT/rawfresh-$p.progress"
+  stop_server
+done
 
 awk '
   /^#/ || NF < 3 { next }

@@ -171,7 +171,8 @@ export class ThinVolume implements BlockDevice {
           if (r) (pending ??= []).push(r);
         } else {
           provisioned = true;
-          (pending ??= []).push(this.provision(v, pos - v * cs, data.subarray(pos - offset, runEnd - offset)));
+          const r = this.provision(v, pos - v * cs, data.subarray(pos - offset, runEnd - offset));
+          if (r) (pending ??= []).push(r);
         }
         pos = runEnd;
       }
@@ -204,10 +205,9 @@ export class ThinVolume implements BlockDevice {
    * Give virtual chunk `v` a fresh chunk holding the old content (zeros if
    * unmapped) with `part` written at `within`.
    */
-  private provision(v: number, within: number, part: Buffer): Promise<void> {
+  private provision(v: number, within: number, part: Buffer): MaybePromise<void> {
     const pool = this.pool;
     const state = this.state;
-    const key = v;
     const leaf = writableLeaf(state.root, v, pool);
     const i = v & MASK;
     const old = leaf.map[i];
@@ -217,40 +217,101 @@ export class ThinVolume implements BlockDevice {
       leaf.count++;
       state.mapped++;
     }
-    const cs = this.cs;
-    const work = (async () => {
-      let buf: Buffer;
-      if (within === 0 && part.length === cs) buf = part;
-      else {
-        buf = Buffer.alloc(cs);
-        if (old !== 0) await pool.readChunk(old - 1, buf);
-        part.copy(buf, within);
+    const done = (): void => {
+      pool.recordMap(state.record.id, v, p + 1);
+      if (old !== 0) pool.decref(old - 1);
+    };
+    const undo = (): void => {
+      // Nothing was recorded: put the old mapping back and forget the new chunk.
+      leaf.map[i] = old;
+      if (old === 0) {
+        leaf.count--;
+        state.mapped--;
       }
-      await pool.writeChunk(p, buf);
-    })();
-    const done = work.then(
+      pool.unallocData(p);
+    };
+    let filling: MaybePromise<void>;
+    try {
+      filling = this.fill(p, old, within, part);
+    } catch (err) {
+      undo();
+      throw err;
+    }
+    if (!filling) {
+      // Synchronous device, nothing to wait for: the common first write to a sparse file.
+      done();
+      return;
+    }
+    const settled = filling.then(
       () => {
-        pool.recordMap(state.record.id, v, p + 1);
-        if (old !== 0) pool.decref(old - 1);
-        state.busy.delete(key);
+        done();
+        state.busy.delete(v);
       },
       (err) => {
-        // Nothing was recorded: put the old mapping back and forget the new chunk.
-        leaf.map[i] = old;
-        if (old === 0) {
-          leaf.count--;
-          state.mapped--;
-        }
-        pool.unallocData(p);
-        state.busy.delete(key);
+        undo();
+        state.busy.delete(v);
         throw err;
       },
     );
+    // Other requests on this chunk wait until its content is in place.
     state.busy.set(
-      key,
-      done.catch(() => undefined),
+      v,
+      settled.catch(() => undefined),
     );
-    return done;
+    return settled;
+  }
+
+  /** Put the new content of a provisioned chunk `p` on its device. */
+  private fill(p: number, old: number, within: number, part: Buffer): MaybePromise<void> {
+    const cs = this.cs;
+    const pool = this.pool;
+    const d = pool.deviceOf(p);
+    const base = pool.chunkOffset(d, p);
+    if (within === 0 && part.length === cs) return d.device.write(base, part);
+    if (old === 0 && d.device.capabilities.extents) {
+      // Still a hole on the device (a sparse file never written there): it reads as zeros already.
+      const ext = d.device.blockStatus(base, cs);
+      if (!(ext instanceof Promise)) {
+        if (isZero(ext, base, cs)) return d.device.write(base + within, part);
+      } else {
+        return ext.then((e) => (isZero(e, base, cs) ? d.device.write(base + within, part) : this.fillSlow(p, old, within, part)));
+      }
+    }
+    return this.fillSlow(p, old, within, part);
+  }
+
+  /** Copy-on-write (old content + part) or a fresh chunk that needs zeros around part. */
+  private async fillSlow(p: number, old: number, within: number, part: Buffer): Promise<void> {
+    if (old === 0 && (await this.zeroAround(p, within, part))) return;
+    const buf = Buffer.alloc(this.cs);
+    if (old !== 0) await this.pool.readChunk(old - 1, buf);
+    part.copy(buf, within);
+    await this.pool.writeChunk(p, buf);
+  }
+
+  /**
+   * A fresh chunk gets `part` at `within` and zeros around it. Where the
+   * device zeroes without writing (fallocate on a file), that beats writing
+   * a whole chunk of zeros for a 4 KiB write (16x less data at 64 KiB
+   * chunks). False when it cannot: the caller writes the whole chunk.
+   */
+  private async zeroAround(p: number, within: number, part: Buffer): Promise<boolean> {
+    const pool = this.pool;
+    const d = pool.deviceOf(p);
+    if (!d.device.capabilities.fastZero) return false;
+    const base = pool.chunkOffset(d, p);
+    const tail = within + part.length;
+    try {
+      const steps: MaybePromise<void>[] = [];
+      if (within > 0) steps.push(d.device.writeZeroes(base, within, { noHole: true, fastOnly: true }));
+      if (tail < this.cs) steps.push(d.device.writeZeroes(base + tail, this.cs - tail, { noHole: true, fastOnly: true }));
+      await Promise.all(steps);
+    } catch (err) {
+      if (err instanceof BlockDeviceError && err.code === 'ENOTSUP') return false;
+      throw err;
+    }
+    await d.device.write(base + within, part);
+    return true;
   }
 
   private overlapsBusy(offset: number, length: number): boolean {
@@ -416,6 +477,11 @@ export class ThinVolume implements BlockDevice {
     if (this.pool.failure !== undefined) throw new BlockDeviceError('EIO', `pool ${this.pool.name} refuses writes after a failed metadata commit (${this.pool.failure}); fix the device and reopen the pool`);
     if (this.capabilities.readOnly || this.state.record.readOnly) throw new BlockDeviceError('EPERM', `${this.name} is read-only (a snapshot: clone it to write)`);
   }
+}
+
+function isZero(extents: Extent[], base: number, length: number): boolean {
+  const e = extents[0];
+  return e !== undefined && e.offset === base && e.length >= length && (e.flags & EXTENT_ZERO) !== 0;
 }
 
 /** The leaf holding `v` if every node on the way is private (ref 1), else undefined. */
