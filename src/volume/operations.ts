@@ -8,7 +8,7 @@ import { UserError } from '../util/errors.js';
 import { formatSize } from '../util/size.js';
 import type { Pool, VolumeState } from './pool.js';
 import type { VolumeRecord } from './format.js';
-import { diffRoots, forEachMapped, setEntry } from './thinmap.js';
+import { diffRoots, forEachMapped, lookup, setEntry } from './thinmap.js';
 import { ThinVolume } from './volume.js';
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,126}$/;
@@ -175,12 +175,24 @@ export function diffVolumes(pool: Pool, oldName: string, newName: string): Range
 export function diffStates(pool: Pool, a: VolumeState, b: VolumeState): Range[] {
   const cs = pool.chunkSize;
   const chunks = Math.max(pool.chunksOf(a.record.sizeBytes), pool.chunksOf(b.record.sizeBytes));
+  const changed: number[] = [];
+  diffRoots(a.root, b.root, chunks, (v) => changed.push(v));
+  // Sizes differ and the smaller ends inside a chunk: past that end one side
+  // has bytes the other lacks (a shrink leaves the tail in place until a grow
+  // zeroes it), so that chunk differs even when both map it the same.
+  const small = Math.min(a.record.sizeBytes, b.record.sizeBytes);
+  const edge = Math.floor(small / cs);
+  if (a.record.sizeBytes !== b.record.sizeBytes && small % cs !== 0 && (lookup(a.root, edge) !== 0 || lookup(b.root, edge) !== 0)) {
+    const at = changed.findIndex((v) => v >= edge);
+    if (at < 0) changed.push(edge);
+    else if (changed[at] !== edge) changed.splice(at, 0, edge);
+  }
   const ranges: Range[] = [];
-  diffRoots(a.root, b.root, chunks, (v) => {
+  for (const v of changed) {
     const last = ranges[ranges.length - 1];
     if (last && last.offset + last.length === v * cs) last.length += cs;
     else ranges.push({ offset: v * cs, length: cs });
-  });
+  }
   return ranges;
 }
 
