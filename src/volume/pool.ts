@@ -13,7 +13,8 @@
  *     crash leaves the old or the new checkpoint readable.
  */
 import { randomUUID, randomInt } from 'node:crypto';
-import type { BlockDevice } from '../blockdev/types.js';
+import type { BlockDevice, Extent, MaybePromise } from '../blockdev/types.js';
+import { EXTENT_ZERO } from '../blockdev/types.js';
 import { BlockDeviceError } from '../blockdev/types.js';
 import type { Logger } from '../util/log.js';
 import { silentLogger } from '../util/log.js';
@@ -67,6 +68,9 @@ import { UserError } from '../util/errors.js';
 
 /** The pool cannot be opened because its metadata is damaged (pool check reports it as damage, exit 1). */
 export class PoolDamaged extends UserError {}
+
+/** Chunks one hole query looks ahead (64 MiB at 64 KiB chunks). */
+const HOLE_PROBE = 1024;
 
 /** Reference count value of a chunk holding metadata (a checkpoint piece). */
 const META = 0xffff_ffff;
@@ -495,6 +499,40 @@ export class Pool implements ChunkRefs {
     return d.entry.dataStart + (p - d.firstChunk) * this.chunkSize;
   }
 
+  /**
+   * Is pool chunk `p` still a hole on its device (so it reads as zeros)?
+   * One extent query covers up to HOLE_PROBE chunks ahead and is remembered
+   * per device, so sequential allocation asks the device once per run;
+   * every write to a chunk goes through chunkWritten, which forgets it.
+   */
+  chunkIsHole(d: PoolDevice, p: number): MaybePromise<boolean> {
+    const known = this.holes.get(d);
+    if (known !== undefined && p >= known.from && p < known.to) return true;
+    if (!d.device.capabilities.extents) return false;
+    const base = this.chunkOffset(d, p);
+    const span = Math.min(HOLE_PROBE, d.firstChunk + d.entry.chunks - p) * this.chunkSize;
+    const judge = (extents: Extent[]): boolean => {
+      const e = extents[0];
+      if (e === undefined || e.offset !== base || (e.flags & EXTENT_ZERO) === 0) return false;
+      const n = Math.floor(Math.min(e.length, span) / this.chunkSize);
+      if (n < 1) return false;
+      this.holes.set(d, { from: p, to: p + n });
+      return true;
+    };
+    const r = d.device.blockStatus(base, span);
+    return r instanceof Promise ? r.then(judge) : judge(r);
+  }
+
+  /** Chunk `p` is being written: it is no hole any more. */
+  chunkWritten(d: PoolDevice, p: number): void {
+    const known = this.holes.get(d);
+    if (known === undefined || p < known.from || p >= known.to) return;
+    if (p === known.from) known.from++;
+    else known.to = p;
+  }
+
+  private readonly holes = new Map<PoolDevice, { from: number; to: number }>();
+
   async readChunk(p: number, into: Buffer): Promise<void> {
     const d = this.deviceOf(p);
     await d.device.read(this.chunkOffset(d, p), into);
@@ -502,6 +540,7 @@ export class Pool implements ChunkRefs {
 
   async writeChunk(p: number, data: Buffer): Promise<void> {
     const d = this.deviceOf(p);
+    this.chunkWritten(d, p);
     await d.device.write(this.chunkOffset(d, p), data);
   }
 

@@ -19,7 +19,7 @@ import type { Readable, Writable } from 'node:stream';
 import { crc32 } from 'node:zlib';
 import { UserError } from '../util/errors.js';
 import type { Pool, VolumeState } from './pool.js';
-import { forEachMapped } from './thinmap.js';
+import { forEachMapped, lookup } from './thinmap.js';
 import { ThinVolume } from './volume.js';
 import { diffStates, findVolume, checkName, resizeVolume } from './operations.js';
 import type { VolumeRecord } from './format.js';
@@ -111,17 +111,11 @@ function changedRanges(pool: Pool, snap: VolumeState, base: VolumeState | undefi
     for (const r of diffStates(pool, base, snap)) {
       for (let off = r.offset; off < r.offset + r.length; off += cs) {
         const v = off / cs;
-        add(v, lookupMapped(snap, v) === false);
+        add(v, lookup(snap.root, v) === 0);
       }
     }
   }
   return out;
-}
-
-function lookupMapped(state: VolumeState, v: number): boolean {
-  let mapped = false;
-  forEachMapped(state.root, v, v + 1, () => (mapped = true));
-  return mapped;
 }
 
 function encodeHeader(h: StreamHeader): Buffer {

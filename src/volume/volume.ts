@@ -267,15 +267,19 @@ export class ThinVolume implements BlockDevice {
     const pool = this.pool;
     const d = pool.deviceOf(p);
     const base = pool.chunkOffset(d, p);
-    if (within === 0 && part.length === cs) return d.device.write(base, part);
-    if (old === 0 && d.device.capabilities.extents) {
+    if (within === 0 && part.length === cs) {
+      pool.chunkWritten(d, p);
+      return d.device.write(base, part);
+    }
+    if (old === 0) {
       // Still a hole on the device (a sparse file never written there): it reads as zeros already.
-      const ext = d.device.blockStatus(base, cs);
-      if (!(ext instanceof Promise)) {
-        if (isZero(ext, base, cs)) return d.device.write(base + within, part);
-      } else {
-        return ext.then((e) => (isZero(e, base, cs) ? d.device.write(base + within, part) : this.fillSlow(p, old, within, part)));
-      }
+      const hole = pool.chunkIsHole(d, p);
+      const write = (isHole: boolean): MaybePromise<void> => {
+        if (!isHole) return this.fillSlow(p, old, within, part);
+        pool.chunkWritten(d, p);
+        return d.device.write(base + within, part);
+      };
+      return hole instanceof Promise ? hole.then(write) : write(hole);
     }
     return this.fillSlow(p, old, within, part);
   }
@@ -301,6 +305,7 @@ export class ThinVolume implements BlockDevice {
     if (!d.device.capabilities.fastZero) return false;
     const base = pool.chunkOffset(d, p);
     const tail = within + part.length;
+    pool.chunkWritten(d, p);
     try {
       const steps: MaybePromise<void>[] = [];
       if (within > 0) steps.push(d.device.writeZeroes(base, within, { noHole: true, fastOnly: true }));
@@ -477,11 +482,6 @@ export class ThinVolume implements BlockDevice {
     if (this.pool.failure !== undefined) throw new BlockDeviceError('EIO', `pool ${this.pool.name} refuses writes after a failed metadata commit (${this.pool.failure}); fix the device and reopen the pool`);
     if (this.capabilities.readOnly || this.state.record.readOnly) throw new BlockDeviceError('EPERM', `${this.name} is read-only (a snapshot: clone it to write)`);
   }
-}
-
-function isZero(extents: Extent[], base: number, length: number): boolean {
-  const e = extents[0];
-  return e !== undefined && e.offset === base && e.length >= length && (e.flags & EXTENT_ZERO) !== 0;
 }
 
 /** The leaf holding `v` if every node on the way is private (ref 1), else undefined. */
