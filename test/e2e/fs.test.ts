@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { haveProgram, run, RunResult, Server, spawnTracked, sparseFile, startServe, tmpDir, waitFor, withTimeout, AfterContext } from './harness.js';
+import { Cleanup, haveProgram, run, RunResult, Server, spawnTracked, sparseFile, startServe, tmpDir, waitFor, withTimeout, AfterContext } from './harness.js';
 
 const MiB = 1024 * 1024;
 
@@ -23,25 +23,6 @@ function skipReason(): string | false {
   return false;
 }
 
-/** Undo steps, run last-in first-out even when the test fails. */
-class Cleanup {
-  private readonly steps: { what: string; fn: () => Promise<unknown> }[] = [];
-  push(what: string, fn: () => Promise<unknown>): void {
-    this.steps.push({ what, fn });
-  }
-  async runAll(): Promise<string[]> {
-    const problems: string[] = [];
-    while (this.steps.length) {
-      const s = this.steps.pop()!;
-      try {
-        await withTimeout(s.fn(), 20_000, s.what);
-      } catch (err) {
-        problems.push(`${s.what}: ${(err as Error).message}`);
-      }
-    }
-    return problems;
-  }
-}
 
 function must(r: RunResult, server: Server | null, what: string): void {
   assert.equal(r.code, 0, `${what}\n${r.describe()}\n${server?.describe() ?? ''}`);

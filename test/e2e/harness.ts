@@ -326,6 +326,26 @@ export async function startServe(args: string[], opts: StartOptions = {}): Promi
   };
 }
 
+/** Undo steps, run last-in first-out even when the test fails (mounts, loop devices, FUSE). */
+export class Cleanup {
+  private readonly steps: { what: string; fn: () => Promise<unknown> }[] = [];
+  push(what: string, fn: () => Promise<unknown>): void {
+    this.steps.push({ what, fn });
+  }
+  async runAll(): Promise<string[]> {
+    const problems: string[] = [];
+    while (this.steps.length) {
+      const s = this.steps.pop()!;
+      try {
+        await withTimeout(s.fn(), 20_000, s.what);
+      } catch (err) {
+        problems.push(`${s.what}: ${(err as Error).message}`);
+      }
+    }
+    return problems;
+  }
+}
+
 // ---- files -------------------------------------------------------------------
 
 /** A fresh directory under os.tmpdir(), removed in t.after. */

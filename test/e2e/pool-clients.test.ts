@@ -9,6 +9,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
+  Cleanup,
   AfterContext,
   DUET,
   firstDifference,
@@ -316,25 +317,6 @@ function fsSkipReason(): string | false {
   return false;
 }
 
-/** Undo steps, run last-in first-out even when the test fails. */
-class Cleanup {
-  private readonly steps: { what: string; fn: () => Promise<unknown> }[] = [];
-  push(what: string, fn: () => Promise<unknown>): void {
-    this.steps.push({ what, fn });
-  }
-  async runAll(): Promise<string[]> {
-    const problems: string[] = [];
-    while (this.steps.length) {
-      const s = this.steps.pop()!;
-      try {
-        await withTimeout(s.fn(), 20_000, s.what);
-      } catch (err) {
-        problems.push(`${s.what}: ${(err as Error).message}`);
-      }
-    }
-    return problems;
-  }
-}
 
 function isMountpoint(dir: string): boolean {
   const mounts = fs.readFileSync('/proc/mounts', 'utf8');

@@ -13,25 +13,8 @@ import { diffVolumes } from '../../src/volume/operations.js';
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
 
-/** Small seeded PRNG (mulberry32), returns [0, 1). */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** Deterministic bytes, never zero (so a lost write or a stray zeroing shows). */
-export function pattern(seed: number, length: number): Buffer {
-  const rnd = mulberry32(seed);
-  const buf = Buffer.alloc(length);
-  for (let i = 0; i < length; i++) buf[i] = 1 + Math.floor(rnd() * 255);
-  return buf;
-}
+// One seeded PRNG and byte pattern for all device tests (never-zero bytes, so a lost write or a stray zeroing shows).
+export { mulberry32, pattern } from '../blockdev/conformance.js';
 
 /** The same device, but close() leaves the data for the next open (a disk outlives a process). */
 export function keep<T extends BlockDevice>(d: T): T {
