@@ -1,0 +1,114 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { ConfigError, loadClusterConfig, parseClusterConfig } from '../../src/cluster/config.js';
+
+/** The example of ../shared/ARCHITECTURE.md, with the witness on loopback-style addresses. */
+const EXAMPLE = `cluster: home
+secret: { file: /etc/duet/secret }      # HMAC key for peer links and the API
+nodes:
+  alpha: { address: 192.0.2.1 }
+  bravo: { address: 192.0.2.2 }
+witness: { address: 192.0.2.3 }           # optional third vote, no disk
+resources:
+  a: { protocol: C, port: 7801, disk: { alpha: /dev/sdb1, bravo: /dev/sdb1 }, prefer: alpha }
+  b: { protocol: C, port: 7802, disk: { alpha: /dev/sdc1, bravo: /dev/sdc1 }, prefer: bravo }
+pools:
+  pa: { devices: [a] }
+  pb: { devices: [b] }
+exports: { port: 10809 }                  # each node serves at its own address
+vms:
+  web:   { volume: pa/web,   memory: 1G, cpus: 1 }
+  media: { volume: pb/media, memory: 2G, cpus: 2 }
+alerts: { email: { to: admin@example.org, smtp: "smtp://localhost:25" } }
+`;
+
+function problemsOf(text: string): string[] {
+  try {
+    parseClusterConfig(text, 'c.yaml');
+  } catch (err) {
+    assert.ok(err instanceof ConfigError, `expected a ConfigError, got ${(err as Error).stack}`);
+    return err.problems.map((p) => `${p.line ?? '?'} ${p.path.join('.')}: ${p.message}`);
+  }
+  return [];
+}
+
+test('the architecture example parses, with defaults filled in', () => {
+  const c = parseClusterConfig(EXAMPLE, 'c.yaml');
+  assert.equal(c.cluster, 'home');
+  assert.deepEqual(Object.keys(c.nodes), ['alpha', 'bravo']);
+  assert.equal(c.resources.a.protocol, 'C');
+  assert.equal(c.resources.b.prefer, 'bravo');
+  assert.deepEqual(c.pools.pa.devices, ['a']);
+  assert.equal(c.exports.port, 10809);
+  assert.equal(c.vms.media.cpus, 2);
+  const minimal = parseClusterConfig('cluster: x\nsecret: {value: "0123456789abcdef"}\nnodes: {a: {address: 127.0.0.2}}\n', 'm.yaml');
+  assert.equal(minimal.exports.port, 10809);
+  assert.deepEqual(minimal.resources, {});
+});
+
+test('every mistake is reported, each with its key path and line', () => {
+  const bad = EXAMPLE.replace('protocol: C, port: 7801', 'protocol: D, port: 7802')
+    .replace('address: 192.0.2.2', 'address: 300.1.1.1')
+    .replace('pb: { devices: [b] }', 'pb: { devices: [b, zz] }')
+    .replace('prefer: bravo', 'prefer: charlie')
+    .replace('cpus: 2', 'cpus: 2, disk: 3');
+  const problems = problemsOf(bad);
+  // Schema mistakes come first (and stop the cross-checks); all of them at once.
+  assert.ok(problems.some((p) => /^8 resources\.a\.protocol: must be A, B or C$/.test(p)), problems.join('\n'));
+  assert.ok(problems.some((p) => /^5 nodes\.bravo\.address: is not an IP address/.test(p)), problems.join('\n'));
+  assert.ok(problems.some((p) => /^16 vms\.media: unknown key "disk"/.test(p)), problems.join('\n'));
+  assert.equal(problems.length, 3, problems.join('\n'));
+});
+
+test('cross-references: unknown nodes, resources, pools, clashing ports and addresses', () => {
+  const bad = EXAMPLE.replace('port: 7802', 'port: 7801')
+    .replace('disk: { alpha: /dev/sdc1, bravo: /dev/sdc1 }, prefer: bravo', 'disk: { alpha: /dev/sdc1, charlie: /dev/sdc1 }, prefer: bravo')
+    .replace('pb: { devices: [b] }', 'pb: { devices: [b, a, zz] }')
+    .replace('volume: pb/media', 'volume: pq/media')
+    .replace('witness: { address: 192.0.2.3 }', 'witness: { address: 192.0.2.1 }');
+  const problems = problemsOf(bad);
+  const expect = [
+    /^6 witness\.address: 192\.0\.2\.1 is node alpha's address/,
+    /^9 resources\.b\.disk\.charlie: no node named charlie \(nodes: alpha, bravo\)/,
+    /^9 resources\.b\.prefer: bravo has no disk in this resource/,
+    /^9 resources\.b\.port: port 7801 is already used by resources\.a\.port/,
+    /^12 pools\.pb\.devices\.1: resource a is already in pool pa/,
+    /^12 pools\.pb\.devices\.2: no resource named zz/,
+    /^16 vms\.media\.volume: no pool named pq/,
+  ];
+  for (const re of expect) assert.ok(problems.some((p) => re.test(p)), `missing ${re}\n${problems.join('\n')}`);
+  assert.equal(problems.length, expect.length, problems.join('\n'));
+});
+
+test('missing keys, wrong secrets, YAML syntax errors, duplicate keys', () => {
+  assert.deepEqual(problemsOf('nodes: {a: {address: 127.0.0.2}}\n'), ['1 cluster: is missing: name the cluster (cluster: home)', '1 secret: is missing: give the shared key of the cluster (secret: { file: /etc/duet/secret })']);
+  assert.match(problemsOf('cluster: x\nsecret: {file: /a, value: "0123456789abcdef"}\nnodes: {a: {address: 127.0.0.2}}\n')[0], /^2 secret: give exactly one of file: PATH or value: TEXT/);
+  assert.match(problemsOf('cluster: x\nsecret: {value: short}\nnodes: {a: {address: 127.0.0.2}}\n')[0], /^2 secret\.value: must be at least 16 characters/);
+  assert.match(problemsOf('cluster: x\nnodes: [a\n')[0], /not valid YAML/);
+  assert.match(problemsOf('cluster: x\ncluster: y\n')[0], /^2 : not valid YAML: Map keys must be unique/);
+  assert.match(problemsOf('- a\n- b\n')[0], /must be a mapping/);
+});
+
+test('the error message a user sees names the file, line and key; a missing file says what to pass', () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-config-'));
+  try {
+    const file = path.join(dir, 'cluster.yaml');
+    fs.writeFileSync(file, EXAMPLE.replace('port: 7801', 'port: 70000'));
+    assert.throws(() => loadClusterConfig(file), (err: Error) => {
+      assert.equal(err.message, `${file}:8: resources.a.port: must be 1..65535`);
+      return true;
+    });
+    fs.writeFileSync(file, EXAMPLE.replace('port: 7801', 'port: 70000').replace('cpus: 1', 'cpus: 0'));
+    assert.throws(() => loadClusterConfig(file), (err: Error) => {
+      assert.equal(err.message.split('\n')[0], `${file}: 2 mistakes:`);
+      assert.match(err.message, /cluster\.yaml:15: vms\.web\.cpus: must be at least 1/);
+      return true;
+    });
+    assert.throws(() => loadClusterConfig(path.join(dir, 'nope.yaml')), /nope\.yaml: no such cluster file \(give --config FILE or DUET_CONFIG\)/);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
