@@ -1,0 +1,156 @@
+/**
+ * Replication metadata of one resource on one node, kept *inside* the
+ * backing device, at its end (DRBD's "internal meta-data"), so the data
+ * area is the device minus this tail:
+ *
+ *   0 .. dataBytes                    the replicated data (the pool lives here)
+ *   dataBytes ..                      activity log (alBytes)
+ *   .. + alBytes                      out-of-sync bitmap (Bitmap.bytesFor(dataBytes))
+ *   last 8 KiB                        metadata record, two 4 KiB slots (seq % 2)
+ *
+ * The record holds what decides who has the good data after any outage:
+ * the generation identifiers (current, bitmap, history; DRBD's UUIDs), the
+ * disk state and the role flags. It is written to the other slot with a
+ * higher sequence number, FUA, so a crash leaves the old or the new record.
+ */
+import { randomBytes } from 'node:crypto';
+import { crc32 } from 'node:zlib';
+import type { BlockDevice } from '../blockdev/types.js';
+import { Bitmap } from './bitmap.js';
+
+export const META_MAGIC = Buffer.from('DUETREPL');
+export const META_VERSION = 1;
+const SLOT = 4096;
+const HEADER = 32;
+/** Default activity log: 64 slots of 4 MiB extents, each a 4 KiB transaction page. */
+export const DEFAULT_AL_BYTES = 256 * 1024;
+const ALIGN = 1024 * 1024;
+
+export type DiskState = 'UpToDate' | 'Inconsistent' | 'Outdated' | 'Diskless' | 'Failed';
+
+/** A generation identifier: 64 random bits, as 16 hex digits ("0" means none). */
+export type Gi = string;
+
+export interface GenerationIds {
+  /** Changes when the data starts to diverge from what the peer may have (e.g. a Primary writes unconnected). */
+  current: Gi;
+  /** The current GI at the moment the bitmap started recording (0 when the bitmap is clear). */
+  bitmap: Gi;
+  /** Earlier current GIs, newest first (two kept, as DRBD). */
+  history: [Gi, Gi];
+}
+
+export interface MetaRecord {
+  resource: string;
+  node: string;
+  dataBytes: number;
+  alBytes: number;
+  gi: GenerationIds;
+  disk: DiskState;
+  /** Was Primary when last shut down or crashed: activity log extents must be resynced. */
+  primary: boolean;
+  /** Full sync needed on the next connect (new or replaced disk). */
+  fullSyncNeeded: boolean;
+  seq: number;
+}
+
+export interface MetaLayout {
+  deviceBytes: number;
+  dataBytes: number;
+  alOffset: number;
+  alBytes: number;
+  bitmapOffset: number;
+  bitmapBytes: number;
+  recordOffset: number;
+}
+
+/** Where everything lies on a backing device of `deviceBytes`. */
+export function layoutFor(deviceBytes: number, alBytes = DEFAULT_AL_BYTES): MetaLayout {
+  // The bitmap depends on the data size, which depends on the bitmap: the
+  // data size is rounded down to 1 MiB and fits with room to spare.
+  let dataBytes = Math.floor(deviceBytes / ALIGN) * ALIGN;
+  for (;;) {
+    const tail = alBytes + Bitmap.bytesFor(dataBytes) + 2 * SLOT;
+    if (dataBytes + tail <= deviceBytes) break;
+    dataBytes -= ALIGN;
+    if (dataBytes <= 0) throw new Error(`a ${deviceBytes}-byte device is too small for replication metadata`);
+  }
+  const recordOffset = deviceBytes - 2 * SLOT;
+  const bitmapBytes = Bitmap.bytesFor(dataBytes);
+  const bitmapOffset = recordOffset - bitmapBytes;
+  const alOffset = bitmapOffset - alBytes;
+  return { deviceBytes, dataBytes, alOffset, alBytes, bitmapOffset, bitmapBytes, recordOffset };
+}
+
+export function newGi(): Gi {
+  let gi = randomBytes(8).toString('hex');
+  while (gi === '0000000000000000') gi = randomBytes(8).toString('hex');
+  return gi;
+}
+
+export const NO_GI: Gi = '0';
+
+export function encodeRecord(r: MetaRecord): Buffer {
+  const { seq, ...body } = r;
+  const json = Buffer.from(JSON.stringify(body));
+  if (json.length > SLOT - HEADER) throw new Error(`metadata of ${r.resource} does not fit a slot`);
+  const buf = Buffer.alloc(SLOT);
+  META_MAGIC.copy(buf, 0);
+  buf.writeUInt32LE(META_VERSION, 8);
+  buf.writeBigUInt64LE(BigInt(seq), 16);
+  buf.writeUInt32LE(json.length, 24);
+  json.copy(buf, HEADER);
+  buf.writeUInt32LE(crc32(json, crc32(buf.subarray(0, 28))), 28);
+  return buf;
+}
+
+export function decodeRecord(buf: Buffer): MetaRecord | undefined {
+  if (buf.length < SLOT || !buf.subarray(0, 8).equals(META_MAGIC) || buf.readUInt32LE(8) !== META_VERSION) return undefined;
+  const len = buf.readUInt32LE(24);
+  if (len > SLOT - HEADER) return undefined;
+  const json = buf.subarray(HEADER, HEADER + len);
+  if (crc32(json, crc32(buf.subarray(0, 28))) !== buf.readUInt32LE(28)) return undefined;
+  try {
+    return { ...(JSON.parse(json.toString('utf8')) as Omit<MetaRecord, 'seq'>), seq: Number(buf.readBigUInt64LE(16)) };
+  } catch {
+    return undefined;
+  }
+}
+
+/** The valid slot with the higher sequence number, or undefined if neither is valid. */
+export async function readRecord(device: BlockDevice, layout: MetaLayout): Promise<MetaRecord | undefined> {
+  let best: MetaRecord | undefined;
+  for (let slot = 0; slot < 2; slot++) {
+    const buf = Buffer.alloc(SLOT);
+    try {
+      await device.read(layout.recordOffset + slot * SLOT, buf);
+    } catch {
+      continue;
+    }
+    const r = decodeRecord(buf);
+    if (r && (!best || r.seq > best.seq)) best = r;
+  }
+  return best;
+}
+
+/** Write `r` with the next sequence number into the other slot; durable (FUA) when it resolves. */
+export async function writeRecord(device: BlockDevice, layout: MetaLayout, r: MetaRecord): Promise<MetaRecord> {
+  const next = { ...r, seq: r.seq + 1 };
+  await device.write(layout.recordOffset + (next.seq % 2) * SLOT, encodeRecord(next), { fua: true });
+  return next;
+}
+
+/** Metadata for a disk that has never been synced: Inconsistent, full sync needed, fresh current GI. */
+export function initialRecord(resource: string, node: string, layout: MetaLayout): MetaRecord {
+  return {
+    resource,
+    node,
+    dataBytes: layout.dataBytes,
+    alBytes: layout.alBytes,
+    gi: { current: newGi(), bitmap: NO_GI, history: [NO_GI, NO_GI] },
+    disk: 'Inconsistent',
+    primary: false,
+    fullSyncNeeded: true,
+    seq: 0,
+  };
+}
