@@ -27,7 +27,9 @@ export interface PeerLinkEvents {
 }
 
 export class PeerLink extends EventEmitter<PeerLinkEvents> {
-  private buf: Buffer;
+  /** Received bytes not yet made into frames, as chunks (joined once a whole frame is there). */
+  private chunks: Buffer[] = [];
+  private buffered = 0;
   private lastHeard = Date.now();
   private pingSentAt = 0;
   private readonly timer: NodeJS.Timeout;
@@ -43,7 +45,10 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
     super();
     this.pingIntervalMs = options.pingIntervalMs ?? 200;
     this.pingTimeoutMs = options.pingTimeoutMs ?? 500;
-    this.buf = leftover;
+    if (leftover.length > 0) {
+      this.chunks.push(leftover);
+      this.buffered = leftover.length;
+    }
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('close', () => this.down('the peer closed the connection'));
@@ -57,10 +62,56 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
     return !this.closed;
   }
 
-  /** Queue a frame; false when the socket's buffer is full (wait for 'drain' on it: back-pressure). */
+  /** Queue a frame; false when the socket's buffer is full (wait with drained(): back-pressure). */
   send(type: number, payload: Buffer = Buffer.alloc(0)): boolean {
     if (this.closed) return false;
     return this.socket.write(encodeFrame(type, payload));
+  }
+
+  /** Queue a frame made of several parts without joining them (a write's header and its data). */
+  sendv(type: number, parts: Buffer[]): boolean {
+    if (this.closed) return false;
+    let length = 0;
+    for (const p of parts) length += p.length;
+    const header = Buffer.allocUnsafe(FRAME_HEADER);
+    header.writeUInt32BE(LINK_MAGIC, 0);
+    header.writeUInt16BE(type, 4);
+    header.writeUInt16BE(0, 6);
+    header.writeUInt32BE(length, 8);
+    this.socket.cork();
+    this.socket.write(header);
+    let ok = true;
+    for (const p of parts) ok = this.socket.write(p);
+    this.socket.uncork();
+    return ok && this.socket.writableLength < this.socket.writableHighWaterMark;
+  }
+
+  /** Bytes queued in this process, not yet taken by the kernel. */
+  get queuedBytes(): number {
+    return this.socket.writableLength;
+  }
+
+  /** Resolves when the send queue has room again (or the link is down). */
+  drained(): Promise<void> {
+    if (this.closed || !this.socket.writableNeedDrain) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = (): void => {
+        this.socket.off('drain', done);
+        this.off('down', done);
+        resolve();
+      };
+      this.socket.on('drain', done);
+      this.on('down', done);
+    });
+  }
+
+  /** Stop reading from the peer (the receiver's disk is behind: back-pressure on the sender). */
+  pause(): void {
+    this.socket.pause();
+  }
+
+  resume(): void {
+    if (!this.closed) this.socket.resume();
   }
 
   close(why = 'closed by this node'): void {
@@ -71,19 +122,43 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
     if (this.closed) return;
     this.lastHeard = Date.now();
     this.pingSentAt = 0;
-    this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
-    while (this.buf.length >= FRAME_HEADER) {
-      if (this.buf.readUInt32BE(0) !== LINK_MAGIC) return this.down('protocol error: bad frame magic');
-      const len = this.buf.readUInt32BE(8);
+    if (chunk.length > 0) {
+      this.chunks.push(chunk);
+      this.buffered += chunk.length;
+    }
+    while (this.buffered >= FRAME_HEADER) {
+      const head = this.peek(FRAME_HEADER);
+      if (head.readUInt32BE(0) !== LINK_MAGIC) return this.down('protocol error: bad frame magic');
+      const len = head.readUInt32BE(8);
       if (len > MAX_FRAME_PAYLOAD) return this.down(`protocol error: frame of ${len} bytes`);
-      if (this.buf.length < FRAME_HEADER + len) break;
-      const type = this.buf.readUInt16BE(4);
-      const payload = this.buf.subarray(FRAME_HEADER, FRAME_HEADER + len);
-      this.buf = this.buf.subarray(FRAME_HEADER + len);
+      if (this.buffered < FRAME_HEADER + len) break;
+      const type = head.readUInt16BE(4);
+      const frame = this.take(FRAME_HEADER + len);
+      const payload = frame.subarray(FRAME_HEADER);
       if (type === FRAME_PING) this.send(FRAME_PONG);
       else if (type !== FRAME_PONG) this.emit('frame', type, payload);
       if (this.closed) return;
     }
+  }
+
+  /** The first n buffered bytes, joining chunks only as far as needed. */
+  private peek(n: number): Buffer {
+    if (this.chunks[0].length < n) {
+      const joined = Buffer.concat(this.chunks);
+      this.chunks = [joined];
+    }
+    return this.chunks[0];
+  }
+
+  private take(n: number): Buffer {
+    const first = this.peek(n);
+    this.buffered -= n;
+    if (first.length === n) {
+      this.chunks.shift();
+      return first;
+    }
+    this.chunks[0] = first.subarray(n);
+    return first.subarray(0, n);
   }
 
   private tick(): void {

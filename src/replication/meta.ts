@@ -51,6 +51,10 @@ export interface MetaRecord {
   primary: boolean;
   /** Full sync needed on the next connect (new or replaced disk). */
   fullSyncNeeded: boolean;
+  /** When this node last became Primary (ms since epoch; 0 never): discard-younger-primary. */
+  primarySince: number;
+  /** Peer marked Outdated by this Primary (it went on writing without it). */
+  peerOutdated: boolean;
   seq: number;
 }
 
@@ -140,17 +144,23 @@ export async function writeRecord(device: BlockDevice, layout: MetaLayout, r: Me
   return next;
 }
 
-/** Metadata for a disk that has never been synced: Inconsistent, full sync needed, fresh current GI. */
+/**
+ * Metadata for a disk that has never been synced: Inconsistent, no generation
+ * yet (DRBD's "just created"); the first forced promotion or the first sync
+ * gives it one.
+ */
 export function initialRecord(resource: string, node: string, layout: MetaLayout): MetaRecord {
   return {
     resource,
     node,
     dataBytes: layout.dataBytes,
     alBytes: layout.alBytes,
-    gi: { current: newGi(), bitmap: NO_GI, history: [NO_GI, NO_GI] },
+    gi: { current: NO_GI, bitmap: NO_GI, history: [NO_GI, NO_GI] },
     disk: 'Inconsistent',
     primary: false,
     fullSyncNeeded: true,
+    primarySince: 0,
+    peerOutdated: false,
     seq: 0,
   };
 }

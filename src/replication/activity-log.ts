@@ -1,0 +1,171 @@
+/**
+ * The activity log: the set of "hot" extents (4 MiB each) a Primary may be
+ * writing to, kept on disk so that after a crash of the Primary only those
+ * extents need a resync, not the whole device (DRBD's activity log).
+ *
+ * Before a write touches an extent that is not in the set, a transaction
+ * page listing the whole new set is written (FUA) to the next slot of a ring
+ * of pages; recovery takes the valid page with the highest sequence number.
+ * A torn page fails its checksum and the previous one stands, which lists a
+ * set that still covers every write acknowledged before the tear.
+ *
+ * The set is bounded (`slots`); when full, the least recently used extent
+ * without writes in flight is evicted, and `beforeEvict` runs first, so the
+ * out-of-sync bitmap covering it reaches the disk before the log forgets it.
+ *
+ * Page: "DUETAL01" | u64 seq | u32 count | u32 crc32 | u32 extent[count]
+ */
+import { crc32 } from 'node:zlib';
+import type { BlockDevice } from '../blockdev/types.js';
+
+export const AL_EXTENT_BYTES = 4 * 1024 * 1024;
+const PAGE = 4096;
+const MAGIC = Buffer.from('DUETAL01');
+const HEADER = 24;
+/** Extents one page can list. */
+export const AL_SLOTS_MAX = (PAGE - HEADER) / 4;
+
+export interface ActivityLogOptions {
+  /** Extents kept hot (default and maximum AL_SLOTS_MAX: ~4 GiB of hot data). */
+  slots?: number;
+  /** Runs before an extent leaves the log (write back the bitmap pages covering it). */
+  beforeEvict?: (extents: number[]) => Promise<void>;
+}
+
+export class ActivityLog {
+  /** Extent -> writes in flight; Map order is LRU order (oldest first). */
+  private readonly active = new Map<number, number>();
+  private seq = 0;
+  private readonly slots: number;
+  private readonly pages: number;
+  /** One transaction at a time; writers wanting new extents queue behind it. */
+  private txn: Promise<void> = Promise.resolve();
+  transactions = 0;
+
+  private constructor(
+    private readonly device: BlockDevice,
+    private readonly offset: number,
+    bytes: number,
+    private readonly options: ActivityLogOptions,
+  ) {
+    this.pages = Math.floor(bytes / PAGE);
+    if (this.pages < 2) throw new Error('activity log area must hold at least two pages');
+    this.slots = Math.min(options.slots ?? AL_SLOTS_MAX, AL_SLOTS_MAX);
+  }
+
+  /** Open the log in `[offset, offset+bytes)`: the extents of the newest valid transaction are hot. */
+  static async open(device: BlockDevice, offset: number, bytes: number, options: ActivityLogOptions = {}): Promise<{ log: ActivityLog; recovered: number[] }> {
+    const log = new ActivityLog(device, offset, bytes, options);
+    const area = Buffer.alloc(log.pages * PAGE);
+    await device.read(offset, area);
+    let best: { seq: number; extents: number[] } | undefined;
+    for (let p = 0; p < log.pages; p++) {
+      const t = decodePage(area.subarray(p * PAGE, (p + 1) * PAGE));
+      if (t && (!best || t.seq > best.seq)) best = t;
+    }
+    log.seq = best?.seq ?? 0;
+    return { log, recovered: best?.extents ?? [] };
+  }
+
+  /** Wipe the area (a new disk): no extent is hot. */
+  static async format(device: BlockDevice, offset: number, bytes: number): Promise<void> {
+    await device.write(offset, Buffer.alloc(Math.floor(bytes / PAGE) * PAGE), { fua: true });
+  }
+
+  get hotExtents(): number[] {
+    return [...this.active.keys()];
+  }
+
+  /**
+   * Make the extents of [offset, offset+length) hot and count a write in
+   * flight on each; resolves once the log on disk covers them. Pair with end().
+   */
+  begin(offset: number, length: number): void | Promise<void> {
+    const first = Math.floor(offset / AL_EXTENT_BYTES);
+    const last = Math.floor((offset + Math.max(length, 1) - 1) / AL_EXTENT_BYTES);
+    let missing: number[] | undefined;
+    for (let e = first; e <= last; e++) {
+      const n = this.active.get(e);
+      if (n === undefined) (missing ??= []).push(e);
+      else {
+        // Refresh LRU position.
+        this.active.delete(e);
+        this.active.set(e, n + 1);
+      }
+    }
+    if (!missing) return;
+    return this.activate(missing);
+  }
+
+  end(offset: number, length: number): void {
+    const first = Math.floor(offset / AL_EXTENT_BYTES);
+    const last = Math.floor((offset + Math.max(length, 1) - 1) / AL_EXTENT_BYTES);
+    for (let e = first; e <= last; e++) {
+      const n = this.active.get(e);
+      if (n !== undefined && n > 0) this.active.set(e, n - 1);
+    }
+  }
+
+  private activate(missing: number[]): Promise<void> {
+    const run = this.txn.then(async () => {
+      for (;;) {
+        const need = missing.filter((e) => !this.active.has(e));
+        if (need.length > this.slots) throw new Error(`a write spans ${need.length} activity log extents, more than the ${this.slots} slots`);
+        const evict: number[] = [];
+        let room = this.slots - this.active.size;
+        for (const [e, n] of this.active) {
+          if (room >= need.length) break;
+          if (n === 0) {
+            evict.push(e);
+            room++;
+          }
+        }
+        if (room >= need.length) {
+          if (evict.length > 0) await this.options.beforeEvict?.(evict);
+          for (const e of evict) this.active.delete(e);
+          for (const e of need) this.active.set(e, 0);
+          await this.writeTransaction();
+          break;
+        }
+        // Every slot has writes in flight: wait for some to end (in-flight writes are bounded).
+        await new Promise((r) => setTimeout(r, 1));
+      }
+      for (const e of missing) this.active.set(e, (this.active.get(e) ?? 0) + 1);
+    });
+    this.txn = run.catch(() => undefined);
+    return run;
+  }
+
+  /** Record the current set (also used to empty the log on a clean demotion). */
+  async writeTransaction(): Promise<void> {
+    this.seq++;
+    this.transactions++;
+    const extents = [...this.active.keys()];
+    const page = Buffer.alloc(PAGE);
+    MAGIC.copy(page, 0);
+    page.writeBigUInt64LE(BigInt(this.seq), 8);
+    page.writeUInt32LE(extents.length, 16);
+    extents.forEach((e, i) => page.writeUInt32LE(e, HEADER + i * 4));
+    page.writeUInt32LE(crc32(page.subarray(HEADER, HEADER + extents.length * 4), crc32(page.subarray(0, 20))), 20);
+    await this.device.write(this.offset + (this.seq % this.pages) * PAGE, page, { fua: true });
+  }
+
+  /** Forget every idle extent (clean shutdown or demotion: nothing is in flight). */
+  async clear(): Promise<void> {
+    await this.txn;
+    const idle = [...this.active].filter(([, n]) => n === 0).map(([e]) => e);
+    if (idle.length > 0) await this.options.beforeEvict?.(idle);
+    for (const e of idle) this.active.delete(e);
+    await this.writeTransaction();
+  }
+}
+
+function decodePage(page: Buffer): { seq: number; extents: number[] } | undefined {
+  if (!page.subarray(0, 8).equals(MAGIC)) return undefined;
+  const count = page.readUInt32LE(16);
+  if (count > AL_SLOTS_MAX) return undefined;
+  if (crc32(page.subarray(HEADER, HEADER + count * 4), crc32(page.subarray(0, 20))) !== page.readUInt32LE(20)) return undefined;
+  const extents: number[] = [];
+  for (let i = 0; i < count; i++) extents.push(page.readUInt32LE(HEADER + i * 4));
+  return { seq: Number(page.readBigUInt64LE(8)), extents };
+}

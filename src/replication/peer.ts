@@ -1,0 +1,676 @@
+/**
+ * One live link between the two nodes of a resource, after authentication:
+ * the state exchange and the decision on connect, replicated writes and
+ * their acknowledgements, flushes, reads for a Diskless Primary, resync and
+ * online verify. When the link goes down, every write the peer may not have
+ * (unacknowledged, or acknowledged but not yet flushed there) is marked out
+ * of sync here.
+ */
+import { createHash } from 'node:crypto';
+import type { PeerLink } from './link.js';
+import { AL_EXTENT_BYTES } from './activity-log.js';
+import { BLOCK } from './bitmap.js';
+import { decide, Decision } from './decide.js';
+import { NO_GI } from './meta.js';
+import type { Resource } from './resource.js';
+import { RangeOrder } from './ordering.js';
+import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
+import * as W from './wire.js';
+import { resolveSplitBrain, saveBlocks } from './split-brain.js';
+import { Resync, ResyncProgress } from './resync.js';
+
+export type ConnectionState = 'Connected' | 'Connecting' | 'StandAlone' | 'SyncSource' | 'SyncTarget';
+
+export interface PeerStatus {
+  node: string;
+  connection: ConnectionState;
+  disk: string;
+  role: string;
+  outOfSyncBytes: number;
+  resync: ResyncProgress | null;
+  verify: VerifyProgress | null;
+}
+
+export interface VerifyProgress {
+  doneBytes: number;
+  totalBytes: number;
+  outOfSyncBytes: number;
+  running: boolean;
+  ranges: { offset: number; length: number }[];
+}
+
+interface Deferred<T> {
+  promise: Promise<T>;
+  resolve: (v: T) => void;
+}
+
+function deferred<T>(): Deferred<T> {
+  let resolve!: (v: T) => void;
+  const promise = new Promise<T>((r) => (resolve = r));
+  return { promise, resolve };
+}
+
+interface PendingWrite {
+  offset: number;
+  length: number;
+  received: Deferred<boolean>;
+  done: Deferred<boolean>;
+}
+
+/** Receive-side cap: past this many writes waiting for the disk, stop reading the link. */
+const APPLY_MAX = 256;
+const VERIFY_PIECE = 256 * 1024;
+/** Largest write payload in one frame (the link's frame limit is a little above). */
+const WRITE_PIECE = 1024 * 1024;
+const VERIFY_WINDOW = 16;
+
+export class PeerSession {
+  phase: 'handshake' | 'connected' | 'sync-source' | 'sync-target' | 'closed' = 'handshake';
+  state: W.PeerState | undefined;
+  private peerRuns: { offset: number; length: number }[] = [];
+  private bitmapDone = false;
+  private seq = 0;
+  private readonly pending = new Map<number, PendingWrite>();
+  private readonly flushes = new Map<number, { done: Deferred<boolean>; extents: Set<number> }>();
+  private readonly reads = new Map<number, { into: Buffer; done: Deferred<number> }>();
+  /** Extents written to the peer since its last completed flush (lost there if it crashes). */
+  private unflushed = new Set<number>();
+  /** Receive side: writes from the peer, applied in order where they overlap. */
+  private readonly applying = new RangeOrder();
+  resync: Resync | undefined;
+  verify: VerifyProgress | undefined;
+  /** Verify requests waiting for their answer: a bit per block, set where the peer's block differs. */
+  private verifyWaiters = new Map<number, Deferred<Buffer>>();
+  private targetReady: Promise<void> | undefined;
+  private readonly downHandlers: ((why: string) => void)[] = [];
+
+  constructor(
+    readonly resource: Resource,
+    readonly link: PeerLink,
+    readonly peerNode: string,
+  ) {
+    link.on('frame', (type, payload) => {
+      try {
+        this.onFrame(type, payload);
+      } catch (err) {
+        this.resource.log.warn({ event: 'peer-protocol-error', resource: resource.name, peer: peerNode, err: (err as Error).message }, 'malformed frame from the peer');
+        this.close(`protocol error: ${(err as Error).message}`);
+      }
+    });
+    link.on('down', (why) => this.onDown(why));
+    this.sendState(true);
+    for (const chunk of chunked([...resource.bitmap.runs()], 4096)) link.send(W.F_BITMAP, W.encodeRuns(chunk));
+    link.send(W.F_BITMAP_DONE);
+  }
+
+  onceDown(fn: (why: string) => void): void {
+    this.downHandlers.push(fn);
+  }
+
+  /** Writes go to the peer: the handshake is over and the peer has a disk that takes them. */
+  get replicating(): boolean {
+    const p = this.phase;
+    return (p === 'connected' || p === 'sync-source' || p === 'sync-target') && this.state !== undefined && this.state.disk !== 'Diskless' && this.state.disk !== 'Failed';
+  }
+
+  connection(): ConnectionState {
+    switch (this.phase) {
+      case 'handshake':
+        return 'Connecting';
+      case 'sync-source':
+        return 'SyncSource';
+      case 'sync-target':
+        return 'SyncTarget';
+      case 'closed':
+        return 'Connecting';
+      default:
+        return 'Connected';
+    }
+  }
+
+  status(): PeerStatus {
+    return {
+      node: this.peerNode,
+      connection: this.connection(),
+      disk: this.state?.disk ?? 'DUnknown',
+      role: this.state?.role ?? 'Unknown',
+      outOfSyncBytes: this.resource.bitmap.outOfSyncBytes,
+      resync: this.resync?.running ? this.resync.progress() : null,
+      verify: this.verify ? { ...this.verify, ranges: this.verify.ranges.slice(0, 100) } : null,
+    };
+  }
+
+  sendState(sendingBitmap = false): void {
+    const r = this.resource;
+    const state: W.PeerState = {
+      node: r.node,
+      role: r.role,
+      disk: r.disk,
+      gi: r.record.gi,
+      dataBytes: r.size,
+      outOfSyncBytes: r.bitmap.outOfSyncBytes,
+      primarySince: r.record.primarySince,
+      sendingBitmap,
+      crashedPrimary: r.crashedPrimary,
+      keep: r.keepNode,
+    };
+    this.link.send(W.F_STATE, W.encodeJson(state));
+  }
+
+  close(why: string): void {
+    this.link.close(why);
+  }
+
+  /* ------------------------------------------------------------ sending */
+
+  sendWrite(offset: number, length: number, kind: 0 | 1 | 2, data: Buffer | undefined, fua: boolean): { sent: Promise<boolean>; received: Promise<boolean>; done: Promise<boolean> } {
+    if (kind === 0 && length > WRITE_PIECE) {
+      // A frame carries at most WRITE_PIECE bytes: a larger write travels as several, acknowledged together.
+      const parts = [];
+      for (let at = 0; at < length; at += WRITE_PIECE) {
+        const n = Math.min(WRITE_PIECE, length - at);
+        parts.push(this.sendWrite(offset + at, n, 0, data!.subarray(at, at + n), fua));
+      }
+      const all = (ps: Promise<boolean>[]): Promise<boolean> => Promise.all(ps).then((oks) => oks.every(Boolean));
+      return { sent: all(parts.map((p) => p.sent)), received: all(parts.map((p) => p.received)), done: all(parts.map((p) => p.done)) };
+    }
+    const seq = ++this.seq;
+    const p: PendingWrite = { offset, length, received: deferred(), done: deferred() };
+    this.pending.set(seq, p);
+    const flags = (fua ? W.WF_FUA : 0) | (kind === 1 ? W.WF_ZERO : kind === 2 ? W.WF_ZERO | W.WF_TRIM : 0);
+    const room = this.link.sendv(W.F_WRITE, W.encodeWrite(seq, offset, flags, length, data));
+    const first = Math.floor(offset / AL_EXTENT_BYTES);
+    const last = Math.floor((offset + length - 1) / AL_EXTENT_BYTES);
+    for (let e = first; e <= last; e++) this.unflushed.add(e);
+    // Protocol A: "sent" once the link has room for more (back-pressure on the writer).
+    const sent = room ? Promise.resolve(true) : this.link.drained().then(() => this.link.isUp);
+    return { sent, received: p.received.promise, done: p.done.promise };
+  }
+
+  sendFlush(): Promise<boolean> {
+    const seq = ++this.seq;
+    const done = deferred<boolean>();
+    this.flushes.set(seq, { done, extents: this.unflushed });
+    this.unflushed = new Set();
+    this.link.send(W.F_FLUSH, W.encodeSeq(seq));
+    return done.promise;
+  }
+
+  async read(offset: number, into: Buffer): Promise<void> {
+    if (into.length > WRITE_PIECE) {
+      const parts = [];
+      for (let at = 0; at < into.length; at += WRITE_PIECE) parts.push(this.read(offset + at, into.subarray(at, Math.min(into.length, at + WRITE_PIECE))));
+      await Promise.all(parts);
+      return;
+    }
+    const seq = ++this.seq;
+    const done = deferred<number>();
+    this.reads.set(seq, { into, done });
+    const h = Buffer.allocUnsafe(20);
+    h.writeBigUInt64BE(BigInt(seq), 0);
+    h.writeBigUInt64BE(BigInt(offset), 8);
+    h.writeUInt32BE(into.length, 16);
+    this.link.send(W.F_READ, h);
+    const status = await done.promise;
+    if (status !== 0) throw new BlockDeviceError('EIO', `resource ${this.resource.name}: reading from ${this.peerNode} failed (${W.ERROR_CODES[status] ?? status})`);
+  }
+
+  /* ---------------------------------------------------------- receiving */
+
+  private onFrame(type: number, payload: Buffer): void {
+    if (this.phase === 'closed') return;
+    switch (type) {
+      case W.F_STATE:
+        return this.onState(W.decodeJson<W.PeerState>(payload));
+      case W.F_BITMAP:
+        this.peerRuns.push(...W.decodeRuns(payload));
+        return;
+      case W.F_BITMAP_DONE:
+        this.bitmapDone = true;
+        if (this.phase === 'handshake' && this.state) this.onHandshakeDone();
+        return;
+      case W.F_WRITE:
+        return this.onWrite(W.decodeWrite(payload));
+      case W.F_ACK_RECV: {
+        const { seq } = W.decodeSeq(payload);
+        this.pending.get(seq)?.received.resolve(true);
+        return;
+      }
+      case W.F_ACK_WRITE: {
+        const { seq, status } = W.decodeSeq(payload);
+        const p = this.pending.get(seq);
+        if (!p) return;
+        this.pending.delete(seq);
+        if (status !== 0) {
+          // The peer's disk failed this write: it is not there.
+          void this.resource.markDiverged(p.offset, p.length);
+          p.received.resolve(true);
+          p.done.resolve(false);
+          return;
+        }
+        p.received.resolve(true);
+        p.done.resolve(true);
+        return;
+      }
+      case W.F_FLUSH:
+        return this.onFlush(W.decodeSeq(payload).seq);
+      case W.F_FLUSH_ACK: {
+        const { seq, status } = W.decodeSeq(payload);
+        const f = this.flushes.get(seq);
+        if (!f) return;
+        this.flushes.delete(seq);
+        if (status !== 0) for (const e of f.extents) void this.resource.markDiverged(e * AL_EXTENT_BYTES, Math.min(AL_EXTENT_BYTES, this.resource.size - e * AL_EXTENT_BYTES));
+        f.done.resolve(status === 0);
+        return;
+      }
+      case W.F_READ:
+        return this.onRead(payload);
+      case W.F_READ_REPLY: {
+        const seq = Number(payload.readBigUInt64BE(0));
+        const status = payload.readUInt32BE(8);
+        const r = this.reads.get(seq);
+        if (!r) return;
+        this.reads.delete(seq);
+        if (status === 0) payload.copy(r.into, 0, 12, 12 + r.into.length);
+        r.done.resolve(status);
+        return;
+      }
+      case W.F_RS_DATA:
+      case W.F_RS_CSUM:
+      case W.F_RS_DONE:
+        return this.onResyncTarget(type, payload);
+      case W.F_RS_ACK:
+      case W.F_RS_CSUM_REPLY:
+        this.resync?.onFrame(type, payload);
+        return;
+      case W.F_VERIFY:
+        return this.onVerifyRequest(payload);
+      case W.F_VERIFY_REPLY: {
+        const { offset, rest } = W.decodeRange(payload);
+        this.verifyWaiters.get(offset)?.resolve(Buffer.from(rest));
+        this.verifyWaiters.delete(offset);
+        return;
+      }
+      case W.F_REFUSE: {
+        const { reason } = W.decodeJson<{ reason: string }>(payload);
+        this.resource.log.warn({ event: 'peer-refused', resource: this.resource.name, peer: this.peerNode, reason }, `${this.peerNode} refused the connection: ${reason}`);
+        return;
+      }
+      default:
+        throw new Error(`unknown frame type ${type}`);
+    }
+  }
+
+  private onState(s: W.PeerState): void {
+    const before = this.state;
+    this.state = s;
+    if (this.phase === 'handshake') {
+      if (this.bitmapDone) this.onHandshakeDone();
+      return;
+    }
+    if (before && before.disk !== s.disk) {
+      this.resource.log.info({ event: 'peer-disk', resource: this.resource.name, peer: this.peerNode, disk: s.disk }, `peer disk ${s.disk}`);
+    }
+    this.resource.emit('changed');
+  }
+
+  private onHandshakeDone(): void {
+    const r = this.resource;
+    const peer = this.state!;
+    const refuse = (reason: string): void => {
+      r.log.error({ event: 'connect-refused', resource: r.name, peer: this.peerNode, reason }, `resource ${r.name}: not connecting to ${this.peerNode}: ${reason}`);
+      this.link.send(W.F_REFUSE, W.encodeJson({ reason }));
+      // Nothing more is taken from this link: it closes once the refusal is out.
+      this.phase = 'closed';
+      r.lastRefusal = reason;
+      r.standAlone = true;
+      setTimeout(() => this.close(reason), 50).unref();
+    };
+    if (peer.dataBytes !== r.size) return refuse(`the disks differ in size (${r.size} bytes of data here, ${peer.dataBytes} on ${this.peerNode}): give both nodes disks of the same size`);
+    const d = decide(r.record.gi, peer.gi);
+    const bothPrimary = peer.role === 'Primary' && r.role === 'Primary' && !r.options.allowTwoPrimaries;
+    if (bothPrimary && d.kind !== 'split-brain') return refuse('both nodes are Primary: make one Secondary');
+    r.lastRefusal = undefined;
+    if (r.disk === 'Diskless' || peer.disk === 'Diskless') return this.connected('one side is Diskless');
+    r.log.info({ event: 'connect-decision', resource: r.name, peer: this.peerNode, decision: d }, `connected to ${this.peerNode}: ${describe(d)}`);
+    switch (d.kind) {
+      case 'both-new':
+        return this.connected('both disks are new: promote one with --force to start the initial sync');
+      case 'in-sync': {
+        if (r.bitmap.count === 0 && this.peerRuns.length === 0) return this.connected('in sync');
+        // Same generation but blocks marked (a crashed Primary's hot extents, or verify): the crashed Primary, else the Primary, has the good data.
+        const source = peer.crashedPrimary ? 'target' : r.crashedPrimary ? 'source' : peer.role === 'Primary' ? 'target' : r.role === 'Primary' ? 'source' : r.node < this.peerNode ? 'source' : 'target';
+        return this.startSync(source, false);
+      }
+      case 'sync':
+        if (d.direction === 'source' && r.disk !== 'UpToDate') return refuse(`this node would be the sync source but its disk is ${r.disk}`);
+        return this.startSync(d.direction, d.full);
+      case 'split-brain': {
+        const outcome = resolveSplitBrain(r, peer, this.peerNode);
+        if (outcome === 'disconnect') return refuse(`split brain: both nodes changed data since generation ${d.common}; resolve with: duet resource resolve ${r.name} --keep NODE`);
+        return this.startSync(outcome, false, true);
+      }
+      case 'unrelated':
+        return refuse(`${this.peerNode} holds unrelated data (no common generation): check the disks; to replace this node's data, give it a new disk`);
+    }
+  }
+
+  private connected(why: string): void {
+    this.phase = 'connected';
+    this.peerRuns = [];
+    this.resource.log.info({ event: 'connected', resource: this.resource.name, peer: this.peerNode, why }, `connected to ${this.peerNode}`);
+    this.resource.emit('changed');
+  }
+
+  private startSync(direction: 'source' | 'target', full: boolean, splitBrain = false): void {
+    const r = this.resource;
+    for (const run of this.peerRuns) r.bitmap.mark(run.offset, run.length);
+    this.peerRuns = [];
+    if (full) r.bitmap.markAll();
+    if (direction === 'source') {
+      this.phase = 'sync-source';
+      this.resync = new Resync(this, r.bitmap.outOfSyncBytes);
+      r.log.info({ event: 'resync-start', resource: r.name, peer: this.peerNode, role: 'SyncSource', totalBytes: r.bitmap.outOfSyncBytes, full }, `resync to ${this.peerNode}: ${r.bitmap.outOfSyncBytes} bytes`);
+      void this.resync.run().then((finished) => {
+        if (finished && this.phase === 'sync-source') this.finishSource();
+      });
+    } else {
+      this.phase = 'sync-target';
+      const total = r.bitmap.outOfSyncBytes;
+      this.resync = new Resync(this, total);
+      r.log.info({ event: 'resync-start', resource: r.name, peer: this.peerNode, role: 'SyncTarget', totalBytes: total, full }, `resync from ${this.peerNode}: ${total} bytes`);
+      // Before the first block is overwritten: say so on disk, and keep what split brain would lose.
+      this.targetReady = (async () => {
+        if (splitBrain) await saveBlocks(r, this.peerNode);
+        await r.saveRecord({ disk: 'Inconsistent' });
+        await r.writeBitmap();
+      })();
+    }
+    r.emit('changed');
+  }
+
+  private finishSource(): void {
+    const r = this.resource;
+    const gi = r.record.gi;
+    const next = gi.bitmap === NO_GI ? gi : { current: gi.current, bitmap: NO_GI, history: [gi.bitmap, gi.history[0]] as [string, string] };
+    void r.saveRecord({ gi: next, peerOutdated: false });
+    r.crashedPrimary = false;
+    if (r.splitBrain && !r.splitBrain.resolution) r.splitBrain.resolution = `kept ${r.node}'s data`;
+    this.link.send(W.F_RS_DONE, W.encodeJson({ gi: next }));
+    r.log.info({ event: 'resync-done', resource: r.name, peer: this.peerNode, ...this.resync!.progress() }, `resync to ${this.peerNode} done`);
+    this.phase = 'connected';
+    void r.writeBitmap();
+    r.emit('changed');
+  }
+
+  private onResyncTarget(type: number, payload: Buffer): void {
+    const r = this.resource;
+    if (this.phase !== 'sync-target') throw new Error('resync frame outside a resync');
+    const ready = this.targetReady!;
+    if (type === W.F_RS_DONE) {
+      const { gi } = W.decodeJson<{ gi: typeof r.record.gi }>(payload);
+      void this.applying.barrier().then(async () => {
+        await ready;
+        await r.writeBitmap();
+        await r.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false });
+        r.crashedPrimary = false;
+        if (r.splitBrain && !r.splitBrain.resolution) r.splitBrain.resolution = `kept ${this.peerNode}'s data`;
+        r.log.info({ event: 'resync-done', resource: r.name, peer: this.peerNode, ...this.resync!.progress() }, `resync from ${this.peerNode} done: UpToDate`);
+        this.phase = 'connected';
+        this.sendState();
+        r.emit('changed');
+      });
+      return;
+    }
+    const { offset, length, rest } = W.decodeRange(payload);
+    if (type === W.F_RS_CSUM) {
+      void this.applying.run(offset, length, async () => {
+        await ready;
+        const mine = await this.readLocal(offset, length);
+        const same = mine !== undefined && digest(mine).equals(rest);
+        if (same) {
+          r.bitmap.clear(offset, length);
+          this.resync?.account(length, true);
+        }
+        this.link.send(W.F_RS_CSUM_REPLY, W.encodeRange(offset, length, Buffer.from([same ? 1 : 0])));
+      });
+      return;
+    }
+    const flags = rest.readUInt32BE(0);
+    const data = rest.subarray(4);
+    void this.applying.run(offset, length, async () => {
+      await ready;
+      const dev = r.backing;
+      if (!dev) return;
+      try {
+        if (flags & W.WF_ZERO) await dev.writeZeroes(offset, length, {});
+        else await dev.write(offset, data);
+        r.bitmap.clear(offset, length);
+        this.resync?.account(length, false);
+        this.link.send(W.F_RS_ACK, W.encodeRange(offset, length));
+      } catch (err) {
+        r.detach(err);
+      }
+    });
+  }
+
+  private onWrite(w: W.WriteFrame): void {
+    const r = this.resource;
+    if (r.role === 'Primary' && !r.options.allowTwoPrimaries) throw new Error('write from the peer while Primary here');
+    if (r.options.protocol === 'B') this.link.send(W.F_ACK_RECV, W.encodeSeq(w.seq));
+    const data = w.data;
+    const apply = async (): Promise<void> => {
+      if (this.targetReady) await this.targetReady;
+      const dev = r.backing;
+      if (!dev) throw new BlockDeviceError('EIO', 'no disk');
+      const fua = (w.flags & W.WF_FUA) !== 0;
+      if (w.flags & W.WF_ZERO) await dev.writeZeroes(w.offset, w.length, { fua, noHole: (w.flags & W.WF_TRIM) === 0 });
+      else await dev.write(w.offset, data!, { fua });
+    };
+    if (this.applying.size >= APPLY_MAX) {
+      this.link.pause();
+    }
+    const done = this.applying.run(w.offset, w.length, apply);
+    Promise.resolve(done).then(
+      () => {
+        this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 0));
+        if (this.applying.size < APPLY_MAX / 2) this.link.resume();
+      },
+      (err: unknown) => {
+        r.detach(err);
+        this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 1));
+        this.link.resume();
+      },
+    );
+  }
+
+  private onFlush(seq: number): void {
+    const r = this.resource;
+    void this.applying.barrier().then(async () => {
+      let status = 0;
+      try {
+        if (!r.backing) throw new Error('no disk');
+        await r.backing.flush();
+      } catch (err) {
+        r.detach(err);
+        status = 1;
+      }
+      this.link.send(W.F_FLUSH_ACK, W.encodeSeq(seq, status));
+    });
+  }
+
+  private onRead(p: Buffer): void {
+    const seq = Number(p.readBigUInt64BE(0));
+    const offset = Number(p.readBigUInt64BE(8));
+    const length = p.readUInt32BE(16);
+    if (length > WRITE_PIECE) throw new Error('read request too large');
+    void this.applying.run(offset, length, async () => {
+      const data = await this.readLocal(offset, length);
+      const h = Buffer.allocUnsafe(12);
+      h.writeBigUInt64BE(BigInt(seq), 0);
+      h.writeUInt32BE(data ? 0 : 1, 8);
+      this.link.sendv(W.F_READ_REPLY, data ? [h, data] : [h]);
+    });
+  }
+
+  /** Read from the local disk; undefined (and detach) on an I/O error. */
+  async readLocal(offset: number, length: number): Promise<Buffer | undefined> {
+    const dev = this.resource.backing;
+    if (!dev) return undefined;
+    const buf = Buffer.allocUnsafe(length);
+    try {
+      await dev.read(offset, buf);
+      return buf;
+    } catch (err) {
+      this.resource.detach(err);
+      return undefined;
+    }
+  }
+
+  /** Is [offset, offset+length) a hole or zeros on the local disk (so zeroing it on the peer is enough)? */
+  async isZero(offset: number, length: number): Promise<number> {
+    const dev = this.resource.backing;
+    if (!dev || !dev.capabilities.extents) return 0;
+    try {
+      const extents = await dev.blockStatus(offset, length);
+      const e = extents[0];
+      if (e && e.offset === offset && (e.flags & (EXTENT_HOLE | EXTENT_ZERO)) !== 0) return Math.min(e.length, length);
+    } catch {
+      /* unknown: send data */
+    }
+    return 0;
+  }
+
+  /* ------------------------------------------------------------- verify */
+
+  /** Compare every block with the peer by digest; mark what differs (it resyncs on the next connect). */
+  async runVerify(onProgress?: (v: VerifyProgress) => void): Promise<VerifyProgress> {
+    const r = this.resource;
+    if (!this.replicating || this.phase !== 'connected') throw new Error(`resource ${r.name} is not Connected to ${this.peerNode} (${this.connection()})`);
+    if (this.verify?.running) throw new Error(`a verify of ${r.name} is already running`);
+    const v: VerifyProgress = { doneBytes: 0, totalBytes: r.size, outOfSyncBytes: 0, running: true, ranges: [] };
+    this.verify = v;
+    r.log.info({ event: 'verify-start', resource: r.name, peer: this.peerNode }, 'online verify started');
+    const inFlight = new Set<Promise<void>>();
+    try {
+      for (let offset = 0; offset < r.size && this.link.isUp; offset += VERIFY_PIECE) {
+        const length = Math.min(VERIFY_PIECE, r.size - offset);
+        while (inFlight.size >= VERIFY_WINDOW) await Promise.race(inFlight);
+        const answer = deferred<Buffer>();
+        this.verifyWaiters.set(offset, answer);
+        // Read and send under the write order, so the peer compares with the same writes applied.
+        await r.appWrites.run(offset, length, async () => {
+          const data = await this.readLocal(offset, length);
+          if (!data) throw new Error('the local disk failed during verify');
+          this.link.send(W.F_VERIFY, W.encodeRange(offset, length, blockDigests(data)));
+        });
+        const job: Promise<void> = answer.promise.then((differs) => {
+          inFlight.delete(job);
+          for (let i = 0; i * BLOCK < length; i++) {
+            if ((differs[i >> 3] & (1 << (i & 7))) === 0) continue;
+            const at = offset + i * BLOCK;
+            const n = Math.min(BLOCK, length - i * BLOCK);
+            r.bitmap.mark(at, n);
+            v.outOfSyncBytes += n;
+            const last = v.ranges[v.ranges.length - 1];
+            if (last && last.offset + last.length === at) last.length += n;
+            else v.ranges.push({ offset: at, length: n });
+          }
+          v.doneBytes += length;
+          onProgress?.(v);
+        });
+        inFlight.add(job);
+        if (!this.link.isUp) break;
+      }
+      await Promise.all(inFlight);
+    } finally {
+      v.running = false;
+    }
+    if (!this.link.isUp && v.doneBytes < v.totalBytes) throw new Error(`the link to ${this.peerNode} went down during verify (${v.doneBytes} of ${v.totalBytes} bytes compared)`);
+    await r.writeBitmap();
+    r.log.info({ event: 'verify-done', resource: r.name, peer: this.peerNode, outOfSyncBytes: v.outOfSyncBytes, ranges: v.ranges.slice(0, 20) }, `verify done: ${v.outOfSyncBytes} bytes out of sync`);
+    return v;
+  }
+
+  private onVerifyRequest(p: Buffer): void {
+    const { offset, length, rest } = W.decodeRange(p);
+    if (length > VERIFY_PIECE || rest.length !== Math.ceil(length / BLOCK) * DIGEST) throw new Error('malformed verify request');
+    void this.applying.run(offset, length, async () => {
+      const mine = await this.readLocal(offset, length);
+      const ours = mine ? blockDigests(mine) : undefined;
+      const differs = Buffer.alloc(VERIFY_PIECE / BLOCK / 8);
+      for (let i = 0; i * BLOCK < length; i++) {
+        const same = ours !== undefined && ours.subarray(i * DIGEST, (i + 1) * DIGEST).equals(rest.subarray(i * DIGEST, (i + 1) * DIGEST));
+        if (same) continue;
+        differs[i >> 3] |= 1 << (i & 7);
+        this.resource.bitmap.mark(offset + i * BLOCK, Math.min(BLOCK, length - i * BLOCK));
+      }
+      this.link.send(W.F_VERIFY_REPLY, W.encodeRange(offset, length, differs));
+    });
+  }
+
+  /* ---------------------------------------------------------------- down */
+
+  private onDown(why: string): void {
+    const r = this.resource;
+    const wasPhase = this.phase;
+    this.phase = 'closed';
+    this.resync?.stop();
+    // What the peer may not have: writes not acknowledged, and writes not yet flushed there.
+    for (const p of this.pending.values()) void r.markDiverged(p.offset, p.length);
+    for (const f of this.flushes.values()) for (const e of f.extents) this.unflushed.add(e);
+    if (wasPhase !== 'handshake' && r.role === 'Primary') {
+      for (const e of this.unflushed) void r.markDiverged(e * AL_EXTENT_BYTES, Math.min(AL_EXTENT_BYTES, r.size - e * AL_EXTENT_BYTES));
+    }
+    for (const p of this.pending.values()) {
+      p.received.resolve(false);
+      p.done.resolve(false);
+    }
+    this.pending.clear();
+    for (const f of this.flushes.values()) f.done.resolve(false);
+    this.flushes.clear();
+    for (const rd of this.reads.values()) rd.done.resolve(1);
+    this.reads.clear();
+    for (const w of this.verifyWaiters.values()) w.resolve(Buffer.alloc(VERIFY_PIECE / BLOCK / 8));
+    this.verifyWaiters.clear();
+    this.link.resume();
+    r.log.warn({ event: 'disconnected', resource: r.name, peer: this.peerNode, why, phase: wasPhase }, `lost ${this.peerNode}: ${why}`);
+    if (r.peer === this) r.peer = undefined;
+    void r.writeBitmap();
+    for (const fn of this.downHandlers) fn(why);
+    r.emit('changed');
+  }
+}
+
+/** Bytes of one block's digest in a verify request (SHA-256, truncated). */
+const DIGEST = 16;
+
+/** One truncated SHA-256 per 4 KiB block, so verify reports exactly which blocks differ. */
+function blockDigests(data: Buffer): Buffer {
+  const out = Buffer.allocUnsafe(Math.ceil(data.length / BLOCK) * DIGEST);
+  for (let i = 0; i * BLOCK < data.length; i++) {
+    createHash('sha256').update(data.subarray(i * BLOCK, (i + 1) * BLOCK)).digest().copy(out, i * DIGEST, 0, DIGEST);
+  }
+  return out;
+}
+
+export function digest(data: Buffer): Buffer {
+  return createHash('sha256').update(data).digest();
+}
+
+function describe(d: Decision): string {
+  switch (d.kind) {
+    case 'sync':
+      return `${d.full ? 'full' : 'bitmap'} sync as ${d.direction} (${d.why})`;
+    case 'split-brain':
+      return `split brain (common generation ${d.common})`;
+    default:
+      return d.kind;
+  }
+}
+
+function* chunked<T>(items: T[], size: number): Generator<T[]> {
+  for (let i = 0; i < items.length; i += size) yield items.slice(i, i + size);
+}
+
+export { BLOCK };

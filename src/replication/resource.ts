@@ -1,0 +1,506 @@
+/**
+ * A replicated resource on one node: the local backing device, mirrored to
+ * the peer's, presented as a `BlockDevice` (what the pool sits on).
+ *
+ * Only the Primary serves I/O. A write goes to the local disk and, over the
+ * peer link, to the peer's disk at the same time, and is acknowledged as the
+ * resource's protocol says (A: handed to the link, B: the peer received it,
+ * C: the peer's disk has it). FUA and flush wait for every replica whatever
+ * the protocol. While the peer is away, written blocks are marked in the
+ * out-of-sync bitmap, and the first such write starts a new data generation
+ * (and outdates the peer at the witness, when there is one) before it is
+ * acknowledged. Every write first makes its 4 MiB extent hot in the activity
+ * log, so that after a crash of the Primary only the hot extents resync.
+ *
+ * An I/O error on the local disk detaches it: the resource goes Diskless
+ * here and goes on through the peer; the client sees no error as long as
+ * the peer has the data.
+ */
+import { EventEmitter } from 'node:events';
+import type { BlockDevice, BlockSizeLimits, Capabilities, Extent, WriteOptions, ZeroOptions } from '../blockdev/types.js';
+import { BlockDeviceError, checkRange } from '../blockdev/types.js';
+import type { Logger } from '../util/log.js';
+import { UserError } from '../util/errors.js';
+import { ActivityLog, AL_EXTENT_BYTES } from './activity-log.js';
+import { Bitmap } from './bitmap.js';
+import { DiskState, GenerationIds, initialRecord, layoutFor, MetaLayout, MetaRecord, newGi, NO_GI, readRecord, writeRecord } from './meta.js';
+import { RangeOrder } from './ordering.js';
+import type { PeerSession, PeerStatus } from './peer.js';
+import type { Role } from './wire.js';
+
+export type Protocol = 'A' | 'B' | 'C';
+export type SplitBrainPolicy = 'disconnect' | 'discard-zero-changes' | 'discard-least-changes' | 'discard-younger-primary';
+
+export interface ResourceOptions {
+  resource: string;
+  node: string;
+  protocol: Protocol;
+  log: Logger;
+  /** Resync rate cap in bytes/s; 0 = dynamic (as fast as the link allows, yielding to application writes). */
+  resyncRateBytesPerSec?: number;
+  /** Checksum-based resync: only blocks whose digests differ travel. */
+  checksumResync?: boolean;
+  afterSplitBrain?: SplitBrainPolicy;
+  allowTwoPrimaries?: boolean;
+  /** Where blocks are saved before a split-brain resolution overwrites them. */
+  splitBrainDir?: string;
+  alSlots?: number;
+  /** Asked before this node diverges from its peer (first unreplicated write): outdate the peer at the witness. */
+  fence?: (resource: string) => Promise<void>;
+  /** Asked before a promotion: may this node become Primary (quorum, witness says not outdated)? Throws a UserError if not. */
+  mayPromote?: (resource: string, force: boolean) => Promise<void>;
+}
+
+export interface SplitBrainInfo {
+  detectedAt: string;
+  policy: SplitBrainPolicy;
+  /** Bytes this node changed since the split. */
+  localChangedBytes: number;
+  /** Bytes the peer changed since the split. */
+  peerChangedBytes: number;
+  /** How it was resolved, once it is. */
+  resolution: string | null;
+  /** File holding this node's blocks that the resolution overwrote. */
+  savedTo: string | null;
+}
+
+export interface ResourceStatus {
+  name: string;
+  role: Role;
+  disk: DiskState;
+  protocol: Protocol;
+  dataBytes: number;
+  outOfSyncBytes: number;
+  generation: GenerationIds;
+  suspended: boolean;
+  splitBrain: SplitBrainInfo | null;
+  peers: PeerStatus[];
+}
+
+export interface ResourceEvents {
+  /** Role, disk or connection changed. */
+  changed: [];
+}
+
+export class Resource extends EventEmitter<ResourceEvents> implements BlockDevice {
+  readonly blockSize: BlockSizeLimits;
+  readonly capabilities: Capabilities;
+  role: Role = 'Secondary';
+  /** The peer session, while a link is up. */
+  peer: PeerSession | undefined;
+  /** Set by `disconnect`: no link is made until `connect`. */
+  standAlone = false;
+  splitBrain: SplitBrainInfo | null = null;
+  /** Last Primary crashed here: its activity-log extents are out of sync. */
+  crashedPrimary: boolean;
+  /** Manual split-brain resolution waiting for the next connect: the node whose data stays. */
+  keepNode: string | undefined;
+  /** Why the last connection was refused (split brain, unrelated data...), until one succeeds. */
+  lastRefusal: string | undefined;
+  /** Writes held (no quorum with on-no-quorum: suspend). */
+  suspended = false;
+  /** Application writes in flight (resync and verify reads wait for overlapping ones). */
+  readonly appWrites = new RangeOrder();
+  /** Set while application I/O happened recently (the dynamic resync controller yields). */
+  lastAppWriteAt = 0;
+  private metaChain: Promise<unknown> = Promise.resolve();
+  private diverging: Promise<void> | undefined;
+  private closed = false;
+
+  private constructor(
+    private backing_: BlockDevice | undefined,
+    readonly layout: MetaLayout,
+    public record: MetaRecord,
+    readonly bitmap: Bitmap,
+    readonly al: ActivityLog,
+    readonly options: ResourceOptions,
+    crashedPrimary: boolean,
+  ) {
+    super();
+    this.crashedPrimary = crashedPrimary;
+    const inner = backing_!;
+    this.blockSize = { ...inner.blockSize, minimum: Math.max(inner.blockSize.minimum, 512), maximum: Math.min(inner.blockSize.maximum, 1024 * 1024) };
+    this.capabilities = {
+      readOnly: false,
+      flush: true,
+      fua: true,
+      // Trim is done as zeroing on every replica, so both read the same afterwards.
+      trim: inner.capabilities.fastZero,
+      fastZero: inner.capabilities.fastZero,
+      extents: inner.capabilities.extents,
+      multiConn: true,
+      rotational: inner.capabilities.rotational,
+    };
+  }
+
+  get name(): string {
+    return this.options.resource;
+  }
+  get size(): number {
+    return this.layout.dataBytes;
+  }
+  get node(): string {
+    return this.options.node;
+  }
+  get log(): Logger {
+    return this.options.log;
+  }
+  get backing(): BlockDevice | undefined {
+    return this.backing_;
+  }
+  get disk(): DiskState {
+    return this.backing_ ? this.record.disk : 'Diskless';
+  }
+
+  /**
+   * Open the resource on its backing device. A device without metadata gets
+   * fresh metadata (Inconsistent, no generation: a new disk, fully synced on
+   * the first connect). A device smaller than its metadata says is refused.
+   */
+  static async open(backing: BlockDevice, options: ResourceOptions): Promise<Resource> {
+    const layout = layoutFor(backing.size);
+    let record = await readRecord(backing, layout);
+    let bitmap: Bitmap;
+    if (!record) {
+      record = initialRecord(options.resource, options.node, layout);
+      await ActivityLog.format(backing, layout.alOffset, layout.alBytes);
+      bitmap = new Bitmap(layout.dataBytes);
+      await bitmap.writeBack(backing, layout.bitmapOffset, true);
+      record = await writeRecord(backing, layout, { ...record, seq: -1 });
+      options.log.info({ event: 'metadata-created', resource: options.resource, dataBytes: layout.dataBytes }, 'new disk: replication metadata created');
+    } else {
+      if (record.resource !== options.resource) {
+        throw new UserError(`${backing.name}: holds resource ${record.resource}, not ${options.resource}; give ${options.resource} its own disk`);
+      }
+      if (record.dataBytes !== layout.dataBytes) {
+        throw new UserError(`${backing.name}: is ${backing.size} bytes but its metadata says ${record.dataBytes} bytes of data; give it a disk of the size it had`);
+      }
+      bitmap = await Bitmap.read(backing, layout.bitmapOffset, layout.dataBytes);
+    }
+    const self: { resource?: Resource } = {};
+    const { log: al, recovered } = await ActivityLog.open(backing, layout.alOffset, layout.alBytes, {
+      slots: options.alSlots,
+      beforeEvict: async () => {
+        await self.resource?.writeBitmap();
+      },
+    });
+    const crashed = record.primary;
+    if (crashed) {
+      // The Primary died with these extents hot: their blocks may differ from the peer's.
+      for (const e of recovered) bitmap.mark(e * AL_EXTENT_BYTES, AL_EXTENT_BYTES);
+      await bitmap.writeBack(backing, layout.bitmapOffset);
+      options.log.warn({ event: 'crashed-primary-recovery', resource: options.resource, extents: recovered.length }, 'was Primary when it stopped: activity-log extents marked out of sync');
+    }
+    const r = new Resource(backing, layout, record, bitmap, al, options, crashed && recovered.length > 0);
+    self.resource = r;
+    if (crashed) await r.saveRecord({ primary: false });
+    return r;
+  }
+
+  /* ------------------------------------------------------------ metadata */
+
+  /** Persist a change of the record (serialized; FUA; old or new survives a crash). */
+  saveRecord(patch: Partial<MetaRecord>): Promise<void> {
+    const run = this.metaChain.then(async () => {
+      if (!this.backing_) {
+        this.record = { ...this.record, ...patch };
+        return;
+      }
+      this.record = await writeRecord(this.backing_, this.layout, { ...this.record, ...patch });
+    });
+    this.metaChain = run.catch(() => undefined);
+    return run.catch((err: unknown) => this.detach(err));
+  }
+
+  async writeBitmap(): Promise<void> {
+    if (!this.backing_) return;
+    try {
+      await this.bitmap.writeBack(this.backing_, this.layout.bitmapOffset);
+    } catch (err) {
+      this.detach(err);
+    }
+  }
+
+  /**
+   * Blocks written here and not on the peer. The first of them after the
+   * generations were equal starts a new generation (after fencing the peer);
+   * the caller acknowledges its write only after the returned promise.
+   */
+  markDiverged(offset: number, length: number): void | Promise<void> {
+    this.bitmap.mark(offset, length);
+    if (this.record.gi.bitmap !== NO_GI || this.role !== 'Primary') return this.diverging;
+    this.diverging ??= (async () => {
+      await this.options.fence?.(this.name);
+      const gi = this.record.gi;
+      await this.saveRecord({ gi: { current: newGi(), bitmap: gi.current, history: gi.history }, peerOutdated: this.options.fence !== undefined });
+      this.log.info({ event: 'new-generation', resource: this.name, gi: this.record.gi }, 'writing without the peer: new data generation');
+    })().finally(() => {
+      this.diverging = undefined;
+    });
+    return this.diverging;
+  }
+
+  /* ---------------------------------------------------------------- roles */
+
+  async promote(force: boolean): Promise<void> {
+    if (this.role === 'Primary') return;
+    const peer = this.peer?.state;
+    if (peer?.role === 'Primary' && !this.options.allowTwoPrimaries) {
+      throw new UserError(`resource ${this.name}: ${peer.node} is Primary; make it Secondary first (resource secondary ${this.name} on ${peer.node})`);
+    }
+    const disk = this.disk;
+    const peerGood = this.peer?.replicating === true && peer?.disk === 'UpToDate';
+    if (disk === 'Diskless' && !peerGood) throw new UserError(`resource ${this.name}: no disk here and no UpToDate peer: nothing to serve`);
+    if (disk !== 'UpToDate' && disk !== 'Diskless') {
+      if (peerGood) throw new UserError(`resource ${this.name}: the disk here is ${disk} and ${peer.node} has the good data: let the resync finish, or promote ${peer.node}`);
+      if (!force) {
+        throw new UserError(`resource ${this.name}: the disk on ${this.node} is ${disk}: it may hold old or partial data; promote with --force only if you know it is the best copy`);
+      }
+    }
+    await this.options.mayPromote?.(this.name, force);
+    const patch: Partial<MetaRecord> = { primary: true, primarySince: Date.now() };
+    if (disk !== 'UpToDate' && disk !== 'Diskless') {
+      // Forced: this disk becomes the good data, in a generation of its own.
+      const gi = this.record.gi;
+      patch.disk = 'UpToDate';
+      patch.fullSyncNeeded = false;
+      patch.gi = gi.current === NO_GI ? { current: newGi(), bitmap: NO_GI, history: gi.history } : { current: newGi(), bitmap: gi.bitmap === NO_GI ? gi.current : gi.bitmap, history: gi.history };
+      this.log.warn({ event: 'forced-promotion', resource: this.name, disk }, 'promoted with --force: this disk is now the good data');
+    }
+    await this.saveRecord(patch);
+    this.role = 'Primary';
+    this.log.info({ event: 'role', resource: this.name, role: 'Primary' }, 'Primary');
+    if (patch.gi && this.peer) {
+      // The generations changed under a live link: let the handshake decide again (a full sync to the peer).
+      this.peer.close('generation changed by a forced promotion: reconnecting');
+    } else this.peer?.sendState();
+    this.emit('changed');
+  }
+
+  /** Become Secondary; the caller has closed everything that used the device. */
+  async demote(): Promise<void> {
+    if (this.role === 'Secondary') return;
+    await this.flush().catch(() => undefined);
+    this.role = 'Secondary';
+    await this.al.clear().catch((err: unknown) => this.detach(err));
+    await this.writeBitmap();
+    await this.saveRecord({ primary: false });
+    this.log.info({ event: 'role', resource: this.name, role: 'Secondary' }, 'Secondary');
+    this.peer?.sendState();
+    this.emit('changed');
+  }
+
+  /* ------------------------------------------------------------ disk loss */
+
+  /** The local disk failed: go Diskless and carry on through the peer. */
+  detach(err: unknown): void {
+    if (!this.backing_) return;
+    const dev = this.backing_;
+    this.backing_ = undefined;
+    this.log.error({ event: 'disk-detached', resource: this.name, device: dev.name, err: (err as Error)?.message }, `resource ${this.name}: I/O error on ${dev.name}: disk detached, going on Diskless through the peer`);
+    void Promise.resolve(dev.close()).catch(() => undefined);
+    this.peer?.sendState();
+    this.emit('changed');
+  }
+
+  /* -------------------------------------------------------------- status */
+
+  status(): ResourceStatus {
+    return {
+      name: this.name,
+      role: this.role,
+      disk: this.disk,
+      protocol: this.options.protocol,
+      dataBytes: this.size,
+      outOfSyncBytes: this.bitmap.outOfSyncBytes,
+      generation: this.record.gi,
+      suspended: this.suspended,
+      splitBrain: this.splitBrain,
+      peers: this.peer ? [this.peer.status()] : [],
+    };
+  }
+
+  /* --------------------------------------------------------- data path */
+
+  private checkIo(offset: number, length: number, writing: boolean): void {
+    if (this.closed) throw new BlockDeviceError('ESHUTDOWN', `resource ${this.name} is closed`);
+    if (this.role !== 'Primary') throw new BlockDeviceError('EPERM', `resource ${this.name} is Secondary on ${this.node}: promote it first`);
+    checkRange(this, offset, length);
+    if (writing && this.suspended) throw new BlockDeviceError('EIO', `resource ${this.name}: writes are stopped (no quorum)`);
+  }
+
+  read(offset: number, into: Buffer): void | Promise<void> {
+    this.checkIo(offset, into.length, false);
+    const local = this.backing_;
+    if (local && this.record.disk === 'UpToDate') {
+      try {
+        const r = local.read(offset, into);
+        if (r instanceof Promise) return r.catch((err: unknown) => this.readFromPeer(offset, into, err));
+        return;
+      } catch (err) {
+        return this.readFromPeer(offset, into, err);
+      }
+    }
+    return this.readFromPeer(offset, into, undefined);
+  }
+
+  private async readFromPeer(offset: number, into: Buffer, localErr: unknown): Promise<void> {
+    if (localErr !== undefined) this.detach(localErr);
+    const peer = this.peer;
+    if (!peer || !peer.replicating || peer.state?.disk !== 'UpToDate') {
+      throw new BlockDeviceError('EIO', `resource ${this.name}: no good copy of the data is reachable (local disk ${this.disk}, peer ${peer ? 'not UpToDate' : 'not connected'})`);
+    }
+    await peer.read(offset, into);
+  }
+
+  write(offset: number, data: Buffer, options?: WriteOptions): void | Promise<void> {
+    this.checkIo(offset, data.length, true);
+    return this.replicate(offset, data.length, 0, data, options?.fua === true);
+  }
+
+  trim(offset: number, length: number, options?: WriteOptions): void | Promise<void> {
+    this.checkIo(offset, length, true);
+    if (length === 0) return;
+    return this.replicate(offset, length, 2, undefined, options?.fua === true);
+  }
+
+  writeZeroes(offset: number, length: number, options?: ZeroOptions): void | Promise<void> {
+    this.checkIo(offset, length, true);
+    if (length === 0) return;
+    if (options?.fastOnly && !this.capabilities.fastZero) throw new BlockDeviceError('ENOTSUP', `${this.name}: fast zeroing is not supported`);
+    return this.replicate(offset, length, options?.noHole ? 1 : 2, undefined, options?.fua === true);
+  }
+
+  /**
+   * kind 0 = data, 1 = zeroes kept allocated, 2 = zeroes that may punch a
+   * hole (also how trim is done, so replicas read the same).
+   */
+  private replicate(offset: number, length: number, kind: 0 | 1 | 2, data: Buffer | undefined, fua: boolean): void | Promise<void> {
+    this.lastAppWriteAt = Date.now();
+    const local = this.backing_;
+    const hot = local ? this.al.begin(offset, length) : undefined;
+    const go = (): void | Promise<void> =>
+      this.appWrites.run(offset, length, () => {
+        const remote = this.peer?.replicating ? this.peer.sendWrite(offset, length, kind, data, fua) : undefined;
+        let localDone: void | Promise<void> = undefined;
+        if (local && this.backing_ === local) {
+          try {
+            localDone = kind === 0 ? local.write(offset, data!, { fua }) : local.writeZeroes(offset, length, { fua, noHole: kind === 1 });
+          } catch (err) {
+            localDone = Promise.reject(err);
+          }
+        }
+        if (!remote && localDone === undefined && local && this.backing_ === local) {
+          // Local only, synchronous: the common case without a peer.
+          return this.markDiverged(offset, length);
+        }
+        return this.finishWrite(offset, length, localDone, remote, fua, local !== undefined && this.backing_ === local);
+      });
+    const finish = (): void => {
+      if (local) this.al.end(offset, length);
+    };
+    if (hot instanceof Promise) {
+      return hot.then(go).then(finish, (err: unknown) => {
+        finish();
+        throw err;
+      });
+    }
+    try {
+      const r = go();
+      if (r instanceof Promise) {
+        return r.then(finish, (err: unknown) => {
+          finish();
+          throw err;
+        });
+      }
+      finish();
+    } catch (err) {
+      finish();
+      throw err;
+    }
+  }
+
+  private async finishWrite(
+    offset: number,
+    length: number,
+    localDone: void | Promise<void>,
+    remote: ReturnType<PeerSession['sendWrite']> | undefined,
+    fua: boolean,
+    hasLocal: boolean,
+  ): Promise<void> {
+    let localOk = hasLocal;
+    if (hasLocal) {
+      try {
+        await localDone;
+      } catch (err) {
+        localOk = false;
+        this.detach(err);
+      }
+    }
+    if (!remote) {
+      if (!localOk) throw new BlockDeviceError('EIO', `resource ${this.name}: the local disk failed and the peer is not connected`);
+      return this.markDiverged(offset, length);
+    }
+    // Without a good local copy, or for FUA, the peer's disk must have it whatever the protocol.
+    const protocol = !localOk || fua ? 'C' : this.options.protocol;
+    const ok = await (protocol === 'C' ? remote.done : protocol === 'B' ? remote.received : remote.sent);
+    if (!ok) {
+      if (!localOk) throw new BlockDeviceError('EIO', `resource ${this.name}: the write reached neither the local disk nor the peer`);
+      // The link went down: the session marked the block; wait for the new generation before acknowledging.
+      await this.diverging;
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (this.closed) throw new BlockDeviceError('ESHUTDOWN', `resource ${this.name} is closed`);
+    const local = this.backing_;
+    const remote = this.peer?.replicating ? this.peer.sendFlush() : undefined;
+    let localOk = false;
+    if (local) {
+      try {
+        await local.flush();
+        localOk = true;
+      } catch (err) {
+        this.detach(err);
+      }
+    }
+    const remoteOk = remote ? await remote : false;
+    if (!localOk && !remoteOk) throw new BlockDeviceError('EIO', `resource ${this.name}: the flush reached no disk`);
+    await this.diverging;
+  }
+
+  blockStatus(offset: number, length: number): Extent[] | Promise<Extent[]> {
+    this.checkIo(offset, Math.min(length, this.size - offset), false);
+    const local = this.backing_;
+    if (!local || this.record.disk !== 'UpToDate' || !local.capabilities.extents) return [{ offset, length: Math.min(length, this.size - offset), flags: 0 }];
+    return Promise.resolve(local.blockStatus(offset, Math.min(length, this.size - offset))).then((extents) => clip(extents, offset, this.size));
+  }
+
+  cache(): void {
+    /* advisory */
+  }
+
+  /** Flush, write the bitmap and metadata, close the disk. Leaves the role record: a Primary that closes cleanly is not "crashed". */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.peer?.close('resource closed');
+    if (this.role === 'Primary') await this.demote().catch(() => undefined);
+    this.closed = true;
+    await this.metaChain;
+    if (this.backing_) {
+      await this.writeBitmap();
+      const dev = this.backing_;
+      this.backing_ = undefined;
+      await dev.close();
+    }
+  }
+}
+
+function clip(extents: Extent[], offset: number, end: number): Extent[] {
+  const out: Extent[] = [];
+  for (const e of extents) {
+    if (e.offset >= end) break;
+    out.push({ ...e, length: Math.min(e.length, end - e.offset) });
+  }
+  return out.length > 0 ? out : [{ offset, length: Math.min(4096, end - offset), flags: 0 }];
+}

@@ -1,0 +1,91 @@
+/**
+ * Two nodes of one resource in this process, linked over real TCP on two
+ * loopback addresses, each on its own in-memory (or faulty) disk.
+ */
+import net from 'node:net';
+import type { BlockDevice } from '../../src/blockdev/types.js';
+import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { Connector } from '../../src/replication/connector.js';
+import { Resource, ResourceOptions } from '../../src/replication/resource.js';
+import { silentLogger } from '../../src/util/log.js';
+
+export const SECRET = Buffer.from('a cluster secret of enough length');
+
+export interface Node {
+  name: string;
+  address: string;
+  disk: BlockDevice;
+  resource: Resource;
+  connector: Connector;
+}
+
+export async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+export async function startNode(
+  name: string,
+  disk: BlockDevice,
+  port: number,
+  options: Partial<ResourceOptions> = {},
+): Promise<Node> {
+  const address = name === 'alpha' ? '127.0.0.2' : '127.0.0.3';
+  const peerNode = name === 'alpha' ? 'bravo' : 'alpha';
+  const resource = await Resource.open(disk, { resource: 'r0', node: name, protocol: 'C', log: silentLogger(), ...options });
+  const connector = new Connector(resource, {
+    identity: { cluster: 'test', node: name, resource: 'r0', secret: SECRET },
+    address,
+    peerNode,
+    peerAddress: peerNode === 'alpha' ? '127.0.0.2' : '127.0.0.3',
+    port,
+    link: { pingIntervalMs: 100, pingTimeoutMs: 400 },
+    retryMs: 50,
+  });
+  await connector.start();
+  return { name, address, disk, resource, connector };
+}
+
+export async function stopNode(n: Node): Promise<void> {
+  await n.connector.stop();
+  await n.resource.close();
+}
+
+/** Wait (bounded) until `cond` holds. */
+export async function until(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+export function connected(a: Node, b: Node): boolean {
+  const pa = a.resource.peer;
+  const pb = b.resource.peer;
+  return pa?.phase === 'connected' && pb?.phase === 'connected';
+}
+
+export function upToDate(a: Node, b: Node): boolean {
+  return connected(a, b) && a.resource.disk === 'UpToDate' && b.resource.disk === 'UpToDate' && a.resource.peer?.state?.disk === 'UpToDate' && b.resource.peer?.state?.disk === 'UpToDate';
+}
+
+/** A fresh pair: both disks new, alpha forced Primary, initial sync done. */
+export async function syncedPair(size = 64 * 1024 * 1024, options: Partial<ResourceOptions> = {}): Promise<{ a: Node; b: Node; port: number }> {
+  const port = await freePort();
+  const a = await startNode('alpha', new MemoryDevice(size, 'alpha-disk'), port, options);
+  const b = await startNode('bravo', new MemoryDevice(size, 'bravo-disk'), port, options);
+  await until('both-new connection', () => connected(a, b));
+  await a.resource.promote(true);
+  await until('initial sync', () => upToDate(a, b));
+  return { a, b, port };
+}
+
+export async function readAll(dev: BlockDevice, length: number): Promise<Buffer> {
+  const buf = Buffer.alloc(length);
+  await dev.read(0, buf);
+  return buf;
+}
