@@ -8,6 +8,7 @@ import { registerServe } from './serve.js';
 import { registerDemo } from './demo.js';
 import { registerPool } from './pool.js';
 import { registerVol } from './vol.js';
+import { registerNode, registerResource } from './resource.js';
 
 export async function main(argv: string[]): Promise<void> {
   const program = new Command();
@@ -17,10 +18,14 @@ export async function main(argv: string[]): Promise<void> {
     .version('0.1.0')
     .exitOverride()
     .configureOutput({ outputError: (str, write) => write(`duet: ${str.replace(/^error: /, '')}`) })
-    .option('--home <dir>', 'where duet keeps its pool registry, locks and admin sockets (DUET_HOME; default /var/lib/duet)');
+    .option('--home <dir>', 'where duet keeps its pool registry, locks and admin sockets (DUET_HOME; default /var/lib/duet)')
+    .option('--config <file>', 'the cluster file (DUET_CONFIG): resource, pool and vol commands then act through a node daemon')
+    .option('--node <name>', 'the node of the cluster file to act on (DUET_NODE)');
   registerServe(program);
   registerPool(program);
   registerVol(program);
+  registerNode(program);
+  registerResource(program);
   registerDemo(program);
   try {
     await program.parseAsync(argv, { from: 'user' });

@@ -6,7 +6,9 @@ import type { BlockDevice } from '../blockdev/types.js';
 import { Pool, PoolDamaged } from '../volume/pool.js';
 import { Registry, resolveHome } from '../volume/registry.js';
 import { runPoolCommand } from '../volume/session.js';
-import type { PoolInfo } from '../volume/service.js';
+import type { Command as PoolCmd, PoolInfo } from '../volume/service.js';
+import type { Readable, Writable } from 'node:stream';
+import { callNode, clusterOf } from './cluster-client.js';
 import type { CheckReport } from '../volume/check.js';
 import { checkName } from '../volume/operations.js';
 import { createLogger } from '../util/log.js';
@@ -16,6 +18,17 @@ import { formatSize, parseSize } from '../util/size.js';
 export function homeOf(cmd: Command): Registry {
   const opts = cmd.optsWithGlobals() as { home?: string };
   return new Registry(resolveHome(opts.home));
+}
+
+/**
+ * Run a pool command: through the node daemon that holds the pool when a
+ * cluster is named (--config/--node), else on the local registry (here, or
+ * through the process serving the pool).
+ */
+export async function poolCommand(cmd: Command, pool: string, command: PoolCmd, io: { input?: Readable; output?: Writable } = {}): Promise<unknown> {
+  const cluster = clusterOf(cmd);
+  if (cluster) return callNode(cluster, { ...command, pool }, io);
+  return runPoolCommand(homeOf(cmd), pool, command, io);
 }
 
 export function sizeOption(text: string, what: string): number {
@@ -71,7 +84,7 @@ export function registerPool(program: Command): void {
     .argument('<pool>')
     .argument('<device>')
     .action(async (name: string, device: string, _o: unknown, cmd: Command) => {
-      const info = (await runPoolCommand(homeOf(cmd), name, { cmd: 'pool.extend', device: path.resolve(device) })) as PoolInfo;
+      const info = (await poolCommand(cmd, name, { cmd: 'pool.extend', device: path.resolve(device) })) as PoolInfo;
       process.stdout.write(`extended pool ${name}: ${formatSize(info.sizeBytes)} on ${info.devices.length} device(s)\n`);
     });
 
@@ -80,11 +93,15 @@ export function registerPool(program: Command): void {
     .description('the pools this home knows')
     .option('--json', 'machine-readable output')
     .action(async (options: { json?: boolean }, cmd: Command) => {
+      const cluster = clusterOf(cmd);
       const registry = homeOf(cmd);
       const rows: (PoolInfo | { name: string; devices: string[]; error: string })[] = [];
-      for (const entry of registry.list()) {
+      const entries = cluster
+        ? Object.entries(cluster.config.pools).map(([name, p]) => ({ name, devices: p.devices.map((d) => `resource:${d}`) }))
+        : registry.list();
+      for (const entry of entries) {
         try {
-          rows.push((await runPoolCommand(registry, entry.name, { cmd: 'pool.show' })) as PoolInfo);
+          rows.push((await poolCommand(cmd, entry.name, { cmd: 'pool.show' })) as PoolInfo);
         } catch (err) {
           rows.push({ name: entry.name, devices: entry.devices, error: (err as Error).message });
         }
@@ -105,7 +122,7 @@ export function registerPool(program: Command): void {
     .argument('<pool>')
     .option('--json', 'machine-readable output')
     .action(async (name: string, options: { json?: boolean }, cmd: Command) => {
-      const info = (await runPoolCommand(homeOf(cmd), name, { cmd: 'pool.show' })) as PoolInfo;
+      const info = (await poolCommand(cmd, name, { cmd: 'pool.show' })) as PoolInfo;
       print(options.json === true, info, () =>
         [
           `pool:          ${info.name} (${info.uuid})`,
@@ -131,7 +148,7 @@ export function registerPool(program: Command): void {
     .action(async (name: string, options: { json?: boolean }, cmd: Command) => {
       let report: CheckReport;
       try {
-        report = (await runPoolCommand(homeOf(cmd), name, { cmd: 'pool.check' })) as CheckReport;
+        report = (await poolCommand(cmd, name, { cmd: 'pool.check' })) as CheckReport;
       } catch (err) {
         // Metadata too damaged to open the pool at all: that is the check's answer, not a usage error.
         if (!(err instanceof PoolDamaged)) throw err;

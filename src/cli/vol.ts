@@ -1,12 +1,11 @@
 /** `duet vol ...`: thin volumes, snapshots, clones, diffs, send/receive. */
 import type { Command } from 'commander';
-import { runPoolCommand } from '../volume/session.js';
 import type { VolumeInfo } from '../volume/service.js';
 import type { Range } from '../volume/operations.js';
 import type { ReceiveResult, SendResult } from '../volume/stream.js';
 import { UserError } from '../util/errors.js';
 import { formatSize } from '../util/size.js';
-import { homeOf, print, sizeOption } from './pool.js';
+import { poolCommand, print, sizeOption } from './pool.js';
 
 /** POOL/VOL → [pool, vol]. */
 export function parseVolumePath(text: string): [string, string] {
@@ -31,7 +30,7 @@ export function registerVol(program: Command): void {
     .requiredOption('--size <size>', 'virtual size (thin: space is used only as data is written)')
     .action(async (target: string, options: { size: string }, cmd: Command) => {
       const [pool, name] = parseVolumePath(target);
-      const info = (await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.create', name, sizeBytes: sizeOption(options.size, '--size') })) as VolumeInfo;
+      const info = (await poolCommand(cmd, pool, { cmd: 'vol.create', name, sizeBytes: sizeOption(options.size, '--size') })) as VolumeInfo;
       process.stdout.write(`created volume ${pool}/${info.name}: ${formatSize(info.sizeBytes)}\n`);
     });
 
@@ -42,7 +41,7 @@ export function registerVol(program: Command): void {
     .option('--force', 'allow shrinking below data in use (that data is dropped)')
     .action(async (target: string, options: { size: string; force?: boolean }, cmd: Command) => {
       const [pool, name] = parseVolumePath(target);
-      const info = (await runPoolCommand(homeOf(cmd), pool, {
+      const info = (await poolCommand(cmd, pool, {
         cmd: 'vol.resize',
         name,
         sizeBytes: sizeOption(options.size, '--size'),
@@ -58,7 +57,7 @@ export function registerVol(program: Command): void {
     .argument('<pool/snap>')
     .action(async (source: string, target: string, _o: unknown, cmd: Command) => {
       const [pool, src, name] = samePool(source, target);
-      await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.snapshot', source: src, name });
+      await poolCommand(cmd, pool, { cmd: 'vol.snapshot', source: src, name });
       process.stdout.write(`created snapshot ${pool}/${name} of ${pool}/${src}\n`);
     });
 
@@ -69,7 +68,7 @@ export function registerVol(program: Command): void {
     .argument('<pool/new>')
     .action(async (source: string, target: string, _o: unknown, cmd: Command) => {
       const [pool, src, name] = samePool(source, target);
-      await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.clone', source: src, name });
+      await poolCommand(cmd, pool, { cmd: 'vol.clone', source: src, name });
       process.stdout.write(`created clone ${pool}/${name} of ${pool}/${src}\n`);
     });
 
@@ -78,7 +77,7 @@ export function registerVol(program: Command): void {
     .argument('<pool/vol>')
     .action(async (target: string, _o: unknown, cmd: Command) => {
       const [pool, name] = parseVolumePath(target);
-      await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.remove', name });
+      await poolCommand(cmd, pool, { cmd: 'vol.remove', name });
       process.stdout.write(`removed volume ${pool}/${name}\n`);
     });
 
@@ -87,7 +86,7 @@ export function registerVol(program: Command): void {
     .argument('<pool>')
     .option('--json', 'machine-readable output')
     .action(async (pool: string, options: { json?: boolean }, cmd: Command) => {
-      const rows = (await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.list' })) as VolumeInfo[];
+      const rows = (await poolCommand(cmd, pool, { cmd: 'vol.list' })) as VolumeInfo[];
       print(options.json === true, rows, () => {
         const lines = [['VOLUME', 'SIZE', 'USED', 'TYPE', 'ORIGIN'].map((c, i) => (i < 4 ? c.padEnd([20, 9, 9, 9][i]) : c)).join(' ')];
         for (const r of rows) {
@@ -106,7 +105,7 @@ export function registerVol(program: Command): void {
     .option('--json', 'machine-readable output: [{"offset": n, "length": n}, ...]')
     .action(async (a: string, b: string, options: { json?: boolean }, cmd: Command) => {
       const [pool, oldName, newName] = samePool(a, b);
-      const ranges = (await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.diff', old: oldName, new: newName })) as Range[];
+      const ranges = (await poolCommand(cmd, pool, { cmd: 'vol.diff', old: oldName, new: newName })) as Range[];
       print(options.json === true, ranges, () => {
         const total = ranges.reduce((n, r) => n + r.length, 0);
         return `${ranges.map((r) => `${r.offset} ${r.length}`).join('\n')}${ranges.length ? '\n' : ''}# ${ranges.length} range(s), ${formatSize(total)} changed\n`;
@@ -122,7 +121,7 @@ export function registerVol(program: Command): void {
       if (process.stdout.isTTY) throw new UserError('send writes a binary stream: redirect stdout to a file or a pipe');
       const [pool, name] = parseVolumePath(source);
       const from = options.from === undefined ? undefined : samePool(source, options.from)[2];
-      const r = (await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.send', name, from }, { output: process.stdout })) as SendResult;
+      const r = (await poolCommand(cmd, pool, { cmd: 'vol.send', name, from }, { output: process.stdout })) as SendResult;
       await new Promise<void>((resolve) => process.stdout.write('', () => resolve()));
       process.stderr.write(`sent ${pool}/${name}${from ? ` (incremental from ${from})` : ''}: ${r.records} record(s), ${formatSize(r.dataBytes)} of data\n`);
     });
@@ -134,7 +133,7 @@ export function registerVol(program: Command): void {
     .action(async (target: string, _o: unknown, cmd: Command) => {
       if (process.stdin.isTTY) throw new UserError('receive reads a stream: redirect stdin from a file or a pipe');
       const [pool, name] = parseVolumePath(target);
-      const r = (await runPoolCommand(homeOf(cmd), pool, { cmd: 'vol.receive', name }, { input: process.stdin })) as ReceiveResult;
+      const r = (await poolCommand(cmd, pool, { cmd: 'vol.receive', name }, { input: process.stdin })) as ReceiveResult;
       process.stdout.write(`received ${pool}/${r.volume}${r.incremental ? ' (incremental)' : ''}: ${r.records} record(s), ${formatSize(r.dataBytes)} of data\n`);
     });
 }

@@ -9,6 +9,7 @@
  */
 import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import { LineCounter, parseDocument, isNode } from 'yaml';
 import { z } from 'zod';
 import { UserError, errnoCode } from '../util/errors.js';
@@ -41,7 +42,11 @@ const resourceSchema = z
     /** Failover and split-brain settings refined by the replication issue; accepted as given. */
     'after-split-brain': z.enum(['disconnect', 'discard-zero-changes', 'discard-least-changes', 'discard-younger-primary']).optional(),
     'on-no-quorum': z.enum(['suspend', 'error']).optional(),
+    /** Fixed resync rate cap (e.g. 100M per second); absent = dynamic (as fast as the link allows, yielding to application writes). */
     'resync-rate': size.optional(),
+    'checksum-resync': z.boolean().optional(),
+    'allow-two-primaries': z.boolean().optional(),
+    'ping-interval-ms': z.number().int().positive().optional(),
     'ping-timeout-ms': z.number().int().positive().optional(),
   })
   .strict();
@@ -60,6 +65,8 @@ const schema = z
       .record(z.object({ devices: z.array(z.string()).min(1, 'name at least one resource'), 'chunk-size': size.optional() }).strict())
       .default({}),
     exports: z.object({ port: port.default(10809) }).strict().default({ port: 10809 }),
+    /** The node daemon's admin API (what `duet --config F --node N ...` talks to), at each node's address. */
+    api: z.object({ port: port.default(7800) }).strict().default({ port: 7800 }),
     vms: z
       .record(
         z
@@ -181,10 +188,12 @@ function crossCheck(c: ClusterConfig, problem: (path: (string | number)[], messa
   }
   if (c.witness && addresses.has(c.witness.address)) problem(['witness', 'address'], `${c.witness.address} is node ${addresses.get(c.witness.address)}'s address; the witness needs its own`);
   const ports = new Map<number, string>([[c.exports.port, 'exports.port']]);
+  if (ports.has(c.api.port)) problem(['api', 'port'], `port ${c.api.port} is already used by exports.port; give the API its own port`);
+  ports.set(c.api.port, 'api.port');
   for (const [r, res] of Object.entries(c.resources)) {
     if (!NAME.test(r)) problem(['resources', r], `resource name: ${nameMessage}`);
     for (const n of Object.keys(res.disk)) if (!c.nodes[n]) problem(['resources', r, 'disk', n], `no node named ${n} (nodes: ${nodeList})`);
-    if (Object.keys(res.disk).length < 2) problem(['resources', r, 'disk'], 'a resource mirrors one disk per node: give at least two nodes');
+    if (Object.keys(res.disk).length !== 2) problem(['resources', r, 'disk'], 'a resource mirrors one disk on each of two nodes: give exactly two nodes');
     if (res.prefer !== undefined && !res.disk[res.prefer]) problem(['resources', r, 'prefer'], `${res.prefer} has no disk in this resource (disk: ${Object.keys(res.disk).join(', ')})`);
     const clash = ports.get(res.port);
     if (clash) problem(['resources', r, 'port'], `port ${res.port} is already used by ${clash}; give each resource its own port`);
@@ -204,4 +213,26 @@ function crossCheck(c: ClusterConfig, problem: (path: (string | number)[], messa
     const pool = vm.volume.split('/')[0];
     if (!c.pools[pool]) problem(['vms', v, 'volume'], `no pool named ${pool} (pools: ${Object.keys(c.pools).join(', ') || 'none'})`);
   }
+}
+
+/** The cluster secret (file relative to the cluster file, or inline), as bytes. */
+export function loadSecret(c: ClusterConfig): Buffer {
+  if (c.secret.value !== undefined) return Buffer.from(c.secret.value);
+  const file = path.resolve(path.dirname(c.file), c.secret.file!);
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new UserError(`${c.file}: secret.file: cannot read ${file} (${errnoCode(err) ?? (err as Error).message}); create it with e.g. head -c 32 /dev/urandom | base64 > ${file}`);
+  }
+  const secret = text.trim();
+  if (secret.length < 16) throw new UserError(`${file}: the cluster secret is too short (${secret.length} characters); use at least 16`);
+  return Buffer.from(secret);
+}
+
+/** The node named on the command line, checked against the file. */
+export function nodeOf(c: ClusterConfig, node: string | undefined): string {
+  if (!node) throw new UserError(`name this node with --node NAME or DUET_NODE (nodes in ${c.file}: ${Object.keys(c.nodes).join(', ')})`);
+  if (!c.nodes[node]) throw new UserError(`${c.file}: there is no node named ${node} (nodes: ${Object.keys(c.nodes).join(', ')})`);
+  return node;
 }

@@ -74,7 +74,7 @@ class Connection {
   transmission: Transmission | null = null;
   closed = false;
   /** The export this connection negotiated, once in transmission. */
-  private openedExport: NbdExport | undefined;
+  openedExport: NbdExport | undefined;
   private readonly handshakeTimer: NodeJS.Timeout;
 
   private readonly dataListener = (chunk: Buffer): void => this.onData(chunk);
@@ -375,6 +375,25 @@ export class NbdServer {
   forget(conn: Connection): void {
     this.connections.delete(conn);
     this.onConnections?.(this.connections.size);
+  }
+
+  /**
+   * End the connections on exports that are going away (a pool closing
+   * because its resource stops being Primary here): in-flight requests
+   * finish first, then the connection closes; the rest go on.
+   */
+  async dropConnections(which: (exp: NbdExport) => boolean): Promise<void> {
+    const going = [...this.connections].filter((c) => c.openedExport !== undefined && which(c.openedExport));
+    await finishedWithin(
+      Promise.all(
+        going.map(async (conn) => {
+          if (conn.transmission) await conn.transmission.stop();
+          conn.finish();
+        }),
+      ),
+      this.shutdownTimeoutMs,
+    );
+    for (const conn of going) conn.socket.destroy();
   }
 
   /**

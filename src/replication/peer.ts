@@ -338,8 +338,10 @@ export class PeerSession {
         return this.connected('both disks are new: promote one with --force to start the initial sync');
       case 'in-sync': {
         if (r.bitmap.count === 0 && this.peerRuns.length === 0) return this.connected('in sync');
-        // Same generation but blocks marked (a crashed Primary's hot extents, or verify): the crashed Primary, else the Primary, has the good data.
-        const source = peer.crashedPrimary ? 'target' : r.crashedPrimary ? 'source' : peer.role === 'Primary' ? 'target' : r.role === 'Primary' ? 'source' : r.node < this.peerNode ? 'source' : 'target';
+        // Same generation but blocks marked (a crashed Primary's hot extents, or verify): the Primary
+        // serving now has the good data; without one, the crashed Primary (its writes may not have reached the peer).
+        const source =
+          peer.role === 'Primary' ? 'target' : r.role === 'Primary' ? 'source' : peer.crashedPrimary ? 'target' : r.crashedPrimary ? 'source' : r.node < this.peerNode ? 'source' : 'target';
         return this.startSync(source, false);
       }
       case 'sync':
@@ -416,6 +418,7 @@ export class PeerSession {
         r.crashedPrimary = false;
         if (r.splitBrain && !r.splitBrain.resolution) r.splitBrain.resolution = `kept ${this.peerNode}'s data`;
         r.log.info({ event: 'resync-done', resource: r.name, peer: this.peerNode, ...this.resync!.progress() }, `resync from ${this.peerNode} done: UpToDate`);
+        this.resync!.stop();
         this.phase = 'connected';
         this.sendState();
         r.emit('changed');

@@ -229,11 +229,21 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   markDiverged(offset: number, length: number): void | Promise<void> {
     this.bitmap.mark(offset, length);
     if (this.record.gi.bitmap !== NO_GI || this.role !== 'Primary') return this.diverging;
+    return this.newGeneration('writing without the peer');
+  }
+
+  /**
+   * Start a new data generation: the bitmap records from the current one
+   * (DRBD's new current UUID). Fences the peer first when a witness is
+   * configured, so it cannot be promoted with data that is now old.
+   */
+  private newGeneration(why: string): Promise<void> {
     this.diverging ??= (async () => {
       await this.options.fence?.(this.name);
       const gi = this.record.gi;
-      await this.saveRecord({ gi: { current: newGi(), bitmap: gi.current, history: gi.history }, peerOutdated: this.options.fence !== undefined });
-      this.log.info({ event: 'new-generation', resource: this.name, gi: this.record.gi }, 'writing without the peer: new data generation');
+      const next = gi.bitmap === NO_GI ? { current: newGi(), bitmap: gi.current, history: gi.history } : { current: newGi(), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] as [string, string] };
+      await this.saveRecord({ gi: next, peerOutdated: this.options.fence !== undefined });
+      this.log.info({ event: 'new-generation', resource: this.name, gi: this.record.gi, why }, `${why}: new data generation`);
     })().finally(() => {
       this.diverging = undefined;
     });
@@ -268,6 +278,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       this.log.warn({ event: 'forced-promotion', resource: this.name, disk }, 'promoted with --force: this disk is now the good data');
     }
     await this.saveRecord(patch);
+    // Promoted without the peer: what is written from now on is a generation the peer does not have.
+    if (!patch.gi && !this.peer?.replicating) await this.newGeneration('Primary without the peer');
     this.role = 'Primary';
     this.log.info({ event: 'role', resource: this.name, role: 'Primary' }, 'Primary');
     if (patch.gi && this.peer) {

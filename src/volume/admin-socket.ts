@@ -16,7 +16,18 @@ import type { Logger } from '../util/log.js';
 import { UserError, errnoCode } from '../util/errors.js';
 import type { Command } from './service.js';
 
-export type Handler = (command: Command, io: { input?: Readable; output?: Writable }) => Promise<unknown>;
+/** Any request: the pool commands, or the node daemon's (resource.*, and pool commands naming their pool). */
+export type Request = { cmd: string };
+
+export type Handler<C extends Request = Command> = (command: C, io: { input?: Readable; output?: Writable }) => Promise<unknown>;
+
+/** Where an admin server listens: a Unix socket path, or a TCP address (the node daemon's API). */
+export type AdminTarget = string | { host: string; port: number };
+
+export interface AdminOptions {
+  /** Check a request before it runs (the node API's HMAC); throw a UserError to refuse it. */
+  authorize?: (request: Record<string, unknown>) => void;
+}
 
 const MAX_REQUEST = 64 * 1024;
 
@@ -24,31 +35,35 @@ export class AdminServer {
   private constructor(
     private readonly server: net.Server,
     readonly path: string,
+    private readonly isPath: boolean,
   ) {}
 
-  static async listen(socketPath: string, handler: Handler, log: Logger): Promise<AdminServer> {
+  static async listen<C extends Request = Command>(target: AdminTarget, handler: Handler<C>, log: Logger, options: AdminOptions = {}): Promise<AdminServer> {
     // A socket file left by a process that died: nobody can be listening (we hold the pool lock).
-    fs.rmSync(socketPath, { force: true });
+    if (typeof target === 'string') fs.rmSync(target, { force: true });
     // Half-open: a receive's client ends its side when the stream is sent and still waits for the answer.
-    const server = net.createServer({ allowHalfOpen: true }, (socket) => serveOne(socket, handler, log));
+    const server = net.createServer({ allowHalfOpen: true }, (socket) => serveOne(socket, handler, log, options));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(socketPath, () => {
+      const done = (): void => {
         server.off('error', reject);
         resolve();
-      });
+      };
+      if (typeof target === 'string') server.listen(target, done);
+      else server.listen({ host: target.host, port: target.port }, done);
     });
-    fs.chmodSync(socketPath, 0o600);
-    return new AdminServer(server, socketPath);
+    server.on('error', (err) => log.error({ event: 'admin-listener-error', err: err.message }));
+    if (typeof target === 'string') fs.chmodSync(target, 0o600);
+    return new AdminServer(server, typeof target === 'string' ? target : `${target.host}:${target.port}`, typeof target === 'string');
   }
 
   async close(): Promise<void> {
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
-    fs.rmSync(this.path, { force: true });
+    if (this.isPath) fs.rmSync(this.path, { force: true });
   }
 }
 
-function serveOne(socket: net.Socket, handler: Handler, log: Logger): void {
+function serveOne<C extends Request>(socket: net.Socket, handler: Handler<C>, log: Logger, options: AdminOptions): void {
   let buffered: Buffer = Buffer.alloc(0);
   socket.on('error', (err) => log.debug({ event: 'admin-socket-error', err: err.message }));
   const onData = (chunk: Buffer): void => {
@@ -60,11 +75,19 @@ function serveOne(socket: net.Socket, handler: Handler, log: Logger): void {
     }
     socket.off('data', onData);
     socket.pause();
-    let command: Command;
+    let command: C;
     try {
-      command = JSON.parse(buffered.subarray(0, nl).toString('utf8')) as Command;
+      command = JSON.parse(buffered.subarray(0, nl).toString('utf8')) as C;
+      if (typeof command !== 'object' || command === null || typeof command.cmd !== 'string') throw new Error('no cmd');
     } catch {
       reply(socket, { ok: false, error: 'admin socket: malformed request', exitCode: 2 });
+      return;
+    }
+    try {
+      options.authorize?.(command as unknown as Record<string, unknown>);
+    } catch (err) {
+      log.warn({ event: 'admin-refused', from: socket.remoteAddress, cmd: command.cmd, err: (err as Error).message }, 'refused an admin request');
+      reply(socket, { ok: false, error: (err as Error).message, exitCode: 2 });
       return;
     }
     const rest = buffered.subarray(nl + 1);
@@ -127,11 +150,12 @@ export interface Answer {
  * Send `command` to the process holding the pool. `input` is streamed after
  * the request (receive); stream frames are written to `output` (send).
  */
-export async function callAdmin(socketPath: string, command: Command, io: { input?: Readable; output?: Writable } = {}): Promise<unknown> {
-  const socket = net.createConnection(socketPath);
+export async function callAdmin(target: AdminTarget, command: Request, io: { input?: Readable; output?: Writable; what?: string } = {}): Promise<unknown> {
+  const socket = typeof target === 'string' ? net.createConnection(target) : net.createConnection({ host: target.host, port: target.port });
+  const where = typeof target === 'string' ? target : `${target.host}:${target.port}`;
   await new Promise<void>((resolve, reject) => {
     socket.once('connect', resolve);
-    socket.once('error', (err) => reject(new UserError(`cannot reach the process holding the pool at ${socketPath} (${errnoCode(err) ?? err.message})`)));
+    socket.once('error', (err) => reject(new UserError(`cannot reach ${io.what ?? 'the process holding the pool'} at ${where} (${errnoCode(err) ?? err.message})`)));
   });
   socket.write(`${JSON.stringify(command)}\n`);
   if (io.input) {

@@ -1,0 +1,40 @@
+/**
+ * How the CLI reaches a node daemon: `--config FILE --node NAME` (or
+ * DUET_CONFIG / DUET_NODE) name the cluster file and the node; requests go
+ * to that node's API address, signed with the cluster secret.
+ */
+import type { Command } from 'commander';
+import type { Readable, Writable } from 'node:stream';
+import { ClusterConfig, loadClusterConfig, loadSecret, nodeOf } from '../cluster/config.js';
+import { signRequest } from '../cluster/api-auth.js';
+import { callAdmin } from '../volume/admin-socket.js';
+import type { NodeCommand } from '../cluster/node.js';
+import { UserError } from '../util/errors.js';
+
+export interface ClusterTarget {
+  config: ClusterConfig;
+  node: string;
+}
+
+/** The cluster named by the global options or the environment, if any. */
+export function clusterOf(cmd: Command): ClusterTarget | undefined {
+  const opts = cmd.optsWithGlobals() as { config?: string; node?: string };
+  const file = opts.config ?? process.env.DUET_CONFIG;
+  if (!file) return undefined;
+  const config = loadClusterConfig(file);
+  return { config, node: nodeOf(config, opts.node ?? process.env.DUET_NODE) };
+}
+
+export function requireCluster(cmd: Command): ClusterTarget {
+  const t = clusterOf(cmd);
+  if (!t) throw new UserError('name the cluster file and the node: --config FILE --node NAME (or DUET_CONFIG and DUET_NODE)');
+  return t;
+}
+
+export async function callNode(t: ClusterTarget, request: NodeCommand, io: { input?: Readable; output?: Writable } = {}, node = t.node): Promise<unknown> {
+  const secret = loadSecret(t.config);
+  return callAdmin({ host: t.config.nodes[node].address, port: t.config.api.port }, signRequest(secret, request), {
+    ...io,
+    what: `the duet daemon of node ${node} (is \`duet node run --node ${node}\` running?)`,
+  });
+}

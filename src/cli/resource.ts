@@ -1,0 +1,188 @@
+/**
+ * `duet node run` (the daemon of one node) and `duet resource ...` (what an
+ * admin asks of a node's resources, through its daemon).
+ */
+import type { Command } from 'commander';
+import { loadClusterConfig } from '../cluster/config.js';
+import { NodeDaemon, NodeStatus } from '../cluster/node.js';
+import type { PeerStatus, VerifyProgress } from '../replication/peer.js';
+import type { ResourceStatus } from '../replication/resource.js';
+import { createLogger } from '../util/log.js';
+import { UserError } from '../util/errors.js';
+import { formatSize } from '../util/size.js';
+import { resolveHome } from '../volume/registry.js';
+import { callNode, requireCluster } from './cluster-client.js';
+import { print } from './pool.js';
+
+export function registerNode(program: Command): void {
+  const node = program.command('node').description('the duet daemon of one node');
+  node
+    .command('run')
+    .description('run this node: its resources, peer links, pools, NBD exports and API')
+    .action(async (_o: unknown, cmd: Command) => {
+      const opts = cmd.optsWithGlobals() as { config?: string; node?: string; home?: string };
+      const file = opts.config ?? process.env.DUET_CONFIG;
+      if (!file) throw new UserError('node run: give the cluster file with --config FILE (or DUET_CONFIG)');
+      const config = loadClusterConfig(file);
+      const log = createLogger('duet-node');
+      const home = resolveHome(opts.home);
+      const daemon = await NodeDaemon.start(config, opts.node ?? process.env.DUET_NODE, { home, log });
+      let stopping = false;
+      const stop = async (signal: string): Promise<void> => {
+        if (stopping) return;
+        stopping = true;
+        log.info({ event: 'shutting-down', signal });
+        let code = 0;
+        try {
+          await daemon.stop();
+        } catch (err) {
+          log.error({ event: 'shutdown-failed', err: (err as Error).message });
+          code = 1;
+        }
+        log.info({ event: 'stopped' });
+        process.exit(code);
+      };
+      process.on('SIGINT', () => void stop('SIGINT'));
+      process.on('SIGTERM', () => void stop('SIGTERM'));
+      const s = daemon.status();
+      process.stdout.write(
+        [
+          `node ${daemon.node} running (cluster ${config.cluster}, home ${home})`,
+          ...s.resources.map((r) => `resource ${r.name}: ${r.role}, disk ${r.disk}, peer ${r.peers[0]?.node} on port ${config.resources[r.name].port}`),
+          `api ${daemon.address}:${config.api.port}`,
+          `exports nbd://${daemon.address}:${config.exports.port}/VOLUME`,
+          '',
+        ].join('\n'),
+      );
+    });
+}
+
+export function registerResource(program: Command): void {
+  const res = program.command('resource').description('replicated resources of a node (through its daemon): status, roles, connection, verify, split brain');
+
+  res
+    .command('status')
+    .description('role, disk, connection, resync and verify progress of each resource on the node')
+    .argument('[resource]')
+    .option('--json', 'machine-readable output')
+    .action(async (name: string | undefined, options: { json?: boolean }, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const s = (await callNode(t, { cmd: 'resource.status', resource: name })) as NodeStatus;
+      print(options.json === true, { node: s.node, resources: s.resources }, () => formatStatus(s));
+    });
+
+  res
+    .command('primary')
+    .description('make the resource Primary on this node (its pools open and their volumes are exported here)')
+    .argument('<resource>')
+    .option('--force', 'promote a disk that is not UpToDate (Inconsistent or Outdated): it becomes the good data')
+    .action(async (name: string, options: { force?: boolean }, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const s = (await callNode(t, { cmd: 'resource.primary', resource: name, force: options.force === true })) as NodeStatus;
+      process.stdout.write(`resource ${name} is Primary on ${s.node}\n`);
+    });
+
+  res
+    .command('secondary')
+    .description('make the resource Secondary on this node (its pools close, their exports go away)')
+    .argument('<resource>')
+    .action(async (name: string, _o: unknown, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const s = (await callNode(t, { cmd: 'resource.secondary', resource: name })) as NodeStatus;
+      process.stdout.write(`resource ${name} is Secondary on ${s.node}\n`);
+    });
+
+  for (const what of ['disconnect', 'connect'] as const) {
+    res
+      .command(what)
+      .description(what === 'disconnect' ? 'drop the peer link and stay StandAlone (writes are tracked in the bitmap)' : 'let the peer link come back (and resync what changed)')
+      .argument('<resource>')
+      .action(async (name: string, _o: unknown, cmd: Command) => {
+        const t = requireCluster(cmd);
+        await callNode(t, { cmd: `resource.${what}`, resource: name });
+        process.stdout.write(`resource ${name}: ${what === 'disconnect' ? 'StandAlone' : 'connecting'} on ${t.node}\n`);
+      });
+  }
+
+  res
+    .command('verify')
+    .description('compare every block with the peer by checksum; out-of-sync blocks are reported and resynced')
+    .argument('<resource>')
+    .option('--json', 'machine-readable output')
+    .action(async (name: string, options: { json?: boolean }, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const showProgress = process.stderr.isTTY || process.env.DUET_PROGRESS === '1';
+      const timer = showProgress
+        ? setInterval(() => {
+            void callNode(t, { cmd: 'resource.status', resource: name }).then(
+              (s) => {
+                const v = (s as NodeStatus).resources[0]?.peers[0]?.verify;
+                if (v?.running) process.stderr.write(`verify ${name}: ${percent(v.doneBytes, v.totalBytes)} (${formatSize(v.doneBytes)} of ${formatSize(v.totalBytes)}), ${formatSize(v.outOfSyncBytes)} out of sync\n`);
+              },
+              () => undefined,
+            );
+          }, 1000)
+        : undefined;
+      try {
+        const v = (await callNode(t, { cmd: 'resource.verify', resource: name })) as VerifyProgress & { resource: string };
+        print(options.json === true, v, () =>
+          v.outOfSyncBytes === 0
+            ? `resource ${name}: verified ${formatSize(v.totalBytes)}, no difference\n`
+            : `resource ${name}: ${formatSize(v.outOfSyncBytes)} out of sync, marked for resync:\n${v.ranges.map((r) => `  ${r.offset}+${r.length}\n`).join('')}`,
+        );
+      } finally {
+        if (timer) clearInterval(timer);
+      }
+    });
+
+  res
+    .command('resolve')
+    .description("end a split brain: keep NODE's data; the other node's changed blocks are saved to a file there, then overwritten")
+    .argument('<resource>')
+    .requiredOption('--keep <node>', 'the node whose data stays')
+    .action(async (name: string, options: { keep: string }, cmd: Command) => {
+      const t = requireCluster(cmd);
+      await callNode(t, { cmd: 'resource.resolve', resource: name, keep: options.keep });
+      // The peer is StandAlone after the split brain: let it connect again too.
+      const peer = Object.keys(t.config.resources[name]?.disk ?? {}).find((n) => n !== t.node);
+      let peerNote = '';
+      if (peer) {
+        try {
+          await callNode(t, { cmd: 'resource.resolve', resource: name, keep: options.keep }, {}, peer);
+        } catch (err) {
+          peerNote = ` (${peer} could not be told: ${(err as Error).message}; run this command with --node ${peer} too)`;
+        }
+      }
+      process.stdout.write(`resource ${name}: resolving split brain, keeping ${options.keep}'s data${peerNote}\n`);
+    });
+}
+
+function percent(done: number, total: number): string {
+  return total === 0 ? '100%' : `${((done / total) * 100).toFixed(1)}%`;
+}
+
+function formatPeer(p: PeerStatus): string {
+  let line = `  ${p.node} connection:${p.connection} role:${p.role} disk:${p.disk} out-of-sync:${formatSize(p.outOfSyncBytes)}`;
+  if (p.resync) {
+    const eta = p.resync.etaSeconds !== null ? ` eta ${p.resync.etaSeconds}s` : '';
+    line += `\n    resync: ${percent(p.resync.doneBytes, p.resync.totalBytes)} (${formatSize(p.resync.doneBytes)} of ${formatSize(p.resync.totalBytes)}) at ${formatSize(p.resync.rateBytesPerSec)}/s${eta}`;
+  }
+  if (p.verify?.running) line += `\n    verify: ${percent(p.verify.doneBytes, p.verify.totalBytes)}, ${formatSize(p.verify.outOfSyncBytes)} out of sync so far`;
+  return line;
+}
+
+function formatResource(r: ResourceStatus & { lastRefusal?: string | null }): string {
+  const lines = [`${r.name} role:${r.role} disk:${r.disk} protocol:${r.protocol}${r.suspended ? ' suspended' : ''}`];
+  for (const p of r.peers) lines.push(formatPeer(p));
+  if (r.splitBrain) {
+    const sb = r.splitBrain;
+    lines.push(`  split brain since ${sb.detectedAt}: ${formatSize(sb.localChangedBytes)} changed here, ${formatSize(sb.peerChangedBytes)} on the peer; ${sb.resolution ?? `unresolved (policy ${sb.policy}): duet resource resolve ${r.name} --keep NODE`}`);
+    if (sb.savedTo) lines.push(`  blocks overwritten here were saved to ${sb.savedTo}`);
+  }
+  if (r.lastRefusal) lines.push(`  not connected: ${r.lastRefusal}`);
+  return lines.join('\n');
+}
+
+export function formatStatus(s: NodeStatus): string {
+  return `${s.resources.map((r) => formatResource(r)).join('\n')}\n`;
+}

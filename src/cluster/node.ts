@@ -1,0 +1,381 @@
+/**
+ * The daemon of one node (`duet node run`): opens its disks as replicated
+ * resources and keeps their peer links up; where a resource is Primary here,
+ * opens the pools on it (creating them the first time) and exports their
+ * volumes over NBD at this node's address; answers the admin API (resource
+ * and pool commands, HMAC-signed) at this node's address and the API port.
+ *
+ * Promotion: the `prefer` node of a resource promotes itself once it is
+ * connected to its peer and nobody is Primary (on brand-new disks it starts
+ * the initial full sync that way). A node never promotes itself while it
+ * cannot see its peer: that is the failover decision of the cluster layer,
+ * or of an admin (`resource primary`).
+ */
+import path from 'node:path';
+import { FileDevice } from '../blockdev/file.js';
+import { NbdServer } from '../nbd/server.js';
+import type { ExportProvider, NbdExport } from '../nbd/exports.js';
+import { Connector } from '../replication/connector.js';
+import { Resource, ResourceStatus } from '../replication/resource.js';
+import type { Logger } from '../util/log.js';
+import { UserError } from '../util/errors.js';
+import { parseSize } from '../util/size.js';
+import { AdminServer } from '../volume/admin-socket.js';
+import { PoolExports } from '../volume/exports.js';
+import { Pool, readBestSuperblock } from '../volume/pool.js';
+import { Registry } from '../volume/registry.js';
+import { Command as PoolCommand, runCommand } from '../volume/service.js';
+import { verifyRequest } from './api-auth.js';
+import { ClusterConfig, loadSecret, nodeOf } from './config.js';
+import type { Readable, Writable } from 'node:stream';
+
+export type NodeCommand =
+  | { cmd: 'resource.status'; resource?: string }
+  | { cmd: 'resource.primary'; resource: string; force: boolean }
+  | { cmd: 'resource.secondary'; resource: string }
+  | { cmd: 'resource.disconnect'; resource: string }
+  | { cmd: 'resource.connect'; resource: string }
+  | { cmd: 'resource.verify'; resource: string }
+  | { cmd: 'resource.resolve'; resource: string; keep: string }
+  | (PoolCommand & { pool: string });
+
+export interface NodeStatus {
+  node: string;
+  resources: ResourceStatus[];
+  pools: { name: string; open: boolean; resources: string[] }[];
+}
+
+interface ResourceEntry {
+  name: string;
+  resource: Resource;
+  connector: Connector;
+  prefer: string | undefined;
+  peerNode: string;
+}
+
+interface OpenPool {
+  pool: Pool;
+  exports: PoolExports;
+  resources: string[];
+}
+
+export class NodeDaemon {
+  readonly resources = new Map<string, ResourceEntry>();
+  readonly pools = new Map<string, OpenPool>();
+  private nbd: NbdServer | undefined;
+  private api: AdminServer | undefined;
+  private stopping = false;
+  /** One pool/role change at a time. */
+  private chain: Promise<unknown> = Promise.resolve();
+  readonly address: string;
+
+  private constructor(
+    readonly config: ClusterConfig,
+    readonly node: string,
+    readonly home: string,
+    readonly log: Logger,
+    private readonly secret: Buffer,
+  ) {
+    this.address = config.nodes[node].address;
+  }
+
+  static async start(config: ClusterConfig, nodeName: string | undefined, options: { home: string; log: Logger }): Promise<NodeDaemon> {
+    const node = nodeOf(config, nodeName);
+    const secret = loadSecret(config);
+    const d = new NodeDaemon(config, node, options.home, options.log, secret);
+    try {
+      await d.openResources();
+      await d.listen();
+    } catch (err) {
+      await d.stop();
+      throw err;
+    }
+    for (const e of d.resources.values()) {
+      e.resource.on('changed', () => d.reconcile(e));
+      d.reconcile(e);
+    }
+    return d;
+  }
+
+  private async openResources(): Promise<void> {
+    const c = this.config;
+    for (const [name, res] of Object.entries(c.resources)) {
+      const diskPath = res.disk[this.node];
+      if (diskPath === undefined) continue;
+      const peerNode = Object.keys(res.disk).find((n) => n !== this.node)!;
+      const file = path.resolve(path.dirname(c.file), diskPath);
+      const device = FileDevice.open(file);
+      let resource: Resource;
+      try {
+        resource = await Resource.open(device, {
+          resource: name,
+          node: this.node,
+          protocol: res.protocol,
+          log: this.log,
+          resyncRateBytesPerSec: res['resync-rate'] !== undefined ? parseSize(String(res['resync-rate'])) : 0,
+          checksumResync: res['checksum-resync'],
+          afterSplitBrain: res['after-split-brain'],
+          allowTwoPrimaries: res['allow-two-primaries'],
+          splitBrainDir: path.join(this.home, 'split-brain'),
+        });
+      } catch (err) {
+        await device.close();
+        throw err;
+      }
+      const connector = new Connector(resource, {
+        identity: { cluster: c.cluster, node: this.node, resource: name, secret: this.secret },
+        address: this.address,
+        peerNode,
+        peerAddress: c.nodes[peerNode].address,
+        port: res.port,
+        link: { pingIntervalMs: res['ping-interval-ms'], pingTimeoutMs: res['ping-timeout-ms'] },
+      });
+      this.resources.set(name, { name, resource, connector, prefer: res.prefer, peerNode });
+      try {
+        await connector.start();
+      } catch (err) {
+        throw new UserError(`resource ${name}: cannot listen on ${this.address}:${res.port} (${(err as Error).message})`);
+      }
+      this.log.info({ event: 'resource-open', resource: name, disk: file, state: resource.status() }, `resource ${name} on ${file}`);
+    }
+  }
+
+  private async listen(): Promise<void> {
+    const exports = new NodeExports(this);
+    this.nbd = new NbdServer({ exports, log: this.log });
+    try {
+      await this.nbd.listen(this.address, this.config.exports.port);
+    } catch (err) {
+      throw new UserError(`node ${this.node}: cannot serve NBD on ${this.address}:${this.config.exports.port} (${(err as Error).message})`);
+    }
+    try {
+      this.api = await AdminServer.listen<NodeCommand>({ host: this.address, port: this.config.api.port }, (c, io) => this.handle(c, io), this.log, {
+        authorize: (request) => verifyRequest(this.secret, request),
+      });
+    } catch (err) {
+      throw new UserError(`node ${this.node}: cannot open the API on ${this.address}:${this.config.api.port} (${(err as Error).message})`);
+    }
+  }
+
+  /* ------------------------------------------------------------ reconcile */
+
+  /** Bring pools and exports in line with the roles (serialized). */
+  private reconcile(e: ResourceEntry): void {
+    if (this.stopping) return;
+    this.chain = this.chain.then(() => this.reconcileNow(e)).catch((err: unknown) => {
+      this.log.error({ event: 'reconcile-failed', resource: e.name, err: (err as Error).message }, `resource ${e.name}: ${(err as Error).message}`);
+    });
+  }
+
+  private async reconcileNow(e: ResourceEntry): Promise<void> {
+    const r = e.resource;
+    const peer = r.peer;
+    // The preferred node takes the Primary role once it sees its peer and nobody has it.
+    if (r.role === 'Secondary' && e.prefer === this.node && peer?.phase === 'connected' && peer.state?.role === 'Secondary') {
+      if (r.disk === 'UpToDate') {
+        await r.promote(false);
+        return;
+      }
+      if (r.disk === 'Inconsistent' && r.record.gi.current === '0' && peer.state.gi.current === '0') {
+        this.log.info({ event: 'initial-sync', resource: e.name }, `resource ${e.name}: both disks are new; ${this.node} is preferred: starting the initial sync from here`);
+        await r.promote(true);
+        return;
+      }
+    }
+    if (r.role === 'Primary') await this.openPools();
+  }
+
+  /** Open (or create, the first time) every pool whose resources are all Primary here. */
+  private async openPools(): Promise<void> {
+    for (const [name, p] of Object.entries(this.config.pools)) {
+      if (this.pools.has(name)) continue;
+      const entries = p.devices.map((d) => this.resources.get(d));
+      if (entries.some((e) => !e || e.resource.role !== 'Primary')) continue;
+      const devices = entries.map((e) => e!.resource);
+      const known = await Promise.all(devices.map((d) => readBestSuperblock(d)));
+      let pool: Pool;
+      if (known.every((sb) => sb === undefined)) {
+        const chunkSize = p['chunk-size'] !== undefined ? parseSize(String(p['chunk-size'])) : undefined;
+        pool = await Pool.create(name, devices, { chunkSize, log: this.log });
+        this.log.info({ event: 'pool-created', pool: name, resources: p.devices }, `pool ${name} created on ${p.devices.join(', ')}`);
+      } else {
+        pool = await Pool.open(name, devices, { log: this.log });
+      }
+      this.pools.set(name, { pool, exports: new PoolExports(pool), resources: [...p.devices] });
+      this.log.info({ event: 'pool-open', pool: name, volumes: pool.listVolumes().map((v) => v.record.name) }, `pool ${name} open, volumes exported at nbd://${this.address}:${this.config.exports.port}/`);
+    }
+  }
+
+  /** Close the pools on a resource (and their NBD connections) before it stops being Primary. */
+  private async closePoolsOn(resource: string): Promise<void> {
+    for (const [name, open] of [...this.pools]) {
+      if (!open.resources.includes(resource)) continue;
+      this.pools.delete(name);
+      await this.nbd?.dropConnections((exp) => open.pool.listVolumes().some((v) => v.record.name === exp.name));
+      await open.pool.close();
+      this.log.info({ event: 'pool-closed', pool: name }, `pool ${name} closed`);
+    }
+  }
+
+  /* ----------------------------------------------------------------- API */
+
+  private entry(name: string | undefined): ResourceEntry {
+    const e = name !== undefined ? this.resources.get(name) : undefined;
+    if (!e) throw new UserError(`no resource ${name ?? ''} on node ${this.node} (resources here: ${[...this.resources.keys()].join(', ') || 'none'})`);
+    return e;
+  }
+
+  status(resource?: string): NodeStatus {
+    const list = resource !== undefined ? [this.entry(resource)] : [...this.resources.values()];
+    return {
+      node: this.node,
+      resources: list.map((e) => statusOf(e)),
+      pools: Object.entries(this.config.pools).map(([name, p]) => ({ name, open: this.pools.has(name), resources: p.devices })),
+    };
+  }
+
+  private async handle(c: NodeCommand, io: { input?: Readable; output?: Writable }): Promise<unknown> {
+    switch (c.cmd) {
+      case 'resource.status':
+        return this.status(c.resource);
+      case 'resource.primary': {
+        const e = this.entry(c.resource);
+        await this.serial(async () => {
+          await e.resource.promote(c.force);
+          await this.openPools();
+        });
+        return this.status(c.resource);
+      }
+      case 'resource.secondary': {
+        const e = this.entry(c.resource);
+        await this.serial(async () => {
+          await this.closePoolsOn(e.name);
+          await e.resource.demote();
+        });
+        return this.status(c.resource);
+      }
+      case 'resource.disconnect': {
+        const e = this.entry(c.resource);
+        e.resource.standAlone = true;
+        const peer = e.resource.peer;
+        // A clean disconnect: the peer has everything flushed first, so nothing beyond new writes resyncs later.
+        if (peer?.replicating && e.resource.role === 'Primary') await e.resource.flush().catch(() => undefined);
+        e.connector.kick('disconnected by the admin');
+        return this.status(c.resource);
+      }
+      case 'resource.connect': {
+        const e = this.entry(c.resource);
+        e.resource.standAlone = false;
+        e.resource.lastRefusal = undefined;
+        return this.status(c.resource);
+      }
+      case 'resource.resolve': {
+        const e = this.entry(c.resource);
+        if (c.keep !== this.node && c.keep !== e.peerNode) throw new UserError(`resource ${e.name}: --keep names ${c.keep}, which is not one of its nodes (${this.node}, ${e.peerNode})`);
+        if (c.keep !== this.node && e.resource.role === 'Primary') {
+          throw new UserError(`resource ${e.name} is Primary on ${this.node}: make it Secondary here first (resource secondary ${e.name}), then resolve`);
+        }
+        e.resource.keepNode = c.keep;
+        e.resource.standAlone = false;
+        e.resource.lastRefusal = undefined;
+        e.connector.kick('split-brain resolution: reconnecting');
+        return this.status(c.resource);
+      }
+      case 'resource.verify': {
+        const e = this.entry(c.resource);
+        const peer = e.resource.peer;
+        if (!peer) throw new UserError(`resource ${e.name} is not connected to ${e.peerNode}: nothing to verify against`);
+        let v;
+        try {
+          v = await peer.runVerify();
+        } catch (err) {
+          throw new UserError(`resource ${e.name}: ${(err as Error).message}`);
+        }
+        if (v.outOfSyncBytes > 0) {
+          // Out-of-sync blocks are marked: a reconnect resyncs them from the side with the good data.
+          e.connector.kick('resync the blocks verify found');
+        }
+        return { resource: e.name, ...v };
+      }
+      default: {
+        const open = this.pools.get(c.pool);
+        if (!open) {
+          if (!this.config.pools[c.pool]) throw new UserError(`no pool ${c.pool} in ${this.config.file} (pools: ${Object.keys(this.config.pools).join(', ') || 'none'})`);
+          throw new UserError(`pool ${c.pool} is not open on ${this.node}: its resources (${this.config.pools[c.pool].devices.join(', ')}) are not Primary here`);
+        }
+        if (c.cmd === 'pool.extend') throw new UserError(`pool ${c.pool} is on replicated resources: add a resource to pools.${c.pool}.devices in ${this.config.file} instead`);
+        return runCommand(
+          {
+            pool: open.pool,
+            registry: new Registry(this.home),
+            devicePaths: open.resources.map((r) => `resource:${r}`),
+            pid: process.pid,
+            connections: (vol) => open.exports.connections(vol),
+            changed: () => open.exports.prune(),
+            ...io,
+          },
+          c,
+        );
+      }
+    }
+  }
+
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.chain.then(fn);
+    this.chain = run.catch(() => undefined);
+    return run;
+  }
+
+  /** Graceful stop: no new connections, in-flight I/O finishes, pools and resources close cleanly. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    await this.chain.catch(() => undefined);
+    await this.api?.close().catch(() => undefined);
+    await this.nbd?.close();
+    for (const [name, open] of [...this.pools]) {
+      this.pools.delete(name);
+      await open.pool.close().catch((err: unknown) => this.log.error({ event: 'pool-close-failed', pool: name, err: (err as Error).message }));
+    }
+    for (const e of this.resources.values()) {
+      await e.connector.stop();
+      await e.resource.close().catch((err: unknown) => this.log.error({ event: 'resource-close-failed', resource: e.name, err: (err as Error).message }));
+    }
+  }
+}
+
+function statusOf(e: ResourceEntry): ResourceStatus & { lastRefusal: string | null; standAlone: boolean } {
+  const s = e.resource.status();
+  const peers = s.peers.length > 0 ? s.peers : [{ node: e.peerNode, connection: e.resource.standAlone ? ('StandAlone' as const) : ('Connecting' as const), disk: 'DUnknown', role: 'Unknown', outOfSyncBytes: e.resource.bitmap.outOfSyncBytes, resync: null, verify: null }];
+  return { ...s, peers, lastRefusal: e.resource.lastRefusal ?? null, standAlone: e.resource.standAlone };
+}
+
+/** Every volume of every pool open on this node, exported under its own name. */
+class NodeExports implements ExportProvider {
+  constructor(private readonly daemon: NodeDaemon) {}
+
+  list(): NbdExport[] {
+    return [...this.daemon.pools.values()].flatMap((p) => p.exports.list());
+  }
+
+  get(name: string): NbdExport | undefined {
+    if (name === '') return this.list()[0];
+    for (const p of this.daemon.pools.values()) {
+      const e = p.exports.get(name);
+      if (e) return e;
+    }
+    return undefined;
+  }
+
+  private owner(exp: NbdExport): PoolExports | undefined {
+    for (const p of this.daemon.pools.values()) if (p.exports.get(exp.name) === exp) return p.exports;
+    return undefined;
+  }
+
+  opened(exp: NbdExport): void {
+    this.owner(exp)?.opened(exp);
+  }
+
+  closed(exp: NbdExport): void {
+    this.owner(exp)?.closed(exp);
+  }
+}
