@@ -8,7 +8,7 @@ import { registerServe } from './serve.js';
 import { registerDemo } from './demo.js';
 import { registerPool } from './pool.js';
 import { registerVol } from './vol.js';
-import { registerNode, registerResource } from './resource.js';
+import { registerNode, registerResource, registerWitness } from './resource.js';
 
 export async function main(argv: string[]): Promise<void> {
   const program = new Command();
@@ -26,6 +26,7 @@ export async function main(argv: string[]): Promise<void> {
   registerVol(program);
   registerNode(program);
   registerResource(program);
+  registerWitness(program);
   registerDemo(program);
   try {
     await program.parseAsync(argv, { from: 'user' });

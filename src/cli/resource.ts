@@ -3,7 +3,9 @@
  * admin asks of a node's resources, through its daemon).
  */
 import type { Command } from 'commander';
-import { loadClusterConfig } from '../cluster/config.js';
+import path from 'node:path';
+import { loadClusterConfig, loadSecret } from '../cluster/config.js';
+import { DEFAULT_WITNESS_PORT, Witness } from '../cluster/witness.js';
 import { NodeDaemon, NodeStatus } from '../cluster/node.js';
 import type { PeerStatus, VerifyProgress } from '../replication/peer.js';
 import type { ResourceStatus } from '../replication/resource.js';
@@ -54,6 +56,35 @@ export function registerNode(program: Command): void {
           '',
         ].join('\n'),
       );
+    });
+}
+
+export function registerWitness(program: Command): void {
+  const witness = program.command('witness').description('the diskless third vote of a two-node cluster');
+  witness
+    .command('run')
+    .description('run the witness at the cluster file\'s witness address')
+    .action(async (_o: unknown, cmd: Command) => {
+      const opts = cmd.optsWithGlobals() as { config?: string; home?: string };
+      const file = opts.config ?? process.env.DUET_CONFIG;
+      if (!file) throw new UserError('witness run: give the cluster file with --config FILE (or DUET_CONFIG)');
+      const config = loadClusterConfig(file);
+      if (!config.witness) throw new UserError(`${file}: has no witness: section (witness: { address: IP })`);
+      const log = createLogger('duet-witness');
+      const home = resolveHome(opts.home);
+      const w = new Witness(path.join(home, 'witness.json'), Object.keys(config.nodes), log);
+      const port = config.witness.port ?? DEFAULT_WITNESS_PORT;
+      try {
+        await w.listen(config.witness.address, port, loadSecret(config));
+      } catch (err) {
+        throw new UserError(`witness: cannot listen on ${config.witness.address}:${port} (${(err as Error).message})`);
+      }
+      const stop = (): void => {
+        void w.close().finally(() => process.exit(0));
+      };
+      process.on('SIGINT', stop);
+      process.on('SIGTERM', stop);
+      process.stdout.write(`witness of cluster ${config.cluster} at ${config.witness.address}:${port} (state ${path.join(home, 'witness.json')})\n`);
     });
 }
 

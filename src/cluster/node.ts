@@ -13,6 +13,7 @@
  */
 import path from 'node:path';
 import { FileDevice } from '../blockdev/file.js';
+import { BorrowedDevice } from '../blockdev/borrowed.js';
 import { NbdServer } from '../nbd/server.js';
 import type { ExportProvider, NbdExport } from '../nbd/exports.js';
 import { Connector } from '../replication/connector.js';
@@ -28,6 +29,12 @@ import { Command as PoolCommand, runCommand } from '../volume/service.js';
 import { verifyRequest } from './api-auth.js';
 import { ClusterConfig, loadSecret, nodeOf } from './config.js';
 import type { Readable, Writable } from 'node:stream';
+import { BlockDeviceError } from '../blockdev/types.js';
+import { DEFAULT_WITNESS_PORT, WitnessClient } from './witness.js';
+
+const HEARTBEAT_MS = 500;
+/** The witness counts as a vote this long after it last answered. */
+const WITNESS_FRESH_MS = 2000;
 
 export type NodeCommand =
   | { cmd: 'resource.status'; resource?: string }
@@ -51,6 +58,8 @@ interface ResourceEntry {
   connector: Connector;
   prefer: string | undefined;
   peerNode: string;
+  /** The preferred node may promote itself once per daemon start, until an admin sets a role by hand. */
+  autoPromote: boolean;
 }
 
 interface OpenPool {
@@ -69,6 +78,11 @@ export class NodeDaemon {
   private chain: Promise<unknown> = Promise.resolve();
   readonly address: string;
 
+  private readonly witness: WitnessClient | undefined;
+  private heartbeat: NodeJS.Timeout | undefined;
+  /** When the witness last answered (quorum without the peer). */
+  private witnessSeenAt = 0;
+
   private constructor(
     readonly config: ClusterConfig,
     readonly node: string,
@@ -77,6 +91,96 @@ export class NodeDaemon {
     private readonly secret: Buffer,
   ) {
     this.address = config.nodes[node].address;
+    if (config.witness) this.witness = new WitnessClient(config.witness.address, config.witness.port ?? DEFAULT_WITNESS_PORT, secret, node);
+  }
+
+  /* -------------------------------------------------------------- quorum */
+
+  /** Votes: this node, its peer if connected, the witness if it answered lately. */
+  hasQuorum(resource: Resource): boolean {
+    if (resource.peer?.replicating) return true;
+    if (!this.witness) return true;
+    return Date.now() - this.witnessSeenAt < WITNESS_FRESH_MS;
+  }
+
+  /**
+   * Before the first write the peer will not have: outdate it at the witness.
+   * Without the witness the write waits (suspend, retrying) or fails (error).
+   */
+  private async fence(resource: string, peer: string, onNoQuorum: 'suspend' | 'error'): Promise<void> {
+    const r = this.resources.get(resource)?.resource;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.witness!.call({ cmd: 'witness.outdate', resource, peer });
+        this.witnessSeenAt = Date.now();
+        if (r?.suspended) {
+          r.suspended = false;
+          this.log.warn({ event: 'io-resumed', resource }, `resource ${resource}: quorum back, writes resume`);
+          r.emit('changed');
+        }
+        return;
+      } catch (err) {
+        if (onNoQuorum === 'error' || this.stopping) {
+          throw new BlockDeviceError('EIO', `resource ${resource}: no quorum (${(err as Error).message}): write refused`);
+        }
+        if (r && !r.suspended) {
+          r.suspended = true;
+          this.log.error({ event: 'io-suspended', resource, err: (err as Error).message }, `resource ${resource}: lost the peer and the witness: writes suspended until one is back`);
+          r.emit('changed');
+        }
+        // The peer came back: the write reaches it after all through the resync; no fence needed.
+        if (r?.peer?.replicating) {
+          r.suspended = false;
+          r.emit('changed');
+          return;
+        }
+        await new Promise((resolve) => setTimeout(resolve, Math.min(1000, 100 * (attempt + 1))));
+      }
+    }
+  }
+
+  private async mayPromote(resource: string, force: boolean): Promise<void> {
+    const r = this.resources.get(resource)?.resource;
+    if (force) return;
+    let reply;
+    try {
+      reply = await this.witness!.call({ cmd: 'witness.query', resource });
+      this.witnessSeenAt = Date.now();
+    } catch (err) {
+      if (r?.peer?.replicating) return;
+      throw new UserError(`resource ${resource}: no quorum: neither the peer nor the witness answers (${(err as Error).message}); promoting could make two Primaries; use --force only if the peer is surely down`);
+    }
+    if (reply.outdated) {
+      throw new UserError(`resource ${resource}: the witness says the data on ${this.node} is Outdated (its peer went on writing without it): promote the peer, or use --force to take this older copy`);
+    }
+  }
+
+  private startHeartbeat(): void {
+    if (!this.witness) return;
+    const beat = async (): Promise<void> => {
+      const inSync: Record<string, string> = {};
+      for (const e of this.resources.values()) {
+        const r = e.resource;
+        if (r.peer?.phase === 'connected' && r.disk === 'UpToDate' && r.peer.state?.disk === 'UpToDate') inSync[e.name] = e.peerNode;
+      }
+      try {
+        const reply = await this.witness!.call({ cmd: 'witness.heartbeat', inSync });
+        this.witnessSeenAt = Date.now();
+        for (const name of reply.outdatedResources) {
+          const r = this.resources.get(name)?.resource;
+          if (r && r.role === 'Secondary' && !r.peer?.replicating && r.record.disk === 'UpToDate') {
+            await r.saveRecord({ disk: 'Outdated' });
+            this.log.warn({ event: 'outdated', resource: name }, `resource ${name}: the peer went on without this node: disk Outdated`);
+            r.emit('changed');
+          }
+        }
+      } catch {
+        /* no witness now: quorum then rests on the peer */
+      }
+    };
+    this.heartbeat = setInterval(() => void beat(), HEARTBEAT_MS);
+    this.heartbeat.unref();
+    void beat();
   }
 
   static async start(config: ClusterConfig, nodeName: string | undefined, options: { home: string; log: Logger }): Promise<NodeDaemon> {
@@ -94,6 +198,7 @@ export class NodeDaemon {
       e.resource.on('changed', () => d.reconcile(e));
       d.reconcile(e);
     }
+    d.startHeartbeat();
     return d;
   }
 
@@ -117,6 +222,8 @@ export class NodeDaemon {
           afterSplitBrain: res['after-split-brain'],
           allowTwoPrimaries: res['allow-two-primaries'],
           splitBrainDir: path.join(this.home, 'split-brain'),
+          fence: this.witness ? (r) => this.fence(r, peerNode, res['on-no-quorum'] ?? 'suspend') : undefined,
+          mayPromote: this.witness ? (r, force) => this.mayPromote(r, force) : undefined,
         });
       } catch (err) {
         await device.close();
@@ -130,7 +237,7 @@ export class NodeDaemon {
         port: res.port,
         link: { pingIntervalMs: res['ping-interval-ms'], pingTimeoutMs: res['ping-timeout-ms'] },
       });
-      this.resources.set(name, { name, resource, connector, prefer: res.prefer, peerNode });
+      this.resources.set(name, { name, resource, connector, prefer: res.prefer, peerNode, autoPromote: res.prefer === this.node });
       try {
         await connector.start();
       } catch (err) {
@@ -171,12 +278,14 @@ export class NodeDaemon {
     const r = e.resource;
     const peer = r.peer;
     // The preferred node takes the Primary role once it sees its peer and nobody has it.
-    if (r.role === 'Secondary' && e.prefer === this.node && peer?.phase === 'connected' && peer.state?.role === 'Secondary') {
+    if (e.autoPromote && r.role === 'Secondary' && peer?.phase === 'connected' && peer.state?.role === 'Secondary') {
       if (r.disk === 'UpToDate') {
+        e.autoPromote = false;
         await r.promote(false);
         return;
       }
       if (r.disk === 'Inconsistent' && r.record.gi.current === '0' && peer.state.gi.current === '0') {
+        e.autoPromote = false;
         this.log.info({ event: 'initial-sync', resource: e.name }, `resource ${e.name}: both disks are new; ${this.node} is preferred: starting the initial sync from here`);
         await r.promote(true);
         return;
@@ -191,7 +300,8 @@ export class NodeDaemon {
       if (this.pools.has(name)) continue;
       const entries = p.devices.map((d) => this.resources.get(d));
       if (entries.some((e) => !e || e.resource.role !== 'Primary')) continue;
-      const devices = entries.map((e) => e!.resource);
+      // Lent, not given: closing the pool must leave the resources open.
+      const devices = entries.map((e) => new BorrowedDevice(e!.resource));
       const known = await Promise.all(devices.map((d) => readBestSuperblock(d)));
       let pool: Pool;
       if (known.every((sb) => sb === undefined)) {
@@ -229,7 +339,7 @@ export class NodeDaemon {
     const list = resource !== undefined ? [this.entry(resource)] : [...this.resources.values()];
     return {
       node: this.node,
-      resources: list.map((e) => statusOf(e)),
+      resources: list.map((e) => statusOf(e, this.hasQuorum(e.resource))),
       pools: Object.entries(this.config.pools).map(([name, p]) => ({ name, open: this.pools.has(name), resources: p.devices })),
     };
   }
@@ -240,6 +350,7 @@ export class NodeDaemon {
         return this.status(c.resource);
       case 'resource.primary': {
         const e = this.entry(c.resource);
+        e.autoPromote = false;
         await this.serial(async () => {
           await e.resource.promote(c.force);
           await this.openPools();
@@ -248,6 +359,7 @@ export class NodeDaemon {
       }
       case 'resource.secondary': {
         const e = this.entry(c.resource);
+        e.autoPromote = false;
         await this.serial(async () => {
           await this.closePoolsOn(e.name);
           await e.resource.demote();
@@ -329,6 +441,7 @@ export class NodeDaemon {
   /** Graceful stop: no new connections, in-flight I/O finishes, pools and resources close cleanly. */
   async stop(): Promise<void> {
     this.stopping = true;
+    if (this.heartbeat) clearInterval(this.heartbeat);
     await this.chain.catch(() => undefined);
     await this.api?.close().catch(() => undefined);
     await this.nbd?.close();
@@ -343,10 +456,10 @@ export class NodeDaemon {
   }
 }
 
-function statusOf(e: ResourceEntry): ResourceStatus & { lastRefusal: string | null; standAlone: boolean } {
+function statusOf(e: ResourceEntry, quorum: boolean): ResourceStatus & { lastRefusal: string | null; standAlone: boolean; quorum: boolean } {
   const s = e.resource.status();
-  const peers = s.peers.length > 0 ? s.peers : [{ node: e.peerNode, connection: e.resource.standAlone ? ('StandAlone' as const) : ('Connecting' as const), disk: 'DUnknown', role: 'Unknown', outOfSyncBytes: e.resource.bitmap.outOfSyncBytes, resync: null, verify: null }];
-  return { ...s, peers, lastRefusal: e.resource.lastRefusal ?? null, standAlone: e.resource.standAlone };
+  const peers = s.peers.length > 0 ? s.peers : [{ node: e.peerNode, connection: e.resource.standAlone ? ('StandAlone' as const) : ('Connecting' as const), disk: 'DUnknown', role: 'Unknown', outOfSyncBytes: e.resource.bitmap.outOfSyncBytes, resync: null, lastResync: null, verify: null }];
+  return { ...s, peers, quorum, lastRefusal: e.resource.lastRefusal ?? null, standAlone: e.resource.standAlone };
 }
 
 /** Every volume of every pool open on this node, exported under its own name. */

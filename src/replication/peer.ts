@@ -28,6 +28,8 @@ export interface PeerStatus {
   role: string;
   outOfSyncBytes: number;
   resync: ResyncProgress | null;
+  /** The resync that finished on this connection, if any (what it moved, how fast). */
+  lastResync: ResyncProgress | null;
   verify: VerifyProgress | null;
 }
 
@@ -136,6 +138,7 @@ export class PeerSession {
       role: this.state?.role ?? 'Unknown',
       outOfSyncBytes: this.resource.bitmap.outOfSyncBytes,
       resync: this.resync?.running ? this.resync.progress() : null,
+      lastResync: this.resync && !this.resync.running ? this.resync.progress() : null,
       verify: this.verify ? { ...this.verify, ranges: this.verify.ranges.slice(0, 100) } : null,
     };
   }

@@ -55,6 +55,7 @@ export class Resync {
   private readonly inFlight = new Map<number, { length: number; cost: number }>();
   private wake: (() => void) | undefined;
   private nextSendAt = 0;
+  private endedAt: number | undefined;
 
   constructor(
     private readonly session: PeerSession,
@@ -62,7 +63,7 @@ export class Resync {
   ) {}
 
   progress(): ResyncProgress {
-    const seconds = (Date.now() - this.startedAt) / 1000;
+    const seconds = ((this.endedAt ?? Date.now()) - this.startedAt) / 1000;
     const rate = seconds > 0 ? Math.round(this.done / seconds) : 0;
     const left = this.totalBytes - this.done;
     return {
@@ -81,6 +82,7 @@ export class Resync {
   }
 
   stop(): void {
+    this.endedAt ??= Date.now();
     this.running = false;
     this.wake?.();
   }
@@ -130,7 +132,7 @@ export class Resync {
       while (this.inFlight.size > 0 && this.running) await new Promise<void>((resolve) => (this.wake = resolve));
       if (r.bitmap.count === 0) break;
     }
-    this.running = false;
+    this.stop();
     return r.bitmap.count === 0 && this.session.link.isUp;
   }
 

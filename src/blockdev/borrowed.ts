@@ -1,0 +1,48 @@
+import type { BlockDevice, BlockSizeLimits, Capabilities, Extent, MaybePromise, WriteOptions, ZeroOptions } from './types.js';
+
+/**
+ * A device lent to a user that must not close it: the node daemon lends its
+ * replicated resources to the pools on them; closing a pool flushes them
+ * but leaves them open (the resource outlives the pool: it demotes, resyncs,
+ * and is promoted again).
+ */
+export class BorrowedDevice implements BlockDevice {
+  constructor(readonly inner: BlockDevice) {}
+  get name(): string {
+    return this.inner.name;
+  }
+  get size(): number {
+    return this.inner.size;
+  }
+  get blockSize(): BlockSizeLimits {
+    return this.inner.blockSize;
+  }
+  get capabilities(): Capabilities {
+    return this.inner.capabilities;
+  }
+  read(offset: number, into: Buffer): MaybePromise<void> {
+    return this.inner.read(offset, into);
+  }
+  write(offset: number, data: Buffer, options?: WriteOptions): MaybePromise<void> {
+    return this.inner.write(offset, data, options);
+  }
+  flush(): MaybePromise<void> {
+    return this.inner.flush();
+  }
+  trim(offset: number, length: number, options?: WriteOptions): MaybePromise<void> {
+    return this.inner.trim(offset, length, options);
+  }
+  writeZeroes(offset: number, length: number, options?: ZeroOptions): MaybePromise<void> {
+    return this.inner.writeZeroes(offset, length, options);
+  }
+  blockStatus(offset: number, length: number): MaybePromise<Extent[]> {
+    return this.inner.blockStatus(offset, length);
+  }
+  cache(offset: number, length: number): MaybePromise<void> {
+    return this.inner.cache(offset, length);
+  }
+  /** Flush only: the owner closes the device. */
+  close(): MaybePromise<void> {
+    return this.inner.flush();
+  }
+}

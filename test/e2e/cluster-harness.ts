@@ -1,0 +1,166 @@
+/**
+ * A duet cluster of real processes on loopback addresses: nodes alpha
+ * (127.0.0.2) and bravo (127.0.0.3), optionally a witness (127.0.0.4),
+ * file-backed disks in a temporary directory, ports picked free.
+ */
+import { spawn, ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { AfterContext, DUET, ROOT, run, RunResult, tmpDir, waitFor, withTimeout } from './harness.js';
+
+export const ADDRESS: Record<string, string> = { alpha: '127.0.0.2', bravo: '127.0.0.3', witness: '127.0.0.4' };
+
+export interface ClusterOptions {
+  diskBytes?: number;
+  protocol?: 'A' | 'B' | 'C';
+  witness?: boolean;
+  /** Extra keys for resource a (YAML flow mapping entries, e.g. `"after-split-brain": disconnect`). */
+  resourceExtra?: string;
+  /** Disk path per node (default DIR/NODE.img, created sparse). */
+  disks?: Record<string, string>;
+}
+
+export interface Proc {
+  name: string;
+  child: ChildProcess;
+  out(): string;
+  err(): string;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+export interface Cluster {
+  dir: string;
+  file: string;
+  exportsPort: number;
+  procs: Map<string, Proc>;
+  start(name: string): Promise<Proc>;
+  startWitness(): Promise<Proc>;
+  kill(name: string, signal?: NodeJS.Signals): Promise<void>;
+  /** `duet --config F --node NODE ARGS` */
+  duet(node: string, args: string[], opts?: { timeoutMs?: number; input?: Buffer }): Promise<RunResult>;
+  status(node: string): Promise<ResourceJson>;
+  url(node: string, volume: string): string;
+  describe(): string;
+}
+
+export interface PeerJson {
+  node: string;
+  connection: string;
+  disk: string;
+  role: string;
+  outOfSyncBytes: number;
+  resync: { doneBytes: number; totalBytes: number; rateBytesPerSec: number; sentBytes: number } | null;
+  lastResync: { doneBytes: number; totalBytes: number; rateBytesPerSec: number; sentBytes: number } | null;
+}
+
+export interface ResourceJson {
+  name: string;
+  role: string;
+  disk: string;
+  outOfSyncBytes: number;
+  quorum: boolean;
+  suspended: boolean;
+  splitBrain: { localChangedBytes: number; peerChangedBytes: number; savedTo: string | null; resolution: string | null } | null;
+  lastRefusal: string | null;
+  peers: PeerJson[];
+}
+
+async function freePort(host: string): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, host, r));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+export async function makeCluster(t: AfterContext, options: ClusterOptions = {}): Promise<Cluster> {
+  const dir = tmpDir(t, 'duet-cluster-');
+  const diskBytes = options.diskBytes ?? 512 * 1024 * 1024;
+  const disks = options.disks ?? { alpha: path.join(dir, 'alpha.img'), bravo: path.join(dir, 'bravo.img') };
+  for (const p of Object.values(disks)) if (!fs.existsSync(p)) fs.writeFileSync(p, ''), fs.truncateSync(p, diskBytes);
+  const [linkPort, exportsPort, apiPort, witnessPort] = [await freePort('127.0.0.1'), await freePort('127.0.0.1'), await freePort('127.0.0.1'), await freePort('127.0.0.1')];
+  fs.writeFileSync(path.join(dir, 'secret'), 'test-cluster-secret-0123456789\n');
+  const file = path.join(dir, 'cluster.yaml');
+  fs.writeFileSync(
+    file,
+    [
+      'cluster: e2e',
+      'secret: { file: secret }',
+      'nodes:',
+      `  alpha: { address: ${ADDRESS.alpha} }`,
+      `  bravo: { address: ${ADDRESS.bravo} }`,
+      ...(options.witness ? [`witness: { address: ${ADDRESS.witness}, port: ${witnessPort} }`] : []),
+      'resources:',
+      `  a: { protocol: ${options.protocol ?? 'C'}, port: ${linkPort}, disk: { alpha: ${disks.alpha}, bravo: ${disks.bravo} }, prefer: alpha, "ping-interval-ms": 100, "ping-timeout-ms": 400${options.resourceExtra ? `, ${options.resourceExtra}` : ''} }`,
+      'pools:',
+      '  pa: { devices: [a] }',
+      `exports: { port: ${exportsPort} }`,
+      `api: { port: ${apiPort} }`,
+      '',
+    ].join('\n'),
+  );
+  const procs = new Map<string, Proc>();
+  const spawnDuet = (name: string, args: string[], ready: RegExp): Promise<Proc> => {
+    const child = spawn(process.execPath, [DUET, '--home', path.join(dir, `home-${name}`), ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DUET_LOG_LEVEL: 'info' } });
+    let out = '';
+    let err = '';
+    child.stdout!.on('data', (b: Buffer) => (out += b.toString()));
+    child.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+    const proc: Proc = { name, child, out: () => out, err: () => err, exited };
+    procs.set(name, proc);
+    return waitFor(() => ready.test(out) || child.exitCode !== null, 15_000, `${name} to start`).then(() => {
+      if (child.exitCode !== null) throw new Error(`${name} exited ${child.exitCode}:\n${err}`);
+      return proc;
+    });
+  };
+  const kill = async (name: string, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> => {
+    const p = procs.get(name);
+    if (!p || p.child.exitCode !== null || p.child.signalCode !== null) return;
+    p.child.kill(signal);
+    await withTimeout(p.exited, 15_000, `${name} to exit on ${signal}`).catch(() => p.child.kill('SIGKILL'));
+  };
+  t.after(async () => {
+    for (const name of procs.keys()) await kill(name, 'SIGKILL');
+  });
+  const cluster: Cluster = {
+    dir,
+    file,
+    exportsPort,
+    procs,
+    start: (name) => spawnDuet(name, ['node', 'run', '--config', file, '--node', name], new RegExp(`node ${name} running`)),
+    startWitness: () => spawnDuet('witness', ['witness', 'run', '--config', file], /witness of cluster/),
+    kill,
+    duet: (node, args, opts = {}) => run(process.execPath, [DUET, '--config', file, '--node', node, ...args], { cwd: ROOT, timeoutMs: opts.timeoutMs ?? 30_000, input: opts.input }),
+    async status(node) {
+      const r = await run(process.execPath, [DUET, '--config', file, '--node', node, 'resource', 'status', 'a', '--json'], { cwd: ROOT, timeoutMs: 10_000 });
+      if (r.code !== 0) throw new Error(r.describe());
+      return (JSON.parse(r.stdout) as { resources: ResourceJson[] }).resources[0];
+    },
+    url: (node, volume) => `nbd://${ADDRESS[node]}:${exportsPort}/${volume}`,
+    describe: () => [...procs.values()].map((p) => `--- ${p.name} stderr ---\n${p.err().split('\n').slice(-40).join('\n')}`).join('\n'),
+  };
+  return cluster;
+}
+
+/** Wait (bounded) until `cond(status of node)` holds; polls the real CLI. */
+export async function waitStatus(c: Cluster, node: string, what: string, cond: (s: ResourceJson) => boolean, ms = 30_000): Promise<ResourceJson> {
+  let last: ResourceJson | undefined;
+  const deadline = Date.now() + ms;
+  for (;;) {
+    try {
+      last = await c.status(node);
+      if (cond(last)) return last;
+    } catch {
+      /* daemon not up yet */
+    }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what} on ${node}; last status: ${JSON.stringify(last)}\n${c.describe()}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+export function inSync(s: ResourceJson): boolean {
+  const p = s.peers[0];
+  return s.disk === 'UpToDate' && p?.connection === 'Connected' && p.disk === 'UpToDate' && s.outOfSyncBytes === 0;
+}
