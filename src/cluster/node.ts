@@ -91,7 +91,7 @@ export class NodeDaemon {
     private readonly secret: Buffer,
   ) {
     this.address = config.nodes[node].address;
-    if (config.witness) this.witness = new WitnessClient(config.witness.address, config.witness.port ?? DEFAULT_WITNESS_PORT, secret, node);
+    if (config.witness) this.witness = new WitnessClient(config.witness.address, config.witness.port ?? DEFAULT_WITNESS_PORT, secret, node, this.address);
   }
 
   /* -------------------------------------------------------------- quorum */

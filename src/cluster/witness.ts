@@ -135,6 +135,8 @@ export class WitnessClient {
     private readonly port: number,
     private readonly secret: Buffer,
     private readonly node: string,
+    /** This node's address: the witness sees the node's traffic come from it (and a partition cuts it). */
+    private readonly localAddress?: string,
     private readonly timeoutMs = 1000,
   ) {}
 
@@ -145,7 +147,7 @@ export class WitnessClient {
       timer = setTimeout(() => reject(new UserError(`the witness at ${this.host}:${this.port} did not answer within ${this.timeoutMs} ms`)), this.timeoutMs);
     });
     try {
-      return (await Promise.race([callAdmin({ host: this.host, port: this.port }, request, { what: 'the witness' }), timeout])) as WitnessReply;
+      return (await Promise.race([callAdmin({ host: this.host, port: this.port, localAddress: this.localAddress }, request, { what: 'the witness' }), timeout])) as WitnessReply;
     } finally {
       clearTimeout(timer);
     }

@@ -22,7 +22,7 @@ export type Request = { cmd: string };
 export type Handler<C extends Request = Command> = (command: C, io: { input?: Readable; output?: Writable }) => Promise<unknown>;
 
 /** Where an admin server listens: a Unix socket path, or a TCP address (the node daemon's API). */
-export type AdminTarget = string | { host: string; port: number };
+export type AdminTarget = string | { host: string; port: number; localAddress?: string };
 
 export interface AdminOptions {
   /** Check a request before it runs (the node API's HMAC); throw a UserError to refuse it. */
@@ -151,7 +151,7 @@ export interface Answer {
  * the request (receive); stream frames are written to `output` (send).
  */
 export async function callAdmin(target: AdminTarget, command: Request, io: { input?: Readable; output?: Writable; what?: string } = {}): Promise<unknown> {
-  const socket = typeof target === 'string' ? net.createConnection(target) : net.createConnection({ host: target.host, port: target.port });
+  const socket = typeof target === 'string' ? net.createConnection(target) : net.createConnection({ host: target.host, port: target.port, localAddress: target.localAddress });
   const where = typeof target === 'string' ? target : `${target.host}:${target.port}`;
   await new Promise<void>((resolve, reject) => {
     socket.once('connect', resolve);

@@ -34,7 +34,7 @@ export interface Cluster {
   file: string;
   exportsPort: number;
   procs: Map<string, Proc>;
-  start(name: string): Promise<Proc>;
+  start(name: string, file?: string): Promise<Proc>;
   startWitness(): Promise<Proc>;
   kill(name: string, signal?: NodeJS.Signals): Promise<void>;
   /** `duet --config F --node NODE ARGS` */
@@ -129,7 +129,7 @@ export async function makeCluster(t: AfterContext, options: ClusterOptions = {})
     file,
     exportsPort,
     procs,
-    start: (name) => spawnDuet(name, ['node', 'run', '--config', file, '--node', name], new RegExp(`node ${name} running`)),
+    start: (name, other) => spawnDuet(name, ['node', 'run', '--config', other ?? file, '--node', name], new RegExp(`node ${name} running`)),
     startWitness: () => spawnDuet('witness', ['witness', 'run', '--config', file], /witness of cluster/),
     kill,
     duet: (node, args, opts = {}) => run(process.execPath, [DUET, '--config', file, '--node', node, ...args], { cwd: ROOT, timeoutMs: opts.timeoutMs ?? 30_000, input: opts.input }),
