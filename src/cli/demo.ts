@@ -1,58 +1,143 @@
+/**
+ * `npm start`: the embedded default cluster on this one machine. Two node
+ * daemons (alpha at 127.0.0.1, bravo at 127.0.0.2) and a witness
+ * (127.0.0.3), file-backed sparse disks in a data directory, one resource
+ * mirrored between them, a pool on it and a volume `demo` exported by the
+ * Primary at nbd://127.0.0.1:10809/demo. Prints the status and what to try;
+ * Ctrl-C stops all three cleanly.
+ */
+import { spawn, ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import type { Command } from 'commander';
-import { FileDevice } from '../blockdev/file.js';
-import { Pool } from '../volume/pool.js';
-import { createVolume } from '../volume/operations.js';
-import { Registry } from '../volume/registry.js';
-import { servePool } from './serve-pool.js';
+import { loadClusterConfig } from '../cluster/config.js';
+import type { NodeStatus } from '../cluster/node.js';
+import { UserError } from '../util/errors.js';
+import { callNode } from './cluster-client.js';
+import { formatStatus } from './resource.js';
 
-/**
- * `npm start`: a pool on a sparse disk image in a data directory, a thin
- * volume `demo` in it, served over NBD; prints how to use it. (The two-node
- * cluster demo replaces this once replication lands.)
- */
+const DUET = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'bin', 'duet');
+const NODES = { alpha: '127.0.0.1', bravo: '127.0.0.2' } as const;
+const WITNESS = '127.0.0.3';
+
+function clusterYaml(dir: string): string {
+  return [
+    '# The demo cluster: two nodes and a witness on loopback addresses of this machine.',
+    'cluster: demo',
+    'secret: { file: secret }',
+    'nodes:',
+    `  alpha: { address: ${NODES.alpha} }`,
+    `  bravo: { address: ${NODES.bravo} }`,
+    `witness: { address: ${WITNESS}, port: 7899 }`,
+    'resources:',
+    `  r0: { protocol: C, port: 7801, disk: { alpha: ${path.join(dir, 'alpha.img')}, bravo: ${path.join(dir, 'bravo.img')} }, prefer: alpha }`,
+    'pools:',
+    '  demo: { devices: [r0] }',
+    'exports: { port: 10809 }',
+    'api: { port: 7800 }',
+    '',
+  ].join('\n');
+}
+
 export function registerDemo(program: Command): void {
   program
     .command('demo')
-    .description('serve a demo pool with a thin volume "demo" over NBD and print how to use it')
+    .description('run a two-node cluster with a witness on this machine and export a volume "demo" over NBD')
     .option('--data <dir>', 'data directory', process.env.DUET_DEMO_DIR ?? path.resolve('data'))
-    .option('--size <bytes>', 'size of the demo disk image when it is created', String(4 * 1024 * 1024 * 1024))
-    .option('--listen <host:port>', 'address to listen on', '127.0.0.1:10809')
-    .action(async (options: { data: string; size: string; listen: string }, cmd: Command) => {
-      fs.mkdirSync(options.data, { recursive: true });
-      const home = path.join(options.data, 'home');
-      const registry = new Registry(home);
-      const disk = path.join(options.data, 'disk0.img');
-      if (!registry.has('demo')) {
-        if (!fs.existsSync(disk)) {
-          const fd = fs.openSync(disk, 'wx');
-          fs.ftruncateSync(fd, Number(options.size));
-          fs.closeSync(fd);
+    .option('--size <bytes>', 'size of each node\'s disk image when it is created', String(4 * 1024 * 1024 * 1024))
+    .action(async (options: { data: string; size: string }) => {
+      const dir = path.resolve(options.data);
+      fs.mkdirSync(path.join(dir, 'logs'), { recursive: true });
+      const file = path.join(dir, 'cluster.yaml');
+      if (!fs.existsSync(file)) fs.writeFileSync(file, clusterYaml(dir));
+      const secret = path.join(dir, 'secret');
+      if (!fs.existsSync(secret)) fs.writeFileSync(secret, `${randomBytes(24).toString('base64')}\n`, { mode: 0o600 });
+      for (const n of Object.keys(NODES)) {
+        const img = path.join(dir, `${n}.img`);
+        if (!fs.existsSync(img)) {
+          fs.writeFileSync(img, '');
+          fs.truncateSync(img, Number(options.size));
         }
-        const pool = await Pool.create('demo', [FileDevice.open(disk)]);
-        await createVolume(pool, 'demo', 1024 * 1024 * 1024);
-        registry.save({ name: 'demo', uuid: pool.uuid, devices: [disk] });
-        await pool.close();
       }
-      const url = `nbd://${options.listen}/demo`;
-      const duet = `bin/duet --home ${home}`;
+      const config = loadClusterConfig(file);
+      const children: { name: string; child: ChildProcess }[] = [];
+      const start = (name: string, args: string[]): void => {
+        const log = fs.openSync(path.join(dir, 'logs', `${name}.log`), 'a');
+        const child = spawn(process.execPath, [DUET, '--home', path.join(dir, `home-${name}`), ...args], { stdio: ['ignore', 'ignore', log] });
+        fs.closeSync(log);
+        children.push({ name, child });
+        child.on('exit', (code, signal) => {
+          if (!stopping) process.stdout.write(`duet demo: ${name} exited (${signal ?? code}); restart it with: bin/duet --home ${path.join(dir, `home-${name}`)} ${args.join(' ')}\n`);
+        });
+      };
+      let stopping = false;
+      const stop = (): void => {
+        if (stopping) return;
+        stopping = true;
+        process.stdout.write('duet demo: stopping the nodes and the witness\n');
+        for (const c of children) if (c.child.exitCode === null) c.child.kill('SIGTERM');
+        const deadline = Date.now() + 15_000;
+        const wait = (): void => {
+          if (children.every((c) => c.child.exitCode !== null || c.child.signalCode !== null) || Date.now() > deadline) process.exit(0);
+          setTimeout(wait, 50);
+        };
+        wait();
+      };
+      process.on('SIGINT', stop);
+      process.on('SIGTERM', stop);
+      start('witness', ['witness', 'run', '--config', file]);
+      for (const n of Object.keys(NODES)) start(n, ['node', 'run', '--config', file, '--node', n]);
+      const alpha = { config, node: 'alpha' };
+      // Wait (bounded) for alpha to be Primary and the pool open, then make the demo volume once.
+      const deadline = Date.now() + 60_000;
+      let status: NodeStatus | undefined;
+      for (;;) {
+        try {
+          status = (await callNode(alpha, { cmd: 'resource.status' })) as NodeStatus;
+          if (status.pools.find((p) => p.name === 'demo')?.open) break;
+        } catch {
+          /* not up yet */
+        }
+        if (Date.now() > deadline) {
+          stop();
+          throw new UserError(`the demo cluster did not come up within 60 s; see ${path.join(dir, 'logs')}`);
+        }
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      const volumes = (await callNode(alpha, { cmd: 'vol.list', pool: 'demo' })) as { name: string }[];
+      if (!volumes.some((v) => v.name === 'demo')) await callNode(alpha, { cmd: 'vol.create', pool: 'demo', name: 'demo', sizeBytes: 1024 * 1024 * 1024 });
+      // Show a settled picture: wait (bounded) for the initial sync to bravo.
+      for (const until = Date.now() + 30_000; Date.now() < until; await new Promise((r) => setTimeout(r, 200))) {
+        status = (await callNode(alpha, { cmd: 'resource.status' })) as NodeStatus;
+        const peer = status.resources[0]?.peers[0];
+        if (peer?.connection === 'Connected' && peer.disk === 'UpToDate' && status.resources[0].outOfSyncBytes === 0) break;
+      }
+      const url = `nbd://${NODES.alpha}:10809/demo`;
+      const d = `bin/duet --config ${file}`;
       process.stdout.write(
         [
-          `duet demo: pool "demo" on ${disk} (sparse), thin volume demo (1G) served as ${url}`,
+          `duet demo: cluster "demo" on this machine (data in ${dir}, logs in ${path.join(dir, 'logs')})`,
+          `  alpha   ${NODES.alpha}  disk ${path.join(dir, 'alpha.img')} (sparse)`,
+          `  bravo   ${NODES.bravo}  disk ${path.join(dir, 'bravo.img')} (sparse)`,
+          `  witness ${WITNESS}:7899`,
+          `volume demo (1G) of pool demo on resource r0, exported by the Primary at ${url}`,
+          '',
+          formatStatus(status).trimEnd(),
+          '',
           'try, from another terminal:',
-          `  nbdinfo ${url}                      # size, flags, block sizes`,
-          `  head -c 64M /dev/urandom > /tmp/rand.img && nbdcopy /tmp/rand.img ${url}`,
-          `  nbdinfo --map ${url}                # written chunks vs holes`,
-          `  ${duet} vol snapshot demo/demo demo/before   # O(1) snapshot, exported read-only`,
-          `  ${duet} vol list demo; ${duet} pool show demo`,
-          `  ${duet} vol resize demo/demo --size 2G       # online; new connections see it`,
-          `  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' ${url}`,
-          'Ctrl-C stops the server (in-flight requests finish, data is flushed).',
+          `  ${d} --node alpha resource status            # roles, disks, connection, resync`,
+          `  head -c 64M /dev/urandom > /tmp/rand.img && nbdcopy --flush /tmp/rand.img ${url}`,
+          `  ${d} --node alpha resource disconnect r0; qemu-io -f raw -c 'write -P 7 0 1M' ${url}`,
+          `  ${d} --node alpha resource connect r0; ${d} --node alpha resource status   # only the dirty blocks resync`,
+          `  ${d} --node alpha resource verify r0        # compare every block with bravo`,
+          `  kill -9 ${children.find((c) => c.name === 'alpha')?.child.pid}   # alpha dies; then take over on bravo:`,
+          `  ${d} --node bravo resource primary r0 && nbdinfo nbd://${NODES.bravo}:10809/demo`,
+          `  ${d} --node bravo vol snapshot demo/demo demo/before; ${d} --node bravo vol list demo`,
+          'Ctrl-C stops the cluster (in-flight requests finish, data is flushed).',
           '',
         ].join('\n'),
       );
-      cmd.parent?.setOptionValue('home', home);
-      await servePool('demo', { listen: options.listen }, cmd);
     });
 }
