@@ -52,6 +52,14 @@ export class RangeOrder {
     return Promise.all([...this.inFlight].map((e) => e.done)).then(() => undefined);
   }
 
+  /** The in-flight ranges overlapping [offset, offset+length), as [start, end) pairs. */
+  overlapping(offset: number, length: number): [number, number][] {
+    const end = offset + Math.max(length, 1);
+    const out: [number, number][] = [];
+    for (const e of this.inFlight) if (e.offset < end && offset < e.end) out.push([e.offset, e.end]);
+    return out;
+  }
+
   /** Resolves when every request overlapping the range, registered so far, has finished. */
   settled(offset: number, length: number): Promise<void> | undefined {
     const end = offset + Math.max(length, 1);

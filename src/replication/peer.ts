@@ -465,7 +465,36 @@ export class PeerSession {
     if (r.role === 'Primary' && !r.options.allowTwoPrimaries) throw new Error('write from the peer while Primary here');
     if (r.options.protocol === 'B') this.link.send(W.F_ACK_RECV, W.encodeSeq(w.seq));
     const data = w.data;
+    // Dual-primary: a peer write racing a local one on the same blocks. Both nodes see the race;
+    // the write of the node whose name sorts last wins on both, so the replicas stay identical.
+    const racing = r.role === 'Primary' ? r.appWrites.settled(w.offset, w.length) : undefined;
+    if (racing) {
+      r.conflictingWrites++;
+      r.log.warn({ event: 'write-conflict', resource: r.name, peer: this.peerNode, offset: w.offset, length: w.length }, `concurrent writes from both Primaries to ${w.offset}+${w.length}`);
+      if (r.node > this.peerNode) {
+        // This node's write wins: take only the parts of the peer's write that no local write covers.
+        const pieces = subtract(w.offset, w.offset + w.length, r.appWrites.overlapping(w.offset, w.length));
+        const done = Promise.all(
+          pieces.map(([from, to]) => this.applying.run(from, to - from, async () => {
+            const dev = r.backing;
+            if (!dev) throw new BlockDeviceError('EIO', 'no disk');
+            const fua = (w.flags & W.WF_FUA) !== 0;
+            if (w.flags & W.WF_ZERO) await dev.writeZeroes(from, to - from, { fua, noHole: (w.flags & W.WF_TRIM) === 0 });
+            else await dev.write(from, data!.subarray(from - w.offset, to - w.offset), { fua });
+          })),
+        );
+        done.then(
+          () => this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 0)),
+          (err: unknown) => {
+            r.detach(err);
+            this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 1));
+          },
+        );
+        return;
+      }
+    }
     const apply = async (): Promise<void> => {
+      if (racing) await racing;
       if (this.targetReady) await this.targetReady;
       const dev = r.backing;
       if (!dev) throw new BlockDeviceError('EIO', 'no disk');
@@ -673,6 +702,21 @@ function describe(d: Decision): string {
     default:
       return d.kind;
   }
+}
+
+/** [from, to) minus the given ranges, as sorted pieces. */
+function subtract(from: number, to: number, holes: [number, number][]): [number, number][] {
+  let pieces: [number, number][] = [[from, to]];
+  for (const [hs, he] of holes) {
+    pieces = pieces.flatMap(([s, e]): [number, number][] => {
+      if (he <= s || hs >= e) return [[s, e]];
+      const out: [number, number][] = [];
+      if (hs > s) out.push([s, hs]);
+      if (he < e) out.push([he, e]);
+      return out;
+    });
+  }
+  return pieces;
 }
 
 function* chunked<T>(items: T[], size: number): Generator<T[]> {

@@ -74,6 +74,7 @@ export interface ResourceStatus {
   generation: GenerationIds;
   suspended: boolean;
   splitBrain: SplitBrainInfo | null;
+  conflictingWrites: number;
   peers: PeerStatus[];
 }
 
@@ -97,6 +98,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   keepNode: string | undefined;
   /** Why the last connection was refused (split brain, unrelated data...), until one succeeds. */
   lastRefusal: string | undefined;
+  /** Dual-primary: writes from both Primaries to the same blocks at the same time (detected, resolved, counted). */
+  conflictingWrites = 0;
   /** Writes held (no quorum with on-no-quorum: suspend). */
   suspended = false;
   /** Application writes in flight (resync and verify reads wait for overlapping ones). */
@@ -328,6 +331,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       generation: this.record.gi,
       suspended: this.suspended,
       splitBrain: this.splitBrain,
+      conflictingWrites: this.conflictingWrites,
       peers: this.peer ? [this.peer.status()] : [],
     };
   }

@@ -199,3 +199,124 @@ test('verify finds exactly a block corrupted behind the Secondary\'s back; recon
     await stopNode(b);
   }
 });
+
+test('malformed and truncated frames from an authenticated peer end that link only; it comes back and stays in sync', async () => {
+  const { a, b } = await syncedPair();
+  try {
+    const firstLink = b.resource.peer!;
+    // A write frame shorter than its header, then garbage: the receiver drops the link, both processes go on.
+    a.resource.peer!.link.send(30, Buffer.alloc(5));
+    await until('link dropped', () => b.resource.peer !== firstLink);
+    await until('reconnected', () => upToDate(a, b));
+    const second = b.resource.peer!;
+    a.resource.peer!.link.send(999, Buffer.from('nonsense'));
+    await until('dropped again', () => b.resource.peer !== second);
+    await until('reconnected again', () => upToDate(a, b));
+    await a.resource.write(0, Buffer.alloc(4096, 9));
+    await a.resource.flush();
+    const got = Buffer.alloc(4096);
+    await b.disk.read(0, got);
+    assert.equal(got[0], 9);
+  } finally {
+    await stopNode(a);
+    await stopNode(b);
+  }
+});
+
+test('disks of different sizes are refused with a clear reason; nothing is overwritten', async () => {
+  const port = await freePort();
+  const a = await startNode('alpha', new MemoryDevice(64 * MiB, 'alpha-disk'), port);
+  const b = await startNode('bravo', new MemoryDevice(32 * MiB, 'bravo-disk'), port);
+  try {
+    await until('refused', () => a.resource.lastRefusal !== undefined && b.resource.lastRefusal !== undefined);
+    assert.match(a.resource.lastRefusal!, /differ in size/);
+    assert.equal(a.resource.disk, 'Inconsistent');
+    assert.equal(b.resource.disk, 'Inconsistent');
+  } finally {
+    await stopNode(a);
+    await stopNode(b);
+  }
+});
+
+test('promotion of an Inconsistent or Outdated disk needs --force; UpToDate with the peer away does not', async () => {
+  const port = await freePort();
+  const a = await startNode('alpha', new MemoryDevice(16 * MiB, 'alpha-disk'), port);
+  try {
+    await assert.rejects(a.resource.promote(false), /Inconsistent: it may hold old or partial data; promote with --force/);
+    await a.resource.promote(true);
+    assert.equal(a.resource.disk, 'UpToDate');
+    await a.resource.demote();
+    await a.resource.saveRecord({ disk: 'Outdated' });
+    await assert.rejects(a.resource.promote(false), /Outdated/);
+    await a.resource.saveRecord({ disk: 'UpToDate' });
+    const before = a.resource.record.gi.current;
+    await a.resource.promote(false);
+    assert.notEqual(a.resource.record.gi.current, before, 'promoted without the peer: a new generation');
+  } finally {
+    await stopNode(a);
+  }
+});
+
+test('checksum-based resync sends only the blocks whose digests differ', async () => {
+  const { a, b } = await syncedPair(64 * MiB, { checksumResync: true });
+  try {
+    a.resource.standAlone = true;
+    b.resource.standAlone = true;
+    a.connector.kick('test');
+    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    // 1 MiB rewritten with the same bytes it had (digests match), 64 KiB really changed.
+    const same = Buffer.alloc(MiB);
+    await a.resource.read(8 * MiB, same);
+    await a.resource.write(8 * MiB, same);
+    await a.resource.write(16 * MiB, randomBytes(65536));
+    a.resource.standAlone = false;
+    b.resource.standAlone = false;
+    await until('resynced', () => upToDate(a, b) && a.resource.bitmap.count === 0);
+    const p = a.resource.peer!.resync!.progress();
+    assert.equal(p.doneBytes, MiB + 65536);
+    assert.equal(p.sentBytes, 65536, 'only the changed 64 KiB travelled');
+    assert.ok((await readAll(a.disk, a.resource.size)).equals(await readAll(b.disk, a.resource.size)));
+  } finally {
+    await stopNode(a);
+    await stopNode(b);
+  }
+});
+
+test('a fixed resync rate is honoured (bounded from above), a dynamic one finishes', async () => {
+  const { a, b } = await syncedPair(64 * MiB, { resyncRateBytesPerSec: 8 * MiB });
+  try {
+    a.resource.standAlone = true;
+    b.resource.standAlone = true;
+    a.connector.kick('test');
+    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await a.resource.write(0, randomBytes(4 * MiB));
+    const started = Date.now();
+    a.resource.standAlone = false;
+    b.resource.standAlone = false;
+    await until('resynced', () => upToDate(a, b) && a.resource.bitmap.count === 0);
+    // 4 MiB at 8 MiB/s cannot take less than ~0.5 s (the first piece goes at once).
+    assert.ok(Date.now() - started >= 400, `resync took ${Date.now() - started} ms`);
+  } finally {
+    await stopNode(a);
+    await stopNode(b);
+  }
+});
+
+test('dual primary (allow-two-primaries): racing writes to the same blocks are detected and both replicas end identical', async () => {
+  const { a, b } = await syncedPair(16 * MiB, { allowTwoPrimaries: true });
+  try {
+    await b.resource.promote(false);
+    assert.equal(b.resource.role, 'Primary');
+    for (let round = 0; round < 20; round++) {
+      const off = (round % 8) * 65536;
+      await Promise.all([a.resource.write(off, Buffer.alloc(65536, 1 + round)), b.resource.write(off + 4096, Buffer.alloc(65536, 100 + round))]);
+    }
+    await a.resource.flush();
+    await b.resource.flush();
+    assert.ok((await readAll(a.disk, MiB)).equals(await readAll(b.disk, MiB)), 'replicas identical after racing writes');
+    assert.ok(a.resource.conflictingWrites + b.resource.conflictingWrites > 0, 'the races were seen');
+  } finally {
+    await stopNode(a);
+    await stopNode(b);
+  }
+});
