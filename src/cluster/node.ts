@@ -371,7 +371,10 @@ export class NodeDaemon {
         e.resource.standAlone = true;
         const peer = e.resource.peer;
         // A clean disconnect: the peer has everything flushed first, so nothing beyond new writes resyncs later.
-        if (peer?.replicating && e.resource.role === 'Primary') await e.resource.flush().catch(() => undefined);
+        if (peer?.replicating && e.resource.role === 'Primary') {
+          await e.resource.flush().catch(() => undefined);
+          peer.outdatePeer();
+        }
         e.connector.kick('disconnected by the admin');
         return this.status(c.resource);
       }

@@ -114,8 +114,9 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
     if (!this.closed) this.socket.resume();
   }
 
+  /** Close from this side: what was queued (a last REFUSE or OUTDATE) still goes out, then the socket goes. */
   close(why = 'closed by this node'): void {
-    this.down(why);
+    this.down(why, true);
   }
 
   private onData(chunk: Buffer): void {
@@ -174,11 +175,15 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
     }
   }
 
-  private down(why: string): void {
+  private down(why: string, graceful = false): void {
     if (this.closed) return;
     this.closed = true;
     clearInterval(this.timer);
-    this.socket.destroy();
+    if (graceful && !this.socket.destroyed) {
+      this.socket.on('error', () => undefined);
+      this.socket.end();
+      setTimeout(() => this.socket.destroy(), 200).unref();
+    } else this.socket.destroy();
     this.emit('down', why);
   }
 }

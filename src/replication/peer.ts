@@ -164,6 +164,11 @@ export class PeerSession {
     this.link.close(why);
   }
 
+  /** Tell the peer (a Secondary) that this Primary goes on without it. */
+  outdatePeer(): void {
+    this.link.send(W.F_OUTDATE);
+  }
+
   /* ------------------------------------------------------------ sending */
 
   sendWrite(offset: number, length: number, kind: 0 | 1 | 2, data: Buffer | undefined, fua: boolean): { sent: Promise<boolean>; received: Promise<boolean>; done: Promise<boolean> } {
@@ -294,6 +299,12 @@ export class PeerSession {
         this.verifyWaiters.delete(offset);
         return;
       }
+      case W.F_OUTDATE:
+        if (this.resource.role === 'Secondary' && this.resource.record.disk === 'UpToDate') {
+          this.resource.log.warn({ event: 'outdated', resource: this.resource.name, by: this.peerNode }, `${this.peerNode} goes on without this node: disk Outdated`);
+          void this.resource.saveRecord({ disk: 'Outdated' });
+        }
+        return;
       case W.F_REFUSE: {
         const { reason } = W.decodeJson<{ reason: string }>(payload);
         this.resource.log.warn({ event: 'peer-refused', resource: this.resource.name, peer: this.peerNode, reason }, `${this.peerNode} refused the connection: ${reason}`);
@@ -363,6 +374,11 @@ export class PeerSession {
   private connected(why: string): void {
     this.phase = 'connected';
     this.peerRuns = [];
+    const r = this.resource;
+    // Outdated, but the peer wrote nothing since: the same generation is good data again.
+    if (r.record.disk === 'Outdated' && this.state?.disk === 'UpToDate' && r.record.gi.current === this.state.gi.current) {
+      void r.saveRecord({ disk: 'UpToDate' }).then(() => this.sendState());
+    }
     this.resource.log.info({ event: 'connected', resource: this.resource.name, peer: this.peerNode, why }, `connected to ${this.peerNode}`);
     this.resource.emit('changed');
   }

@@ -41,6 +41,8 @@ export const F_VERIFY = 50;
 export const F_VERIFY_REPLY = 51;
 /** JSON {reason}: the sender refuses to go on (split brain, unrelated data...) */
 export const F_REFUSE = 60;
+/** The Primary is about to go on without the receiver (an admin disconnect): its copy is Outdated from now on. */
+export const F_OUTDATE = 61;
 
 export const WF_FUA = 1;
 export const WF_ZERO = 2;

@@ -153,3 +153,35 @@ test('split brain: both sides written while apart is detected, nothing merged, r
   );
   assert.equal(r.stdout.trim(), `${0xaa} 0`, r.describe());
 });
+
+test('verify through the CLI finds exactly the block corrupted behind the Secondary\'s back, and the resync repairs it; a disconnect by the Primary outdates the Secondary', async (t) => {
+  const c = await makeCluster(t);
+  await c.start('alpha');
+  await c.start('bravo');
+  await waitStatus(c, 'alpha', 'initial sync', (s) => s.role === 'Primary' && inSync(s));
+  const bravoDisk = path.join(c.dir, 'bravo.img');
+  const at = 300 * MiB + 12 * 4096;
+  const fd = fs.openSync(bravoDisk, 'r+');
+  fs.writeSync(fd, Buffer.alloc(4096, 0xee), 0, 4096, at);
+  fs.fsyncSync(fd);
+  fs.closeSync(fd);
+  const v = await c.duet('alpha', ['resource', 'verify', 'a', '--json'], { timeoutMs: 120_000 });
+  assert.equal(v.code, 0, v.describe());
+  const report = JSON.parse(v.stdout) as { outOfSyncBytes: number; ranges: { offset: number; length: number }[] };
+  assert.equal(report.outOfSyncBytes, 4096);
+  assert.deepEqual(report.ranges, [{ offset: at, length: 4096 }]);
+  await waitStatus(c, 'alpha', 'repaired', (s) => inSync(s) && s.peers[0].lastResync !== null);
+  const back = Buffer.alloc(4096);
+  const rfd = fs.openSync(bravoDisk, 'r');
+  fs.readSync(rfd, back, 0, 4096, at);
+  fs.closeSync(rfd);
+  assert.ok(back.equals(Buffer.alloc(4096)), 'the corrupted block is the Primary\'s again');
+
+  assert.equal((await c.duet('alpha', ['resource', 'disconnect', 'a'])).code, 0);
+  await waitStatus(c, 'bravo', 'bravo Outdated', (s) => s.disk === 'Outdated');
+  const p = await c.duet('bravo', ['resource', 'primary', 'a']);
+  assert.equal(p.code, 2, p.describe());
+  assert.match(p.stderr, /Outdated/);
+  assert.equal((await c.duet('alpha', ['resource', 'connect', 'a'])).code, 0);
+  await waitStatus(c, 'bravo', 'UpToDate again', (s) => s.disk === 'UpToDate' && s.peers[0].connection === 'Connected');
+});
