@@ -85,6 +85,40 @@ export class Bitmap {
     }
   }
 
+  /**
+   * The first out-of-sync range starting at or after `fromOffset` (a block
+   * that starts before it counts as handed out already), at most `maxBytes`
+   * long (whole words are skipped and taken 32 blocks at a time), or
+   * undefined when nothing is marked there.
+   */
+  firstRun(fromOffset: number, maxBytes: number): { offset: number; length: number } | undefined {
+    let b = Math.ceil(fromOffset / BLOCK);
+    while (b < this.bits) {
+      const w = b >>> 5;
+      if (this.words[w] === 0) {
+        b = (w + 1) * 32;
+        continue;
+      }
+      if (!this.isMarked(b)) {
+        b++;
+        continue;
+      }
+      const limit = Math.min(this.bits, b + Math.max(1, Math.floor(maxBytes / BLOCK)));
+      let e = b + 1;
+      while (e < limit) {
+        if ((e & 31) === 0 && e + 32 <= limit && this.words[e >>> 5] === 0xffffffff) {
+          e += 32;
+          continue;
+        }
+        if (!this.isMarked(e)) break;
+        e++;
+      }
+      const offset = b * BLOCK;
+      return { offset, length: Math.min(this.dataBytes, e * BLOCK) - offset };
+    }
+    return undefined;
+  }
+
   /** Out-of-sync byte ranges in order, adjacent blocks merged, starting at `fromOffset`. */
   *runs(fromOffset = 0): Generator<{ offset: number; length: number }> {
     let b = Math.floor(fromOffset / BLOCK);

@@ -113,9 +113,8 @@ export class Resync {
       let cursor = 0;
       for (;;) {
         if (!this.running) return false;
-        const next = r.bitmap.runs(cursor).next();
-        if (next.done) break;
-        const run = next.value;
+        const run = r.bitmap.firstRun(cursor, ZERO_PIECE_MAX);
+        if (!run) break;
         let length = Math.min(run.length, PIECE);
         const zero = await this.session.isZero(run.offset, Math.min(run.length, ZERO_PIECE_MAX));
         const isZero = zero >= length;

@@ -80,3 +80,29 @@ test('bitmap: write-back writes only the pages that changed', async () => {
   back.clearAll();
   assert.equal(back.count, 0);
 });
+
+test('bitmap: firstRun walks the same ranges as runs, cut at any piece size', () => {
+  fc.assert(
+    fc.property(
+      fc.integer({ min: 1, max: 2 * 1024 * 1024 }),
+      fc.array(fc.record({ at: fc.double({ min: 0, max: 1, noNaN: true }), len: fc.integer({ min: 1, max: 600_000 }) }), { maxLength: 20 }),
+      fc.integer({ min: 1, max: 400 }),
+      (dataBytes, marks, pieceBlocks) => {
+        const bm = new Bitmap(dataBytes);
+        for (const m of marks) bm.mark(Math.floor(m.at * dataBytes), m.len);
+        const walked: { offset: number; length: number }[] = [];
+        for (let cursor = 0, guard = 0; guard < 100_000; guard++) {
+          const r = bm.firstRun(cursor, pieceBlocks * BLOCK);
+          if (!r) break;
+          assert.ok(r.length <= pieceBlocks * BLOCK);
+          const last = walked[walked.length - 1];
+          if (last && last.offset + last.length === r.offset) last.length += r.length;
+          else walked.push({ ...r });
+          cursor = r.offset + r.length;
+        }
+        assert.deepEqual(walked, [...bm.runs()]);
+      },
+    ),
+    { numRuns: 300 },
+  );
+});
