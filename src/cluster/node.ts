@@ -13,7 +13,7 @@
  */
 import path from 'node:path';
 import { FileDevice } from '../blockdev/file.js';
-import { BorrowedDevice } from '../blockdev/borrowed.js';
+import { BorrowedDevice } from '../blockdev/delegating.js';
 import { NbdServer } from '../nbd/server.js';
 import type { ExportProvider, NbdExport } from '../nbd/exports.js';
 import { Connector } from '../replication/connector.js';

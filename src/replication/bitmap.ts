@@ -119,25 +119,9 @@ export class Bitmap {
     return undefined;
   }
 
-  /** Out-of-sync byte ranges in order, adjacent blocks merged, starting at `fromOffset`. */
+  /** Out-of-sync byte ranges in order, adjacent blocks merged, starting at `fromOffset` (block-aligned). */
   *runs(fromOffset = 0): Generator<{ offset: number; length: number }> {
-    let b = Math.floor(fromOffset / BLOCK);
-    while (b < this.bits) {
-      const w = b >>> 5;
-      if (this.words[w] === 0) {
-        b = (w + 1) * 32;
-        continue;
-      }
-      if (!this.isMarked(b)) {
-        b++;
-        continue;
-      }
-      let e = b + 1;
-      while (e < this.bits && this.isMarked(e)) e++;
-      const offset = b * BLOCK;
-      yield { offset, length: Math.min(this.dataBytes, e * BLOCK) - offset };
-      b = e;
-    }
+    for (let r = this.firstRun(fromOffset, Infinity); r; r = this.firstRun(r.offset + r.length, Infinity)) yield r;
   }
 
   /** Write changed pages to `area` of `device` (at `areaOffset`); all pages with `full`. */

@@ -1,13 +1,11 @@
 import type { BlockDevice, BlockSizeLimits, Capabilities, Extent, MaybePromise, WriteOptions, ZeroOptions } from './types.js';
 
 /**
- * A device lent to a user that must not close it: the node daemon lends its
- * replicated resources to the pools on them; closing a pool flushes them
- * but leaves them open (the resource outlives the pool: it demotes, resyncs,
- * and is promoted again).
+ * A device that passes every call to another: subclasses override the calls
+ * they change (nbdkit's filters, in miniature).
  */
-export class BorrowedDevice implements BlockDevice {
-  constructor(readonly inner: BlockDevice) {}
+export class DelegatingDevice<T extends BlockDevice = BlockDevice> implements BlockDevice {
+  constructor(readonly inner: T) {}
   get name(): string {
     return this.inner.name;
   }
@@ -41,8 +39,20 @@ export class BorrowedDevice implements BlockDevice {
   cache(offset: number, length: number): MaybePromise<void> {
     return this.inner.cache(offset, length);
   }
-  /** Flush only: the owner closes the device. */
   close(): MaybePromise<void> {
+    return this.inner.close();
+  }
+}
+
+/**
+ * A device lent to a user that must not close it: the node daemon lends its
+ * replicated resources to the pools on them; closing a pool flushes them
+ * but leaves them open (the resource outlives the pool: it demotes, resyncs,
+ * and is promoted again).
+ */
+export class BorrowedDevice extends DelegatingDevice {
+  /** Flush only: the owner closes the device. */
+  override close(): MaybePromise<void> {
     return this.inner.flush();
   }
 }
