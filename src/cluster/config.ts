@@ -39,6 +39,8 @@ const resourceSchema = z
     port,
     disk: z.record(z.string().min(1, 'must be a device path')),
     prefer: z.string().optional(),
+    /** Data size every node's disk must provide (after the metadata at its end); checked at start. */
+    size: size.optional(),
     /** Failover and split-brain settings refined by the replication issue; accepted as given. */
     'after-split-brain': z.enum(['disconnect', 'discard-zero-changes', 'discard-least-changes', 'discard-younger-primary']).optional(),
     'on-no-quorum': z.enum(['suspend', 'error']).optional(),

@@ -20,7 +20,8 @@ import { Connector } from '../replication/connector.js';
 import { Resource, ResourceStatus } from '../replication/resource.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
-import { parseSize } from '../util/size.js';
+import { formatSize, parseSize } from '../util/size.js';
+import { layoutFor } from '../replication/meta.js';
 import { AdminServer } from '../volume/admin-socket.js';
 import { PoolExports } from '../volume/exports.js';
 import { Pool, readBestSuperblock } from '../volume/pool.js';
@@ -212,6 +213,15 @@ export class NodeDaemon {
       const device = FileDevice.open(file);
       let resource: Resource;
       try {
+        if (res.size !== undefined) {
+          const want = parseSize(String(res.size));
+          const have = layoutFor(device.size).dataBytes;
+          if (have < want) {
+            throw new UserError(
+              `resource ${name}: ${file} holds ${formatSize(have)} of data (${formatSize(device.size - have)} of it is metadata), less than resources.${name}.size ${res.size} in ${c.file}: give this node a bigger disk`,
+            );
+          }
+        }
         resource = await Resource.open(device, {
           resource: name,
           node: this.node,

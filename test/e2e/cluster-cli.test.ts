@@ -24,6 +24,12 @@ test('node run: an unknown node, a missing disk, a bad cluster file: one line na
   assert.equal(nodisk.code, 2, nodisk.describe());
   assert.match(nodisk.stderr, /\/nonexistent\/disk\.img/);
 
+  const small = path.join(c.dir, 'small.yaml');
+  fs.writeFileSync(small, fs.readFileSync(c.file, 'utf8').replace('prefer: alpha,', 'prefer: alpha, size: 1G,'));
+  const toosmall = await duet(['node', 'run', '--config', small, '--node', 'alpha']);
+  assert.equal(toosmall.code, 2, toosmall.describe());
+  assert.match(toosmall.stderr, /resource a: .*alpha\.img holds .* of data .* less than resources\.a\.size 1G .*: give this node a bigger disk/);
+
   const bad = path.join(c.dir, 'bad.yaml');
   fs.writeFileSync(bad, fs.readFileSync(c.file, 'utf8').replace('protocol: C', 'protocol: D'));
   const r = await duet(['node', 'run', '--config', bad, '--node', 'alpha']);
