@@ -108,6 +108,7 @@ export class Transmission {
   private assembling: { target: Buffer; filled: number; cmdFlags: number; hi: number; lo: number; offset: number } | null = null;
   private paused = false;
   private stopped = false;
+  private tickHeld = false;
   private idleWaiters: (() => void)[] = [];
 
   constructor(
@@ -549,12 +550,31 @@ export class Transmission {
       largeBuffers.put(buf);
       return;
     }
+    this.holdUntilTick();
     this.socket.write(buf, () => largeBuffers.put(buf));
   }
 
   private send(buf: Buffer): void {
     if (this.socket.destroyed) return;
+    this.holdUntilTick();
     this.socket.write(buf);
+  }
+
+  /**
+   * Replies completed together (a replicated device's acknowledgements
+   * arrive in batches and resolve many requests in one go) leave in one
+   * writev: hold the socket until the current callback and its
+   * microtasks are done.
+   */
+  private holdUntilTick(): void {
+    // A lone request is answered at once (a writev of one buffer costs more than a write).
+    if (this.tickHeld || this.inFlight <= 1) return;
+    this.tickHeld = true;
+    this.socket.cork();
+    process.nextTick(() => {
+      this.tickHeld = false;
+      this.socket.uncork();
+    });
   }
 
   private pause(): void {

@@ -31,6 +31,7 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
   private chunks: Buffer[] = [];
   private buffered = 0;
   private lastHeard = Date.now();
+  private corked = false;
   private pingSentAt = 0;
   private readonly timer: NodeJS.Timeout;
   private closed = false;
@@ -65,7 +66,24 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
   /** Queue a frame; false when the socket's buffer is full (wait with drained(): back-pressure). */
   send(type: number, payload: Buffer = Buffer.alloc(0)): boolean {
     if (this.closed) return false;
+    this.batch();
     return this.socket.write(encodeFrame(type, payload));
+  }
+
+  /**
+   * Frames queued while handling one batch of events (the acks of every
+   * write in one received chunk, the writes of one batch of NBD requests)
+   * leave in one writev: the socket is corked until the current callback
+   * and its microtasks are done.
+   */
+  private batch(): void {
+    if (this.corked) return;
+    this.corked = true;
+    this.socket.cork();
+    process.nextTick(() => {
+      this.corked = false;
+      this.socket.uncork();
+    });
   }
 
   /** Queue a frame made of several parts without joining them (a write's header and its data). */
@@ -78,11 +96,10 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
     header.writeUInt16BE(type, 4);
     header.writeUInt16BE(0, 6);
     header.writeUInt32BE(length, 8);
-    this.socket.cork();
+    this.batch();
     this.socket.write(header);
     let ok = true;
     for (const p of parts) ok = this.socket.write(p);
-    this.socket.uncork();
     return ok && this.socket.writableLength < this.socket.writableHighWaterMark;
   }
 

@@ -509,30 +509,36 @@ export class PeerSession {
         return;
       }
     }
-    const apply = async (): Promise<void> => {
-      if (racing) await racing;
-      if (this.targetReady) await this.targetReady;
+    const write = (): void | Promise<void> => {
       const dev = r.backing;
       if (!dev) throw new BlockDeviceError('EIO', 'no disk');
       const fua = (w.flags & W.WF_FUA) !== 0;
-      if (w.flags & W.WF_ZERO) await dev.writeZeroes(w.offset, w.length, { fua, noHole: (w.flags & W.WF_TRIM) === 0 });
-      else await dev.write(w.offset, data!, { fua });
+      if (w.flags & W.WF_ZERO) return dev.writeZeroes(w.offset, w.length, { fua, noHole: (w.flags & W.WF_TRIM) === 0 });
+      return dev.write(w.offset, data!, { fua });
     };
+    const waitFirst = racing && this.targetReady ? Promise.all([racing, this.targetReady]) : (racing ?? this.targetReady);
+    // Nothing to wait for and a synchronous disk: applied and acknowledged with no promise at all.
+    const apply = waitFirst ? () => waitFirst.then(write) : write;
     if (this.applying.size >= APPLY_MAX) {
       this.link.pause();
     }
-    const done = this.applying.run(w.offset, w.length, apply);
-    Promise.resolve(done).then(
-      () => {
-        this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 0));
-        if (this.applying.size < APPLY_MAX / 2) this.link.resume();
-      },
-      (err: unknown) => {
-        r.detach(err);
-        this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 1));
-        this.link.resume();
-      },
-    );
+    const ack = (): void => {
+      this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 0));
+      if (this.applying.size < APPLY_MAX / 2) this.link.resume();
+    };
+    const nack = (err: unknown): void => {
+      r.detach(err);
+      this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 1));
+      this.link.resume();
+    };
+    let done: void | Promise<void>;
+    try {
+      done = this.applying.run(w.offset, w.length, apply);
+    } catch (err) {
+      return nack(err);
+    }
+    if (done instanceof Promise) done.then(ack, nack);
+    else ack();
   }
 
   private onFlush(seq: number): void {
