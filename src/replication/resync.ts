@@ -41,6 +41,7 @@ const PIECE = 256 * 1024;
 const ZERO_PIECE_MAX = 64 * 1024 * 1024;
 const WINDOW = 8 * 1024 * 1024;
 const QUIET_MS = 100;
+const BURST_MS = 100;
 /** What a zero frame or a digest counts for in the window and the rate. */
 const SMALL = 4096;
 /** Passes over the bitmap before giving up on blocks that keep failing. */
@@ -148,8 +149,9 @@ export class Resync {
       });
     }
     if (rate > 0) {
+      // Token bucket: time lost reading or waiting for acks is made up, up to a 100 ms burst.
       const now = Date.now();
-      const at = Math.max(now, this.nextSendAt);
+      const at = Math.max(this.nextSendAt, now - BURST_MS);
       this.nextSendAt = at + (cost / rate) * 1000;
       if (at > now) await new Promise((resolve) => setTimeout(resolve, at - now));
     }

@@ -125,8 +125,9 @@ test('split brain: both sides written while apart is detected, nothing merged, r
   await waitStatus(c, 'alpha', 'initial sync', (s) => s.role === 'Primary' && inSync(s));
   assert.equal((await c.duet('alpha', ['vol', 'create', 'pa/v', '--size', '64M'])).code, 0);
   await waitStatus(c, 'alpha', 'in sync', inSync);
-  assert.equal((await c.duet('alpha', ['resource', 'disconnect', 'a'])).code, 0);
+  // The link is cut from bravo's side (a Secondary's disconnect does not outdate anyone): as if the network failed.
   assert.equal((await c.duet('bravo', ['resource', 'disconnect', 'a'])).code, 0);
+  assert.equal((await c.duet('alpha', ['resource', 'disconnect', 'a'])).code, 0);
   assert.equal((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0xaa 0 64k', '-c', 'flush', c.url('alpha', 'v')])).code, 0);
   const pb = await c.duet('bravo', ['resource', 'primary', 'a']);
   assert.equal(pb.code, 0, pb.describe());
