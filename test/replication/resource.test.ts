@@ -289,13 +289,13 @@ test('a fixed resync rate is honoured (bounded from above), a dynamic one finish
     b.resource.standAlone = true;
     a.connector.kick('test');
     await until('apart', () => !a.resource.peer && !b.resource.peer);
-    await a.resource.write(0, randomBytes(4 * MiB));
+    await a.resource.write(0, randomBytes(12 * MiB));
     const started = Date.now();
     a.resource.standAlone = false;
     b.resource.standAlone = false;
     await until('resynced', () => upToDate(a, b) && a.resource.bitmap.count === 0);
-    // 4 MiB at 8 MiB/s cannot take less than ~0.5 s (the first piece goes at once).
-    assert.ok(Date.now() - started >= 400, `resync took ${Date.now() - started} ms`);
+    // 12 MiB at 8 MiB/s cannot take less than 1.5 s minus the 100 ms burst and the first piece.
+    assert.ok(Date.now() - started >= 1000, `resync took ${Date.now() - started} ms`);
   } finally {
     await stopNode(a);
     await stopNode(b);
