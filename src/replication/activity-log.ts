@@ -83,18 +83,16 @@ export class ActivityLog {
   begin(offset: number, length: number): void | Promise<void> {
     const first = Math.floor(offset / AL_EXTENT_BYTES);
     const last = Math.floor((offset + Math.max(length, 1) - 1) / AL_EXTENT_BYTES);
-    let missing: number[] | undefined;
     for (let e = first; e <= last; e++) {
-      const n = this.active.get(e);
-      if (n === undefined) (missing ??= []).push(e);
-      else {
-        // Refresh LRU position.
-        this.active.delete(e);
-        this.active.set(e, n + 1);
-      }
+      // An extent is in `active` only once a transaction listing it is on disk.
+      if (!this.active.has(e)) return this.activate(first, last);
     }
-    if (!missing) return;
-    return this.activate(missing);
+    for (let e = first; e <= last; e++) {
+      const n = this.active.get(e)!;
+      // Refresh the LRU position.
+      this.active.delete(e);
+      this.active.set(e, n + 1);
+    }
   }
 
   end(offset: number, length: number): void {
@@ -106,41 +104,59 @@ export class ActivityLog {
     }
   }
 
-  private activate(missing: number[]): Promise<void> {
+  /**
+   * Make extents first..last hot (one transaction at a time), then count
+   * this write on all of them. The writer holds no count while it waits, so
+   * writers waiting for room can never hold each other's slots.
+   */
+  private activate(first: number, last: number): Promise<void> {
+    const wanted: number[] = [];
+    for (let e = first; e <= last; e++) wanted.push(e);
+    if (wanted.length > this.slots) return Promise.reject(new Error(`a write spans ${wanted.length} activity log extents, more than the ${this.slots} slots`));
     const run = this.txn.then(async () => {
       for (;;) {
-        const need = missing.filter((e) => !this.active.has(e));
-        if (need.length > this.slots) throw new Error(`a write spans ${need.length} activity log extents, more than the ${this.slots} slots`);
+        const need = wanted.filter((e) => !this.active.has(e));
+        if (need.length === 0) break;
         const evict: number[] = [];
         let room = this.slots - this.active.size;
         for (const [e, n] of this.active) {
           if (room >= need.length) break;
-          if (n === 0) {
+          if (n === 0 && !wanted.includes(e)) {
             evict.push(e);
             room++;
           }
         }
-        if (room >= need.length) {
-          if (evict.length > 0) await this.options.beforeEvict?.(evict);
-          for (const e of evict) this.active.delete(e);
-          for (const e of need) this.active.set(e, 0);
-          await this.writeTransaction();
-          break;
+        if (room < need.length) {
+          // Every slot has writes in flight: wait for some to end (in-flight writes are bounded).
+          await new Promise((r) => setTimeout(r, 1));
+          continue;
         }
-        // Every slot has writes in flight: wait for some to end (in-flight writes are bounded).
-        await new Promise((r) => setTimeout(r, 1));
+        if (evict.length > 0) {
+          await this.options.beforeEvict?.(evict);
+          // A write may have started on a candidate meanwhile: it stays, and the choice is made again.
+          if (evict.some((e) => this.active.get(e) !== 0)) continue;
+        }
+        // Out of the in-memory set before the page is written (a write on them now waits for a
+        // transaction of its own); the page on disk still lists them until the new one lands.
+        for (const e of evict) this.active.delete(e);
+        await this.writeTransaction([...this.active.keys(), ...need]);
+        for (const e of need) this.active.set(e, 0);
+        break;
       }
-      for (const e of missing) this.active.set(e, (this.active.get(e) ?? 0) + 1);
+      for (const e of wanted) {
+        const n = this.active.get(e) ?? 0;
+        this.active.delete(e);
+        this.active.set(e, n + 1);
+      }
     });
     this.txn = run.catch(() => undefined);
     return run;
   }
 
-  /** Record the current set (also used to empty the log on a clean demotion). */
-  async writeTransaction(): Promise<void> {
+  /** Record a set of hot extents (the current one by default); the set counts only once this resolves. */
+  async writeTransaction(extents: number[] = [...this.active.keys()]): Promise<void> {
     this.seq++;
     this.transactions++;
-    const extents = [...this.active.keys()];
     const page = Buffer.alloc(PAGE);
     MAGIC.copy(page, 0);
     page.writeBigUInt64LE(BigInt(this.seq), 8);

@@ -191,7 +191,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (crashed) {
       // The Primary died with these extents hot: their blocks may differ from the peer's.
       for (const e of recovered) bitmap.mark(e * AL_EXTENT_BYTES, AL_EXTENT_BYTES);
+      // Durable before the record stops saying "crashed Primary".
       await bitmap.writeBack(backing, layout.bitmapOffset);
+      await backing.flush();
       options.log.warn({ event: 'crashed-primary-recovery', resource: options.resource, extents: recovered.length }, 'was Primary when it stopped: activity-log extents marked out of sync');
     }
     const r = new Resource(backing, layout, record, bitmap, al, options, crashed && recovered.length > 0);
@@ -215,10 +217,16 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     return run.catch((err: unknown) => this.detach(err));
   }
 
+  /**
+   * Write the changed bitmap pages and make them durable: what follows (an
+   * activity-log page that forgets an extent, a record that clears the
+   * crashed-Primary flag) must never reach the disk before them.
+   */
   async writeBitmap(): Promise<void> {
     if (!this.backing_) return;
     try {
-      await this.bitmap.writeBack(this.backing_, this.layout.bitmapOffset);
+      const pages = await this.bitmap.writeBack(this.backing_, this.layout.bitmapOffset);
+      if (pages > 0) await this.backing_.flush();
     } catch (err) {
       this.detach(err);
     }
