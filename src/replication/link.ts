@@ -32,6 +32,7 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
   private buffered = 0;
   private lastHeard = Date.now();
   private corked = false;
+  private draining: Promise<void> | undefined;
   private pingSentAt = 0;
   private readonly timer: NodeJS.Timeout;
   private closed = false;
@@ -108,18 +109,20 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
     return this.socket.writableLength;
   }
 
-  /** Resolves when the send queue has room again (or the link is down). */
+  /** Resolves when the send queue has room again (or the link is down); one waiter on the socket however many writers wait. */
   drained(): Promise<void> {
     if (this.closed || !this.socket.writableNeedDrain) return Promise.resolve();
-    return new Promise((resolve) => {
+    this.draining ??= new Promise<void>((resolve) => {
       const done = (): void => {
         this.socket.off('drain', done);
         this.off('down', done);
+        this.draining = undefined;
         resolve();
       };
       this.socket.on('drain', done);
       this.on('down', done);
     });
+    return this.draining;
   }
 
   /** Stop reading from the peer (the receiver's disk is behind: back-pressure on the sender). */

@@ -85,6 +85,9 @@ export class PeerSession {
   private verifyWaiters = new Map<number, Deferred<Buffer>>();
   private targetReady: Promise<void> | undefined;
   private readonly downHandlers: ((why: string) => void)[] = [];
+  /** What this side told the peer when the link came up: the peer decides from exactly that. */
+  private readonly sent: { current: string; bitmap: string; marks: number };
+  private readonly handshakeOver = deferred<void>();
 
   constructor(
     readonly resource: Resource,
@@ -100,9 +103,15 @@ export class PeerSession {
       }
     });
     link.on('down', (why) => this.onDown(why));
+    this.sent = { current: resource.record.gi.current, bitmap: resource.record.gi.bitmap, marks: resource.bitmap.count };
     this.sendState(true);
     for (const chunk of chunked([...resource.bitmap.runs()], 4096)) link.send(W.F_BITMAP, W.encodeRuns(chunk));
     link.send(W.F_BITMAP_DONE);
+  }
+
+  /** While the handshake runs: resolves once it is over (connected, syncing, refused or down). */
+  get handshake(): Promise<void> | undefined {
+    return this.phase === 'handshake' ? this.handshakeOver.promise : undefined;
   }
 
   onceDown(fn: (why: string) => void): void {
@@ -331,6 +340,14 @@ export class PeerSession {
   private onHandshakeDone(): void {
     const r = this.resource;
     const peer = this.state!;
+    this.handshakeOver.resolve();
+    if (r.record.gi.current !== this.sent.current || r.record.gi.bitmap !== this.sent.bitmap || r.bitmap.count !== this.sent.marks) {
+      // The peer decides from what was sent; deciding here from newer data could disagree with it
+      // (e.g. "in sync" there, "sync source" here). Start over with the data as it is now.
+      this.phase = 'closed';
+      this.close('the data here changed during the handshake: connecting again');
+      return;
+    }
     const refuse = (reason: string): void => {
       r.log.error({ event: 'connect-refused', resource: r.name, peer: this.peerNode, reason }, `resource ${r.name}: not connecting to ${this.peerNode}: ${reason}`);
       this.link.send(W.F_REFUSE, W.encodeJson({ reason }));
@@ -671,6 +688,7 @@ export class PeerSession {
   private onDown(why: string): void {
     const r = this.resource;
     const wasPhase = this.phase;
+    this.handshakeOver.resolve();
     this.phase = 'closed';
     this.resync?.stop();
     // What the peer may not have: writes not acknowledged, and writes not yet flushed there.

@@ -401,6 +401,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    */
   private replicate(offset: number, length: number, kind: 0 | 1 | 2, data: Buffer | undefined, fua: boolean): void | Promise<void> {
     this.lastAppWriteAt = Date.now();
+    // The peer is deciding from this node's data as it was when the link came up: hold writes until it has.
+    const handshake = this.peer?.handshake;
+    if (handshake) return handshake.then(() => this.replicate(offset, length, kind, data, fua));
     const local = this.backing_;
     const hot = local ? this.al.begin(offset, length) : undefined;
     const go = (): void | Promise<void> =>

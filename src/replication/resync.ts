@@ -161,7 +161,19 @@ export class Resync {
     const r = this.session.resource;
     const flags = Buffer.alloc(4);
     flags.writeUInt32BE(W.WF_ZERO, 0);
-    await r.appWrites.run(offset, length, () => {
+    await r.appWrites.run(offset, length, async () => {
+      // Checked again under the write order: an application write may have landed since the range was
+      // found empty (and went to the peer already); zeroing it there now would undo it.
+      if ((await this.session.isZero(offset, length)) < length) {
+        const entry = this.inFlight.get(offset);
+        if (entry) {
+          // Not sent: the blocks stay marked and go as data in the next pass.
+          this.inFlight.delete(offset);
+          this.inFlightBytes -= entry.cost;
+          this.wake?.();
+        }
+        return;
+      }
       this.session.link.send(W.F_RS_DATA, W.encodeRange(offset, length, flags));
     });
   }

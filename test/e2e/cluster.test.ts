@@ -87,7 +87,7 @@ test('SIGKILL of the Primary mid-writes, promote the Secondary: every acknowledg
   writer.stdout.on('data', (b: Buffer) => (out += b.toString()));
   t.after(() => writer.kill('SIGKILL'));
   const started = Date.now();
-  while (out.split('\n').length < 300 && Date.now() - started < 20_000) await new Promise((r) => setTimeout(r, 20));
+  while (out.split('\n').length <= 300 && Date.now() - started < 20_000) await new Promise((r) => setTimeout(r, 20));
   await c.kill('alpha', 'SIGKILL');
   await new Promise((r) => writer.once('exit', r));
   const acked = out.split('\n').filter((l) => /^\d+$/.test(l)).map(Number);
