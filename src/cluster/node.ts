@@ -108,11 +108,11 @@ export class NodeDaemon {
    * Before the first write the peer will not have: outdate it at the witness.
    * Without the witness the write waits (suspend, retrying) or fails (error).
    */
-  private async fence(resource: string, peer: string, onNoQuorum: 'suspend' | 'error'): Promise<void> {
+  private async fence(resource: string, peer: string, onNoQuorum: 'suspend' | 'error', generation: { from: string; to: string }): Promise<void> {
     const r = this.resources.get(resource)?.resource;
     for (let attempt = 0; ; attempt++) {
       try {
-        await this.witness!.call({ cmd: 'witness.outdate', resource, peer });
+        await this.witness!.call({ cmd: 'witness.outdate', resource, peer, current: generation.from, until: generation.to });
         this.witnessSeenAt = Date.now();
         if (r?.suspended) {
           r.suspended = false;
@@ -145,7 +145,7 @@ export class NodeDaemon {
     if (force) return;
     let reply;
     try {
-      reply = await this.witness!.call({ cmd: 'witness.query', resource });
+      reply = await this.witness!.call({ cmd: 'witness.query', resource, current: r?.record.gi.current ?? '0' });
       this.witnessSeenAt = Date.now();
     } catch (err) {
       if (r?.peer?.replicating) return;
@@ -160,12 +160,14 @@ export class NodeDaemon {
     if (!this.witness) return;
     const beat = async (): Promise<void> => {
       const inSync: Record<string, string> = {};
+      const generations: Record<string, string> = {};
       for (const e of this.resources.values()) {
         const r = e.resource;
+        if (r.disk === 'UpToDate') generations[e.name] = r.record.gi.current;
         if (r.peer?.phase === 'connected' && r.disk === 'UpToDate' && r.peer.state?.disk === 'UpToDate') inSync[e.name] = e.peerNode;
       }
       try {
-        const reply = await this.witness!.call({ cmd: 'witness.heartbeat', inSync });
+        const reply = await this.witness!.call({ cmd: 'witness.heartbeat', inSync, generations });
         this.witnessSeenAt = Date.now();
         for (const name of reply.outdatedResources) {
           const r = this.resources.get(name)?.resource;
@@ -232,7 +234,7 @@ export class NodeDaemon {
           afterSplitBrain: res['after-split-brain'],
           allowTwoPrimaries: res['allow-two-primaries'],
           splitBrainDir: path.join(this.home, 'split-brain'),
-          fence: this.witness ? (r) => this.fence(r, peerNode, res['on-no-quorum'] ?? 'suspend') : undefined,
+          fence: this.witness ? (r, generation) => this.fence(r, peerNode, res['on-no-quorum'] ?? 'suspend', generation) : undefined,
           mayPromote: this.witness ? (r, force) => this.mayPromote(r, force) : undefined,
         });
       } catch (err) {

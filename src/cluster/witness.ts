@@ -11,8 +11,9 @@
  *   refused (unless forced), and so is a node that reaches neither its peer
  *   nor the witness (no quorum).
  *
- * A node that is connected and in sync with its peer tells the witness in
- * its heartbeat, which clears the peer's mark. The marks are kept in a JSON
+ * A mark reads "outdated until it holds generation G" (the generation the
+ * fencing node moved to): it ends when the node reports G (it resynced),
+ * or when its peer reports being in sync with it. The marks are kept in a JSON
  * file written atomically (temp file + rename), so a restart keeps them.
  */
 import fs from 'node:fs';
@@ -27,14 +28,20 @@ export const DEFAULT_WITNESS_PORT = 7899;
 
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
+/**
+ * `current` is the sender's data generation for the resource (per resource
+ * in a heartbeat): a mark "outdated until generation G" stops counting once
+ * the node holds G (it resynced), so a mark can never outlive the resync
+ * that healed it, however late the heartbeats come.
+ */
 export type WitnessCommand =
-  | { cmd: 'witness.heartbeat'; node: string; inSync: Record<string, string> }
-  | { cmd: 'witness.outdate'; node: string; resource: string; peer: string }
-  | { cmd: 'witness.query'; node: string; resource: string };
+  | { cmd: 'witness.heartbeat'; node: string; inSync: Record<string, string>; generations: Record<string, string> }
+  | { cmd: 'witness.outdate'; node: string; resource: string; peer: string; current: string; until: string }
+  | { cmd: 'witness.query'; node: string; resource: string; current: string };
 
 interface WitnessState {
-  /** resource -> node -> when it was outdated and by whom */
-  outdated: Record<string, Record<string, { by: string; at: string }>>;
+  /** resource -> node -> outdated until it holds generation `until`; when, and by whom */
+  outdated: Record<string, Record<string, { by: string; at: string; until: string }>>;
 }
 
 export interface WitnessReply {
@@ -71,27 +78,24 @@ export class Witness {
     this.lastSeen.set(c.node, Date.now());
     switch (c.cmd) {
       case 'witness.heartbeat':
+        for (const [resource, current] of Object.entries(c.generations ?? {})) this.caughtUp(resource, c.node, current);
         // The sender is in sync with these peers: their data is good again.
-        for (const [resource, peer] of Object.entries(c.inSync)) {
+        for (const [resource, peer] of Object.entries(c.inSync ?? {})) {
           if (this.isOutdated(resource, c.node)) continue;
-          if (this.isOutdated(resource, peer)) {
-            delete this.state.outdated[resource][peer];
-            this.save();
-            this.log.info({ event: 'witness-cleared', resource, node: peer, by: c.node }, `${peer} is in sync again for ${resource}`);
-          }
+          if (this.isOutdated(resource, peer)) this.clear(resource, peer, `in sync with ${c.node}`);
         }
         break;
       case 'witness.outdate':
+        this.caughtUp(c.resource, c.node, c.current);
         if (this.isOutdated(c.resource, c.node)) {
           throw new UserError(`node ${c.node} is itself outdated for resource ${c.resource}: it may not go on without its peer`);
         }
-        if (!this.isOutdated(c.resource, c.peer)) {
-          (this.state.outdated[c.resource] ??= {})[c.peer] = { by: c.node, at: new Date().toISOString() };
-          this.save();
-          this.log.warn({ event: 'witness-outdated', resource: c.resource, node: c.peer, by: c.node }, `${c.peer} outdated for ${c.resource} by ${c.node}`);
-        }
+        (this.state.outdated[c.resource] ??= {})[c.peer] = { by: c.node, at: new Date().toISOString(), until: c.until };
+        this.save();
+        this.log.warn({ event: 'witness-outdated', resource: c.resource, node: c.peer, by: c.node, until: c.until }, `${c.peer} outdated for ${c.resource} by ${c.node}`);
         break;
       case 'witness.query':
+        this.caughtUp(c.resource, c.node, c.current);
         break;
     }
     return {
@@ -102,6 +106,18 @@ export class Witness {
 
   private isOutdated(resource: string, node: string): boolean {
     return this.state.outdated[resource]?.[node] !== undefined;
+  }
+
+  /** A node that holds the generation its mark waits for is no longer outdated. */
+  private caughtUp(resource: string, node: string, current: string | undefined): void {
+    const mark = this.state.outdated[resource]?.[node];
+    if (mark && current !== undefined && mark.until === current) this.clear(resource, node, `holds generation ${current}`);
+  }
+
+  private clear(resource: string, node: string, why: string): void {
+    delete this.state.outdated[resource][node];
+    this.save();
+    this.log.info({ event: 'witness-cleared', resource, node, why }, `${node} is good again for ${resource}: ${why}`);
   }
 
   private save(): void {

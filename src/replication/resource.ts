@@ -46,7 +46,7 @@ export interface ResourceOptions {
   splitBrainDir?: string;
   alSlots?: number;
   /** Asked before this node diverges from its peer (first unreplicated write): outdate the peer at the witness. */
-  fence?: (resource: string) => Promise<void>;
+  fence?: (resource: string, generation: { from: string; to: string }) => Promise<void>;
   /** Asked before a promotion: may this node become Primary (quorum, witness says not outdated)? Throws a UserError if not. */
   mayPromote?: (resource: string, force: boolean) => Promise<void>;
 }
@@ -250,9 +250,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    */
   private newGeneration(why: string): Promise<void> {
     this.diverging ??= (async () => {
-      await this.options.fence?.(this.name);
       const gi = this.record.gi;
       const next = gi.bitmap === NO_GI ? { current: newGi(), bitmap: gi.current, history: gi.history } : { current: newGi(), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] as [string, string] };
+      // The peer is outdated until it holds the generation this node moves to.
+      await this.options.fence?.(this.name, { from: gi.current, to: next.current });
       await this.saveRecord({ gi: next, peerOutdated: this.options.fence !== undefined });
       this.log.info({ event: 'new-generation', resource: this.name, gi: this.record.gi, why }, `${why}: new data generation`);
     })().finally(() => {
