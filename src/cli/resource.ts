@@ -186,6 +186,21 @@ export function registerResource(program: Command): void {
       }
       process.stdout.write(`resource ${name}: resolving split brain, keeping ${options.keep}'s data${peerNote}\n`);
     });
+
+  registerRestore(res);
+}
+
+export function registerRestore(res: Command): void {
+  res
+    .command('restore-blocks')
+    .description('undo a split-brain resolution: write back the blocks this node saved before they were overwritten (the resource must be Primary here)')
+    .argument('<resource>')
+    .argument('<file>', 'a .blocks file from HOME/split-brain on this node')
+    .action(async (name: string, file: string, _o: unknown, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const r = (await callNode(t, { cmd: 'resource.restore-blocks', resource: name, file: path.resolve(file) })) as { bytes: number; ranges: number };
+      process.stdout.write(`resource ${name}: restored ${formatSize(r.bytes)} in ${r.ranges} ranges from ${file}\n`);
+    });
 }
 
 function percent(done: number, total: number): string {

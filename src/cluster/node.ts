@@ -17,6 +17,7 @@ import { BorrowedDevice } from '../blockdev/delegating.js';
 import { NbdServer } from '../nbd/server.js';
 import type { ExportProvider, NbdExport } from '../nbd/exports.js';
 import { Connector } from '../replication/connector.js';
+import { restoreBlocks } from '../replication/split-brain.js';
 import { Resource, ResourceStatus } from '../replication/resource.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
@@ -45,6 +46,7 @@ export type NodeCommand =
   | { cmd: 'resource.connect'; resource: string }
   | { cmd: 'resource.verify'; resource: string }
   | { cmd: 'resource.resolve'; resource: string; keep: string }
+  | { cmd: 'resource.restore-blocks'; resource: string; file: string }
   | (PoolCommand & { pool: string });
 
 export interface NodeStatus {
@@ -407,6 +409,22 @@ export class NodeDaemon {
         e.resource.lastRefusal = undefined;
         e.connector.kick('split-brain resolution: reconnecting');
         return this.status(c.resource);
+      }
+      case 'resource.restore-blocks': {
+        const e = this.entry(c.resource);
+        if (e.resource.role !== 'Primary') throw new UserError(`resource ${e.name} is not Primary on ${this.node}: make it Primary here first (resource primary ${e.name})`);
+        // Blocks change under the pool: close it, write them (replicated), open it again.
+        return this.serial(async () => {
+          await this.closePoolsOn(e.name);
+          try {
+            const r = await restoreBlocks(c.file, e.name, e.resource);
+            await e.resource.flush();
+            this.log.warn({ event: 'blocks-restored', resource: e.name, file: c.file, ...r }, `resource ${e.name}: restored ${r.bytes} bytes saved before a split-brain resolution`);
+            return { resource: e.name, file: c.file, ...r };
+          } finally {
+            await this.openPools();
+          }
+        });
       }
       case 'resource.verify': {
         const e = this.entry(c.resource);

@@ -5,8 +5,8 @@
  * `resource resolve RES --keep NODE`; otherwise both stay StandAlone.
  *
  * Before the losing side's blocks are overwritten, every block the resync
- * will overwrite there is saved to a file on that node, so a resolution can
- * be inspected and undone (`duet resource restore-blocks FILE`).
+ * will overwrite there is saved to a file on that node (format in
+ * docs/replication.md), so a resolution can be inspected and undone.
  *
  * Both sides compute the outcome from the same inputs (their own and the
  * peer's state), so they always agree on who is source and who is target.
@@ -16,6 +16,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Resource } from './resource.js';
 import type { PeerState } from './wire.js';
+import { UserError } from '../util/errors.js';
 
 export function resolveSplitBrain(r: Resource, peer: PeerState, peerNode: string): 'source' | 'target' | 'disconnect' {
   const policy = r.options.afterSplitBrain ?? 'disconnect';
@@ -108,17 +109,46 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
   return file;
 }
 
-/** Read a saved-blocks file: its header and an iterator over its ranges' bytes. */
-export function readSavedBlocks(file: string): { header: { resource: string; node: string; ranges: { offset: number; length: number }[]; bytes: number }; dataOffset: number } {
-  const fd = fs.openSync(file, 'r');
+/**
+ * Put saved blocks back (undo a split-brain resolution on the node that
+ * lost): every range of the file is written to `dev` (the resource, Primary
+ * here, so the peer gets them too). The file's checks come first: its
+ * format, its resource, and that its ranges fit the device.
+ */
+export async function restoreBlocks(file: string, resource: string, dev: { size: number; write(offset: number, data: Buffer): unknown }): Promise<{ ranges: number; bytes: number }> {
+  let fd: number;
   try {
-    const head = Buffer.alloc(1024 * 1024);
+    fd = fs.openSync(file, 'r');
+  } catch (err) {
+    throw new UserError(`${file}: cannot open (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
+  }
+  try {
+    const head = Buffer.alloc(Math.min(64 * 1024 * 1024, fs.fstatSync(fd).size));
     const n = fs.readSync(fd, head, 0, head.length, 0);
     const nl = head.subarray(0, n).indexOf(0x0a);
-    if (nl < 0) throw new Error(`${file}: not a duet split-brain blocks file`);
-    const header = JSON.parse(head.subarray(0, nl).toString('utf8')) as { format: string; resource: string; node: string; ranges: { offset: number; length: number }[]; bytes: number };
-    if (header.format !== 'duet-split-brain-blocks-v1') throw new Error(`${file}: not a duet split-brain blocks file`);
-    return { header, dataOffset: nl + 1 };
+    let header: { format?: string; resource?: string; ranges?: { offset: number; length: number }[] } = {};
+    try {
+      header = nl > 0 ? (JSON.parse(head.subarray(0, nl).toString('utf8')) as typeof header) : {};
+    } catch {
+      /* reported below */
+    }
+    if (header.format !== 'duet-split-brain-blocks-v1' || !Array.isArray(header.ranges)) throw new UserError(`${file}: not a duet split-brain blocks file`);
+    if (header.resource !== resource) throw new UserError(`${file}: holds blocks of resource ${String(header.resource)}, not ${resource}`);
+    const total = header.ranges.reduce((sum, r) => sum + r.length, 0);
+    if (fs.fstatSync(fd).size !== nl + 1 + total) throw new UserError(`${file}: truncated or damaged (${fs.fstatSync(fd).size} bytes, expected ${nl + 1 + total})`);
+    for (const r of header.ranges) if (r.offset < 0 || r.offset + r.length > dev.size) throw new UserError(`${file}: range ${r.offset}+${r.length} is outside resource ${resource}`);
+    let pos = nl + 1;
+    const piece = Buffer.allocUnsafe(1024 * 1024);
+    for (const r of header.ranges) {
+      for (let done = 0; done < r.length; ) {
+        const len = Math.min(piece.length, r.length - done);
+        fs.readSync(fd, piece, 0, len, pos);
+        await dev.write(r.offset + done, Buffer.from(piece.subarray(0, len)));
+        pos += len;
+        done += len;
+      }
+    }
+    return { ranges: header.ranges.length, bytes: total };
   } finally {
     fs.closeSync(fd);
   }

@@ -153,6 +153,25 @@ test('split brain: both sides written while apart is detected, nothing merged, r
     [c.url('alpha', 'v')],
   );
   assert.equal(r.stdout.trim(), `${0xaa} 0`, r.describe());
+
+  // Undo: bravo takes the Primary role and writes back what it saved; both disks then hold bravo's side.
+  assert.equal((await c.duet('alpha', ['resource', 'secondary', 'a'])).code, 0);
+  const pb2 = await c.duet('bravo', ['resource', 'primary', 'a']);
+  assert.equal(pb2.code, 0, pb2.describe());
+  const undo = await c.duet('bravo', ['resource', 'restore-blocks', 'a', b.splitBrain!.savedTo!]);
+  assert.equal(undo.code, 0, undo.describe());
+  assert.match(undo.stdout, /restored .* from /);
+  const r2 = await python(
+    `import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint(h.pread(1,0)[0], h.pread(1,1024*1024)[0])`,
+    [c.url('bravo', 'v')],
+  );
+  assert.equal(r2.stdout.trim(), `0 ${0xbb}`, r2.describe() + c.describe());
+  const check = await c.duet('bravo', ['pool', 'check', 'pa']);
+  assert.equal(check.code, 0, check.describe());
+  await waitStatus(c, 'bravo', 'replicated', inSync);
+  const bad = await c.duet('bravo', ['resource', 'restore-blocks', 'a', path.join(c.dir, 'cluster.yaml')]);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /not a duet split-brain blocks file/);
 });
 
 test('verify through the CLI finds exactly the block corrupted behind the Secondary\'s back, and the resync repairs it; a disconnect by the Primary outdates the Secondary', async (t) => {
