@@ -37,7 +37,7 @@ rm -rf "$OUT"; mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/duet-bench-repl.XXXXXX)
 DUET="node $ROOT/bin/duet"
 PIDS=()
-stop_all() { for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done; for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done; PIDS=(); }
+stop_all() { local q; for q in "${PIDS[@]}"; do kill -CONT "$q" 2>/dev/null || true; kill "$q" 2>/dev/null || true; done; for q in "${PIDS[@]}"; do wait "$q" 2>/dev/null || true; done; PIDS=(); }
 cleanup() { stop_all; rm -rf "$WORK"; }
 trap cleanup EXIT
 A=127.0.0.2; B=127.0.0.3; EXPORT_PORT=21929; API_PORT=21930; LINK_PORT=21931
