@@ -8,8 +8,9 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { ActivityLog, AL_EXTENT_BYTES, AL_SLOTS_MAX } from '../../src/replication/activity-log.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { DelegatingDevice } from '../../src/blockdev/delegating.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../../src/blockdev/types.js';
+import type { BlockDevice, WriteOptions } from '../../src/blockdev/types.js';
 
 const PAGE = 4096;
 /** The log lives at AL_OFFSET..AL_OFFSET+AL_BYTES of a small device (4 pages: the ring wraps often). */
@@ -31,8 +32,7 @@ interface WriteRecord {
  * disk), and can tear the next write to the log area: part of the page
  * lands and the write never completes (the machine died during it).
  */
-class ProbeDevice implements BlockDevice {
-  readonly inner: MemoryDevice;
+class ProbeDevice extends DelegatingDevice<MemoryDevice> {
   /** Writes that completed, in order. */
   readonly writes: WriteRecord[] = [];
   /** Writes started (including held ones). */
@@ -42,19 +42,7 @@ class ProbeDevice implements BlockDevice {
   tearNext: ((fresh: Buffer, old: Buffer) => Buffer) | undefined;
 
   constructor(size = DEV_BYTES) {
-    this.inner = new MemoryDevice(size, 'probe');
-  }
-  get name(): string {
-    return this.inner.name;
-  }
-  get size(): number {
-    return this.inner.size;
-  }
-  get blockSize() {
-    return this.inner.blockSize;
-  }
-  get capabilities() {
-    return this.inner.capabilities;
+    super(new MemoryDevice(size, 'probe'));
   }
   /** Hold every write from now on until the returned function is called. */
   hold(): () => void {
@@ -65,10 +53,7 @@ class ProbeDevice implements BlockDevice {
       release();
     };
   }
-  read(offset: number, into: Buffer): void {
-    this.inner.read(offset, into);
-  }
-  async write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+  override async write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
     this.started++;
     while (this.gate) await this.gate;
     if (this.tearNext) {
@@ -82,18 +67,7 @@ class ProbeDevice implements BlockDevice {
     this.inner.write(offset, data);
     this.writes.push({ offset, length: data.length, fua: options?.fua === true, data: Buffer.from(data) });
   }
-  flush(): void {}
-  trim(offset: number, length: number): void {
-    this.inner.trim(offset, length);
-  }
-  writeZeroes(offset: number, length: number, options?: ZeroOptions): void {
-    this.inner.writeZeroes(offset, length, options);
-  }
-  blockStatus(offset: number, length: number): Extent[] {
-    return this.inner.blockStatus(offset, length);
-  }
-  cache(): void {}
-  close(): void {}
+  override close(): void {}
 }
 
 /** Decode a transaction page the way the format documents it (test-local: checks the on-disk format too). */

@@ -9,8 +9,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { DelegatingDevice } from '../../src/blockdev/delegating.js';
+import { mulberry32 } from '../blockdev/conformance.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../../src/blockdev/types.js';
+import type { Extent, WriteOptions, ZeroOptions } from '../../src/blockdev/types.js';
 import { AL_EXTENT_BYTES } from '../../src/replication/activity-log.js';
 import { BLOCK } from '../../src/replication/bitmap.js';
 import { Resource } from '../../src/replication/resource.js';
@@ -21,16 +23,6 @@ const SECTOR = 512;
 const SIZE = 64 * MiB;
 const E = AL_EXTENT_BYTES;
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function randomData(rand: () => number, length: number): Buffer {
   const b = Buffer.allocUnsafe(length);
@@ -43,50 +35,37 @@ function randomData(rand: () => number, length: number): Buffer {
  * disk and none ever completes (the process is gone), but calls already
  * handed to the disk finish there. The power cut itself is the FaultyDevice's.
  */
-class Crashable implements BlockDevice {
+class Crashable extends DelegatingDevice {
   private dead = false;
-  constructor(readonly inner: BlockDevice) {}
   crash(): void {
     this.dead = true;
-  }
-  get name(): string {
-    return this.inner.name;
-  }
-  get size(): number {
-    return this.inner.size;
-  }
-  get blockSize() {
-    return this.inner.blockSize;
-  }
-  get capabilities() {
-    return this.inner.capabilities;
   }
   private go<T>(fn: () => T | Promise<T>): T | Promise<T> {
     if (this.dead) return new Promise<T>(() => undefined);
     return fn();
   }
-  read(offset: number, into: Buffer) {
+  override read(offset: number, into: Buffer) {
     return this.go(() => this.inner.read(offset, into));
   }
-  write(offset: number, data: Buffer, options?: WriteOptions) {
+  override write(offset: number, data: Buffer, options?: WriteOptions) {
     return this.go(() => this.inner.write(offset, data, options));
   }
-  flush() {
+  override flush() {
     return this.go(() => this.inner.flush());
   }
-  trim(offset: number, length: number, options?: WriteOptions) {
+  override trim(offset: number, length: number, options?: WriteOptions) {
     return this.go(() => this.inner.trim(offset, length, options));
   }
-  writeZeroes(offset: number, length: number, options?: ZeroOptions) {
+  override writeZeroes(offset: number, length: number, options?: ZeroOptions) {
     return this.go(() => this.inner.writeZeroes(offset, length, options));
   }
-  blockStatus(offset: number, length: number): Extent[] | Promise<Extent[]> {
+  override blockStatus(offset: number, length: number): Extent[] | Promise<Extent[]> {
     return this.go(() => this.inner.blockStatus(offset, length));
   }
-  cache(offset: number, length: number) {
+  override cache(offset: number, length: number) {
     return this.go(() => this.inner.cache(offset, length));
   }
-  close() {
+  override close() {
     // A dead machine closes nothing; a live one closes its disk.
     return this.go(() => this.inner.close());
   }

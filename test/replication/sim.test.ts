@@ -19,10 +19,12 @@ import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import { pino } from 'pino';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { DelegatingDevice } from '../../src/blockdev/delegating.js';
+import { mulberry32 } from '../blockdev/conformance.js';
 import { PeerLink } from '../../src/replication/link.js';
 import { PeerSession } from '../../src/replication/peer.js';
 import { Protocol, Resource, ResourceOptions } from '../../src/replication/resource.js';
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../../src/blockdev/types.js';
+import type { BlockDevice, Extent } from '../../src/blockdev/types.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -30,16 +32,6 @@ const DEVICE_BYTES = 16 * MiB;
 const OPS = 60;
 const SEED_BUDGET_MS = 8000;
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const int = (rand: () => number, lo: number, hi: number): number => lo + Math.floor(rand() * (hi - lo + 1));
 
@@ -528,21 +520,8 @@ test('simulation: seeded schedules of writes, cuts, reconnects and swaps converg
 /* ------------------------------------------- deterministic scenarios */
 
 /** A memory disk whose next blockStatus over `at` reports what it saw at once, but answers only when released. */
-class SlowStatusDevice implements BlockDevice {
+class SlowStatusDevice extends DelegatingDevice<MemoryDevice> {
   private armed: { at: number; onHeld: () => void; release?: () => void } | undefined;
-  constructor(readonly inner: MemoryDevice) {}
-  get name(): string {
-    return this.inner.name;
-  }
-  get size(): number {
-    return this.inner.size;
-  }
-  get blockSize() {
-    return this.inner.blockSize;
-  }
-  get capabilities() {
-    return this.inner.capabilities;
-  }
   /** Hold the next blockStatus touching `at`; resolves (with its release function) once one is held. */
   holdNextStatus(at: number): Promise<() => void> {
     return new Promise((resolve) => {
@@ -550,7 +529,7 @@ class SlowStatusDevice implements BlockDevice {
       this.armed = arm;
     });
   }
-  blockStatus(offset: number, length: number): Extent[] | Promise<Extent[]> {
+  override blockStatus(offset: number, length: number): Extent[] | Promise<Extent[]> {
     const result = this.inner.blockStatus(offset, length);
     const arm = this.armed;
     if (!arm || arm.at < offset || arm.at >= offset + length) return result;
@@ -559,23 +538,6 @@ class SlowStatusDevice implements BlockDevice {
       arm.release = () => resolve(result);
       arm.onHeld();
     });
-  }
-  read(offset: number, into: Buffer): void {
-    this.inner.read(offset, into);
-  }
-  write(offset: number, data: Buffer, _options?: WriteOptions): void {
-    this.inner.write(offset, data);
-  }
-  flush(): void {}
-  trim(offset: number, length: number): void {
-    this.inner.trim(offset, length);
-  }
-  writeZeroes(offset: number, length: number, options?: ZeroOptions): void {
-    this.inner.writeZeroes(offset, length, options);
-  }
-  cache(): void {}
-  close(): void {
-    this.inner.close();
   }
 }
 
