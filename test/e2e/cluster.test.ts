@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { python, randomFile, run } from './harness.js';
+import { python, randomFile, run, withTimeout } from './harness.js';
 import { inSync, makeCluster, waitStatus } from './cluster-harness.js';
 
 const MiB = 1024 * 1024;
@@ -85,11 +85,13 @@ test('SIGKILL of the Primary mid-writes, promote the Secondary: every acknowledg
   const writer = spawn('/usr/bin/python3', ['-c', WRITER, c.url('alpha', 'db')], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   writer.stdout.on('data', (b: Buffer) => (out += b.toString()));
+  // Listen for the exit now: the writer may be gone before the kill below returns.
+  const writerExited = new Promise((r) => writer.once('exit', r));
   t.after(() => writer.kill('SIGKILL'));
   const started = Date.now();
   while (out.split('\n').length <= 300 && Date.now() - started < 20_000) await new Promise((r) => setTimeout(r, 20));
   await c.kill('alpha', 'SIGKILL');
-  await new Promise((r) => writer.once('exit', r));
+  await withTimeout(writerExited, 20_000, 'the writer to stop after its server died').catch(() => writer.kill('SIGKILL'));
   const acked = out.split('\n').filter((l) => /^\d+$/.test(l)).map(Number);
   assert.ok(acked.length >= 300, `writer acknowledged ${acked.length} writes`);
   await waitStatus(c, 'bravo', 'alpha gone', (s) => s.peers[0].connection !== 'Connected');
