@@ -276,7 +276,7 @@ export class PeerSession {
         const f = this.flushes.get(seq);
         if (!f) return;
         this.flushes.delete(seq);
-        if (status !== 0) for (const e of f.extents) void this.resource.markDiverged(e * AL_EXTENT_BYTES, Math.min(AL_EXTENT_BYTES, this.resource.size - e * AL_EXTENT_BYTES));
+        if (status !== 0) for (const e of f.extents) this.markExtent(e);
         f.done.resolve(status === 0);
         return;
       }
@@ -498,47 +498,14 @@ export class PeerSession {
     if (r.role === 'Primary' && !r.options.allowTwoPrimaries) throw new Error('write from the peer while Primary here');
     if (r.options.protocol === 'B') this.link.send(W.F_ACK_RECV, W.encodeSeq(w.seq));
     const data = w.data;
-    // Dual-primary: a peer write racing a local one on the same blocks. Both nodes see the race;
-    // the write of the node whose name sorts last wins on both, so the replicas stay identical.
-    const racing = r.role === 'Primary' ? r.appWrites.settled(w.offset, w.length) : undefined;
-    if (racing) {
-      r.conflictingWrites++;
-      r.log.warn({ event: 'write-conflict', resource: r.name, peer: this.peerNode, offset: w.offset, length: w.length }, `concurrent writes from both Primaries to ${w.offset}+${w.length}`);
-      if (r.node > this.peerNode) {
-        // This node's write wins: take only the parts of the peer's write that no local write covers.
-        const pieces = subtract(w.offset, w.offset + w.length, r.appWrites.overlapping(w.offset, w.length));
-        const done = Promise.all(
-          pieces.map(([from, to]) => this.applying.run(from, to - from, async () => {
-            const dev = r.backing;
-            if (!dev) throw new BlockDeviceError('EIO', 'no disk');
-            const fua = (w.flags & W.WF_FUA) !== 0;
-            if (w.flags & W.WF_ZERO) await dev.writeZeroes(from, to - from, { fua, noHole: (w.flags & W.WF_TRIM) === 0 });
-            else await dev.write(from, data!.subarray(from - w.offset, to - w.offset), { fua });
-          })),
-        );
-        done.then(
-          () => this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 0)),
-          (err: unknown) => {
-            r.detach(err);
-            this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 1));
-          },
-        );
-        return;
-      }
-    }
-    const write = (): void | Promise<void> => {
+    const fua = (w.flags & W.WF_FUA) !== 0;
+    /** Apply the part [from, to) of the peer's write to the local disk. */
+    const writePart = (from: number, to: number): void | Promise<void> => {
       const dev = r.backing;
       if (!dev) throw new BlockDeviceError('EIO', 'no disk');
-      const fua = (w.flags & W.WF_FUA) !== 0;
-      if (w.flags & W.WF_ZERO) return dev.writeZeroes(w.offset, w.length, { fua, noHole: (w.flags & W.WF_TRIM) === 0 });
-      return dev.write(w.offset, data!, { fua });
+      if (w.flags & W.WF_ZERO) return dev.writeZeroes(from, to - from, { fua, noHole: (w.flags & W.WF_TRIM) === 0 });
+      return dev.write(from, from === w.offset && to === w.offset + w.length ? data! : data!.subarray(from - w.offset, to - w.offset), { fua });
     };
-    const waitFirst = racing && this.targetReady ? Promise.all([racing, this.targetReady]) : (racing ?? this.targetReady);
-    // Nothing to wait for and a synchronous disk: applied and acknowledged with no promise at all.
-    const apply = waitFirst ? () => waitFirst.then(write) : write;
-    if (this.applying.size >= APPLY_MAX) {
-      this.link.pause();
-    }
     const ack = (): void => {
       this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 0));
       if (this.applying.size < APPLY_MAX / 2) this.link.resume();
@@ -548,6 +515,26 @@ export class PeerSession {
       this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 1));
       this.link.resume();
     };
+    // Dual-primary: a peer write racing a local one on the same blocks. Both nodes see the race;
+    // the write of the node whose name sorts last wins on both, so the replicas stay identical.
+    const racing = r.role === 'Primary' ? r.appWrites.settled(w.offset, w.length) : undefined;
+    if (racing) {
+      r.conflictingWrites++;
+      r.log.warn({ event: 'write-conflict', resource: r.name, peer: this.peerNode, offset: w.offset, length: w.length }, `concurrent writes from both Primaries to ${w.offset}+${w.length}`);
+      if (r.node > this.peerNode) {
+        // This node's write wins: take only the parts of the peer's write that no local write covers.
+        const pieces = subtract(w.offset, w.offset + w.length, r.appWrites.overlapping(w.offset, w.length));
+        Promise.all(pieces.map(([from, to]) => this.applying.run(from, to - from, () => writePart(from, to)))).then(ack, nack);
+        return;
+      }
+    }
+    const write = (): void | Promise<void> => writePart(w.offset, w.offset + w.length);
+    const waitFirst = racing && this.targetReady ? Promise.all([racing, this.targetReady]) : (racing ?? this.targetReady);
+    // Nothing to wait for and a synchronous disk: applied and acknowledged with no promise at all.
+    const apply = waitFirst ? () => waitFirst.then(write) : write;
+    if (this.applying.size >= APPLY_MAX) {
+      this.link.pause();
+    }
     let done: void | Promise<void>;
     try {
       done = this.applying.run(w.offset, w.length, apply);
@@ -683,6 +670,11 @@ export class PeerSession {
     });
   }
 
+  /** A 4 MiB extent the peer may not have on its disk (written there, never flushed). */
+  private markExtent(e: number): void {
+    void this.resource.markDiverged(e * AL_EXTENT_BYTES, Math.min(AL_EXTENT_BYTES, this.resource.size - e * AL_EXTENT_BYTES));
+  }
+
   /* ---------------------------------------------------------------- down */
 
   private onDown(why: string): void {
@@ -695,7 +687,7 @@ export class PeerSession {
     for (const p of this.pending.values()) void r.markDiverged(p.offset, p.length);
     for (const f of this.flushes.values()) for (const e of f.extents) this.unflushed.add(e);
     if (wasPhase !== 'handshake' && r.role === 'Primary') {
-      for (const e of this.unflushed) void r.markDiverged(e * AL_EXTENT_BYTES, Math.min(AL_EXTENT_BYTES, r.size - e * AL_EXTENT_BYTES));
+      for (const e of this.unflushed) this.markExtent(e);
     }
     for (const p of this.pending.values()) {
       p.received.resolve(false);
