@@ -3,26 +3,42 @@
  * of the data area, set while a block was written here and not on the peer
  * (DRBD's quick-sync bitmap). After an outage only the set blocks travel.
  *
- * In memory it is a plain bit array with a running count; on disk it is an
- * area of the backing device, written back page by page: only the 4 KiB
- * pages of bits that changed since the last write-back are written.
+ * In memory it is a sparse array of 4 KiB pages of bits with a running
+ * count: a page exists only while it holds a mark (or waits to be written
+ * back), so a clean bitmap of a 16 TiB device costs almost nothing. On disk
+ * it is an area of the backing device, written back page by page: only the
+ * pages that changed since the last write-back are written.
+ *
+ * Block numbers go past 2^32 on devices above 16 TiB: every index is
+ * computed with plain arithmetic (exact to 2^53); 32-bit operators are used
+ * only within one page (32,768 bits).
  */
 import type { BlockDevice } from '../blockdev/types.js';
+import { EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
 
 export const BLOCK = 4096;
 const PAGE = 4096;
+const WORDS_PER_PAGE = PAGE / 4;
 const BITS_PER_PAGE = PAGE * 8;
+/** Pages read at once when loading the bitmap. */
+const READ_PAGES = 256;
 
 export class Bitmap {
   readonly bits: number;
-  private readonly words: Uint32Array;
+  readonly pageCount: number;
+  /** Page index -> its words, absent while the page is all clear on disk and in memory. */
+  private readonly pages: (Uint32Array | undefined)[];
+  /** Marks per page (skip clean pages without looking at them). */
+  private readonly marks: Uint32Array;
   private set_ = 0;
-  /** Pages (of PAGE bytes) changed since the last write-back. */
+  /** Pages changed since the last write-back. */
   private readonly dirtyPages = new Set<number>();
 
   constructor(readonly dataBytes: number) {
     this.bits = Math.ceil(dataBytes / BLOCK);
-    this.words = new Uint32Array(Math.ceil(this.bits / 32));
+    this.pageCount = Math.ceil(this.bits / BITS_PER_PAGE);
+    this.pages = new Array<Uint32Array | undefined>(this.pageCount);
+    this.marks = new Uint32Array(this.pageCount);
   }
 
   /** Bytes the bitmap takes on disk (whole pages). */
@@ -37,6 +53,13 @@ export class Bitmap {
 
   get outOfSyncBytes(): number {
     return Math.min(this.dataBytes, this.set_ * BLOCK);
+  }
+
+  /** Pages held in memory (the rest are clear). */
+  get residentPages(): number {
+    let n = 0;
+    for (const p of this.pages) if (p) n++;
+    return n;
   }
 
   /** Mark every block touching [offset, offset+length) out of sync. */
@@ -64,39 +87,68 @@ export class Bitmap {
   }
 
   isMarked(block: number): boolean {
-    return (this.words[block >>> 5] & (1 << (block & 31))) !== 0;
+    const p = Math.floor(block / BITS_PER_PAGE);
+    const words = this.pages[p];
+    if (!words) return false;
+    const within = block - p * BITS_PER_PAGE;
+    return (words[within >>> 5] & (1 << (within & 31))) !== 0;
   }
 
   private range(from: number, to: number, value: boolean): void {
     to = Math.min(to, this.bits);
     for (let b = Math.max(0, from); b < to; ) {
-      const w = b >>> 5;
-      const bit = b & 31;
-      const n = Math.min(32 - bit, to - b);
-      const mask = n === 32 ? 0xffffffff : ((1 << n) - 1) << bit;
-      const before = this.words[w];
-      const after = value ? (before | mask) >>> 0 : (before & ~mask) >>> 0;
-      if (before !== after) {
-        this.words[w] = after;
-        this.set_ += popcount(after) - popcount(before);
-        this.dirtyPages.add(Math.floor((w * 4) / PAGE));
+      const p = Math.floor(b / BITS_PER_PAGE);
+      const pageStart = p * BITS_PER_PAGE;
+      const pageEnd = Math.min(to, pageStart + BITS_PER_PAGE);
+      let words = this.pages[p];
+      if (!words) {
+        if (!value) {
+          b = pageEnd;
+          continue;
+        }
+        words = this.pages[p] = new Uint32Array(WORDS_PER_PAGE);
       }
-      b += n;
+      let changed = 0;
+      for (let within = b - pageStart; within < pageEnd - pageStart; ) {
+        const w = within >>> 5;
+        const bit = within & 31;
+        const n = Math.min(32 - bit, pageEnd - pageStart - within);
+        const mask = n === 32 ? 0xffffffff : ((1 << n) - 1) << bit;
+        const before = words[w];
+        const after = value ? (before | mask) >>> 0 : (before & ~mask) >>> 0;
+        if (before !== after) {
+          words[w] = after;
+          changed += popcount(after) - popcount(before);
+        }
+        within += n;
+      }
+      if (changed !== 0) {
+        this.set_ += changed;
+        this.marks[p] += changed;
+        this.dirtyPages.add(p);
+      }
+      b = pageEnd;
     }
   }
 
   /**
    * The first out-of-sync range starting at or after `fromOffset` (a block
    * that starts before it counts as handed out already), at most `maxBytes`
-   * long (whole words are skipped and taken 32 blocks at a time), or
-   * undefined when nothing is marked there.
+   * long, or undefined when nothing is marked there. Clean pages are skipped
+   * whole, clear and full words 32 blocks at a time.
    */
   firstRun(fromOffset: number, maxBytes: number): { offset: number; length: number } | undefined {
     let b = Math.ceil(fromOffset / BLOCK);
     while (b < this.bits) {
-      const w = b >>> 5;
-      if (this.words[w] === 0) {
-        b = (w + 1) * 32;
+      const p = Math.floor(b / BITS_PER_PAGE);
+      if (this.marks[p] === 0) {
+        b = (p + 1) * BITS_PER_PAGE;
+        continue;
+      }
+      const words = this.pages[p]!;
+      const within = b - p * BITS_PER_PAGE;
+      if (words[within >>> 5] === 0) {
+        b = p * BITS_PER_PAGE + ((within >>> 5) + 1) * 32;
         continue;
       }
       if (!this.isMarked(b)) {
@@ -106,7 +158,7 @@ export class Bitmap {
       const limit = Math.min(this.bits, b + Math.max(1, Math.floor(maxBytes / BLOCK)));
       let e = b + 1;
       while (e < limit) {
-        if ((e & 31) === 0 && e + 32 <= limit && this.words[e >>> 5] === 0xffffffff) {
+        if (e % 32 === 0 && e + 32 <= limit && this.wordAt(e) === 0xffffffff) {
           e += 32;
           continue;
         }
@@ -119,41 +171,116 @@ export class Bitmap {
     return undefined;
   }
 
+  /** The 32-bit word holding block `b` (b a multiple of 32). */
+  private wordAt(b: number): number {
+    const p = Math.floor(b / BITS_PER_PAGE);
+    const words = this.pages[p];
+    return words ? words[(b - p * BITS_PER_PAGE) >>> 5] : 0;
+  }
+
   /** Out-of-sync byte ranges in order, adjacent blocks merged, starting at `fromOffset` (block-aligned). */
   *runs(fromOffset = 0): Generator<{ offset: number; length: number }> {
     for (let r = this.firstRun(fromOffset, Infinity); r; r = this.firstRun(r.offset + r.length, Infinity)) yield r;
   }
 
-  /** Write changed pages to `area` of `device` (at `areaOffset`); all pages with `full`. */
-  async writeBack(device: BlockDevice, areaOffset: number, full = false): Promise<number> {
-    const bytes = new Uint8Array(this.words.buffer, this.words.byteOffset, this.words.byteLength);
-    const pages = full ? [...Array(Math.ceil(bytes.length / PAGE)).keys()] : [...this.dirtyPages].sort((a, b) => a - b);
+  /**
+   * The changed pages as they are now (all pages with `full`), copied, so a
+   * write-back records one instant even while marks change during its I/O.
+   */
+  snapshot(full = false): { page: number; bytes: Buffer | undefined }[] {
+    const pages = full ? [...Array(this.pageCount).keys()] : [...this.dirtyPages].sort((a, b) => a - b);
     this.dirtyPages.clear();
-    for (const p of pages) {
-      const page = Buffer.alloc(PAGE);
+    return pages.map((p) => {
+      const words = this.pages[p];
+      if (words && this.marks[p] === 0) this.pages[p] = undefined; // all clear now: drop it
+      if (!words || this.marks[p] === 0) return { page: p, bytes: undefined };
+      const bytes = Buffer.from(words.buffer.slice(words.byteOffset, words.byteOffset + PAGE));
       // Little-endian words: bit b of the device's bitmap is bit (b & 7) of byte b >> 3 on any host.
-      Buffer.from(bytes.buffer, bytes.byteOffset + p * PAGE, Math.min(PAGE, bytes.length - p * PAGE)).copy(page);
-      if (!LITTLE_ENDIAN) swapWords(page);
-      await device.write(areaOffset + p * PAGE, page);
+      if (!LITTLE_ENDIAN) swapWords(bytes);
+      return { page: p, bytes };
+    });
+  }
+
+  /** Write a snapshot to the area at `areaOffset` of `device` (clear pages as zeroes). */
+  static async writePages(device: BlockDevice, areaOffset: number, pages: { page: number; bytes: Buffer | undefined }[]): Promise<number> {
+    for (let i = 0; i < pages.length; ) {
+      const { page, bytes } = pages[i];
+      if (bytes) {
+        await device.write(areaOffset + page * PAGE, bytes);
+        i++;
+        continue;
+      }
+      // Consecutive clear pages: one zeroing (a fresh bitmap of a big device is one call, not thousands).
+      let n = 1;
+      while (i + n < pages.length && pages[i + n].page === page + n && !pages[i + n].bytes) n++;
+      await device.writeZeroes(areaOffset + page * PAGE, n * PAGE, { noHole: true });
+      i += n;
     }
     return pages.length;
   }
 
-  /** Load the bitmap from its area. */
+  /** Write changed pages (all pages with `full`) to the area at `areaOffset` of `device`. */
+  async writeBack(device: BlockDevice, areaOffset: number, full = false): Promise<number> {
+    return Bitmap.writePages(device, areaOffset, this.snapshot(full));
+  }
+
+  /** Load the bitmap from its area (holes and all-zero pages stay unallocated). */
   static async read(device: BlockDevice, areaOffset: number, dataBytes: number): Promise<Bitmap> {
     const bm = new Bitmap(dataBytes);
-    const raw = Buffer.alloc(Bitmap.bytesFor(dataBytes));
-    await device.read(areaOffset, raw);
-    if (!LITTLE_ENDIAN) swapWords(raw);
-    const bytes = new Uint8Array(bm.words.buffer, bm.words.byteOffset, bm.words.byteLength);
-    bytes.set(raw.subarray(0, bytes.length));
-    // Bits past the data end are not blocks: ignore whatever is there.
-    const tail = bm.bits & 31;
-    if (tail !== 0) bm.words[bm.words.length - 1] &= (1 << tail) - 1;
-    bm.set_ = 0;
-    for (const w of bm.words) bm.set_ += popcount(w);
+    const areaBytes = Bitmap.bytesFor(dataBytes);
+    const buf = Buffer.alloc(READ_PAGES * PAGE);
+    for (let at = 0; at < areaBytes; ) {
+      const want = Math.min(buf.length, areaBytes - at);
+      const hole = await holeBytes(device, areaOffset + at, want);
+      if (hole >= PAGE) {
+        at += Math.floor(hole / PAGE) * PAGE;
+        continue;
+      }
+      const chunk = buf.subarray(0, want);
+      await device.read(areaOffset + at, chunk);
+      for (let off = 0; off < want; off += PAGE) bm.loadPage((at + off) / PAGE, chunk.subarray(off, off + PAGE));
+      at += want;
+    }
     return bm;
   }
+
+  private loadPage(p: number, raw: Buffer): void {
+    let any = false;
+    for (let i = 0; i < raw.length; i += 4) {
+      if (raw.readUInt32LE(i) !== 0) {
+        any = true;
+        break;
+      }
+    }
+    if (!any) return;
+    const words = new Uint32Array(WORDS_PER_PAGE);
+    for (let w = 0; w < WORDS_PER_PAGE; w++) words[w] = raw.readUInt32LE(w * 4);
+    // Bits past the data end are not blocks: ignore whatever is there.
+    const valid = Math.min(BITS_PER_PAGE, this.bits - p * BITS_PER_PAGE);
+    for (let w = 0; w < WORDS_PER_PAGE; w++) {
+      const first = w * 32;
+      if (first >= valid) words[w] = 0;
+      else if (first + 32 > valid) words[w] &= (1 << (valid - first)) - 1;
+    }
+    let n = 0;
+    for (const w of words) n += popcount(w);
+    if (n === 0) return;
+    this.pages[p] = words;
+    this.marks[p] = n;
+    this.set_ += n;
+  }
+}
+
+/** Bytes at `offset` the device reports as a hole or zeros (0 when unknown or data). */
+async function holeBytes(device: BlockDevice, offset: number, length: number): Promise<number> {
+  if (!device.capabilities.extents) return 0;
+  try {
+    const [e] = await device.blockStatus(offset, length);
+    if (e && e.offset <= offset && (e.flags & (EXTENT_HOLE | EXTENT_ZERO)) !== 0) return Math.min(length, e.offset + e.length - offset);
+  } catch {
+    /* unknown: read it */
+  }
+  return 0;
 }
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
