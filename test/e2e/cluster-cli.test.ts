@@ -71,12 +71,17 @@ test('resource commands: unknown resource, resolve with a stranger, verify while
 
 test('npm start (duet demo): two nodes and a witness come up, the demo volume is served, Ctrl-C stops them all', async (t) => {
   const dir = tmpDir(t, 'duet-demo-');
-  const child = spawn(process.execPath, [DUET, 'demo', '--data', dir, '--size', String(256 * 1024 * 1024)], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  // Its own process group: if the test fails midway, the demo and the nodes it started go together.
+  const child = spawn(process.execPath, [DUET, 'demo', '--data', dir, '--size', String(256 * 1024 * 1024)], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   let out = '';
   child.stdout.on('data', (b: Buffer) => (out += b.toString()));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   t.after(() => {
-    if (child.exitCode === null) child.kill('SIGKILL');
+    try {
+      process.kill(-child.pid!, 'SIGKILL');
+    } catch {
+      /* the group is gone already */
+    }
   });
   await waitFor(() => /Ctrl-C stops the cluster/.test(out) || child.exitCode !== null, 90_000, `the demo to come up:\n${out}`);
   assert.match(out, /exported by the Primary at nbd:\/\/127\.0\.0\.1:10809\/demo/);
