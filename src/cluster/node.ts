@@ -13,7 +13,6 @@
  */
 import path from 'node:path';
 import { FileDevice } from '../blockdev/file.js';
-import { BorrowedDevice } from '../blockdev/delegating.js';
 import { NbdServer } from '../nbd/server.js';
 import type { ExportProvider, NbdExport } from '../nbd/exports.js';
 import { Connector } from '../replication/connector.js';
@@ -315,15 +314,21 @@ export class NodeDaemon {
       const entries = p.devices.map((d) => this.resources.get(d));
       if (entries.some((e) => !e || e.resource.role !== 'Primary')) continue;
       // Lent, not given: closing the pool must leave the resources open.
-      const devices = entries.map((e) => new BorrowedDevice(e!.resource));
-      const known = await Promise.all(devices.map((d) => readBestSuperblock(d)));
+      const devices = entries.map((e) => e!.resource.borrow());
       let pool: Pool;
-      if (known.every((sb) => sb === undefined)) {
-        const chunkSize = p['chunk-size'] !== undefined ? parseSize(String(p['chunk-size'])) : undefined;
-        pool = await Pool.create(name, devices, { chunkSize, log: this.log });
-        this.log.info({ event: 'pool-created', pool: name, resources: p.devices }, `pool ${name} created on ${p.devices.join(', ')}`);
-      } else {
-        pool = await Pool.open(name, devices, { log: this.log });
+      try {
+        const known = await Promise.all(devices.map((d) => readBestSuperblock(d)));
+        if (known.every((sb) => sb === undefined)) {
+          const chunkSize = p['chunk-size'] !== undefined ? parseSize(String(p['chunk-size'])) : undefined;
+          pool = await Pool.create(name, devices, { chunkSize, log: this.log });
+          this.log.info({ event: 'pool-created', pool: name, resources: p.devices }, `pool ${name} created on ${p.devices.join(', ')}`);
+        } else {
+          pool = await Pool.open(name, devices, { log: this.log });
+        }
+      } catch (err) {
+        // Give the data back: a resync may not run under a pool that is not there.
+        for (const d of devices) await Promise.resolve(d.close()).catch(() => undefined);
+        throw err;
       }
       this.pools.set(name, { pool, exports: new PoolExports(pool), resources: [...p.devices] });
       this.log.info({ event: 'pool-open', pool: name, volumes: pool.listVolumes().map((v) => v.record.name) }, `pool ${name} open, volumes exported at nbd://${this.address}:${this.config.exports.port}/`);

@@ -55,6 +55,8 @@ export interface MetaRecord {
   primarySince: number;
   /** Peer marked Outdated by this Primary (it went on writing without it). */
   peerOutdated: boolean;
+  /** The peer's disk failed (or went away) while this node kept the data: the peer's disk gets a full sync. */
+  peerDiskFailed: boolean;
   seq: number;
 }
 
@@ -161,6 +163,7 @@ export function initialRecord(resource: string, node: string, layout: MetaLayout
     fullSyncNeeded: true,
     primarySince: 0,
     peerOutdated: false,
+    peerDiskFailed: false,
     seq: 0,
   };
 }

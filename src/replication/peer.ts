@@ -10,13 +10,11 @@ import { createHash } from 'node:crypto';
 import type { PeerLink } from './link.js';
 import { AL_EXTENT_BYTES } from './activity-log.js';
 import { BLOCK } from './bitmap.js';
-import { decide, Decision } from './decide.js';
-import { NO_GI } from './meta.js';
+import { ConnectAction, ConnectSide, decideConnect } from './connect-decision.js';
 import type { Resource } from './resource.js';
 import { RangeOrder } from './ordering.js';
 import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
 import * as W from './wire.js';
-import { resolveSplitBrain, saveBlocks } from './split-brain.js';
 import { Resync, ResyncProgress } from './resync.js';
 
 export type ConnectionState = 'Connected' | 'Connecting' | 'StandAlone' | 'SyncSource' | 'SyncTarget';
@@ -85,8 +83,11 @@ export class PeerSession {
   private verifyWaiters = new Map<number, Deferred<Buffer>>();
   private targetReady: Promise<void> | undefined;
   private readonly downHandlers: ((why: string) => void)[] = [];
-  /** What this side told the peer when the link came up: the peer decides from exactly that. */
-  private readonly sent: { current: string; bitmap: string; marks: number };
+  /** What this side told the peer when the link came up: both sides decide from exactly that. */
+  private readonly sent: W.PeerState;
+  private readonly sentMarks: number;
+  /** The peer sent a new state during the handshake (it reconnects; so does this side). */
+  private peerChanged = false;
   private readonly handshakeOver = deferred<void>();
 
   constructor(
@@ -103,8 +104,9 @@ export class PeerSession {
       }
     });
     link.on('down', (why) => this.onDown(why));
-    this.sent = { current: resource.record.gi.current, bitmap: resource.record.gi.bitmap, marks: resource.bitmap.count };
-    this.sendState(true);
+    this.sent = resource.peerState(true);
+    this.sentMarks = resource.bitmap.count;
+    this.link.send(W.F_STATE, W.encodeJson(this.sent));
     for (const chunk of chunked([...resource.bitmap.runs()], 4096)) link.send(W.F_BITMAP, W.encodeRuns(chunk));
     link.send(W.F_BITMAP_DONE);
   }
@@ -152,21 +154,8 @@ export class PeerSession {
     };
   }
 
-  sendState(sendingBitmap = false): void {
-    const r = this.resource;
-    const state: W.PeerState = {
-      node: r.node,
-      role: r.role,
-      disk: r.disk,
-      gi: r.record.gi,
-      dataBytes: r.size,
-      outOfSyncBytes: r.bitmap.outOfSyncBytes,
-      primarySince: r.record.primarySince,
-      sendingBitmap,
-      crashedPrimary: r.crashedPrimary,
-      keep: r.keepNode,
-    };
-    this.link.send(W.F_STATE, W.encodeJson(state));
+  sendState(): void {
+    this.link.send(W.F_STATE, W.encodeJson(this.resource.peerState()));
   }
 
   close(why: string): void {
@@ -309,10 +298,7 @@ export class PeerSession {
         return;
       }
       case W.F_OUTDATE:
-        if (this.resource.role === 'Secondary' && this.resource.record.disk === 'UpToDate') {
-          this.resource.log.warn({ event: 'outdated', resource: this.resource.name, by: this.peerNode }, `${this.peerNode} goes on without this node: disk Outdated`);
-          void this.resource.saveRecord({ disk: 'Outdated' });
-        }
+        void this.resource.outdatedBy(this.peerNode);
         return;
       case W.F_REFUSE: {
         const { reason } = W.decodeJson<{ reason: string }>(payload);
@@ -326,6 +312,8 @@ export class PeerSession {
 
   private onState(s: W.PeerState): void {
     const before = this.state;
+    // A second state during the handshake: the peer changed after it sent the one it decides from.
+    if (this.phase === 'handshake' && before) this.peerChanged = true;
     this.state = s;
     if (this.phase === 'handshake') {
       if (this.bitmapDone) this.onHandshakeDone();
@@ -341,103 +329,74 @@ export class PeerSession {
     const r = this.resource;
     const peer = this.state!;
     this.handshakeOver.resolve();
-    if (r.record.gi.current !== this.sent.current || r.record.gi.bitmap !== this.sent.bitmap || r.bitmap.count !== this.sent.marks) {
-      // The peer decides from what was sent; deciding here from newer data could disagree with it
-      // (e.g. "in sync" there, "sync source" here). Start over with the data as it is now.
+    if (this.peerChanged || JSON.stringify(r.peerState(true)) !== JSON.stringify(this.sent) || r.bitmap.count !== this.sentMarks) {
+      // Both sides decide from what each sent; deciding from newer state here (or there) could disagree
+      // (e.g. "in sync" there, "sync source" here). Start over with the state as it is now.
       this.phase = 'closed';
-      this.close('the data here changed during the handshake: connecting again');
+      this.close('the state changed during the handshake: connecting again');
       return;
     }
-    const refuse = (reason: string): void => {
-      r.log.error({ event: 'connect-refused', resource: r.name, peer: this.peerNode, reason }, `resource ${r.name}: not connecting to ${this.peerNode}: ${reason}`);
-      this.link.send(W.F_REFUSE, W.encodeJson({ reason }));
-      // Nothing more is taken from this link: it closes once the refusal is out.
-      this.phase = 'closed';
-      r.lastRefusal = reason;
-      r.standAlone = true;
-      setTimeout(() => this.close(reason), 50).unref();
-    };
-    if (peer.dataBytes !== r.size) return refuse(`the disks differ in size (${r.size} bytes of data here, ${peer.dataBytes} on ${this.peerNode}): give both nodes disks of the same size`);
-    const d = decide(r.record.gi, peer.gi);
-    const bothPrimary = peer.role === 'Primary' && r.role === 'Primary' && !r.options.allowTwoPrimaries;
-    if (bothPrimary && d.kind !== 'split-brain') return refuse('both nodes are Primary: make one Secondary');
-    r.lastRefusal = undefined;
-    if (r.disk === 'Diskless' || peer.disk === 'Diskless') return this.connected('one side is Diskless');
-    r.log.info({ event: 'connect-decision', resource: r.name, peer: this.peerNode, decision: d }, `connected to ${this.peerNode}: ${describe(d)}`);
-    switch (d.kind) {
-      case 'both-new':
-        return this.connected('both disks are new: promote one with --force to start the initial sync');
-      case 'in-sync': {
-        if (r.bitmap.count === 0 && this.peerRuns.length === 0) return this.connected('in sync');
-        // Same generation but blocks marked (a crashed Primary's hot extents, or verify): the Primary
-        // serving now has the good data; without one, the crashed Primary (its writes may not have reached the peer).
-        const source =
-          peer.role === 'Primary' ? 'target' : r.role === 'Primary' ? 'source' : peer.crashedPrimary ? 'target' : r.crashedPrimary ? 'source' : r.node < this.peerNode ? 'source' : 'target';
-        return this.startSync(source, false);
-      }
+    const action = decideConnect(sideOf(this.sent), sideOf(peer), r.connectPolicy());
+    r.log.info({ event: 'connect-decision', resource: r.name, peer: this.peerNode, action }, `${this.peerNode}: ${describe(action)}`);
+    switch (action.kind) {
+      case 'refuse':
+        return this.refuse(action.reason, action.retry);
+      case 'split-brain':
+        r.splitBrainFound(this.peerNode, action.splitBrain);
+        return this.refuse(action.why, false);
+      case 'connected':
+        return this.connected(action.why);
       case 'sync':
-        if (d.direction === 'source' && r.disk !== 'UpToDate') return refuse(`this node would be the sync source but its disk is ${r.disk}`);
-        return this.startSync(d.direction, d.full);
-      case 'split-brain': {
-        const outcome = resolveSplitBrain(r, peer, this.peerNode);
-        if (outcome === 'disconnect') return refuse(`split brain: both nodes changed data since generation ${d.common}; resolve with: duet resource resolve ${r.name} --keep NODE`);
-        return this.startSync(outcome, false, true);
-      }
-      case 'unrelated':
-        return refuse(`${this.peerNode} holds unrelated data (no common generation): check the disks; to replace this node's data, give it a new disk`);
+        if (action.splitBrain) r.splitBrainFound(this.peerNode, action.splitBrain);
+        return this.startSync(action.direction, action.full, action.splitBrain !== undefined);
     }
+  }
+
+  /** Nothing more is taken from this link: it closes once the refusal is out (the peer decided the same). */
+  private refuse(reason: string, retry: boolean): void {
+    this.link.send(W.F_REFUSE, W.encodeJson({ reason }));
+    this.phase = 'closed';
+    this.resource.connectionRefused(this.peerNode, reason, retry);
+    setTimeout(() => this.close(reason), 50).unref();
   }
 
   private connected(why: string): void {
     this.phase = 'connected';
     this.peerRuns = [];
     const r = this.resource;
-    // Outdated, but the peer wrote nothing since: the same generation is good data again.
-    if (r.record.disk === 'Outdated' && this.state?.disk === 'UpToDate' && r.record.gi.current === this.state.gi.current) {
-      void r.saveRecord({ disk: 'UpToDate' }).then(() => this.sendState());
-    }
-    this.resource.log.info({ event: 'connected', resource: this.resource.name, peer: this.peerNode, why }, `connected to ${this.peerNode}`);
-    this.resource.emit('changed');
+    void r.connectedTo(this.state!).then((changed) => {
+      if (changed && this.phase !== 'closed') this.sendState();
+    });
+    r.log.info({ event: 'connected', resource: r.name, peer: this.peerNode, why }, `connected to ${this.peerNode}`);
+    r.emit('changed');
   }
 
-  private startSync(direction: 'source' | 'target', full: boolean, splitBrain = false): void {
+  private startSync(direction: 'source' | 'target', full: boolean, splitBrain: boolean): void {
     const r = this.resource;
-    for (const run of this.peerRuns) r.bitmap.mark(run.offset, run.length);
+    const ready = r.beginSync(this.peerNode, direction, full, this.peerRuns, splitBrain);
     this.peerRuns = [];
-    if (full) r.bitmap.markAll();
+    const total = r.bitmap.outOfSyncBytes;
+    this.resync = new Resync(this, total);
+    r.log.info({ event: 'resync-start', resource: r.name, peer: this.peerNode, role: direction === 'source' ? 'SyncSource' : 'SyncTarget', totalBytes: total, full }, `resync ${direction === 'source' ? 'to' : 'from'} ${this.peerNode}: ${total} bytes`);
     if (direction === 'source') {
       this.phase = 'sync-source';
-      this.resync = new Resync(this, r.bitmap.outOfSyncBytes);
-      r.log.info({ event: 'resync-start', resource: r.name, peer: this.peerNode, role: 'SyncSource', totalBytes: r.bitmap.outOfSyncBytes, full }, `resync to ${this.peerNode}: ${r.bitmap.outOfSyncBytes} bytes`);
-      void this.resync.run().then((finished) => {
-        if (finished && this.phase === 'sync-source') this.finishSource();
+      void ready.then(() => this.resync!.run()).then((finished) => {
+        if (finished && this.phase === 'sync-source') return this.finishSource();
       });
     } else {
       this.phase = 'sync-target';
-      const total = r.bitmap.outOfSyncBytes;
-      this.resync = new Resync(this, total);
-      r.log.info({ event: 'resync-start', resource: r.name, peer: this.peerNode, role: 'SyncTarget', totalBytes: total, full }, `resync from ${this.peerNode}: ${total} bytes`);
-      // Before the first block is overwritten: say so on disk, and keep what split brain would lose.
-      this.targetReady = (async () => {
-        if (splitBrain) await saveBlocks(r, this.peerNode);
-        await r.saveRecord({ disk: 'Inconsistent' });
-        await r.writeBitmap();
-      })();
+      this.targetReady = ready;
     }
     r.emit('changed');
   }
 
-  private finishSource(): void {
+  private async finishSource(): Promise<void> {
     const r = this.resource;
-    const gi = r.record.gi;
-    const next = gi.bitmap === NO_GI ? gi : { current: gi.current, bitmap: NO_GI, history: [gi.bitmap, gi.history[0]] as [string, string] };
-    void r.saveRecord({ gi: next, peerOutdated: false });
-    r.crashedPrimary = false;
-    if (r.splitBrain && !r.splitBrain.resolution) r.splitBrain.resolution = `kept ${r.node}'s data`;
-    this.link.send(W.F_RS_DONE, W.encodeJson({ gi: next }));
+    const gi = await r.finishSyncSource();
+    if (this.phase !== 'sync-source') return;
+    this.link.send(W.F_RS_DONE, W.encodeJson({ gi }));
     r.log.info({ event: 'resync-done', resource: r.name, peer: this.peerNode, ...this.resync!.progress() }, `resync to ${this.peerNode} done`);
     this.phase = 'connected';
-    void r.writeBitmap();
     r.emit('changed');
   }
 
@@ -449,10 +408,8 @@ export class PeerSession {
       const { gi } = W.decodeJson<{ gi: typeof r.record.gi }>(payload);
       void this.applying.barrier().then(async () => {
         await ready;
-        await r.writeBitmap();
-        await r.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false });
-        r.crashedPrimary = false;
-        if (r.splitBrain && !r.splitBrain.resolution) r.splitBrain.resolution = `kept ${this.peerNode}'s data`;
+        await r.finishSyncTarget(this.peerNode, gi);
+        if (this.phase !== 'sync-target') return;
         r.log.info({ event: 'resync-done', resource: r.name, peer: this.peerNode, ...this.resync!.progress() }, `resync from ${this.peerNode} done: UpToDate`);
         this.resync!.stop();
         this.phase = 'connected';
@@ -725,15 +682,35 @@ export function digest(data: Buffer): Buffer {
   return createHash('sha256').update(data).digest();
 }
 
-function describe(d: Decision): string {
-  switch (d.kind) {
+function describe(a: ConnectAction): string {
+  switch (a.kind) {
     case 'sync':
-      return `${d.full ? 'full' : 'bitmap'} sync as ${d.direction} (${d.why})`;
+      return `${a.full ? 'full' : 'bitmap'} resync as ${a.direction} (${a.why})`;
     case 'split-brain':
-      return `split brain (common generation ${d.common})`;
-    default:
-      return d.kind;
+      return a.why;
+    case 'refuse':
+      return `refused: ${a.reason}`;
+    case 'connected':
+      return a.why;
   }
+}
+
+/** The decision's view of one side, from the state it sent. */
+function sideOf(s: W.PeerState): ConnectSide {
+  return {
+    node: s.node,
+    role: s.role,
+    disk: s.disk,
+    dataBytes: s.dataBytes,
+    gi: s.gi,
+    crashedPrimary: s.crashedPrimary === true,
+    outOfSyncBytes: s.outOfSyncBytes,
+    primarySince: s.primarySince,
+    fullSyncNeeded: s.fullSyncNeeded === true,
+    peerDiskFailed: s.peerDiskFailed === true,
+    inUse: s.inUse === true,
+    keep: s.keep,
+  };
 }
 
 /** [from, to) minus the given ranges, as sorted pieces. */

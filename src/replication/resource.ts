@@ -26,10 +26,13 @@ import { Bitmap } from './bitmap.js';
 import { DiskState, GenerationIds, initialRecord, layoutFor, MetaLayout, MetaRecord, newGi, NO_GI, readRecord, writeRecord } from './meta.js';
 import { RangeOrder } from './ordering.js';
 import type { PeerSession, PeerStatus } from './peer.js';
-import type { Role } from './wire.js';
+import type { PeerState, Role } from './wire.js';
+import { ConnectPolicy, SplitBrainFound, SplitBrainPolicy } from './connect-decision.js';
+import { saveBlocks } from './split-brain.js';
+import { BorrowedDevice } from '../blockdev/delegating.js';
 
 export type Protocol = 'A' | 'B' | 'C';
-export type SplitBrainPolicy = 'disconnect' | 'discard-zero-changes' | 'discard-least-changes' | 'discard-younger-primary';
+export type { SplitBrainPolicy };
 
 export interface ResourceOptions {
   resource: string;
@@ -107,6 +110,12 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   /** Set while application I/O happened recently (the dynamic resync controller yields). */
   lastAppWriteAt = 0;
   private metaChain: Promise<unknown> = Promise.resolve();
+  /** Sequence number of the record last written. */
+  private recordSeq: number;
+  private bitmapChain: Promise<void> = Promise.resolve();
+  private bitmapQueued: Promise<void> | undefined;
+  /** Openers of the data (pools): a resync must not change it under them. */
+  private holders = 0;
   private diverging: Promise<void> | undefined;
   private closed = false;
 
@@ -121,6 +130,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   ) {
     super();
     this.crashedPrimary = crashedPrimary;
+    this.recordSeq = record.seq;
     const inner = backing_!;
     this.blockSize = { ...inner.blockSize, minimum: Math.max(inner.blockSize.minimum, 512), maximum: Math.min(inner.blockSize.maximum, 1024 * 1024) };
     this.capabilities = {
@@ -187,6 +197,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
         await self.resource?.writeBitmap();
       },
     });
+    // Records written before the field existed.
+    record = { ...record, peerDiskFailed: record.peerDiskFailed ?? false };
     const crashed = record.primary;
     if (crashed) {
       // The Primary died with these extents hot: their blocks may differ from the peer's.
@@ -204,32 +216,51 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
 
   /* ------------------------------------------------------------ metadata */
 
-  /** Persist a change of the record (serialized; FUA; old or new survives a crash). */
+  /**
+   * Change the record and persist it (serialized; FUA; old or new survives a
+   * crash). The change is visible in memory at once, so every decision made
+   * meanwhile (a new generation, the next patch) starts from it; it resolves
+   * once the disk holds it (or a later record that includes it).
+   */
   saveRecord(patch: Partial<MetaRecord>): Promise<void> {
+    this.record = { ...this.record, ...patch };
     const run = this.metaChain.then(async () => {
-      if (!this.backing_) {
-        this.record = { ...this.record, ...patch };
-        return;
-      }
-      this.record = await writeRecord(this.backing_, this.layout, { ...this.record, ...patch });
+      if (!this.backing_) return;
+      const written = await writeRecord(this.backing_, this.layout, { ...this.record, seq: this.recordSeq });
+      this.recordSeq = written.seq;
     });
     this.metaChain = run.catch(() => undefined);
     return run.catch((err: unknown) => this.detach(err));
   }
 
   /**
-   * Write the changed bitmap pages and make them durable: what follows (an
-   * activity-log page that forgets an extent, a record that clears the
-   * crashed-Primary flag) must never reach the disk before them.
+   * Write the changed bitmap pages and make them durable, one write-back at
+   * a time: the pages are taken as they are now, the data written so far is
+   * flushed, then the pages are written and flushed. So a bit cleared after
+   * its resync data was written reaches the disk only after that data, and
+   * what waits for this (an activity-log page that forgets an extent, a
+   * record that relies on the marks) follows the marks made before the call.
    */
-  async writeBitmap(): Promise<void> {
-    if (!this.backing_) return;
-    try {
-      const pages = await this.bitmap.writeBack(this.backing_, this.layout.bitmapOffset);
-      if (pages > 0) await this.backing_.flush();
-    } catch (err) {
-      this.detach(err);
-    }
+  writeBitmap(): Promise<void> {
+    // A write-back not yet started takes its pages when it starts: it covers this call's marks too.
+    if (this.bitmapQueued) return this.bitmapQueued;
+    const run = this.bitmapChain.then(async () => {
+      this.bitmapQueued = undefined;
+      const dev = this.backing_;
+      if (!dev) return;
+      const pages = this.bitmap.snapshot();
+      if (pages.length === 0) return;
+      try {
+        await dev.flush();
+        await Bitmap.writePages(dev, this.layout.bitmapOffset, pages);
+        await dev.flush();
+      } catch (err) {
+        this.detach(err);
+      }
+    });
+    this.bitmapQueued = run;
+    this.bitmapChain = run;
+    return run;
   }
 
   /**
@@ -324,6 +355,128 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.log.error({ event: 'disk-detached', resource: this.name, device: dev.name, err: (err as Error)?.message }, `resource ${this.name}: I/O error on ${dev.name}: disk detached, going on Diskless through the peer`);
     void Promise.resolve(dev.close()).catch(() => undefined);
     this.peer?.sendState();
+    this.emit('changed');
+  }
+
+  /* ---------------------------------------------------------- connecting */
+
+  /** What this side tells the peer when a link comes up, and whenever it changes. */
+  peerState(sendingBitmap = false): PeerState {
+    return {
+      node: this.node,
+      role: this.role,
+      disk: this.disk,
+      gi: this.record.gi,
+      dataBytes: this.size,
+      outOfSyncBytes: this.bitmap.outOfSyncBytes,
+      primarySince: this.record.primarySince,
+      sendingBitmap,
+      crashedPrimary: this.crashedPrimary,
+      keep: this.keepNode,
+      fullSyncNeeded: this.record.fullSyncNeeded,
+      peerDiskFailed: this.record.peerDiskFailed,
+      inUse: this.holders > 0,
+    };
+  }
+
+  connectPolicy(): ConnectPolicy {
+    return { resource: this.name, allowTwoPrimaries: this.options.allowTwoPrimaries === true, afterSplitBrain: this.options.afterSplitBrain ?? 'disconnect' };
+  }
+
+  /** The data lent to a user (a pool): while it is out, no resync may change it. Closing it gives it back. */
+  borrow(): BorrowedDevice {
+    this.holders++;
+    let returned = false;
+    const give = (): void => {
+      if (returned) return;
+      returned = true;
+      this.holders--;
+      this.peer?.sendState();
+    };
+    const lent = new (class extends BorrowedDevice {
+      override close(): void | Promise<void> {
+        give();
+        return super.close();
+      }
+    })(this);
+    this.peer?.sendState();
+    return lent;
+  }
+
+  /** A connection was refused (by the decision on connect): say why once, and stay StandAlone unless it may clear by itself. */
+  connectionRefused(peerNode: string, reason: string, retry: boolean): void {
+    if (this.lastRefusal !== reason) {
+      this.log.error({ event: 'connect-refused', resource: this.name, peer: peerNode, reason, retry }, `resource ${this.name}: not connecting to ${peerNode}: ${reason}`);
+    }
+    this.lastRefusal = reason;
+    if (!retry) this.standAlone = true;
+    this.emit('changed');
+  }
+
+  splitBrainFound(peerNode: string, found: SplitBrainFound): void {
+    const policy = this.options.afterSplitBrain ?? 'disconnect';
+    this.splitBrain = { detectedAt: new Date().toISOString(), policy, localChangedBytes: found.localChangedBytes, peerChangedBytes: found.peerChangedBytes, resolution: null, savedTo: null };
+    this.log.error(
+      { event: 'split-brain', resource: this.name, peer: peerNode, policy, common: found.common, localChangedBytes: found.localChangedBytes, peerChangedBytes: found.peerChangedBytes, resolution: found.resolution },
+      `resource ${this.name}: split brain with ${peerNode} (${found.localChangedBytes} bytes changed here, ${found.peerChangedBytes} there)${found.resolution ? `: ${found.resolution}` : ''}`,
+    );
+  }
+
+  /** Connected without a resync. An Outdated disk facing an UpToDate peer of the same generation is good again. */
+  async connectedTo(peer: PeerState): Promise<boolean> {
+    this.lastRefusal = undefined;
+    if (this.record.disk === 'Outdated' && peer.disk === 'UpToDate' && this.record.gi.current === peer.gi.current) {
+      await this.saveRecord({ disk: 'UpToDate' });
+      return true;
+    }
+    return false;
+  }
+
+  /**
+   * A resync begins: both sides' marks (and every block for a full sync)
+   * are out of sync. A target says on disk that its data is Inconsistent
+   * before the first block is overwritten, and after a split brain first
+   * keeps what it will lose.
+   */
+  async beginSync(peerNode: string, direction: 'source' | 'target', full: boolean, peerRuns: { offset: number; length: number }[], splitBrain: boolean): Promise<void> {
+    this.lastRefusal = undefined;
+    if (splitBrain) this.keepNode = undefined;
+    for (const run of peerRuns) this.bitmap.mark(run.offset, run.length);
+    if (full) this.bitmap.markAll();
+    if (direction === 'source') return;
+    if (splitBrain) await saveBlocks(this, peerNode);
+    await this.saveRecord({ disk: 'Inconsistent' });
+    await this.writeBitmap();
+  }
+
+  /**
+   * The source finished: its bitmap generation is history now. Durable
+   * before the target hears of it, so a crash in between cannot leave the
+   * target newer than the source's record says.
+   */
+  async finishSyncSource(): Promise<GenerationIds> {
+    const gi = this.record.gi;
+    const next: GenerationIds = gi.bitmap === NO_GI ? gi : { current: gi.current, bitmap: NO_GI, history: [gi.bitmap, gi.history[0]] };
+    this.crashedPrimary = false;
+    if (this.splitBrain && !this.splitBrain.resolution) this.splitBrain.resolution = `kept ${this.node}'s data`;
+    await this.saveRecord({ gi: next, peerOutdated: false, peerDiskFailed: false });
+    await this.writeBitmap();
+    return next;
+  }
+
+  /** The target has every block: the data (flushed first, with the bitmap) is the source's generation, UpToDate. */
+  async finishSyncTarget(peerNode: string, gi: GenerationIds): Promise<void> {
+    await this.writeBitmap();
+    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false });
+    this.crashedPrimary = false;
+    if (this.splitBrain && !this.splitBrain.resolution) this.splitBrain.resolution = `kept ${peerNode}'s data`;
+  }
+
+  /** The Primary goes on without this Secondary (an admin disconnect there): this copy is Outdated from now on. */
+  async outdatedBy(peerNode: string): Promise<void> {
+    if (this.role !== 'Secondary' || this.record.disk !== 'UpToDate') return;
+    this.log.warn({ event: 'outdated', resource: this.name, by: peerNode }, `${peerNode} goes on without this node: disk Outdated`);
+    await this.saveRecord({ disk: 'Outdated' });
     this.emit('changed');
   }
 

@@ -2,7 +2,8 @@
  * Split brain: both nodes wrote since their last common generation. Nothing
  * is merged silently. The resource's policy may pick a side automatically
  * (DRBD's after-sb-0pri policies), or an admin picks one with
- * `resource resolve RES --keep NODE`; otherwise both stay StandAlone.
+ * `resource resolve RES --keep NODE`; otherwise both stay StandAlone. Who
+ * wins is part of the decision on connect (connect-decision.ts).
  *
  * Before the losing side's blocks are overwritten, every block the resync
  * will overwrite there is saved to a file on that node (format in
@@ -15,54 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Resource } from './resource.js';
-import type { PeerState } from './wire.js';
 import { UserError } from '../util/errors.js';
-
-export function resolveSplitBrain(r: Resource, peer: PeerState, peerNode: string): 'source' | 'target' | 'disconnect' {
-  const policy = r.options.afterSplitBrain ?? 'disconnect';
-  const local = r.bitmap.outOfSyncBytes;
-  const remote = peer.outOfSyncBytes;
-  r.splitBrain = {
-    detectedAt: new Date().toISOString(),
-    policy,
-    localChangedBytes: local,
-    peerChangedBytes: remote,
-    resolution: null,
-    savedTo: null,
-  };
-  r.log.error(
-    { event: 'split-brain', resource: r.name, peer: peerNode, policy, localChangedBytes: local, peerChangedBytes: remote },
-    `resource ${r.name}: split brain with ${peerNode} (${local} bytes changed here, ${remote} there)`,
-  );
-  const outcome = choose(r, peer, peerNode, policy, local, remote);
-  // A Primary keeps serving its data: it can never be the side that is overwritten.
-  if (outcome === 'target' && r.role === 'Primary') return 'disconnect';
-  if (outcome === 'source' && peer.role === 'Primary') return 'disconnect';
-  if (outcome !== 'disconnect') r.keepNode = undefined;
-  return outcome;
-}
-
-function choose(r: Resource, peer: PeerState, peerNode: string, policy: string, local: number, remote: number): 'source' | 'target' | 'disconnect' {
-  if (r.keepNode && peer.keep && r.keepNode !== peer.keep) return 'disconnect';
-  const keep = r.keepNode ?? peer.keep;
-  if (keep === r.node) return 'source';
-  if (keep === peerNode) return 'target';
-  const younger = (): 'source' | 'target' | 'disconnect' =>
-    r.record.primarySince === peer.primarySince ? 'disconnect' : r.record.primarySince > peer.primarySince ? 'target' : 'source';
-  switch (policy) {
-    case 'discard-zero-changes':
-      if (local === 0 && remote > 0) return 'target';
-      if (remote === 0 && local > 0) return 'source';
-      return 'disconnect';
-    case 'discard-least-changes':
-      if (local !== remote) return local < remote ? 'target' : 'source';
-      return younger();
-    case 'discard-younger-primary':
-      return younger();
-    default:
-      return 'disconnect';
-  }
-}
 
 /**
  * Save the blocks a resync is about to overwrite on this node (its whole

@@ -67,6 +67,12 @@ export interface PeerState {
   crashedPrimary?: boolean;
   /** A manual split-brain resolution asked on this side: the node whose data stays. */
   keep?: string;
+  /** This disk must be overwritten whole before it is good (new or failed). */
+  fullSyncNeeded?: boolean;
+  /** This side kept the data while the peer's disk failed: the peer's disk gets a full sync. */
+  peerDiskFailed?: boolean;
+  /** A pool is open on this side's data. */
+  inUse?: boolean;
 }
 
 export function encodeJson(value: unknown): Buffer {

@@ -1,0 +1,188 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { ConnectAction, ConnectPolicy, ConnectSide, decideConnect, mirrorAction } from '../../src/replication/connect-decision.js';
+import { DiskState, GenerationIds, NO_GI } from '../../src/replication/meta.js';
+
+const gi = (current: string, bitmap = NO_GI, h1 = NO_GI, h2 = NO_GI): GenerationIds => ({ current, bitmap, history: [h1, h2] });
+const policy: ConnectPolicy = { resource: 'r0', allowTwoPrimaries: false, afterSplitBrain: 'disconnect' };
+
+function side(node: string, over: Partial<ConnectSide> = {}): ConnectSide {
+  return {
+    node,
+    role: 'Secondary',
+    disk: 'UpToDate',
+    dataBytes: 1 << 30,
+    gi: gi('C0'),
+    crashedPrimary: false,
+    outOfSyncBytes: 0,
+    primarySince: 0,
+    fullSyncNeeded: false,
+    peerDiskFailed: false,
+    inUse: false,
+    ...over,
+  };
+}
+
+/** What must agree between the two sides' decisions (the texts name each side's own view). */
+function shape(a: ConnectAction): unknown {
+  switch (a.kind) {
+    case 'connected':
+      return { kind: a.kind };
+    case 'refuse':
+      return { kind: a.kind, rule: a.rule, retry: a.retry };
+    case 'split-brain':
+      return { kind: a.kind, common: a.splitBrain.common, local: a.splitBrain.localChangedBytes, peer: a.splitBrain.peerChangedBytes };
+    case 'sync':
+      return { kind: a.kind, direction: a.direction, full: a.full, split: a.splitBrain ? [a.splitBrain.common, a.splitBrain.localChangedBytes, a.splitBrain.peerChangedBytes] : null };
+  }
+}
+
+test('a Primary never becomes sync target: the failback of a forced peer is refused on both sides, and runs once the Primary is Secondary', () => {
+  // alpha Primary and idle at C0; bravo was forced Primary while apart (C2, bitmap from C0), wrote, went Secondary.
+  const alpha = side('alpha', { role: 'Primary', inUse: true, gi: gi('C0') });
+  const bravo = side('bravo', { gi: gi('C2', 'C0'), outOfSyncBytes: 8192 });
+  const a = decideConnect(alpha, bravo, policy);
+  const b = decideConnect(bravo, alpha, policy);
+  assert.equal(a.kind, 'refuse');
+  assert.equal(b.kind, 'refuse');
+  assert.equal(a.kind === 'refuse' && a.rule, 'primary-target');
+  assert.match(a.kind === 'refuse' ? a.reason : '', /alpha is Primary and would become sync target of bravo/);
+  assert.equal(a.kind === 'refuse' && a.retry, true, 'retried: a demotion clears it');
+  // Still holding the pool open after a demotion attempt: refused as in use.
+  const inUse = decideConnect({ ...alpha, role: 'Secondary' }, bravo, policy);
+  assert.equal(inUse.kind === 'refuse' && inUse.rule, 'in-use');
+  // Secondary and closed: a bitmap resync from bravo.
+  const after = decideConnect({ ...alpha, role: 'Secondary', inUse: false }, bravo, policy);
+  assert.deepEqual(shape(after), { kind: 'sync', direction: 'target', full: false, split: null });
+});
+
+test('the end of a resync not recorded on one side resyncs again from the bitmap, never a split brain (rules 34-37)', () => {
+  // The source recorded the end (bitmap generation moved to history), the target did not, or the reverse.
+  const sourceDone = side('alpha', { gi: gi('C2', NO_GI, 'C1', 'C0') });
+  const sourceNot = side('alpha', { gi: gi('C2', 'C1', 'C0') });
+  const targetDone = side('bravo', { gi: gi('C2', NO_GI, 'C1', 'C0') });
+  const targetNot = side('bravo', { gi: gi('C1', NO_GI, 'C0'), disk: 'Inconsistent', outOfSyncBytes: 4096 });
+  assert.deepEqual(shape(decideConnect(sourceNot, targetDone, policy)), { kind: 'sync', direction: 'source', full: false, split: null });
+  assert.equal(decideConnect(sourceNot, targetDone, policy).rule, '34');
+  // The target did not record the end: its generation is in the source's history. Safe, but every block
+  // goes (DRBD avoids this one with its sync UUID, rule 51; duet does not have it yet).
+  assert.deepEqual(shape(decideConnect(sourceDone, targetNot, policy)), { kind: 'sync', direction: 'source', full: true, split: null });
+});
+
+test('split brain: unresolved stays apart; --keep and the policies resolve it, never overwriting a Primary; further back it is a full sync', () => {
+  const a = side('alpha', { gi: gi('C2', 'C1', 'C0'), outOfSyncBytes: 4096, primarySince: 10 });
+  const b = side('bravo', { gi: gi('C3', 'C1', 'C0'), outOfSyncBytes: 8192, primarySince: 20 });
+  assert.equal(decideConnect(a, b, policy).kind, 'split-brain');
+  assert.deepEqual(shape(decideConnect({ ...a, keep: 'bravo' }, b, policy)), { kind: 'sync', direction: 'target', full: false, split: ['C1', 4096, 8192] });
+  assert.deepEqual(shape(decideConnect(a, { ...b, keep: 'bravo' }, policy)), { kind: 'sync', direction: 'target', full: false, split: ['C1', 4096, 8192] });
+  assert.equal(decideConnect({ ...a, keep: 'alpha' }, { ...b, keep: 'bravo' }, policy).kind, 'split-brain');
+  const least = { ...policy, afterSplitBrain: 'discard-least-changes' as const };
+  assert.equal((decideConnect(a, b, least) as { direction?: string }).direction, 'target');
+  // bravo has more changes but is Primary: the policy may not overwrite alpha... it would overwrite alpha, a Secondary: fine.
+  assert.equal((decideConnect(a, { ...b, role: 'Primary' }, least) as { direction?: string }).direction, 'target');
+  // The policy would overwrite bravo, a Primary: unresolved.
+  assert.equal(decideConnect({ ...a, outOfSyncBytes: 1 << 20 }, { ...b, role: 'Primary' }, least).kind, 'split-brain');
+  const younger = { ...policy, afterSplitBrain: 'discard-younger-primary' as const };
+  assert.equal((decideConnect(a, b, younger) as { direction?: string }).direction, 'source', 'bravo was promoted last: its changes go');
+  // Common generation further back than both bitmaps: only an admin resolves it, and every block goes.
+  const fa = side('alpha', { gi: gi('D1', 'C2', 'C0') , outOfSyncBytes: 4096 });
+  const fb = side('bravo', { gi: gi('D2', 'C3', 'C0'), outOfSyncBytes: 4096 });
+  assert.equal(decideConnect(fa, fb, least).kind, 'split-brain');
+  assert.deepEqual(shape(decideConnect({ ...fa, keep: 'alpha' }, fb, least)), { kind: 'sync', direction: 'source', full: true, split: ['C0', 4096, 4096] });
+});
+
+test('disk states: an Inconsistent disk is the target; an Inconsistent source is refused; a failed disk gets a full sync', () => {
+  const good = side('alpha', { gi: gi('C1', 'C0') });
+  const inconsistent = side('bravo', { gi: gi('C0'), disk: 'Inconsistent' });
+  assert.deepEqual(shape(decideConnect(good, inconsistent, policy)), { kind: 'sync', direction: 'source', full: false, split: null });
+  // Generations say bravo is ahead, but bravo's disk is Inconsistent and alpha's is not: alpha is the source.
+  assert.deepEqual(shape(decideConnect(side('alpha', { gi: gi('C0') }), { ...inconsistent, gi: gi('C1', 'C0') }, policy)), { kind: 'sync', direction: 'source', full: false, split: null });
+  const both = decideConnect({ ...good, disk: 'Inconsistent' }, inconsistent, policy);
+  assert.equal(both.kind === 'refuse' && both.rule, 'inconsistent-source');
+  // bravo's disk failed while alpha kept the data: whatever the bitmaps, every block goes back.
+  const failed = decideConnect({ ...good, peerDiskFailed: true }, { ...inconsistent, disk: 'UpToDate' }, policy);
+  assert.deepEqual(shape(failed), { kind: 'sync', direction: 'source', full: true, split: null });
+  const newDisk = decideConnect(good, { ...inconsistent, fullSyncNeeded: true }, policy);
+  assert.deepEqual(shape(newDisk), { kind: 'sync', direction: 'source', full: true, split: null });
+});
+
+test('a Diskless Primary connects only to the data it served', () => {
+  const diskless = side('alpha', { role: 'Primary', disk: 'Diskless', gi: gi('C1', 'C0') });
+  assert.equal(decideConnect(diskless, side('bravo', { gi: gi('C1', 'C0') }), policy).kind, 'connected');
+  const other = decideConnect(diskless, side('bravo', { gi: gi('C5', 'C0') }), policy);
+  assert.equal(other.kind === 'refuse' && other.rule, 'diskless-primary');
+});
+
+const ids = fc.constantFrom(NO_GI, 'A', 'B', 'C', 'D', 'E');
+const disks = fc.constantFrom<DiskState>('UpToDate', 'UpToDate', 'Outdated', 'Inconsistent', 'Diskless', 'Failed');
+const sideArb = (node: string) =>
+  fc.record({
+    node: fc.constant(node),
+    role: fc.constantFrom('Primary' as const, 'Secondary' as const),
+    disk: disks,
+    dataBytes: fc.constantFrom(1 << 30, 1 << 30, 1 << 29),
+    gi: fc.record({ current: ids, bitmap: ids, history: fc.tuple(ids, ids) }),
+    crashedPrimary: fc.boolean(),
+    outOfSyncBytes: fc.constantFrom(0, 4096, 8192),
+    primarySince: fc.constantFrom(0, 1, 2),
+    fullSyncNeeded: fc.boolean(),
+    peerDiskFailed: fc.boolean(),
+    inUse: fc.boolean(),
+    keep: fc.constantFrom(undefined, 'alpha', 'bravo'),
+  });
+const policyArb = fc.record({
+  resource: fc.constant('r0'),
+  allowTwoPrimaries: fc.boolean(),
+  afterSplitBrain: fc.constantFrom('disconnect' as const, 'discard-zero-changes' as const, 'discard-least-changes' as const, 'discard-younger-primary' as const),
+});
+
+test('both sides always reach mirror-image actions', () => {
+  fc.assert(
+    fc.property(sideArb('alpha'), sideArb('bravo'), policyArb, (a, b, p) => {
+      const ab = decideConnect(a, b, p);
+      const ba = decideConnect(b, a, p);
+      assert.deepEqual(shape(ab), shape(mirrorAction(ba)), `alpha: ${JSON.stringify(ab)}\nbravo: ${JSON.stringify(ba)}`);
+    }),
+    { numRuns: 20_000 },
+  );
+});
+
+test('safety: no resync overwrites a Primary, a disk in use or from a disk that is not good; nothing resyncs to or from a missing disk', () => {
+  fc.assert(
+    fc.property(sideArb('alpha'), sideArb('bravo'), policyArb, (a, b, p) => {
+      const act = decideConnect(a, b, p);
+      if (act.kind !== 'sync') return;
+      const [source, target] = act.direction === 'source' ? [a, b] : [b, a];
+      if (!p.allowTwoPrimaries) assert.notEqual(target.role, 'Primary', JSON.stringify({ a, b, act }));
+      assert.equal(target.inUse, false);
+      assert.ok(source.disk === 'UpToDate' || source.disk === 'Outdated', `source disk ${source.disk}`);
+      assert.ok(target.disk !== 'Diskless' && target.disk !== 'Failed');
+      assert.equal(a.dataBytes, b.dataBytes);
+      if (target.fullSyncNeeded) assert.equal(act.full, true);
+    }),
+    { numRuns: 20_000 },
+  );
+});
+
+test('the cases of the DRBD guide ("Generation Identifiers"), each from both sides', () => {
+  const cases: [string, GenerationIds, GenerationIds, unknown][] = [
+    ['both new', gi(NO_GI), gi(NO_GI), { kind: 'connected' }],
+    ['peer new', gi('A'), gi(NO_GI), { kind: 'sync', direction: 'source', full: true, split: null }],
+    ['same generation', gi('A', NO_GI, 'X'), gi('A', NO_GI, 'X'), { kind: 'connected' }],
+    // The Primary went on alone: new current B, bitmap at A; the Secondary still at A.
+    ['bitmap sync', gi('B', 'A', 'X'), gi('A', NO_GI, 'X'), { kind: 'sync', direction: 'source', full: false, split: null }],
+    // Both went on while apart, both from A: split brain, A in common.
+    ['split brain', gi('B', 'A', 'X'), gi('C', 'A', 'X'), { kind: 'split-brain', common: 'A', local: 0, peer: 0 }],
+    // The peer went through two generations since our current: no bitmap reaches back, full sync.
+    ['history', gi('A', NO_GI, 'X'), gi('C', 'B', 'A', 'X'), { kind: 'sync', direction: 'target', full: true, split: null }],
+    ['split brain further back', gi('D', 'B', 'A'), gi('E', 'C', 'A'), { kind: 'split-brain', common: 'A', local: 0, peer: 0 }],
+    ['unrelated', gi('A', 'B', 'C', 'D'), gi('E', 'F', 'G', 'H'), { kind: 'refuse', rule: 'unrelated', retry: false }],
+  ];
+  for (const [name, a, b, want] of cases) {
+    const self = side('alpha', { gi: a, disk: a.current === NO_GI ? 'Inconsistent' : 'UpToDate' });
+    const peer = side('bravo', { gi: b, disk: b.current === NO_GI ? 'Inconsistent' : 'UpToDate' });
+    assert.deepEqual(shape(decideConnect(self, peer, policy)), want, `${name} (alpha's view)`);
+    assert.deepEqual(shape(mirrorAction(decideConnect(peer, self, policy))), want, `${name} (bravo's view)`);
+  }
+});
