@@ -648,6 +648,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     const remoteOk = remote ? await remote : false;
     if (!localOk && !remoteOk) throw new BlockDeviceError('EIO', `resource ${this.name}: the flush reached no disk`);
     await this.diverging;
+    // A bitmap write-back under way ends first: a flush leaves the marks as durable as the data.
+    await this.bitmapChain;
   }
 
   blockStatus(offset: number, length: number): Extent[] | Promise<Extent[]> {

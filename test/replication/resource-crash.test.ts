@@ -483,3 +483,93 @@ test('(e) a second power cut right after crash recovery: the recovered extents a
     await stopNode(b);
   }
 });
+
+/* ------------------------------------------- the target's bitmap write-back */
+
+/** Crashes its machine right after the n-th write into the bitmap area once armed (a write-back has begun). */
+class CrashInBitmapWriteBack extends Crashable {
+  /** Bitmap-area writes to let through before the one that crashes (0: not armed). */
+  armed = 0;
+  onBitmapWrite: (() => void) | undefined;
+  constructor(
+    inner: FaultyDevice,
+    private readonly area: { from: number; to: number },
+  ) {
+    super(inner);
+  }
+  override write(offset: number, data: Buffer, options?: WriteOptions) {
+    return this.watch(offset, super.write(offset, data, options));
+  }
+  override writeZeroes(offset: number, length: number, options?: ZeroOptions) {
+    return this.watch(offset, super.writeZeroes(offset, length, options));
+  }
+  private watch<T>(offset: number, r: T): T {
+    if (this.armed > 0 && offset >= this.area.from && offset < this.area.to && --this.armed === 0) {
+      const hook = this.onBitmapWrite;
+      void Promise.resolve(r).then(() => hook?.());
+    }
+    return r;
+  }
+}
+
+for (const seed of [11, 12, 13, 14, 15, 16]) {
+  test(`(f) a power cut on the sync target while it writes back its bitmap (seed ${seed}): every block clear on its disk holds the source's data`, async () => {
+    const rand = mulberry32(seed);
+    const port = await freePort();
+    const { layoutFor } = await import('../../src/replication/meta.js');
+    const layout = layoutFor(SIZE);
+    const faulty = new FaultyDevice(new MemoryDevice(SIZE, 'bravo-disk'), { writeBack: true, random: mulberry32(seed * 13) });
+    const disk = new CrashInBitmapWriteBack(faulty, { from: layout.bitmapOffset, to: layout.recordOffset });
+    const a = await startNode('alpha', new MemoryDevice(SIZE, 'alpha-disk'), port);
+    const b = await startNode('bravo', disk, port);
+    let b2: Node | undefined;
+    try {
+      await until('both-new', () => connected(a, b));
+      await a.resource.promote(true);
+      await until('initial sync', () => upToDate(a, b));
+      a.resource.standAlone = true;
+      b.resource.standAlone = true;
+      a.connector.kick('test: apart');
+      await until('apart', () => !a.resource.peer && !b.resource.peer);
+      for (let i = 0; i < 60; i++) {
+        const { offset, data } = randomWrite(rand, SIZE - MiB);
+        await a.resource.write(offset, data);
+      }
+      const resyncSet = [...a.resource.bitmap.runs()];
+      // The resync runs with nothing flushed on bravo's side until its bitmap write-back at the end.
+      const crashed = new Promise<void>((resolve) => {
+        disk.onBitmapWrite = () => void crashNode(b, disk, faulty, 'random', mulberry32(seed * 31)).then(resolve);
+      });
+      // The first write-back says what is out of sync before the resync starts; the second is at its end.
+      disk.armed = 2;
+      b.resource.standAlone = false;
+      a.resource.standAlone = false;
+      await Promise.race([crashed, until('resync over', () => upToDate(a, b), 15_000)]);
+      assert.ok(crashedNodes.has(b), 'the crash happened during a bitmap write-back');
+      await until('alpha sees bravo gone', () => a.resource.peer === undefined);
+      a.resource.standAlone = true;
+      // Back up on what survived: whatever its bitmap on disk says is in sync must be.
+      b2 = await startNode('bravo', faulty, port);
+      b2.resource.standAlone = true;
+      const source = await readAll(a.disk, a.resource.size);
+      const target = await readAll(faulty, a.resource.size);
+      let wrong = 0;
+      for (const run of resyncSet) {
+        for (let at = run.offset; at < run.offset + run.length; at += BLOCK) {
+          if (b2.resource.bitmap.isMarked(at / BLOCK)) continue;
+          if (!source.subarray(at, at + BLOCK).equals(target.subarray(at, at + BLOCK))) wrong++;
+        }
+      }
+      assert.equal(wrong, 0, `${wrong} blocks are clear in bravo's bitmap but do not hold alpha's data`);
+      // And the resync completes from there.
+      b2.resource.standAlone = false;
+      a.resource.standAlone = false;
+      await settled(a, b2, 'resync after the cut');
+      assert.ok((await readAll(a.disk, a.resource.size)).equals(await readAll(faulty, a.resource.size)));
+    } finally {
+      await stopNode(a);
+      if (!crashedNodes.has(b)) await stopNode(b);
+      if (b2) await stopNode(b2);
+    }
+  });
+}
