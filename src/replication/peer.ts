@@ -88,6 +88,8 @@ export class PeerSession {
   private readonly sentMarks: number;
   /** The peer sent a new state during the handshake (it reconnects; so does this side). */
   private peerChanged = false;
+  /** Set when the peer lost its disk: applying its writes waits until this side recorded that. */
+  private peerDiskGate: Promise<void> | undefined;
   private readonly handshakeOver = deferred<void>();
 
   constructor(
@@ -321,8 +323,18 @@ export class PeerSession {
     }
     if (before && before.disk !== s.disk) {
       this.resource.log.info({ event: 'peer-disk', resource: this.resource.name, peer: this.peerNode, disk: s.disk }, `peer disk ${s.disk}`);
+      if (s.disk === 'Diskless' || s.disk === 'Failed') this.peerHasNoDisk();
     }
     this.resource.emit('changed');
+  }
+
+  /** Writes the peer sends from now on are applied only after this side recorded that it keeps the data. */
+  private peerHasNoDisk(): void {
+    const gate = this.resource.peerLostDisk(this.peerNode);
+    this.peerDiskGate = gate;
+    void gate.finally(() => {
+      if (this.peerDiskGate === gate) this.peerDiskGate = undefined;
+    });
   }
 
   private onHandshakeDone(): void {
@@ -364,6 +376,7 @@ export class PeerSession {
     this.phase = 'connected';
     this.peerRuns = [];
     const r = this.resource;
+    if (this.state!.disk === 'Diskless' || this.state!.disk === 'Failed') this.peerHasNoDisk();
     void r.connectedTo(this.state!).then((changed) => {
       if (changed && this.phase !== 'closed') this.sendState();
     });
@@ -486,7 +499,8 @@ export class PeerSession {
       }
     }
     const write = (): void | Promise<void> => writePart(w.offset, w.offset + w.length);
-    const waitFirst = racing && this.targetReady ? Promise.all([racing, this.targetReady]) : (racing ?? this.targetReady);
+    const gates = [racing, this.targetReady, this.peerDiskGate].filter((g) => g !== undefined);
+    const waitFirst = gates.length === 0 ? undefined : gates.length === 1 ? gates[0] : Promise.all(gates);
     // Nothing to wait for and a synchronous disk: applied and acknowledged with no promise at all.
     const apply = waitFirst ? () => waitFirst.then(write) : write;
     if (this.applying.size >= APPLY_MAX) {

@@ -199,6 +199,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     });
     // Records written before the field existed.
     record = { ...record, peerDiskFailed: record.peerDiskFailed ?? false };
+    const failedBefore = record.disk === 'Failed';
     const crashed = record.primary;
     if (crashed) {
       // The Primary died with these extents hot: their blocks may differ from the peer's.
@@ -211,6 +212,11 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     const r = new Resource(backing, layout, record, bitmap, al, options, crashed && recovered.length > 0);
     self.resource = r;
     if (crashed) await r.saveRecord({ primary: false });
+    if (failedBefore) {
+      // This disk failed while in use: whatever it holds is not trusted until a full sync overwrites it.
+      options.log.warn({ event: 'failed-disk-attached', resource: options.resource, device: backing.name }, `resource ${options.resource}: ${backing.name} failed earlier: Inconsistent until a full sync from the peer`);
+      await r.saveRecord({ disk: 'Inconsistent', fullSyncNeeded: true });
+    }
     return r;
   }
 
@@ -353,9 +359,33 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     const dev = this.backing_;
     this.backing_ = undefined;
     this.log.error({ event: 'disk-detached', resource: this.name, device: dev.name, err: (err as Error)?.message }, `resource ${this.name}: I/O error on ${dev.name}: disk detached, going on Diskless through the peer`);
-    void Promise.resolve(dev.close()).catch(() => undefined);
+    // Say so on the disk itself if it still takes a write: when it is attached again it is not
+    // trusted until a full sync. If it does not, the peer remembers that this disk failed.
+    this.record = { ...this.record, disk: 'Failed', fullSyncNeeded: true };
+    const failed = { ...this.record, seq: this.recordSeq };
+    void this.metaChain
+      .then(() => writeRecord(dev, this.layout, failed))
+      .then(
+        () => this.log.warn({ event: 'disk-failed-recorded', resource: this.name, device: dev.name }, `resource ${this.name}: ${dev.name} marked Failed in its metadata`),
+        () => undefined,
+      )
+      .finally(() => Promise.resolve(dev.close()).catch(() => undefined));
     this.peer?.sendState();
     this.emit('changed');
+  }
+
+  /**
+   * The peer's disk failed or went away while this node keeps the data: a
+   * new generation starts here (so the old disk, if it comes back, is
+   * behind), and the record says the peer's disk gets a full sync. Durable
+   * before any write from a Diskless Primary is applied here.
+   */
+  async peerLostDisk(peerNode: string): Promise<void> {
+    if (!this.backing_ || this.record.disk !== 'UpToDate' || this.record.peerDiskFailed) return;
+    this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
+    const gi = this.record.gi;
+    const next: GenerationIds = gi.bitmap === NO_GI ? { current: newGi(), bitmap: gi.current, history: gi.history } : { current: newGi(), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
+    await this.saveRecord({ gi: next, peerDiskFailed: true });
   }
 
   /* ---------------------------------------------------------- connecting */
@@ -581,7 +611,12 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       if (local) this.al.end(offset, length);
     };
     if (hot instanceof Promise) {
-      return hot.then(go).then(finish, (err: unknown) => {
+      // The activity log's page could not be written: the disk failed; go on through the peer.
+      const detached = (err: unknown): void | Promise<void> => {
+        this.detach(err);
+        return go();
+      };
+      return hot.then(go, detached).then(finish, (err: unknown) => {
         finish();
         throw err;
       });
