@@ -153,7 +153,7 @@ export class NodeDaemon {
       } catch (err) {
         this.log.warn(
           { event: 'witness-force-unrecorded', resource, err: (err as Error).message },
-          `resource ${resource}: promoted by force without telling the witness; if it holds ${this.node} Outdated, writes without the peer stay refused until it is told (promote with --force again)`,
+          `resource ${resource}: promoted by force without telling the witness; if it holds ${this.node} Outdated, writes without the peer stay refused until it is told (make it Secondary and promote it with --force again once the witness answers)`,
         );
       }
       return;
