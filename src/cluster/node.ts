@@ -21,7 +21,7 @@ import { Resource, ResourceStatus } from '../replication/resource.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
 import { formatSize, parseSize } from '../util/size.js';
-import { layoutFor } from '../replication/meta.js';
+import { NO_GI, layoutFor } from '../replication/meta.js';
 import { AdminServer } from '../volume/admin-socket.js';
 import { PoolExports } from '../volume/exports.js';
 import { Pool, readBestSuperblock } from '../volume/pool.js';
@@ -143,10 +143,24 @@ export class NodeDaemon {
 
   private async mayPromote(resource: string, force: boolean): Promise<void> {
     const r = this.resources.get(resource)?.resource;
-    if (force) return;
+    const current = r?.record.gi.current ?? NO_GI;
+    if (force) {
+      // This copy is the good data by the operator's word: a mark left at the witness would refuse its
+      // fences from now on (no claim can name the generation it waits for: this node will never hold it).
+      try {
+        await this.witness!.call({ cmd: 'witness.query', resource, current, force: true });
+        this.witnessSeenAt = Date.now();
+      } catch (err) {
+        this.log.warn(
+          { event: 'witness-force-unrecorded', resource, err: (err as Error).message },
+          `resource ${resource}: promoted by force without telling the witness; if it holds ${this.node} Outdated, writes without the peer stay refused until it is told (make it Secondary and promote it with --force again once the witness answers)`,
+        );
+      }
+      return;
+    }
     let reply;
     try {
-      reply = await this.witness!.call({ cmd: 'witness.query', resource, current: r?.record.gi.current ?? '0' });
+      reply = await this.witness!.call({ cmd: 'witness.query', resource, current });
       this.witnessSeenAt = Date.now();
     } catch (err) {
       if (r?.peer?.replicating) return;
@@ -160,12 +174,13 @@ export class NodeDaemon {
   private startHeartbeat(): void {
     if (!this.witness) return;
     const beat = async (): Promise<void> => {
-      const inSync: Record<string, string> = {};
+      // Claims name the generation they are about: the witness ends a mark only for the one it waits for.
+      const inSync: Record<string, { peer: string; generation: string }> = {};
       const generations: Record<string, string> = {};
       for (const e of this.resources.values()) {
         const r = e.resource;
         if (r.disk === 'UpToDate') generations[e.name] = r.record.gi.current;
-        if (r.peer?.phase === 'connected' && r.disk === 'UpToDate' && r.peer.state?.disk === 'UpToDate') inSync[e.name] = e.peerNode;
+        if (r.peer?.phase === 'connected' && r.disk === 'UpToDate' && r.peer.state?.disk === 'UpToDate') inSync[e.name] = { peer: e.peerNode, generation: r.record.gi.current };
       }
       try {
         const reply = await this.witness!.call({ cmd: 'witness.heartbeat', inSync, generations });

@@ -11,38 +11,74 @@
  *   refused (unless forced), and so is a node that reaches neither its peer
  *   nor the witness (no quorum).
  *
- * A mark reads "outdated until it holds generation G" (the generation the
- * fencing node moved to): it ends when the node reports G (it resynced),
- * or when its peer reports being in sync with it. The marks are kept in a JSON
- * file written atomically (temp file + rename), so a restart keeps them.
+ * A mark reads "outdated until it holds generation G" (G: the generation the
+ * fencing node moved to). The rules, so that no stale, late or buggy message
+ * can end a mark that should stand:
+ *
+ * - a mark ends only on a claim that names G: the marked node reporting it
+ *   holds G (it resynced), or its peer, not outdated itself, reporting "in
+ *   sync with it at generation G". A claim naming any other generation (sent
+ *   before the fence, or from stale state) is ignored and logged
+ *   (witness-claim-ignored); one naming no generation is refused as malformed;
+ * - or the operator promotes the marked node by force (query with force):
+ *   its data is then the good copy by decree;
+ * - a new fence of the same node replaces its mark (a newer G).
+ *
+ * A caller that timed out resets its connection, and the witness drops a
+ * request whose caller hung up before it ran (AdminServer's
+ * dropIfCallerLeft): a request the caller gave up on does not act later.
+ * Only one the witness ran before the hang-up reached it (a network delay
+ * after the timeout) may have acted, so a timed-out fence is "maybe done".
+ *
+ * Every command is checked against a schema (known nodes, names, generation
+ * ids) before use; a bad one gets a one-line error, the witness serves on.
+ *
+ * The marks are kept in a JSON file (format, version, sequence, checksum),
+ * written to a temp file, fsynced, renamed over the old one, and the
+ * directory fsynced, so a crash leaves the old or the new marks. Neither path
+ * is followed through a symbolic link. A missing file is a first start; a
+ * damaged one stops the witness at startup: an empty state would quietly
+ * un-outdate every node.
  */
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { z } from 'zod';
 import type { Logger } from '../util/log.js';
-import { UserError } from '../util/errors.js';
-import { AdminServer } from '../volume/admin-socket.js';
+import { UserError, errnoCode } from '../util/errors.js';
+import { AdminServer, callAdmin } from '../volume/admin-socket.js';
 import { signRequest, verifyRequest } from './api-auth.js';
-import { callAdmin } from '../volume/admin-socket.js';
 
 export const DEFAULT_WITNESS_PORT = 7899;
 
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
-/**
- * `current` is the sender's data generation for the resource (per resource
- * in a heartbeat): a mark "outdated until generation G" stops counting once
- * the node holds G (it resynced), so a mark can never outlive the resync
- * that healed it, however late the heartbeats come.
- */
-export type WitnessCommand =
-  | { cmd: 'witness.heartbeat'; node: string; inSync: Record<string, string>; generations: Record<string, string> }
-  | { cmd: 'witness.outdate'; node: string; resource: string; peer: string; current: string; until: string }
-  | { cmd: 'witness.query'; node: string; resource: string; current: string };
+/** Names as the cluster file allows them (config.ts): never "__proto__" and friends. */
+const name = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._+-]{0,62}$/, 'not a node or resource name');
+/** A data generation id (replication/meta.ts): 16 hex digits, or "0" before the first. */
+const generation = z.string().regex(/^(0|[0-9a-f]{16})$/, 'not a generation id (16 hex digits)');
 
-interface WitnessState {
-  /** resource -> node -> outdated until it holds generation `until`; when, and by whom */
-  outdated: Record<string, Record<string, { by: string; at: string; until: string }>>;
-}
+const commandSchema = z.discriminatedUnion('cmd', [
+  /**
+   * `generations`: the sender's data generation per resource where its disk
+   * is UpToDate; `inSync`: per resource, the peer it is connected to and in
+   * sync with, and the generation they share.
+   */
+  z
+    .object({
+      cmd: z.literal('witness.heartbeat'),
+      node: name,
+      generations: z.record(name, generation),
+      inSync: z.record(name, z.object({ peer: name, generation }).strict()),
+    })
+    .strict(),
+  /** `current`: the sender's generation now; `until`: the one it moves to, which the peer's mark waits for. */
+  z.object({ cmd: z.literal('witness.outdate'), node: name, resource: name, peer: name, current: generation, until: generation }).strict(),
+  /** Before a promotion; `force`: the operator promotes this copy whatever the witness holds. */
+  z.object({ cmd: z.literal('witness.query'), node: name, resource: name, current: generation, force: z.boolean().optional() }).strict(),
+]);
+
+export type WitnessCommand = z.infer<typeof commandSchema>;
 
 export interface WitnessReply {
   outdated: boolean;
@@ -50,9 +86,28 @@ export interface WitnessReply {
   outdatedResources: string[];
 }
 
+/** Outdated until it holds generation `until`; when, and by whom. */
+type Mark = { by: string; at: string; until: string };
+/** resource -> node -> mark (Maps: names from the network never meet Object.prototype). */
+type Marks = Map<string, Map<string, Mark>>;
+
+/** Resources the witness keeps marks for: far more than a cluster has; bounds what a (buggy) node can make it store. */
+export const MAX_RESOURCES = 256;
+
+const FORMAT = 'duet-witness-state';
+const VERSION = 1;
+const markSchema = z.object({ by: name, at: z.string(), until: generation }).strict();
+const marksSchema = z.record(name, z.record(name, markSchema));
+const stateFileSchema = z.object({ format: z.literal(FORMAT), version: z.literal(VERSION), sequence: z.number().int().nonnegative(), outdated: marksSchema, checksum: z.string() }).strict();
+/** Before format 1: the marks alone (no checksum); rewritten as format 1 on the first change. */
+const unversionedStateSchema = z.object({ outdated: marksSchema }).strict();
+
 export class Witness {
-  private state: WitnessState;
+  private marks: Marks;
+  private sequence: number;
   private readonly lastSeen = new Map<string, number>();
+  /** The last ignored claim logged per (resource, node, claimer): logged once, not on every heartbeat. */
+  private readonly ignoredLogged = new Map<string, string>();
   private server: AdminServer | undefined;
 
   constructor(
@@ -60,12 +115,15 @@ export class Witness {
     private readonly nodes: string[],
     private readonly log: Logger,
   ) {
-    this.state = load(file);
+    fs.mkdirSync(path.dirname(file), { recursive: true });
+    refuseLink(`${file}.tmp`);
+    ({ marks: this.marks, sequence: this.sequence } = load(file));
   }
 
   async listen(host: string, port: number, secret: Buffer): Promise<void> {
     this.server = await AdminServer.listen<WitnessCommand>({ host, port }, async (c) => this.handle(c), this.log, {
       authorize: (request) => verifyRequest(secret, request),
+      dropIfCallerLeft: true,
     });
   }
 
@@ -73,75 +131,235 @@ export class Witness {
     await this.server?.close();
   }
 
-  handle(c: WitnessCommand): WitnessReply {
-    if (!this.nodes.includes(c.node)) throw new UserError(`the witness does not know node ${c.node}`);
+  /** Serve one command (already authenticated, not yet checked). */
+  handle(request: unknown): WitnessReply {
+    const c = this.check(request);
     this.lastSeen.set(c.node, Date.now());
+    // Changes go to a draft, saved before they count: a failed save leaves the marks as they were.
+    const draft: Marks = new Map([...this.marks].map(([r, m]) => [r, new Map(m)]));
+    const logs: Array<() => void> = [];
+    let refusal: UserError | undefined;
     switch (c.cmd) {
       case 'witness.heartbeat':
-        for (const [resource, current] of Object.entries(c.generations ?? {})) this.caughtUp(resource, c.node, current);
-        // The sender is in sync with these peers: their data is good again.
-        for (const [resource, peer] of Object.entries(c.inSync ?? {})) {
-          if (this.isOutdated(resource, c.node)) continue;
-          if (this.isOutdated(resource, peer)) this.clear(resource, peer, `in sync with ${c.node}`);
-        }
+        for (const [resource, current] of Object.entries(c.generations)) this.caughtUp(draft, logs, resource, c.node, current);
+        for (const [resource, claim] of Object.entries(c.inSync)) this.inSyncClaim(draft, logs, resource, c.node, claim);
         break;
       case 'witness.outdate':
-        this.caughtUp(c.resource, c.node, c.current);
-        if (this.isOutdated(c.resource, c.node)) {
-          throw new UserError(`node ${c.node} is itself outdated for resource ${c.resource}: it may not go on without its peer`);
+        this.caughtUp(draft, logs, c.resource, c.node, c.current);
+        if (draft.get(c.resource)?.has(c.node)) {
+          refusal = new UserError(`node ${c.node} is itself outdated for resource ${c.resource}: it may not go on without its peer`);
+          break;
         }
-        (this.state.outdated[c.resource] ??= {})[c.peer] = { by: c.node, at: new Date().toISOString(), until: c.until };
-        this.save();
-        this.log.warn({ event: 'witness-outdated', resource: c.resource, node: c.peer, by: c.node, until: c.until }, `${c.peer} outdated for ${c.resource} by ${c.node}`);
+        if (!draft.has(c.resource) && draft.size >= MAX_RESOURCES) {
+          refusal = new UserError(`the witness already keeps marks for ${MAX_RESOURCES} resources, its limit: resource ${c.resource} cannot be fenced; check the cluster's resource names`);
+          break;
+        }
+        setMark(draft, c.resource, c.peer, { by: c.node, at: new Date().toISOString(), until: c.until });
+        logs.push(() => this.log.warn({ event: 'witness-outdated', resource: c.resource, node: c.peer, by: c.node, until: c.until }, `${c.peer} outdated for ${c.resource} by ${c.node}`));
         break;
       case 'witness.query':
-        this.caughtUp(c.resource, c.node, c.current);
+        if (c.force) {
+          const mark = draft.get(c.resource)?.get(c.node);
+          deleteMark(draft, c.resource, c.node);
+          logs.push(() => this.log.warn({ event: 'witness-forced', resource: c.resource, node: c.node, until: mark?.until }, `${c.node} promoted by force for ${c.resource}: its data is the good copy${mark ? ' (its Outdated mark is cleared)' : ''}`));
+        } else this.caughtUp(draft, logs, c.resource, c.node, c.current);
         break;
     }
+    if (!sameMarks(draft, this.marks)) {
+      this.save(draft);
+      this.marks = draft;
+    }
+    for (const l of logs) l();
+    if (refusal) throw refusal;
     return {
       outdated: 'resource' in c ? this.isOutdated(c.resource, c.node) : false,
-      outdatedResources: Object.keys(this.state.outdated).filter((r) => this.isOutdated(r, c.node)),
+      outdatedResources: [...this.marks].filter(([, m]) => m.has(c.node)).map(([r]) => r),
     };
   }
 
+  private check(request: unknown): WitnessCommand {
+    const parsed = commandSchema.safeParse(request);
+    const r = (typeof request === 'object' && request !== null ? request : {}) as Record<string, unknown>;
+    const what = `${typeof r.cmd === 'string' ? JSON.stringify(r.cmd.slice(0, 40)) : 'a request'}${typeof r.node === 'string' ? ` from ${JSON.stringify(r.node.slice(0, 63))}` : ''}`;
+    let problem: string | undefined;
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0];
+      problem = issue.code === 'invalid_union_discriminator' ? 'unknown command' : `${issue.path.join('.') || 'request'}: ${issue.message}`;
+    } else {
+      const c = parsed.data;
+      const known = (n: string): boolean => this.nodes.includes(n);
+      if (!known(c.node)) problem = `the witness does not know node ${c.node} (nodes: ${this.nodes.join(', ')})`;
+      else if (c.cmd === 'witness.outdate' && (!known(c.peer) || c.peer === c.node)) problem = `peer ${c.peer} is not the other node of ${c.resource}`;
+      else if (c.cmd === 'witness.heartbeat') {
+        const bad = Object.entries(c.inSync).find(([, claim]) => !known(claim.peer) || claim.peer === c.node);
+        if (bad) problem = `inSync.${bad[0]}.peer ${bad[1].peer} is not the other node`;
+      }
+      if (!problem) return c;
+    }
+    this.log.warn({ event: 'witness-bad-request', cmd: r.cmd, node: r.node, problem }, 'refused a malformed witness command');
+    throw new UserError(`the witness refused ${what}: ${problem}`);
+  }
+
   private isOutdated(resource: string, node: string): boolean {
-    return this.state.outdated[resource]?.[node] !== undefined;
+    return this.marks.get(resource)?.has(node) === true;
   }
 
   /** A node that holds the generation its mark waits for is no longer outdated. */
-  private caughtUp(resource: string, node: string, current: string | undefined): void {
-    const mark = this.state.outdated[resource]?.[node];
-    if (mark && current !== undefined && mark.until === current) this.clear(resource, node, `holds generation ${current}`);
+  private caughtUp(draft: Marks, logs: Array<() => void>, resource: string, node: string, current: string): void {
+    const mark = draft.get(resource)?.get(node);
+    if (!mark) return;
+    if (mark.until === current) return this.clear(draft, logs, resource, node, mark, `holds generation ${current}`);
+    this.ignored(logs, resource, node, node, current, mark, `it reports generation ${current}`);
   }
 
-  private clear(resource: string, node: string, why: string): void {
-    delete this.state.outdated[resource][node];
-    this.save();
-    this.log.info({ event: 'witness-cleared', resource, node, why }, `${node} is good again for ${resource}: ${why}`);
+  /** `sender` says it is in sync with `claim.peer` at `claim.generation`. */
+  private inSyncClaim(draft: Marks, logs: Array<() => void>, resource: string, sender: string, claim: { peer: string; generation: string }): void {
+    const mark = draft.get(resource)?.get(claim.peer);
+    if (!mark) return;
+    if (draft.get(resource)?.has(sender)) return this.ignored(logs, resource, claim.peer, sender, claim.generation, mark, `${sender} is outdated itself`);
+    if (mark.until !== claim.generation) return this.ignored(logs, resource, claim.peer, sender, claim.generation, mark, `${sender} is in sync with it at generation ${claim.generation}`);
+    this.clear(draft, logs, resource, claim.peer, mark, `in sync with ${sender} at generation ${claim.generation}`);
   }
 
-  private save(): void {
-    fs.mkdirSync(path.dirname(this.file), { recursive: true });
+  private clear(draft: Marks, logs: Array<() => void>, resource: string, node: string, mark: Mark, why: string): void {
+    deleteMark(draft, resource, node);
+    logs.push(() => this.log.info({ event: 'witness-cleared', resource, node, until: mark.until, why }, `${node} is good again for ${resource}: ${why}`));
+  }
+
+  private ignored(logs: Array<() => void>, resource: string, node: string, by: string, claimed: string, mark: Mark, why: string): void {
+    const key = `${resource}\0${node}\0${by}`;
+    const value = `${claimed}\0${mark.until}\0${why}`;
+    if (this.ignoredLogged.get(key) === value) return;
+    this.ignoredLogged.set(key, value);
+    logs.push(() =>
+      this.log.warn({ event: 'witness-claim-ignored', resource, node, by, claimed, until: mark.until, why }, `${node} stays outdated for ${resource} until it holds ${mark.until}: ${why}`),
+    );
+  }
+
+  private save(marks: Marks): void {
+    const sequence = this.sequence + 1;
     const tmp = `${this.file}.tmp`;
-    const fd = fs.openSync(tmp, 'w', 0o600);
+    let fd: number;
     try {
-      fs.writeSync(fd, JSON.stringify(this.state, null, 2));
+      // O_NOFOLLOW: a link planted at the temp path must not redirect the write.
+      fd = fs.openSync(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW, 0o600);
+    } catch (err) {
+      if (errnoCode(err) === 'ELOOP') throw linkError(tmp);
+      throw new UserError(`witness state: cannot write ${tmp} (${errnoCode(err) ?? (err as Error).message}): check the witness's home directory`);
+    }
+    try {
+      fs.writeFileSync(fd, serialize(marks, sequence));
       fs.fsyncSync(fd);
     } finally {
       fs.closeSync(fd);
     }
     fs.renameSync(tmp, this.file);
+    // The rename itself is durable only once the directory is.
+    const dir = fs.openSync(path.dirname(this.file), fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+    try {
+      fs.fsyncSync(dir);
+    } finally {
+      fs.closeSync(dir);
+    }
+    this.sequence = sequence;
   }
 }
 
-function load(file: string): WitnessState {
-  try {
-    const s = JSON.parse(fs.readFileSync(file, 'utf8')) as WitnessState;
-    if (typeof s.outdated === 'object' && s.outdated !== null) return s;
-  } catch {
-    /* first start */
+function deleteMark(marks: Marks, resource: string, node: string): void {
+  const m = marks.get(resource);
+  m?.delete(node);
+  if (m?.size === 0) marks.delete(resource);
+}
+
+function setMark(marks: Marks, resource: string, node: string, mark: Mark): void {
+  let m = marks.get(resource);
+  if (!m) marks.set(resource, (m = new Map()));
+  m.set(node, mark);
+}
+
+function sameMarks(a: Marks, b: Marks): boolean {
+  return JSON.stringify(toObject(a)) === JSON.stringify(toObject(b));
+}
+
+function toObject(marks: Marks): Record<string, Record<string, Mark>> {
+  const out: Record<string, Record<string, Mark>> = {};
+  for (const [resource, m] of [...marks].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
+    if (m.size === 0) continue;
+    out[resource] = Object.fromEntries([...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([n, k]) => [n, { by: k.by, at: k.at, until: k.until }]));
   }
-  return { outdated: {} };
+  return out;
+}
+
+function checksum(sequence: number, outdated: Record<string, Record<string, Mark>>): string {
+  return createHash('sha256').update(JSON.stringify({ format: FORMAT, version: VERSION, sequence, outdated })).digest('hex');
+}
+
+function serialize(marks: Marks, sequence: number): string {
+  const outdated = toObject(marks);
+  return `${JSON.stringify({ format: FORMAT, version: VERSION, sequence, outdated, checksum: checksum(sequence, outdated) }, null, 2)}\n`;
+}
+
+function linkError(file: string): UserError {
+  return new UserError(`witness state: ${file} is a symbolic link, which the witness does not follow: remove the link (and put the state file itself at ${file} if that is what it pointed to)`);
+}
+
+function refuseLink(file: string): void {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(file);
+  } catch {
+    return;
+  }
+  if (st.isSymbolicLink()) throw linkError(file);
+}
+
+function load(file: string): { marks: Marks; sequence: number } {
+  let text: string;
+  try {
+    // O_NONBLOCK: a FIFO planted here must not hang the start; it is refused below as not a file.
+    const fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+    try {
+      if (!fs.fstatSync(fd).isFile()) throw new UserError(`witness state: ${file} is not a regular file: move it away and restore the state file from a backup`);
+      text = fs.readFileSync(fd, 'utf8');
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch (err) {
+    if (err instanceof UserError) throw err;
+    if (errnoCode(err) === 'ENOENT') return { marks: new Map(), sequence: 0 }; // first start
+    if (errnoCode(err) === 'ELOOP') throw linkError(file);
+    throw new UserError(`witness state: cannot read ${file} (${errnoCode(err) ?? (err as Error).message}): check its permissions`);
+  }
+  const damaged = (why: string): UserError =>
+    new UserError(
+      `witness state ${file} is damaged (${why}): restore it from a backup; removing it forgets which nodes are Outdated, so do that only when every resource is connected and UpToDate on both nodes`,
+    );
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (err) {
+    throw damaged(`not JSON: ${(err as Error).message}`);
+  }
+  const problem = (error: z.ZodError): UserError => {
+    const issue = error.issues[0];
+    return damaged(`${issue.path.join('.') || 'the file'}: ${issue.message}`.replace(/\s+/g, ' '));
+  };
+  const toMarks = (outdated: z.infer<typeof marksSchema>): Marks =>
+    new Map(
+      Object.entries(outdated)
+        .filter(([, m]) => Object.keys(m).length > 0)
+        .map(([r, m]) => [r, new Map(Object.entries(m))]),
+    );
+  if (typeof json === 'object' && json !== null && !Array.isArray(json) && !('format' in json)) {
+    const old = unversionedStateSchema.safeParse(json);
+    if (!old.success) throw problem(old.error);
+    return { marks: toMarks(old.data.outdated), sequence: 0 };
+  }
+  const parsed = stateFileSchema.safeParse(json);
+  if (!parsed.success) throw problem(parsed.error);
+  const marks = toMarks(parsed.data.outdated);
+  if (parsed.data.checksum !== checksum(parsed.data.sequence, toObject(marks))) throw damaged('its checksum does not match its content');
+  return { marks, sequence: parsed.data.sequence };
 }
 
 /** A node's side of the witness: signed requests with a short timeout. */
@@ -156,16 +374,9 @@ export class WitnessClient {
     private readonly timeoutMs = 1000,
   ) {}
 
+  /** A call that times out resets its connection: its request cannot reach the witness after the caller gave up. */
   async call(c: DistributiveOmit<WitnessCommand, 'node'>): Promise<WitnessReply> {
     const request = signRequest(this.secret, { ...c, node: this.node });
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new UserError(`the witness at ${this.host}:${this.port} did not answer within ${this.timeoutMs} ms`)), this.timeoutMs);
-    });
-    try {
-      return (await Promise.race([callAdmin({ host: this.host, port: this.port, localAddress: this.localAddress }, request, { what: 'the witness' }), timeout])) as WitnessReply;
-    } finally {
-      clearTimeout(timer);
-    }
+    return (await callAdmin({ host: this.host, port: this.port, localAddress: this.localAddress }, request, { what: 'the witness', timeoutMs: this.timeoutMs })) as WitnessReply;
   }
 }

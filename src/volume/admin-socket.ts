@@ -27,6 +27,12 @@ export type AdminTarget = string | { host: string; port: number; localAddress?: 
 export interface AdminOptions {
   /** Check a request before it runs (the node API's HMAC); throw a UserError to refuse it. */
   authorize?: (request: Record<string, unknown>) => void;
+  /**
+   * The callers never half-close (no streamed input): a hang-up before the
+   * answer means the caller gave up (its timeout), so its request is dropped
+   * rather than run late, when the caller may already act on "it failed".
+   */
+  dropIfCallerLeft?: boolean;
 }
 
 const MAX_REQUEST = 64 * 1024;
@@ -65,7 +71,20 @@ export class AdminServer {
 
 function serveOne<C extends Request>(socket: net.Socket, handler: Handler<C>, log: Logger, options: AdminOptions): void {
   let buffered: Buffer = Buffer.alloc(0);
+  let requestRead = false;
+  let callerLeft = false;
   socket.on('error', (err) => log.debug({ event: 'admin-socket-error', err: err.message }));
+  socket.once('end', () => {
+    callerLeft = true;
+    // Half-open sockets stay open until we end them: a caller that left mid-request would hold one forever.
+    if (!requestRead) {
+      log.debug({ event: 'admin-request-incomplete', from: socket.remoteAddress, bytes: buffered.length }, 'the caller left before its request was complete');
+      socket.destroy();
+    }
+  });
+  socket.once('close', () => {
+    callerLeft = true;
+  });
   const onData = (chunk: Buffer): void => {
     buffered = Buffer.concat([buffered, chunk]);
     const nl = buffered.indexOf(0x0a);
@@ -73,8 +92,10 @@ function serveOne<C extends Request>(socket: net.Socket, handler: Handler<C>, lo
       if (buffered.length > MAX_REQUEST) socket.destroy();
       return;
     }
+    requestRead = true;
     socket.off('data', onData);
-    socket.pause();
+    // Reading on (bytes after the line are dropped) is how a hang-up gets noticed.
+    if (!options.dropIfCallerLeft) socket.pause();
     let command: C;
     try {
       command = JSON.parse(buffered.subarray(0, nl).toString('utf8')) as C;
@@ -100,19 +121,34 @@ function serveOne<C extends Request>(socket: net.Socket, handler: Handler<C>, lo
     }
     let output: Writable | undefined;
     if (command.cmd === 'vol.send') output = new FrameWriter(socket);
-    log.info({ event: 'admin-command', cmd: command.cmd }, 'admin command');
-    handler(command, { input, output }).then(
-      async (result) => {
-        if (output) socket.write('E');
-        reply(socket, { ok: true, result });
-      },
-      (err: unknown) => {
-        if (!(err instanceof UserError)) log.error({ event: 'admin-command-failed', cmd: command.cmd, err: (err as Error).stack }, 'admin command failed');
-        const message = err instanceof UserError ? err.message : `internal error: ${(err as Error).message}`;
-        // Mid-stream: 'X' tells the client what it got is not a whole stream.
-        if (output) socket.write('X');
-        reply(socket, { ok: false, error: message, exitCode: err instanceof UserError ? err.exitCode : 70 });
-      },
+    const run = (): void => {
+      log.info({ event: 'admin-command', cmd: command.cmd }, 'admin command');
+      handler(command, { input, output }).then(
+        async (result) => {
+          if (output) socket.write('E');
+          reply(socket, { ok: true, result });
+        },
+        (err: unknown) => {
+          if (!(err instanceof UserError)) log.error({ event: 'admin-command-failed', cmd: command.cmd, err: (err as Error).stack }, 'admin command failed');
+          const message = err instanceof UserError ? err.message : `internal error: ${(err as Error).message}`;
+          // Mid-stream: 'X' tells the client what it got is not a whole stream.
+          if (output) socket.write('X');
+          reply(socket, { ok: false, error: message, exitCode: err instanceof UserError ? err.exitCode : 70 });
+        },
+      );
+    };
+    if (!options.dropIfCallerLeft) {
+      run();
+      return;
+    }
+    // A request read late (the process was slow) may have its caller's hang-up right behind it in the
+    // kernel's buffer: libuv stops reading after a short read, so look once more before acting on it.
+    setImmediate(() =>
+      setImmediate(() => {
+        if (!callerLeft) return run();
+        log.warn({ event: 'admin-abandoned', from: socket.remoteAddress, cmd: command.cmd }, 'the caller hung up before its request ran: dropped');
+        socket.destroy();
+      }),
     );
   };
   socket.on('data', onData);
@@ -149,19 +185,47 @@ export interface Answer {
 /**
  * Send `command` to the process holding the pool. `input` is streamed after
  * the request (receive); stream frames are written to `output` (send).
+ * After `timeoutMs` without an answer the connection is reset, so a request
+ * still on its way or unread at the server can no longer act after the
+ * caller was told it failed (with `dropIfCallerLeft` at the server).
  */
-export async function callAdmin(target: AdminTarget, command: Request, io: { input?: Readable; output?: Writable; what?: string } = {}): Promise<unknown> {
+export async function callAdmin(
+  target: AdminTarget,
+  command: Request,
+  io: { input?: Readable; output?: Writable; what?: string; timeoutMs?: number } = {},
+): Promise<unknown> {
   const socket = typeof target === 'string' ? net.createConnection(target) : net.createConnection({ host: target.host, port: target.port, localAddress: target.localAddress });
   const where = typeof target === 'string' ? target : `${target.host}:${target.port}`;
-  await new Promise<void>((resolve, reject) => {
-    socket.once('connect', resolve);
-    socket.once('error', (err) => reject(new UserError(`cannot reach ${io.what ?? 'the process holding the pool'} at ${where} (${errnoCode(err) ?? err.message})`)));
-  });
-  socket.write(`${JSON.stringify(command)}\n`);
-  if (io.input) {
-    io.input.pipe(socket, { end: true });
+  const exchange = (async (): Promise<Answer> => {
+    await new Promise<void>((resolve, reject) => {
+      socket.once('connect', resolve);
+      socket.once('error', (err) => reject(new UserError(`cannot reach ${io.what ?? 'the process holding the pool'} at ${where} (${errnoCode(err) ?? err.message})`)));
+    });
+    socket.write(`${JSON.stringify(command)}\n`);
+    if (io.input) {
+      io.input.pipe(socket, { end: true });
+    }
+    return readAnswer(socket, io.output);
+  })();
+  let answer: Answer;
+  if (io.timeoutMs === undefined) answer = await exchange;
+  else {
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        // RST, not FIN: what is not yet sent is discarded, and the server sees the hang-up at once.
+        if (typeof target === 'string' || socket.connecting || socket.destroyed) socket.destroy();
+        else socket.resetAndDestroy();
+        reject(new UserError(`${io.what ?? 'the process holding the pool'} at ${where} did not answer within ${io.timeoutMs} ms`));
+      }, io.timeoutMs);
+    });
+    exchange.catch(() => undefined);
+    try {
+      answer = await Promise.race([exchange, timedOut]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
-  const answer = await readAnswer(socket, io.output);
   if (!answer.ok) throw new UserError(answer.error ?? 'the pool holder refused the command', answer.exitCode ?? 2);
   return answer.result;
 }
