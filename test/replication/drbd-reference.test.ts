@@ -41,6 +41,14 @@
  *    rule 60 at the other: both SyncTarget) when a current UUID is both in
  *    the other's bitmap and its history; no single history makes that
  *    (checked below on both mechanics' histories).
+ * 9. Found by the histories, in DRBD itself: a SyncSource that crashes
+ *    before recording the end of its resync keeps its bitmap UUID; promoted
+ *    without its peer it makes no new current UUID (drbd_set_role() wants
+ *    bitmap UUID 0), so what it then writes is in no UUID. If the peer is
+ *    promoted and writes too, the reconnect is a plain bitmap sync (rules
+ *    70/50) that silently discards the first node's writes. duet's promote
+ *    makes a new generation whatever its bitmap GI: split brain (rule 100).
+ *    Keep duet's. See "a lost resync end, then both write" below.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -320,6 +328,32 @@ test('UUIDs are compared without their lowest bit; GIs must be hex', () => {
   assert.throws(() => drbdConnect(alpha(gi('X')), bravo(gi('a0')), DISCONNECT), /not up to 16 hex digits/);
 });
 
+test('a lost resync end, then both write: DRBD discards one side\'s writes, duet\'s GIs make it a split brain (note 9)', () => {
+  const events = [
+    { kind: 'force-primary', node: 0 },
+    { kind: 'resync-done', lost: null },
+    { kind: 'disconnect', inFlight: null },
+    { kind: 'write', node: 0, block: 1 },
+    { kind: 'connect', prefer: 0, keep: null, syncUuidLost: false },
+    // alpha, the source, crashes before recording the end of the resync; bravo recorded it.
+    { kind: 'resync-done', lost: 'source' },
+    { kind: 'primary', node: 0 },
+    { kind: 'write', node: 0, block: 2 },
+    { kind: 'primary', node: 1 },
+    { kind: 'write', node: 1, block: 3 },
+    { kind: 'secondary', node: 0 },
+  ] as const;
+  const drbd = simulate('drbd', [...events], 1);
+  assert.equal(drbd.truth, 'diverged');
+  assert.equal(drbd.hazards.length, 1, drbd.trace.join('\n'));
+  const [b, a] = both(drbd.self, drbd.peer);
+  assert.deepEqual([b.rule, b.action, a.rule, a.action], [70, SOURCE, 50, TARGET], drbd.trace.join('\n'));
+  const duet = simulate('duet', [...events], 1);
+  assert.deepEqual(duet.hazards, []);
+  const [d] = both(duet.self, duet.peer);
+  assert.deepEqual([d.rule, d.action], [100, UNRESOLVED], duet.trace.join('\n'));
+});
+
 test('the same history under both mechanics: a forced interrupted sync target (note 4)', () => {
   // alpha, Primary, crashes; its activity-log extent is resynced to bravo (same generation); the link
   // breaks midway; bravo, with its mix of old and new blocks, is forced Primary.
@@ -365,9 +399,11 @@ for (const mechanics of ['drbd', 'duet'] as Mechanics[]) {
   });
 }
 
-test('drbd histories: no sync overwrites acknowledged writes unless a split-brain resolution chose it, and every divergence is caught', () => {
+test('drbd histories: no sync overwrites acknowledged writes unless a split-brain resolution chose it, and every divergence is caught (but note 9)', () => {
   fc.assert(
     fc.property(historyPairs({ mechanics: 'drbd' }), policyArb, (p, policy) => {
+      // Writes no UUID records (note 9) are DRBD's blind spot: nothing to check there.
+      fc.pre(p.hazards.length === 0);
       const r = drbdConnect(p.self, p.peer, { afterSplitBrain: policy });
       if (r.action.kind === 'sync' && !r.resolvedBy) {
         const loses = r.action.direction === 'source' ? ['peer-newer', 'diverged', 'self-no-copy'] : ['self-newer', 'diverged', 'peer-no-copy'];

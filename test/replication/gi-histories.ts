@@ -92,6 +92,13 @@ export interface HistoryPair {
   /** Every event, in order; the trace says which ones changed nothing. */
   events: HistoryEvent[];
   trace: string[];
+  /**
+   * Writes no generation id records: a node wrote without its peer while
+   * both still had the same current GI (DRBD: a promotion with a bitmap UUID
+   * left over from a resync end the node never recorded makes no new current
+   * UUID). Nothing in the GIs can tell such a divergence from a plain lead.
+   */
+  hazards: string[];
 }
 
 interface SimNode {
@@ -120,6 +127,7 @@ export class History {
   readonly nodes: [SimNode, SimNode];
   link: Link = { state: 'connected' };
   readonly trace: string[] = [];
+  readonly hazards: string[] = [];
   private clock = 1_000_000;
   private nextGi = 0;
   private nextWrite = 0;
@@ -290,6 +298,8 @@ export class History {
     n.bitmap.add(block);
     // duet: Resource.markDiverged(); DRBD bumped the UUID when the link went or at promotion.
     if (this.mechanics === 'duet' && n.gi.bitmap === NO_GI) this.duetNewGeneration(n);
+    const o = this.nodes[this.other(i)];
+    if (n.gi.current === o.gi.current) this.hazards.push(`${n.name} wrote block ${block} without ${o.name} while both had current ${short(n.gi.current)}`);
     return undefined;
   }
 
@@ -571,7 +581,7 @@ export function simulate(mechanics: Mechanics, events: HistoryEvent[], selfIndex
     all.push(down);
     h.run([down]);
   }
-  return { mechanics, ...h.sides(selfIndex), events: all, trace: h.trace };
+  return { mechanics, ...h.sides(selfIndex), events: all, trace: h.trace, hazards: h.hazards };
 }
 
 const nodeArb = fc.constantFrom<NodeIndex>(0, 1);
