@@ -10,19 +10,21 @@
  *    slot. Two new disks each forced Primary hit it under duet's GIs
  *    ({C1,0,[0,0]} vs {C2,0,[0,0]}); under DRBD's own, rule 90 does (both
  *    bitmap UUIDs are UUID_JUST_CREATED). With always-asbp or discard-my-data
- *    DRBD would then sync one unrelated data set over the other. duet's
- *    `decide` says unrelated: keep that.
+ *    DRBD would then sync one unrelated data set over the other. Unrelated
+ *    is right for duet (its connect-decision.ts skips empty slots).
  * 2. Rule 40 with no crashed Primary ignores a non-empty bitmap ("No
  *    resync, but N bits in bitmap!"); duet resyncs marked blocks (a crashed
  *    Primary's activity-log extents, blocks a verify found). Keep duet's.
  * 3. Rules 51/71 recognise DRBD's sync UUID (bitmap + UUID_NEW_BM_OFFSET,
  *    written when a resync starts). duet changes no GI when a resync starts,
  *    so they never fire on duet's GIs.
- * 4. Found by the histories: for the same reason, under duet's GIs an
- *    interrupted sync target that is forced Primary is one generation ahead
- *    of its old source (rule 50: the old source becomes a bitmap sync
- *    target and loses what the target never got), where DRBD's GIs make the
- *    same history a split brain (rule 90). See "the same history under both
+ * 4. Found by the histories: for the same reason, under duet's GIs the
+ *    target of an interrupted same-generation resync (a crashed Primary's
+ *    extents), forced Primary, is one generation ahead of its old source
+ *    (rules 70/50: the old source becomes a bitmap sync target and loses
+ *    its version of those blocks, with no split-brain decision), where
+ *    DRBD's GIs (the target took the sync UUID as its current) make the same
+ *    history a split brain (rule 90). See "the same history under both
  *    mechanics" below.
  * 5. discard-younger-primary reads "was Primary when the nodes split" from
  *    bit 0 of the bitmap UUID. duet has only primarySince; where both or
@@ -31,8 +33,7 @@
  * 6. The after-split-brain policies run for rule 90 only (hg 100), not for
  *    rule 100 (-100) unless always-asbp, and then as a full sync; and the
  *    disk-state override turns a split brain with an Inconsistent side into
- *    a plain sync with no policy consulted. duet's `decide` has one
- *    'split-brain' for both rules.
+ *    a plain sync with no policy consulted.
  * 7. DRBD makes the new current UUID when a Primary loses its peer; duet
  *    at the first write without it. A Primary that disconnects and writes
  *    nothing is rule 50/70 (a bitmap sync of nothing) in DRBD and rule 40
@@ -46,9 +47,11 @@
  *    without its peer it makes no new current UUID (drbd_set_role() wants
  *    bitmap UUID 0), so what it then writes is in no UUID. If the peer is
  *    promoted and writes too, the reconnect is a plain bitmap sync (rules
- *    70/50) that silently discards the first node's writes. duet's promote
- *    makes a new generation whatever its bitmap GI: split brain (rule 100).
- *    Keep duet's. See "a lost resync end, then both write" below.
+ *    70/50) that silently discards the first node's writes. duet avoids it
+ *    twice: its source records the end before the target hears of it (a
+ *    lost end leaves the target unfinished, Inconsistent), and its promote
+ *    makes a new generation whatever the bitmap GI. Keep both. See "a lost
+ *    resync end, then both write" below.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -328,7 +331,7 @@ test('UUIDs are compared without their lowest bit; GIs must be hex', () => {
   assert.throws(() => drbdConnect(alpha(gi('X')), bravo(gi('a0')), DISCONNECT), /not up to 16 hex digits/);
 });
 
-test('a lost resync end, then both write: DRBD discards one side\'s writes, duet\'s GIs make it a split brain (note 9)', () => {
+test('a lost resync end, then both write: DRBD discards one side\'s writes; duet\'s target never finished (note 9)', () => {
   const events = [
     { kind: 'force-primary', node: 0 },
     { kind: 'resync-done', lost: null },
@@ -348,10 +351,11 @@ test('a lost resync end, then both write: DRBD discards one side\'s writes, duet
   assert.equal(drbd.hazards.length, 1, drbd.trace.join('\n'));
   const [b, a] = both(drbd.self, drbd.peer);
   assert.deepEqual([b.rule, b.action, a.rule, a.action], [70, SOURCE, 50, TARGET], drbd.trace.join('\n'));
+  // duet: alpha recorded nothing, so bravo never heard of the end: Inconsistent, not promotable, the target again.
   const duet = simulate('duet', [...events], 1);
-  assert.deepEqual(duet.hazards, []);
+  assert.deepEqual([duet.hazards, duet.truth, duet.self.disk], [[], 'self-no-copy', 'Inconsistent']);
   const [d] = both(duet.self, duet.peer);
-  assert.deepEqual([d.rule, d.action], [100, UNRESOLVED], duet.trace.join('\n'));
+  assert.deepEqual([d.rule, d.action], [50, TARGET], duet.trace.join('\n'));
 });
 
 test('the same history under both mechanics: a forced interrupted sync target (note 4)', () => {

@@ -24,12 +24,14 @@
  *     UUID into the history (drbd_resync_finished, drbd_uuid_set_bm(0));
  *     on every connect a node repairs its own UUIDs where drbd_uuid_compare()
  *     does (rules 34 and 71).
- *   'duet' — src/replication (resource.ts newGeneration and promote,
- *     peer.ts finishSource and onResyncTarget): a new generation at a
+ *   'duet' — src/replication (resource.ts newGeneration, promote,
+ *     beginSync, finishSyncSource, finishSyncTarget): a new generation at a
  *     Primary's first write without the peer (or its promotion without it,
  *     or a disconnect with writes in flight); nothing at resync start; at
- *     the end the source rotates its bitmap GI into the history and the
- *     target adopts the source's GIs whole.
+ *     the end the source rotates its bitmap GI into the history, durably,
+ *     and only then sends the result, which the target adopts whole (so a
+ *     source that crashes before recording the end leaves the target
+ *     unfinished too).
  *
  *   Who syncs from whom on a connect is decided by the data, not by any
  *   decision procedure under test: the simulation knows which acknowledged
@@ -72,7 +74,7 @@ export type HistoryEvent =
   | { kind: 'disconnect'; inFlight: number | null }
   /** The link comes up. `keep`: an admin's resolution of a split brain; `syncUuidLost`: the link breaks right after the source starts the resync. */
   | { kind: 'connect'; prefer: NodeIndex; keep: NodeIndex | null; syncUuidLost: boolean }
-  /** The resync ends; `lost`: that node crashed before recording the end (the other recorded it). */
+  /** The resync ends; `lost`: that node crashed before recording the end (the other recorded it, except that duet's target hears of the end only once its source recorded it). */
   | { kind: 'resync-done'; lost: 'source' | 'target' | null }
   /** The node dies and comes back Secondary (a Primary: crashed Primary, its hot extent `hot` out of sync). */
   | { kind: 'crash'; node: NodeIndex; hot: number }
@@ -443,7 +445,9 @@ export class History {
     const t = this.nodes[this.other(si)];
     const sourceGi = copyGi(s.gi);
     if (lost !== 'source') this.finishSource(s);
-    if (lost !== 'target') {
+    // duet's source records its end before it tells the target: losing it there loses it for both.
+    const targetHears = lost !== 'target' && !(lost === 'source' && this.mechanics === 'duet');
+    if (targetHears) {
       this.finishTarget(t, l.sourceAtConnect, sourceGi);
       t.data = new Set(s.data);
       t.disk = 'UpToDate';
@@ -471,7 +475,7 @@ export class History {
       s.gi = drbdSetBmZero(s.gi);
       s.bmBit = false;
     } else {
-      // PeerSession.finishSource().
+      // Resource.finishSyncSource().
       const gi = s.gi;
       s.gi = gi.bitmap === NO_GI ? gi : { current: gi.current, bitmap: NO_GI, history: [gi.bitmap, gi.history[0]] };
     }
@@ -492,7 +496,7 @@ export class History {
       t.gi = drbdSetBmZero(gi);
       t.bmBit = false;
     } else {
-      // PeerSession.onResyncTarget(F_RS_DONE): the target saves the GIs the source sent.
+      // Resource.finishSyncTarget(): the target saves the GIs the source sent (finishSyncSource's result).
       const gi = sourceNow;
       t.gi = gi.bitmap === NO_GI ? copyGi(gi) : { current: gi.current, bitmap: NO_GI, history: [gi.bitmap, gi.history[0]] };
     }
