@@ -17,6 +17,7 @@
  * what the other decided. PeerSession only transports the inputs and
  * carries the action out.
  */
+import { createHash } from 'node:crypto';
 import { DiskState, GenerationIds, NO_GI } from './meta.js';
 import type { Role } from './wire.js';
 
@@ -84,12 +85,26 @@ export interface Verdict {
 }
 
 /**
+ * The sync generation of a resync from a source at generation `source` to
+ * a target at `target` (DRBD's sync UUID, but computed, not sent): when a
+ * resync starts, the source records it as its bitmap generation and the
+ * target as its current one. An interrupted resync then resumes from the
+ * bitmaps (rule 70/50), a target forced Primary midway is a split brain
+ * with its source (rule 90: both went on from the sync generation), and
+ * either side can tell a start the other never recorded (rules 53/54).
+ */
+export function syncGeneration(source: string, target: string): string {
+  const gi = createHash('sha256').update(`duet-sync:${source}:${target}`).digest('hex').slice(0, 16);
+  return gi === '0000000000000000' ? '0000000000000001' : gi;
+}
+
+/**
  * drbd_uuid_compare, from `self`'s side. `resolver` is the node that loses
  * ties (DRBD's RESOLVE_CONFLICTS): the one whose name sorts last.
  *
  * Not ported: protocol-version fallbacks (duet speaks one version), and
- * rules 51 and 71, which repair DRBD's sync-UUID handshake (its source
- * sets a new bitmap UUID when a resync starts; duet's never does).
+ * rules 51 and 71, which repair DRBD's sync-UUID handshake. DUET: rules
+ * 53/73 take their place for duet's computed sync generation.
  */
 export function compareGenerations(self: ConnectSide, peer: ConnectSide): Verdict {
   const s = self.gi;
@@ -112,15 +127,38 @@ export function compareGenerations(self: ConnectSide, peer: ConnectSide): Verdic
     if (rct === 2) return { hg: -1, rule: 40 };
     return { hg: isResolver(self, peer) ? -1 : 1, rule: 40 };
   }
+  // DUET: checked before 50-80 (DRBD: after them): both went on from the same generation. In DRBD's
+  // histories nothing else can match then; in duet's a resync target keeps its old generation in its
+  // history, which rule 80 would otherwise take for "generations ahead".
+  if (s.bitmap !== NO_GI && s.bitmap === p.bitmap) return { hg: 100, rule: 90, common: s.bitmap };
   if (s.current === p.bitmap) return { hg: -1, rule: 50 };
+  // DUET: a resync from the peer to this node one of them never recorded the start or the end of.
+  if (missedResync(s, p)) return { hg: -1, rule: 53 };
   if (p.history.includes(s.current)) return { hg: -2, rule: 60 };
   if (s.bitmap === p.current) return { hg: 1, rule: 70 };
+  if (missedResync(p, s)) return { hg: 1, rule: 73 };
   if (s.history.includes(p.current)) return { hg: 2, rule: 80 };
-  if (s.bitmap !== NO_GI && s.bitmap === p.bitmap) return { hg: 100, rule: 90, common: s.bitmap };
   // DUET: DRBD compares history slots without skipping empty ones; two empty slots are no common history.
   const shared = s.history.filter((h) => h !== NO_GI && p.history.includes(h));
   if (shared.length > 0) return { hg: -100, rule: 100, common: shared.sort()[0] };
   return { hg: -1000, rule: 1000 };
+}
+
+/**
+ * Was `t` the target of a resync from `s` that one of them never recorded
+ * the start or the end of? Then `t`'s bitmap (on its disk since the start)
+ * and `s`'s cover what `t` lacks: a bitmap resync, where the generations
+ * alone would say "generations ahead" or "unrelated". Exact, because the
+ * sync generation is computed from both sides' generations at the start:
+ * - `s` recorded the start, `t` did not: `t`'s current moved to `s`'s
+ *   history and `s`'s bitmap generation is the sync generation from it;
+ * - `t` recorded the start (its current is the sync generation from `s`'s
+ *   current then, which `s` still has as current, or as bitmap generation
+ *   once it went on alone) and `s` did not, or `t` missed the end.
+ */
+function missedResync(t: GenerationIds, s: GenerationIds): boolean {
+  if (t.current === s.history[0] && s.bitmap === syncGeneration(s.current, t.current)) return true;
+  return t.current === syncGeneration(s.current, t.history[0]) || (s.bitmap !== NO_GI && t.current === syncGeneration(s.bitmap, t.history[0]));
 }
 
 /**
@@ -302,6 +340,9 @@ function describeRule(rule: string, hg: number, full: boolean): string {
       return `${hg > 0 ? 'this node' : 'the peer'} ${rule.startsWith('41') ? 'is Primary' : 'was Primary when it crashed'}: its hot extents resync`;
     case 50:
       return 'the peer changed data while this node was away';
+    case 53:
+    case 73:
+      return `a resync ${hg > 0 ? 'to the peer' : 'from the peer'} resumes from the bitmaps`;
     case 70:
       return 'this node changed data while the peer was away';
     case 60:

@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import type { PeerLink } from './link.js';
 import { AL_EXTENT_BYTES } from './activity-log.js';
 import { BLOCK } from './bitmap.js';
-import { ConnectAction, ConnectSide, decideConnect } from './connect-decision.js';
+import { ConnectAction, ConnectSide, decideConnect, syncGeneration } from './connect-decision.js';
 import type { Resource } from './resource.js';
 import { RangeOrder } from './ordering.js';
 import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
@@ -386,7 +386,8 @@ export class PeerSession {
 
   private startSync(direction: 'source' | 'target', full: boolean, splitBrain: boolean): void {
     const r = this.resource;
-    const ready = r.beginSync(this.peerNode, direction, full, this.peerRuns, splitBrain);
+    const [source, target] = direction === 'source' ? [this.sent, this.state!] : [this.state!, this.sent];
+    const ready = r.beginSync(this.peerNode, direction, full, this.peerRuns, splitBrain, syncGeneration(source.gi.current, target.gi.current));
     this.peerRuns = [];
     const total = r.bitmap.outOfSyncBytes;
     this.resync = new Resync(this, total);

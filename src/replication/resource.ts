@@ -464,19 +464,28 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
 
   /**
    * A resync begins: both sides' marks (and every block for a full sync)
-   * are out of sync. A target says on disk that its data is Inconsistent
-   * before the first block is overwritten, and after a split brain first
-   * keeps what it will lose.
+   * are out of sync, and both record the sync generation (computed from
+   * the source's and the target's current generation as they met): the
+   * source as its bitmap generation, the target as its current one, with
+   * its data Inconsistent. The target's marks are on its disk first, so
+   * an interrupted resync resumes from them; after a split brain it first
+   * keeps what it will lose. Nothing moves before this resolves.
    */
-  async beginSync(peerNode: string, direction: 'source' | 'target', full: boolean, peerRuns: { offset: number; length: number }[], splitBrain: boolean): Promise<void> {
+  async beginSync(peerNode: string, direction: 'source' | 'target', full: boolean, peerRuns: { offset: number; length: number }[], splitBrain: boolean, sync: string): Promise<void> {
     this.lastRefusal = undefined;
     if (splitBrain) this.keepNode = undefined;
     for (const run of peerRuns) this.bitmap.mark(run.offset, run.length);
     if (full) this.bitmap.markAll();
-    if (direction === 'source') return;
+    const gi = this.record.gi;
+    if (direction === 'source') {
+      if (gi.bitmap !== sync) await this.saveRecord({ gi: { current: gi.current, bitmap: sync, history: gi.bitmap !== NO_GI ? [gi.bitmap, gi.history[0]] : gi.history } });
+      return;
+    }
     if (splitBrain) await saveBlocks(this, peerNode);
-    await this.saveRecord({ disk: 'Inconsistent' });
     await this.writeBitmap();
+    const next: GenerationIds = gi.current === sync ? gi : { current: sync, bitmap: NO_GI, history: [gi.current, gi.history[0]] };
+    // The bitmap holds every block now: a full sync that breaks off resumes instead of starting over.
+    await this.saveRecord({ gi: next, disk: 'Inconsistent', fullSyncNeeded: false });
   }
 
   /**

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { ConnectAction, ConnectPolicy, ConnectSide, decideConnect, mirrorAction } from '../../src/replication/connect-decision.js';
+import { ConnectAction, ConnectPolicy, ConnectSide, decideConnect, mirrorAction, syncGeneration } from '../../src/replication/connect-decision.js';
 import { DiskState, GenerationIds, NO_GI } from '../../src/replication/meta.js';
 
 const gi = (current: string, bitmap = NO_GI, h1 = NO_GI, h2 = NO_GI): GenerationIds => ({ current, bitmap, history: [h1, h2] });
@@ -57,17 +57,34 @@ test('a Primary never becomes sync target: the failback of a forced peer is refu
   assert.deepEqual(shape(after), { kind: 'sync', direction: 'target', full: false, split: null });
 });
 
-test('the end of a resync not recorded on one side resyncs again from the bitmap, never a split brain (rules 34-37)', () => {
-  // The source recorded the end (bitmap generation moved to history), the target did not, or the reverse.
-  const sourceDone = side('alpha', { gi: gi('C2', NO_GI, 'C1', 'C0') });
-  const sourceNot = side('alpha', { gi: gi('C2', 'C1', 'C0') });
-  const targetDone = side('bravo', { gi: gi('C2', NO_GI, 'C1', 'C0') });
-  const targetNot = side('bravo', { gi: gi('C1', NO_GI, 'C0'), disk: 'Inconsistent', outOfSyncBytes: 4096 });
-  assert.deepEqual(shape(decideConnect(sourceNot, targetDone, policy)), { kind: 'sync', direction: 'source', full: false, split: null });
-  assert.equal(decideConnect(sourceNot, targetDone, policy).rule, '34');
-  // The target did not record the end: its generation is in the source's history. Safe, but every block
-  // goes (DRBD avoids this one with its sync UUID, rule 51; duet does not have it yet).
-  assert.deepEqual(shape(decideConnect(sourceDone, targetNot, policy)), { kind: 'sync', direction: 'source', full: true, split: null });
+test('a resync one side never recorded the start or the end of resumes from the bitmaps, never a split brain or a full sync', () => {
+  // alpha went on alone from C1 (C2, bitmap C1); bravo is at C1. The resync from alpha starts: the sync generation.
+  const S = syncGeneration('C2', 'C1');
+  const alphaBefore = side('alpha', { gi: gi('C2', 'C1', 'C0') });
+  const alphaStarted = side('alpha', { gi: gi('C2', S, 'C1', 'C0') });
+  const alphaDone = side('alpha', { gi: gi('C2', NO_GI, S, 'C1') });
+  const alphaDoneWroteOn = side('alpha', { gi: gi('C3', 'C2', S, 'C1') });
+  const bravoBefore = side('bravo', { gi: gi('C1', NO_GI, 'C0') });
+  const bravoStarted = side('bravo', { gi: gi(S, NO_GI, 'C1', 'C0'), disk: 'Inconsistent', outOfSyncBytes: 4096 });
+  const bravoDone = side('bravo', { gi: gi('C2', NO_GI, S, 'C1') });
+  const bitmapFromAlpha = { kind: 'sync', direction: 'source', full: false, split: null };
+  for (const [what, a, b, rule] of [
+    ['both recorded the start (interrupted)', alphaStarted, bravoStarted, '70'],
+    ['only alpha recorded the start', alphaStarted, bravoBefore, '73'],
+    ['only bravo recorded the start', alphaBefore, bravoStarted, '73'],
+    ['bravo missed the end', alphaDone, bravoStarted, '73'],
+    ['bravo missed the end, alpha wrote on alone', alphaDoneWroteOn, bravoStarted, '73'],
+  ] as const) {
+    const act = decideConnect(a, b, policy);
+    assert.deepEqual(shape(act), bitmapFromAlpha, what);
+    assert.equal(act.rule.split('/')[0], rule, what);
+  }
+  // alpha missed the end (it records it before telling bravo, so only with the record lost on its disk).
+  assert.deepEqual(shape(decideConnect(alphaStarted, bravoDone, policy)), bitmapFromAlpha);
+  assert.equal(decideConnect(alphaStarted, bravoDone, policy).rule, '34');
+  // bravo, interrupted, is forced Primary: it went on from the sync generation, as did alpha: split brain.
+  const forced = side('bravo', { role: 'Primary', gi: gi('D1', S, 'C1', 'C0') });
+  assert.equal(decideConnect(alphaStarted, forced, policy).kind, 'split-brain');
 });
 
 test('split brain: unresolved stays apart; --keep and the policies resolve it, never overwriting a Primary; further back it is a full sync', () => {

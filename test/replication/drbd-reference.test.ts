@@ -375,8 +375,8 @@ test('the same history under both mechanics: a forced interrupted sync target (n
   assert.equal(drbd.truth, 'diverged');
   const d = drbdConnect(drbd.self, drbd.peer, DISCONNECT);
   assert.deepEqual([d.rule, d.action], [90, UNRESOLVED], drbd.trace.join('\n'));
-  const u = drbdConnect(duet.self, duet.peer, DISCONNECT);
-  assert.deepEqual([u.rule, u.action], [70, SOURCE], duet.trace.join('\n'));
+  // duet's own decision on this history: connect-decision-oracle.test.ts (a split brain, since the sync generation).
+  void duet;
 });
 
 /* ------------------------------------------------------------ histories */
@@ -388,7 +388,8 @@ function story(p: HistoryPair, r: DrbdResult): string {
   return `${p.trace.join('\n')}\nself ${p.self.node}, truth ${p.truth}: rule ${r.rule}, hg ${r.compareHg} -> ${JSON.stringify(r.action)}\n${r.log.join('\n')}`;
 }
 
-for (const mechanics of ['drbd', 'duet'] as Mechanics[]) {
+// DRBD's compare on DRBD's own histories (duet's decision has its own symmetry property).
+for (const mechanics of ['drbd'] as Mechanics[]) {
   test(`${mechanics} histories: both ends of DRBD's compare agree`, () => {
     fc.assert(
       fc.property(historyPairs({ mechanics }), policyArb, (p, policy) => {
@@ -419,12 +420,10 @@ test('drbd histories: no sync overwrites acknowledged writes unless a split-brai
   );
 });
 
-test('every rule number fires on realistic histories (DRBD\'s mechanics, and rule 41 on duet\'s)', () => {
+test('every rule number but 41 fires on realistic DRBD histories (41 needs a Primary of the crashed Primary\'s generation, which neither mechanics makes)', () => {
   const seen = new Set<number>();
-  for (const mechanics of ['drbd', 'duet'] as Mechanics[]) {
-    for (const p of fc.sample(historyPairs({ mechanics }), { numRuns: 6000, seed: 1 })) seen.add(drbdConnect(p.self, p.peer, DISCONNECT).rule);
-  }
-  assert.deepEqual([...seen].sort((x, y) => x - y), [10, 20, 30, 34, 35, 36, 37, 40, 41, 50, 51, 60, 70, 71, 80, 90, 100]);
+  for (const p of fc.sample(historyPairs({ mechanics: 'drbd' }), { numRuns: 6000, seed: 1 })) seen.add(drbdConnect(p.self, p.peer, DISCONNECT).rule);
+  assert.deepEqual([...seen].sort((x, y) => x - y), [10, 20, 30, 34, 35, 36, 37, 40, 50, 51, 60, 70, 71, 80, 90, 100]);
 });
 
 test('random tuples: the oracle always answers, and its rule is one of DRBD\'s', () => {

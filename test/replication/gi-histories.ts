@@ -51,6 +51,7 @@
  */
 import fc from 'fast-check';
 import { DiskState, GenerationIds, Gi, NO_GI } from '../../src/replication/meta.js';
+import { syncGeneration } from '../../src/replication/connect-decision.js';
 import type { Role } from '../../src/replication/wire.js';
 import { drbdConnect, giOf, plusNewBmOffset, Side, uuidOf } from './drbd-reference.js';
 
@@ -428,7 +429,13 @@ export class History {
       // receive_sync_uuid(): _drbd_uuid_set(UI_CURRENT, uuid); _drbd_uuid_set(UI_BITMAP, 0UL);
       t.gi = { current: sync, bitmap: NO_GI, history: t.gi.history };
       t.bmBit = false;
-    } else if (syncUuidLost) return;
+    } else {
+      // Resource.beginSync(): the computed sync generation, the source's bitmap generation and the target's current.
+      const sync = syncGeneration(s.gi.current, t.gi.current);
+      if (s.gi.bitmap !== sync) s.gi = { current: s.gi.current, bitmap: sync, history: s.gi.bitmap !== NO_GI ? [s.gi.bitmap, s.gi.history[0]] : s.gi.history };
+      if (syncUuidLost) return;
+      t.gi = { current: sync, bitmap: NO_GI, history: [t.gi.current, t.gi.history[0]] };
+    }
     const full = usable(t) === null;
     for (const b of full ? Array.from({ length: BLOCKS }, (_, k) => k) : [...t.bitmap]) s.bitmap.add(b);
     t.bitmap = new Set(s.bitmap);
