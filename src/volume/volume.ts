@@ -131,7 +131,7 @@ export class ThinVolume implements BlockDevice {
     this.writable();
     if (!pastEnd) checkRange(this, offset, data.length);
     const pool = this.pool;
-    if (pool.gateClosed > 0) return pool.whenGateOpen().then(() => this.writeAt(offset, data, options, pastEnd));
+    if (pool.gate.closed > 0) return pool.gate.whenOpen().then(() => this.writeAt(offset, data, options, pastEnd));
     if (this.state.busy.size > 0 && this.overlapsBusy(offset, data.length)) {
       return this.waitBusy(offset, data.length).then(() => this.writeAt(offset, data, options, pastEnd));
     }
@@ -139,7 +139,7 @@ export class ThinVolume implements BlockDevice {
       // Changed since it was received: an incremental stream no longer applies.
       pool.apply({ type: 'set', id: this.state.record.id, fields: { receivedUuid: null } }, true);
     }
-    pool.inflight++;
+    pool.gate.enter();
     let pending: Promise<void>[] | undefined;
     let provisioned = false;
     try {
@@ -177,25 +177,25 @@ export class ThinVolume implements BlockDevice {
         pos = runEnd;
       }
     } catch (err) {
-      pool.leave();
+      pool.gate.leave();
       if (pending) return Promise.allSettled(pending).then(() => Promise.reject(err));
       throw err;
     }
     if (!pending) {
-      pool.leave();
+      pool.gate.leave();
       // In place and synchronous: the data is durable, its mapping may not be yet.
       if (options?.fua && pool.hasUncommitted()) return pool.commit();
       return;
     }
     return Promise.all(pending).then(
       () => {
-        pool.leave();
+        pool.gate.leave();
         // A new mapping is durable only once committed; so is one an earlier write
         // made that this one overwrote in place (FUA covers the data, not the map).
         if (options?.fua && (provisioned || pool.hasUncommitted())) return pool.commit();
       },
       (err) => {
-        pool.leave();
+        pool.gate.leave();
         throw err;
       },
     );
@@ -407,7 +407,7 @@ export class ThinVolume implements BlockDevice {
    */
   private unmapWhole(offset: number, length: number, fua: boolean): MaybePromise<void> {
     const pool = this.pool;
-    if (pool.gateClosed > 0) return pool.whenGateOpen().then(() => this.unmapWhole(offset, length, fua));
+    if (pool.gate.closed > 0) return pool.gate.whenOpen().then(() => this.unmapWhole(offset, length, fua));
     const cs = this.cs;
     const from = Math.ceil(offset / cs);
     const to = offset + length === this.size ? Math.ceil(this.size / cs) : Math.floor((offset + length) / cs);
