@@ -117,9 +117,10 @@ export function registerResource(program: Command): void {
     .command('secondary')
     .description('make the resource Secondary on this node (its pools close, their exports go away)')
     .argument('<resource>')
-    .action(async (name: string, _o: unknown, cmd: Command) => {
+    .option('--force', 'also when writes are held for quorum: they end with EIO (their blocks resync from the peer later)')
+    .action(async (name: string, options: { force?: boolean }, cmd: Command) => {
       const t = requireCluster(cmd);
-      const s = (await callNode(t, { cmd: 'resource.secondary', resource: name })) as NodeStatus;
+      const s = (await callNode(t, { cmd: 'resource.secondary', resource: name, force: options.force === true })) as NodeStatus;
       process.stdout.write(`resource ${name} is Secondary on ${s.node}\n`);
     });
 
@@ -226,6 +227,8 @@ function formatResource(r: ResourceStatus & { lastRefusal?: string | null }): st
     if (sb.savedTo) lines.push(`  blocks overwritten here were saved to ${sb.savedTo}`);
   }
   if (r.lastRefusal) lines.push(`  not connected: ${r.lastRefusal}`);
+  if (r.suspended) lines.push(`  writes held: no quorum (the peer and the witness are unreachable)`);
+  if (r.fencedOff) lines.push(`  writes fail: ${r.fencedOff}`);
   return lines.join('\n');
 }
 

@@ -21,7 +21,7 @@ import { Resource, ResourceStatus } from '../replication/resource.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
 import { formatSize, parseSize } from '../util/size.js';
-import { NO_GI, layoutFor } from '../replication/meta.js';
+import { layoutFor } from '../replication/meta.js';
 import { AdminServer } from '../volume/admin-socket.js';
 import { PoolExports } from '../volume/exports.js';
 import { Pool, readBestSuperblock } from '../volume/pool.js';
@@ -30,17 +30,15 @@ import { Command as PoolCommand, runCommand } from '../volume/service.js';
 import { verifyRequest } from './api-auth.js';
 import { ClusterConfig, loadSecret, nodeOf } from './config.js';
 import type { Readable, Writable } from 'node:stream';
-import { BlockDeviceError } from '../blockdev/types.js';
 import { DEFAULT_WITNESS_PORT, WitnessClient } from './witness.js';
+import { Quorum } from './quorum.js';
 
 const HEARTBEAT_MS = 500;
-/** The witness counts as a vote this long after it last answered. */
-const WITNESS_FRESH_MS = 2000;
 
 export type NodeCommand =
   | { cmd: 'resource.status'; resource?: string }
   | { cmd: 'resource.primary'; resource: string; force: boolean }
-  | { cmd: 'resource.secondary'; resource: string }
+  | { cmd: 'resource.secondary'; resource: string; force?: boolean }
   | { cmd: 'resource.disconnect'; resource: string }
   | { cmd: 'resource.connect'; resource: string }
   | { cmd: 'resource.verify'; resource: string }
@@ -80,10 +78,8 @@ export class NodeDaemon {
   private chain: Promise<unknown> = Promise.resolve();
   readonly address: string;
 
-  private readonly witness: WitnessClient | undefined;
+  private readonly quorum: Quorum;
   private heartbeat: NodeJS.Timeout | undefined;
-  /** When the witness last answered (quorum without the peer). */
-  private witnessSeenAt = 0;
 
   private constructor(
     readonly config: ClusterConfig,
@@ -93,110 +89,19 @@ export class NodeDaemon {
     private readonly secret: Buffer,
   ) {
     this.address = config.nodes[node].address;
-    if (config.witness) this.witness = new WitnessClient(config.witness.address, config.witness.port ?? DEFAULT_WITNESS_PORT, secret, node, this.address);
+    const witness = config.witness ? new WitnessClient(config.witness.address, config.witness.port ?? DEFAULT_WITNESS_PORT, secret, node, this.address) : undefined;
+    this.quorum = new Quorum({ node, call: witness ? (c) => witness.call(c) : undefined, log });
   }
 
   /* -------------------------------------------------------------- quorum */
 
-  /** Votes: this node, its peer if connected, the witness if it answered lately. */
   hasQuorum(resource: Resource): boolean {
-    if (resource.peer?.replicating) return true;
-    if (!this.witness) return true;
-    return Date.now() - this.witnessSeenAt < WITNESS_FRESH_MS;
-  }
-
-  /**
-   * Before the first write the peer will not have: outdate it at the witness.
-   * Without the witness the write waits (suspend, retrying) or fails (error).
-   */
-  private async fence(resource: string, peer: string, onNoQuorum: 'suspend' | 'error', generation: { from: string; to: string }): Promise<void> {
-    const r = this.resources.get(resource)?.resource;
-    for (let attempt = 0; ; attempt++) {
-      try {
-        await this.witness!.call({ cmd: 'witness.outdate', resource, peer, current: generation.from, until: generation.to });
-        this.witnessSeenAt = Date.now();
-        if (r?.suspended) {
-          r.suspended = false;
-          this.log.warn({ event: 'io-resumed', resource }, `resource ${resource}: quorum back, writes resume`);
-          r.emit('changed');
-        }
-        return;
-      } catch (err) {
-        if (onNoQuorum === 'error' || this.stopping) {
-          throw new BlockDeviceError('EIO', `resource ${resource}: no quorum (${(err as Error).message}): write refused`);
-        }
-        if (r && !r.suspended) {
-          r.suspended = true;
-          this.log.error({ event: 'io-suspended', resource, err: (err as Error).message }, `resource ${resource}: lost the peer and the witness: writes suspended until one is back`);
-          r.emit('changed');
-        }
-        // The peer came back: the write reaches it after all through the resync; no fence needed.
-        if (r?.peer?.replicating) {
-          r.suspended = false;
-          r.emit('changed');
-          return;
-        }
-        await new Promise((resolve) => setTimeout(resolve, Math.min(1000, 100 * (attempt + 1))));
-      }
-    }
-  }
-
-  private async mayPromote(resource: string, force: boolean): Promise<void> {
-    const r = this.resources.get(resource)?.resource;
-    const current = r?.record.gi.current ?? NO_GI;
-    if (force) {
-      // This copy is the good data by the operator's word: a mark left at the witness would refuse its
-      // fences from now on (no claim can name the generation it waits for: this node will never hold it).
-      try {
-        await this.witness!.call({ cmd: 'witness.query', resource, current, force: true });
-        this.witnessSeenAt = Date.now();
-      } catch (err) {
-        this.log.warn(
-          { event: 'witness-force-unrecorded', resource, err: (err as Error).message },
-          `resource ${resource}: promoted by force without telling the witness; if it holds ${this.node} Outdated, writes without the peer stay refused until it is told (make it Secondary and promote it with --force again once the witness answers)`,
-        );
-      }
-      return;
-    }
-    let reply;
-    try {
-      reply = await this.witness!.call({ cmd: 'witness.query', resource, current });
-      this.witnessSeenAt = Date.now();
-    } catch (err) {
-      if (r?.peer?.replicating) return;
-      throw new UserError(`resource ${resource}: no quorum: neither the peer nor the witness answers (${(err as Error).message}); promoting could make two Primaries; use --force only if the peer is surely down`);
-    }
-    if (reply.outdated) {
-      throw new UserError(`resource ${resource}: the witness says the data on ${this.node} is Outdated (its peer went on writing without it): promote the peer, or use --force to take this older copy`);
-    }
+    return this.quorum.hasQuorum(resource);
   }
 
   private startHeartbeat(): void {
-    if (!this.witness) return;
-    const beat = async (): Promise<void> => {
-      // Claims name the generation they are about: the witness ends a mark only for the one it waits for.
-      const inSync: Record<string, { peer: string; generation: string }> = {};
-      const generations: Record<string, string> = {};
-      for (const e of this.resources.values()) {
-        const r = e.resource;
-        if (r.disk === 'UpToDate') generations[e.name] = r.record.gi.current;
-        if (r.peer?.phase === 'connected' && r.disk === 'UpToDate' && r.peer.state?.disk === 'UpToDate') inSync[e.name] = { peer: e.peerNode, generation: r.record.gi.current };
-      }
-      try {
-        const reply = await this.witness!.call({ cmd: 'witness.heartbeat', inSync, generations });
-        this.witnessSeenAt = Date.now();
-        for (const name of reply.outdatedResources) {
-          const r = this.resources.get(name)?.resource;
-          if (r && r.role === 'Secondary' && !r.peer?.replicating && r.record.disk === 'UpToDate') {
-            await r.saveRecord({ disk: 'Outdated' });
-            this.log.warn({ event: 'outdated', resource: name }, `resource ${name}: the peer went on without this node: disk Outdated`);
-            r.emit('changed');
-          }
-        }
-      } catch {
-        /* no witness now: quorum then rests on the peer */
-      }
-    };
+    if (!this.quorum.hasWitness) return;
+    const beat = (): Promise<void> => this.quorum.heartbeat([...this.resources.values()]);
     this.heartbeat = setInterval(() => void beat(), HEARTBEAT_MS);
     this.heartbeat.unref();
     void beat();
@@ -250,8 +155,8 @@ export class NodeDaemon {
           afterSplitBrain: res['after-split-brain'],
           allowTwoPrimaries: res['allow-two-primaries'],
           splitBrainDir: path.join(this.home, 'split-brain'),
-          fence: this.witness ? (r, generation) => this.fence(r, peerNode, res['on-no-quorum'] ?? 'suspend', generation) : undefined,
-          mayPromote: this.witness ? (r, force) => this.mayPromote(r, force) : undefined,
+          fence: this.quorum.hasWitness ? (r, generation, signal) => this.quorum.fence(this.entry(r).resource, peerNode, res['on-no-quorum'] ?? 'suspend', generation, signal) : undefined,
+          mayPromote: this.quorum.hasWitness ? (r, force) => this.quorum.mayPromote(this.entry(r).resource, force) : undefined,
         });
       } catch (err) {
         await device.close();
@@ -351,12 +256,18 @@ export class NodeDaemon {
   }
 
   /** Close the pools on a resource (and their NBD connections) before it stops being Primary. */
-  private async closePoolsOn(resource: string): Promise<void> {
+  private async closePoolsOn(resource: string, force = false): Promise<void> {
     for (const [name, open] of [...this.pools]) {
       if (!open.resources.includes(resource)) continue;
       this.pools.delete(name);
       await this.nbd?.dropConnections((exp) => open.pool.listVolumes().some((v) => v.record.name === exp.name));
-      await open.pool.close();
+      try {
+        await open.pool.close();
+      } catch (err) {
+        // Forced: its last writes failed (no quorum); the pool's metadata on disk is what it last committed.
+        if (!force) throw err;
+        this.log.warn({ event: 'pool-close-failed', pool: name, err: (err as Error).message }, `pool ${name}: closed with errors: ${(err as Error).message}`);
+      }
       this.log.info({ event: 'pool-closed', pool: name }, `pool ${name} closed`);
     }
   }
@@ -394,9 +305,15 @@ export class NodeDaemon {
       case 'resource.secondary': {
         const e = this.entry(c.resource);
         e.autoPromote = false;
+        const r = e.resource;
+        if (r.holding && r.role === 'Primary' && !c.force) {
+          throw new UserError(`resource ${e.name}: writes are held on ${this.node} waiting for quorum (the peer and the witness are unreachable); to fail them with EIO and step down: resource secondary ${e.name} --force`, 1);
+        }
+        // Forced: the held writes fail first, so closing the pools (which flushes) does not wait for them.
+        if (c.force) r.fenceOff(`resource ${e.name}: made Secondary by force on ${this.node}: held writes fail`);
         await this.serial(async () => {
-          await this.closePoolsOn(e.name);
-          await e.resource.demote();
+          await this.closePoolsOn(e.name, c.force === true);
+          await r.demote(c.force === true);
         });
         return this.status(c.resource);
       }
@@ -494,6 +411,7 @@ export class NodeDaemon {
   /** Graceful stop: no new connections, in-flight I/O finishes, pools and resources close cleanly. */
   async stop(): Promise<void> {
     this.stopping = true;
+    this.quorum.stopping = true;
     if (this.heartbeat) clearInterval(this.heartbeat);
     await this.chain.catch(() => undefined);
     await this.api?.close().catch(() => undefined);

@@ -50,6 +50,13 @@ import { AdminServer, callAdmin } from '../volume/admin-socket.js';
 import { signRequest, verifyRequest } from './api-auth.js';
 
 export const DEFAULT_WITNESS_PORT = 7899;
+/** The exit code of the witness's answer "you are outdated yourself" (a refusal because of state). */
+const OUTDATED_REFUSAL = 1;
+
+/** The witness refused a fence because the caller is the outdated one: its peer went on without it. */
+export function isOutdatedRefusal(err: unknown): boolean {
+  return err instanceof UserError && err.exitCode === OUTDATED_REFUSAL && /is itself outdated/.test(err.message);
+}
 
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
@@ -147,7 +154,7 @@ export class Witness {
       case 'witness.outdate':
         this.caughtUp(draft, logs, c.resource, c.node, c.current);
         if (draft.get(c.resource)?.has(c.node)) {
-          refusal = new UserError(`node ${c.node} is itself outdated for resource ${c.resource}: it may not go on without its peer`);
+          refusal = new UserError(`node ${c.node} is itself outdated for resource ${c.resource}: it may not go on without its peer`, OUTDATED_REFUSAL);
           break;
         }
         if (!draft.has(c.resource) && draft.size >= MAX_RESOURCES) {

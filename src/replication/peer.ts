@@ -118,6 +118,22 @@ export class PeerSession {
     return this.phase === 'handshake' ? this.handshakeOver.promise : undefined;
   }
 
+  /**
+   * Resolves 'in-sync' once this link is Connected with no resync running
+   * (the peer has everything this node had marked for it), 'down' if the
+   * link goes first.
+   */
+  untilInSync(): Promise<'in-sync' | 'down'> {
+    return new Promise((resolve) => {
+      const check = (): void => {
+        if (this.phase === 'closed') return resolve('down');
+        if (this.phase === 'connected' && this.replicating && this.resource.bitmap.count === 0) return resolve('in-sync');
+        this.resource.once('changed', check);
+      };
+      check();
+    });
+  }
+
   onceDown(fn: (why: string) => void): void {
     this.downHandlers.push(fn);
   }
@@ -352,10 +368,10 @@ export class PeerSession {
     r.log.info({ event: 'connect-decision', resource: r.name, peer: this.peerNode, action }, `${this.peerNode}: ${describe(action)}`);
     switch (action.kind) {
       case 'refuse':
-        return this.refuse(action.reason, action.retry);
+        return this.refuse(action.reason, action.retry, action.rule);
       case 'split-brain':
         r.splitBrainFound(this.peerNode, action.splitBrain);
-        return this.refuse(action.why, false);
+        return this.refuse(action.why, false, action.rule);
       case 'connected':
         return this.connected(action.why);
       case 'sync':
@@ -365,10 +381,10 @@ export class PeerSession {
   }
 
   /** Nothing more is taken from this link: it closes once the refusal is out (the peer decided the same). */
-  private refuse(reason: string, retry: boolean): void {
+  private refuse(reason: string, retry: boolean, rule: string): void {
     this.link.send(W.F_REFUSE, W.encodeJson({ reason }));
     this.phase = 'closed';
-    this.resource.connectionRefused(this.peerNode, reason, retry);
+    this.resource.connectionRefused(this.peerNode, reason, retry, rule);
     setTimeout(() => this.close(reason), 50).unref();
   }
 

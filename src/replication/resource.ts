@@ -49,10 +49,20 @@ export interface ResourceOptions {
   splitBrainDir?: string;
   alSlots?: number;
   /** Asked before this node diverges from its peer (first unreplicated write): outdate the peer at the witness. */
-  fence?: (resource: string, generation: { from: string; to: string }) => Promise<void>;
+  fence?: (resource: string, generation: { from: string; to: string }, signal: AbortSignal) => Promise<'fenced' | 'peer-back'>;
   /** Asked before a promotion: may this node become Primary (quorum, witness says not outdated)? Throws a UserError if not. */
   mayPromote?: (resource: string, force: boolean) => Promise<void>;
 }
+
+/** Writes here fail: the other side went on without this node (it must be made Secondary). */
+export class FencedOff extends BlockDeviceError {
+  constructor(message: string) {
+    super('EIO', message);
+  }
+}
+
+/** Writes held at most (no quorum, on-no-quorum: suspend); more fail with EIO rather than pile up. */
+export const HELD_WRITES_MAX = 4096;
 
 export interface SplitBrainInfo {
   detectedAt: string;
@@ -76,6 +86,8 @@ export interface ResourceStatus {
   outOfSyncBytes: number;
   generation: GenerationIds;
   suspended: boolean;
+  /** Why writes fail here until the node is made Secondary (the other side went on without it). */
+  fencedOff: string | null;
   splitBrain: SplitBrainInfo | null;
   conflictingWrites: number;
   peers: PeerStatus[];
@@ -117,6 +129,11 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   /** Openers of the data (pools): a resync must not change it under them. */
   private holders = 0;
   private diverging: Promise<void> | undefined;
+  private divergeAbort: AbortController | undefined;
+  /** Writes waiting for `diverging`. */
+  private held = 0;
+  /** Why writes fail here until the node is Secondary (the other side went on without it). */
+  fencedOff: string | undefined;
   private closed = false;
 
   private constructor(
@@ -276,8 +293,13 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    */
   markDiverged(offset: number, length: number): void | Promise<void> {
     this.bitmap.mark(offset, length);
-    if (this.record.gi.bitmap !== NO_GI || this.role !== 'Primary') return this.diverging;
-    return this.newGeneration('writing without the peer');
+    const wait = this.record.gi.bitmap !== NO_GI || this.role !== 'Primary' ? this.diverging : this.newGeneration('writing without the peer');
+    if (!wait) return;
+    if (this.held >= HELD_WRITES_MAX) return Promise.reject(new BlockDeviceError('EIO', `resource ${this.name}: ${this.held} writes are held already (no quorum): write refused`));
+    this.held++;
+    return wait.finally(() => {
+      this.held--;
+    });
   }
 
   /**
@@ -287,16 +309,58 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    */
   private newGeneration(why: string): Promise<void> {
     this.diverging ??= (async () => {
+      const abort = new AbortController();
+      this.divergeAbort = abort;
       const gi = this.record.gi;
       const next = gi.bitmap === NO_GI ? { current: newGi(), bitmap: gi.current, history: gi.history } : { current: newGi(), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] as [string, string] };
-      // The peer is outdated until it holds the generation this node moves to.
-      await this.options.fence?.(this.name, { from: gi.current, to: next.current });
+      try {
+        // The peer is outdated until it holds the generation this node moves to.
+        const outcome = (await this.options.fence?.(this.name, { from: gi.current, to: next.current }, abort.signal)) ?? 'fenced';
+        if (outcome === 'peer-back') {
+          // The peer came back and took this node's changes: they are on both disks, nothing diverged.
+          this.log.info({ event: 'peer-back', resource: this.name }, `resource ${this.name}: the peer is back and has this node's changes: held writes complete`);
+          return;
+        }
+      } catch (err) {
+        if (err instanceof FencedOff) this.fenceOff(err.message);
+        throw err;
+      }
       await this.saveRecord({ gi: next, peerOutdated: this.options.fence !== undefined });
       this.log.info({ event: 'new-generation', resource: this.name, gi: this.record.gi, why }, `${why}: new data generation`);
     })().finally(() => {
       this.diverging = undefined;
+      this.divergeAbort = undefined;
     });
     return this.diverging;
+  }
+
+  /** Writes waiting for quorum (or waiting to learn they may not have it), for `resource status`. */
+  setSuspended(on: boolean, why?: string): void {
+    if (this.suspended === on) return;
+    this.suspended = on;
+    if (on) this.log.error({ event: 'io-suspended', resource: this.name, why }, `resource ${this.name}: lost the peer and the witness: writes held until one is back`);
+    else this.log.warn({ event: 'io-resumed', resource: this.name }, `resource ${this.name}: writes no longer held`);
+    this.emit('changed');
+  }
+
+  /**
+   * The other side went on without this node (or an admin forces it to
+   * step down): every held write fails with EIO now, and so does every new
+   * one until the node is Secondary. Its unacknowledged blocks stay marked:
+   * they resync from the new Primary later.
+   */
+  fenceOff(reason: string): void {
+    if (this.fencedOff === undefined) {
+      this.fencedOff = reason;
+      this.log.error({ event: 'fenced-off', resource: this.name, reason }, reason);
+      this.emit('changed');
+    }
+    this.divergeAbort?.abort(new FencedOff(reason));
+  }
+
+  /** Writes are held now (waiting for a new generation the witness must allow). */
+  get holding(): boolean {
+    return this.diverging !== undefined;
   }
 
   /* ---------------------------------------------------------------- roles */
@@ -338,11 +402,17 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.emit('changed');
   }
 
-  /** Become Secondary; the caller has closed everything that used the device. */
-  async demote(): Promise<void> {
+  /**
+   * Become Secondary; the caller has closed everything that used the
+   * device. Held writes (no quorum) would keep a plain demotion waiting:
+   * `force` fails them with EIO first.
+   */
+  async demote(force = false): Promise<void> {
     if (this.role === 'Secondary') return;
+    if (force) this.fenceOff(`resource ${this.name}: made Secondary by force: held writes fail`);
     await this.flush().catch(() => undefined);
     this.role = 'Secondary';
+    this.fencedOff = undefined;
     await this.al.clear().catch((err: unknown) => this.detach(err));
     await this.writeBitmap();
     await this.saveRecord({ primary: false });
@@ -434,7 +504,11 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   }
 
   /** A connection was refused (by the decision on connect): say why once, and stay StandAlone unless it may clear by itself. */
-  connectionRefused(peerNode: string, reason: string, retry: boolean): void {
+  connectionRefused(peerNode: string, reason: string, retry: boolean, rule = ''): void {
+    // Writes held for quorum, and the peer turns out to be Primary or to have gone on: they may never complete.
+    if (this.holding && this.role === 'Primary' && /^(both-primary|primary-target)$|split-brain/.test(rule)) {
+      this.fenceOff(`resource ${this.name}: ${peerNode} went on without ${this.node} (${reason}): writes here fail; make it Secondary (resource secondary ${this.name} --force)`);
+    }
     if (this.lastRefusal !== reason) {
       this.log.error({ event: 'connect-refused', resource: this.name, peer: peerNode, reason, retry }, `resource ${this.name}: not connecting to ${peerNode}: ${reason}`);
     }
@@ -531,6 +605,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       outOfSyncBytes: this.bitmap.outOfSyncBytes,
       generation: this.record.gi,
       suspended: this.suspended,
+      fencedOff: this.fencedOff ?? null,
       splitBrain: this.splitBrain,
       conflictingWrites: this.conflictingWrites,
       peers: this.peer ? [this.peer.status()] : [],
@@ -543,7 +618,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (this.closed) throw new BlockDeviceError('ESHUTDOWN', `resource ${this.name} is closed`);
     if (this.role !== 'Primary') throw new BlockDeviceError('EPERM', `resource ${this.name} is Secondary on ${this.node}: promote it first`);
     checkRange(this, offset, length);
-    if (writing && this.suspended) throw new BlockDeviceError('EIO', `resource ${this.name}: writes are stopped (no quorum)`);
+    // While suspended, writes are held (in markDiverged); once fenced off they fail.
+    if (writing && this.fencedOff !== undefined) throw new FencedOff(this.fencedOff);
   }
 
   read(offset: number, into: Buffer): void | Promise<void> {
@@ -599,8 +675,11 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (handshake) return handshake.then(() => this.replicate(offset, length, kind, data, fua));
     const local = this.backing_;
     const hot = local ? this.al.begin(offset, length) : undefined;
-    const go = (): void | Promise<void> =>
-      this.appWrites.run(offset, length, () => {
+    // A write waiting for quorum waits outside the write order: the resync that would release it
+    // (the peer came back) reads the same blocks under that order.
+    const go = (): void | Promise<void> => {
+      let hold: void | Promise<void> = undefined;
+      const landed = this.appWrites.run(offset, length, () => {
         const remote = this.peer?.replicating ? this.peer.sendWrite(offset, length, kind, data, fua) : undefined;
         let localDone: void | Promise<void> = undefined;
         if (local && this.backing_ === local) {
@@ -612,10 +691,16 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
         }
         if (!remote && localDone === undefined && local && this.backing_ === local) {
           // Local only, synchronous: the common case without a peer.
-          return this.markDiverged(offset, length);
+          hold = this.markDiverged(offset, length);
+          return;
         }
-        return this.finishWrite(offset, length, localDone, remote, fua, local !== undefined && this.backing_ === local);
+        return this.finishWrite(offset, length, localDone, remote, fua, local !== undefined && this.backing_ === local).then((h) => {
+          hold = h.hold;
+        });
       });
+      if (landed instanceof Promise) return landed.then(() => hold);
+      return hold;
+    };
     const finish = (): void => {
       if (local) this.al.end(offset, length);
     };
@@ -645,6 +730,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     }
   }
 
+  /** Waits until the write is where the protocol says; returns what must complete before it is acknowledged. */
   private async finishWrite(
     offset: number,
     length: number,
@@ -652,7 +738,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     remote: ReturnType<PeerSession['sendWrite']> | undefined,
     fua: boolean,
     hasLocal: boolean,
-  ): Promise<void> {
+  ): Promise<{ hold?: void | Promise<void> }> {
     let localOk = hasLocal;
     if (hasLocal) {
       try {
@@ -664,7 +750,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     }
     if (!remote) {
       if (!localOk) throw new BlockDeviceError('EIO', `resource ${this.name}: the local disk failed and the peer is not connected`);
-      return this.markDiverged(offset, length);
+      return { hold: this.markDiverged(offset, length) };
     }
     // Without a good local copy, or for FUA, the peer's disk must have it whatever the protocol.
     const protocol = !localOk || fua ? 'C' : this.options.protocol;
@@ -672,8 +758,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (!ok) {
       if (!localOk) throw new BlockDeviceError('EIO', `resource ${this.name}: the write reached neither the local disk nor the peer`);
       // The link went down: the session marked the block; wait for the new generation before acknowledging.
-      await this.diverging;
+      return { hold: this.diverging };
     }
+    return {};
   }
 
   async flush(): Promise<void> {

@@ -1,0 +1,209 @@
+/**
+ * on-no-quorum: suspend, end to end in one process: two real Resources over
+ * a real link, each with a Quorum whose witness is a real Witness reached
+ * through a switch (a partition cuts a node from it). Writes are held in
+ * every path while there is no quorum, reads go on; they complete when the
+ * witness or the peer is back; they fail at once when the node learns the
+ * other side went on without it; `demote(force)` ends them; the node then
+ * resyncs from the new Primary by itself, with no split brain.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { Quorum } from '../../src/cluster/quorum.js';
+import { Witness } from '../../src/cluster/witness.js';
+import type { Resource } from '../../src/replication/resource.js';
+import { UserError } from '../../src/util/errors.js';
+import { silentLogger } from '../../src/util/log.js';
+import { connected, freePort, Node, readAll, startNode, stopNode, until, upToDate } from '../replication/pair.js';
+
+const MiB = 1024 * 1024;
+const SIZE = 64 * MiB;
+
+interface Cluster {
+  a: Node;
+  b: Node;
+  /** Can each node reach the witness? */
+  reach: Record<string, boolean>;
+  witnessDir: string;
+}
+
+async function cluster(): Promise<Cluster> {
+  const witnessDir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-quorum-'));
+  const witness = new Witness(path.join(witnessDir, 'witness.json'), ['alpha', 'bravo'], silentLogger());
+  const reach: Record<string, boolean> = { alpha: true, bravo: true };
+  const port = await freePort();
+  const nodes: Record<string, { r?: Resource }> = { alpha: {}, bravo: {} };
+  const start = async (name: 'alpha' | 'bravo'): Promise<Node> => {
+    const peer = name === 'alpha' ? 'bravo' : 'alpha';
+    const quorum = new Quorum({
+      node: name,
+      log: silentLogger(),
+      call: async (c) => {
+        // A little latency, as over a network; unreachable: the call fails as a timed-out one does.
+        await new Promise((r) => setTimeout(r, 2));
+        if (!reach[name]) throw new UserError(`the witness did not answer within 1000 ms`);
+        return witness.handle({ ...c, node: name });
+      },
+    });
+    const n = await startNode(name, new MemoryDevice(SIZE, `${name}-disk`), port, {
+      fence: (_r, generation, signal) => quorum.fence(nodes[name].r!, peer, 'suspend', generation, signal),
+      mayPromote: (_r, force) => quorum.mayPromote(nodes[name].r!, force),
+    });
+    nodes[name].r = n.resource;
+    return n;
+  };
+  const a = await start('alpha');
+  const b = await start('bravo');
+  await until('both-new', () => connected(a, b));
+  await a.resource.promote(true);
+  await until('initial sync', () => upToDate(a, b));
+  return { a, b, reach, witnessDir };
+}
+
+async function apart(c: Cluster): Promise<void> {
+  c.a.resource.standAlone = true;
+  c.b.resource.standAlone = true;
+  c.a.connector.kick('test: partition');
+  await until('apart', () => !c.a.resource.peer && !c.b.resource.peer);
+}
+
+function heal(c: Cluster): void {
+  c.a.resource.standAlone = false;
+  c.b.resource.standAlone = false;
+}
+
+/** Settles to 'ok', 'error: ...' or 'pending' (still held after `ms`). */
+async function outcome(p: Promise<unknown> | void, ms = 300): Promise<string> {
+  return Promise.race([
+    Promise.resolve(p).then(
+      () => 'ok',
+      (err: unknown) => `error: ${(err as Error).message}`,
+    ),
+    new Promise<string>((r) => setTimeout(() => r('pending'), ms)),
+  ]);
+}
+
+async function done(c: Cluster): Promise<void> {
+  await stopNode(c.a);
+  await stopNode(c.b);
+  fs.rmSync(c.witnessDir, { recursive: true, force: true });
+}
+
+test('no peer and no witness: the first write and every later one are held, reads go on; the witness back releases them all', async () => {
+  const c = await cluster();
+  try {
+    await apart(c);
+    c.reach.alpha = false;
+    const first = Promise.resolve(c.a.resource.write(0, Buffer.alloc(4096, 1)));
+    assert.equal(await outcome(first), 'pending');
+    assert.equal(c.a.resource.suspended, true);
+    // Suspended now: a new write is held too (it failed with EIO before).
+    const second = Promise.resolve(c.a.resource.write(MiB, Buffer.alloc(4096, 2)));
+    assert.equal(await outcome(second), 'pending');
+    const got = Buffer.alloc(4096);
+    await c.a.resource.read(8 * MiB, got);
+    c.reach.alpha = true;
+    assert.equal(await outcome(first, 5000), 'ok');
+    assert.equal(await outcome(second, 5000), 'ok');
+    assert.equal(c.a.resource.suspended, false);
+    assert.notEqual(c.a.resource.record.gi.bitmap, '0', 'a new generation, the peer outdated at the witness');
+    await c.a.resource.write(2 * MiB, Buffer.alloc(4096, 3));
+  } finally {
+    await done(c);
+  }
+});
+
+test('a cut-off Primary learns from the witness that its peer went on: its held writes fail at once; forced Secondary, it resyncs from the new Primary by itself, no split brain', async () => {
+  const c = await cluster();
+  try {
+    await apart(c);
+    c.reach.alpha = false;
+    const held = Promise.resolve(c.a.resource.write(0, Buffer.alloc(64 * 1024, 0xaa)));
+    assert.equal(await outcome(held), 'pending');
+    // bravo, which still reaches the witness, is promoted and writes: it outdates alpha there.
+    await c.b.resource.promote(false);
+    await c.b.resource.write(0, Buffer.alloc(4096, 0xbb));
+    await c.b.resource.flush();
+    // alpha reaches the witness again: it is the outdated one.
+    c.reach.alpha = true;
+    const failed = await outcome(held, 5000);
+    assert.match(failed, /^error: .*went on without alpha/);
+    assert.throws(() => c.a.resource.write(MiB, Buffer.alloc(4096, 1)), /went on without alpha/);
+    assert.ok(c.a.resource.fencedOff);
+    await c.a.resource.demote(true);
+    heal(c);
+    await until('alpha resynced from bravo', () => upToDate(c.a, c.b) && c.a.resource.bitmap.count === 0 && c.b.resource.bitmap.count === 0, 15_000);
+    assert.equal(c.a.resource.splitBrain, null);
+    assert.equal(c.b.resource.splitBrain, null);
+    assert.ok((await readAll(c.a.disk, c.a.resource.size)).equals(await readAll(c.b.disk, c.b.resource.size)));
+    const first = Buffer.alloc(8192);
+    await c.a.disk.read(0, first);
+    assert.ok(first.subarray(0, 4096).equals(Buffer.alloc(4096, 0xbb)), "bravo's acknowledged write");
+    assert.ok(first.subarray(4096).equals(Buffer.alloc(4096)), "alpha's never-acknowledged write is gone");
+  } finally {
+    await done(c);
+  }
+});
+
+test('a cut-off Primary learns from its peer (the link heals first) that the peer went on: held writes fail at once; demote(force) and it resyncs', async () => {
+  const c = await cluster();
+  try {
+    await apart(c);
+    c.reach.alpha = false;
+    const held = Promise.resolve(c.a.resource.write(0, Buffer.alloc(4096, 0xaa)));
+    assert.equal(await outcome(held), 'pending');
+    await c.b.resource.promote(false);
+    await c.b.resource.write(4096, Buffer.alloc(4096, 0xbb));
+    heal(c);
+    assert.match(await outcome(held, 5000), /^error: .*went on without alpha/);
+    await until('refused: both Primary', () => /both nodes are Primary/.test(c.a.resource.lastRefusal ?? ''));
+    await c.a.resource.demote(true);
+    await until('alpha resynced from bravo', () => upToDate(c.a, c.b) && c.a.resource.bitmap.count === 0 && c.b.resource.bitmap.count === 0, 15_000);
+    assert.equal(c.a.resource.splitBrain, null);
+    assert.ok((await readAll(c.a.disk, c.a.resource.size)).equals(await readAll(c.b.disk, c.b.resource.size)));
+  } finally {
+    await done(c);
+  }
+});
+
+test('demote(force) ends held writes with EIO at once; a plain demotion would wait for them', async () => {
+  const c = await cluster();
+  try {
+    await apart(c);
+    c.reach.alpha = false;
+    const held = Promise.resolve(c.a.resource.write(0, Buffer.alloc(4096, 7)));
+    assert.equal(await outcome(held), 'pending');
+    assert.equal(c.a.resource.holding, true);
+    const demoted = c.a.resource.demote(true);
+    assert.match(await outcome(held, 2000), /^error: .*made Secondary by force/);
+    assert.equal(await outcome(demoted, 5000), 'ok');
+    assert.equal(c.a.resource.role, 'Secondary');
+    assert.equal(c.a.resource.fencedOff, undefined);
+  } finally {
+    await done(c);
+  }
+});
+
+test('no witness, then the peer comes back as Secondary: the held write completes once the peer has it, with no new generation', async () => {
+  const c = await cluster();
+  try {
+    await apart(c);
+    c.reach.alpha = false;
+    const before = c.a.resource.record.gi.current;
+    const held = Promise.resolve(c.a.resource.write(0, Buffer.alloc(4096, 0x5c)));
+    assert.equal(await outcome(held), 'pending');
+    heal(c);
+    assert.equal(await outcome(held, 10_000), 'ok');
+    const onBravo = Buffer.alloc(4096);
+    await c.b.disk.read(0, onBravo);
+    assert.ok(onBravo.equals(Buffer.alloc(4096, 0x5c)), 'bravo has the write before it is acknowledged');
+    assert.equal(c.a.resource.record.gi.current, before);
+    assert.equal(c.a.resource.suspended, false);
+  } finally {
+    await done(c);
+  }
+});
