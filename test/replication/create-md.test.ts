@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
 import { BorrowedDevice, DelegatingDevice } from '../../src/blockdev/delegating.js';
-import type { BlockDevice, WriteOptions } from '../../src/blockdev/types.js';
+import type { BlockDevice, WriteOptions, ZeroOptions } from '../../src/blockdev/types.js';
 import { createMetadata, NoMetadata } from '../../src/replication/create-md.js';
 import { Resource } from '../../src/replication/resource.js';
 import { layoutFor, readRecord } from '../../src/replication/meta.js';
@@ -70,7 +70,7 @@ test('createMetadata: a new disk opens Inconsistent with no generation; a second
   await r2.close();
 });
 
-/** Cuts the power after `ops` writes and flushes have been issued to the faulty device. */
+/** Cuts the power after `limit` writes, zeroings and flushes have been issued to the faulty device. */
 class CutAfter extends DelegatingDevice<FaultyDevice> {
   private ops = 0;
   constructor(
@@ -86,6 +86,10 @@ class CutAfter extends DelegatingDevice<FaultyDevice> {
   override async write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
     await this.tick();
     return this.inner.write(offset, data, o);
+  }
+  override async writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+    await this.tick();
+    return this.inner.writeZeroes(offset, length, o);
   }
   override async flush(): Promise<void> {
     await this.tick();
@@ -108,8 +112,8 @@ test('createMetadata under power cuts at every point: the old state or the new o
         await r.writeBitmap();
         await r.al.begin(0, 4096);
         await r.saveRecord({ disk: 'UpToDate', gi: { current: 'aaaaaaaaaaaaaaaa', bitmap: 'bbbbbbbbbbbbbbbb', history: ['0', '0'] }, fullSyncNeeded: false });
-        old = r.record;
         await r.close();
+        old = await readRecord(inner, layout);
       }
       const faulty = new FaultyDevice(inner, { writeBack: true });
       const random = mulberry32(limit + (force ? 1000 : 0));
