@@ -517,9 +517,9 @@ for (const seed of [11, 12, 13, 14, 15, 16]) {
     const port = await freePort();
     const { layoutFor } = await import('../../src/replication/meta.js');
     const layout = layoutFor(SIZE);
-    const faulty = new FaultyDevice(new MemoryDevice(SIZE, 'bravo-disk'), { writeBack: true, random: mulberry32(seed * 13) });
+    const faulty = new FaultyDevice(await newDisk(SIZE, 'bravo'), { writeBack: true, random: mulberry32(seed * 13) });
     const disk = new CrashInBitmapWriteBack(faulty, { from: layout.bitmapOffset, to: layout.recordOffset });
-    const a = await startNode('alpha', new MemoryDevice(SIZE, 'alpha-disk'), port);
+    const a = await startNode('alpha', await newDisk(SIZE, 'alpha'), port);
     const b = await startNode('bravo', disk, port);
     let b2: Node | undefined;
     try {
