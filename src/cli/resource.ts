@@ -230,7 +230,7 @@ function registerCreateMd(res: Command): void {
       // A daemon already running this node kept the resource down for want of metadata: bring it up now.
       let next: string;
       try {
-        await callNode(t, { cmd: 'resource.attach', resource: name });
+        await callNode(t, { cmd: 'resource.attach', resource: name }, { timeoutMs: 30_000 });
         next = `node ${t.node} brought it up`;
       } catch (err) {
         next = /cannot reach/.test((err as Error).message) ? `start the node (duet node run --node ${t.node}) to bring it up` : `node ${t.node} could not bring it up: ${(err as Error).message}`;
