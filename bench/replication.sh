@@ -58,6 +58,7 @@ exports: { port: $EXPORT_PORT }
 api: { port: $API_PORT }
 EOF
   for n in alpha bravo; do
+    $DUET --config "$WORK/c/cluster.yaml" --node $n resource create-md a > /dev/null
     $DUET --home "$WORK/c/home-$n" node run --config "$WORK/c/cluster.yaml" --node $n > "$OUT/$n.out" 2> "$WORK/c/$n.log" &
     PIDS+=($!)
     eval "PID_$n=$!"

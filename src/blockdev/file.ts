@@ -13,6 +13,7 @@ import {
   ZeroOptions,
 } from './types.js';
 import { native, blockDeviceSizeOf, NativeOps } from './native.js';
+import { blockDeviceInUse, claimFile, DiskClaim, exclusiveOpenFlags } from './claim.js';
 import { errnoCode, UserError } from '../util/errors.js';
 
 export interface FileDeviceOptions {
@@ -27,6 +28,11 @@ export interface FileDeviceOptions {
   syncIoMaxBytes?: number;
   /** Use the native add-on when present (tests turn it off to cover the fallback). */
   useNative?: boolean;
+  /**
+   * Claim the disk for this open (claim.ts): default true. Only a serve
+   * worker thread passes false, re-opening what its process already holds.
+   */
+  exclusive?: boolean;
 }
 
 const DEFAULT_SYNC_IO_MAX_BYTES = Number(process.env.DUET_SYNC_IO_MAX_BYTES ?? 64 * 1024);
@@ -47,6 +53,7 @@ export class FileDevice implements BlockDevice {
   private dsyncFd = -1;
   private readonly syncIoMaxBytes: number;
   private readonly ops: NativeOps | null;
+  private claim: DiskClaim | undefined;
   private closed = false;
 
   private constructor(
@@ -74,21 +81,31 @@ export class FileDevice implements BlockDevice {
     };
   }
 
-  /** Open PATH; errors are one-line UserErrors naming the path. */
+  /**
+   * Open PATH; errors are one-line UserErrors naming the path. The disk is
+   * claimed for this open (claim.ts): held elsewhere, it is refused with
+   * DiskInUse naming the holder.
+   */
   static open(filePath: string, options: FileDeviceOptions = {}): FileDevice {
     const readOnly = options.readOnly ?? false;
+    const exclusive = options.exclusive ?? true;
+    const ops = options.useNative === false ? null : native;
+    const excl = exclusive ? exclusiveOpenFlags(filePath) : 0;
     let fd: number;
     try {
-      fd = fs.openSync(filePath, readOnly ? 'r' : 'r+');
+      fd = fs.openSync(filePath, (readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | excl);
     } catch (err) {
+      if (excl !== 0 && errnoCode(err) === 'EBUSY') throw blockDeviceInUse(filePath);
       throw openError(filePath, err, readOnly);
     }
+    let claim: DiskClaim | undefined;
     try {
       const st = fs.fstatSync(fd);
       let size: number;
       let rotational = false;
       if (st.isFile()) {
         size = st.size;
+        if (exclusive) claim = claimFile(filePath, fd, ops, readOnly);
       } else if (st.isBlockDevice()) {
         size = blockDeviceSizeOf(filePath, fd);
         rotational = readRotational(filePath);
@@ -96,9 +113,12 @@ export class FileDevice implements BlockDevice {
         throw new UserError(`${filePath}: not a regular file or block device`);
       }
       const dev = new FileDevice(filePath, fd, size, st.isBlockDevice(), readOnly, options, rotational);
+      dev.claim = claim;
+      // Not O_EXCL: this second descriptor shares the first one's claim.
       if (!readOnly) dev.dsyncFd = fs.openSync(filePath, fs.constants.O_WRONLY | fs.constants.O_DSYNC);
       return dev;
     } catch (err) {
+      claim?.release();
       fs.closeSync(fd);
       throw err;
     }
@@ -202,6 +222,7 @@ export class FileDevice implements BlockDevice {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.claim?.release();
     fs.closeSync(this.fd);
     if (this.dsyncFd >= 0) fs.closeSync(this.dsyncFd);
   }

@@ -31,7 +31,7 @@ export function requireCluster(cmd: Command): ClusterTarget {
   return t;
 }
 
-export async function callNode(t: ClusterTarget, request: NodeCommand, io: { input?: Readable; output?: Writable } = {}, node = t.node): Promise<unknown> {
+export async function callNode(t: ClusterTarget, request: NodeCommand, io: { input?: Readable; output?: Writable; timeoutMs?: number } = {}, node = t.node): Promise<unknown> {
   const secret = loadSecret(t.config);
   return callAdmin({ host: t.config.nodes[node].address, port: t.config.api.port }, signRequest(secret, request), {
     ...io,

@@ -3,8 +3,9 @@
  * daemons (alpha at 127.0.0.1, bravo at 127.0.0.2) and a witness
  * (127.0.0.3), file-backed sparse disks in a data directory, one resource
  * mirrored between them, a pool on it and a volume `demo` exported by the
- * Primary at nbd://127.0.0.1:10809/demo. Prints the status and what to try;
- * Ctrl-C stops all three cleanly.
+ * Primary at nbd://127.0.0.1:10809/demo. New disk images get their duet
+ * metadata first (what `duet resource create-md` does). Prints the status
+ * and what to try; Ctrl-C stops all three cleanly.
  */
 import { spawn, ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -12,7 +13,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Command } from 'commander';
+import { FileDevice } from '../blockdev/file.js';
 import { loadClusterConfig } from '../cluster/config.js';
+import { createMetadata } from '../replication/create-md.js';
+import { layoutFor, readRecord } from '../replication/meta.js';
 import type { NodeStatus } from '../cluster/node.js';
 import { UserError } from '../util/errors.js';
 import { callNode } from './cluster-client.js';
@@ -62,6 +66,16 @@ export function registerDemo(program: Command): void {
         }
       }
       const config = loadClusterConfig(file);
+      // A node never writes metadata on its own: give each image without it (a new one) fresh metadata, as an admin would.
+      for (const [node, disk] of Object.entries(config.resources.r0.disk)) {
+        const img = path.resolve(dir, disk);
+        const device = FileDevice.open(img);
+        try {
+          if (!(await readRecord(device, layoutFor(device.size)))) await createMetadata(device, { resource: 'r0', node });
+        } finally {
+          device.close();
+        }
+      }
       const children: { name: string; child: ChildProcess }[] = [];
       const start = (name: string, args: string[]): void => {
         const log = fs.openSync(path.join(dir, 'logs', `${name}.log`), 'a');

@@ -1,14 +1,17 @@
 /**
  * `duet node run` (the daemon of one node) and `duet resource ...` (what an
- * admin asks of a node's resources, through its daemon).
+ * admin asks of a node's resources, through its daemon; `create-md` alone
+ * works offline, on the disk itself).
  */
 import type { Command } from 'commander';
 import path from 'node:path';
 import { loadClusterConfig, loadSecret } from '../cluster/config.js';
 import { DEFAULT_WITNESS_PORT, Witness } from '../cluster/witness.js';
-import { NodeDaemon, NodeStatus } from '../cluster/node.js';
+import { NodeDaemon, NodeResourceStatus, NodeStatus } from '../cluster/node.js';
+import { FileDevice } from '../blockdev/file.js';
+import { DiskInUse } from '../blockdev/claim.js';
+import { createMetadata } from '../replication/create-md.js';
 import type { PeerStatus, VerifyProgress } from '../replication/peer.js';
-import type { ResourceStatus } from '../replication/resource.js';
 import { createLogger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
 import { formatSize } from '../util/size.js';
@@ -50,7 +53,9 @@ export function registerNode(program: Command): void {
       process.stdout.write(
         [
           `node ${daemon.node} running (cluster ${config.cluster}, home ${home})`,
-          ...s.resources.map((r) => `resource ${r.name}: ${r.role}, disk ${r.disk}, peer ${r.peers[0]?.node} on port ${config.resources[r.name].port}`),
+          ...s.resources.map((r) =>
+            r.down ? `resource ${r.name}: down: ${r.down}` : `resource ${r.name}: ${r.role}, disk ${r.disk}, peer ${r.peers[0]?.node} on port ${config.resources[r.name].port}`,
+          ),
           `api ${daemon.address}:${config.api.port}`,
           `exports nbd://${daemon.address}:${config.exports.port}/VOLUME`,
           '',
@@ -189,6 +194,50 @@ export function registerResource(program: Command): void {
     });
 
   registerRestore(res);
+  registerCreateMd(res);
+}
+
+function registerCreateMd(res: Command): void {
+  res
+    .command('create-md')
+    .description("write fresh duet metadata on this node's disk of the resource (a new or replaced disk); refused while any process uses the disk")
+    .argument('<resource>')
+    .option('--force', 'overwrite the metadata the disk already holds (this copy then counts as new: a full sync from the peer)')
+    .action(async (name: string, options: { force?: boolean }, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const res = t.config.resources[name];
+      if (!res) throw new UserError(`no resource ${name} in ${t.config.file} (resources: ${Object.keys(t.config.resources).join(', ') || 'none'})`);
+      const diskPath = res.disk[t.node];
+      if (diskPath === undefined) throw new UserError(`resource ${name} has no disk on node ${t.node} in ${t.config.file}`);
+      const file = path.resolve(path.dirname(t.config.file), diskPath);
+      let device: FileDevice;
+      try {
+        device = FileDevice.open(file);
+      } catch (err) {
+        // Most likely this node's daemon, running the resource: a refusal because of state.
+        if (err instanceof DiskInUse) throw new UserError(err.message, 1);
+        throw err;
+      }
+      let done;
+      try {
+        done = await createMetadata(device, { resource: name, node: t.node, force: options.force === true, log: createLogger('duet-create-md', process.env.DUET_LOG_LEVEL ?? 'warn') });
+      } catch (err) {
+        if (err instanceof UserError) throw err;
+        throw new UserError(`disk ${file} of resource ${name}: ${(err as Error).message}`);
+      } finally {
+        device.close();
+      }
+      const replaced = done.previous ? ` (replaced metadata of a ${done.previous.disk} disk, generation ${done.previous.gi.current})` : '';
+      // A daemon already running this node kept the resource down for want of metadata: bring it up now.
+      let next: string;
+      try {
+        await callNode(t, { cmd: 'resource.attach', resource: name }, { timeoutMs: 30_000 });
+        next = `node ${t.node} brought it up`;
+      } catch (err) {
+        next = /cannot reach/.test((err as Error).message) ? `start the node (duet node run --node ${t.node}) to bring it up` : `node ${t.node} could not bring it up: ${(err as Error).message}`;
+      }
+      process.stdout.write(`resource ${name}: fresh duet metadata on ${file}${replaced}, ${formatSize(done.layout.dataBytes)} of data, Inconsistent until its first sync; ${next}\n`);
+    });
 }
 
 export function registerRestore(res: Command): void {
@@ -218,8 +267,9 @@ function formatPeer(p: PeerStatus): string {
   return line;
 }
 
-function formatResource(r: ResourceStatus & { lastRefusal?: string | null }): string {
+function formatResource(r: NodeResourceStatus): string {
   const lines = [`${r.name} role:${r.role} disk:${r.disk} protocol:${r.protocol}${r.suspended ? ' suspended' : ''}`];
+  if (r.down) return [...lines, `  down: ${r.down}`].join('\n');
   for (const p of r.peers) lines.push(formatPeer(p));
   if (r.splitBrain) {
     const sb = r.splitBrain;

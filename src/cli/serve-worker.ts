@@ -14,7 +14,8 @@ const post = (m: FromWorker): void => port.postMessage(m);
 async function main(): Promise<void> {
   let opened;
   try {
-    opened = await openExports(setup.exports, setup.readOnly);
+    // The main thread holds the disks' claims for the whole process.
+    opened = await openExports(setup.exports, setup.readOnly, false);
   } catch (err) {
     post({ type: 'failed', message: (err as Error).message });
     port.close();

@@ -179,13 +179,16 @@ export interface ExportSpec {
   path: string;
 }
 
-/** Open every export's device; on failure close what was opened and rethrow. */
-export async function openExports(specs: ExportSpec[], readOnly: boolean): Promise<{ devices: BlockDevice[]; exports: NbdExport[] }> {
+/**
+ * Open every export's device; on failure close what was opened and rethrow.
+ * `exclusive` false: a worker thread, re-opening what its process holds.
+ */
+export async function openExports(specs: ExportSpec[], readOnly: boolean, exclusive = true): Promise<{ devices: BlockDevice[]; exports: NbdExport[] }> {
   const devices: BlockDevice[] = [];
   const exports: NbdExport[] = [];
   try {
     for (const p of specs) {
-      const device = FileDevice.open(p.path, { readOnly });
+      const device = FileDevice.open(p.path, { readOnly, exclusive });
       devices.push(device);
       exports.push({ name: p.name, device, description: p.path, readOnly });
     }

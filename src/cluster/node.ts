@@ -10,9 +10,17 @@
  * the initial full sync that way). A node never promotes itself while it
  * cannot see its peer: that is the failover decision of the cluster layer,
  * or of an admin (`resource primary`).
+ *
+ * A disk without duet metadata is never given any here: its resource stays
+ * down (reported in the log and by `resource status`, the disk left closed
+ * so `resource create-md` can write it) while the other resources run;
+ * create-md then asks the daemon to bring it up (`resource.attach`). A disk
+ * another process holds stops the daemon from starting (claim.ts).
  */
 import path from 'node:path';
 import { FileDevice } from '../blockdev/file.js';
+import { DiskInUse } from '../blockdev/claim.js';
+import { NoMetadata } from '../replication/create-md.js';
 import { NbdServer } from '../nbd/server.js';
 import type { ExportProvider, NbdExport } from '../nbd/exports.js';
 import { Connector } from '../replication/connector.js';
@@ -44,11 +52,16 @@ export type NodeCommand =
   | { cmd: 'resource.verify'; resource: string }
   | { cmd: 'resource.resolve'; resource: string; keep: string }
   | { cmd: 'resource.restore-blocks'; resource: string; file: string }
+  /** Bring up a resource that is down for want of metadata (sent by `resource create-md`). */
+  | { cmd: 'resource.attach'; resource: string }
   | (PoolCommand & { pool: string });
+
+/** What `resource status` shows of each resource: a down one is Secondary, Diskless, StandAlone, with `down` saying why. */
+export type NodeResourceStatus = ResourceStatus & { lastRefusal: string | null; standAlone: boolean; quorum: boolean; down: string | null };
 
 export interface NodeStatus {
   node: string;
-  resources: ResourceStatus[];
+  resources: NodeResourceStatus[];
   pools: { name: string; open: boolean; resources: string[] }[];
 }
 
@@ -62,6 +75,14 @@ interface ResourceEntry {
   autoPromote: boolean;
 }
 
+/** A resource of this node that is not running: its disk has no metadata. */
+interface DownResource {
+  name: string;
+  disk: string;
+  peerNode: string;
+  reason: string;
+}
+
 interface OpenPool {
   pool: Pool;
   exports: PoolExports;
@@ -70,6 +91,7 @@ interface OpenPool {
 
 export class NodeDaemon {
   readonly resources = new Map<string, ResourceEntry>();
+  readonly down = new Map<string, DownResource>();
   readonly pools = new Map<string, OpenPool>();
   private nbd: NbdServer | undefined;
   private api: AdminServer | undefined;
@@ -118,66 +140,88 @@ export class NodeDaemon {
       await d.stop();
       throw err;
     }
-    for (const e of d.resources.values()) {
-      e.resource.on('changed', () => d.reconcile(e));
-      d.reconcile(e);
-    }
+    for (const e of d.resources.values()) d.watch(e);
     d.startHeartbeat();
     return d;
   }
 
   private async openResources(): Promise<void> {
-    const c = this.config;
-    for (const [name, res] of Object.entries(c.resources)) {
-      const diskPath = res.disk[this.node];
-      if (diskPath === undefined) continue;
-      const peerNode = Object.keys(res.disk).find((n) => n !== this.node)!;
-      const file = path.resolve(path.dirname(c.file), diskPath);
-      const device = FileDevice.open(file);
-      let resource: Resource;
-      try {
-        if (res.size !== undefined) {
-          const want = parseSize(String(res.size));
-          const have = layoutFor(device.size).dataBytes;
-          if (have < want) {
-            throw new UserError(
-              `resource ${name}: ${file} holds ${formatSize(have)} of data (${formatSize(device.size - have)} of it is metadata), less than resources.${name}.size ${res.size} in ${c.file}: give this node a bigger disk`,
-            );
-          }
-        }
-        resource = await Resource.open(device, {
-          resource: name,
-          node: this.node,
-          protocol: res.protocol,
-          log: this.log,
-          resyncRateBytesPerSec: res['resync-rate'] !== undefined ? parseSize(String(res['resync-rate'])) : 0,
-          checksumResync: res['checksum-resync'],
-          afterSplitBrain: res['after-split-brain'],
-          allowTwoPrimaries: res['allow-two-primaries'],
-          splitBrainDir: path.join(this.home, 'split-brain'),
-          fence: this.quorum.hasWitness ? (r, generation, signal) => this.quorum.fence(this.entry(r).resource, peerNode, res['on-no-quorum'] ?? 'suspend', generation, signal) : undefined,
-          mayPromote: this.quorum.hasWitness ? (r, force) => this.quorum.mayPromote(this.entry(r).resource, force) : undefined,
-        });
-      } catch (err) {
-        await device.close();
-        throw err;
-      }
-      const connector = new Connector(resource, {
-        identity: { cluster: c.cluster, node: this.node, resource: name, secret: this.secret },
-        address: this.address,
-        peerNode,
-        peerAddress: c.nodes[peerNode].address,
-        port: res.port,
-        link: { pingIntervalMs: res['ping-interval-ms'], pingTimeoutMs: res['ping-timeout-ms'] },
-      });
-      this.resources.set(name, { name, resource, connector, prefer: res.prefer, peerNode, autoPromote: res.prefer === this.node });
-      try {
-        await connector.start();
-      } catch (err) {
-        throw new UserError(`resource ${name}: cannot listen on ${this.address}:${res.port} (${(err as Error).message})`);
-      }
-      this.log.info({ event: 'resource-open', resource: name, disk: file, state: resource.status() }, `resource ${name} on ${file}`);
+    for (const name of Object.keys(this.config.resources)) {
+      if (this.config.resources[name].disk[this.node] !== undefined) await this.openResource(name);
     }
+  }
+
+  private watch(e: ResourceEntry): void {
+    e.resource.on('changed', () => this.reconcile(e));
+    this.reconcile(e);
+  }
+
+  /** Open resource `name` on this node's disk; a disk without metadata leaves it down (closed), not the daemon. */
+  private async openResource(name: string): Promise<ResourceEntry | undefined> {
+    const c = this.config;
+    const res = c.resources[name];
+    const diskPath = res.disk[this.node];
+    const peerNode = Object.keys(res.disk).find((n) => n !== this.node)!;
+    const file = path.resolve(path.dirname(c.file), diskPath);
+    let device: FileDevice;
+    try {
+      device = FileDevice.open(file);
+    } catch (err) {
+      // Another daemon (or any process) has the disk: a refusal because of state.
+      if (err instanceof DiskInUse) throw new UserError(`resource ${name}: ${err.message}`, 1);
+      throw err;
+    }
+    let resource: Resource;
+    try {
+      if (res.size !== undefined) {
+        const want = parseSize(String(res.size));
+        const have = layoutFor(device.size).dataBytes;
+        if (have < want) {
+          throw new UserError(
+            `resource ${name}: ${file} holds ${formatSize(have)} of data (${formatSize(device.size - have)} of it is metadata), less than resources.${name}.size ${res.size} in ${c.file}: give this node a bigger disk`,
+          );
+        }
+      }
+      resource = await Resource.open(device, {
+        resource: name,
+        node: this.node,
+        protocol: res.protocol,
+        log: this.log,
+        resyncRateBytesPerSec: res['resync-rate'] !== undefined ? parseSize(String(res['resync-rate'])) : 0,
+        checksumResync: res['checksum-resync'],
+        afterSplitBrain: res['after-split-brain'],
+        allowTwoPrimaries: res['allow-two-primaries'],
+        splitBrainDir: path.join(this.home, 'split-brain'),
+        fence: this.quorum.hasWitness ? (r, generation, signal) => this.quorum.fence(this.entry(r).resource, peerNode, res['on-no-quorum'] ?? 'suspend', generation, signal) : undefined,
+        mayPromote: this.quorum.hasWitness ? (r, force) => this.quorum.mayPromote(this.entry(r).resource, force) : undefined,
+      });
+    } catch (err) {
+      await device.close();
+      if (err instanceof NoMetadata) {
+        this.down.set(name, { name, disk: file, peerNode, reason: err.message });
+        this.log.error({ event: 'no-metadata', resource: name, disk: file }, err.message);
+        return undefined;
+      }
+      throw err;
+    }
+    this.down.delete(name);
+    const connector = new Connector(resource, {
+      identity: { cluster: c.cluster, node: this.node, resource: name, secret: this.secret },
+      address: this.address,
+      peerNode,
+      peerAddress: c.nodes[peerNode].address,
+      port: res.port,
+      link: { pingIntervalMs: res['ping-interval-ms'], pingTimeoutMs: res['ping-timeout-ms'] },
+    });
+    const entry: ResourceEntry = { name, resource, connector, prefer: res.prefer, peerNode, autoPromote: res.prefer === this.node };
+    this.resources.set(name, entry);
+    try {
+      await connector.start();
+    } catch (err) {
+      throw new UserError(`resource ${name}: cannot listen on ${this.address}:${res.port} (${(err as Error).message})`);
+    }
+    this.log.info({ event: 'resource-open', resource: name, disk: file, state: resource.status() }, `resource ${name} on ${file}`);
+    return entry;
   }
 
   private async listen(): Promise<void> {
@@ -276,15 +320,27 @@ export class NodeDaemon {
 
   private entry(name: string | undefined): ResourceEntry {
     const e = name !== undefined ? this.resources.get(name) : undefined;
-    if (!e) throw new UserError(`no resource ${name ?? ''} on node ${this.node} (resources here: ${[...this.resources.keys()].join(', ') || 'none'})`);
+    if (!e) {
+      const down = name !== undefined ? this.down.get(name) : undefined;
+      if (down) throw new UserError(`resource ${down.name} is down on ${this.node}: ${down.reason}`, 1);
+      throw new UserError(`no resource ${name ?? ''} on node ${this.node} (resources here: ${this.resourceNames().join(', ') || 'none'})`);
+    }
     return e;
   }
 
+  /** This node's resources, up or down, in the cluster file's order. */
+  private resourceNames(): string[] {
+    return Object.keys(this.config.resources).filter((n) => this.resources.has(n) || this.down.has(n));
+  }
+
   status(resource?: string): NodeStatus {
-    const list = resource !== undefined ? [this.entry(resource)] : [...this.resources.values()];
+    const names = resource !== undefined && this.down.has(resource) ? [resource] : resource !== undefined ? [this.entry(resource).name] : this.resourceNames();
     return {
       node: this.node,
-      resources: list.map((e) => statusOf(e, this.hasQuorum(e.resource))),
+      resources: names.map((n) => {
+        const e = this.resources.get(n);
+        return e ? statusOf(e, this.hasQuorum(e.resource)) : downStatus(this.down.get(n)!, this.config.resources[n].protocol);
+      }),
       pools: Object.entries(this.config.pools).map(([name, p]) => ({ name, open: this.pools.has(name), resources: p.devices })),
     };
   }
@@ -293,6 +349,13 @@ export class NodeDaemon {
     switch (c.cmd) {
       case 'resource.status':
         return this.status(c.resource);
+      case 'resource.attach': {
+        if (this.resources.has(c.resource)) return this.status(c.resource);
+        if (!this.down.has(c.resource)) this.entry(c.resource); // names what is wrong
+        const e = await this.serial(() => this.openResource(c.resource));
+        if (e) this.watch(e);
+        return this.status(c.resource);
+      }
       case 'resource.primary': {
         const e = this.entry(c.resource);
         e.autoPromote = false;
@@ -427,10 +490,32 @@ export class NodeDaemon {
   }
 }
 
-function statusOf(e: ResourceEntry, quorum: boolean): ResourceStatus & { lastRefusal: string | null; standAlone: boolean; quorum: boolean } {
+function statusOf(e: ResourceEntry, quorum: boolean): NodeResourceStatus {
   const s = e.resource.status();
   const peers = s.peers.length > 0 ? s.peers : [{ node: e.peerNode, connection: e.resource.standAlone ? ('StandAlone' as const) : ('Connecting' as const), disk: 'DUnknown', role: 'Unknown', outOfSyncBytes: e.resource.bitmap.outOfSyncBytes, resync: null, lastResync: null, verify: null }];
-  return { ...s, peers, quorum, lastRefusal: e.resource.lastRefusal ?? null, standAlone: e.resource.standAlone };
+  return { ...s, peers, quorum, lastRefusal: e.resource.lastRefusal ?? null, standAlone: e.resource.standAlone, down: null };
+}
+
+/** A down resource: no disk in use (Diskless), no link (StandAlone), never Primary; `down` says why and what to do. */
+function downStatus(d: DownResource, protocol: ResourceStatus['protocol']): NodeResourceStatus {
+  return {
+    name: d.name,
+    role: 'Secondary',
+    disk: 'Diskless',
+    protocol,
+    dataBytes: 0,
+    outOfSyncBytes: 0,
+    generation: { current: '0', bitmap: '0', history: ['0', '0'] },
+    suspended: false,
+    fencedOff: null,
+    splitBrain: null,
+    conflictingWrites: 0,
+    peers: [{ node: d.peerNode, connection: 'StandAlone', disk: 'DUnknown', role: 'Unknown', outOfSyncBytes: 0, resync: null, lastResync: null, verify: null }],
+    quorum: false,
+    lastRefusal: null,
+    standAlone: true,
+    down: d.reason,
+  };
 }
 
 /** Every volume of every pool open on this node, exported under its own name. */

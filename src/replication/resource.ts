@@ -22,8 +22,9 @@ import { BlockDeviceError, checkRange } from '../blockdev/types.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
 import { ActivityLog, AL_EXTENT_BYTES } from './activity-log.js';
+import { NoMetadata } from './create-md.js';
 import { Bitmap } from './bitmap.js';
-import { DiskState, GenerationIds, initialRecord, layoutFor, MetaLayout, MetaRecord, newGi, NO_GI, readRecord, writeRecord } from './meta.js';
+import { DiskState, GenerationIds, layoutFor, MetaLayout, MetaRecord, newGi, NO_GI, readRecord, writeRecord } from './meta.js';
 import { RangeOrder } from './ordering.js';
 import type { PeerSession, PeerStatus } from './peer.js';
 import type { PeerState, Role } from './wire.js';
@@ -183,30 +184,22 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   }
 
   /**
-   * Open the resource on its backing device. A device without metadata gets
-   * fresh metadata (Inconsistent, no generation: a new disk, fully synced on
-   * the first connect). A device smaller than its metadata says is refused.
+   * Open the resource on its backing device. A device without metadata is
+   * refused (NoMetadata) and left untouched: only `resource create-md`
+   * (createMetadata) writes fresh metadata. A device smaller than its
+   * metadata says is refused.
    */
   static async open(backing: BlockDevice, options: ResourceOptions): Promise<Resource> {
     const layout = layoutFor(backing.size);
     let record = await readRecord(backing, layout);
-    let bitmap: Bitmap;
-    if (!record) {
-      record = initialRecord(options.resource, options.node, layout);
-      await ActivityLog.format(backing, layout.alOffset, layout.alBytes);
-      bitmap = new Bitmap(layout.dataBytes);
-      await bitmap.writeBack(backing, layout.bitmapOffset, true);
-      record = await writeRecord(backing, layout, { ...record, seq: -1 });
-      options.log.info({ event: 'metadata-created', resource: options.resource, dataBytes: layout.dataBytes }, 'new disk: replication metadata created');
-    } else {
-      if (record.resource !== options.resource) {
-        throw new UserError(`${backing.name}: holds resource ${record.resource}, not ${options.resource}; give ${options.resource} its own disk`);
-      }
-      if (record.dataBytes !== layout.dataBytes) {
-        throw new UserError(`${backing.name}: is ${backing.size} bytes but its metadata says ${record.dataBytes} bytes of data; give it a disk of the size it had`);
-      }
-      bitmap = await Bitmap.read(backing, layout.bitmapOffset, layout.dataBytes);
+    if (!record) throw new NoMetadata(backing.name, options.resource);
+    if (record.resource !== options.resource) {
+      throw new UserError(`${backing.name}: holds resource ${record.resource}, not ${options.resource}; give ${options.resource} its own disk`);
     }
+    if (record.dataBytes !== layout.dataBytes) {
+      throw new UserError(`${backing.name}: is ${backing.size} bytes but its metadata says ${record.dataBytes} bytes of data; give it a disk of the size it had`);
+    }
+    const bitmap = await Bitmap.read(backing, layout.bitmapOffset, layout.dataBytes);
     const self: { resource?: Resource } = {};
     const { log: al, recovered } = await ActivityLog.open(backing, layout.alOffset, layout.alBytes, {
       slots: options.alSlots,

@@ -12,13 +12,12 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { Quorum } from '../../src/cluster/quorum.js';
 import { Witness } from '../../src/cluster/witness.js';
 import type { Resource } from '../../src/replication/resource.js';
 import { UserError } from '../../src/util/errors.js';
 import { silentLogger } from '../../src/util/log.js';
-import { connected, freePort, Node, readAll, startNode, stopNode, until, upToDate } from '../replication/pair.js';
+import { connected, freePort, newDisk, Node, readAll, startNode, stopNode, until, upToDate } from '../replication/pair.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -49,7 +48,7 @@ async function cluster(): Promise<Cluster> {
         return witness.handle({ ...c, node: name });
       },
     });
-    const n = await startNode(name, new MemoryDevice(SIZE, `${name}-disk`), port, {
+    const n = await startNode(name, await newDisk(SIZE, name), port, {
       fence: (_r, generation, signal) => quorum.fence(nodes[name].r!, peer, 'suspend', generation, signal),
       mayPromote: (_r, force) => quorum.mayPromote(nodes[name].r!, force),
     });

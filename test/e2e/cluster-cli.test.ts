@@ -6,8 +6,8 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { DUET, ROOT, run, tmpDir, waitFor, withTimeout } from './harness.js';
-import { makeCluster } from './cluster-harness.js';
+import { DUET, readAt, ROOT, run, tmpDir, waitFor, withTimeout } from './harness.js';
+import { inSync, makeCluster, waitStatus } from './cluster-harness.js';
 
 const duet = (args: string[], env: NodeJS.ProcessEnv = process.env) => run(process.execPath, [DUET, ...args], { cwd: ROOT, timeoutMs: 20_000, env });
 
@@ -67,6 +67,76 @@ test('resource commands: unknown resource, resolve with a stranger, verify while
   assert.match(r5.stderr, /pool pa is not open on alpha/);
   const s = await c.status('alpha');
   assert.equal(s.role, 'Secondary');
+});
+
+test('a disk without metadata: the node reports it and keeps that resource down while serving the other; create-md brings it up; a disk in use is refused to create-md, offline commands and a second daemon', async (t) => {
+  const c = await makeCluster(t, { createMd: false, resourceB: true });
+  const alphaDisk = path.join(c.dir, 'alpha.img');
+  const missing = `disk ${alphaDisk} of resource a has no duet metadata: run duet resource create-md a`;
+  // Every disk but alpha's of resource a gets its metadata.
+  for (const [node, res] of [['bravo', 'a'], ['alpha', 'b'], ['bravo', 'b']]) {
+    const r = await c.duet(node, ['resource', 'create-md', res]);
+    assert.equal(r.code, 0, r.describe());
+    assert.match(r.stdout, new RegExp(`^resource ${res}: fresh duet metadata on .*${node}-?b?\\.img, .* of data, Inconsistent until its first sync; start the node`));
+  }
+  const alpha = await c.start('alpha');
+  await c.start('bravo');
+  assert.match(alpha.out(), new RegExp(`resource a: down: ${missing.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}`));
+  const logged = alpha.err().split('\n').filter((l) => l.includes('"no-metadata"')).map((l) => JSON.parse(l) as { msg: string });
+  assert.deepEqual(logged.map((l) => l.msg), [missing]);
+  // Resource a stays down; the daemon serves b: its initial sync, its pool, a volume.
+  const a = await c.status('alpha', 'a');
+  assert.equal(a.down, missing);
+  assert.equal(a.disk, 'Diskless');
+  assert.equal(a.role, 'Secondary');
+  assert.equal(a.peers[0].connection, 'StandAlone');
+  const tail = readAt(alphaDisk, fs.statSync(alphaDisk).size - 1024 * 1024, 1024 * 1024);
+  assert.ok(tail.every((b) => b === 0), 'the node wrote metadata on its own');
+  await waitStatus(c, 'alpha', 'resource b synced and Primary', (s) => s.role === 'Primary' && inSync(s), 60_000, 'b');
+  const vol = await c.duet('alpha', ['vol', 'create', 'pb/v', '--size', '16M']);
+  assert.equal(vol.code, 0, vol.describe());
+  const text = await c.duet('alpha', ['resource', 'status']);
+  assert.match(text.stdout, new RegExp(`^a role:Secondary disk:Diskless protocol:C\n  down: disk .* has no duet metadata: run duet resource create-md a$`, 'm'));
+  const primary = await c.duet('alpha', ['resource', 'primary', 'a']);
+  assert.equal(primary.code, 1, primary.describe());
+  assert.equal(primary.stderr, `duet: resource a is down on alpha: ${missing}\n`);
+
+  // create-md while the resource is down: the daemon does not hold that disk; told, it brings the resource up.
+  const md = await c.duet('alpha', ['resource', 'create-md', 'a']);
+  assert.equal(md.code, 0, md.describe());
+  assert.match(md.stdout, /; node alpha brought it up\n$/);
+  await waitStatus(c, 'alpha', 'resource a synced and Primary', (s) => s.role === 'Primary' && inSync(s) && s.down === null, 60_000);
+
+  // Now the daemon holds the disk: create-md (even forced), an offline pool command, serve and a second daemon are refused.
+  const holder = new RegExp(`^duet: (resource a: )?disk ${alphaDisk.replace(/[.]/g, '\\.')} is in use by pid ${alpha.child.pid} \\(duet --home \\S+ node run --config \\S+ --node alpha\\): stop that process first`);
+  for (const force of [[], ['--force']]) {
+    const r = await c.duet('alpha', ['resource', 'create-md', 'a', ...force]);
+    assert.equal(r.code, 1, r.describe());
+    assert.match(r.stderr, holder);
+    assert.equal(r.stderr.trim().split('\n').length, 1, r.describe());
+  }
+  for (const env of [process.env, { ...process.env, DUET_NO_NATIVE: '1' }]) {
+    const pool = await duet(['--home', path.join(c.dir, 'home-offline'), 'pool', 'create', 'p', alphaDisk], env);
+    assert.equal(pool.code, 2, pool.describe());
+    assert.match(pool.stderr, holder);
+    const serve = await duet(['serve', alphaDisk, '--listen', '127.0.0.1:0'], env);
+    assert.equal(serve.code, 2, serve.describe());
+    assert.match(serve.stderr, holder);
+    const second = await duet(['--home', path.join(c.dir, 'home-second'), 'node', 'run', '--config', c.file, '--node', 'alpha'], env);
+    assert.equal(second.code, 1, second.describe());
+    assert.match(second.stderr, holder);
+    assert.equal(second.stderr.trim().split('\n').length, 1, second.describe());
+  }
+  assert.equal((await c.status('alpha', 'a')).role, 'Primary', 'the refusals disturbed the running node');
+
+  // Stopped: create-md refuses the disk that has metadata unless forced.
+  await c.kill('alpha', 'SIGTERM');
+  const again = await c.duet('alpha', ['resource', 'create-md', 'a']);
+  assert.equal(again.code, 1, again.describe());
+  assert.match(again.stderr, new RegExp(`^duet: disk ${alphaDisk.replace(/[.]/g, '\\.')} of resource a already holds duet metadata \\(resource a, disk UpToDate, generation [0-9a-f]{16}\\): use --force`));
+  const forced = await c.duet('alpha', ['resource', 'create-md', 'a', '--force']);
+  assert.equal(forced.code, 0, forced.describe());
+  assert.match(forced.stdout, /replaced metadata of a UpToDate disk/);
 });
 
 test('npm start (duet demo): two nodes and a witness come up, the demo volume is served, Ctrl-C stops them all', async (t) => {

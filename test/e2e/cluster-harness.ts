@@ -1,13 +1,14 @@
 /**
  * A duet cluster of real processes on loopback addresses: nodes alpha
  * (127.0.0.2) and bravo (127.0.0.3), optionally a witness (127.0.0.4),
- * file-backed disks in a temporary directory, ports picked free.
+ * file-backed disks in a temporary directory given fresh metadata with
+ * `duet resource create-md` (as an admin would), ports picked free.
  */
 import { spawn, ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { AfterContext, DUET, ROOT, run, RunResult, tmpDir, waitFor, withTimeout } from './harness.js';
+import { freePorts } from '../ports.js';
 
 export const ADDRESS: Record<string, string> = { alpha: '127.0.0.2', bravo: '127.0.0.3', witness: '127.0.0.4' };
 
@@ -19,6 +20,10 @@ export interface ClusterOptions {
   resourceExtra?: string;
   /** Disk path per node (default DIR/NODE.img, created sparse). */
   disks?: Record<string, string>;
+  /** Run `resource create-md` on every disk before anything starts (default true). */
+  createMd?: boolean;
+  /** A second resource b (disks DIR/NODE-b.img, prefer alpha) with its own pool pb. */
+  resourceB?: boolean;
 }
 
 export interface Proc {
@@ -38,8 +43,8 @@ export interface Cluster {
   startWitness(): Promise<Proc>;
   kill(name: string, signal?: NodeJS.Signals): Promise<void>;
   /** `duet --config F --node NODE ARGS` */
-  duet(node: string, args: string[], opts?: { timeoutMs?: number; input?: Buffer }): Promise<RunResult>;
-  status(node: string): Promise<ResourceJson>;
+  duet(node: string, args: string[], opts?: { timeoutMs?: number; input?: Buffer; env?: NodeJS.ProcessEnv }): Promise<RunResult>;
+  status(node: string, resource?: string): Promise<ResourceJson>;
   url(node: string, volume: string): string;
   describe(): string;
 }
@@ -63,23 +68,18 @@ export interface ResourceJson {
   suspended: boolean;
   splitBrain: { localChangedBytes: number; peerChangedBytes: number; savedTo: string | null; resolution: string | null } | null;
   lastRefusal: string | null;
+  /** Why the resource is down on this node (its disk has no metadata), else null. */
+  down: string | null;
   peers: PeerJson[];
-}
-
-async function freePort(host: string): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, host, r));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
 }
 
 export async function makeCluster(t: AfterContext, options: ClusterOptions = {}): Promise<Cluster> {
   const dir = tmpDir(t, 'duet-cluster-');
   const diskBytes = options.diskBytes ?? 512 * 1024 * 1024;
   const disks = options.disks ?? { alpha: path.join(dir, 'alpha.img'), bravo: path.join(dir, 'bravo.img') };
-  for (const p of Object.values(disks)) if (!fs.existsSync(p)) fs.writeFileSync(p, ''), fs.truncateSync(p, diskBytes);
-  const [linkPort, exportsPort, apiPort, witnessPort] = [await freePort('127.0.0.1'), await freePort('127.0.0.1'), await freePort('127.0.0.1'), await freePort('127.0.0.1')];
+  const disksB = { alpha: path.join(dir, 'alpha-b.img'), bravo: path.join(dir, 'bravo-b.img') };
+  for (const p of [...Object.values(disks), ...(options.resourceB ? Object.values(disksB) : [])]) if (!fs.existsSync(p)) fs.writeFileSync(p, ''), fs.truncateSync(p, diskBytes);
+  const [linkPort, exportsPort, apiPort, witnessPort, linkPortB] = await freePorts(5);
   fs.writeFileSync(path.join(dir, 'secret'), 'test-cluster-secret-0123456789\n');
   const file = path.join(dir, 'cluster.yaml');
   fs.writeFileSync(
@@ -93,13 +93,23 @@ export async function makeCluster(t: AfterContext, options: ClusterOptions = {})
       ...(options.witness ? [`witness: { address: ${ADDRESS.witness}, port: ${witnessPort} }`] : []),
       'resources:',
       `  a: { protocol: ${options.protocol ?? 'C'}, port: ${linkPort}, disk: { alpha: ${disks.alpha}, bravo: ${disks.bravo} }, prefer: alpha, "ping-interval-ms": 100, "ping-timeout-ms": 400${options.resourceExtra ? `, ${options.resourceExtra}` : ''} }`,
+      ...(options.resourceB ? [`  b: { protocol: C, port: ${linkPortB}, disk: { alpha: ${disksB.alpha}, bravo: ${disksB.bravo} }, prefer: alpha, "ping-interval-ms": 100, "ping-timeout-ms": 400 }`] : []),
       'pools:',
       '  pa: { devices: [a] }',
+      ...(options.resourceB ? ['  pb: { devices: [b] }'] : []),
       `exports: { port: ${exportsPort} }`,
       `api: { port: ${apiPort} }`,
       '',
     ].join('\n'),
   );
+  if (options.createMd ?? true) {
+    for (const node of ['alpha', 'bravo']) {
+      for (const res of options.resourceB ? ['a', 'b'] : ['a']) {
+        const r = await run(process.execPath, [DUET, '--config', file, '--node', node, 'resource', 'create-md', res], { cwd: ROOT, timeoutMs: 30_000 });
+        if (r.code !== 0) throw new Error(`create-md ${res} on ${node} failed\n${r.describe()}`);
+      }
+    }
+  }
   const procs = new Map<string, Proc>();
   const spawnDuet = (name: string, args: string[], ready: RegExp): Promise<Proc> => {
     const child = spawn(process.execPath, [DUET, '--home', path.join(dir, `home-${name}`), ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DUET_LOG_LEVEL: 'info' } });
@@ -132,9 +142,9 @@ export async function makeCluster(t: AfterContext, options: ClusterOptions = {})
     start: (name, other) => spawnDuet(name, ['node', 'run', '--config', other ?? file, '--node', name], new RegExp(`node ${name} running`)),
     startWitness: () => spawnDuet('witness', ['witness', 'run', '--config', file], /witness of cluster/),
     kill,
-    duet: (node, args, opts = {}) => run(process.execPath, [DUET, '--config', file, '--node', node, ...args], { cwd: ROOT, timeoutMs: opts.timeoutMs ?? 30_000, input: opts.input }),
-    async status(node) {
-      const r = await run(process.execPath, [DUET, '--config', file, '--node', node, 'resource', 'status', 'a', '--json'], { cwd: ROOT, timeoutMs: 10_000 });
+    duet: (node, args, opts = {}) => run(process.execPath, [DUET, '--config', file, '--node', node, ...args], { cwd: ROOT, timeoutMs: opts.timeoutMs ?? 30_000, input: opts.input, env: opts.env }),
+    async status(node, resource = 'a') {
+      const r = await run(process.execPath, [DUET, '--config', file, '--node', node, 'resource', 'status', resource, '--json'], { cwd: ROOT, timeoutMs: 10_000 });
       if (r.code !== 0) throw new Error(r.describe());
       return (JSON.parse(r.stdout) as { resources: ResourceJson[] }).resources[0];
     },
@@ -145,12 +155,12 @@ export async function makeCluster(t: AfterContext, options: ClusterOptions = {})
 }
 
 /** Wait (bounded) until `cond(status of node)` holds; polls the real CLI. */
-export async function waitStatus(c: Cluster, node: string, what: string, cond: (s: ResourceJson) => boolean, ms = 30_000): Promise<ResourceJson> {
+export async function waitStatus(c: Cluster, node: string, what: string, cond: (s: ResourceJson) => boolean, ms = 30_000, resource = 'a'): Promise<ResourceJson> {
   let last: ResourceJson | undefined;
   const deadline = Date.now() + ms;
   for (;;) {
     try {
-      last = await c.status(node);
+      last = await c.status(node, resource);
       if (cond(last)) return last;
     } catch {
       /* daemon not up yet */

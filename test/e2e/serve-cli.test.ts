@@ -368,3 +368,16 @@ test('serve: SIGTERM the moment the listening line appears still exits 0 (handle
     assert.equal(stop.code, 0, `round ${i}: ${s.describe()}`);
   }
 });
+
+test('a Node.js without zlib.crc32 (older than 20.15): one line saying which Node is needed, exit 2; package.json engines says the same', async () => {
+  // Stands in for Node 20.0-20.14: the launcher must say so before anything imports crc32.
+  const older = 'data:text/javascript,import zlib from "node:zlib"; delete zlib.crc32;';
+  const r = await run(process.execPath, ['--import', older, DUET, '--version'], { cwd: ROOT, timeoutMs: 10_000, env: process.env });
+  assert.equal(r.code, 2, r.describe());
+  assert.equal(r.stderr, `duet: needs Node.js 20.15 or newer (zlib.crc32); this is ${process.version}: install a newer Node.js\n`);
+  assert.equal(r.stdout, '');
+  const ok = await run(process.execPath, [DUET, '--version'], { cwd: ROOT, timeoutMs: 10_000, env: process.env });
+  assert.equal(ok.code, 0, ok.describe());
+  const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { engines: { node: string } };
+  assert.equal(pkg.engines.node, '>=20.15');
+});

@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { BorrowedDevice } from '../../src/blockdev/delegating.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { BLOCK, Bitmap } from '../../src/replication/bitmap.js';
+import { createMetadata } from '../../src/replication/create-md.js';
 import { layoutFor, newGi, NO_GI, readRecord, writeRecord } from '../../src/replication/meta.js';
 import { connected, freePort, startNode, stopNode, until } from './pair.js';
 
@@ -61,10 +62,7 @@ test('resync of blocks past 2^32 on a 16 TiB pair: exactly those blocks travel, 
   const da = new MemoryDevice(deviceBytes, 'alpha-disk');
   const db = new MemoryDevice(deviceBytes, 'bravo-disk');
   // Both disks hold the same (empty) data in one generation: no initial full sync of 16 TiB.
-  for (const [dev, node] of [[da, 'alpha'], [db, 'bravo']] as const) {
-    const n = await startNode(node, new BorrowedDevice(dev), port);
-    await stopNode(n);
-  }
+  for (const [dev, node] of [[da, 'alpha'], [db, 'bravo']] as const) await createMetadata(dev, { resource: 'r0', node });
   const gi = { current: newGi(), bitmap: NO_GI, history: [NO_GI, NO_GI] as [string, string] };
   for (const dev of [da, db]) {
     const layout = layoutFor(dev.size);

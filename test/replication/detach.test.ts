@@ -9,8 +9,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { BorrowedDevice } from '../../src/blockdev/delegating.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
-import { MemoryDevice } from '../../src/blockdev/memory.js';
-import { connected, freePort, readAll, startNode, stopNode, until, upToDate } from './pair.js';
+import { connected, freePort, newDisk, readAll, startNode, stopNode, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -18,8 +17,8 @@ const SIZE = 64 * MiB;
 for (const recorded of [true, false]) {
   test(`EIO detaches the Primary's disk (${recorded ? 'the Failed record reaches it' : 'it takes no more writes'}): after restarting both nodes it is Inconsistent or behind, and a full sync from the peer makes it identical`, async () => {
     const port = await freePort();
-    const alphaMem = new MemoryDevice(SIZE, 'alpha-disk');
-    const bravoMem = new MemoryDevice(SIZE, 'bravo-disk');
+    const alphaMem = await newDisk(SIZE, 'alpha');
+    const bravoMem = await newDisk(SIZE, 'bravo');
     const faulty = new FaultyDevice(new BorrowedDevice(alphaMem), { writeBack: false });
     let a = await startNode('alpha', faulty, port);
     let b = await startNode('bravo', new BorrowedDevice(bravoMem), port);

@@ -2,12 +2,13 @@
  * Two nodes of one resource in this process, linked over real TCP on two
  * loopback addresses, each on its own in-memory (or faulty) disk.
  */
-import net from 'node:net';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { Connector } from '../../src/replication/connector.js';
+import { createMetadata } from '../../src/replication/create-md.js';
 import { Resource, ResourceOptions } from '../../src/replication/resource.js';
 import { silentLogger } from '../../src/util/log.js';
+import { freePorts } from '../ports.js';
 
 export const SECRET = Buffer.from('a cluster secret of enough length');
 
@@ -19,12 +20,16 @@ export interface Node {
   connector: Connector;
 }
 
+/** A free port for a pair's link (both nodes listen on it, at their own addresses). */
 export async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
+  return (await freePorts(1))[0];
+}
+
+/** A new in-memory disk of `node` with fresh metadata, as `duet resource create-md` leaves it. */
+export async function newDisk(size: number, node: string, resource = 'r0'): Promise<MemoryDevice> {
+  const disk = new MemoryDevice(size, `${node}-disk`);
+  await createMetadata(disk, { resource, node });
+  return disk;
 }
 
 export async function startNode(
@@ -76,8 +81,8 @@ export function upToDate(a: Node, b: Node): boolean {
 /** A fresh pair: both disks new, alpha forced Primary, initial sync done. */
 export async function syncedPair(size = 64 * 1024 * 1024, options: Partial<ResourceOptions> = {}): Promise<{ a: Node; b: Node; port: number }> {
   const port = await freePort();
-  const a = await startNode('alpha', new MemoryDevice(size, 'alpha-disk'), port, options);
-  const b = await startNode('bravo', new MemoryDevice(size, 'bravo-disk'), port, options);
+  const a = await startNode('alpha', await newDisk(size, 'alpha'), port, options);
+  const b = await startNode('bravo', await newDisk(size, 'bravo'), port, options);
   await until('both-new connection', () => connected(a, b));
   await a.resource.promote(true);
   await until('initial sync', () => upToDate(a, b));

@@ -8,7 +8,6 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { DelegatingDevice } from '../../src/blockdev/delegating.js';
 import { mulberry32 } from '../blockdev/conformance.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
@@ -16,7 +15,7 @@ import type { Extent, WriteOptions, ZeroOptions } from '../../src/blockdev/types
 import { AL_EXTENT_BYTES } from '../../src/replication/activity-log.js';
 import { BLOCK } from '../../src/replication/bitmap.js';
 import { Resource } from '../../src/replication/resource.js';
-import { connected, freePort, Node, readAll, startNode, stopNode, syncedPair, until, upToDate } from './pair.js';
+import { connected, freePort, newDisk, Node, readAll, startNode, stopNode, syncedPair, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 const SECTOR = 512;
@@ -204,10 +203,10 @@ for (const [seed, keep] of [
   test(`(a) Primary crash with a write-back disk (seed ${seed}, cache ${keep === 'none' ? 'all lost' : 'partly kept'}): AL extents marked, resync from the crashed Primary, disks identical, flushed writes kept`, async (t) => {
     const rand = mulberry32(seed);
     const port = await freePort();
-    const faulty = new FaultyDevice(new MemoryDevice(SIZE, 'alpha-disk'), { writeBack: true, random: mulberry32(seed * 7919) });
+    const faulty = new FaultyDevice(await newDisk(SIZE, 'alpha'), { writeBack: true, random: mulberry32(seed * 7919) });
     const disk = new Crashable(faulty);
     const a = await startNode('alpha', disk, port);
-    const bDisk = new MemoryDevice(SIZE, 'bravo-disk');
+    const bDisk = await newDisk(SIZE, 'bravo');
     const b = await startNode('bravo', bDisk, port);
     let a2: Node | undefined;
     try {
@@ -281,10 +280,10 @@ for (const [seed, keep] of [
 test('(b) failover: the Primary dies, the Secondary is promoted and writes on; the old Primary comes back as SyncTarget and ends identical', async () => {
   const rand = mulberry32(42);
   const port = await freePort();
-  const faulty = new FaultyDevice(new MemoryDevice(SIZE, 'alpha-disk'), { writeBack: true, random: mulberry32(4242) });
+  const faulty = new FaultyDevice(await newDisk(SIZE, 'alpha'), { writeBack: true, random: mulberry32(4242) });
   const disk = new Crashable(faulty);
   const a = await startNode('alpha', disk, port);
-  const b = await startNode('bravo', new MemoryDevice(SIZE, 'bravo-disk'), port);
+  const b = await startNode('bravo', await newDisk(SIZE, 'bravo'), port);
   let a2: Node | undefined;
   try {
     await until('both-new', () => connected(a, b));
@@ -399,11 +398,11 @@ test('(c) a Secondary cut off while the Primary writes: on reconnect only the ma
 
 test('(d) an extent evicted from the activity log while disconnected: its out-of-sync bits survive a power cut', async () => {
   const port = await freePort();
-  const faulty = new FaultyDevice(new MemoryDevice(SIZE, 'alpha-disk'), { writeBack: true });
+  const faulty = new FaultyDevice(await newDisk(SIZE, 'alpha'), { writeBack: true });
   const disk = new Crashable(faulty);
   const options = { alSlots: 2 };
   const a = await startNode('alpha', disk, port, options);
-  const b = await startNode('bravo', new MemoryDevice(SIZE, 'bravo-disk'), port, options);
+  const b = await startNode('bravo', await newDisk(SIZE, 'bravo'), port, options);
   let a2: Node | undefined;
   try {
     await until('both-new', () => connected(a, b));
@@ -444,10 +443,10 @@ test('(d) an extent evicted from the activity log while disconnected: its out-of
 
 test('(e) a second power cut right after crash recovery: the recovered extents are still out of sync', async () => {
   const port = await freePort();
-  const faulty = new FaultyDevice(new MemoryDevice(SIZE, 'alpha-disk'), { writeBack: true });
+  const faulty = new FaultyDevice(await newDisk(SIZE, 'alpha'), { writeBack: true });
   const disk = new Crashable(faulty);
   const a = await startNode('alpha', disk, port);
-  const b = await startNode('bravo', new MemoryDevice(SIZE, 'bravo-disk'), port);
+  const b = await startNode('bravo', await newDisk(SIZE, 'bravo'), port);
   let a3: Node | undefined;
   try {
     await until('both-new', () => connected(a, b));
@@ -518,9 +517,9 @@ for (const seed of [11, 12, 13, 14, 15, 16]) {
     const port = await freePort();
     const { layoutFor } = await import('../../src/replication/meta.js');
     const layout = layoutFor(SIZE);
-    const faulty = new FaultyDevice(new MemoryDevice(SIZE, 'bravo-disk'), { writeBack: true, random: mulberry32(seed * 13) });
+    const faulty = new FaultyDevice(await newDisk(SIZE, 'bravo'), { writeBack: true, random: mulberry32(seed * 13) });
     const disk = new CrashInBitmapWriteBack(faulty, { from: layout.bitmapOffset, to: layout.recordOffset });
-    const a = await startNode('alpha', new MemoryDevice(SIZE, 'alpha-disk'), port);
+    const a = await startNode('alpha', await newDisk(SIZE, 'alpha'), port);
     const b = await startNode('bravo', disk, port);
     let b2: Node | undefined;
     try {

@@ -1,9 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
-import { connected, freePort, readAll, startNode, stopNode, syncedPair, until, upToDate } from './pair.js';
+import { connected, freePort, newDisk, readAll, startNode, stopNode, syncedPair, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 
@@ -159,9 +158,9 @@ test('split-brain policy discard-least-changes picks the side with fewer changes
 
 test('EIO on the Primary\'s disk: detached, Diskless, reads and writes go on through the peer', async () => {
   const port = await freePort();
-  const faulty = new FaultyDevice(new MemoryDevice(64 * MiB, 'alpha-disk'), { writeBack: false });
+  const faulty = new FaultyDevice(await newDisk(64 * MiB, 'alpha'), { writeBack: false });
   const a = await startNode('alpha', faulty, port);
-  const b = await startNode('bravo', new MemoryDevice(64 * MiB, 'bravo-disk'), port);
+  const b = await startNode('bravo', await newDisk(64 * MiB, 'bravo'), port);
   try {
     await until('both-new', () => connected(a, b));
     await a.resource.promote(true);
@@ -225,8 +224,8 @@ test('malformed and truncated frames from an authenticated peer end that link on
 
 test('disks of different sizes are refused with a clear reason; nothing is overwritten', async () => {
   const port = await freePort();
-  const a = await startNode('alpha', new MemoryDevice(64 * MiB, 'alpha-disk'), port);
-  const b = await startNode('bravo', new MemoryDevice(32 * MiB, 'bravo-disk'), port);
+  const a = await startNode('alpha', await newDisk(64 * MiB, 'alpha'), port);
+  const b = await startNode('bravo', await newDisk(32 * MiB, 'bravo'), port);
   try {
     await until('refused', () => a.resource.lastRefusal !== undefined && b.resource.lastRefusal !== undefined);
     assert.match(a.resource.lastRefusal!, /differ in size/);
@@ -240,7 +239,7 @@ test('disks of different sizes are refused with a clear reason; nothing is overw
 
 test('promotion of an Inconsistent or Outdated disk needs --force; UpToDate with the peer away does not', async () => {
   const port = await freePort();
-  const a = await startNode('alpha', new MemoryDevice(16 * MiB, 'alpha-disk'), port);
+  const a = await startNode('alpha', await newDisk(16 * MiB, 'alpha'), port);
   try {
     await assert.rejects(a.resource.promote(false), /Inconsistent: it may hold old or partial data; promote with --force/);
     await a.resource.promote(true);

@@ -19,6 +19,7 @@ import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import { pino } from 'pino';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { newDisk } from './pair.js';
 import { DelegatingDevice } from '../../src/blockdev/delegating.js';
 import { mulberry32 } from '../blockdev/conformance.js';
 import { PeerLink } from '../../src/replication/link.js';
@@ -335,7 +336,7 @@ async function runSeed(seed: number): Promise<SimResult> {
   const highWaterMark = [16 * KiB, 64 * KiB, 1 * MiB][int(rand, 0, 2)];
   const events: LogEvent[] = [];
   const trace: string[] = [`seed ${seed}: protocol ${protocol}, alSlots ${alSlots}, checksumResync ${checksumResync}, hwm ${highWaterMark}`];
-  const open = (name: string): Promise<SimNode> => openNode(name, new MemoryDevice(DEVICE_BYTES, `${name}-disk`), events, { protocol, alSlots, checksumResync });
+  const open = async (name: string): Promise<SimNode> => openNode(name, await newDisk(DEVICE_BYTES, name, 'sim'), events, { protocol, alSlots, checksumResync });
   const A = await open('alpha');
   const B = await open('bravo');
   const dataBytes = A.r.size;
@@ -543,8 +544,8 @@ class SlowStatusDevice extends DelegatingDevice<MemoryDevice> {
 
 test('a write on the Primary while a new link is in its handshake: both sides decide alike (no protocol error, no second connection)', async () => {
   const events: LogEvent[] = [];
-  const A = await openNode('alpha', new MemoryDevice(DEVICE_BYTES, 'alpha-disk'), events, {});
-  const B = await openNode('bravo', new MemoryDevice(DEVICE_BYTES, 'bravo-disk'), events, {});
+  const A = await openNode('alpha', await newDisk(DEVICE_BYTES, 'alpha', 'sim'), events, {});
+  const B = await openNode('bravo', await newDisk(DEVICE_BYTES, 'bravo', 'sim'), events, {});
   const rand = mulberry32(5);
   let sockets: [FakeSocket, FakeSocket] | undefined;
   try {
@@ -583,9 +584,9 @@ test('a write on the Primary while a new link is in its handshake: both sides de
 
 test('resync of a range that was a hole when checked but written before its zero frame left: the write is not undone on the target', async () => {
   const events: LogEvent[] = [];
-  const slow = new SlowStatusDevice(new MemoryDevice(DEVICE_BYTES, 'alpha-disk'));
+  const slow = new SlowStatusDevice(await newDisk(DEVICE_BYTES, 'alpha', 'sim'));
   const A = await openNode('alpha', slow, events, {});
-  const B = await openNode('bravo', new MemoryDevice(DEVICE_BYTES, 'bravo-disk'), events, {});
+  const B = await openNode('bravo', await newDisk(DEVICE_BYTES, 'bravo', 'sim'), events, {});
   const rand = mulberry32(6);
   let sockets: [FakeSocket, FakeSocket] | undefined;
   let release: (() => void) | undefined;
