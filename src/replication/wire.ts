@@ -84,8 +84,9 @@ export const VERIFY_REPLY_BYTES = VERIFY_PIECE / BLOCK / 8;
 export const MAX_RUNS_PER_FRAME = 4096;
 /** Largest JSON frame (a state, a refusal, resync done): a few hundred bytes in practice. */
 export const MAX_JSON_FRAME = 8 * 1024;
-/** Longest node name or refusal reason taken from the peer. */
+/** Longest node name taken from the peer (its own, or the node a split-brain resolution keeps). */
 export const MAX_NAME = 255;
+/** Longest refusal reason taken from the peer (it is logged). */
 export const MAX_REASON = 1024;
 
 /** A frame from the peer that breaks the protocol: the session logs it and drops that link. */

@@ -9,6 +9,7 @@ import fc from 'fast-check';
 import * as W from '../../src/replication/wire.js';
 import { BLOCK } from '../../src/replication/bitmap.js';
 import { newGi, NO_GI } from '../../src/replication/meta.js';
+import { MAX_FRAME_PAYLOAD } from '../../src/replication/link.js';
 
 const MiB = 1024 * 1024;
 const DATA = 128 * MiB;
@@ -124,4 +125,16 @@ test('what the encoders send, the decoders take (writes and zeroings anywhere in
     ),
     { numRuns: 200 },
   );
+});
+
+test('every frame the caps allow fits the link\'s frame limit', () => {
+  const largest = [
+    W.WRITE_HEADER + W.MAX_DATA_PIECE,
+    12 + W.MAX_DATA_PIECE, // read reply
+    12 + 4 + W.RESYNC_PIECE,
+    12 + (W.VERIFY_PIECE / BLOCK) * W.VERIFY_DIGEST,
+    16 * W.MAX_RUNS_PER_FRAME,
+    W.MAX_JSON_FRAME,
+  ];
+  for (const n of largest) assert.ok(n <= MAX_FRAME_PAYLOAD, `${n} bytes > ${MAX_FRAME_PAYLOAD}`);
 });
