@@ -15,6 +15,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { crc32 } from 'node:zlib';
+import { z } from 'zod';
 import type { BlockDevice } from '../blockdev/types.js';
 import { Bitmap } from './bitmap.js';
 
@@ -28,8 +29,12 @@ const ALIGN = 1024 * 1024;
 
 export type DiskState = 'UpToDate' | 'Inconsistent' | 'Outdated' | 'Diskless' | 'Failed';
 
+export const diskStateSchema = z.enum(['UpToDate', 'Inconsistent', 'Outdated', 'Diskless', 'Failed']);
+
 /** A generation identifier: 64 random bits, as 16 hex digits ("0" means none). */
 export type Gi = string;
+
+export const giSchema = z.string().regex(/^(0|[0-9a-f]{16})$/, 'is not a generation identifier (16 hex digits, or 0)');
 
 export interface GenerationIds {
   /** Changes when the data starts to diverge from what the peer may have (e.g. a Primary writes unconnected). */
@@ -39,6 +44,8 @@ export interface GenerationIds {
   /** Earlier current GIs, newest first (two kept, as DRBD). */
   history: [Gi, Gi];
 }
+
+export const generationIdsSchema = z.object({ current: giSchema, bitmap: giSchema, history: z.tuple([giSchema, giSchema]) }).strict();
 
 export interface MetaRecord {
   resource: string;
@@ -69,6 +76,31 @@ export interface MetaLayout {
   bitmapBytes: number;
   recordOffset: number;
 }
+
+const count = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
+
+/**
+ * The record's JSON body (every field of MetaRecord: the compiler checks).
+ * Fields added after the first version default to what an older record
+ * meant; unknown fields (from a newer duet of the same record version) are
+ * kept rather than making the slot invalid, since a device with no valid
+ * slot is taken for a new disk.
+ */
+const recordBodyShape = {
+  resource: z.string().min(1),
+  node: z.string().min(1),
+  dataBytes: count,
+  alBytes: count,
+  gi: generationIdsSchema,
+  disk: diskStateSchema,
+  primary: z.boolean(),
+  fullSyncNeeded: z.boolean(),
+  primarySince: count.default(0),
+  peerOutdated: z.boolean().default(false),
+  peerDiskFailed: z.boolean().default(false),
+} satisfies Record<keyof Omit<MetaRecord, 'seq'>, z.ZodTypeAny>;
+
+const recordBodySchema: z.ZodType<Omit<MetaRecord, 'seq'>, z.ZodTypeDef, unknown> = z.object(recordBodyShape).passthrough();
 
 /** Where everything lies on a backing device of `deviceBytes`. */
 export function layoutFor(deviceBytes: number, alBytes = DEFAULT_AL_BYTES): MetaLayout {
@@ -116,11 +148,17 @@ export function decodeRecord(buf: Buffer): MetaRecord | undefined {
   if (len > SLOT - HEADER) return undefined;
   const json = buf.subarray(HEADER, HEADER + len);
   if (crc32(json, crc32(buf.subarray(0, 28))) !== buf.readUInt32LE(28)) return undefined;
+  const seq = buf.readBigUInt64LE(16);
+  if (seq > BigInt(Number.MAX_SAFE_INTEGER)) return undefined;
+  let body: unknown;
   try {
-    return { ...(JSON.parse(json.toString('utf8')) as Omit<MetaRecord, 'seq'>), seq: Number(buf.readBigUInt64LE(16)) };
+    body = JSON.parse(json.toString('utf8'));
   } catch {
     return undefined;
   }
+  // A checksum only says the bytes are those written: the shape must be a record's too.
+  const parsed = recordBodySchema.safeParse(body);
+  return parsed.success ? { ...parsed.data, seq: Number(seq) } : undefined;
 }
 
 /** The valid slot with the higher sequence number, or undefined if neither is valid. */

@@ -59,9 +59,9 @@ interface PendingWrite {
 
 /** Receive-side cap: past this many writes waiting for the disk, stop reading the link. */
 const APPLY_MAX = 256;
-const VERIFY_PIECE = 256 * 1024;
+const VERIFY_PIECE = W.VERIFY_PIECE;
 /** Largest write payload in one frame (the link's frame limit is a little above). */
-const WRITE_PIECE = 1024 * 1024;
+const WRITE_PIECE = W.MAX_DATA_PIECE;
 const VERIFY_WINDOW = 16;
 
 export class PeerSession {
@@ -101,15 +101,21 @@ export class PeerSession {
       try {
         this.onFrame(type, payload);
       } catch (err) {
-        this.resource.log.warn({ event: 'peer-protocol-error', resource: resource.name, peer: peerNode, err: (err as Error).message }, 'malformed frame from the peer');
-        this.close(`protocol error: ${(err as Error).message}`);
+        // Whatever the peer sent that this node cannot take: drop this link, serve on.
+        const frame = W.frameName(type);
+        const message = (err as Error).message;
+        this.resource.log.warn(
+          { event: 'peer-protocol-error', resource: resource.name, peer: peerNode, frame, bytes: payload.length, err: message },
+          `protocol error in a ${frame} frame from ${peerNode}: ${message}; dropping the link`,
+        );
+        this.close(`protocol error in a ${frame} frame: ${message}`);
       }
     });
     link.on('down', (why) => this.onDown(why));
     this.sent = resource.peerState(true);
     this.sentMarks = resource.bitmap.count;
     this.link.send(W.F_STATE, W.encodeJson(this.sent));
-    for (const chunk of chunked([...resource.bitmap.runs()], 4096)) link.send(W.F_BITMAP, W.encodeRuns(chunk));
+    for (const chunk of chunked([...resource.bitmap.runs()], W.MAX_RUNS_PER_FRAME)) link.send(W.F_BITMAP, W.encodeRuns(chunk));
     link.send(W.F_BITMAP_DONE);
   }
 
@@ -221,6 +227,8 @@ export class PeerSession {
   }
 
   async read(offset: number, into: Buffer): Promise<void> {
+    // Nothing to ask for (a read of no bytes is no frame: the peer takes reads of 1 byte and up).
+    if (into.length === 0) return;
     if (into.length > WRITE_PIECE) {
       const parts = [];
       for (let at = 0; at < into.length; at += WRITE_PIECE) parts.push(this.read(offset + at, into.subarray(at, Math.min(into.length, at + WRITE_PIECE))));
@@ -243,27 +251,36 @@ export class PeerSession {
 
   private onFrame(type: number, payload: Buffer): void {
     if (this.phase === 'closed') return;
+    // Every field is checked before use (wire.ts); a ProtocolError drops the link.
+    const size = this.resource.size;
     switch (type) {
       case W.F_STATE:
-        return this.onState(W.decodeJson<W.PeerState>(payload));
-      case W.F_BITMAP:
-        this.peerRuns.push(...W.decodeRuns(payload));
+        return this.onState(W.decodeState(payload, this.peerNode));
+      case W.F_BITMAP: {
+        if (this.phase !== 'handshake' || this.bitmapDone) throw new W.ProtocolError('bitmap runs after the bitmap was done');
+        const last = this.peerRuns[this.peerRuns.length - 1];
+        this.peerRuns.push(...W.decodeRuns(payload, size, last ? last.offset + last.length : 0));
         return;
+      }
       case W.F_BITMAP_DONE:
+        W.expectEmpty(payload, 'bitmap done');
+        if (this.bitmapDone) throw new W.ProtocolError('a second bitmap done');
         this.bitmapDone = true;
         if (this.phase === 'handshake' && this.state) this.onHandshakeDone();
         return;
       case W.F_WRITE:
-        return this.onWrite(W.decodeWrite(payload));
+        return this.onWrite(W.decodeWrite(payload, size));
       case W.F_ACK_RECV: {
-        const { seq } = W.decodeSeq(payload);
-        this.pending.get(seq)?.received.resolve(true);
+        const { seq } = W.decodeSeq(payload, 'receive ack');
+        const p = this.pending.get(seq);
+        if (!p) throw new W.ProtocolError(`receive ack of write ${seq}, which is not in flight`);
+        p.received.resolve(true);
         return;
       }
       case W.F_ACK_WRITE: {
-        const { seq, status } = W.decodeSeq(payload);
+        const { seq, status } = W.decodeSeq(payload, 'write ack');
         const p = this.pending.get(seq);
-        if (!p) return;
+        if (!p) throw new W.ProtocolError(`ack of write ${seq}, which is not in flight`);
         this.pending.delete(seq);
         if (status !== 0) {
           // The peer's disk failed this write: it is not there.
@@ -276,26 +293,30 @@ export class PeerSession {
         p.done.resolve(true);
         return;
       }
-      case W.F_FLUSH:
-        return this.onFlush(W.decodeSeq(payload).seq);
+      case W.F_FLUSH: {
+        const { seq, status } = W.decodeSeq(payload, 'flush');
+        if (status !== 0) throw new W.ProtocolError(`flush with status ${status}`);
+        return this.onFlush(seq);
+      }
       case W.F_FLUSH_ACK: {
-        const { seq, status } = W.decodeSeq(payload);
+        const { seq, status } = W.decodeSeq(payload, 'flush ack');
         const f = this.flushes.get(seq);
-        if (!f) return;
+        if (!f) throw new W.ProtocolError(`ack of flush ${seq}, which is not in flight`);
         this.flushes.delete(seq);
         if (status !== 0) for (const e of f.extents) this.markExtent(e);
         f.done.resolve(status === 0);
         return;
       }
       case W.F_READ:
-        return this.onRead(payload);
+        return this.onRead(W.decodeRead(payload, size));
       case W.F_READ_REPLY: {
-        const seq = Number(payload.readBigUInt64BE(0));
-        const status = payload.readUInt32BE(8);
+        const { seq, status, data } = W.decodeReadReply(payload);
         const r = this.reads.get(seq);
-        if (!r) return;
+        if (!r) throw new W.ProtocolError(`reply to read ${seq}, which is not in flight`);
+        // A short reply is not a partial read: the read fails (EIO) when the link drops.
+        if (status === 0 && data.length !== r.into.length) throw new W.ProtocolError(`read reply of ${data.length} bytes to a read of ${r.into.length}`);
         this.reads.delete(seq);
-        if (status === 0) payload.copy(r.into, 0, 12, 12 + r.into.length);
+        if (status === 0) data.copy(r.into);
         r.done.resolve(status);
         return;
       }
@@ -305,26 +326,30 @@ export class PeerSession {
         return this.onResyncTarget(type, payload);
       case W.F_RS_ACK:
       case W.F_RS_CSUM_REPLY:
-        this.resync?.onFrame(type, payload);
+        if (!this.resync) throw new W.ProtocolError('resync answer while no resync runs');
+        this.resync.onFrame(type, payload);
         return;
       case W.F_VERIFY:
-        return this.onVerifyRequest(payload);
+        return this.onVerifyRequest(W.decodeVerify(payload, size));
       case W.F_VERIFY_REPLY: {
-        const { offset, rest } = W.decodeRange(payload);
-        this.verifyWaiters.get(offset)?.resolve(Buffer.from(rest));
+        const { offset, length, differs } = W.decodeVerifyReply(payload, size);
+        const waiter = this.verifyWaiters.get(offset);
+        if (!waiter || length !== Math.min(VERIFY_PIECE, size - offset)) throw new W.ProtocolError(`verify answer for ${offset}+${length}, which was not asked`);
         this.verifyWaiters.delete(offset);
+        waiter.resolve(Buffer.from(differs));
         return;
       }
       case W.F_OUTDATE:
+        W.expectEmpty(payload, 'outdate');
         void this.resource.outdatedBy(this.peerNode);
         return;
       case W.F_REFUSE: {
-        const { reason } = W.decodeJson<{ reason: string }>(payload);
+        const { reason } = W.decodeJson(payload, W.refuseSchema, 'refusal');
         this.resource.log.warn({ event: 'peer-refused', resource: this.resource.name, peer: this.peerNode, reason }, `${this.peerNode} refused the connection: ${reason}`);
         return;
       }
       default:
-        throw new Error(`unknown frame type ${type}`);
+        throw new W.ProtocolError(`unknown frame type ${type}`);
     }
   }
 
@@ -432,10 +457,10 @@ export class PeerSession {
 
   private onResyncTarget(type: number, payload: Buffer): void {
     const r = this.resource;
-    if (this.phase !== 'sync-target') throw new Error('resync frame outside a resync');
+    if (this.phase !== 'sync-target') throw new W.ProtocolError(`${W.frameName(type)} outside a resync`);
     const ready = this.targetReady!;
     if (type === W.F_RS_DONE) {
-      const { gi } = W.decodeJson<{ gi: typeof r.record.gi }>(payload);
+      const { gi } = W.decodeJson(payload, W.resyncDoneSchema, 'resync done');
       void this.applying.barrier().then(async () => {
         await ready;
         await r.finishSyncTarget(this.peerNode, gi);
@@ -448,12 +473,12 @@ export class PeerSession {
       });
       return;
     }
-    const { offset, length, rest } = W.decodeRange(payload);
     if (type === W.F_RS_CSUM) {
+      const { offset, length, digest: theirs } = W.decodeResyncChecksum(payload, r.size);
       void this.applying.run(offset, length, async () => {
         await ready;
         const mine = await this.readLocal(offset, length);
-        const same = mine !== undefined && digest(mine).equals(rest);
+        const same = mine !== undefined && digest(mine).equals(theirs);
         if (same) {
           r.bitmap.clear(offset, length);
           this.resync?.account(length, true);
@@ -462,14 +487,13 @@ export class PeerSession {
       });
       return;
     }
-    const flags = rest.readUInt32BE(0);
-    const data = rest.subarray(4);
+    const { offset, length, zero, data } = W.decodeResyncData(payload, r.size);
     void this.applying.run(offset, length, async () => {
       await ready;
       const dev = r.backing;
       if (!dev) return;
       try {
-        if (flags & W.WF_ZERO) await dev.writeZeroes(offset, length, {});
+        if (zero) await dev.writeZeroes(offset, length, {});
         else await dev.write(offset, data);
         r.bitmap.clear(offset, length);
         this.resync?.account(length, false);
@@ -548,11 +572,7 @@ export class PeerSession {
     });
   }
 
-  private onRead(p: Buffer): void {
-    const seq = Number(p.readBigUInt64BE(0));
-    const offset = Number(p.readBigUInt64BE(8));
-    const length = p.readUInt32BE(16);
-    if (length > WRITE_PIECE) throw new Error('read request too large');
+  private onRead({ seq, offset, length }: { seq: number; offset: number; length: number }): void {
     void this.applying.run(offset, length, async () => {
       const data = await this.readLocal(offset, length);
       const h = Buffer.allocUnsafe(12);
@@ -605,6 +625,8 @@ export class PeerSession {
       for (let offset = 0; offset < r.size && this.link.isUp; offset += VERIFY_PIECE) {
         const length = Math.min(VERIFY_PIECE, r.size - offset);
         while (inFlight.size >= VERIFY_WINDOW) await Promise.race(inFlight);
+        // Down while waiting for room: a waiter added now would never be answered.
+        if (!this.link.isUp) break;
         const answer = deferred<Buffer>();
         this.verifyWaiters.set(offset, answer);
         // Read and send under the write order, so the peer compares with the same writes applied.
@@ -641,13 +663,11 @@ export class PeerSession {
     return v;
   }
 
-  private onVerifyRequest(p: Buffer): void {
-    const { offset, length, rest } = W.decodeRange(p);
-    if (length > VERIFY_PIECE || rest.length !== Math.ceil(length / BLOCK) * DIGEST) throw new Error('malformed verify request');
+  private onVerifyRequest({ offset, length, digests: rest }: { offset: number; length: number; digests: Buffer }): void {
     void this.applying.run(offset, length, async () => {
       const mine = await this.readLocal(offset, length);
       const ours = mine ? blockDigests(mine) : undefined;
-      const differs = Buffer.alloc(VERIFY_PIECE / BLOCK / 8);
+      const differs = Buffer.alloc(W.VERIFY_REPLY_BYTES);
       for (let i = 0; i * BLOCK < length; i++) {
         const same = ours !== undefined && ours.subarray(i * DIGEST, (i + 1) * DIGEST).equals(rest.subarray(i * DIGEST, (i + 1) * DIGEST));
         if (same) continue;
@@ -686,7 +706,7 @@ export class PeerSession {
     this.flushes.clear();
     for (const rd of this.reads.values()) rd.done.resolve(1);
     this.reads.clear();
-    for (const w of this.verifyWaiters.values()) w.resolve(Buffer.alloc(VERIFY_PIECE / BLOCK / 8));
+    for (const w of this.verifyWaiters.values()) w.resolve(Buffer.alloc(W.VERIFY_REPLY_BYTES));
     this.verifyWaiters.clear();
     this.link.resume();
     r.log.warn({ event: 'disconnected', resource: r.name, peer: this.peerNode, why, phase: wasPhase }, `lost ${this.peerNode}: ${why}`);
@@ -698,7 +718,7 @@ export class PeerSession {
 }
 
 /** Bytes of one block's digest in a verify request (SHA-256, truncated). */
-const DIGEST = 16;
+const DIGEST = W.VERIFY_DIGEST;
 
 /** One truncated SHA-256 per 4 KiB block, so verify reports exactly which blocks differ. */
 function blockDigests(data: Buffer): Buffer {

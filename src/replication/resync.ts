@@ -37,8 +37,8 @@ export interface ResyncProgress {
   checksum: boolean;
 }
 
-const PIECE = 256 * 1024;
-const ZERO_PIECE_MAX = 64 * 1024 * 1024;
+const PIECE = W.RESYNC_PIECE;
+const ZERO_PIECE_MAX = W.RESYNC_ZERO_MAX;
 const WINDOW = 8 * 1024 * 1024;
 const QUIET_MS = 100;
 const BURST_MS = 100;
@@ -53,7 +53,8 @@ export class Resync {
   private sent = 0;
   private readonly startedAt = Date.now();
   private inFlightBytes = 0;
-  private readonly inFlight = new Map<number, { length: number; cost: number }>();
+  /** Pieces sent and not yet acknowledged, by offset; `checksum` while only their digest went. */
+  private readonly inFlight = new Map<number, { length: number; cost: number; checksum: boolean }>();
   private wake: (() => void) | undefined;
   private nextSendAt = 0;
   private endedAt: number | undefined;
@@ -88,17 +89,26 @@ export class Resync {
     this.wake?.();
   }
 
-  /** Source side: acks and checksum answers from the target. */
+  /**
+   * Source side: acks and checksum answers from the target. Each answers a
+   * piece in flight, exactly: an ack of anything else would clear bits of
+   * blocks the target never got, a checksum answer for anything else would
+   * make this node read and send what it never offered.
+   */
   onFrame(type: number, payload: Buffer): void {
-    const { offset, length, rest } = W.decodeRange(payload);
     const r = this.session.resource;
-    if (type === W.F_RS_CSUM_REPLY && rest[0] !== 1) {
+    const checksum = type === W.F_RS_CSUM_REPLY;
+    const { offset, length, same } = checksum ? W.decodeResyncChecksumReply(payload, r.size) : { ...W.decodeResyncAck(payload, r.size), same: true };
+    const entry = this.inFlight.get(offset);
+    if (!entry || entry.length !== length || entry.checksum !== checksum) {
+      throw new W.ProtocolError(`${W.frameName(type)} for ${offset}+${length}, which is not a piece in flight`);
+    }
+    if (checksum && !same) {
       // The target's bytes differ: send them, still under the write order.
+      entry.checksum = false;
       void this.sendData(offset, length, false);
       return;
     }
-    const entry = this.inFlight.get(offset);
-    if (!entry) return;
     this.inFlight.delete(offset);
     this.inFlightBytes -= entry.cost;
     r.bitmap.clear(offset, length);
@@ -124,7 +134,7 @@ export class Resync {
         await this.room(cost, rate);
         if (!this.running) return false;
         cursor = run.offset + length;
-        this.inFlight.set(run.offset, { length, cost });
+        this.inFlight.set(run.offset, { length, cost, checksum: !isZero && r.options.checksumResync === true });
         this.inFlightBytes += cost;
         if (isZero) await this.sendZero(run.offset, length);
         else await this.sendData(run.offset, length, r.options.checksumResync === true);

@@ -12,6 +12,7 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import { PassThrough, Readable, Writable } from 'node:stream';
+import { z } from 'zod';
 import type { Logger } from '../util/log.js';
 import { UserError, errnoCode } from '../util/errors.js';
 import type { Command } from './service.js';
@@ -36,6 +37,28 @@ export interface AdminOptions {
 }
 
 const MAX_REQUEST = 64 * 1024;
+/** Longest command name (the longest today, resource.restore-blocks, is 23). */
+const MAX_CMD = 64;
+
+/**
+ * The envelope every request has: a command name of dotted lower-case words
+ * (vol.create, resource.primary, witness.query) and, when signed, a
+ * signature of the right shape. The command's own fields are the handler's
+ * to check (each command has its own); here they only pass through.
+ */
+const requestEnvelope = z
+  .object({
+    cmd: z
+      .string()
+      .max(MAX_CMD)
+      .regex(/^[a-z][a-z0-9-]*(\.[a-z][a-z0-9-]*)+$/),
+    auth: z.object({ ts: z.number(), mac: z.string().max(256) }).strict().optional(),
+  })
+  .passthrough();
+
+const answerSchema = z
+  .object({ ok: z.boolean(), result: z.unknown().optional(), error: z.string().optional(), exitCode: z.number().int().optional() })
+  .passthrough();
 
 export class AdminServer {
   private constructor(
@@ -98,9 +121,12 @@ function serveOne<C extends Request>(socket: net.Socket, handler: Handler<C>, lo
     if (!options.dropIfCallerLeft) socket.pause();
     let command: C;
     try {
-      command = JSON.parse(buffered.subarray(0, nl).toString('utf8')) as C;
-      if (typeof command !== 'object' || command === null || typeof command.cmd !== 'string') throw new Error('no cmd');
+      const raw: unknown = JSON.parse(buffered.subarray(0, nl).toString('utf8'));
+      if (!requestEnvelope.safeParse(raw).success) throw new Error('not a request');
+      // The request as sent, not zod's copy: a signature covers its exact text (key order included).
+      command = raw as C;
     } catch {
+      log.warn({ event: 'admin-malformed', from: socket.remoteAddress }, 'refused a malformed admin request');
       reply(socket, { ok: false, error: 'admin socket: malformed request', exitCode: 2 });
       return;
     }
@@ -254,10 +280,14 @@ async function readAnswer(socket: net.Socket, output: Writable | undefined): Pro
   if (framing) throw new UserError('the pool holder closed the connection in the middle of the stream; the output is incomplete');
   const text = buf.toString('utf8').trim();
   if (!text) throw new UserError('the pool holder closed the connection without an answer');
+  let answer: unknown;
   try {
-    return JSON.parse(text) as Answer;
+    answer = JSON.parse(text);
   } catch {
     throw new UserError('the pool holder sent a malformed answer');
   }
+  const parsed = answerSchema.safeParse(answer);
+  if (!parsed.success) throw new UserError('the pool holder sent a malformed answer');
+  return parsed.data;
 }
 

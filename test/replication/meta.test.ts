@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
 import { Bitmap } from '../../src/replication/bitmap.js';
+import { crc32 } from 'node:zlib';
 import { decodeRecord, encodeRecord, initialRecord, layoutFor, readRecord, writeRecord } from '../../src/replication/meta.js';
 
 const MiB = 1024 * 1024;
@@ -64,4 +65,51 @@ test('record: a power cut during an update leaves the old or the new record, nev
     assert.ok(after.disk === 'UpToDate' || after.disk === 'Outdated', after.disk);
     if (done) assert.equal(after.disk, 'Outdated', 'an acknowledged (FUA) update was lost');
   }
+});
+
+/** A slot holding `body` as its JSON, with a right magic, version and checksum: only the shape can be wrong. */
+function slotWith(body: unknown, seq: bigint): Buffer {
+  const json = Buffer.from(JSON.stringify(body));
+  const buf = Buffer.alloc(4096);
+  Buffer.from('DUETREPL').copy(buf, 0);
+  buf.writeUInt32LE(1, 8);
+  buf.writeBigUInt64LE(seq, 16);
+  buf.writeUInt32LE(json.length, 24);
+  json.copy(buf, 32);
+  buf.writeUInt32LE(crc32(json, crc32(buf.subarray(0, 28))), 28);
+  return buf;
+}
+
+test('record: a checksummed slot of the wrong shape is invalid; the other slot is used', async () => {
+  const dev = new MemoryDevice(16 * MiB, 'disk');
+  const l = layoutFor(dev.size);
+  const good = await writeRecord(dev, l, { ...initialRecord('a', 'alpha', l), seq: 0 });
+  const { seq: _seq, ...body } = good;
+  const wrong: [string, unknown][] = [
+    ['a generation that is not one', { ...body, gi: { ...body.gi, current: 'not-hex-at-all!!' } }],
+    ['a short history', { ...body, gi: { ...body.gi, history: ['0'] } }],
+    ['an unknown disk state', { ...body, disk: 'Happy' }],
+    ['a size as a string', { ...body, dataBytes: String(body.dataBytes) }],
+    ['a negative size', { ...body, dataBytes: -1 }],
+    ['a flag that is not a boolean', { ...body, primary: 'yes' }],
+    ['no resource', { ...body, resource: undefined }],
+    ['an array', [body]],
+    ['null', null],
+  ];
+  for (const [what, bad] of wrong) {
+    const slot = slotWith(bad, BigInt(good.seq + 1));
+    assert.equal(decodeRecord(slot), undefined, what);
+    await dev.write(l.recordOffset + ((good.seq + 1) % 2) * 4096, slot);
+    assert.deepEqual(await readRecord(dev, l), good, `${what}: the older valid slot wins`);
+  }
+  assert.equal(decodeRecord(slotWith(body, 2n ** 60n)), undefined, 'a sequence number past 2^53');
+});
+
+test('record: fields added after the first version default; fields of a newer duet are kept', () => {
+  const l = layoutFor(16 * MiB);
+  const { seq: _seq, primarySince: _p, peerOutdated: _o, ...old } = initialRecord('a', 'alpha', l);
+  assert.deepEqual(decodeRecord(slotWith(old, 7n)), { ...old, primarySince: 0, peerOutdated: false, seq: 7 });
+  const newer = decodeRecord(slotWith({ ...old, primarySince: 5, peerOutdated: true, someday: 1 }, 8n));
+  assert.equal(newer?.seq, 8);
+  assert.equal((newer as unknown as Record<string, unknown>).someday, 1);
 });
