@@ -14,7 +14,7 @@ import { PeerLink } from '../../src/replication/link.js';
 import { newGi, NO_GI, GenerationIds } from '../../src/replication/meta.js';
 import type { ResourceOptions } from '../../src/replication/resource.js';
 import * as W from '../../src/replication/wire.js';
-import { freePort, Node, SECRET, startNode, stopNode, until } from './pair.js';
+import { freePort, newDisk, Node, SECRET, startNode, stopNode, until } from './pair.js';
 
 export interface LogEvent {
   event?: string;
@@ -39,7 +39,7 @@ export async function startTarget(options: Partial<ResourceOptions> = {}, diskBy
   const events: LogEvent[] = [];
   const log = pino({ level: 'debug' }, { write: (s: string) => void events.push(JSON.parse(s) as LogEvent) });
   const port = await freePort();
-  const disk = new MemoryDevice(diskBytes, 'bravo-disk');
+  const disk = await newDisk(diskBytes, 'bravo');
   const node = await startNode('bravo', disk, port, { log, ...options });
   await node.resource.promote(true);
   await node.resource.demote();
