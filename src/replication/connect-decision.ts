@@ -99,6 +99,21 @@ export function syncGeneration(source: string, target: string): string {
 }
 
 /**
+ * The generations of a disk that is not UpToDate when it is promoted with
+ * --force: a generation of its own, gone on from its current one. An
+ * Inconsistent disk that has a generation is an interrupted sync target
+ * (its current is the sync generation): it forgets the generation it had
+ * before that resync, so no rule can take it for "generations ahead" of
+ * the source it never caught up with (that is a split brain: both went on
+ * from the sync generation, or from an older common one).
+ */
+export function forcedGeneration(gi: GenerationIds, disk: DiskState, fresh: string): GenerationIds {
+  if (gi.current === NO_GI) return { current: fresh, bitmap: NO_GI, history: gi.history };
+  const history: [string, string] = disk === 'Inconsistent' ? [gi.history[1], NO_GI] : gi.history;
+  return { current: fresh, bitmap: gi.bitmap === NO_GI ? gi.current : gi.bitmap, history };
+}
+
+/**
  * drbd_uuid_compare, from `self`'s side. `resolver` is the node that loses
  * ties (DRBD's RESOLVE_CONFLICTS): the one whose name sorts last.
  *

@@ -8,7 +8,6 @@
  */
 import { createHash } from 'node:crypto';
 import type { PeerLink } from './link.js';
-import { AL_EXTENT_BYTES } from './activity-log.js';
 import { BLOCK } from './bitmap.js';
 import { ConnectAction, ConnectSide, decideConnect, syncGeneration } from './connect-decision.js';
 import type { Resource } from './resource.js';
@@ -57,6 +56,45 @@ interface PendingWrite {
   done: Deferred<boolean>;
 }
 
+/** An epoch ends this long after its first write at the latest (a background flush on the peer). */
+const EPOCH_MS = 100;
+/** ... or once it holds this many bytes. */
+const EPOCH_BYTES_MAX = 4 * 1024 * 1024;
+/** ... or this many separate ranges (bounds the memory of one epoch). */
+const EPOCH_RANGES_MAX = 65536;
+
+/** Byte ranges written in one epoch, adjacent and overlapping ones merged with the last. */
+class WriteSet {
+  private readonly starts: number[] = [];
+  private readonly ends: number[] = [];
+  /** Bytes written (counting overlaps once only when they touch the last range). */
+  bytes = 0;
+
+  get count(): number {
+    return this.starts.length;
+  }
+
+  add(offset: number, length: number): void {
+    if (length <= 0) return;
+    const end = offset + length;
+    const last = this.starts.length - 1;
+    if (last >= 0 && offset <= this.ends[last] && end >= this.starts[last]) {
+      const before = this.ends[last] - this.starts[last];
+      this.starts[last] = Math.min(this.starts[last], offset);
+      this.ends[last] = Math.max(this.ends[last], end);
+      this.bytes += this.ends[last] - this.starts[last] - before;
+      return;
+    }
+    this.starts.push(offset);
+    this.ends.push(end);
+    this.bytes += length;
+  }
+
+  *ranges(): Generator<[number, number]> {
+    for (let i = 0; i < this.starts.length; i++) yield [this.starts[i], this.ends[i] - this.starts[i]];
+  }
+}
+
 /** Receive-side cap: past this many writes waiting for the disk, stop reading the link. */
 const APPLY_MAX = 256;
 const VERIFY_PIECE = W.VERIFY_PIECE;
@@ -71,10 +109,12 @@ export class PeerSession {
   private bitmapDone = false;
   private seq = 0;
   private readonly pending = new Map<number, PendingWrite>();
-  private readonly flushes = new Map<number, { done: Deferred<boolean>; extents: Set<number> }>();
+  /** Flushes in flight: an application's, or the barrier that closes an epoch; each with the writes it makes durable there. */
+  private readonly flushes = new Map<number, { done: Deferred<boolean>; writes: WriteSet; barrier: boolean }>();
   private readonly reads = new Map<number, { into: Buffer; done: Deferred<number> }>();
   /** Extents written to the peer since its last completed flush (lost there if it crashes). */
-  private unflushed = new Set<number>();
+  private epoch = new WriteSet();
+  private epochTimer: NodeJS.Timeout | undefined;
   /** Receive side: writes from the peer, applied in order where they overlap. */
   private readonly applying = new RangeOrder();
   resync: Resync | undefined;
@@ -209,21 +249,66 @@ export class PeerSession {
     this.pending.set(seq, p);
     const flags = (fua ? W.WF_FUA : 0) | (kind === 1 ? W.WF_ZERO : kind === 2 ? W.WF_ZERO | W.WF_TRIM : 0);
     const room = this.link.sendv(W.F_WRITE, W.encodeWrite(seq, offset, flags, length, data));
-    const first = Math.floor(offset / AL_EXTENT_BYTES);
-    const last = Math.floor((offset + length - 1) / AL_EXTENT_BYTES);
-    for (let e = first; e <= last; e++) this.unflushed.add(e);
+    // A FUA write is durable there once acknowledged; the others are until the peer flushes.
+    if (!fua) this.written(offset, length);
     // Protocol A: "sent" once the link has room for more (back-pressure on the writer).
     const sent = room ? Promise.resolve(true) : this.link.drained().then(() => this.link.isUp);
     return { sent, received: p.received.promise, done: p.done.promise };
   }
 
   sendFlush(): Promise<boolean> {
+    return this.flushEpoch(false);
+  }
+
+  /**
+   * Writes since the last barrier form the current epoch: what the peer
+   * may lose if it dies before it flushes them. An epoch ends at most
+   * EPOCH_MS after its first write or once it holds EPOCH_BYTES_MAX, with
+   * a flush the peer does in the background (one such barrier in flight;
+   * meanwhile the epoch grows); when the link dies, only the writes of
+   * epochs the peer did not confirm are marked out of sync (DRBD's epochs
+   * and barriers).
+   */
+  private written(offset: number, length: number): void {
+    this.epoch.add(offset, length);
+    this.scheduleEpoch();
+  }
+
+  /** Close the epoch now if it is full, else at most EPOCH_MS from now; never two barriers in flight. */
+  private scheduleEpoch(): void {
+    if (this.barrierInFlight || this.epoch.bytes === 0) return;
+    if (this.epoch.bytes >= EPOCH_BYTES_MAX || this.epoch.count >= EPOCH_RANGES_MAX) return void this.flushEpoch(true);
+    if (!this.epochTimer) {
+      this.epochTimer = setTimeout(() => {
+        this.epochTimer = undefined;
+        if (!this.barrierInFlight && this.epoch.bytes > 0 && this.phase !== 'closed') void this.flushEpoch(true);
+      }, EPOCH_MS);
+      this.epochTimer.unref();
+    }
+  }
+
+  private get barrierInFlight(): boolean {
+    for (const f of this.flushes.values()) if (f.barrier) return true;
+    return false;
+  }
+
+  /** Send a flush that makes the current epoch durable on the peer. */
+  private flushEpoch(barrier: boolean): Promise<boolean> {
+    if (this.epochTimer) clearTimeout(this.epochTimer);
+    this.epochTimer = undefined;
     const seq = ++this.seq;
     const done = deferred<boolean>();
-    this.flushes.set(seq, { done, extents: this.unflushed });
-    this.unflushed = new Set();
+    this.flushes.set(seq, { done, writes: this.epoch, barrier });
+    this.epoch = new WriteSet();
     this.link.send(W.F_FLUSH, W.encodeSeq(seq));
     return done.promise;
+  }
+
+  /** Bytes written to the peer that it has not confirmed durable (what a crash there would cost in resync). */
+  get unconfirmedBytes(): number {
+    let n = this.epoch.bytes;
+    for (const f of this.flushes.values()) n += f.writes.bytes;
+    return n;
   }
 
   async read(offset: number, into: Buffer): Promise<void> {
@@ -303,8 +388,10 @@ export class PeerSession {
         const f = this.flushes.get(seq);
         if (!f) throw new W.ProtocolError(`ack of flush ${seq}, which is not in flight`);
         this.flushes.delete(seq);
-        if (status !== 0) for (const e of f.extents) this.markExtent(e);
+        if (status !== 0) for (const [at, n] of f.writes.ranges()) void this.resource.markDiverged(at, n);
         f.done.resolve(status === 0);
+        // The epoch that grew while this barrier was out may be due already.
+        if (f.barrier) this.scheduleEpoch();
         return;
       }
       case W.F_READ:
@@ -678,11 +765,6 @@ export class PeerSession {
     });
   }
 
-  /** A 4 MiB extent the peer may not have on its disk (written there, never flushed). */
-  private markExtent(e: number): void {
-    void this.resource.markDiverged(e * AL_EXTENT_BYTES, Math.min(AL_EXTENT_BYTES, this.resource.size - e * AL_EXTENT_BYTES));
-  }
-
   /* ---------------------------------------------------------------- down */
 
   private onDown(why: string): void {
@@ -692,10 +774,12 @@ export class PeerSession {
     this.phase = 'closed';
     this.resync?.stop();
     // What the peer may not have: writes not acknowledged, and writes not yet flushed there.
+    if (this.epochTimer) clearTimeout(this.epochTimer);
+    this.epochTimer = undefined;
     for (const p of this.pending.values()) void r.markDiverged(p.offset, p.length);
-    for (const f of this.flushes.values()) for (const e of f.extents) this.unflushed.add(e);
     if (wasPhase !== 'handshake' && r.role === 'Primary') {
-      for (const e of this.unflushed) this.markExtent(e);
+      for (const f of this.flushes.values()) for (const [at, n] of f.writes.ranges()) void r.markDiverged(at, n);
+      for (const [at, n] of this.epoch.ranges()) void r.markDiverged(at, n);
     }
     for (const p of this.pending.values()) {
       p.received.resolve(false);

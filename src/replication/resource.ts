@@ -28,7 +28,7 @@ import { DiskState, GenerationIds, layoutFor, MetaLayout, MetaRecord, newGi, NO_
 import { RangeOrder } from './ordering.js';
 import type { PeerSession, PeerStatus } from './peer.js';
 import type { PeerState, Role } from './wire.js';
-import { ConnectPolicy, SplitBrainFound, SplitBrainPolicy } from './connect-decision.js';
+import { ConnectPolicy, forcedGeneration, SplitBrainFound, SplitBrainPolicy } from './connect-decision.js';
 import { saveBlocks } from './split-brain.js';
 import { BorrowedDevice } from '../blockdev/delegating.js';
 
@@ -380,7 +380,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       const gi = this.record.gi;
       patch.disk = 'UpToDate';
       patch.fullSyncNeeded = false;
-      patch.gi = gi.current === NO_GI ? { current: newGi(), bitmap: NO_GI, history: gi.history } : { current: newGi(), bitmap: gi.bitmap === NO_GI ? gi.current : gi.bitmap, history: gi.history };
+      patch.gi = forcedGeneration(gi, disk, newGi());
       this.log.warn({ event: 'forced-promotion', resource: this.name, disk }, 'promoted with --force: this disk is now the good data');
     }
     await this.saveRecord(patch);

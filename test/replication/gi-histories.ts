@@ -51,7 +51,7 @@
  */
 import fc from 'fast-check';
 import { DiskState, GenerationIds, Gi, NO_GI } from '../../src/replication/meta.js';
-import { syncGeneration } from '../../src/replication/connect-decision.js';
+import { ConnectSide, decideConnect, forcedGeneration, syncGeneration } from '../../src/replication/connect-decision.js';
 import type { Role } from '../../src/replication/wire.js';
 import { drbdConnect, giOf, plusNewBmOffset, Side, uuidOf } from './drbd-reference.js';
 
@@ -102,6 +102,8 @@ export interface HistoryPair {
    * UUID). Nothing in the GIs can tell such a divergence from a plain lead.
    */
   hazards: string[];
+  /** duet: resyncs on the way that overwrote acknowledged writes only the target had. */
+  losses: string[];
 }
 
 interface SimNode {
@@ -131,6 +133,8 @@ export class History {
   link: Link = { state: 'connected' };
   readonly trace: string[] = [];
   readonly hazards: string[] = [];
+  /** duet: resyncs its decision on connect started that overwrote acknowledged writes (never expected). */
+  readonly losses: string[] = [];
   private clock = 1_000_000;
   private nextGi = 0;
   private nextWrite = 0;
@@ -247,6 +251,7 @@ export class History {
     if (n.disk === 'UpToDate') return 'UpToDate: no --force needed';
     if (this.link.state === 'syncing') return 'resync running';
     if (this.link.state === 'connected' && (o.disk === 'UpToDate' || o.role === 'Primary')) return 'the peer has good data';
+    const diskBefore = n.disk;
     n.role = 'Primary';
     n.primarySince = this.clock;
     n.disk = 'UpToDate';
@@ -256,8 +261,7 @@ export class History {
       n.curBit = true;
     } else {
       // Resource.promote(force): a generation of its own.
-      const gi = n.gi;
-      n.gi = gi.current === NO_GI ? { current: this.freshGi(), bitmap: NO_GI, history: gi.history } : { current: this.freshGi(), bitmap: gi.bitmap === NO_GI ? gi.current : gi.bitmap, history: gi.history };
+      n.gi = forcedGeneration(n.gi, diskBefore, this.freshGi());
     }
     // Whatever the disk held is now the good data; with no copy, it starts a lineage of its own.
     n.data ??= new Set([-++this.nextWrite]);
@@ -349,7 +353,8 @@ export class History {
 
   private connect(prefer: NodeIndex, keep: NodeIndex | null, syncUuidLost: boolean): string | undefined {
     if (this.link.state !== 'down') return 'already connected';
-    if (this.mechanics === 'drbd') this.drbdSelfCorrections();
+    if (this.mechanics === 'duet') return this.duetConnect(keep, syncUuidLost);
+    this.drbdSelfCorrections();
     const [a, b] = this.nodes;
     const ca = usable(a);
     const cb = usable(b);
@@ -375,8 +380,50 @@ export class History {
     }
     const t = this.nodes[this.other(source)];
     if (t.role === 'Primary') return `${t.name} is Primary and would be overwritten`;
-    // duet refuses to be a sync source unless UpToDate (PeerSession.onHandshakeDone).
-    if (this.mechanics === 'duet' && this.nodes[source].disk !== 'UpToDate') return `${this.nodes[source].name} would be the source but is ${this.nodes[source].disk}`;
+    this.startSync(source, syncUuidLost);
+    return undefined;
+  }
+
+  /**
+   * duet connects as its decision on connect says (what the real nodes
+   * would do), not as the data would want: so every later state is one
+   * duet can reach. A resync that would overwrite acknowledged writes the
+   * source lacks, without a split-brain resolution choosing it, is
+   * recorded in `losses`.
+   */
+  private duetConnect(keep: NodeIndex | null, syncUuidLost: boolean): string | undefined {
+    const [a, b] = this.nodes;
+    const toSide = (n: SimNode): ConnectSide => ({
+      node: n.name,
+      role: n.role,
+      disk: n.disk,
+      dataBytes: BLOCKS * BLOCK_BYTES,
+      gi: copyGi(n.gi),
+      crashedPrimary: n.crashedPrimary,
+      outOfSyncBytes: n.bitmap.size * BLOCK_BYTES,
+      primarySince: n.primarySince,
+      fullSyncNeeded: n.gi.current === NO_GI,
+      peerDiskFailed: false,
+      inUse: n.role === 'Primary',
+      ...(keep !== null ? { keep: NODES[keep] } : {}),
+    });
+    const act = decideConnect(toSide(a), toSide(b), { resource: 'r0', allowTwoPrimaries: false, afterSplitBrain: 'disconnect' });
+    if (act.kind === 'refuse') return act.reason;
+    if (act.kind === 'split-brain') return act.why;
+    if (act.kind === 'connected') {
+      // Resource.connectedTo(): only an Outdated disk facing an UpToDate one of its generation changes.
+      this.link = { state: 'connected' };
+      for (const [n, o] of [[a, b], [b, a]] as const) {
+        if (n.disk === 'Outdated' && o.disk === 'UpToDate' && n.gi.current === o.gi.current) n.disk = 'UpToDate';
+      }
+      return undefined;
+    }
+    const source: NodeIndex = act.direction === 'source' ? 0 : 1;
+    const s = this.nodes[source];
+    const t = this.nodes[this.other(source)];
+    if (!act.splitBrain && t.data !== null && [...t.data].some((w) => !s.data?.has(w))) {
+      this.losses.push(`connect: ${s.name} -> ${t.name} (${act.rule}) overwrites writes only ${t.name} has`);
+    }
     this.startSync(source, syncUuidLost);
     return undefined;
   }
@@ -592,7 +639,7 @@ export function simulate(mechanics: Mechanics, events: HistoryEvent[], selfIndex
     all.push(down);
     h.run([down]);
   }
-  return { mechanics, ...h.sides(selfIndex), events: all, trace: h.trace, hazards: h.hazards };
+  return { mechanics, ...h.sides(selfIndex), events: all, trace: h.trace, hazards: h.hazards, losses: h.losses };
 }
 
 const nodeArb = fc.constantFrom<NodeIndex>(0, 1);
