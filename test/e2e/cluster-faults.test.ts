@@ -84,6 +84,45 @@ test('partition with a witness: the cut-off Primary refuses writes, the other si
   assert.equal(r.stdout.trim(), '1 0 3 0', r.describe());
 });
 
+test('partition with a witness, on-no-quorum suspend: the cut-off Primary holds a write; when the partition heals it fails at once (the peer went on), secondary --force steps down and it resyncs by itself, no split brain', { skip: iptablesSkip() }, async (t) => {
+  const cleanup = new Cleanup();
+  t.after(() => cleanup.runAll());
+  const c = await makeCluster(t, { witness: true });
+  await c.startWitness();
+  await c.start('alpha');
+  await c.start('bravo');
+  await waitStatus(c, 'alpha', 'initial sync', (s) => s.role === 'Primary' && inSync(s));
+  assert.equal((await c.duet('alpha', ['vol', 'create', 'pa/v', '--size', '64M'])).code, 0);
+  const w0 = await python(PWRITE, [c.url('alpha', 'v'), '1', '0']);
+  assert.equal(w0.stdout.trim(), 'ok', w0.describe());
+  const tag = `duet-test-${process.pid}-suspend`;
+  await cut(cleanup, ADDRESS.alpha, ADDRESS.bravo, tag);
+  await cut(cleanup, ADDRESS.alpha, ADDRESS.witness, tag);
+  await waitStatus(c, 'alpha', 'alpha lost quorum', (s) => s.peers[0].connection !== 'Connected' && !s.quorum);
+  // A write on alpha is held (its client waits), not failed.
+  const held = python(PWRITE, [c.url('alpha', 'v'), '2', '4096'], { timeoutMs: 120_000 });
+  await waitStatus(c, 'alpha', 'the write is held', (s) => s.suspended);
+  // bravo reaches the witness: it is promoted and writes.
+  const pb = await c.duet('bravo', ['resource', 'primary', 'a']);
+  assert.equal(pb.code, 0, pb.describe() + c.describe());
+  const wb = await python(PWRITE, [c.url('bravo', 'v'), '3', '8192']);
+  assert.equal(wb.stdout.trim(), 'ok', wb.describe());
+  // Heal: alpha learns bravo went on (from the witness or from bravo) and fails the held write.
+  await cleanup.runAll();
+  const ended = await held;
+  assert.match(ended.stdout.trim(), /^error/, `the held write must fail: bravo went on without alpha\n${ended.describe()}`);
+  const st = await c.status('alpha');
+  assert.ok(st.fencedOff, `alpha is fenced off: ${JSON.stringify(st)}`);
+  const sa = await c.duet('alpha', ['resource', 'secondary', 'a', '--force'], { timeoutMs: 20_000 });
+  assert.equal(sa.code, 0, sa.describe());
+  // alpha resyncs from bravo by itself: no split brain, its never-acknowledged write is gone.
+  await waitStatus(c, 'bravo', 'healed', (s) => s.role === 'Primary' && inSync(s), 60_000);
+  assert.equal((await c.status('bravo')).splitBrain, null);
+  assert.equal((await c.status('alpha')).splitBrain, null);
+  const r = await python(`import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint(h.pread(1,0)[0], h.pread(1,4096)[0], h.pread(1,8192)[0])`, [c.url('bravo', 'v')]);
+  assert.equal(r.stdout.trim(), '1 0 3', r.describe());
+});
+
 test("a witness-outdated Secondary is refused promotion without --force", { skip: iptablesSkip() }, async (t) => {
   const cleanup = new Cleanup();
   t.after(() => cleanup.runAll());

@@ -66,6 +66,7 @@ export interface ResourceJson {
   outOfSyncBytes: number;
   quorum: boolean;
   suspended: boolean;
+  fencedOff: string | null;
   splitBrain: { localChangedBytes: number; peerChangedBytes: number; savedTo: string | null; resolution: string | null } | null;
   lastRefusal: string | null;
   /** Why the resource is down on this node (its disk has no metadata), else null. */
