@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Cleanup, haveProgram, python, run, spawnTracked, waitFor, withTimeout } from './harness.js';
-import { ADDRESS, inSync, makeCluster, waitStatus } from './cluster-harness.js';
+import { ADDRESS, Cluster, inSync, makeCluster, waitStatus } from './cluster-harness.js';
 
 const MiB = 1024 * 1024;
 
@@ -47,10 +47,14 @@ async function cut(cleanup: Cleanup, a: string, b: string, tag: string): Promise
   }
 }
 
-test('partition with a witness: the cut-off Primary refuses writes, the other side is promoted; at most one Primary accepts writes', { skip: iptablesSkip() }, async (t) => {
+/**
+ * alpha Primary with a witness, volume pa/v holding byte 1 at 0, then cut
+ * off from bravo and from the witness (iptables; `cleanup` heals it).
+ */
+async function alphaCutOff(t: Parameters<typeof makeCluster>[0], resourceExtra?: string): Promise<{ c: Cluster; cleanup: Cleanup }> {
   const cleanup = new Cleanup();
   t.after(() => cleanup.runAll());
-  const c = await makeCluster(t, { witness: true, resourceExtra: '"on-no-quorum": error' });
+  const c = await makeCluster(t, { witness: true, ...(resourceExtra ? { resourceExtra } : {}) });
   await c.startWitness();
   await c.start('alpha');
   await c.start('bravo');
@@ -58,12 +62,16 @@ test('partition with a witness: the cut-off Primary refuses writes, the other si
   assert.equal((await c.duet('alpha', ['vol', 'create', 'pa/v', '--size', '64M'])).code, 0);
   const w0 = await python(PWRITE, [c.url('alpha', 'v'), '1', '0']);
   assert.equal(w0.stdout.trim(), 'ok', w0.describe());
-  // Cut alpha off from bravo and from the witness.
   const tag = `duet-test-${process.pid}`;
   await cut(cleanup, ADDRESS.alpha, ADDRESS.bravo, tag);
   await cut(cleanup, ADDRESS.alpha, ADDRESS.witness, tag);
   await waitStatus(c, 'bravo', 'bravo lost alpha', (s) => s.peers[0].connection !== 'Connected');
   await waitStatus(c, 'alpha', 'alpha lost quorum', (s) => s.peers[0].connection !== 'Connected' && !s.quorum);
+  return { c, cleanup };
+}
+
+test('partition with a witness: the cut-off Primary refuses writes, the other side is promoted; at most one Primary accepts writes', { skip: iptablesSkip() }, async (t) => {
+  const { c, cleanup } = await alphaCutOff(t, '"on-no-quorum": error');
   // alpha cannot fence bravo: its unreplicated write is refused.
   const wa = await python(PWRITE, [c.url('alpha', 'v'), '2', '4096'], { timeoutMs: 20_000 });
   assert.match(wa.stdout.trim(), /^error/, `alpha accepted a write without quorum\n${wa.describe()}`);
@@ -85,20 +93,7 @@ test('partition with a witness: the cut-off Primary refuses writes, the other si
 });
 
 test('partition with a witness, on-no-quorum suspend: the cut-off Primary holds a write; when the partition heals it fails at once (the peer went on), secondary --force steps down and it resyncs by itself, no split brain', { skip: iptablesSkip() }, async (t) => {
-  const cleanup = new Cleanup();
-  t.after(() => cleanup.runAll());
-  const c = await makeCluster(t, { witness: true });
-  await c.startWitness();
-  await c.start('alpha');
-  await c.start('bravo');
-  await waitStatus(c, 'alpha', 'initial sync', (s) => s.role === 'Primary' && inSync(s));
-  assert.equal((await c.duet('alpha', ['vol', 'create', 'pa/v', '--size', '64M'])).code, 0);
-  const w0 = await python(PWRITE, [c.url('alpha', 'v'), '1', '0']);
-  assert.equal(w0.stdout.trim(), 'ok', w0.describe());
-  const tag = `duet-test-${process.pid}-suspend`;
-  await cut(cleanup, ADDRESS.alpha, ADDRESS.bravo, tag);
-  await cut(cleanup, ADDRESS.alpha, ADDRESS.witness, tag);
-  await waitStatus(c, 'alpha', 'alpha lost quorum', (s) => s.peers[0].connection !== 'Connected' && !s.quorum);
+  const { c, cleanup } = await alphaCutOff(t);
   // A write on alpha is held (its client waits), not failed.
   const held = python(PWRITE, [c.url('alpha', 'v'), '2', '4096'], { timeoutMs: 120_000 });
   await waitStatus(c, 'alpha', 'the write is held', (s) => s.suspended);

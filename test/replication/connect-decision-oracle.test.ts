@@ -121,9 +121,10 @@ test('drbd histories: where both apply, duet decides as DRBD does', () => {
   assert.ok(compared > 1000, `only ${compared} histories compared`);
 });
 
-test('a forced, interrupted sync target is not silently behind its source: split brain (DRBD rule 90)', () => {
+test('a forced, interrupted sync target is not silently behind its source: split brain, as in DRBD (rule 90)', () => {
   // alpha, Primary, crashes; its activity-log extent resyncs to bravo (same generation); the link
-  // breaks midway; bravo, with its mix of old and new blocks, is forced Primary.
+  // breaks midway; bravo, with its mix of old and new blocks, is forced Primary (the helper's note 4:
+  // before the sync generation duet made alpha the sync target of bravo here, losing alpha's blocks).
   const events = [
     { kind: 'force-primary', node: 0 },
     { kind: 'resync-done', lost: null },
@@ -132,6 +133,10 @@ test('a forced, interrupted sync target is not silently behind its source: split
     { kind: 'disconnect', inFlight: null },
     { kind: 'force-primary', node: 1 },
   ] as const;
+  const drbd = simulate('drbd', [...events], 1);
+  assert.equal(drbd.truth, 'diverged');
+  const d = drbdConnect(drbd.self, drbd.peer, { afterSplitBrain: 'disconnect' });
+  assert.deepEqual([d.rule, d.action.kind], [90, 'split-brain-unresolved'], drbd.trace.join('\n'));
   const duet = simulate('duet', [...events], 1);
   assert.equal(duet.truth, 'diverged');
   const a = decide(duet, 'disconnect');

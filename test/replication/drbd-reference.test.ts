@@ -358,27 +358,6 @@ test('a lost resync end, then both write: DRBD discards one side\'s writes; duet
   assert.deepEqual([d.rule, d.action], [50, TARGET], duet.trace.join('\n'));
 });
 
-test('the same history under both mechanics: a forced interrupted sync target (note 4)', () => {
-  // alpha, Primary, crashes; its activity-log extent is resynced to bravo (same generation); the link
-  // breaks midway; bravo, with its mix of old and new blocks, is forced Primary.
-  const events = [
-    { kind: 'force-primary', node: 0 },
-    { kind: 'resync-done', lost: null },
-    { kind: 'crash', node: 0, hot: 5 },
-    { kind: 'connect', prefer: 0, keep: null, syncUuidLost: false },
-    { kind: 'disconnect', inFlight: null },
-    { kind: 'force-primary', node: 1 },
-  ] as const;
-  const drbd = simulate('drbd', [...events], 1);
-  const duet = simulate('duet', [...events], 1);
-  // bravo's copy is a mix (the resync from alpha did not finish): neither side's data contains the other's.
-  assert.equal(drbd.truth, 'diverged');
-  const d = drbdConnect(drbd.self, drbd.peer, DISCONNECT);
-  assert.deepEqual([d.rule, d.action], [90, UNRESOLVED], drbd.trace.join('\n'));
-  // duet's own decision on this history: connect-decision-oracle.test.ts (a split brain, since the sync generation).
-  void duet;
-});
-
 /* ------------------------------------------------------------ histories */
 
 const POLICIES: SplitBrainPolicy[] = ['disconnect', 'discard-zero-changes', 'discard-least-changes', 'discard-younger-primary'];
