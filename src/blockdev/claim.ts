@@ -200,7 +200,8 @@ function startTimeOf(pid: number): string | undefined {
   }
 }
 
-function alive(pid: number): boolean {
+/** Is process `pid` running (ours or another user's)? */
+export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;

@@ -11,6 +11,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { native } from '../blockdev/native.js';
+import { alive } from '../blockdev/claim.js';
 import { UserError, errnoCode } from '../util/errors.js';
 
 export const DEFAULT_HOME = '/var/lib/duet';
@@ -189,11 +190,4 @@ function readPid(file: string): number {
   }
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return errnoCode(err) === 'EPERM';
-  }
-}
+
