@@ -369,7 +369,7 @@ export class PeerSession {
         this.pending.delete(seq);
         if (status !== 0) {
           // The peer's disk failed this write: it is not there.
-          void this.resource.markDiverged(p.offset, p.length);
+          this.resource.markUnreplicated(p.offset, p.length);
           p.received.resolve(true);
           p.done.resolve(false);
           return;
@@ -388,7 +388,7 @@ export class PeerSession {
         const f = this.flushes.get(seq);
         if (!f) throw new W.ProtocolError(`ack of flush ${seq}, which is not in flight`);
         this.flushes.delete(seq);
-        if (status !== 0) for (const [at, n] of f.writes.ranges()) void this.resource.markDiverged(at, n);
+        if (status !== 0) for (const [at, n] of f.writes.ranges()) this.resource.markUnreplicated(at, n);
         f.done.resolve(status === 0);
         // The epoch that grew while this barrier was out may be due already.
         if (f.barrier) this.scheduleEpoch();
@@ -776,10 +776,10 @@ export class PeerSession {
     // What the peer may not have: writes not acknowledged, and writes not yet flushed there.
     if (this.epochTimer) clearTimeout(this.epochTimer);
     this.epochTimer = undefined;
-    for (const p of this.pending.values()) void r.markDiverged(p.offset, p.length);
+    for (const p of this.pending.values()) r.markUnreplicated(p.offset, p.length);
     if (wasPhase !== 'handshake' && r.role === 'Primary') {
-      for (const f of this.flushes.values()) for (const [at, n] of f.writes.ranges()) void r.markDiverged(at, n);
-      for (const [at, n] of this.epoch.ranges()) void r.markDiverged(at, n);
+      for (const f of this.flushes.values()) for (const [at, n] of f.writes.ranges()) r.markUnreplicated(at, n);
+      for (const [at, n] of this.epoch.ranges()) r.markUnreplicated(at, n);
     }
     for (const p of this.pending.values()) {
       p.received.resolve(false);

@@ -286,7 +286,12 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    */
   markDiverged(offset: number, length: number): void | Promise<void> {
     this.bitmap.mark(offset, length);
-    const wait = this.record.gi.bitmap !== NO_GI || this.role !== 'Primary' ? this.diverging : this.newGeneration('writing without the peer');
+    // Fenced off: whatever was in flight fails too, even after the node stepped down.
+    if (this.fencedOff !== undefined) return Promise.reject(new FencedOff(this.fencedOff));
+    // A new generation (fencing the peer first, with a witness) unless one diverged already and the
+    // peer is outdated at the witness for it (a forced promotion or a peer's lost disk diverge unfenced).
+    const fenced = this.record.gi.bitmap !== NO_GI && (this.options.fence === undefined || this.record.peerOutdated);
+    const wait = fenced || this.role !== 'Primary' ? this.diverging : this.newGeneration('writing without the peer');
     if (!wait) return;
     if (this.held >= HELD_WRITES_MAX) return Promise.reject(new BlockDeviceError('EIO', `resource ${this.name}: ${this.held} writes are held already (no quorum): write refused`));
     this.held++;
@@ -301,6 +306,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * configured, so it cannot be promoted with data that is now old.
    */
   private newGeneration(why: string): Promise<void> {
+    if (this.fencedOff !== undefined) return Promise.reject(new FencedOff(this.fencedOff));
     this.diverging ??= (async () => {
       const abort = new AbortController();
       this.divergeAbort = abort;
@@ -351,6 +357,16 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.divergeAbort?.abort(new FencedOff(reason));
   }
 
+  /**
+   * The session's marking: blocks the peer may not have (unacknowledged
+   * or unconfirmed writes when the link drops, a write the peer failed).
+   * Nobody waits on it: a failure here is the writers' to see.
+   */
+  markUnreplicated(offset: number, length: number): void {
+    const r = this.markDiverged(offset, length);
+    if (r instanceof Promise) r.catch(() => undefined);
+  }
+
   /** Writes are held now (waiting for a new generation the witness must allow). */
   get holding(): boolean {
     return this.diverging !== undefined;
@@ -360,6 +376,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
 
   async promote(force: boolean): Promise<void> {
     if (this.role === 'Primary') return;
+    this.mayChangeRole();
     const peer = this.peer?.state;
     if (peer?.role === 'Primary' && !this.options.allowTwoPrimaries) {
       throw new UserError(`resource ${this.name}: ${peer.node} is Primary; make it Secondary first (resource secondary ${this.name} on ${peer.node})`);
@@ -374,6 +391,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       }
     }
     await this.options.mayPromote?.(this.name, force);
+    // The link may have come up (and a resync begun here) while the witness was asked.
+    this.mayChangeRole();
+    if (this.disk !== disk) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
     const patch: Partial<MetaRecord> = { primary: true, primarySince: Date.now() };
     if (disk !== 'UpToDate' && disk !== 'Diskless') {
       // Forced: this disk becomes the good data, in a generation of its own.
@@ -386,13 +406,21 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     await this.saveRecord(patch);
     // Promoted without the peer: what is written from now on is a generation the peer does not have.
     if (!patch.gi && !this.peer?.replicating) await this.newGeneration('Primary without the peer');
+    this.mayChangeRole();
     this.role = 'Primary';
+    this.fencedOff = undefined;
     this.log.info({ event: 'role', resource: this.name, role: 'Primary' }, 'Primary');
     if (patch.gi && this.peer) {
       // The generations changed under a live link: let the handshake decide again (a full sync to the peer).
       this.peer.close('generation changed by a forced promotion: reconnecting');
     } else this.peer?.sendState();
     this.emit('changed');
+  }
+
+  /** A node in a handshake or a resync target takes no role change: the decision was made on its old role. */
+  private mayChangeRole(): void {
+    if (this.peer?.handshake) throw new UserError(`resource ${this.name}: connecting to ${this.peer.peerNode} right now: try again in a moment`);
+    if (this.peer?.phase === 'sync-target') throw new UserError(`resource ${this.name}: ${this.node} is sync target of ${this.peer.peerNode}: let the resync finish, or promote ${this.peer.peerNode}`);
   }
 
   /**
@@ -404,8 +432,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (this.role === 'Secondary') return;
     if (force) this.fenceOff(`resource ${this.name}: made Secondary by force: held writes fail`);
     await this.flush().catch(() => undefined);
+    // Stays fenced off (writes still in flight fail) until it has the new Primary's data or is promoted.
     this.role = 'Secondary';
-    this.fencedOff = undefined;
     await this.al.clear().catch((err: unknown) => this.detach(err));
     await this.writeBitmap();
     await this.saveRecord({ primary: false });
@@ -522,6 +550,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   /** Connected without a resync. An Outdated disk facing an UpToDate peer of the same generation is good again. */
   async connectedTo(peer: PeerState): Promise<boolean> {
     this.lastRefusal = undefined;
+    // In sync with the peer: it is no longer outdated by this node (the next divergence fences it again).
+    if (this.record.peerOutdated && this.record.gi.current === peer.gi.current) void this.saveRecord({ peerOutdated: false });
+    if (this.role === 'Secondary' && this.record.gi.current === peer.gi.current) this.fencedOff = undefined;
     if (this.record.disk === 'Outdated' && peer.disk === 'UpToDate' && this.record.gi.current === peer.gi.current) {
       await this.saveRecord({ disk: 'UpToDate' });
       return true;
@@ -548,7 +579,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       if (gi.bitmap !== sync) await this.saveRecord({ gi: { current: gi.current, bitmap: sync, history: gi.bitmap !== NO_GI ? [gi.bitmap, gi.history[0]] : gi.history } });
       return;
     }
+    // Inconsistent from this moment on (in memory at once: no promotion slips in while the bitmap is written).
+    const inconsistent = this.saveRecord({ disk: 'Inconsistent' });
     if (splitBrain) await saveBlocks(this, peerNode);
+    await inconsistent;
     await this.writeBitmap();
     const next: GenerationIds = gi.current === sync ? gi : { current: sync, bitmap: NO_GI, history: [gi.current, gi.history[0]] };
     // The bitmap holds every block now: a full sync that breaks off resumes instead of starting over.
@@ -573,8 +607,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   /** The target has every block: the data (flushed first, with the bitmap) is the source's generation, UpToDate. */
   async finishSyncTarget(peerNode: string, gi: GenerationIds): Promise<void> {
     await this.writeBitmap();
-    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false });
+    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false, peerOutdated: false });
     this.crashedPrimary = false;
+    this.fencedOff = undefined;
     if (this.splitBrain && !this.splitBrain.resolution) this.splitBrain.resolution = `kept ${peerNode}'s data`;
   }
 

@@ -86,7 +86,12 @@ async function outcome(p: Promise<unknown> | void, ms = 300): Promise<string> {
   ]);
 }
 
+/** Unhandled rejections during a test: each one would end a node daemon. */
+const unhandled: unknown[] = [];
+process.on('unhandledRejection', (err) => unhandled.push(err));
+
 async function done(c: Cluster): Promise<void> {
+  assert.deepEqual(unhandled.splice(0).map((e) => (e as Error).message), [], 'no unhandled rejection');
   await stopNode(c.a);
   await stopNode(c.b);
   fs.rmSync(c.witnessDir, { recursive: true, force: true });
@@ -181,7 +186,8 @@ test('demote(force) ends held writes with EIO at once; a plain demotion would wa
     assert.match(await outcome(held, 2000), /^error: .*made Secondary by force/);
     assert.equal(await outcome(demoted, 5000), 'ok');
     assert.equal(c.a.resource.role, 'Secondary');
-    assert.equal(c.a.resource.fencedOff, undefined);
+    // Fenced off until it has the new Primary's data (or is promoted again): a write still in flight fails.
+    assert.ok(c.a.resource.fencedOff);
   } finally {
     await done(c);
   }
@@ -202,6 +208,75 @@ test('no witness, then the peer comes back as Secondary: the held write complete
     assert.ok(onBravo.equals(Buffer.alloc(4096, 0x5c)), 'bravo has the write before it is acknowledged');
     assert.equal(c.a.resource.record.gi.current, before);
     assert.equal(c.a.resource.suspended, false);
+  } finally {
+    await done(c);
+  }
+});
+
+test('a write in flight when the partition hits, bravo promoted, the partition heals: the write fails, nothing is left unhandled (a daemon would exit)', async () => {
+  const c = await cluster();
+  try {
+    await c.a.resource.write(0, Buffer.alloc(4096, 6));
+    c.reach.alpha = false;
+    const inFlight = Promise.resolve(c.a.resource.write(0, Buffer.alloc(64 * 1024, 7)));
+    await apart(c);
+    assert.equal(await outcome(inFlight), 'pending');
+    await c.b.resource.promote(false);
+    c.reach.alpha = true;
+    assert.match(await outcome(inFlight, 5000), /^error: .*went on without alpha/);
+    await new Promise((r) => setTimeout(r, 200));
+  } finally {
+    await done(c);
+  }
+});
+
+test('a forced promotion fences the peer at the witness before its first write alone: the other node is not promoted without --force', async () => {
+  const c = await cluster();
+  try {
+    await apart(c);
+    await c.a.resource.write(0, Buffer.alloc(4096, 1)); // alpha diverges: bravo outdated at the witness
+    await c.a.resource.demote();
+    await c.b.resource.promote(true); // the operator takes bravo's older copy
+    await c.b.resource.write(4096, Buffer.alloc(4096, 2));
+    await assert.rejects(c.a.resource.promote(false), /Outdated/);
+  } finally {
+    await done(c);
+  }
+});
+
+test('a node that kept the data when its peer lost its disk fences the peer before its first write alone', async () => {
+  const c = await cluster();
+  try {
+    await c.a.resource.peerLostDisk('bravo');
+    await apart(c);
+    await c.a.resource.write(0, Buffer.alloc(4096, 0xa));
+    await assert.rejects(c.b.resource.promote(false), /Outdated/);
+  } finally {
+    await done(c);
+  }
+});
+
+test('secondary --force with a write still on its way to the disk: the write fails and the demotion does not hang', async () => {
+  const c = await cluster();
+  try {
+    await apart(c);
+    c.reach.alpha = false;
+    const held = Promise.resolve(c.a.resource.write(0, Buffer.alloc(4096, 1)));
+    assert.equal(await outcome(held), 'pending');
+    // A slow disk: the next write's local I/O is still running when the admin forces the demotion.
+    const disk = c.a.disk as unknown as { write: (o: number, d: Buffer, opt?: unknown) => unknown };
+    const original = disk.write.bind(c.a.disk);
+    disk.write = (o, d, opt) => (o < c.a.resource.size ? new Promise((r) => setTimeout(() => r(original(o, d, opt)), 300)) : original(o, d, opt));
+    const slow = outcome(c.a.resource.write(8192, Buffer.alloc(4096, 2)), 5000);
+    const heldEnd = outcome(held, 5000);
+    await new Promise((r) => setTimeout(r, 50));
+    c.a.resource.fenceOff('made Secondary by force');
+    // The daemon's order: close the pool (a flush), then demote.
+    assert.match(await outcome(c.a.resource.flush(), 3000), /^(ok|error: )/);
+    assert.equal(await outcome(c.a.resource.demote(true), 3000), 'ok');
+    assert.match(await heldEnd, /^error/);
+    assert.match(await slow, /^error/, 'a write that exists only on the fenced-off node is never acknowledged');
+    disk.write = original;
   } finally {
     await done(c);
   }

@@ -57,3 +57,36 @@ test('an idle Primary whose peer was forced Primary and wrote is refused as sync
     await stopNode(b);
   }
 });
+
+test('a sync target is never promoted: not when the resync starts, nor while the witness is asked', async () => {
+  const { a, b } = await syncedPair();
+  try {
+    a.resource.standAlone = true;
+    b.resource.standAlone = true;
+    a.connector.kick('test disconnect');
+    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    for (let at = 0; at < 16 * MiB; at += MiB) await a.resource.write(at, Buffer.alloc(MiB, 0xaa));
+    await a.resource.demote();
+    let promoted: Promise<string> | undefined;
+    let violated = false;
+    b.resource.on('changed', () => {
+      if (b.resource.role === 'Primary' && b.resource.peer?.phase === 'sync-target') violated = true;
+      if (!promoted && b.resource.peer?.phase === 'sync-target') {
+        promoted = b.resource.promote(false).then(
+          () => 'ok',
+          (err: unknown) => `refused: ${(err as Error).message}`,
+        );
+      }
+    });
+    a.resource.standAlone = false;
+    b.resource.standAlone = false;
+    await until('bravo became sync target', () => promoted !== undefined);
+    assert.match(await promoted!, /^refused: .*sync target of alpha/);
+    await until('resynced', () => upToDate(a, b) && b.resource.bitmap.count === 0);
+    assert.equal(violated, false);
+    assert.equal(b.resource.role, 'Secondary');
+  } finally {
+    await stopNode(a);
+    await stopNode(b);
+  }
+});
