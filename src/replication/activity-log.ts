@@ -17,6 +17,7 @@
  */
 import { crc32 } from 'node:zlib';
 import type { BlockDevice } from '../blockdev/types.js';
+import { Clock, realClock } from '../util/clock.js';
 
 export const AL_EXTENT_BYTES = 4 * 1024 * 1024;
 const PAGE = 4096;
@@ -30,6 +31,8 @@ export interface ActivityLogOptions {
   slots?: number;
   /** Runs before an extent leaves the log (write back the bitmap pages covering it). */
   beforeEvict?: (extents: number[]) => Promise<void>;
+  /** Timers (the real clock unless a simulation runs). */
+  clock?: Clock;
 }
 
 export class ActivityLog {
@@ -128,7 +131,7 @@ export class ActivityLog {
         }
         if (room < need.length) {
           // Every slot has writes in flight: wait for some to end (in-flight writes are bounded).
-          await new Promise((r) => setTimeout(r, 1));
+          await new Promise<void>((r) => (this.options.clock ?? realClock).setTimeout(r, 1));
           continue;
         }
         if (evict.length > 0) {

@@ -15,6 +15,7 @@ import { RangeOrder } from './ordering.js';
 import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
 import * as W from './wire.js';
 import { Resync, ResyncProgress } from './resync.js';
+import type { TimerHandle } from '../util/clock.js';
 
 export type ConnectionState = 'Connected' | 'Connecting' | 'StandAlone' | 'SyncSource' | 'SyncTarget';
 
@@ -114,7 +115,7 @@ export class PeerSession {
   private readonly reads = new Map<number, { into: Buffer; done: Deferred<number> }>();
   /** Extents written to the peer since its last completed flush (lost there if it crashes). */
   private epoch = new WriteSet();
-  private epochTimer: NodeJS.Timeout | undefined;
+  private epochTimer: TimerHandle | undefined;
   /** Receive side: writes from the peer, applied in order where they overlap. */
   private readonly applying = new RangeOrder();
   resync: Resync | undefined;
@@ -279,7 +280,7 @@ export class PeerSession {
     if (this.barrierInFlight || this.epoch.bytes === 0) return;
     if (this.epoch.bytes >= EPOCH_BYTES_MAX || this.epoch.count >= EPOCH_RANGES_MAX) return void this.flushEpoch(true);
     if (!this.epochTimer) {
-      this.epochTimer = setTimeout(() => {
+      this.epochTimer = this.resource.clock.setTimeout(() => {
         this.epochTimer = undefined;
         if (!this.barrierInFlight && this.epoch.bytes > 0 && this.phase !== 'closed') void this.flushEpoch(true);
       }, EPOCH_MS);
@@ -294,7 +295,7 @@ export class PeerSession {
 
   /** Send a flush that makes the current epoch durable on the peer. */
   private flushEpoch(barrier: boolean): Promise<boolean> {
-    if (this.epochTimer) clearTimeout(this.epochTimer);
+    if (this.epochTimer) this.resource.clock.clearTimeout(this.epochTimer);
     this.epochTimer = undefined;
     const seq = ++this.seq;
     const done = deferred<boolean>();
@@ -497,7 +498,7 @@ export class PeerSession {
     this.link.send(W.F_REFUSE, W.encodeJson({ reason }));
     this.phase = 'closed';
     this.resource.connectionRefused(this.peerNode, reason, retry, rule);
-    setTimeout(() => this.close(reason), 50).unref();
+    this.resource.clock.setTimeout(() => this.close(reason), 50).unref();
   }
 
   private connected(why: string): void {
@@ -774,7 +775,7 @@ export class PeerSession {
     this.phase = 'closed';
     this.resync?.stop();
     // What the peer may not have: writes not acknowledged, and writes not yet flushed there.
-    if (this.epochTimer) clearTimeout(this.epochTimer);
+    if (this.epochTimer) this.resource.clock.clearTimeout(this.epochTimer);
     this.epochTimer = undefined;
     for (const p of this.pending.values()) r.markUnreplicated(p.offset, p.length);
     if (wasPhase !== 'handshake' && r.role === 'Primary') {

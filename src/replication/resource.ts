@@ -31,6 +31,7 @@ import type { PeerState, Role } from './wire.js';
 import { ConnectPolicy, forcedGeneration, SplitBrainFound, SplitBrainPolicy } from './connect-decision.js';
 import { saveBlocks } from './split-brain.js';
 import { BorrowedDevice } from '../blockdev/delegating.js';
+import { Clock, realClock } from '../util/clock.js';
 
 export type Protocol = 'A' | 'B' | 'C';
 export type { SplitBrainPolicy };
@@ -53,6 +54,10 @@ export interface ResourceOptions {
   fence?: (resource: string, generation: { from: string; to: string }, signal: AbortSignal) => Promise<'fenced' | 'peer-back'>;
   /** Asked before a promotion: may this node become Primary (quorum, witness says not outdated)? Throws a UserError if not. */
   mayPromote?: (resource: string, force: boolean) => Promise<void>;
+  /** Time and timers (the real clock unless a simulation runs). */
+  clock?: Clock;
+  /** Source of the random bytes of new generation ids (crypto.randomBytes unless a simulation runs). */
+  randomBytes?: (size: number) => Buffer;
 }
 
 /** Writes here fail: the other side went on without this node (it must be made Secondary). */
@@ -176,6 +181,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   get log(): Logger {
     return this.options.log;
   }
+  get clock(): Clock {
+    return this.options.clock ?? realClock;
+  }
   get backing(): BlockDevice | undefined {
     return this.backing_;
   }
@@ -203,6 +211,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     const self: { resource?: Resource } = {};
     const { log: al, recovered } = await ActivityLog.open(backing, layout.alOffset, layout.alBytes, {
       slots: options.alSlots,
+      clock: options.clock,
       beforeEvict: async () => {
         await self.resource?.writeBitmap();
       },
@@ -311,7 +320,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       const abort = new AbortController();
       this.divergeAbort = abort;
       const gi = this.record.gi;
-      const next = gi.bitmap === NO_GI ? { current: newGi(), bitmap: gi.current, history: gi.history } : { current: newGi(), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] as [string, string] };
+      const next = gi.bitmap === NO_GI ? { current: newGi(this.options.randomBytes), bitmap: gi.current, history: gi.history } : { current: newGi(this.options.randomBytes), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] as [string, string] };
       try {
         // The peer is outdated until it holds the generation this node moves to.
         const outcome = (await this.options.fence?.(this.name, { from: gi.current, to: next.current }, abort.signal)) ?? 'fenced';
@@ -394,13 +403,13 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // The link may have come up (and a resync begun here) while the witness was asked.
     this.mayChangeRole();
     if (this.disk !== disk) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
-    const patch: Partial<MetaRecord> = { primary: true, primarySince: Date.now() };
+    const patch: Partial<MetaRecord> = { primary: true, primarySince: this.clock.now() };
     if (disk !== 'UpToDate' && disk !== 'Diskless') {
       // Forced: this disk becomes the good data, in a generation of its own.
       const gi = this.record.gi;
       patch.disk = 'UpToDate';
       patch.fullSyncNeeded = false;
-      patch.gi = forcedGeneration(gi, disk, newGi());
+      patch.gi = forcedGeneration(gi, disk, newGi(this.options.randomBytes));
       this.log.warn({ event: 'forced-promotion', resource: this.name, disk }, 'promoted with --force: this disk is now the good data');
     }
     await this.saveRecord(patch);
@@ -475,7 +484,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (!this.backing_ || this.record.disk !== 'UpToDate' || this.record.peerDiskFailed) return;
     this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
     const gi = this.record.gi;
-    const next: GenerationIds = gi.bitmap === NO_GI ? { current: newGi(), bitmap: gi.current, history: gi.history } : { current: newGi(), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
+    const next: GenerationIds = gi.bitmap === NO_GI ? { current: newGi(this.options.randomBytes), bitmap: gi.current, history: gi.history } : { current: newGi(this.options.randomBytes), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
     await this.saveRecord({ gi: next, peerDiskFailed: true });
   }
 
@@ -540,7 +549,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
 
   splitBrainFound(peerNode: string, found: SplitBrainFound): void {
     const policy = this.options.afterSplitBrain ?? 'disconnect';
-    this.splitBrain = { detectedAt: new Date().toISOString(), policy, localChangedBytes: found.localChangedBytes, peerChangedBytes: found.peerChangedBytes, resolution: null, savedTo: null };
+    this.splitBrain = { detectedAt: new Date(this.clock.now()).toISOString(), policy, localChangedBytes: found.localChangedBytes, peerChangedBytes: found.peerChangedBytes, resolution: null, savedTo: null };
     this.log.error(
       { event: 'split-brain', resource: this.name, peer: peerNode, policy, common: found.common, localChangedBytes: found.localChangedBytes, peerChangedBytes: found.peerChangedBytes, resolution: found.resolution },
       `resource ${this.name}: split brain with ${peerNode} (${found.localChangedBytes} bytes changed here, ${found.peerChangedBytes} there)${found.resolution ? `: ${found.resolution}` : ''}`,
@@ -697,7 +706,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * hole (also how trim is done, so replicas read the same).
    */
   private replicate(offset: number, length: number, kind: 0 | 1 | 2, data: Buffer | undefined, fua: boolean): void | Promise<void> {
-    this.lastAppWriteAt = Date.now();
+    this.lastAppWriteAt = this.clock.now();
     // The peer is deciding from this node's data as it was when the link came up: hold writes until it has.
     const handshake = this.peer?.handshake;
     if (handshake) return handshake.then(() => this.replicate(offset, length, kind, data, fua));

@@ -51,7 +51,7 @@ export class Resync {
   running = true;
   private done = 0;
   private sent = 0;
-  private readonly startedAt = Date.now();
+  private readonly startedAt: number;
   private inFlightBytes = 0;
   /** Pieces sent and not yet acknowledged, by offset; `checksum` while only their digest went. */
   private readonly inFlight = new Map<number, { length: number; cost: number; checksum: boolean }>();
@@ -62,10 +62,12 @@ export class Resync {
   constructor(
     private readonly session: PeerSession,
     readonly totalBytes: number,
-  ) {}
+  ) {
+    this.startedAt = session.resource.clock.now();
+  }
 
   progress(): ResyncProgress {
-    const seconds = ((this.endedAt ?? Date.now()) - this.startedAt) / 1000;
+    const seconds = ((this.endedAt ?? this.session.resource.clock.now()) - this.startedAt) / 1000;
     const rate = seconds > 0 ? Math.round(this.done / seconds) : 0;
     const left = this.totalBytes - this.done;
     return {
@@ -84,7 +86,7 @@ export class Resync {
   }
 
   stop(): void {
-    this.endedAt ??= Date.now();
+    this.endedAt ??= this.session.resource.clock.now();
     this.running = false;
     this.wake?.();
   }
@@ -148,22 +150,23 @@ export class Resync {
 
   private async room(cost: number, rate: number): Promise<void> {
     const r = this.session.resource;
+    const clock = r.clock;
     for (;;) {
       if (!this.running) return;
-      const window = Date.now() - r.lastAppWriteAt < QUIET_MS ? WINDOW / 8 : WINDOW;
+      const window = clock.now() - r.lastAppWriteAt < QUIET_MS ? WINDOW / 8 : WINDOW;
       if (this.inFlightBytes + cost <= window || this.inFlight.size === 0) break;
       await new Promise<void>((resolve) => {
         this.wake = resolve;
         // Re-check when the application goes quiet, even if no ack comes.
-        setTimeout(resolve, QUIET_MS).unref();
+        clock.setTimeout(resolve, QUIET_MS).unref();
       });
     }
     if (rate > 0) {
       // Token bucket: time lost reading or waiting for acks is made up, up to a 100 ms burst.
-      const now = Date.now();
+      const now = clock.now();
       const at = Math.max(this.nextSendAt, now - BURST_MS);
       this.nextSendAt = at + (cost / rate) * 1000;
-      if (at > now) await new Promise((resolve) => setTimeout(resolve, at - now));
+      if (at > now) await new Promise<void>((resolve) => clock.setTimeout(resolve, at - now));
     }
   }
 

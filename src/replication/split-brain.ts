@@ -28,7 +28,8 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
   if (!dev) return undefined;
   const dir = r.options.splitBrainDir ?? path.join(os.tmpdir(), 'duet-split-brain');
   fs.mkdirSync(dir, { recursive: true });
-  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+  const now = new Date(r.clock.now());
+  const stamp = now.toISOString().replace(/[:.]/g, '-');
   const file = path.join(dir, `${r.name}-${r.node}-${stamp}.blocks`);
   const ranges = [...r.bitmap.runs()];
   const header = {
@@ -37,7 +38,7 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
     node: r.node,
     peer: peerNode,
     generation: r.record.gi,
-    savedAt: new Date().toISOString(),
+    savedAt: now.toISOString(),
     bytes: ranges.reduce((n, x) => n + x.length, 0),
     ranges,
   };
