@@ -19,6 +19,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { BlockDeviceError } from '../../../src/blockdev/types.js';
 import { UserError } from '../../../src/util/errors.js';
+import { createMetadata } from '../../../src/replication/create-md.js';
 import type { Protocol, SplitBrainPolicy } from '../../../src/replication/resource.js';
 import { Lineage, resetLineageIds, SECTOR, describeValue } from './model.js';
 import { EPOCH, drain } from './scheduler.js';
@@ -29,6 +30,10 @@ const KiB = 1024;
 
 export interface SimOptions {
   seed: number;
+  /** Instead of the seeded episodes, a scripted scenario (the configuration is still the seed's, with `config` on top). */
+  scenario?: (d: Driver, w: World) => Promise<void>;
+  /** Configuration to use instead of the seed's (part of it). */
+  config?: { resource?: WorldConfig['resource']; diskLatency?: [number, number]; link?: WorldConfig['link']; retryMs?: number };
   /** Episodes of chaos, each followed by healing and the checks. */
   episodes?: number;
   /** Operations per episode. */
@@ -80,7 +85,10 @@ export async function runSeed(options: SimOptions): Promise<SeedResult> {
   const started = performance.now();
   resetLineageIds();
   const dir = mkdtempSync(path.join(os.tmpdir(), 'duet-sim-'));
-  const { config, describe } = configFor(options.seed, dir);
+  const seeded = configFor(options.seed, dir);
+  const o = options.config ?? {};
+  const config: WorldConfig = { ...seeded.config, ...o, resource: { ...seeded.config.resource, ...o.resource } };
+  const describe = options.config ? `${seeded.describe}; overridden: ${JSON.stringify(options.config)}` : seeded.describe;
   const w = new World(config);
   const onUnhandled = (reason: unknown): void => w.violation(`unhandled rejection: ${(reason as Error)?.stack ?? String(reason)}`);
   process.on('unhandledRejection', onUnhandled);
@@ -125,6 +133,10 @@ export async function runSeed(options: SimOptions): Promise<SeedResult> {
 async function drive(w: World, options: SimOptions): Promise<void> {
   const d = new Driver(w);
   await d.setUp();
+  if (options.scenario) {
+    await options.scenario(d, w);
+    return;
+  }
   const episodes = options.episodes ?? 2;
   const ops = options.ops ?? 30;
   for (let e = 1; e <= episodes; e++) {
@@ -162,7 +174,7 @@ type OpName =
   | 'verify'
   | 'wait';
 
-class Driver {
+export class Driver {
   private readonly rand: () => number;
   private readonly opRand: () => number;
 
@@ -179,12 +191,12 @@ class Driver {
     return xs[Math.floor(this.rand() * xs.length)];
   }
 
-  private sleep(ms: number): Promise<void> {
+  sleep(ms: number): Promise<void> {
     return this.w.clock.sleep(ms);
   }
 
   /** Wait (fake time) until `cond`; false if it did not come within `ms`. */
-  private async waitFor(cond: () => boolean, ms: number): Promise<boolean> {
+  async waitFor(cond: () => boolean, ms: number): Promise<boolean> {
     const until = this.w.sched.now + ms;
     while (!cond()) {
       if (this.w.sched.now >= until) return false;
@@ -194,7 +206,7 @@ class Driver {
   }
 
   /** `p`, or a violation if it has not settled within `ms` of fake time (something hangs). */
-  private async bounded<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  async bounded<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
     let settled = false;
     const guarded = p.finally(() => (settled = true));
     void guarded.catch(() => undefined);
@@ -203,15 +215,15 @@ class Driver {
     return guarded;
   }
 
-  private get alive(): SimNode[] {
+  get alive(): SimNode[] {
     return this.w.nodes.filter((n) => n.r !== undefined);
   }
 
-  private get primaries(): SimNode[] {
+  get primaries(): SimNode[] {
     return this.w.nodes.filter((n) => n.r?.role === 'Primary');
   }
 
-  private op(line: string): void {
+  op(line: string): void {
     this.w.trace.push(`${this.w.t} ${line}   [${this.w.describe()}]`);
   }
 
@@ -220,7 +232,12 @@ class Driver {
   async setUp(): Promise<void> {
     const w = this.w;
     w.trace.push(`seed ${w.config.seed}`);
-    for (const n of w.nodes) await this.bounded(w.start(n), 10_000, `opening ${n.name}`);
+    for (const n of w.nodes) {
+      // `duet resource create-md` on each new disk.
+      await createMetadata(n.hw, { resource: 'sim', node: n.name });
+      await n.hw.flush();
+      await this.bounded(w.start(n), 10_000, `opening ${n.name}`);
+    }
     const sectors = w.dataBytes / SECTOR;
     const initial = new Lineage(sectors, 'new disks');
     for (const n of w.nodes) w.setLineage(n.name, initial);
@@ -425,7 +442,7 @@ class Driver {
 
   /* ---------------------------------------------------- admin actions */
 
-  private async start(n: SimNode): Promise<void> {
+  async start(n: SimNode): Promise<void> {
     const w = this.w;
     try {
       await this.bounded(w.start(n), 10_000, `restarting ${n.name}`);
@@ -436,7 +453,7 @@ class Driver {
     }
   }
 
-  private async down(n: SimNode, how: 'power' | 'crash'): Promise<void> {
+  async down(n: SimNode, how: 'power' | 'crash'): Promise<void> {
     const w = this.w;
     if (how === 'power') {
       const keep = this.rand() < 0.5 ? 'none' : 'random';
@@ -453,7 +470,7 @@ class Driver {
   }
 
   /** `resource disconnect` (as the node daemon does it): StandAlone; a Primary flushes and tells the peer it goes on alone. */
-  private async adminDisconnect(n: SimNode): Promise<void> {
+  async adminDisconnect(n: SimNode): Promise<void> {
     const r = n.r!;
     r.standAlone = true;
     const peer = r.peer;
@@ -568,7 +585,7 @@ class Driver {
    * --force (the Primary stays Primary), writes, steps down; the link comes
    * back. The Primary must not become its sync target while Primary.
    */
-  private async failback(): Promise<void> {
+  async failback(): Promise<void> {
     const w = this.w;
     const p = this.primaries[0];
     const s = w.other(p);
@@ -590,7 +607,7 @@ class Driver {
     w.net.healAll();
   }
 
-  private verify(): void {
+  verify(): void {
     const w = this.w;
     const n = this.pick(this.alive.filter((x) => x.r?.peer?.phase === 'connected'));
     if (!n) return;

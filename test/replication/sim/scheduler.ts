@@ -139,8 +139,9 @@ export class OwnerClock implements Clock {
     private readonly s: Scheduler,
     readonly owner: Owner,
   ) {}
+  /** Whole milliseconds, as Date.now(). */
   now(): number {
-    return this.s.now;
+    return Math.floor(this.s.now);
   }
   setTimeout(fn: () => void, ms: number): TimerHandle {
     return this.s.timer(ms, fn, this.owner);

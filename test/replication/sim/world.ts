@@ -473,7 +473,15 @@ export class World {
    * resync gets the source's data: its lineage becomes the source's, and
    * what only it was promised is lost, which only an admin may choose.
    */
+  /** Scenarios: called when a node logs its decision on connect (after the model followed it). */
+  decisionHook: ((node: SimNode, action: { kind: string; direction?: string }) => void) | undefined;
+
   private onDecision(proc: Process, e: LogLine): void {
+    this.followDecision(proc, e);
+    this.decisionHook?.(proc.node, e.action as { kind: string; direction?: string });
+  }
+
+  private followDecision(proc: Process, e: LogLine): void {
     const action = e.action as { kind: string; direction?: string; rule?: string; splitBrain?: { resolution: string | null }; reason?: string };
     const here = proc.node.name;
     const peer = String(e.peer);
