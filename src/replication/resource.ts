@@ -213,6 +213,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       slots: options.alSlots,
       clock: options.clock,
       beforeEvict: async () => {
+        // The peer's disk too must hold what was written in the extents for good before the log forgets
+        // them: a power cut of both nodes would otherwise lose them there (a failed flush marks them).
+        const peer = self.resource?.peer;
+        if (peer?.replicating) await peer.sendFlush();
         await self.resource?.writeBitmap();
       },
     });
