@@ -144,3 +144,62 @@ test('a node whose resync as target has just begun is not promoted (it would be 
     });
   }
 });
+
+test('a write on the Primary while a new link is in its handshake: both sides decide alike (no protocol error, no second connection)', async () => {
+  for (const seed of [5, 6, 7]) {
+    await scenario(seed, {}, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      w.net.partition(p.name, s.name);
+      await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000);
+      const before = w.stats.connections;
+      let wrote = false;
+      w.linkHook = () => {
+        if (wrote) return;
+        wrote = true;
+        assert.equal(p.r!.peer?.phase, 'handshake');
+        p.proc!.app!.write('data', 3 * MiB, 8 * KiB, false);
+      };
+      w.net.healAll();
+      assert.ok(await d.waitFor(() => w.inSync(), 10_000), `in sync again: ${w.describe()}`);
+      assert.ok(wrote);
+      assert.equal(w.stats.connections, before + 1, 'the link stayed up: both sides made the same decision');
+      await d.heal();
+    });
+  }
+});
+
+test('resync of a range that was a hole when checked but written before its zero frame left: the write is not undone on the target', async () => {
+  for (const seed of [6, 8]) {
+    await scenario(seed, {}, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      w.net.partition(p.name, s.name);
+      await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000);
+      // Written then trimmed while apart: marked, and a hole on the Primary's disk.
+      const Z = 5 * MiB;
+      const app = p.proc!.app!;
+      app.write('data', Z, 128 * KiB, false);
+      app.write('trim', Z, 128 * KiB, false);
+      await d.bounded(app.quiet(), 5000, 'the writes');
+      // The resync asks whether the range is a hole: yes, but the answer is held...
+      let release: (() => void) | undefined;
+      const disk = p.proc!.disk;
+      disk.blockStatusHook = (offset, length) => {
+        if (release || offset > Z || offset + length <= Z) return undefined;
+        return new Promise<void>((r) => (release = r));
+      };
+      w.net.healAll();
+      assert.ok(await d.waitFor(() => release !== undefined, 5000), 'the resync checked the range');
+      assert.equal(p.r!.peer?.phase, 'sync-source');
+      // ...and meanwhile the application writes there (replicated: the target has it when this is acknowledged).
+      app.write('data', Z + 8 * KiB, 4 * KiB, true);
+      await d.bounded(app.quiet(), 5000, 'the write during the resync');
+      disk.blockStatusHook = undefined;
+      release!();
+      await d.heal();
+    });
+  }
+});

@@ -13,6 +13,8 @@ import type { OwnerClock } from './scheduler.js';
 
 export class SimDisk implements BlockDevice {
   private closed = false;
+  /** Scenarios: runs on every blockStatus; a promise it returns holds the answer until it resolves. */
+  blockStatusHook: ((offset: number, length: number) => Promise<void> | undefined) | undefined;
 
   constructor(
     readonly hw: FaultyDevice,
@@ -69,7 +71,9 @@ export class SimDisk implements BlockDevice {
     return this.go(() => this.hw.writeZeroes(offset, length, options));
   }
   blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.go(() => this.hw.blockStatus(offset, length));
+    const answer = this.go(() => this.hw.blockStatus(offset, length));
+    const held = this.blockStatusHook?.(offset, length);
+    return held ? held.then(() => answer) : answer;
   }
   cache(offset: number, length: number): Promise<void> {
     return this.go(() => this.hw.cache(offset, length));

@@ -427,7 +427,11 @@ export class World {
       n.proc!.socket = s;
       r.emit('changed');
     }
+    this.linkHook?.();
   }
+
+  /** Scenarios: called right after a link comes up (both sessions made, nothing received yet). */
+  linkHook: (() => void) | undefined;
 
   /* --------------------------------------------------------- observation */
 
