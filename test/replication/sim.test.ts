@@ -203,3 +203,27 @@ test('resync of a range that was a hole when checked but written before its zero
     });
   }
 });
+
+test('with a witness, a Primary that loses its peer and the witness with writes in flight: the failed fence fails those writes, it does not crash the node (unhandled rejection)', async () => {
+  for (const [seed, onNoQuorum] of [
+    [1, 'error'],
+    [2, 'error'],
+    [3, 'suspend'],
+    [4, 'suspend'],
+  ] as const) {
+    await scenario(seed, { witness: true, onNoQuorum, resource: { protocol: 'C' } }, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      w.net.partition(p.name, 'witness');
+      w.net.partition(p.name, s.name);
+      // In flight when the link goes: marked, and a new generation needs a fence nobody answers.
+      for (let i = 0; i < 4; i++) p.proc!.app!.write('data', i * MiB, 64 * KiB, false);
+      await d.waitFor(() => !p.r!.peer, 5000);
+      await d.sleep(3000);
+      // The admin steps it down (held writes fail) and repairs everything.
+      if (p.r!.role === 'Primary') await d.demote(p);
+      await d.heal();
+    });
+  }
+});

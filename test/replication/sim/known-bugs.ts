@@ -16,7 +16,41 @@ export interface KnownBug {
   seeds: number[];
 }
 
-export const KNOWN_BUGS: KnownBug[] = [];
+export const KNOWN_BUGS: KnownBug[] = [
+  {
+    id: 'split-brain-save-eio',
+    title: 'a read error while the sync target saves the blocks a split-brain resolution overwrites crashes the node (unhandled rejection)',
+    diagnosis:
+      'Resource.beginSync awaits saveBlocks (split-brain.ts), which reads the blocks to save from the local disk; an I/O error (or a failure to write the file) rejects beginSync. ' +
+      'PeerSession.startSync keeps that promise as targetReady with no handler (and the resync frames that arrive wait on it inside `void this.applying.run(...)`), so the rejection is unhandled: ' +
+      'Node 20 ends the daemon. It should detach the disk on a read error (and refuse the resolution if the blocks cannot be kept), and the session should close the link when beginSync fails.',
+    match: /unhandled rejection: [\s\S]*saveBlocks/,
+    seeds: [7, 23, 47, 385, 409, 504],
+  },
+  {
+    id: 'failed-disk-unrelated',
+    title: 'a disk recorded Failed is refused as "unrelated data" once its peer has moved two generations on, instead of the full sync its record asks for',
+    diagnosis:
+      'A detached disk is recorded Failed and attached again as Inconsistent with fullSyncNeeded ("Inconsistent until a full sync from the peer"), but keeps its old generation ids. ' +
+      'Its peer meanwhile started new generations (peerLostDisk, a promotion without the peer, the sync generation of a resync) and keeps only two in its history, ' +
+      'so decideConnect finds no common generation (rule 1000) and refuses for good before looking at the disk states. ' +
+      'A side with fullSyncNeeded and an Inconsistent disk facing an UpToDate one should get a full sync whatever the generations say (as rules 20/30 do for a new disk). ' +
+      'Workaround for an admin: resource create-md --force on the failed node.',
+    match: /refuse to connect: .*holds unrelated data/,
+    seeds: [151, 219, 231, 247, 292, 510, 590],
+  },
+  {
+    id: 'diskless-primary-writes-to-inconsistent',
+    title: 'a Primary whose disk failed during a resync acknowledges writes that only its Inconsistent peer has (and that peer does not mark them)',
+    diagnosis:
+      'When the sync source (Primary) detaches mid-resync, finishWrite sends every write to the peer, an Inconsistent SyncTarget, and acknowledges it; reads fail (no UpToDate copy). ' +
+      'DRBD refuses writes then (may_do_writes: neither disk UpToDate). The receiver does not mark writes from a diskless peer either (DRBD does, drbd_set_out_of_sync in receive_Data ' +
+      'when pdsk < D_INCONSISTENT; peerLostDisk only records peerDiskFailed when the receiver is UpToDate), so after both come back and an admin forces one, a bitmap resync leaves ' +
+      'the blocks those writes changed different on the two disks.',
+    match: /acknowledged .* while neither its disk .* nor its peer's .* is UpToDate/,
+    seeds: [396],
+  },
+];
 
 export function knownBug(r: SeedResult): KnownBug | undefined {
   const first = r.violations[0] ?? '';

@@ -205,6 +205,11 @@ export class Network {
     return 1 + Math.floor(this.rand() * 256 * KiB);
   }
 
+  /** A one-way latency drawn from the range (for messages that are not stream bytes). */
+  oneWay(): number {
+    return this.latency();
+  }
+
   private latency(): number {
     const [lo, hi] = this.options.latency;
     return lo + this.rand() * (hi - lo);

@@ -33,7 +33,7 @@ export interface SimOptions {
   /** Instead of the seeded episodes, a scripted scenario (the configuration is still the seed's, with `config` on top). */
   scenario?: (d: Driver, w: World) => Promise<void>;
   /** Configuration to use instead of the seed's (part of it). */
-  config?: { resource?: WorldConfig['resource']; diskLatency?: [number, number]; link?: WorldConfig['link']; retryMs?: number };
+  config?: { resource?: WorldConfig['resource']; diskLatency?: [number, number]; link?: WorldConfig['link']; retryMs?: number; witness?: boolean; onNoQuorum?: 'suspend' | 'error' };
   /** Episodes of chaos, each followed by healing and the checks. */
   episodes?: number;
   /** Operations per episode. */
@@ -68,8 +68,12 @@ function configFor(seed: number, splitBrainDir: string): { config: WorldConfig; 
   const pingIntervalMs = pick([100, 200, 300]);
   const pingTimeoutMs = pick([300, 500, 800]);
   const retryMs = pick([50, 100, 300]);
+  const witness = rand() < 0.4;
+  const onNoQuorum = rand() < 0.8 ? 'suspend' : 'error';
   const config: WorldConfig = {
     seed,
+    witness,
+    onNoQuorum,
     deviceBytes: 16 * MiB,
     resource: { protocol, alSlots, checksumResync, afterSplitBrain },
     diskLatency,
@@ -77,7 +81,7 @@ function configFor(seed: number, splitBrainDir: string): { config: WorldConfig; 
     retryMs,
     splitBrainDir,
   };
-  const describe = `protocol ${protocol}, alSlots ${alSlots}, checksumResync ${checksumResync}, after-split-brain ${afterSplitBrain}, disk latency ${diskLatency.join('-')} ms, ping ${pingIntervalMs}/${pingTimeoutMs} ms, retry ${retryMs} ms`;
+  const describe = `${witness ? `witness (on-no-quorum ${onNoQuorum})` : 'no witness'}, protocol ${protocol}, alSlots ${alSlots}, checksumResync ${checksumResync}, after-split-brain ${afterSplitBrain}, disk latency ${diskLatency.join('-')} ms, ping ${pingIntervalMs}/${pingTimeoutMs} ms, retry ${retryMs} ms`;
   return { config, describe };
 }
 
@@ -172,6 +176,9 @@ type OpName =
   | 'eio'
   | 'resolve'
   | 'verify'
+  | 'witness-cut'
+  | 'witness-down'
+  | 'witness-up'
   | 'wait';
 
 export class Driver {
@@ -206,12 +213,12 @@ export class Driver {
   }
 
   /** `p`, or a violation if it has not settled within `ms` of fake time (something hangs). */
-  async bounded<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  async bounded<T>(p: Promise<T>, ms: number, what: string, why: () => string = () => ''): Promise<T> {
     let settled = false;
     const guarded = p.finally(() => (settled = true));
     void guarded.catch(() => undefined);
     const ok = await this.waitFor(() => settled, ms);
-    if (!ok) throw new Violation(`stuck: ${what} did not finish within ${ms} ms of fake time (${this.w.describe()})`);
+    if (!ok) throw new Violation(`stuck: ${what} did not finish within ${ms} ms of fake time${why()} (${this.w.describe()})`);
     return guarded;
   }
 
@@ -232,6 +239,7 @@ export class Driver {
   async setUp(): Promise<void> {
     const w = this.w;
     w.trace.push(`seed ${w.config.seed}`);
+    if (w.config.witness) w.startWitness();
     for (const n of w.nodes) {
       // `duet resource create-md` on each new disk.
       await createMetadata(n.hw, { resource: 'sim', node: n.name });
@@ -285,6 +293,9 @@ export class Driver {
       ['eio', 1.5],
       ['resolve', splitBrain ? 6 : 0],
       ['verify', w.inSync() ? 1.5 : 0],
+      ['witness-cut', w.config.witness ? 2 : 0],
+      ['witness-down', w.witnessProc ? 1.5 : 0],
+      ['witness-up', w.config.witness && !w.witnessProc ? 5 : 0],
       ['wait', 4],
     ];
     const total = weights.reduce((s, [, x]) => s + x, 0);
@@ -429,6 +440,22 @@ export class Driver {
       case 'verify':
         this.verify();
         break;
+      case 'witness-cut': {
+        const n = this.pick(w.nodes);
+        const oneWay = this.rand() < 0.2;
+        this.op(`cut the network between ${n.name} and the witness${oneWay ? ' (one way)' : ''}`);
+        if (oneWay && this.rand() < 0.5) w.net.partition('witness', n.name, true);
+        else w.net.partition(n.name, 'witness', oneWay);
+        break;
+      }
+      case 'witness-down':
+        this.op('the witness stops');
+        w.stopWitness();
+        break;
+      case 'witness-up':
+        this.op('the witness starts');
+        w.startWitness();
+        break;
       case 'wait': {
         const ms = this.int(100, 2000);
         this.op(`wait ${ms} ms`);
@@ -487,8 +514,30 @@ export class Driver {
     if (!r || r.role === 'Primary') return false;
     const diskBefore = r.disk;
     const proc = n.proc!;
+    // --force: the admin's word, past the witness too.
+    if (force) w.forcedSinceSync = true;
+    const forced = force && diskBefore !== 'UpToDate' && diskBefore !== 'Diskless';
+    const promoting = r.promote(force);
+    let settled = false;
+    void promoting.then(
+      () => (settled = true),
+      () => (settled = true),
+    );
+    await this.waitFor(() => settled, 10_000);
+    if (!settled && r.holding) {
+      // It waits to fence its peer and nobody answers (known: promote-waits-for-quorum): the admin's command
+      // times out, the node goes on trying; once it is Primary the application starts on it.
+      w.stats.promotionsWaiting++;
+      w.note(`  ${n.name}: the promotion waits for quorum to fence its peer; the admin's command times out`);
+      void promoting.then(async () => {
+        if (!proc.alive || r.role !== 'Primary') return;
+        await this.promoted(n, forced);
+        if (proc.alive && (r.role as string) === 'Primary') proc.app ??= new App(proc, w);
+      }, () => undefined);
+      return false;
+    }
     try {
-      await this.bounded(r.promote(force), 10_000, `promoting ${n.name}`);
+      await this.bounded(promoting, 10_000, `promoting ${n.name}${force ? ' with --force' : ''}`);
     } catch (err) {
       if (err instanceof Violation) throw err;
       if (!(err instanceof UserError) && !(err instanceof BlockDeviceError)) throw err;
@@ -496,7 +545,7 @@ export class Driver {
       return false;
     }
     if (!proc.alive) return false;
-    await this.promoted(n, force && diskBefore !== 'UpToDate' && diskBefore !== 'Diskless');
+    await this.promoted(n, forced);
     if (proc.alive && (r.role as string) === 'Primary') proc.app = new App(proc, w);
     return true;
   }
@@ -535,7 +584,7 @@ export class Driver {
     }
     if (stale > 0) {
       w.stats.stalePromotions++;
-      if (w.witness) w.violation(`${n.name} was promoted without --force on a disk that lacks ${stale} sectors of durable writes (${first}) although a witness is configured`);
+      if (w.config.witness) w.violation(`${n.name} was promoted without --force on a disk that lacks ${stale} sectors of durable writes (${first}) although a witness is configured`);
       const l = Lineage.fromDisk(`${n.name} promoted on old data`, c.durable, c.cached);
       w.note(`  model: ${n.name} promoted on a disk ${stale} sectors behind ${current.name} (first: ${first}): ${l.name} from its disk`);
       w.setLineage(n.name, l);
@@ -553,12 +602,25 @@ export class Driver {
   async demote(n: SimNode): Promise<void> {
     const proc = n.proc!;
     const app = proc.app;
+    // Writes held for quorum (or failing: fenced off) keep the pool from closing: `resource secondary --force`
+    // (at once, or when the admin sees the close hang on held writes).
+    let force = false;
+    const forced = (): void => {
+      force = true;
+      this.w.note(`  ${n.name}: writes held or fenced off: resource secondary --force`);
+      proc.r.fenceOff(`resource sim: made Secondary by force on ${n.name}: held writes fail`);
+    };
+    if (proc.r.holding || proc.r.fencedOff !== undefined) forced();
     if (app) {
-      await this.bounded(app.close(), 20_000, `${n.name}'s application closing`);
+      let closed = false;
+      const closing = app.close().finally(() => (closed = true));
+      await this.waitFor(() => closed || !proc.alive || proc.r.holding, 20_000);
+      if (!closed && proc.alive && proc.r.holding && !force) forced();
+      await this.bounded(closing, 20_000, `${n.name}'s application closing`);
       proc.app = undefined;
     }
     if (!proc.alive) return;
-    await this.bounded(proc.r.demote(), 10_000, `demoting ${n.name}`);
+    await this.bounded(proc.r.demote(force), 10_000, `demoting ${n.name}`);
   }
 
   /** An admin resolves a split brain: keep `keep`'s data (the other steps down first). */
@@ -641,6 +703,7 @@ export class Driver {
     const w = this.w;
     this.op('heal: repair the network, power, disks; connect');
     w.net.healAll();
+    if (w.config.witness) w.startWitness();
     for (const n of w.nodes) {
       if (n.faults.length > 0) {
         n.clearFaults();
@@ -655,6 +718,12 @@ export class Driver {
         n.clearFaults();
         await this.start(n);
         if (!n.r) throw new Violation(`${n.name} does not start on a repaired disk`);
+      }
+    }
+    for (const n of w.nodes) {
+      if (n.r?.fencedOff !== undefined) {
+        this.op(`heal: ${n.name} is fenced off: it steps down`);
+        await this.demote(n);
       }
     }
     for (let round = 0; ; round++) {

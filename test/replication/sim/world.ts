@@ -27,9 +27,20 @@ import { SimDisk } from './disk.js';
 import { decodeAll, decodeSector, describeValue, GARBAGE, Lineage, pattern, SECTOR, ZERO } from './model.js';
 import { Network, SimSocket } from './net.js';
 import { Owner, OwnerClock, Scheduler } from './scheduler.js';
+import path from 'node:path';
+import { Quorum } from '../../../src/cluster/quorum.js';
+import { Witness, WitnessCommand, WitnessReply } from '../../../src/cluster/witness.js';
+
+/** How long a node waits for the witness's answer (WitnessClient's default). */
+const WITNESS_TIMEOUT_MS = 1000;
+/** The node daemon's heartbeat to the witness. */
+const HEARTBEAT_MS = 500;
 
 export interface WorldConfig {
   seed: number;
+  /** A witness (a third vote) on its own host: fencing, quorum for promotion. */
+  witness: boolean;
+  onNoQuorum: 'suspend' | 'error';
   deviceBytes: number;
   resource: Partial<ResourceOptions>;
   diskLatency: [number, number];
@@ -74,6 +85,7 @@ export class Process {
   r!: Resource;
   app: App | undefined;
   socket: SimSocket | undefined;
+  quorum: Quorum | undefined;
 
   constructor(
     readonly node: SimNode,
@@ -222,6 +234,11 @@ export class App {
         this.world.note(`${this.proc.node.name}: ${kind} #${id} ${offset}+${length} failed: ${(err as Error).message}`);
         return;
       }
+      const r = this.proc.r;
+      if (this.proc.alive && r.disk !== 'UpToDate' && r.peer?.state?.disk !== 'UpToDate') {
+        // DRBD refuses writes then (may_do_writes): no copy of the data it lands on is good.
+        this.world.violation(`${this.proc.node.name} acknowledged ${kind} #${id} while neither its disk (${r.disk}) nor its peer's (${r.peer?.state?.disk ?? 'not connected'}) is UpToDate`);
+      }
       if (fua) lineage.durable(value, offset, length);
       else this.acked.push(rec);
     });
@@ -314,9 +331,12 @@ export class World {
   readonly fingerprint: Hash = createHash('sha256');
   /** Set by an admin (the healer) resolving a split brain: the node whose data stays. */
   keepChoice: string | undefined;
-  /** A witness is configured (then a Primary without the peer's data must never be promoted without --force). */
-  witness = false;
-  stats = { connections: 0, resyncs: 0, splitBrains: 0, stalePromotions: 0, forcedPromotions: 0, powerCuts: 0, crashes: 0, detaches: 0, reads: 0, writes: 0, verifies: 0 };
+  /** The witness's process (undefined while it is down), when one is configured. */
+  witnessProc: { owner: Owner; witness: Witness } | undefined;
+  private witnessIncarnations = 0;
+  /** An admin forced something (a promotion with --force) since the two were last in sync: a split brain may follow. */
+  forcedSinceSync = false;
+  stats = { promotionsWaiting: 0, witnessCalls: 0, fenced: 0, suspended: 0, connections: 0, resyncs: 0, splitBrains: 0, stalePromotions: 0, forcedPromotions: 0, powerCuts: 0, crashes: 0, detaches: 0, reads: 0, writes: 0, verifies: 0 };
 
   constructor(readonly config: WorldConfig) {
     this.net = new Network(this.sched, { latency: [0.05, 1.5], highWaterMark: 64 * 1024, window: 512 * 1024 }, this.stream('net'));
@@ -385,8 +405,20 @@ export class World {
         return b;
       },
     };
+    if (this.config.witness) {
+      const quorum = new Quorum({ node: n.name, call: (c) => this.callWitness(proc, c), log, now: () => proc.clock.now(), sleep: (ms) => proc.clock.sleep(ms) });
+      proc.quorum = quorum;
+      const peerNode = this.other(n).name;
+      options.fence = (_r, generation, signal) => quorum.fence(proc.r, peerNode, this.config.onNoQuorum, generation, signal);
+      options.mayPromote = (_r, force) => quorum.mayPromote(proc.r, force);
+    }
     proc.r = await Resource.open(proc.disk, options);
     this.dataBytes = proc.r.size;
+    if (proc.quorum) {
+      const quorum = proc.quorum;
+      const entry = [{ name: 'sim', peerNode: this.other(n).name, resource: proc.r }];
+      proc.clock.setInterval(() => void quorum.heartbeat(entry), HEARTBEAT_MS);
+    }
     return proc;
   }
 
@@ -397,6 +429,73 @@ export class World {
     proc.owner.kill();
     if (proc.app) proc.app.closed = true;
     for (const s of this.net.sockets) if (s.owner === proc.owner) s.vanish(how === 'crash');
+  }
+
+  /* --------------------------------------------------------------- witness */
+
+  /** Start the witness's process on its state file (a restart reads the marks back). */
+  startWitness(): void {
+    if (this.witnessProc) return;
+    const owner = new Owner(`witness#${++this.witnessIncarnations}`);
+    const log = pino(
+      { level: 'info', base: { node: 'witness' }, timestamp: () => `,"t":${(this.sched.now - 1_700_000_000_000).toFixed(3)}` },
+      { write: (line: string) => owner.alive && this.onWitnessLog(line) },
+    );
+    this.witnessProc = { owner, witness: new Witness(path.join(this.config.splitBrainDir, 'witness', 'state.json'), ['alpha', 'bravo'], log) };
+  }
+
+  stopWitness(): void {
+    this.witnessProc?.owner.kill();
+    this.witnessProc = undefined;
+  }
+
+  private onWitnessLog(line: string): void {
+    const text = line.endsWith('\n') ? line.slice(0, -1) : line;
+    this.fingerprint.update(text);
+    const e = JSON.parse(text) as LogLine;
+    this.logTail.push(`${String(e.t)} witness ${e.event ?? ''} ${e.msg ?? ''}`);
+    if (this.logTail.length > 60) this.logTail.shift();
+    if (e.event === 'witness-outdated') {
+      this.stats.fenced++;
+      this.note(`witness: ${String(e.msg)}`);
+    }
+  }
+
+  /**
+   * A call to the witness over the simulated network (WitnessClient's
+   * behaviour): the request and the answer each cross the path when it is
+   * up; no answer within the timeout is an error, and a request that arrives
+   * after its caller gave up is dropped (the caller reset its connection).
+   */
+  private callWitness(proc: Process, c: Omit<WitnessCommand, 'node'>): Promise<WitnessReply> {
+    const node = proc.node.name;
+    this.stats.witnessCalls++;
+    return new Promise<WitnessReply>((resolve, reject) => {
+      let over = false;
+      const timer = proc.clock.setTimeout(() => {
+        over = true;
+        reject(new Error(`the witness did not answer within ${WITNESS_TIMEOUT_MS} ms`));
+      }, WITNESS_TIMEOUT_MS);
+      if (!this.net.isUp(node, 'witness')) return;
+      this.sched.timer(this.net.oneWay(), () => {
+        const wp = this.witnessProc;
+        if (over || !wp || !this.net.isUp(node, 'witness')) return;
+        let reply: WitnessReply | undefined;
+        let error: unknown;
+        try {
+          reply = wp.witness.handle({ ...c, node });
+        } catch (err) {
+          error = err;
+        }
+        this.sched.timer(this.net.oneWay(), () => {
+          if (over || !proc.alive || !this.net.isUp('witness', node)) return;
+          over = true;
+          proc.clock.clearTimeout(timer);
+          if (error !== undefined) reject(error);
+          else resolve(reply!);
+        }, this.net.owner);
+      }, this.net.owner);
+    });
   }
 
   /* ----------------------------------------------------------------- links */
@@ -456,6 +555,16 @@ export class World {
         break;
       case 'split-brain':
         this.stats.splitBrains++;
+        if (this.config.witness && !this.forcedSinceSync) {
+          this.violation(`split brain although a witness is configured and nobody forced a promotion: both nodes went on writing without each other (${String(e.msg)})`);
+        }
+        break;
+      case 'io-suspended':
+        this.stats.suspended++;
+        this.note(`${e.node}: writes held (no quorum)`);
+        break;
+      case 'fenced-off':
+        this.note(`${e.node}: fenced off: ${String(e.reason)}`);
         break;
       case 'resync-done':
         if (String(e.msg).startsWith('resync to')) this.stats.resyncs++;
@@ -499,7 +608,9 @@ export class World {
       if (resolution && /resolve --keep/.test(resolution) && this.keepChoice !== undefined && this.keepChoice !== peer) {
         this.violation(`split brain resolved keeping ${peer}'s data, but the admin asked to keep ${this.keepChoice}'s`);
       }
-      if (!resolution && (disk === 'UpToDate' || disk === 'Outdated') && mine.discardedBy === undefined) {
+      // The source remembers this disk failed (its data is not trusted: a full sync, whatever its record says).
+      const failedDisk = this.node(peer).r?.record.peerDiskFailed === true;
+      if (!resolution && !failedDisk && (disk === 'UpToDate' || disk === 'Outdated') && mine.discardedBy === undefined) {
         const lost = mine.missingFrom(theirs);
         if (lost.count > 0) {
           this.violation(
@@ -554,17 +665,17 @@ export class World {
     const other = this.other(here);
     const l = this.lineageOf(here.name);
     if (!this.failedAlone.delete(here.name)) return;
-    if (this.lineageOf(other.name) !== l) {
-      l.discardedBy ??= `${here.name}'s disk failure`;
-      return;
-    }
+    const theirs = this.lineageOf(other.name);
+    if (theirs !== l) l.discardedBy ??= `${here.name}'s disk failure`;
+    // What the peer lacks of its own lineage (written here before a branch, say) was only here too.
     const c = other.contents(this.dataBytes);
-    const lost = l.rebase(c.durable, c.cached);
+    const lost = theirs.rebase(c.durable, c.cached);
     if (lost > 0) this.note(`  model: ${here.name}'s disk failed while apart from ${other.name}: ${lost} sectors only it had are lost`);
   }
 
   /** After every event: what must always hold. */
   checkInvariants(): void {
+    if (this.forcedSinceSync && this.inSync()) this.forcedSinceSync = false;
     for (const n of this.nodes) {
       const r = n.r;
       if (!r) continue;
@@ -597,7 +708,8 @@ export class World {
 
   /** One line of state, for traces. */
   describe(): string {
-    return this.nodes
+    const cut = this.net.partitions;
+    return (cut.length > 0 ? `cut ${cut.join(',')} | ` : '') + (this.config.witness && !this.witnessProc ? 'witness down | ' : '') + this.nodes
       .map((n) => {
         const r = n.r;
         if (!r) return `${n.name}: down`;
