@@ -227,3 +227,23 @@ test('with a witness, a Primary that loses its peer and the witness with writes 
     });
   }
 });
+
+test('with a witness, resource secondary --force on a Primary holding writes: a write that was waiting for an activity-log slot then fails too, it does not start a new fence and hold the step-down', async () => {
+  for (const seed of [1, 2, 3, 4]) {
+    await scenario(seed, { witness: true, onNoQuorum: 'suspend', resource: { protocol: 'C', alSlots: 2 } }, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      w.net.partition(p.name, 'witness');
+      w.net.partition(p.name, s.name);
+      await d.waitFor(() => !p.r!.peer, 5000);
+      // Writes without the peer to four extents: two take the log's two slots and wait for a fence nobody
+      // answers (held, their extents busy); the other two wait for a slot.
+      for (let e = 0; e < 4; e++) p.proc!.app!.write('data', e * 4 * MiB, 4 * KiB, false);
+      await d.waitFor(() => p.r!.holding, 5000);
+      await d.demote(p);
+      assert.equal(p.r!.role, 'Secondary');
+      await d.heal();
+    });
+  }
+});
