@@ -430,10 +430,18 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.emit('changed');
   }
 
-  /** A node in a handshake or a resync target takes no role change: the decision was made on its old role. */
+  /**
+   * A node in a handshake or a resync target takes no role change: the
+   * decision was made on its old role. Nor does one whose peer is Primary
+   * (a link may have come up while the witness was asked).
+   */
   private mayChangeRole(): void {
     if (this.peer?.handshake) throw new UserError(`resource ${this.name}: connecting to ${this.peer.peerNode} right now: try again in a moment`);
     if (this.peer?.phase === 'sync-target') throw new UserError(`resource ${this.name}: ${this.node} is sync target of ${this.peer.peerNode}: let the resync finish, or promote ${this.peer.peerNode}`);
+    const peer = this.peer?.state;
+    if (this.role === 'Secondary' && peer?.role === 'Primary' && !this.options.allowTwoPrimaries) {
+      throw new UserError(`resource ${this.name}: ${peer.node} is Primary; make it Secondary first (resource secondary ${this.name} on ${peer.node})`);
+    }
   }
 
   /**

@@ -247,3 +247,23 @@ test('with a witness, resource secondary --force on a Primary holding writes: a 
     });
   }
 });
+
+test('a promotion that waits for the witness does not make a second Primary when the link to the Primary comes up meanwhile', async () => {
+  for (const seed of [1, 2, 3, 4]) {
+    await scenario(seed, { witness: true, resource: { protocol: 'C' } }, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      w.net.partition(s.name, p.name);
+      w.net.partition(s.name, 'witness');
+      await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000);
+      // The admin forces the cut-off node while it cannot reach the witness (the call times out after 1 s)...
+      const promoting = d.promote(s, true);
+      // ...and the link to the Primary comes back before that.
+      w.net.heal(s.name, p.name);
+      await promoting;
+      assert.ok(await d.waitFor(() => w.inSync(), 5000), w.describe());
+      await d.heal();
+    });
+  }
+});

@@ -531,7 +531,7 @@ export class Driver {
       w.note(`  ${n.name}: the promotion waits for quorum to fence its peer; the admin's command times out`);
       void promoting.then(async () => {
         if (!proc.alive || r.role !== 'Primary') return;
-        await this.promoted(n, forced);
+        await this.promoted(n, forced, force);
         if (proc.alive && (r.role as string) === 'Primary') proc.app ??= new App(proc, w);
       }, () => undefined);
       return false;
@@ -545,7 +545,7 @@ export class Driver {
       return false;
     }
     if (!proc.alive) return false;
-    await this.promoted(n, forced);
+    await this.promoted(n, forced, force);
     if (proc.alive && (r.role as string) === 'Primary') proc.app = new App(proc, w);
     return true;
   }
@@ -556,7 +556,7 @@ export class Driver {
    * or forced) a new one from what its disk holds. Promoted without the
    * peer, it may diverge from it: a branch of its own.
    */
-  private async promoted(n: SimNode, forced: boolean): Promise<void> {
+  private async promoted(n: SimNode, forced: boolean, force: boolean): Promise<void> {
     const w = this.w;
     const r = n.r!;
     const other = w.other(n);
@@ -584,7 +584,7 @@ export class Driver {
     }
     if (stale > 0) {
       w.stats.stalePromotions++;
-      if (w.config.witness) w.violation(`${n.name} was promoted without --force on a disk that lacks ${stale} sectors of durable writes (${first}) although a witness is configured`);
+      if (w.config.witness && !force) w.violation(`${n.name} was promoted without --force on a disk that lacks ${stale} sectors of durable writes (${first}) although a witness is configured`);
       const l = Lineage.fromDisk(`${n.name} promoted on old data`, c.durable, c.cached);
       w.note(`  model: ${n.name} promoted on a disk ${stale} sectors behind ${current.name} (first: ${first}): ${l.name} from its disk`);
       w.setLineage(n.name, l);

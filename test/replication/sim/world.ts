@@ -225,6 +225,7 @@ export class App {
       lineage.issued(value, offset, length);
       const rec: WriteRec = { id: value, offset, length, lineage };
       this.stats.writes++;
+      const diskAtIssue = this.proc.r.disk;
       try {
         if (kind === 'data') await this.dev.write(offset, pattern(id, offset, length), { fua });
         else if (kind === 'zero') await this.dev.writeZeroes(offset, length, { fua, noHole: true });
@@ -235,7 +236,7 @@ export class App {
         return;
       }
       const r = this.proc.r;
-      if (this.proc.alive && r.disk !== 'UpToDate' && r.peer?.state?.disk !== 'UpToDate') {
+      if (this.proc.alive && diskAtIssue !== 'UpToDate' && r.disk !== 'UpToDate' && r.peer?.state?.disk !== 'UpToDate') {
         // DRBD refuses writes then (may_do_writes): no copy of the data it lands on is good.
         this.world.violation(`${this.proc.node.name} acknowledged ${kind} #${id} while neither its disk (${r.disk}) nor its peer's (${r.peer?.state?.disk ?? 'not connected'}) is UpToDate`);
       }
@@ -675,6 +676,23 @@ export class World {
 
   /** After every event: what must always hold. */
   checkInvariants(): void {
+    const [a, b] = this.nodes;
+    const ra = a.r;
+    const rb = b.r;
+    if (
+      ra?.role === 'Primary' &&
+      rb?.role === 'Primary' &&
+      ra.peer?.phase !== undefined &&
+      ra.peer.phase !== 'closed' &&
+      ra.peer.phase !== 'handshake' &&
+      rb.peer?.phase !== undefined &&
+      rb.peer.phase !== 'closed' &&
+      rb.peer.phase !== 'handshake' &&
+      this.net.isUp(a.name, b.name) &&
+      this.net.isUp(b.name, a.name)
+    ) {
+      this.violation(`both nodes are Primary over a live link (${ra.peer.phase}/${rb.peer.phase}): each takes writes the other refuses`);
+    }
     if (this.forcedSinceSync && this.inSync()) this.forcedSinceSync = false;
     for (const n of this.nodes) {
       const r = n.r;
