@@ -40,6 +40,18 @@ export const KNOWN_BUGS: KnownBug[] = [
     seeds: [151, 219, 231, 247, 292, 510, 590],
   },
   {
+    id: 'interrupted-same-generation-resync',
+    title: 'an interrupted resync between two nodes of the same generation (a crashed Primary\'s hot extents, marked blocks) is seen as contradictory histories (rule 110): a full resync, or a split brain when the source\'s disk failed too',
+    diagnosis:
+      'The sync generation of a resync from A to A (both at A) is G = syncGeneration(A, A): the source records bitmap G, the target current G with A in its history. ' +
+      'Reconnecting, the source finds its current A in the target\'s history and takes rule 60 ("the peer is generations ahead", hg -2) before rule 70 (its bitmap G is the peer\'s current, +1); ' +
+      'the target finds rule 50 (-1). The verdicts disagree: rule 110. With an UpToDate source the disk-state override then makes it a full resync (instead of resuming the bitmap); ' +
+      'with both disks Inconsistent (the source detached meanwhile) it is a split brain for an admin, where "nobody has good data" (inconsistent-source) is the truth. ' +
+      'Checked directly: decideConnect(S {A, bitmap G}, T {G, history [A]}) = sync full rule 110/disk-states. Rule 70 (or 53/73) should be tried before 60 when the peer\'s current is this side\'s bitmap generation.',
+    match: /split brain although a witness .*\(rule 110/,
+    seeds: [81],
+  },
+  {
     id: 'diskless-primary-writes-to-inconsistent',
     title: 'a Primary whose disk failed during a resync acknowledges writes that only its Inconsistent peer has (and that peer does not mark them)',
     diagnosis:

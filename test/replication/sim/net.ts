@@ -219,6 +219,13 @@ export class Network {
     return !this.down.has(`${from}>${to}`);
   }
 
+  /** When the path between two hosts (either way) was last down: now if it is, 0 if never. */
+  lastDownAt(a: string, b: string): number {
+    if (!this.isUp(a, b) || !this.isUp(b, a)) return this.scheduler.now;
+    return this.healedAt.get([a, b].sort().join('|')) ?? 0;
+  }
+  private readonly healedAt = new Map<string, number>();
+
   /** Cut the path between two hosts (both directions unless `oneWay`). */
   partition(a: string, b: string, oneWay = false): void {
     this.down.add(`${a}>${b}`);
@@ -226,12 +233,14 @@ export class Network {
   }
 
   heal(a: string, b: string): void {
+    if (!this.isUp(a, b) || !this.isUp(b, a)) this.healedAt.set([a, b].sort().join('|'), this.scheduler.now);
     this.down.delete(`${a}>${b}`);
     this.down.delete(`${b}>${a}`);
     for (const s of this.sockets) if ((s.host === a && s.peerHost === b) || (s.host === b && s.peerHost === a)) this.kick(s.out, s, s.peer);
   }
 
   healAll(): void {
+    for (const d of this.down) this.healedAt.set(d.split('>').sort().join('|'), this.scheduler.now);
     this.down.clear();
     for (const s of this.sockets) this.kick(s.out, s, s.peer);
   }

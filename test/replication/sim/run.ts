@@ -531,6 +531,7 @@ export class Driver {
       w.note(`  ${n.name}: the promotion waits for quorum to fence its peer; the admin's command times out`);
       void promoting.then(async () => {
         if (!proc.alive || r.role !== 'Primary') return;
+        w.promotedAt.set(n.name, w.sched.now);
         await this.promoted(n, forced, force);
         if (proc.alive && (r.role as string) === 'Primary') proc.app ??= new App(proc, w);
       }, () => undefined);
@@ -545,6 +546,7 @@ export class Driver {
       return false;
     }
     if (!proc.alive) return false;
+    w.promotedAt.set(n.name, w.sched.now);
     await this.promoted(n, forced, force);
     if (proc.alive && (r.role as string) === 'Primary') proc.app = new App(proc, w);
     return true;

@@ -327,6 +327,8 @@ export class World {
   /** The last log lines of both nodes. */
   readonly logTail: string[] = [];
   private readonly lineage = new Map<string, Lineage>();
+  /** When each node last became Primary (fake time). */
+  readonly promotedAt = new Map<string, number>();
   nextWriteId = 1;
   dataBytes = 0;
   readonly fingerprint: Hash = createHash('sha256');
@@ -557,7 +559,7 @@ export class World {
       case 'split-brain':
         this.stats.splitBrains++;
         if (this.config.witness && !this.forcedSinceSync) {
-          this.violation(`split brain although a witness is configured and nobody forced a promotion: both nodes went on writing without each other (${String(e.msg)})`);
+          this.violation(`split brain although a witness is configured and nobody forced a promotion (rule ${this.lastRule.get(proc.node.name)}): both nodes went on writing without each other? (${String(e.msg)})`);
         }
         break;
       case 'io-suspended':
@@ -595,8 +597,12 @@ export class World {
     this.decisionHook?.(proc.node, e.action as { kind: string; direction?: string });
   }
 
+  /** The rule of each node's last decision on connect. */
+  private readonly lastRule = new Map<string, string>();
+
   private followDecision(proc: Process, e: LogLine): void {
     const action = e.action as { kind: string; direction?: string; rule?: string; splitBrain?: { resolution: string | null }; reason?: string };
+    this.lastRule.set(proc.node.name, String(action.rule));
     const here = proc.node.name;
     const peer = String(e.peer);
     this.note(`${here}: ${String(e.msg)} [rule ${action.rule}]`);
@@ -689,7 +695,10 @@ export class World {
       rb.peer.phase !== 'closed' &&
       rb.peer.phase !== 'handshake' &&
       this.net.isUp(a.name, b.name) &&
-      this.net.isUp(b.name, a.name)
+      this.net.isUp(b.name, a.name) &&
+      // Two promotions during a partition neither side had noticed yet are a known race (each saw the other
+      // Secondary): the first replicated write is refused and the link drops. Only a path up all along counts.
+      this.net.lastDownAt(a.name, b.name) < Math.max(this.promotedAt.get(a.name) ?? 0, this.promotedAt.get(b.name) ?? 0)
     ) {
       this.violation(`both nodes are Primary over a live link (${ra.peer.phase}/${rb.peer.phase}): each takes writes the other refuses`);
     }
