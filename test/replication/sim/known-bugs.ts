@@ -52,6 +52,40 @@ export const KNOWN_BUGS: KnownBug[] = [
     seeds: [81],
   },
   {
+    id: 'peer-disk-lost-not-fenced',
+    title: 'with a witness, a node that goes on when its peer\'s disk fails does not fence the peer: the peer, restarted on its old disk, is promoted without --force and its stale data wins',
+    diagnosis:
+      'Resource.peerLostDisk (the peer reports Diskless/Failed) starts a new generation and records peerDiskFailed, but unlike newGeneration it does not call options.fence: ' +
+      'the witness never holds the peer Outdated. If the failed disk could not take its Failed record either (every write failing), the peer restarts on it as UpToDate ' +
+      '(old generation); with its partner down, mayPromote asks the witness, which finds no mark, and the promotion goes through; it then fences the node that has the newer, ' +
+      'acknowledged and flushed writes. Fix: fence the peer (outdate it until the new generation) in peerLostDisk before applying writes from a Diskless Primary or taking new ones.',
+    match: /went on when this node's disk failed, without fencing it at the witness/,
+    seeds: [479],
+  },
+  {
+    id: 'refused-promotion-leaves-generation',
+    title: 'a promotion that waited for its fence and was refused at the end (the peer came back as Primary) leaves a new generation behind, and a mark at the witness: a split brain without any write',
+    diagnosis:
+      'promote() awaits newGeneration (fence at the witness, save a new generation) before it takes the role. If the link to the peer comes up meanwhile and the peer is Primary ' +
+      '(or the resync begins), the promotion is refused at the end (see the re-checks in promote), but the new generation is recorded and the witness holds the peer Outdated ' +
+      'until a generation it will never hold. On the next connect after a gap the two have diverged generations: a split brain (rule 90) although only one of them wrote. ' +
+      'newGeneration for a promotion should be dropped when the peer is back and replicating before it saves (as the fence\'s "peer-back" outcome does for writes).',
+    match: /a refused promotion left a new generation/,
+    seeds: [123],
+  },
+  {
+    id: 'marks-resync-direction-by-name',
+    title: 'with a witness, a Primary whose fence failed keeps its unflushed-extent marks at the same generation; on reconnect "same generation, blocks marked" resyncs from the node whose name sorts first, overwriting the writes only the marked node has',
+    diagnosis:
+      'When the link drops, the Primary marks what the peer may not have (unacknowledged writes, extents not flushed there) and starts a new generation after fencing. ' +
+      'With no quorum the fence never succeeds: the held writes fail (or it steps down with --force) and no generation is recorded, so both nodes keep the same generation. ' +
+      'If the Secondary lost its cache (power cut), it lacks acknowledged writes the marks cover. decideConnect then takes rule 40/marks and, both being Secondary, ' +
+      'picks the source by name: when that is the Secondary, the resync copies its older blocks over the marked ones. Marks on one side only should make that side the source ' +
+      '(or the failed fence should still leave a record that this side diverged).',
+    match: /not promised \(last resync rule 40\/marks\)/,
+    seeds: [83],
+  },
+  {
     id: 'diskless-primary-writes-to-inconsistent',
     title: 'a Primary whose disk failed during a resync acknowledges writes that only its Inconsistent peer has (and that peer does not mark them)',
     diagnosis:
@@ -59,8 +93,8 @@ export const KNOWN_BUGS: KnownBug[] = [
       'DRBD refuses writes then (may_do_writes: neither disk UpToDate). The receiver does not mark writes from a diskless peer either (DRBD does, drbd_set_out_of_sync in receive_Data ' +
       'when pdsk < D_INCONSISTENT; peerLostDisk only records peerDiskFailed when the receiver is UpToDate), so after both come back and an admin forces one, a bitmap resync leaves ' +
       'the blocks those writes changed different on the two disks.',
-    match: /acknowledged .* while neither its disk .* nor its peer's .* is UpToDate/,
-    seeds: [396],
+    match: /acknowledged .* while neither its disk .* nor its peer's .* is UpToDate|after a Diskless Primary wrote to a peer that was not UpToDate/,
+    seeds: [933],
   },
 ];
 

@@ -517,7 +517,15 @@ export class Driver {
     // --force: the admin's word, past the witness too.
     if (force) w.forcedSinceSync = true;
     const forced = force && diskBefore !== 'UpToDate' && diskBefore !== 'Diskless';
+    const giBefore = r.record.gi.current;
     const promoting = r.promote(force);
+    // A promotion refused after it started a new generation leaves that generation behind.
+    void promoting.catch(() => {
+      if (proc.alive && r.role === 'Secondary' && r.record.gi.current !== giBefore) {
+        w.leftoverGeneration = n.name;
+        w.note(`  ${n.name}: its refused promotion left a new generation (${r.record.gi.current.slice(0, 4)})`);
+      }
+    });
     let settled = false;
     void promoting.then(
       () => (settled = true),
@@ -570,6 +578,9 @@ export class Driver {
     }
     const c = n.contents(w.dataBytes);
     w.checkNoGarbage(n, c);
+    // --force: "this copy is the good data" (past the witness too): what only the other node has may be
+    // overwritten from here, by the admin's word.
+    if (force) w.lineageOf(other.name).discardedBy ??= `${n.name} promoted with --force`;
     if (forced) {
       w.stats.forcedPromotions++;
       const l = Lineage.fromDisk(`${n.name} forced`, c.durable, c.cached);
@@ -580,13 +591,15 @@ export class Driver {
     let stale = 0;
     let first = '';
     for (let s = 0; s < c.durable.length; s++) {
-      if (current.fits(s, c.durable[s])) continue;
+      // Still in its cache counts: the node is up and will flush it (if it loses power first, the checks after that say so).
+      if (current.fits(s, c.durable[s]) || current.fits(s, c.cached[s])) continue;
       if (stale === 0) first = `sector ${s} holds ${describeValue(c.durable[s])}, ${current.name} promised ${describeValue(current.sureValue(s))}`;
       stale++;
     }
     if (stale > 0) {
       w.stats.stalePromotions++;
-      if (w.config.witness && !force) w.violation(`${n.name} was promoted without --force on a disk that lacks ${stale} sectors of durable writes (${first}) although a witness is configured`);
+      const unfenced = w.unfencedGeneration && w.unfencedGeneration !== n.name ? `; ${w.unfencedGeneration} went on when this node's disk failed, without fencing it at the witness` : '';
+      if (w.config.witness && !force) w.violation(`${n.name} was promoted without --force on a disk that lacks ${stale} sectors of durable writes (${first}) although a witness is configured${unfenced}`);
       const l = Lineage.fromDisk(`${n.name} promoted on old data`, c.durable, c.cached);
       w.note(`  model: ${n.name} promoted on a disk ${stale} sectors behind ${current.name} (first: ${first}): ${l.name} from its disk`);
       w.setLineage(n.name, l);
@@ -728,6 +741,23 @@ export class Driver {
         await this.demote(n);
       }
     }
+    for (let attempt = 0; ; attempt++) {
+      await this.untilInSync();
+      // The application's last writes, flushed through the Primary (or by the admin).
+      for (const n of this.primaries) if (n.proc?.app) await this.bounded(n.proc.app.quiet(), 20_000, `${n.name}'s application settling`);
+      const p = this.primaries.find((n) => n.proc?.app);
+      if (p) await this.bounded(p.proc!.app!.flushNow(), 10_000, 'the final flush');
+      else await this.bounded(w.nodes[0].r!.flush(), 10_000, 'the final flush');
+      if (await this.waitFor(() => w.inSync(), 2_000)) break;
+      // Blocks marked meanwhile (a verify still running found some): once more.
+      if (attempt >= 2) throw new Violation(`not in sync after the final flush: ${w.describe()}`);
+    }
+    await this.checkHealed();
+  }
+
+  /** Answer what the nodes ask an admin for until they are in sync. */
+  private async untilInSync(): Promise<void> {
+    const w = this.w;
     for (let round = 0; ; round++) {
       if (round > 30) throw new Violation(`healing did not converge: ${w.describe()}`);
       for (const n of w.nodes) {
@@ -749,13 +779,6 @@ export class Driver {
       }
       await this.answerRefusal();
     }
-    // The application's last writes, flushed through the Primary (or by the admin).
-    for (const n of this.primaries) if (n.proc?.app) await this.bounded(n.proc.app.quiet(), 20_000, `${n.name}'s application settling`);
-    const p = this.primaries.find((n) => n.proc?.app);
-    if (p) await this.bounded(p.proc!.app!.flushNow(), 10_000, 'the final flush');
-    else await this.bounded(w.nodes[0].r!.flush(), 10_000, 'the final flush');
-    if (!(await this.waitFor(() => w.inSync(), 10_000))) throw new Violation(`not in sync after the final flush: ${w.describe()}`);
-    await this.checkHealed();
   }
 
   private async answerRefusal(): Promise<void> {
@@ -825,8 +848,9 @@ export class Driver {
         if (wrong++ < 3) report.push(`sector ${s} (offset ${s * SECTOR}): both have ${describeValue(va)}; ${la.name} allows ${la.allowed(s).map(describeValue).join(', ')}`);
       }
     }
-    if (differ > 0) w.violation(`after healing, the data areas differ in ${differ} sectors: ${report.join('; ')}`);
-    else if (wrong > 0) w.violation(`after healing, ${wrong} sectors hold what the application was not promised: ${report.join('; ')}`);
+    const known = w.disklessToInconsistent ? ' (after a Diskless Primary wrote to a peer that was not UpToDate)' : '';
+    if (differ > 0) w.violation(`after healing, the data areas differ in ${differ} sectors${known}: ${report.join('; ')}`);
+    else if (wrong > 0) w.violation(`after healing, ${wrong} sectors hold what the application was not promised (last resync rule ${w.lastSyncRule ?? 'none'}): ${report.join('; ')}`);
     else {
       for (let s = 0; s < ca.cached.length; s++) la.settle(s, ca.cached[s]);
       w.note(`healed: disks identical, ${la.name} holds`);

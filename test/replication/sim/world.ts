@@ -226,6 +226,7 @@ export class App {
       const rec: WriteRec = { id: value, offset, length, lineage };
       this.stats.writes++;
       const diskAtIssue = this.proc.r.disk;
+      if (diskAtIssue === 'Diskless' && this.proc.r.peer?.state && this.proc.r.peer.state.disk !== 'UpToDate') this.world.disklessToInconsistent = true;
       try {
         if (kind === 'data') await this.dev.write(offset, pattern(id, offset, length), { fua });
         else if (kind === 'zero') await this.dev.writeZeroes(offset, length, { fua, noHole: true });
@@ -559,8 +560,12 @@ export class World {
       case 'split-brain':
         this.stats.splitBrains++;
         if (this.config.witness && !this.forcedSinceSync) {
-          this.violation(`split brain although a witness is configured and nobody forced a promotion (rule ${this.lastRule.get(proc.node.name)}): both nodes went on writing without each other? (${String(e.msg)})`);
+          const leftover = this.leftoverGeneration ? `; a refused promotion left a new generation on ${this.leftoverGeneration}` : '';
+          this.violation(`split brain although a witness is configured and nobody forced a promotion (rule ${this.lastRule.get(proc.node.name)}${leftover}): both nodes went on writing without each other? (${String(e.msg)})`);
         }
+        break;
+      case 'peer-disk-lost':
+        if (this.config.witness) this.unfencedGeneration = proc.node.name;
         break;
       case 'io-suspended':
         this.stats.suspended++;
@@ -597,12 +602,22 @@ export class World {
     this.decisionHook?.(proc.node, e.action as { kind: string; direction?: string });
   }
 
+  /** A node that started a generation of its own when its peer's disk failed (without fencing the peer at the witness). */
+  unfencedGeneration: string | undefined;
+  /** A Diskless Primary sent a write to a peer whose disk was not UpToDate (a known bug marks nothing for it). */
+  disklessToInconsistent = false;
+  /** A node whose refused promotion left a generation of its own behind (a split brain without writes may follow). */
+  leftoverGeneration: string | undefined;
+
+  /** The rule of the last decision on connect that started a resync. */
+  lastSyncRule: string | undefined;
   /** The rule of each node's last decision on connect. */
   private readonly lastRule = new Map<string, string>();
 
   private followDecision(proc: Process, e: LogLine): void {
     const action = e.action as { kind: string; direction?: string; rule?: string; splitBrain?: { resolution: string | null }; reason?: string };
     this.lastRule.set(proc.node.name, String(action.rule));
+    if (action.kind === 'sync') this.lastSyncRule = String(action.rule);
     const here = proc.node.name;
     const peer = String(e.peer);
     this.note(`${here}: ${String(e.msg)} [rule ${action.rule}]`);
@@ -702,7 +717,10 @@ export class World {
     ) {
       this.violation(`both nodes are Primary over a live link (${ra.peer.phase}/${rb.peer.phase}): each takes writes the other refuses`);
     }
-    if (this.forcedSinceSync && this.inSync()) this.forcedSinceSync = false;
+    if ((this.forcedSinceSync || this.leftoverGeneration) && this.inSync()) {
+      this.forcedSinceSync = false;
+      this.leftoverGeneration = undefined;
+    }
     for (const n of this.nodes) {
       const r = n.r;
       if (!r) continue;
