@@ -96,6 +96,10 @@ export async function runSeed(options: SimOptions): Promise<SeedResult> {
   const describe = options.config ? `${seeded.describe}; overridden: ${JSON.stringify(options.config)}` : seeded.describe;
   const w = new World(config);
   const onUnhandled = (reason: unknown): void => w.violation(`unhandled rejection: ${(reason as Error)?.stack ?? String(reason)}`);
+  // An unhandled rejection in the replication code is a violation of this seed (reported, or a known bug),
+  // not the test runner's: its listeners are set aside while the seed runs.
+  const others = process.listeners('unhandledRejection');
+  process.removeAllListeners('unhandledRejection');
   process.on('unhandledRejection', onUnhandled);
   let finished = false;
   void drive(w, options).then(
@@ -115,6 +119,7 @@ export async function runSeed(options: SimOptions): Promise<SeedResult> {
     await drain();
     await drain();
     process.off('unhandledRejection', onUnhandled);
+    for (const l of others) process.on('unhandledRejection', l);
     rmSync(dir, { recursive: true, force: true });
   }
   for (const line of w.trace) w.fingerprint.update(line);
