@@ -87,13 +87,15 @@ export const KNOWN_BUGS: KnownBug[] = [
   },
   {
     id: 'diskless-primary-writes-to-inconsistent',
-    title: 'a Primary whose disk failed during a resync acknowledges writes that only its Inconsistent peer has (and that peer does not mark them)',
+    title: 'writes of a Diskless Primary are marked nowhere on the peer that takes them: if the peer was not UpToDate when the disk failed (a resync under way), the failed disk comes back behind without anyone knowing; and with the peer Inconsistent they are acknowledged although no copy is good',
     diagnosis:
       'When the sync source (Primary) detaches mid-resync, finishWrite sends every write to the peer, an Inconsistent SyncTarget, and acknowledges it; reads fail (no UpToDate copy). ' +
       'DRBD refuses writes then (may_do_writes: neither disk UpToDate). The receiver does not mark writes from a diskless peer either (DRBD does, drbd_set_out_of_sync in receive_Data ' +
       'when pdsk < D_INCONSISTENT; peerLostDisk only records peerDiskFailed when the receiver is UpToDate), so after both come back and an admin forces one, a bitmap resync leaves ' +
-      'the blocks those writes changed different on the two disks.',
-    match: /acknowledged .* while neither its disk .* nor its peer's .* is UpToDate|after a Diskless Primary wrote to a peer that was not UpToDate/,
+      'the blocks those writes changed different on the two disks. Seed 671: the source\'s disk fails as a resync ends (its Failed record cannot be written either); the target, ' +
+      'Inconsistent at that moment, records neither peerDiskFailed nor a new generation, then takes the Diskless Primary\'s writes as UpToDate; the failed disk comes back with the same ' +
+      'generation and record UpToDate, and a later bitmap resync leaves those writes out of it.',
+    match: /acknowledged .* while neither its disk .* nor its peer's .* is UpToDate|after a Diskless Primary wrote to a peer that neither was UpToDate nor had recorded its disk failure/,
     seeds: [933],
   },
 ];

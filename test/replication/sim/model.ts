@@ -204,11 +204,16 @@ export class Lineage {
     let n = 0;
     for (let s = 0; s < this.sectors; s++) {
       if (this.fits(s, durable[s]) && this.fits(s, cached[s])) continue;
-      this.hist[s] = cached[s] === durable[s] ? [durable[s]] : [durable[s], cached[s]];
-      this.sure[s] = 0;
+      this.rebaseSector(s, durable[s], cached[s]);
       n++;
     }
     return n;
+  }
+
+  /** Sector s holds `durable` for good and maybe `cached` (what one disk holds, as its own truth). */
+  rebaseSector(s: number, durable: number, cached: number): void {
+    this.hist[s] = cached === durable ? [durable] : [durable, cached];
+    this.sure[s] = 0;
   }
 
   /** A lineage that starts from what a disk holds (durable and cached values). */

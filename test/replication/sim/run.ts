@@ -508,7 +508,17 @@ export class Driver {
     r.standAlone = true;
     const peer = r.peer;
     if (peer?.replicating && r.role === 'Primary') {
-      await this.bounded(r.flush().catch(() => undefined), 10_000, `${n.name}'s flush before disconnecting`);
+      let flushed = false;
+      const flushing = r.flush().catch(() => undefined).finally(() => (flushed = true));
+      await this.waitFor(() => flushed, 10_000);
+      if (!flushed && r.holding) {
+        // Its writes wait for quorum: so does the flush, and the admin's command (it times out; the node goes on).
+        this.w.note(`  ${n.name}: the flush before disconnecting waits for quorum; the admin's command times out`);
+        void flushing.then(() => peer.outdatePeer());
+        r.peer?.close('disconnected by the admin');
+        return;
+      }
+      await this.bounded(flushing, 1, `${n.name}'s flush before disconnecting`);
       peer.outdatePeer();
     }
     r.peer?.close('disconnected by the admin');
@@ -596,9 +606,15 @@ export class Driver {
     }
     let stale = 0;
     let first = '';
+    /** Sectors whose promised value is only in this node's cache: durable here only once it flushes. */
+    const cachedOnly: number[] = [];
     for (let s = 0; s < c.durable.length; s++) {
+      if (current.fits(s, c.durable[s])) continue;
       // Still in its cache counts: the node is up and will flush it (if it loses power first, the checks after that say so).
-      if (current.fits(s, c.durable[s]) || current.fits(s, c.cached[s])) continue;
+      if (current.fits(s, c.cached[s])) {
+        cachedOnly.push(s);
+        continue;
+      }
       if (stale === 0) first = `sector ${s} holds ${describeValue(c.durable[s])}, ${current.name} promised ${describeValue(current.sureValue(s))}`;
       stale++;
     }
@@ -615,6 +631,8 @@ export class Driver {
     // Without the peer (or with a peer that is Primary too: their link was down, not yet noticed), it may diverge.
     if (!peer || !peer.replicating || peer.phase === 'handshake' || other.r?.role === 'Primary') {
       const l = new Lineage(current.sectors, `${n.name} alone`, current);
+      // On its own, a value it holds only in its cache is not durable yet: a power cut may take it.
+      for (const s of cachedOnly) l.rebaseSector(s, c.durable[s], c.cached[s]);
       w.note(`  model: ${n.name} Primary without its peer: ${l.name} branches from ${current.name}`);
       w.setLineage(n.name, l);
     }
@@ -855,7 +873,7 @@ export class Driver {
         if (wrong++ < 3) report.push(`sector ${s} (offset ${s * SECTOR}): both have ${describeValue(va)}; ${la.name} allows ${la.allowed(s).map(describeValue).join(', ')}`);
       }
     }
-    const known = w.disklessToInconsistent ? ' (after a Diskless Primary wrote to a peer that was not UpToDate)' : '';
+    const known = w.disklessToInconsistent ? ' (after a Diskless Primary wrote to a peer that neither was UpToDate nor had recorded its disk failure)' : '';
     if (differ > 0) w.violation(`after healing, the data areas differ in ${differ} sectors${known}: ${report.join('; ')}`);
     else if (wrong > 0) w.violation(`after healing, ${wrong} sectors hold what the application was not promised (last resync rule ${w.lastSyncRule ?? 'none'}): ${report.join('; ')}`);
     else {

@@ -226,7 +226,11 @@ export class App {
       const rec: WriteRec = { id: value, offset, length, lineage };
       this.stats.writes++;
       const diskAtIssue = this.proc.r.disk;
-      if (diskAtIssue === 'Diskless' && this.proc.r.peer?.state && this.proc.r.peer.state.disk !== 'UpToDate') this.world.disklessToInconsistent = true;
+      if (diskAtIssue === 'Diskless') {
+        const peer = this.world.other(this.proc.node).r;
+        // The receiver marks nothing for a Diskless Primary's writes; only peerDiskFailed (when it was UpToDate then) saves them.
+        if (!peer || peer.disk !== 'UpToDate' || !peer.record.peerDiskFailed) this.world.disklessToInconsistent = true;
+      }
       try {
         if (kind === 'data') await this.dev.write(offset, pattern(id, offset, length), { fua });
         else if (kind === 'zero') await this.dev.writeZeroes(offset, length, { fua, noHole: true });
