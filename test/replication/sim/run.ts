@@ -794,6 +794,14 @@ export class Driver {
       const needsAdmin = (): boolean => w.nodes.some((n) => n.r!.standAlone || (n.r!.lastRefusal !== undefined && !n.r!.peer));
       await this.waitFor(() => w.inSync() || needsAdmin(), 5_000);
       if (w.inSync()) break;
+      if (!needsAdmin() && w.nodes.every((n) => n.r!.peer?.phase === 'connected' && n.r!.disk === 'Outdated')) {
+        // Both Outdated (each held Outdated at the witness, marks no claim can end): only --force gets them out.
+        const n = this.pick(w.nodes);
+        this.op(`heal: both disks Outdated: promote --force ${n.name}, then Secondary`);
+        w.stats.bothOutdated++;
+        if (await this.promote(n, true)) await this.demote(n);
+        continue;
+      }
       if (!needsAdmin() && w.nodes.every((n) => n.r!.peer?.phase === 'connected')) {
         // Connected, nothing resyncing, yet not in sync (blocks marked while connected, an Outdated disk next
         // to an UpToDate one): what an admin does is disconnect and connect again.

@@ -344,7 +344,7 @@ export class World {
   private witnessIncarnations = 0;
   /** An admin forced something (a promotion with --force) since the two were last in sync: a split brain may follow. */
   forcedSinceSync = false;
-  stats = { promotionsWaiting: 0, witnessCalls: 0, fenced: 0, suspended: 0, connections: 0, resyncs: 0, splitBrains: 0, stalePromotions: 0, forcedPromotions: 0, powerCuts: 0, crashes: 0, detaches: 0, reads: 0, writes: 0, verifies: 0 };
+  stats = { bothOutdated: 0, promotionsWaiting: 0, witnessCalls: 0, fenced: 0, suspended: 0, connections: 0, resyncs: 0, splitBrains: 0, stalePromotions: 0, forcedPromotions: 0, powerCuts: 0, crashes: 0, detaches: 0, reads: 0, writes: 0, verifies: 0 };
 
   constructor(readonly config: WorldConfig) {
     this.net = new Network(this.sched, { latency: [0.05, 1.5], highWaterMark: 64 * 1024, window: 512 * 1024 }, this.stream('net'));
