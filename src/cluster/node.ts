@@ -32,6 +32,7 @@ import { ClusterConfig, loadSecret, nodeOf } from './config.js';
 import type { Readable, Writable } from 'node:stream';
 import { BlockDeviceError } from '../blockdev/types.js';
 import { DEFAULT_WITNESS_PORT, WitnessClient } from './witness.js';
+import { LoopDelayMonitor, type LoopDelayStatus } from '../util/loop-delay.js';
 
 const HEARTBEAT_MS = 500;
 /** The witness counts as a vote this long after it last answered. */
@@ -52,6 +53,8 @@ export interface NodeStatus {
   node: string;
   resources: ResourceStatus[];
   pools: { name: string; open: boolean; resources: string[] }[];
+  /** How late this node's event loop ran (a long stall drops peer links). */
+  eventLoop: LoopDelayStatus;
 }
 
 interface ResourceEntry {
@@ -84,6 +87,7 @@ export class NodeDaemon {
   private heartbeat: NodeJS.Timeout | undefined;
   /** When the witness last answered (quorum without the peer). */
   private witnessSeenAt = 0;
+  private readonly loop: LoopDelayMonitor;
 
   private constructor(
     readonly config: ClusterConfig,
@@ -93,6 +97,7 @@ export class NodeDaemon {
     private readonly secret: Buffer,
   ) {
     this.address = config.nodes[node].address;
+    this.loop = new LoopDelayMonitor(log);
     if (config.witness) this.witness = new WitnessClient(config.witness.address, config.witness.port ?? DEFAULT_WITNESS_PORT, secret, node, this.address);
   }
 
@@ -375,6 +380,7 @@ export class NodeDaemon {
       node: this.node,
       resources: list.map((e) => statusOf(e, this.hasQuorum(e.resource))),
       pools: Object.entries(this.config.pools).map(([name, p]) => ({ name, open: this.pools.has(name), resources: p.devices })),
+      eventLoop: this.loop.status(),
     };
   }
 
@@ -495,6 +501,7 @@ export class NodeDaemon {
   async stop(): Promise<void> {
     this.stopping = true;
     if (this.heartbeat) clearInterval(this.heartbeat);
+    this.loop.stop();
     await this.chain.catch(() => undefined);
     await this.api?.close().catch(() => undefined);
     await this.nbd?.close();
