@@ -233,7 +233,8 @@ export class NodeDaemon {
       if (diskPath === undefined) continue;
       const peerNode = Object.keys(res.disk).find((n) => n !== this.node)!;
       const file = path.resolve(path.dirname(c.file), diskPath);
-      const device = FileDevice.open(file);
+      // Writes off the event loop: a write the kernel throttles would stall the peer links (file.ts).
+      const device = FileDevice.open(file, { syncWriteMaxBytes: 0 });
       let resource: Resource;
       try {
         if (res.size !== undefined) {
