@@ -234,7 +234,7 @@ export class NodeDaemon {
       const peerNode = Object.keys(res.disk).find((n) => n !== this.node)!;
       const file = path.resolve(path.dirname(c.file), diskPath);
       // Writes off the event loop: a write the kernel throttles would stall the peer links (file.ts).
-      const device = FileDevice.open(file, { syncWriteMaxBytes: 0 });
+      const device = FileDevice.open(file, { syncWriteMaxBytes: Number(process.env.DUET_NODE_SYNC_WRITE_MAX_BYTES ?? 0) });
       let resource: Resource;
       try {
         if (res.size !== undefined) {
