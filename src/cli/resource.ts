@@ -104,7 +104,7 @@ export function registerResource(program: Command): void {
     .action(async (name: string | undefined, options: { json?: boolean }, cmd: Command) => {
       const t = requireCluster(cmd);
       const s = (await callNode(t, { cmd: 'resource.status', resource: name })) as NodeStatus;
-      print(options.json === true, { node: s.node, resources: s.resources }, () => formatStatus(s));
+      print(options.json === true, { node: s.node, resources: s.resources, eventLoop: s.eventLoop }, () => formatStatus(s));
     });
 
   res
@@ -283,5 +283,7 @@ function formatResource(r: NodeResourceStatus): string {
 }
 
 export function formatStatus(s: NodeStatus): string {
-  return `${s.resources.map((r) => formatResource(r)).join('\n')}\n`;
+  const l = s.eventLoop;
+  const loop = l ? [`event loop: p99 ${l.last.p99Ms} ms, max ${l.last.maxMs} ms in the last ${l.windowSeconds} s; worst max ${l.worstMaxMs} ms since start`] : [];
+  return `${[...s.resources.map((r) => formatResource(r)), ...loop].join('\n')}\n`;
 }

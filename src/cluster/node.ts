@@ -40,6 +40,7 @@ import { ClusterConfig, loadSecret, nodeOf } from './config.js';
 import type { Readable, Writable } from 'node:stream';
 import { DEFAULT_WITNESS_PORT, WitnessClient } from './witness.js';
 import { Quorum } from './quorum.js';
+import { LoopDelayMonitor, type LoopDelayStatus } from '../util/loop-delay.js';
 
 const HEARTBEAT_MS = 500;
 
@@ -63,6 +64,8 @@ export interface NodeStatus {
   node: string;
   resources: NodeResourceStatus[];
   pools: { name: string; open: boolean; resources: string[] }[];
+  /** How late this node's event loop ran (a long stall drops peer links). */
+  eventLoop: LoopDelayStatus;
 }
 
 interface ResourceEntry {
@@ -102,6 +105,7 @@ export class NodeDaemon {
 
   private readonly quorum: Quorum;
   private heartbeat: NodeJS.Timeout | undefined;
+  private readonly loop: LoopDelayMonitor;
 
   private constructor(
     readonly config: ClusterConfig,
@@ -113,6 +117,7 @@ export class NodeDaemon {
     this.address = config.nodes[node].address;
     const witness = config.witness ? new WitnessClient(config.witness.address, config.witness.port ?? DEFAULT_WITNESS_PORT, secret, node, this.address) : undefined;
     this.quorum = new Quorum({ node, call: witness ? (c) => witness.call(c) : undefined, log });
+    this.loop = new LoopDelayMonitor(log);
   }
 
   /* -------------------------------------------------------------- quorum */
@@ -342,6 +347,7 @@ export class NodeDaemon {
         return e ? statusOf(e, this.hasQuorum(e.resource)) : downStatus(this.down.get(n)!, this.config.resources[n].protocol);
       }),
       pools: Object.entries(this.config.pools).map(([name, p]) => ({ name, open: this.pools.has(name), resources: p.devices })),
+      eventLoop: this.loop.status(),
     };
   }
 
@@ -476,6 +482,7 @@ export class NodeDaemon {
     this.stopping = true;
     this.quorum.stopping = true;
     if (this.heartbeat) clearInterval(this.heartbeat);
+    this.loop.stop();
     await this.chain.catch(() => undefined);
     await this.api?.close().catch(() => undefined);
     await this.nbd?.close();

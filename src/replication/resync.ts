@@ -26,6 +26,7 @@ import * as W from './wire.js';
 import { BLOCK } from './bitmap.js';
 import { digest } from './peer.js';
 import type { PeerSession } from './peer.js';
+import { LoopDelaySpan, type LoopDelayFigures } from '../util/loop-delay.js';
 
 export interface ResyncProgress {
   doneBytes: number;
@@ -35,6 +36,8 @@ export interface ResyncProgress {
   /** Bytes that actually crossed the link (zeros and matching checksums do not). */
   sentBytes: number;
   checksum: boolean;
+  /** How late this node's event loop ran while the resync did (a stall past the ping timeout drops the link). */
+  eventLoop: LoopDelayFigures;
 }
 
 const PIECE = W.RESYNC_PIECE;
@@ -58,6 +61,7 @@ export class Resync {
   private wake: (() => void) | undefined;
   private nextSendAt = 0;
   private endedAt: number | undefined;
+  private readonly loop = new LoopDelaySpan();
 
   constructor(
     private readonly session: PeerSession,
@@ -75,6 +79,7 @@ export class Resync {
       etaSeconds: rate > 0 ? Math.round(left / rate) : null,
       sentBytes: this.sent,
       checksum: this.session.resource.options.checksumResync === true,
+      eventLoop: this.loop.figures(),
     };
   }
 
@@ -85,6 +90,7 @@ export class Resync {
 
   stop(): void {
     this.endedAt ??= Date.now();
+    this.loop.stop();
     this.running = false;
     this.wake?.();
   }
