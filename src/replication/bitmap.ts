@@ -12,9 +12,17 @@
  * Block numbers go past 2^32 on devices above 16 TiB: every index is
  * computed with plain arithmetic (exact to 2^53); 32-bit operators are used
  * only within one page (32,768 bits).
+ *
+ * A page with every block marked is one shared, read-only page (copied
+ * when a block of it is cleared): marking all of a 32 TiB device (2^33
+ * blocks, 1 GiB of bits) costs a pass over its 262,144 page slots, not a
+ * gigabyte of memory and seconds of the event loop, and walking it skips
+ * whole pages. A write-back gives the event loop a turn between bounded
+ * pieces (slice.ts).
  */
 import type { BlockDevice } from '../blockdev/types.js';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
+import { Slicer } from '../util/slice.js';
 
 export const BLOCK = 4096;
 const PAGE = 4096;
@@ -22,22 +30,40 @@ const WORDS_PER_PAGE = PAGE / 4;
 const BITS_PER_PAGE = PAGE * 8;
 /** Pages read at once when loading the bitmap. */
 const READ_PAGES = 256;
+/** How far one question about holes looks when loading (a clean bitmap of 32 TiB is 1 GiB of holes). */
+const HOLE_QUERY_BYTES = 64 * 1024 * 1024;
+/** The words of every page whose blocks are all marked: shared, never written to. */
+const FULL_WORDS = new Uint32Array(WORDS_PER_PAGE).fill(0xffffffff);
+/** Consecutive full pages go to disk this many at a time. */
+const FULL_WRITE_PAGES = 256;
+const FULL_BYTES = Buffer.alloc(FULL_WRITE_PAGES * PAGE, 0xff);
+const FULL_PAGE = FULL_BYTES.subarray(0, PAGE);
+
+/** Pages of a write-back: `count` pages from `page`, all clear (no bytes), all full, or one page's bytes. */
+export interface PageRun {
+  page: number;
+  count: number;
+  bytes: Buffer | undefined;
+}
 
 export class Bitmap {
   readonly bits: number;
   readonly pageCount: number;
-  /** Page index -> its words, absent while the page is all clear on disk and in memory. */
+  /** Page index -> its words (FULL_WORDS when all are marked), absent while the page is all clear on disk and in memory. */
   private readonly pages: (Uint32Array | undefined)[];
   /** Marks per page (skip clean pages without looking at them). */
   private readonly marks: Uint32Array;
   private set_ = 0;
   /** Pages changed since the last write-back. */
   private readonly dirtyPages = new Set<number>();
+  /** Every page changed (markAll, clearAll): the set is not filled one by one. */
+  private allDirty = false;
 
   constructor(readonly dataBytes: number) {
     this.bits = Math.ceil(dataBytes / BLOCK);
     this.pageCount = Math.ceil(this.bits / BITS_PER_PAGE);
-    this.pages = new Array<Uint32Array | undefined>(this.pageCount);
+    // Filled, not holey: a holey array this long is a slow dictionary in V8.
+    this.pages = new Array<Uint32Array | undefined>(this.pageCount).fill(undefined);
     this.marks = new Uint32Array(this.pageCount);
   }
 
@@ -79,11 +105,18 @@ export class Bitmap {
   }
 
   markAll(): void {
+    this.allPagesDirty();
     this.range(0, this.bits, true);
   }
 
   clearAll(): void {
+    this.allPagesDirty();
     this.range(0, this.bits, false);
+  }
+
+  private allPagesDirty(): void {
+    this.allDirty = true;
+    this.dirtyPages.clear();
   }
 
   isMarked(block: number): boolean {
@@ -100,16 +133,19 @@ export class Bitmap {
       const p = Math.floor(b / BITS_PER_PAGE);
       const pageStart = p * BITS_PER_PAGE;
       const pageEnd = Math.min(to, pageStart + BITS_PER_PAGE);
+      const start = b;
+      b = pageEnd;
       let words = this.pages[p];
-      if (!words) {
-        if (!value) {
-          b = pageEnd;
-          continue;
-        }
-        words = this.pages[p] = new Uint32Array(WORDS_PER_PAGE);
+      if (value ? words === FULL_WORDS : !words) continue;
+      if (start === pageStart && pageEnd === pageStart + BITS_PER_PAGE) {
+        // The whole page (never the last, partial one): no word needs looking at.
+        this.setPage(p, value ? FULL_WORDS : undefined, value ? BITS_PER_PAGE : 0);
+        continue;
       }
+      if (!words) words = new Uint32Array(WORDS_PER_PAGE);
+      else if (words === FULL_WORDS) words = FULL_WORDS.slice();
       let changed = 0;
-      for (let within = b - pageStart; within < pageEnd - pageStart; ) {
+      for (let within = start - pageStart; within < pageEnd - pageStart; ) {
         const w = within >>> 5;
         const bit = within & 31;
         const n = Math.min(32 - bit, pageEnd - pageStart - within);
@@ -122,20 +158,24 @@ export class Bitmap {
         }
         within += n;
       }
-      if (changed !== 0) {
-        this.set_ += changed;
-        this.marks[p] += changed;
-        this.dirtyPages.add(p);
-      }
-      b = pageEnd;
+      const marks = this.marks[p] + changed;
+      if (changed !== 0) this.setPage(p, marks === BITS_PER_PAGE ? FULL_WORDS : marks === 0 ? undefined : words, marks);
     }
+  }
+
+  /** Page `p` now holds `marks` marks, in `words` (none: all clear, written as zeros by the next write-back). */
+  private setPage(p: number, words: Uint32Array | undefined, marks: number): void {
+    this.pages[p] = words;
+    this.set_ += marks - this.marks[p];
+    this.marks[p] = marks;
+    if (!this.allDirty) this.dirtyPages.add(p);
   }
 
   /**
    * The first out-of-sync range starting at or after `fromOffset` (a block
    * that starts before it counts as handed out already), at most `maxBytes`
-   * long, or undefined when nothing is marked there. Clean pages are skipped
-   * whole, clear and full words 32 blocks at a time.
+   * long, or undefined when nothing is marked there. Clean and full pages
+   * are skipped whole, clear and full words 32 blocks at a time.
    */
   firstRun(fromOffset: number, maxBytes: number): { offset: number; length: number } | undefined {
     let b = Math.ceil(fromOffset / BLOCK);
@@ -158,6 +198,10 @@ export class Bitmap {
       const limit = Math.min(this.bits, b + Math.max(1, Math.floor(maxBytes / BLOCK)));
       let e = b + 1;
       while (e < limit) {
+        if (e % BITS_PER_PAGE === 0 && e + BITS_PER_PAGE <= limit && this.pages[e / BITS_PER_PAGE] === FULL_WORDS) {
+          e += BITS_PER_PAGE;
+          continue;
+        }
         if (e % 32 === 0 && e + 32 <= limit && this.wordAt(e) === 0xffffffff) {
           e += 32;
           continue;
@@ -184,39 +228,82 @@ export class Bitmap {
   }
 
   /**
+   * The runs, `perBatch` at most at a time, with a turn of the event loop
+   * between slices (a fragmented bitmap of a big device has millions of
+   * runs). Marks changed meanwhile may or may not be seen: the caller
+   * compares counts before and after if it matters.
+   */
+  async *runBatches(perBatch: number, fromOffset = 0): AsyncGenerator<{ offset: number; length: number }[]> {
+    const slicer = new Slicer();
+    let batch: { offset: number; length: number }[] = [];
+    for (let r = this.firstRun(fromOffset, Infinity); r; r = this.firstRun(r.offset + r.length, Infinity)) {
+      batch.push(r);
+      if (batch.length >= perBatch) {
+        yield batch;
+        batch = [];
+      }
+      const pause = slicer.due();
+      if (pause) await pause;
+    }
+    if (batch.length > 0) yield batch;
+  }
+
+  /**
    * The changed pages as they are now (all pages with `full`), copied, so a
    * write-back records one instant even while marks change during its I/O.
+   * Consecutive clear pages, and consecutive full pages, are one entry of
+   * `count` pages; full pages are not copied (they share one buffer).
    */
-  snapshot(full = false): { page: number; bytes: Buffer | undefined }[] {
-    const pages = full ? [...Array(this.pageCount).keys()] : [...this.dirtyPages].sort((a, b) => a - b);
+  snapshot(full = false): PageRun[] {
+    const all = full || this.allDirty;
+    const dirty = all ? [] : [...this.dirtyPages].sort((a, b) => a - b);
     this.dirtyPages.clear();
-    return pages.map((p) => {
+    this.allDirty = false;
+    const out: PageRun[] = [];
+    const n = all ? this.pageCount : dirty.length;
+    for (let i = 0; i < n; i++) {
+      const p = all ? i : dirty[i];
       const words = this.pages[p];
-      if (words && this.marks[p] === 0) this.pages[p] = undefined; // all clear now: drop it
-      if (!words || this.marks[p] === 0) return { page: p, bytes: undefined };
+      if (!words || words === FULL_WORDS) {
+        const bytes = words ? FULL_PAGE : undefined;
+        const last = out[out.length - 1];
+        if (last && last.bytes === bytes && last.page + last.count === p) last.count++;
+        else out.push({ page: p, count: 1, bytes });
+        continue;
+      }
       const bytes = Buffer.from(words.buffer.slice(words.byteOffset, words.byteOffset + PAGE));
       // Little-endian words: bit b of the device's bitmap is bit (b & 7) of byte b >> 3 on any host.
       if (!LITTLE_ENDIAN) swapWords(bytes);
-      return { page: p, bytes };
-    });
+      out.push({ page: p, count: 1, bytes });
+    }
+    return out;
   }
 
-  /** Write a snapshot to the area at `areaOffset` of `device` (clear pages as zeroes). */
-  static async writePages(device: BlockDevice, areaOffset: number, pages: { page: number; bytes: Buffer | undefined }[]): Promise<number> {
-    for (let i = 0; i < pages.length; ) {
-      const { page, bytes } = pages[i];
-      if (bytes) {
-        await device.write(areaOffset + page * PAGE, bytes);
-        i++;
-        continue;
+  /**
+   * Write a snapshot to the area at `areaOffset` of `device` (clear pages as
+   * one zeroing, full pages FULL_WRITE_PAGES at a time), giving the event
+   * loop a turn between bounded pieces. Returns the pages written.
+   */
+  static async writePages(device: BlockDevice, areaOffset: number, runs: PageRun[]): Promise<number> {
+    const slicer = new Slicer();
+    let written = 0;
+    for (const { page, count, bytes } of runs) {
+      if (bytes === undefined) {
+        await device.writeZeroes(areaOffset + page * PAGE, count * PAGE, { noHole: true });
+      } else {
+        for (let done = 0; done < count; ) {
+          const pause = slicer.due();
+          if (pause) await pause;
+          const n = bytes === FULL_PAGE ? Math.min(FULL_WRITE_PAGES, count - done) : 1;
+          await device.write(areaOffset + (page + done) * PAGE, bytes === FULL_PAGE ? FULL_BYTES.subarray(0, n * PAGE) : bytes);
+          done += n;
+        }
       }
-      // Consecutive clear pages: one zeroing (a fresh bitmap of a big device is one call, not thousands).
-      let n = 1;
-      while (i + n < pages.length && pages[i + n].page === page + n && !pages[i + n].bytes) n++;
-      await device.writeZeroes(areaOffset + page * PAGE, n * PAGE, { noHole: true });
-      i += n;
+      written += count;
+      const pause = slicer.due();
+      if (pause) await pause;
     }
-    return pages.length;
+    return written;
   }
 
   /** Write changed pages (all pages with `full`) to the area at `areaOffset` of `device`. */
@@ -229,9 +316,12 @@ export class Bitmap {
     const bm = new Bitmap(dataBytes);
     const areaBytes = Bitmap.bytesFor(dataBytes);
     const buf = Buffer.alloc(READ_PAGES * PAGE);
+    const slicer = new Slicer();
     for (let at = 0; at < areaBytes; ) {
+      const pause = slicer.due();
+      if (pause) await pause;
       const want = Math.min(buf.length, areaBytes - at);
-      const hole = await holeBytes(device, areaOffset + at, want);
+      const hole = await holeBytes(device, areaOffset + at, Math.min(areaBytes - at, HOLE_QUERY_BYTES));
       if (hole >= PAGE) {
         at += Math.floor(hole / PAGE) * PAGE;
         continue;
@@ -245,6 +335,12 @@ export class Bitmap {
   }
 
   private loadPage(p: number, raw: Buffer): void {
+    if (raw.equals(FULL_PAGE) && (p + 1) * BITS_PER_PAGE <= this.bits) {
+      this.pages[p] = FULL_WORDS;
+      this.marks[p] = BITS_PER_PAGE;
+      this.set_ += BITS_PER_PAGE;
+      return;
+    }
     let any = false;
     for (let i = 0; i < raw.length; i += 4) {
       if (raw.readUInt32LE(i) !== 0) {
@@ -265,7 +361,7 @@ export class Bitmap {
     let n = 0;
     for (const w of words) n += popcount(w);
     if (n === 0) return;
-    this.pages[p] = words;
+    this.pages[p] = n === BITS_PER_PAGE ? FULL_WORDS : words;
     this.marks[p] = n;
     this.set_ += n;
   }
