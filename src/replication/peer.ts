@@ -107,6 +107,8 @@ export class PeerSession {
   state: W.PeerState | undefined;
   private peerRuns: { offset: number; length: number }[] = [];
   private bitmapDone = false;
+  /** This side's bitmap is out (it goes a slice at a time): only then may this side act on a decision. */
+  private bitmapSent = false;
   private seq = 0;
   private readonly pending = new Map<number, PendingWrite>();
   /** Flushes in flight: an application's, or the barrier that closes an epoch; each with the writes it makes durable there. */
@@ -155,8 +157,18 @@ export class PeerSession {
     this.sent = resource.peerState(true);
     this.sentMarks = resource.bitmap.count;
     this.link.send(W.F_STATE, W.encodeJson(this.sent));
-    for (const chunk of chunked([...resource.bitmap.runs()], W.MAX_RUNS_PER_FRAME)) link.send(W.F_BITMAP, W.encodeRuns(chunk));
-    link.send(W.F_BITMAP_DONE);
+    void this.sendBitmap();
+  }
+
+  /** This side's marks, W.MAX_RUNS_PER_FRAME runs a frame, with turns of the event loop between slices; then the decision may be acted on. */
+  private async sendBitmap(): Promise<void> {
+    for await (const runs of this.resource.bitmap.runBatches(W.MAX_RUNS_PER_FRAME)) {
+      if (!this.link.send(W.F_BITMAP, W.encodeRuns(runs))) await this.link.drained();
+      if (!this.link.isUp) return;
+    }
+    this.link.send(W.F_BITMAP_DONE);
+    this.bitmapSent = true;
+    if (this.phase === 'handshake' && this.state && this.bitmapDone) this.onHandshakeDone();
   }
 
   /** While the handshake runs: resolves once it is over (connected, syncing, refused or down). */
@@ -351,7 +363,7 @@ export class PeerSession {
         W.expectEmpty(payload, 'bitmap done');
         if (this.bitmapDone) throw new W.ProtocolError('a second bitmap done');
         this.bitmapDone = true;
-        if (this.phase === 'handshake' && this.state) this.onHandshakeDone();
+        if (this.phase === 'handshake' && this.state && this.bitmapSent) this.onHandshakeDone();
         return;
       case W.F_WRITE:
         return this.onWrite(W.decodeWrite(payload, size));
@@ -446,7 +458,7 @@ export class PeerSession {
     if (this.phase === 'handshake' && before) this.peerChanged = true;
     this.state = s;
     if (this.phase === 'handshake') {
-      if (this.bitmapDone) this.onHandshakeDone();
+      if (this.bitmapDone && this.bitmapSent) this.onHandshakeDone();
       return;
     }
     if (before && before.disk !== s.disk) {
@@ -861,10 +873,6 @@ function subtract(from: number, to: number, holes: [number, number][]): [number,
     });
   }
   return pieces;
-}
-
-function* chunked<T>(items: T[], size: number): Generator<T[]> {
-  for (let i = 0; i < items.length; i += size) yield items.slice(i, i + size);
 }
 
 export { BLOCK };

@@ -21,12 +21,18 @@
  * Checksum-based resync: the source sends a digest first and the target
  * answers whether it already has exactly those bytes; only differing pieces
  * travel.
+ *
+ * The event loop: small pieces are read synchronously from the page cache
+ * and a socket with room takes frames at once, so the loop would run a
+ * whole window of pieces without a turn for pings and the application's
+ * I/O; it gives the event loop a turn every few milliseconds (slice.ts).
  */
 import * as W from './wire.js';
 import { BLOCK } from './bitmap.js';
 import { digest } from './peer.js';
 import type { PeerSession } from './peer.js';
 import { LoopDelaySpan, type LoopDelayFigures } from '../util/loop-delay.js';
+import { Slicer } from '../util/slice.js';
 
 export interface ResyncProgress {
   doneBytes: number;
@@ -62,6 +68,7 @@ export class Resync {
   private nextSendAt = 0;
   private endedAt: number | undefined;
   private readonly loop = new LoopDelaySpan();
+  private readonly slicer = new Slicer();
 
   constructor(
     private readonly session: PeerSession,
@@ -129,6 +136,8 @@ export class Resync {
     for (let pass = 0; pass < PASSES_MAX && this.running; pass++) {
       let cursor = 0;
       for (;;) {
+        const pause = this.slicer.due();
+        if (pause) await pause;
         if (!this.running) return false;
         const run = r.bitmap.firstRun(cursor, ZERO_PIECE_MAX);
         if (!run) break;
