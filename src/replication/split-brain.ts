@@ -12,25 +12,37 @@
  * Both sides compute the outcome from the same inputs (their own and the
  * peer's state), so they always agree on who is source and who is target.
  */
-import fs from 'node:fs';
+import fsp, { type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { Resource } from './resource.js';
 import { UserError } from '../util/errors.js';
+import { Slicer } from '../util/slice.js';
+
+/** Ranges written to the header per write, and bytes of data per read and write. */
+const HEADER_RANGES_PER_WRITE = 4096;
+const PIECE_BYTES = 1024 * 1024;
+/** A header line longer than this is not one of ours. */
+const HEADER_BYTES_MAX = 64 * 1024 * 1024;
 
 /**
  * Save the blocks a resync is about to overwrite on this node (its whole
  * out-of-sync set, both sides' changes) to a file:
  * one JSON header line, then the bytes of each range in order.
+ * Asynchronous, in bounded pieces (the header's ranges 4096 at a time, the
+ * data 1 MiB at a time, a turn of the event loop every few milliseconds):
+ * the set may be millions of ranges or a whole disk, and the peer links
+ * must keep answering meanwhile.
  */
 export async function saveBlocks(r: Resource, peerNode: string): Promise<string | undefined> {
   const dev = r.backing;
   if (!dev) return undefined;
   const dir = r.options.splitBrainDir ?? path.join(os.tmpdir(), 'duet-split-brain');
-  fs.mkdirSync(dir, { recursive: true });
+  await fsp.mkdir(dir, { recursive: true });
   const stamp = new Date().toISOString().replace(/[:.]/g, '-');
   const file = path.join(dir, `${r.name}-${r.node}-${stamp}.blocks`);
-  const ranges = [...r.bitmap.runs()];
+  const ranges: { offset: number; length: number }[] = [];
+  for await (const batch of r.bitmap.runBatches(HEADER_RANGES_PER_WRITE)) ranges.push(...batch);
   const header = {
     format: 'duet-split-brain-blocks-v1',
     resource: r.name,
@@ -39,28 +51,45 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
     generation: r.record.gi,
     savedAt: new Date().toISOString(),
     bytes: ranges.reduce((n, x) => n + x.length, 0),
-    ranges,
   };
-  const fd = fs.openSync(file, 'wx', 0o600);
+  const slicer = new Slicer();
+  const fh = await fsp.open(file, 'wx', 0o600);
   try {
-    fs.writeSync(fd, `${JSON.stringify(header)}\n`);
-    const piece = Buffer.allocUnsafe(1024 * 1024);
+    // JSON.stringify({...header, ranges}) written a piece at a time (ranges is the last key).
+    const head = JSON.stringify(header);
+    await writeAll(fh, `${head.slice(0, -1)},"ranges":[`);
+    for (let i = 0; i < ranges.length; i += HEADER_RANGES_PER_WRITE) {
+      const part = JSON.stringify(ranges.slice(i, i + HEADER_RANGES_PER_WRITE)).slice(1, -1);
+      await writeAll(fh, i === 0 ? part : `,${part}`);
+      const pause = slicer.due();
+      if (pause) await pause;
+    }
+    await writeAll(fh, ']}\n');
+    const piece = Buffer.allocUnsafe(PIECE_BYTES);
     for (const range of ranges) {
       for (let done = 0; done < range.length; ) {
         const n = Math.min(piece.length, range.length - done);
         const view = piece.subarray(0, n);
         await dev.read(range.offset + done, view);
-        fs.writeSync(fd, view);
+        await writeAll(fh, view);
         done += n;
+        const pause = slicer.due();
+        if (pause) await pause;
       }
     }
-    fs.fsyncSync(fd);
+    await fh.sync();
   } finally {
-    fs.closeSync(fd);
+    await fh.close();
   }
   if (r.splitBrain) r.splitBrain.savedTo = file;
   r.log.warn({ event: 'split-brain-saved', resource: r.name, file, bytes: header.bytes }, `resource ${r.name}: saved ${header.bytes} bytes this node is about to lose to ${file}`);
   return file;
+}
+
+/** Append all of `data` (a file write may be short). */
+async function writeAll(fh: FileHandle, data: string | Buffer): Promise<void> {
+  const buf = typeof data === 'string' ? Buffer.from(data) : data;
+  for (let at = 0; at < buf.length; ) at += (await fh.write(buf, at, buf.length - at)).bytesWritten;
 }
 
 /**
@@ -70,40 +99,57 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
  * format, its resource, and that its ranges fit the device.
  */
 export async function restoreBlocks(file: string, resource: string, dev: { size: number; write(offset: number, data: Buffer): unknown }): Promise<{ ranges: number; bytes: number }> {
-  let fd: number;
+  let fh: FileHandle;
   try {
-    fd = fs.openSync(file, 'r');
+    fh = await fsp.open(file, 'r');
   } catch (err) {
     throw new UserError(`${file}: cannot open (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
   }
   try {
-    const head = Buffer.alloc(Math.min(64 * 1024 * 1024, fs.fstatSync(fd).size));
-    const n = fs.readSync(fd, head, 0, head.length, 0);
-    const nl = head.subarray(0, n).indexOf(0x0a);
+    const size = (await fh.stat()).size;
+    // The header line, read a piece at a time up to its newline (at most HEADER_BYTES_MAX).
+    const pieces: Buffer[] = [];
+    let nl = -1;
+    for (let at = 0; nl < 0 && at < Math.min(size, HEADER_BYTES_MAX); ) {
+      const buf = Buffer.alloc(Math.min(PIECE_BYTES, HEADER_BYTES_MAX - at));
+      const { bytesRead } = await fh.read(buf, 0, buf.length, at);
+      if (bytesRead === 0) break;
+      const i = buf.subarray(0, bytesRead).indexOf(0x0a);
+      if (i >= 0) nl = at + i;
+      pieces.push(buf.subarray(0, i >= 0 ? i : bytesRead));
+      at += bytesRead;
+    }
     let header: { format?: string; resource?: string; ranges?: { offset: number; length: number }[] } = {};
     try {
-      header = nl > 0 ? (JSON.parse(head.subarray(0, nl).toString('utf8')) as typeof header) : {};
+      header = nl > 0 ? (JSON.parse(Buffer.concat(pieces).toString('utf8')) as typeof header) : {};
     } catch {
       /* reported below */
     }
     if (header.format !== 'duet-split-brain-blocks-v1' || !Array.isArray(header.ranges)) throw new UserError(`${file}: not a duet split-brain blocks file`);
     if (header.resource !== resource) throw new UserError(`${file}: holds blocks of resource ${String(header.resource)}, not ${resource}`);
     const total = header.ranges.reduce((sum, r) => sum + r.length, 0);
-    if (fs.fstatSync(fd).size !== nl + 1 + total) throw new UserError(`${file}: truncated or damaged (${fs.fstatSync(fd).size} bytes, expected ${nl + 1 + total})`);
+    if (size !== nl + 1 + total) throw new UserError(`${file}: truncated or damaged (${size} bytes, expected ${nl + 1 + total})`);
     for (const r of header.ranges) if (r.offset < 0 || r.offset + r.length > dev.size) throw new UserError(`${file}: range ${r.offset}+${r.length} is outside resource ${resource}`);
     let pos = nl + 1;
-    const piece = Buffer.allocUnsafe(1024 * 1024);
+    const piece = Buffer.allocUnsafe(PIECE_BYTES);
+    const slicer = new Slicer();
     for (const r of header.ranges) {
       for (let done = 0; done < r.length; ) {
         const len = Math.min(piece.length, r.length - done);
-        fs.readSync(fd, piece, 0, len, pos);
+        for (let got = 0; got < len; ) {
+          const { bytesRead } = await fh.read(piece, got, len - got, pos + got);
+          if (bytesRead === 0) throw new UserError(`${file}: truncated or damaged (ends at ${pos + got})`);
+          got += bytesRead;
+        }
         await dev.write(r.offset + done, Buffer.from(piece.subarray(0, len)));
         pos += len;
         done += len;
+        const pause = slicer.due();
+        if (pause) await pause;
       }
     }
     return { ranges: header.ranges.length, bytes: total };
   } finally {
-    fs.closeSync(fd);
+    await fh.close();
   }
 }
