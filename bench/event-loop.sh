@@ -91,7 +91,7 @@ one_run() { # index
   fio --name=dirty --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=16 --number_ios="$DIRTY_RAND_IOS" --size="$VOL_SIZE" --randrepeat=0 --output-format=terse >/dev/null
   local dirty; dirty=$(st alpha | jq '.resources[0].outOfSyncBytes')
   local drops0; drops0=$(cat "$WORK"/c/*.log | grep -c '"event":"disconnected"' || true)
-  fio --name=load --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=16 --time_based --runtime=600 --size="$VOL_SIZE" --randrepeat=0 --output-format=json > "$WORK/load.json" 2>/dev/null &
+  fio --name=load --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=16 --time_based --runtime=600 --size="$VOL_SIZE" --randrepeat=0 --output-format=json --output="$WORK/load.json" >/dev/null 2>&1 &
   local fio_pid=$!
   sleep 2
   local t0; t0=$(date +%s.%N)
