@@ -119,6 +119,23 @@ export class Bitmap {
     this.dirtyPages.clear();
   }
 
+  /** Mark every block `other` (a bitmap of the same size) marks: page by page, whole pages at once. */
+  merge(other: Bitmap): void {
+    if (other.bits !== this.bits) throw new Error(`bitmap of ${other.bits} blocks merged into one of ${this.bits}`);
+    for (let p = 0; p < this.pageCount; p++) {
+      const theirs = other.pages[p];
+      const mine = this.pages[p];
+      if (!theirs || other.marks[p] === 0 || mine === FULL_WORDS) continue;
+      if (theirs === FULL_WORDS || !mine) {
+        this.setPage(p, theirs === FULL_WORDS ? FULL_WORDS : theirs.slice(), other.marks[p]);
+        continue;
+      }
+      let marks = 0;
+      for (let w = 0; w < WORDS_PER_PAGE; w++) marks += popcount((mine[w] |= theirs[w]));
+      if (marks !== this.marks[p]) this.setPage(p, marks === BITS_PER_PAGE ? FULL_WORDS : mine, marks);
+    }
+  }
+
   isMarked(block: number): boolean {
     const p = Math.floor(block / BITS_PER_PAGE);
     const words = this.pages[p];

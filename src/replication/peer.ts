@@ -8,7 +8,7 @@
  */
 import { createHash } from 'node:crypto';
 import type { PeerLink } from './link.js';
-import { BLOCK } from './bitmap.js';
+import { BLOCK, Bitmap } from './bitmap.js';
 import { ConnectAction, ConnectSide, decideConnect, syncGeneration } from './connect-decision.js';
 import type { Resource } from './resource.js';
 import { RangeOrder } from './ordering.js';
@@ -105,7 +105,10 @@ const VERIFY_WINDOW = 16;
 export class PeerSession {
   phase: 'handshake' | 'connected' | 'sync-source' | 'sync-target' | 'closed' = 'handshake';
   state: W.PeerState | undefined;
-  private peerRuns: { offset: number; length: number }[] = [];
+  /** The peer's marks as its bitmap frames come (4096 runs a frame: bounded work per frame). */
+  private peerMarks: Bitmap | undefined;
+  /** Where the runs received so far end (each frame continues after it). */
+  private peerRunsEnd = 0;
   private bitmapDone = false;
   /** This side's bitmap is out (it goes a slice at a time): only then may this side act on a decision. */
   private bitmapSent = false;
@@ -355,8 +358,11 @@ export class PeerSession {
         return this.onState(W.decodeState(payload, this.peerNode));
       case W.F_BITMAP: {
         if (this.phase !== 'handshake' || this.bitmapDone) throw new W.ProtocolError('bitmap runs after the bitmap was done');
-        const last = this.peerRuns[this.peerRuns.length - 1];
-        this.peerRuns.push(...W.decodeRuns(payload, size, last ? last.offset + last.length : 0));
+        this.peerMarks ??= new Bitmap(size);
+        for (const run of W.decodeRuns(payload, size, this.peerRunsEnd)) {
+          this.peerMarks.mark(run.offset, run.length);
+          this.peerRunsEnd = run.offset + run.length;
+        }
         return;
       }
       case W.F_BITMAP_DONE:
@@ -514,7 +520,7 @@ export class PeerSession {
 
   private connected(why: string): void {
     this.phase = 'connected';
-    this.peerRuns = [];
+    this.peerMarks = undefined;
     const r = this.resource;
     if (this.state!.disk === 'Diskless' || this.state!.disk === 'Failed') this.peerHasNoDisk();
     void r.connectedTo(this.state!).then((changed) => {
@@ -527,8 +533,8 @@ export class PeerSession {
   private startSync(direction: 'source' | 'target', full: boolean, splitBrain: boolean): void {
     const r = this.resource;
     const [source, target] = direction === 'source' ? [this.sent, this.state!] : [this.state!, this.sent];
-    const ready = r.beginSync(this.peerNode, direction, full, this.peerRuns, splitBrain, syncGeneration(source.gi.current, target.gi.current));
-    this.peerRuns = [];
+    const ready = r.beginSync(this.peerNode, direction, full, this.peerMarks, splitBrain, syncGeneration(source.gi.current, target.gi.current));
+    this.peerMarks = undefined;
     const total = r.bitmap.outOfSyncBytes;
     this.resync = new Resync(this, total);
     r.log.info({ event: 'resync-start', resource: r.name, peer: this.peerNode, role: direction === 'source' ? 'SyncSource' : 'SyncTarget', totalBytes: total, full }, `resync ${direction === 'source' ? 'to' : 'from'} ${this.peerNode}: ${total} bytes`);

@@ -569,10 +569,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * an interrupted resync resumes from them; after a split brain it first
    * keeps what it will lose. Nothing moves before this resolves.
    */
-  async beginSync(peerNode: string, direction: 'source' | 'target', full: boolean, peerRuns: { offset: number; length: number }[], splitBrain: boolean, sync: string): Promise<void> {
+  async beginSync(peerNode: string, direction: 'source' | 'target', full: boolean, peerMarks: Bitmap | undefined, splitBrain: boolean, sync: string): Promise<void> {
     this.lastRefusal = undefined;
     if (splitBrain) this.keepNode = undefined;
-    for (const run of peerRuns) this.bitmap.mark(run.offset, run.length);
+    if (peerMarks) this.bitmap.merge(peerMarks);
     if (full) this.bitmap.markAll();
     const gi = this.record.gi;
     if (direction === 'source') {

@@ -139,14 +139,14 @@ function removeInterval(m: Intervals, s: number, e: number): Intervals {
 
 const PAGE_BLOCKS = 32768; // blocks one 4 KiB page of bits covers (128 MiB of data)
 
-test('bitmap over several pages: whole pages marked and cleared (shared full pages) agree with a model; runs, firstRun, counts and the on-disk copy too', async () => {
+test('bitmap over several pages: whole pages marked, cleared and merged (shared full pages) agree with a model; runs, firstRun, counts and the on-disk copy too', async () => {
   await fc.assert(
     fc.asyncProperty(
       fc.integer({ min: 1, max: 5 }),
       fc.integer({ min: 0, max: PAGE_BLOCKS - 1 }),
       fc.array(
         fc.record({
-          kind: fc.constantFrom('mark', 'clear', 'markAll', 'clearAll'),
+          kind: fc.constantFrom('mark', 'clear', 'markAll', 'clearAll', 'merge', 'mergeAll'),
           at: fc.double({ min: 0, max: 1, noNaN: true }),
           blocks: fc.oneof(fc.integer({ min: 0, max: 100 }), fc.integer({ min: PAGE_BLOCKS - 50, max: 2 * PAGE_BLOCKS + 50 })),
           writeBack: fc.boolean(),
@@ -169,6 +169,21 @@ test('bitmap over several pages: whole pages marked and cleared (shared full pag
           } else if (op.kind === 'clear') {
             bm.clear(from * BLOCK, (to - from) * BLOCK);
             model = removeInterval(model, from, to);
+          } else if (op.kind === 'merge') {
+            // The peer's marks: an interval and every third block around it.
+            const other = new Bitmap(dataBytes);
+            other.mark(from * BLOCK, (to - from) * BLOCK);
+            model = addInterval(model, from, to);
+            for (let blk = Math.max(0, from - 300); blk < Math.min(blocks, to + 300); blk += 3) {
+              other.mark(blk * BLOCK, BLOCK);
+              model = addInterval(model, blk, blk + 1);
+            }
+            bm.merge(other);
+          } else if (op.kind === 'mergeAll') {
+            const other = new Bitmap(dataBytes);
+            other.markAll();
+            bm.merge(other);
+            model = addInterval([], 0, blocks);
           } else if (op.kind === 'markAll') {
             bm.markAll();
             model = addInterval([], 0, blocks);
