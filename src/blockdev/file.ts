@@ -26,6 +26,15 @@ export interface FileDeviceOptions {
    * 0 = always asynchronous (safest with a cold cache on a slow disk).
    */
   syncIoMaxBytes?: number;
+  /**
+   * The same for writes (default: syncIoMaxBytes). A write into the page
+   * cache sleeps when the kernel throttles dirty pages (up to 200 ms a
+   * call, measured 140-250 ms on the node daemon under write load), and on
+   * the calling thread that stops everything else it does: a process whose
+   * event loop answers peer links sets 0 (writes lose nothing by the pool
+   * hop: shared/bench/FINDINGS.md).
+   */
+  syncWriteMaxBytes?: number;
   /** Use the native add-on when present (tests turn it off to cover the fallback). */
   useNative?: boolean;
   /**
@@ -52,6 +61,7 @@ export class FileDevice implements BlockDevice {
   private fd: number;
   private dsyncFd = -1;
   private readonly syncIoMaxBytes: number;
+  private readonly syncWriteMaxBytes: number;
   private readonly ops: NativeOps | null;
   private claim: DiskClaim | undefined;
   private closed = false;
@@ -68,6 +78,7 @@ export class FileDevice implements BlockDevice {
     this.fd = fd;
     this.ops = options.useNative === false ? null : native;
     this.syncIoMaxBytes = options.syncIoMaxBytes ?? DEFAULT_SYNC_IO_MAX_BYTES;
+    this.syncWriteMaxBytes = options.syncWriteMaxBytes ?? this.syncIoMaxBytes;
     const holes = this.ops !== null;
     this.capabilities = {
       readOnly,
@@ -137,7 +148,7 @@ export class FileDevice implements BlockDevice {
     this.check(offset, data.length, true);
     // FUA waits for the disk: never on the event loop.
     if (options?.fua) return this.pwriteAsync(this.dsyncFd, data, offset);
-    if (data.length <= this.syncIoMaxBytes) {
+    if (data.length <= this.syncWriteMaxBytes) {
       this.pwriteSync(data, offset);
       return;
     }

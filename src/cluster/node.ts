@@ -170,7 +170,8 @@ export class NodeDaemon {
     const file = path.resolve(path.dirname(c.file), diskPath);
     let device: FileDevice;
     try {
-      device = FileDevice.open(file);
+      // Writes off the event loop: a write the kernel throttles would stall the peer links (file.ts).
+      device = FileDevice.open(file, { syncWriteMaxBytes: 0 });
     } catch (err) {
       // Another daemon (or any process) has the disk: a refusal because of state.
       if (err instanceof DiskInUse) throw new UserError(`resource ${name}: ${err.message}`, 1);

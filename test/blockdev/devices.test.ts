@@ -71,6 +71,27 @@ describeBlockDevice(
   { capabilities: NO_HOLES },
 );
 
+describeBlockDevice('FileDevice (native, writes asynchronous: syncWriteMaxBytes 0)', fileFactory({ syncWriteMaxBytes: 0 }), {
+  capabilities: ALL_TRUE,
+  skip: skipNative,
+  numRuns: 20,
+});
+
+test('FileDevice syncWriteMaxBytes 0: small writes leave the event loop (a promise), small reads stay synchronous', async () => {
+  const file = sparseFile(MiB);
+  const dev = FileDevice.open(file, { syncWriteMaxBytes: 0 });
+  try {
+    const written = dev.write(4096, pattern(7, 4096));
+    assert.ok(written instanceof Promise, 'a 4 KiB write goes to the thread pool');
+    await written;
+    const back = Buffer.alloc(4096);
+    assert.equal(dev.read(4096, back), undefined, 'a 4 KiB read is done on the spot');
+    assert.ok(back.equals(pattern(7, 4096)));
+  } finally {
+    dev.close();
+  }
+});
+
 describeBlockDevice('FaultyDevice(MemoryDevice)', async (size, opts = {}) => {
   const dev = new FaultyDevice(new MemoryDevice(size, 'mem', { readOnly: opts.readOnly }));
   return { dev, cleanup: () => dev.close() };
