@@ -4,6 +4,7 @@
  */
 import { Command, CommanderError } from 'commander';
 import { UserError } from '../util/errors.js';
+import { flushLogs } from '../util/log.js';
 import { registerServe } from './serve.js';
 import { registerDemo } from './demo.js';
 import { registerPool } from './pool.js';
@@ -36,6 +37,8 @@ export async function main(argv: string[]): Promise<void> {
 }
 
 export function exitWithError(err: unknown): never {
+  // A daemon's log lines come before the error that ends it.
+  flushLogs();
   if (err instanceof CommanderError) {
     const ok = err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help';
     process.exit(ok ? 0 : 2);

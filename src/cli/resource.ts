@@ -12,7 +12,7 @@ import { FileDevice } from '../blockdev/file.js';
 import { DiskInUse } from '../blockdev/claim.js';
 import { createMetadata } from '../replication/create-md.js';
 import type { PeerStatus, VerifyProgress } from '../replication/peer.js';
-import { createLogger } from '../util/log.js';
+import { createLogger, flushLogs } from '../util/log.js';
 import { UserError } from '../util/errors.js';
 import { formatSize } from '../util/size.js';
 import { resolveHome } from '../volume/registry.js';
@@ -29,7 +29,7 @@ export function registerNode(program: Command): void {
       const file = opts.config ?? process.env.DUET_CONFIG;
       if (!file) throw new UserError('node run: give the cluster file with --config FILE (or DUET_CONFIG)');
       const config = loadClusterConfig(file);
-      const log = createLogger('duet-node');
+      const log = createLogger('duet-node', undefined, { async: true });
       const home = resolveHome(opts.home);
       const daemon = await NodeDaemon.start(config, opts.node ?? process.env.DUET_NODE, { home, log });
       let stopping = false;
@@ -45,6 +45,7 @@ export function registerNode(program: Command): void {
           code = 1;
         }
         log.info({ event: 'stopped' });
+        flushLogs();
         process.exit(code);
       };
       process.on('SIGINT', () => void stop('SIGINT'));
@@ -75,7 +76,7 @@ export function registerWitness(program: Command): void {
       if (!file) throw new UserError('witness run: give the cluster file with --config FILE (or DUET_CONFIG)');
       const config = loadClusterConfig(file);
       if (!config.witness) throw new UserError(`${file}: has no witness: section (witness: { address: IP })`);
-      const log = createLogger('duet-witness');
+      const log = createLogger('duet-witness', undefined, { async: true });
       const home = resolveHome(opts.home);
       const w = new Witness(path.join(home, 'witness.json'), Object.keys(config.nodes), log);
       const port = config.witness.port ?? DEFAULT_WITNESS_PORT;
@@ -85,7 +86,10 @@ export function registerWitness(program: Command): void {
         throw new UserError(`witness: cannot listen on ${config.witness.address}:${port} (${(err as Error).message})`);
       }
       const stop = (): void => {
-        void w.close().finally(() => process.exit(0));
+        void w.close().finally(() => {
+          flushLogs();
+          process.exit(0);
+        });
       };
       process.on('SIGINT', stop);
       process.on('SIGTERM', stop);
