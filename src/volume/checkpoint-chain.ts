@@ -6,21 +6,68 @@
  */
 import { CKPT_HEADER, type CheckpointCopy, crc32, decodeCheckpointChunk, encodeCheckpointChunk } from './format.js';
 import type { ChunkSpace } from './chunk-space.js';
+import { Slicer } from '../util/slice.js';
 
 /** Pieces a stream of `bytes` takes at `chunkSize`. */
 export function piecesFor(bytes: number, chunkSize: number): number {
   return Math.max(1, Math.ceil(bytes / (chunkSize - CKPT_HEADER)));
 }
 
-/** Write `stream` into the chunks of `chain` (not flushed); the superblock's copy entry for it. */
-export async function writeChain(space: ChunkSpace, chain: number[], gen: number, stream: Buffer): Promise<CheckpointCopy> {
+/**
+ * Write the stream (its parts, in order) into the chunks of `chain` (not
+ * flushed); the superblock's copy entry for it. The CRC of the whole
+ * stream is carried piece by piece, so no step touches all of it at once,
+ * and the event loop gets a turn between pieces (a device that writes
+ * synchronously would run the whole chain as one task).
+ */
+export async function writeChain(space: ChunkSpace, chain: number[], gen: number, parts: Buffer[]): Promise<CheckpointCopy> {
   const payload = space.chunkSize - CKPT_HEADER;
+  const stream = new PartReader(parts);
+  let crc = 0;
+  const slicer = new Slicer();
   for (let i = 0; i < chain.length; i++) {
-    const part = stream.subarray(i * payload, Math.min(stream.length, (i + 1) * payload));
+    const pause = slicer.due();
+    if (pause) await pause;
+    const part = stream.take(payload);
+    crc = crc32(part, crc);
     const next = i + 1 < chain.length ? chain[i + 1] + 1 : 0;
     await space.writeChunk(chain[i], encodeCheckpointChunk(space.chunkSize, gen, i, next, part));
   }
-  return { first: chain[0], chunks: chain.length, bytes: stream.length, crc: crc32(stream) };
+  return { first: chain[0], chunks: chain.length, bytes: stream.bytes, crc };
+}
+
+/** Bytes of a list of buffers. */
+export function bytesOf(parts: Buffer[]): number {
+  return parts.reduce((n, p) => n + p.length, 0);
+}
+
+/** Reads a list of buffers front to back as one stream. */
+class PartReader {
+  readonly bytes: number;
+  private part = 0;
+  private at = 0;
+
+  constructor(private readonly parts: Buffer[]) {
+    this.bytes = bytesOf(parts);
+  }
+
+  /** The next `n` bytes (fewer at the end), copied only when they span parts. */
+  take(n: number): Buffer {
+    const pieces: Buffer[] = [];
+    let want = n;
+    while (want > 0 && this.part < this.parts.length) {
+      const p = this.parts[this.part];
+      const k = Math.min(want, p.length - this.at);
+      pieces.push(p.subarray(this.at, this.at + k));
+      this.at += k;
+      want -= k;
+      if (this.at === p.length) {
+        this.part++;
+        this.at = 0;
+      }
+    }
+    return pieces.length === 1 ? pieces[0] : Buffer.concat(pieces);
+  }
 }
 
 /** Read one copy: its stream and the chunks it occupies; throws saying what is wrong with it. */

@@ -19,8 +19,8 @@
 import type { Logger } from '../util/log.js';
 import type { ChunkAllocator } from './allocator.js';
 import type { ChunkSpace } from './chunk-space.js';
-import { serializeCheckpoint } from './checkpoint.js';
-import { piecesFor, writeChain } from './checkpoint-chain.js';
+import { serializeCheckpointInSlices } from './checkpoint.js';
+import { bytesOf, piecesFor, writeChain } from './checkpoint-chain.js';
 import { type CheckpointCopy, type JournalOp, type Superblock, encodeJournalRecord, encodeOps } from './format.js';
 import { appendRecord } from './journal.js';
 import type { Gate } from './quiesce.js';
@@ -206,18 +206,23 @@ export class CommitPump {
   /**
    * Serialize the whole metadata into fresh chunks (two copies), then switch
    * every device's superblock to it; the journal starts over. The state is
-   * taken with no data write in flight, so it maps only completed writes.
+   * taken with no data write in flight, so it maps only completed writes;
+   * it is encoded a slice at a time (a big map takes seconds) with the pool
+   * quiesced and alone: no data write and no other quiesced section (an
+   * admin operation) changes it meanwhile.
    */
   private async writeCheckpoint(changes: MetadataChange[]): Promise<void> {
     const { space, alloc, gate, table } = this.ctx;
-    const taken = await gate.quiesced(() => {
+    const taken = await gate.quiesced(async () => {
       applyAll(changes);
-      return { ...this.take(), stream: serializeCheckpoint(table.state()) };
+      const ops = this.take();
+      return { ...ops, stream: await gate.alone(() => serializeCheckpointInSlices(table.state())) };
     });
     // Never one sequence number or generation twice on a disk, even after a failed switch.
     const gen = Math.max(this.sb.gen, this.issued.gen) + 1;
     const seq = Math.max(this.sb.seq, this.issued.seq) + 1;
-    const pieces = piecesFor(taken.stream.length, space.chunkSize);
+    const streamBytes = bytesOf(taken.stream);
+    const pieces = piecesFor(streamBytes, space.chunkSize);
     const chains: number[][] = [];
     let switching = false;
     try {
@@ -256,7 +261,7 @@ export class CommitPump {
     this.journalSeq = 0;
     this.mustCheckpoint = false;
     alloc.release(taken.decrefs);
-    this.ctx.log.debug({ event: 'checkpoint', pool: this.ctx.name, gen, seq, bytes: taken.stream.length }, 'metadata checkpoint written');
+    this.ctx.log.debug({ event: 'checkpoint', pool: this.ctx.name, gen, seq, bytes: streamBytes }, 'metadata checkpoint written');
   }
 
   private take(): { ops: JournalOp[]; decrefs: number[] } {

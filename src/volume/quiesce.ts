@@ -11,6 +11,8 @@ export class Gate {
   closed = 0;
   private openWaiters: (() => void)[] = [];
   private drainWaiters: (() => void)[] = [];
+  /** Set while a quiesced section works alone (alone()): other sections wait before their work. */
+  private lone: Promise<void> | undefined;
 
   /** A data-path operation starts its part that must not overlap a quiesced section. */
   enter(): void {
@@ -22,6 +24,26 @@ export class Gate {
     if (--this.inflight === 0 && this.drainWaiters.length > 0) wake(this.drainWaiters.splice(0));
   }
 
+  /**
+   * Inside a quiesced section: run `fn`, which reads the pool's state over
+   * several turns of the event loop, with no other quiesced section starting
+   * its work (changing that state) until it is done. Sections already under
+   * way have made their (synchronous) change; data writes are kept out by
+   * the section around this call.
+   */
+  async alone<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.closed === 0) throw new Error('Gate.alone outside a quiesced section');
+    while (this.lone) await this.lone;
+    let done!: () => void;
+    this.lone = new Promise<void>((resolve) => (done = resolve));
+    try {
+      return await fn();
+    } finally {
+      this.lone = undefined;
+      done();
+    }
+  }
+
   whenOpen(): Promise<void> {
     return new Promise((resolve) => this.openWaiters.push(resolve));
   }
@@ -31,6 +53,7 @@ export class Gate {
     this.closed++;
     try {
       while (this.inflight > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
+      while (this.lone) await this.lone;
       return await fn();
     } finally {
       if (--this.closed === 0) wake(this.openWaiters.splice(0));
