@@ -15,6 +15,7 @@ import { RangeOrder } from './ordering.js';
 import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
 import * as W from './wire.js';
 import { Resync, ResyncProgress } from './resync.js';
+import { finishedWithin } from '../util/timeout.js';
 
 export type ConnectionState = 'Connected' | 'Connecting' | 'StandAlone' | 'SyncSource' | 'SyncTarget';
 
@@ -101,6 +102,8 @@ const VERIFY_PIECE = W.VERIFY_PIECE;
 /** Largest write payload in one frame (the link's frame limit is a little above). */
 const WRITE_PIECE = W.MAX_DATA_PIECE;
 const VERIFY_WINDOW = 16;
+/** How long a handshake waits for writes under way before it says what this side has. */
+const WRITES_SETTLE_MS = 1000;
 
 export class PeerSession {
   phase: 'handshake' | 'connected' | 'sync-source' | 'sync-target' | 'closed' = 'handshake';
@@ -129,8 +132,8 @@ export class PeerSession {
   private targetReady: Promise<void> | undefined;
   private readonly downHandlers: ((why: string) => void)[] = [];
   /** What this side told the peer when the link came up: both sides decide from exactly that. */
-  private readonly sent: W.PeerState;
-  private readonly sentMarks: number;
+  private sent: W.PeerState | undefined;
+  private sentMarks = 0;
   /** The peer sent a new state during the handshake (it reconnects; so does this side). */
   private peerChanged = false;
   /** Set when the peer lost its disk: applying its writes waits until this side recorded that. */
@@ -157,14 +160,25 @@ export class PeerSession {
       }
     });
     link.on('down', (why) => this.onDown(why));
-    this.sent = resource.peerState(true);
-    this.sentMarks = resource.bitmap.count;
-    this.link.send(W.F_STATE, W.encodeJson(this.sent));
-    void this.sendBitmap();
+    void this.sendStateAndBitmap();
   }
 
-  /** This side's marks, W.MAX_RUNS_PER_FRAME runs a frame, with turns of the event loop between slices; then the decision may be acted on. */
-  private async sendBitmap(): Promise<void> {
+  /**
+   * This side's state, then its marks (W.MAX_RUNS_PER_FRAME runs a frame, with turns of the
+   * event loop between slices); then the decision may be acted on. Writes
+   * are held from the start (replicate waits for the handshake); the ones
+   * already on their way to the disk finish first, so what is sent still
+   * holds when the decision is made (a write landing meanwhile changes the
+   * marks, and the handshake would start over, again and again while the
+   * application writes). Bounded: a write waiting for quorum does not hold
+   * the link back.
+   */
+  private async sendStateAndBitmap(): Promise<void> {
+    await finishedWithin(this.resource.writesSettled(), WRITES_SETTLE_MS);
+    if (this.phase !== 'handshake' || !this.link.isUp) return;
+    this.sent = this.resource.peerState(true);
+    this.sentMarks = this.resource.bitmap.count;
+    this.link.send(W.F_STATE, W.encodeJson(this.sent));
     for await (const runs of this.resource.bitmap.runBatches(W.MAX_RUNS_PER_FRAME)) {
       if (!this.link.send(W.F_BITMAP, W.encodeRuns(runs))) await this.link.drained();
       if (!this.link.isUp) return;
@@ -234,6 +248,8 @@ export class PeerSession {
   }
 
   sendState(): void {
+    // Before the handshake's own state is out, that one (taken when it goes) says it all.
+    if (!this.sent) return;
     this.link.send(W.F_STATE, W.encodeJson(this.resource.peerState()));
   }
 
@@ -494,7 +510,7 @@ export class PeerSession {
       this.close('the state changed during the handshake: connecting again');
       return;
     }
-    const action = decideConnect(sideOf(this.sent), sideOf(peer), r.connectPolicy());
+    const action = decideConnect(sideOf(this.sent!), sideOf(peer), r.connectPolicy());
     r.log.info({ event: 'connect-decision', resource: r.name, peer: this.peerNode, action }, `${this.peerNode}: ${describe(action)}`);
     switch (action.kind) {
       case 'refuse':
@@ -532,7 +548,7 @@ export class PeerSession {
 
   private startSync(direction: 'source' | 'target', full: boolean, splitBrain: boolean): void {
     const r = this.resource;
-    const [source, target] = direction === 'source' ? [this.sent, this.state!] : [this.state!, this.sent];
+    const [source, target] = direction === 'source' ? [this.sent!, this.state!] : [this.state!, this.sent!];
     const ready = r.beginSync(this.peerNode, direction, full, this.peerMarks, splitBrain, syncGeneration(source.gi.current, target.gi.current));
     this.peerMarks = undefined;
     const total = r.bitmap.outOfSyncBytes;

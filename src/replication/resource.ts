@@ -122,6 +122,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   readonly appWrites = new RangeOrder();
   /** Set while application I/O happened recently (the dynamic resync controller yields). */
   lastAppWriteAt = 0;
+  /** Application writes past the handshake's hold, not finished (a handshake lets them finish first). */
+  private writesUnderWay = 0;
+  private writesSettledWaiters: (() => void)[] = [];
   private metaChain: Promise<unknown> = Promise.resolve();
   /** Sequence number of the record last written. */
   private recordSeq: number;
@@ -701,6 +704,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // The peer is deciding from this node's data as it was when the link came up: hold writes until it has.
     const handshake = this.peer?.handshake;
     if (handshake) return handshake.then(() => this.replicate(offset, length, kind, data, fua));
+    this.writesUnderWay++;
     const local = this.backing_;
     const hot = local ? this.al.begin(offset, length) : undefined;
     // A write waiting for quorum waits outside the write order: the resync that would release it
@@ -731,6 +735,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     };
     const finish = (): void => {
       if (local) this.al.end(offset, length);
+      if (--this.writesUnderWay === 0) for (const w of this.writesSettledWaiters.splice(0)) w();
     };
     if (hot instanceof Promise) {
       // The activity log's page could not be written: the disk failed; go on through the peer.
@@ -756,6 +761,12 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       finish();
       throw err;
     }
+  }
+
+  /** Resolves once no application write is under way (a handshake holds new ones meanwhile). */
+  writesSettled(): Promise<void> {
+    if (this.writesUnderWay === 0) return Promise.resolve();
+    return new Promise((resolve) => this.writesSettledWaiters.push(resolve));
   }
 
   /** Waits until the write is where the protocol says; returns what must complete before it is acknowledged. */
