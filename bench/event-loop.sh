@@ -98,12 +98,14 @@ one_run() { # index
   duetc alpha resource connect a >/dev/null
   wait_status alpha '.outOfSyncBytes == 0 and .peers[0].connection == "Connected" and .peers[0].lastResync != null' 900
   local t1; t1=$(date +%s.%N)
+  wait_status bravo '.disk == "UpToDate" and .peers[0].lastResync != null' 60
   kill -TERM $fio_pid 2>/dev/null || true
   wait $fio_pid 2>/dev/null || true
   local sa sb; sa=$(st alpha); sb=$(st bravo)
   local drops; drops=$(( $(cat "$WORK"/c/*.log | grep -c '"event":"disconnected"' || true) - drops0 ))
   local stalls; stalls=$(cat "$WORK"/c/*.log | grep -c '"event":"event-loop-stall"' || true)
-  local iops; iops=$(jq '.jobs[0].write.iops | floor' "$WORK/load.json" 2>/dev/null || echo '?')
+  # fio writes "terminating on signal" into its output file before the JSON.
+  local iops; iops=$(sed -n '/^{/,$p' "$WORK/load.json" | jq '.jobs[0].write.iops | floor' 2>/dev/null || echo '?')
   local line
   line=$(printf 'run=%s dirty_MiB=%s resync_s=%.1f rate_MBps=%s fio_iops=%s | alpha p99=%s max=%s worst10s=%s | bravo p99=%s max=%s worst10s=%s | link_drops=%s stall_logs=%s' \
     "$1" "$((dirty / 1048576))" "$(echo "$t1 - $t0" | bc)" \
