@@ -171,7 +171,7 @@ export class NodeDaemon {
     let device: FileDevice;
     try {
       // Writes off the event loop: a write the kernel throttles would stall the peer links (file.ts).
-      device = FileDevice.open(file, { syncWriteMaxBytes: 0 });
+      device = FileDevice.open(file, { syncWriteMaxBytes: Number(process.env.DUET_NODE_SYNC_WRITE_MAX_BYTES ?? 0) });
     } catch (err) {
       // Another daemon (or any process) has the disk: a refusal because of state.
       if (err instanceof DiskInUse) throw new UserError(`resource ${name}: ${err.message}`, 1);

@@ -162,11 +162,13 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
     }
   }
 
-  /** The first n buffered bytes, joining chunks only as far as needed. */
+  /** The first n buffered bytes, joining chunks only as far as needed (not the whole backlog: a 12-byte header must not copy megabytes). */
   private peek(n: number): Buffer {
     if (this.chunks[0].length < n) {
-      const joined = Buffer.concat(this.chunks);
-      this.chunks = [joined];
+      let k = 0;
+      let bytes = 0;
+      while (bytes < n) bytes += this.chunks[k++].length;
+      this.chunks.splice(0, k, Buffer.concat(this.chunks.slice(0, k), bytes));
     }
     return this.chunks[0];
   }

@@ -83,3 +83,29 @@ test('a closed peer and a protocol violation end the link with the reason; nothi
     assert.match((await down).why, /frame of 67108864 bytes/);
   }
 });
+
+test('frames cut into pieces at any byte (headers too) are put back together byte for byte, in order', async (t) => {
+  const [a, , , srv] = await linkedPair(t, { pingIntervalMs: 10_000, pingTimeoutMs: 20_000 }, false);
+  const got: Buffer[] = [];
+  a.on('frame', (_type, payload) => got.push(Buffer.from(payload)));
+  const sent: Buffer[] = [];
+  let seed = 7;
+  const rnd = (n: number): number => (seed = (seed * 1103515245 + 12345) % 2 ** 31) % n;
+  for (let i = 0; i < 60; i++) {
+    const payload = Buffer.alloc(rnd(3) === 0 ? rnd(20) : rnd(300_000));
+    for (let j = 0; j < payload.length; j++) payload[j] = (i * 31 + j) & 0xff;
+    sent.push(payload);
+  }
+  const wire = Buffer.concat(sent.map((p, i) => encodeFrame(200 + (i % 50), p)));
+  // Pieces from 1 byte to 200 KiB, each its own socket write and, with a pause now and then, its own read.
+  for (let at = 0; at < wire.length; ) {
+    const n = Math.min(wire.length - at, rnd(4) === 0 ? 1 + rnd(11) : 1 + rnd(200_000));
+    srv.write(wire.subarray(at, at + n));
+    at += n;
+    if (rnd(5) === 0) await new Promise((r) => setImmediate(r));
+  }
+  const deadline = Date.now() + 10_000;
+  while (got.length < sent.length && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  assert.equal(got.length, sent.length);
+  for (const [i, p] of sent.entries()) assert.ok(got[i].equals(p), `frame ${i} (${p.length} bytes)`);
+});
