@@ -1,4 +1,4 @@
-import type { BlockDevice, BlockSizeLimits, Capabilities, Extent, MaybePromise, WriteOptions, ZeroOptions } from './types.js';
+import type { BlockDevice, BlockSizeLimits, BlockStatusOptions, Capabilities, Extent, MaybePromise, WriteOptions, ZeroOptions } from './types.js';
 
 /**
  * A device that passes every call to another: subclasses override the calls
@@ -33,8 +33,8 @@ export class DelegatingDevice<T extends BlockDevice = BlockDevice> implements Bl
   writeZeroes(offset: number, length: number, options?: ZeroOptions): MaybePromise<void> {
     return this.inner.writeZeroes(offset, length, options);
   }
-  blockStatus(offset: number, length: number): MaybePromise<Extent[]> {
-    return this.inner.blockStatus(offset, length);
+  blockStatus(offset: number, length: number, options?: BlockStatusOptions): MaybePromise<Extent[]> {
+    return this.inner.blockStatus(offset, length, options);
   }
   cache(offset: number, length: number): MaybePromise<void> {
     return this.inner.cache(offset, length);

@@ -4,6 +4,7 @@ import {
   BlockErrorCode,
   Capabilities,
   checkRange,
+  BlockStatusOptions,
   Extent,
   WriteOptions,
   ZeroOptions,
@@ -176,9 +177,9 @@ export class FaultyDevice implements BlockDevice {
     this.pending.push(p);
   }
 
-  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+  async blockStatus(offset: number, length: number, options?: BlockStatusOptions): Promise<Extent[]> {
     await this.enter('blockStatus', offset, length);
-    const extents = await this.inner.blockStatus(offset, length);
+    const extents = await this.inner.blockStatus(offset, length, options);
     if (this.pending.length === 0) return extents;
     // Unflushed writes make their ranges data; keep it simple and honest.
     return [{ offset, length: Math.min(length, this.size - offset) || 1, flags: 0 }];

@@ -4,6 +4,7 @@ import {
   BlockDevice,
   BlockDeviceError,
   BlockSizeLimits,
+  BlockStatusOptions,
   Capabilities,
   checkRange,
   Extent,
@@ -47,6 +48,8 @@ export interface FileDeviceOptions {
 const DEFAULT_SYNC_IO_MAX_BYTES = Number(process.env.DUET_SYNC_IO_MAX_BYTES ?? 64 * 1024);
 const ZERO_BUFFER = Buffer.alloc(1024 * 1024);
 const EXTENTS_MAX = 1024;
+/** Time one blockStatus call may spend walking extents on the event loop. */
+const BLOCK_STATUS_BUDGET_MS = 2;
 const CACHE_BYTES_MAX = 64 * 1024 * 1024;
 
 /**
@@ -190,14 +193,24 @@ export class FileDevice implements BlockDevice {
     return this.writeZeroBuffers(offset, length, options.fua ?? false);
   }
 
-  blockStatus(offset: number, length: number): Extent[] {
+  /**
+   * Holes and data by lseek SEEK_DATA/SEEK_HOLE. Each call is synchronous
+   * and waits for the file's lock (held by writes under way and writeback):
+   * measured 160 ms for one look over a fragmented 64 MiB on the node
+   * daemon. So the walk stops after EXTENTS_MAX extents or
+   * BLOCK_STATUS_BUDGET_MS (callers take fewer extents than asked for as
+   * "ask again from there"), and after the first with `firstOnly`.
+   */
+  blockStatus(offset: number, length: number, options: BlockStatusOptions = {}): Extent[] {
     this.check(offset, length, false);
     const end = Math.min(this.size, offset + Math.max(length, 1));
     if (!this.ops || this.isBlockDevice) return [{ offset, length: end - offset, flags: 0 }];
     const extents: Extent[] = [];
+    const most = options.firstOnly ? 1 : EXTENTS_MAX;
+    const started = performance.now();
     let pos = offset;
     try {
-      while (pos < end && extents.length < EXTENTS_MAX) {
+      while (pos < end && extents.length < most && (extents.length === 0 || performance.now() - started < BLOCK_STATUS_BUDGET_MS)) {
         let data = this.ops.seekData(this.fd, pos);
         if (data < 0 || data > end) data = end;
         if (data > pos) {

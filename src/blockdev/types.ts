@@ -78,10 +78,15 @@ export interface BlockDevice {
   trim(offset: number, length: number, options?: WriteOptions): MaybePromise<void>;
   writeZeroes(offset: number, length: number, options?: ZeroOptions): MaybePromise<void>;
   /** Extents covering at least [offset, offset+1), contiguous from offset, within the device. */
-  blockStatus(offset: number, length: number): MaybePromise<Extent[]>;
+  blockStatus(offset: number, length: number, options?: BlockStatusOptions): MaybePromise<Extent[]>;
   /** Advisory: warm caches for this range. */
   cache(offset: number, length: number): MaybePromise<void>;
   close(): MaybePromise<void>;
+}
+
+export interface BlockStatusOptions {
+  /** Only the first extent is wanted (is this a hole, and how long?): a device may stop after it. */
+  firstOnly?: boolean;
 }
 
 /** errno-like codes a device may raise; the NBD server maps them to NBD errors. */

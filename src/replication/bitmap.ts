@@ -388,7 +388,7 @@ export class Bitmap {
 async function holeBytes(device: BlockDevice, offset: number, length: number): Promise<number> {
   if (!device.capabilities.extents) return 0;
   try {
-    const [e] = await device.blockStatus(offset, length);
+    const [e] = await device.blockStatus(offset, length, { firstOnly: true });
     if (e && e.offset <= offset && (e.flags & (EXTENT_HOLE | EXTENT_ZERO)) !== 0) return Math.min(length, e.offset + e.length - offset);
   } catch {
     /* unknown: read it */

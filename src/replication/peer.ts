@@ -722,7 +722,7 @@ export class PeerSession {
     const dev = this.resource.backing;
     if (!dev || !dev.capabilities.extents) return 0;
     try {
-      const extents = await dev.blockStatus(offset, length);
+      const extents = await dev.blockStatus(offset, length, { firstOnly: true });
       const e = extents[0];
       if (e && e.offset === offset && (e.flags & (EXTENT_HOLE | EXTENT_ZERO)) !== 0) return Math.min(e.length, length);
     } catch {

@@ -242,3 +242,21 @@ describe('FileDevice on a block device (loop)', () => {
     }
   });
 });
+
+test('FileDevice blockStatus firstOnly: one extent, the same as the first of the whole answer', { skip: skipNative }, async () => {
+  const file = sparseFile(8 * MiB);
+  const dev = FileDevice.open(file);
+  try {
+    // Data and holes alternating every 64 KiB.
+    for (let at = 0; at < 8 * MiB; at += 128 * 1024) await dev.write(at, pattern(at, 64 * 1024));
+    for (const offset of [0, 4096, 64 * 1024, 100 * 1024, 8 * MiB - 4096]) {
+      const all = dev.blockStatus(offset, 8 * MiB - offset);
+      const first = dev.blockStatus(offset, 8 * MiB - offset, { firstOnly: true });
+      assert.equal(first.length, 1);
+      assert.deepEqual(first[0], all[0]);
+    }
+    assert.ok(dev.blockStatus(0, 8 * MiB).length > 1);
+  } finally {
+    dev.close();
+  }
+});
