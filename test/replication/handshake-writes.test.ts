@@ -10,19 +10,18 @@ import assert from 'node:assert/strict';
 import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
-import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { BLOCK } from '../../src/replication/bitmap.js';
-import { connected, freePort, readAll, startNode, stopNode, until, upToDate } from './pair.js';
+import { connected, freePort, newDisk, readAll, startNode, stopNode, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 
 test('writes in flight when the link comes up: no handshake starts over, the resync covers them', { timeout: 120_000 }, async () => {
   const events: { event?: string; why?: string }[] = [];
   const log = pino(new Writable({ write: (chunk: Buffer, _e, cb) => (events.push(JSON.parse(chunk.toString()) as { event?: string }), cb()) }));
-  const slow = new FaultyDevice(new MemoryDevice(2048 * MiB, 'alpha-disk'), { writeBack: false });
+  const slow = new FaultyDevice(await newDisk(2048 * MiB, 'alpha'), { writeBack: false });
   const port = await freePort();
   const a = await startNode('alpha', slow, port, { log });
-  const b = await startNode('bravo', new MemoryDevice(2048 * MiB, 'bravo-disk'), port);
+  const b = await startNode('bravo', await newDisk(2048 * MiB, 'bravo'), port);
   let writing = true;
   const writers: Promise<void>[] = [];
   try {
