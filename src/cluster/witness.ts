@@ -93,8 +93,11 @@ export interface WitnessReply {
   outdatedResources: string[];
 }
 
-/** Outdated until it holds generation `until`; when, and by whom. */
-type Mark = { by: string; at: string; until: string };
+/**
+ * Outdated until it holds generation `until`; when, and by whom; `from`: the
+ * generation `by` was leaving (marks written before it was kept have none).
+ */
+type Mark = { by: string; at: string; until: string; from?: string };
 /** resource -> node -> mark (Maps: names from the network never meet Object.prototype). */
 type Marks = Map<string, Map<string, Mark>>;
 
@@ -103,7 +106,7 @@ export const MAX_RESOURCES = 256;
 
 const FORMAT = 'duet-witness-state';
 const VERSION = 1;
-const markSchema = z.object({ by: name, at: z.string(), until: generation }).strict();
+const markSchema = z.object({ by: name, at: z.string(), until: generation, from: generation.optional() }).strict();
 const marksSchema = z.record(name, z.record(name, markSchema));
 const stateFileSchema = z.object({ format: z.literal(FORMAT), version: z.literal(VERSION), sequence: z.number().int().nonnegative(), outdated: marksSchema, checksum: z.string() }).strict();
 /** Before format 1: the marks alone (no checksum); rewritten as format 1 on the first change. */
@@ -161,7 +164,7 @@ export class Witness {
           refusal = new UserError(`the witness already keeps marks for ${MAX_RESOURCES} resources, its limit: resource ${c.resource} cannot be fenced; check the cluster's resource names`);
           break;
         }
-        setMark(draft, c.resource, c.peer, { by: c.node, at: new Date().toISOString(), until: c.until });
+        setMark(draft, c.resource, c.peer, { by: c.node, at: new Date().toISOString(), until: c.until, from: c.current });
         logs.push(() => this.log.warn({ event: 'witness-outdated', resource: c.resource, node: c.peer, by: c.node, until: c.until }, `${c.peer} outdated for ${c.resource} by ${c.node}`));
         break;
       case 'witness.query':
@@ -224,6 +227,10 @@ export class Witness {
     const mark = draft.get(resource)?.get(claim.peer);
     if (!mark) return;
     if (draft.get(resource)?.has(sender)) return this.ignored(logs, resource, claim.peer, sender, claim.generation, mark, `${sender} is outdated itself`);
+    // The node that set the mark never moved on: the peer came back before it left `from`, so the peer has all it has.
+    if (mark.by === sender && mark.from !== undefined && mark.from === claim.generation) {
+      return this.clear(draft, logs, resource, claim.peer, mark, `${sender}, which outdated it, is in sync with it at generation ${claim.generation}, the one it did not leave`);
+    }
     if (mark.until !== claim.generation) return this.ignored(logs, resource, claim.peer, sender, claim.generation, mark, `${sender} is in sync with it at generation ${claim.generation}`);
     this.clear(draft, logs, resource, claim.peer, mark, `in sync with ${sender} at generation ${claim.generation}`);
   }
@@ -292,7 +299,7 @@ function toObject(marks: Marks): Record<string, Record<string, Mark>> {
   const out: Record<string, Record<string, Mark>> = {};
   for (const [resource, m] of [...marks].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
     if (m.size === 0) continue;
-    out[resource] = Object.fromEntries([...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([n, k]) => [n, { by: k.by, at: k.at, until: k.until }]));
+    out[resource] = Object.fromEntries([...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([n, k]) => [n, k.from === undefined ? { by: k.by, at: k.at, until: k.until } : { by: k.by, at: k.at, until: k.until, from: k.from }]));
   }
   return out;
 }

@@ -11,12 +11,16 @@
  *
  * The set is bounded (`slots`); when full, the least recently used extent
  * without writes in flight is evicted, and `beforeEvict` runs first, so the
- * out-of-sync bitmap covering it reaches the disk before the log forgets it.
+ * out-of-sync bitmap covering it reaches the disk before the log forgets it;
+ * then the disk is flushed, so the writes made in it are durable before the
+ * page that forgets it is (else a power cut could lose them here while the
+ * peer has them, and nothing would say the extent differs).
  *
  * Page: "DUETAL01" | u64 seq | u32 count | u32 crc32 | u32 extent[count]
  */
 import { crc32 } from 'node:zlib';
 import type { BlockDevice } from '../blockdev/types.js';
+import { Clock, realClock } from '../util/clock.js';
 
 export const AL_EXTENT_BYTES = 4 * 1024 * 1024;
 const PAGE = 4096;
@@ -30,6 +34,8 @@ export interface ActivityLogOptions {
   slots?: number;
   /** Runs before an extent leaves the log (write back the bitmap pages covering it). */
   beforeEvict?: (extents: number[]) => Promise<void>;
+  /** Timers (the real clock unless a simulation runs). */
+  clock?: Clock;
 }
 
 export class ActivityLog {
@@ -128,11 +134,13 @@ export class ActivityLog {
         }
         if (room < need.length) {
           // Every slot has writes in flight: wait for some to end (in-flight writes are bounded).
-          await new Promise((r) => setTimeout(r, 1));
+          await new Promise<void>((r) => (this.options.clock ?? realClock).setTimeout(r, 1));
           continue;
         }
         if (evict.length > 0) {
           await this.options.beforeEvict?.(evict);
+          // What was written in them must be durable before the page that forgets them is.
+          await this.device.flush();
           // A write may have started on a candidate meanwhile: it stays, and the choice is made again.
           if (evict.some((e) => this.active.get(e) !== 0)) continue;
         }
@@ -170,7 +178,10 @@ export class ActivityLog {
   async clear(): Promise<void> {
     await this.txn;
     const idle = [...this.active].filter(([, n]) => n === 0).map(([e]) => e);
-    if (idle.length > 0) await this.options.beforeEvict?.(idle);
+    if (idle.length > 0) {
+      await this.options.beforeEvict?.(idle);
+      await this.device.flush();
+    }
     for (const e of idle) this.active.delete(e);
     await this.writeTransaction();
   }

@@ -22,7 +22,7 @@
  */
 import type { BlockDevice } from '../blockdev/types.js';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
-import { Slicer } from '../util/slice.js';
+import { Slicer, type SliceClock } from '../util/slice.js';
 
 export const BLOCK = 4096;
 const PAGE = 4096;
@@ -250,8 +250,8 @@ export class Bitmap {
    * runs). Marks changed meanwhile may or may not be seen: the caller
    * compares counts before and after if it matters.
    */
-  async *runBatches(perBatch: number, fromOffset = 0): AsyncGenerator<{ offset: number; length: number }[]> {
-    const slicer = new Slicer();
+  async *runBatches(perBatch: number, fromOffset = 0, clock?: SliceClock): AsyncGenerator<{ offset: number; length: number }[]> {
+    const slicer = new Slicer(clock);
     let batch: { offset: number; length: number }[] = [];
     for (let r = this.firstRun(fromOffset, Infinity); r; r = this.firstRun(r.offset + r.length, Infinity)) {
       batch.push(r);
@@ -301,8 +301,8 @@ export class Bitmap {
    * one zeroing, full pages FULL_WRITE_PAGES at a time), giving the event
    * loop a turn between bounded pieces. Returns the pages written.
    */
-  static async writePages(device: BlockDevice, areaOffset: number, runs: PageRun[]): Promise<number> {
-    const slicer = new Slicer();
+  static async writePages(device: BlockDevice, areaOffset: number, runs: PageRun[], clock?: SliceClock): Promise<number> {
+    const slicer = new Slicer(clock);
     let written = 0;
     for (const { page, count, bytes } of runs) {
       if (bytes === undefined) {
@@ -324,16 +324,16 @@ export class Bitmap {
   }
 
   /** Write changed pages (all pages with `full`) to the area at `areaOffset` of `device`. */
-  async writeBack(device: BlockDevice, areaOffset: number, full = false): Promise<number> {
-    return Bitmap.writePages(device, areaOffset, this.snapshot(full));
+  async writeBack(device: BlockDevice, areaOffset: number, full = false, clock?: SliceClock): Promise<number> {
+    return Bitmap.writePages(device, areaOffset, this.snapshot(full), clock);
   }
 
   /** Load the bitmap from its area (holes and all-zero pages stay unallocated). */
-  static async read(device: BlockDevice, areaOffset: number, dataBytes: number): Promise<Bitmap> {
+  static async read(device: BlockDevice, areaOffset: number, dataBytes: number, clock?: SliceClock): Promise<Bitmap> {
     const bm = new Bitmap(dataBytes);
     const areaBytes = Bitmap.bytesFor(dataBytes);
     const buf = Buffer.alloc(READ_PAGES * PAGE);
-    const slicer = new Slicer();
+    const slicer = new Slicer(clock);
     for (let at = 0; at < areaBytes; ) {
       const pause = slicer.due();
       if (pause) await pause;

@@ -149,6 +149,11 @@ export function compareGenerations(self: ConnectSide, peer: ConnectSide): Verdic
   if (s.current === p.bitmap) return { hg: -1, rule: 50 };
   // DUET: a resync from the peer to this node one of them never recorded the start or the end of.
   if (missedResync(s, p)) return { hg: -1, rule: 53 };
+  // DUET: this side's bitmap starts at the peer's current while the peer keeps this side's current in its
+  // history: an interrupted resync from here, the peer's current being the sync generation (a target
+  // records the generation it left in its history). Rule 70, as the peer's rule 50 says; rule 60 would
+  // take it for "the peer is generations ahead".
+  if (s.bitmap !== NO_GI && s.bitmap === p.current) return { hg: 1, rule: 70 };
   if (p.history.includes(s.current)) return { hg: -2, rule: 60 };
   if (s.bitmap === p.current) return { hg: 1, rule: 70 };
   if (missedResync(p, s)) return { hg: 1, rule: 73 };
@@ -199,6 +204,12 @@ function isResolver(self: ConnectSide, peer: ConnectSide): boolean {
 
 const DISK_RANK: Record<DiskState, number> = { Failed: 0, Diskless: 1, Inconsistent: 2, Outdated: 3, UpToDate: 4 };
 
+/** `blank`'s disk failed (its record says so, or `other` saw it fail) and `other` has good data. */
+function failedFacing(blank: ConnectSide, other: ConnectSide): boolean {
+  if (other.disk !== 'UpToDate') return false;
+  return (blank.fullSyncNeeded && blank.disk === 'Inconsistent') || (other.peerDiskFailed && blank.role === 'Secondary');
+}
+
 function hasDisk(side: ConnectSide): boolean {
   return side.disk !== 'Diskless' && side.disk !== 'Failed';
 }
@@ -222,6 +233,26 @@ export function decideConnect(self: ConnectSide, peer: ConnectSide, policy: Conn
     return { kind: 'connected', rule: 'diskless', why: `${hasDisk(self) ? peer.node : self.node} has no disk` };
   }
   const v = verdict(self, peer);
+  // DUET: a disk that must be overwritten whole (a failed disk attached again) has nothing to compare:
+  // its generations are those it failed with, and the peer may have moved on past its history since.
+  // Facing a disk with good data it gets a full sync, as a new disk does (rules 20/30).
+  // Likewise a disk its peer saw fail (peerDiskFailed there) when it could not be marked Failed itself:
+  // it comes back claiming its old generation, which the peer may have left behind by now.
+  // Only when exactly one side is that disk (both claiming it of each other is no answer).
+  const failedSelf = failedFacing(self, peer);
+  if (v.hg === -1000 && failedSelf !== failedFacing(peer, self)) {
+    const [blank, other, hg] = failedSelf ? [self, peer, -2] : [peer, self, 2];
+    if (bothPrimary) return refuse('both-primary', 'both nodes are Primary: make one Secondary', true);
+    if (blank.role === 'Primary' && !policy.allowTwoPrimaries) {
+      return refuse('primary-target', `${blank.node} is Primary and would become sync target of ${other.node} (its disk failed and needs a full sync): make ${blank.node} Secondary (resource secondary) and the resync runs`, true);
+    }
+    if (blank.inUse) return refuse('in-use', `${blank.node} would become sync target of ${other.node} but its data is in use (a pool is open there): close it first`, true);
+    return sync(hg > 0 ? 'source' : 'target', true, '1000/full-sync-needed', `full resync: ${blank.node}'s disk failed and must be overwritten whole`);
+  }
+  if (v.hg === -1000 && (self.fullSyncNeeded || peer.fullSyncNeeded) && DISK_RANK[self.disk] <= DISK_RANK.Inconsistent && DISK_RANK[peer.disk] <= DISK_RANK.Inconsistent) {
+    // Both disks failed (or are new): no generation to compare and no good data on either side.
+    return refuse('inconsistent-source', `nobody has good data: the disks of ${self.node} and ${peer.node} are both ${self.disk === peer.disk ? self.disk : `${self.disk} and ${peer.disk}`}: promote the better copy with --force`, true);
+  }
   if (v.hg === -1000) {
     return refuse('unrelated', `${peer.node} holds unrelated data (no common generation): check the disks; to replace one node's data, give it a new disk (resource create-md)`, false);
   }

@@ -10,6 +10,7 @@ import { authenticateLink, LinkIdentity, LinkRefused } from './link-auth.js';
 import { LinkOptions, PeerLink } from './link.js';
 import { PeerSession } from './peer.js';
 import type { Resource } from './resource.js';
+import type { TimerHandle } from '../util/clock.js';
 
 export interface ConnectorOptions {
   identity: LinkIdentity;
@@ -23,7 +24,7 @@ export interface ConnectorOptions {
 
 export class Connector {
   private server: net.Server | undefined;
-  private timer: NodeJS.Timeout | undefined;
+  private timer: TimerHandle | undefined;
   private dialing = false;
   private stopped = false;
   /** Sockets in their handshake, to close on stop. */
@@ -50,7 +51,7 @@ export class Connector {
     server.on('error', (err) => this.resource.log.error({ event: 'link-listener-error', resource: this.resource.name, err: err.message }));
     this.server = server;
     if (this.dials) {
-      this.timer = setInterval(() => this.dial(), this.options.retryMs ?? 300);
+      this.timer = this.resource.clock.setInterval(() => this.dial(), this.options.retryMs ?? 300);
       this.timer.unref();
       this.dial();
     }
@@ -63,7 +64,7 @@ export class Connector {
 
   async stop(): Promise<void> {
     this.stopped = true;
-    if (this.timer) clearInterval(this.timer);
+    this.resource.clock.clearInterval(this.timer);
     for (const s of this.handshaking) s.destroy();
     this.resource.peer?.close('node stopping');
     if (this.server) await new Promise<void>((resolve) => this.server!.close(() => resolve()));
@@ -91,13 +92,13 @@ export class Connector {
       this.dialing = false;
       socket.destroy();
     };
-    const timer = setTimeout(fail, 2000);
+    const timer = this.resource.clock.setTimeout(fail, 2000);
     socket.once('error', () => {
-      clearTimeout(timer);
+      this.resource.clock.clearTimeout(timer);
       fail();
     });
     socket.once('connect', () => {
-      clearTimeout(timer);
+      this.resource.clock.clearTimeout(timer);
       void this.handshake(socket).finally(() => (this.dialing = false));
     });
   }
@@ -111,7 +112,7 @@ export class Connector {
         socket.destroy();
         return;
       }
-      const link = new PeerLink(socket, leftover, this.options.link);
+      const link = new PeerLink(socket, leftover, { clock: r.clock, ...this.options.link });
       r.peer = new PeerSession(r, link, peer.node);
       r.log.info({ event: 'link-up', resource: r.name, peer: peer.node }, `link to ${peer.node} up`);
       r.emit('changed');

@@ -9,6 +9,7 @@
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import { encodeFrame, FRAME_HEADER, LINK_MAGIC } from './link-auth.js';
+import { Clock, realClock, TimerHandle } from '../util/clock.js';
 
 export const FRAME_PING = 10;
 export const FRAME_PONG = 11;
@@ -18,6 +19,8 @@ export const MAX_FRAME_PAYLOAD = 1024 * 1024 + 4096;
 export interface LinkOptions {
   pingIntervalMs?: number;
   pingTimeoutMs?: number;
+  /** Time and timers (the real clock unless a simulation runs). */
+  clock?: Clock;
 }
 
 export interface PeerLinkEvents {
@@ -30,11 +33,12 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
   /** Received bytes not yet made into frames, as chunks (joined once a whole frame is there). */
   private chunks: Buffer[] = [];
   private buffered = 0;
-  private lastHeard = Date.now();
+  private lastHeard: number;
   private corked = false;
   private draining: Promise<void> | undefined;
   private pingSentAt = 0;
-  private readonly timer: NodeJS.Timeout;
+  private readonly timer: TimerHandle;
+  private readonly clock: Clock;
   private closed = false;
   readonly pingIntervalMs: number;
   readonly pingTimeoutMs: number;
@@ -45,6 +49,8 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
     options: LinkOptions = {},
   ) {
     super();
+    this.clock = options.clock ?? realClock;
+    this.lastHeard = this.clock.now();
     this.pingIntervalMs = options.pingIntervalMs ?? 200;
     this.pingTimeoutMs = options.pingTimeoutMs ?? 500;
     if (leftover.length > 0) {
@@ -55,7 +61,7 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('close', () => this.down('the peer closed the connection'));
     socket.on('error', (err) => this.down(`connection error: ${err.message}`));
-    this.timer = setInterval(() => this.tick(), Math.max(10, Math.min(this.pingIntervalMs, this.pingTimeoutMs) / 2));
+    this.timer = this.clock.setInterval(() => this.tick(), Math.max(10, Math.min(this.pingIntervalMs, this.pingTimeoutMs) / 2));
     this.timer.unref();
     if (leftover.length > 0) queueMicrotask(() => this.onData(Buffer.alloc(0)));
   }
@@ -141,7 +147,7 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
 
   private onData(chunk: Buffer): void {
     if (this.closed) return;
-    this.lastHeard = Date.now();
+    this.lastHeard = this.clock.now();
     this.pingSentAt = 0;
     if (chunk.length > 0) {
       this.chunks.push(chunk);
@@ -186,7 +192,7 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
 
   private tick(): void {
     if (this.closed) return;
-    const now = Date.now();
+    const now = this.clock.now();
     if (this.pingSentAt !== 0) {
       if (now - this.pingSentAt >= this.pingTimeoutMs) this.down(`the peer did not answer a ping within ${this.pingTimeoutMs} ms`);
       return;
@@ -200,11 +206,11 @@ export class PeerLink extends EventEmitter<PeerLinkEvents> {
   private down(why: string, graceful = false): void {
     if (this.closed) return;
     this.closed = true;
-    clearInterval(this.timer);
+    this.clock.clearInterval(this.timer);
     if (graceful && !this.socket.destroyed) {
       this.socket.on('error', () => undefined);
       this.socket.end();
-      setTimeout(() => this.socket.destroy(), 200).unref();
+      this.clock.setTimeout(() => this.socket.destroy(), 200).unref();
     } else this.socket.destroy();
     this.emit('down', why);
   }

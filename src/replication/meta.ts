@@ -120,9 +120,9 @@ export function layoutFor(deviceBytes: number, alBytes = DEFAULT_AL_BYTES): Meta
   return { deviceBytes, dataBytes, alOffset, alBytes, bitmapOffset, bitmapBytes, recordOffset };
 }
 
-export function newGi(): Gi {
-  let gi = randomBytes(8).toString('hex');
-  while (gi === '0000000000000000') gi = randomBytes(8).toString('hex');
+export function newGi(random: (size: number) => Buffer = randomBytes): Gi {
+  let gi = random(8).toString('hex');
+  while (gi === '0000000000000000') gi = random(8).toString('hex');
   return gi;
 }
 

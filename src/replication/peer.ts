@@ -16,6 +16,7 @@ import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js
 import * as W from './wire.js';
 import { Resync, ResyncProgress } from './resync.js';
 import { finishedWithin } from '../util/timeout.js';
+import type { TimerHandle } from '../util/clock.js';
 
 export type ConnectionState = 'Connected' | 'Connecting' | 'StandAlone' | 'SyncSource' | 'SyncTarget';
 
@@ -122,7 +123,7 @@ export class PeerSession {
   private readonly reads = new Map<number, { into: Buffer; done: Deferred<number> }>();
   /** Extents written to the peer since its last completed flush (lost there if it crashes). */
   private epoch = new WriteSet();
-  private epochTimer: NodeJS.Timeout | undefined;
+  private epochTimer: TimerHandle | undefined;
   /** Receive side: writes from the peer, applied in order where they overlap. */
   private readonly applying = new RangeOrder();
   resync: Resync | undefined;
@@ -174,12 +175,12 @@ export class PeerSession {
    * the link back.
    */
   private async sendStateAndBitmap(): Promise<void> {
-    await finishedWithin(this.resource.writesSettled(), WRITES_SETTLE_MS);
+    await finishedWithin(this.resource.writesSettled(), WRITES_SETTLE_MS, this.resource.clock);
     if (this.phase !== 'handshake' || !this.link.isUp) return;
     this.sent = this.resource.peerState(true);
     this.sentMarks = this.resource.bitmap.count;
     this.link.send(W.F_STATE, W.encodeJson(this.sent));
-    for await (const runs of this.resource.bitmap.runBatches(W.MAX_RUNS_PER_FRAME)) {
+    for await (const runs of this.resource.bitmap.runBatches(W.MAX_RUNS_PER_FRAME, 0, this.resource.options.clock)) {
       if (!this.link.send(W.F_BITMAP, W.encodeRuns(runs))) await this.link.drained();
       if (!this.link.isUp) return;
     }
@@ -310,7 +311,7 @@ export class PeerSession {
     if (this.barrierInFlight || this.epoch.bytes === 0) return;
     if (this.epoch.bytes >= EPOCH_BYTES_MAX || this.epoch.count >= EPOCH_RANGES_MAX) return void this.flushEpoch(true);
     if (!this.epochTimer) {
-      this.epochTimer = setTimeout(() => {
+      this.epochTimer = this.resource.clock.setTimeout(() => {
         this.epochTimer = undefined;
         if (!this.barrierInFlight && this.epoch.bytes > 0 && this.phase !== 'closed') void this.flushEpoch(true);
       }, EPOCH_MS);
@@ -325,7 +326,7 @@ export class PeerSession {
 
   /** Send a flush that makes the current epoch durable on the peer. */
   private flushEpoch(barrier: boolean): Promise<boolean> {
-    if (this.epochTimer) clearTimeout(this.epochTimer);
+    if (this.epochTimer) this.resource.clock.clearTimeout(this.epochTimer);
     this.epochTimer = undefined;
     const seq = ++this.seq;
     const done = deferred<boolean>();
@@ -531,7 +532,7 @@ export class PeerSession {
     this.link.send(W.F_REFUSE, W.encodeJson({ reason }));
     this.phase = 'closed';
     this.resource.connectionRefused(this.peerNode, reason, retry, rule);
-    setTimeout(() => this.close(reason), 50).unref();
+    this.resource.clock.setTimeout(() => this.close(reason), 50).unref();
   }
 
   private connected(why: string): void {
@@ -550,15 +551,22 @@ export class PeerSession {
     const r = this.resource;
     const [source, target] = direction === 'source' ? [this.sent!, this.state!] : [this.state!, this.sent!];
     const ready = r.beginSync(this.peerNode, direction, full, this.peerMarks, splitBrain, syncGeneration(source.gi.current, target.gi.current));
+    // A resync that cannot begin (its record or bitmap not written, a split brain's blocks not saved) ends the link:
+    // everything waiting on `ready` gives up with it.
+    ready.catch((err: unknown) => this.close(`resync ${direction === 'source' ? 'to' : 'from'} ${this.peerNode} could not begin: ${(err as Error).message}`));
     this.peerMarks = undefined;
     const total = r.bitmap.outOfSyncBytes;
     this.resync = new Resync(this, total);
     r.log.info({ event: 'resync-start', resource: r.name, peer: this.peerNode, role: direction === 'source' ? 'SyncSource' : 'SyncTarget', totalBytes: total, full }, `resync ${direction === 'source' ? 'to' : 'from'} ${this.peerNode}: ${total} bytes`);
     if (direction === 'source') {
       this.phase = 'sync-source';
-      void ready.then(() => this.resync!.run()).then((finished) => {
-        if (finished && this.phase === 'sync-source') return this.finishSource();
-      });
+      ready.then(
+        () =>
+          this.resync!.run().then((finished) => {
+            if (finished && this.phase === 'sync-source') return this.finishSource();
+          }),
+        () => undefined, // closed above
+      );
     } else {
       this.phase = 'sync-target';
       this.targetReady = ready;
@@ -583,7 +591,7 @@ export class PeerSession {
     if (type === W.F_RS_DONE) {
       const { gi } = W.decodeJson(payload, W.resyncDoneSchema, 'resync done');
       void this.applying.barrier().then(async () => {
-        await ready;
+        if (!(await ready.then(() => true, () => false))) return; // the link was closed for it
         await r.finishSyncTarget(this.peerNode, gi);
         if (this.phase !== 'sync-target') return;
         r.log.info({ event: 'resync-done', resource: r.name, peer: this.peerNode, ...this.resync!.progress() }, `resync from ${this.peerNode} done: UpToDate`);
@@ -591,7 +599,7 @@ export class PeerSession {
         this.phase = 'connected';
         this.sendState();
         r.emit('changed');
-      });
+      }).catch((err: unknown) => this.close(`resync from ${this.peerNode} could not finish: ${(err as Error).message}`));
       return;
     }
     if (type === W.F_RS_CSUM) {
@@ -808,7 +816,7 @@ export class PeerSession {
     this.phase = 'closed';
     this.resync?.stop();
     // What the peer may not have: writes not acknowledged, and writes not yet flushed there.
-    if (this.epochTimer) clearTimeout(this.epochTimer);
+    if (this.epochTimer) this.resource.clock.clearTimeout(this.epochTimer);
     this.epochTimer = undefined;
     for (const p of this.pending.values()) r.markUnreplicated(p.offset, p.length);
     if (wasPhase !== 'handshake' && r.role === 'Primary') {

@@ -31,6 +31,8 @@ import type { PeerState, Role } from './wire.js';
 import { ConnectPolicy, forcedGeneration, SplitBrainFound, SplitBrainPolicy } from './connect-decision.js';
 import { saveBlocks } from './split-brain.js';
 import { BorrowedDevice } from '../blockdev/delegating.js';
+import { Clock, realClock } from '../util/clock.js';
+import type { FileIo } from '../util/file-io.js';
 
 export type Protocol = 'A' | 'B' | 'C';
 export type { SplitBrainPolicy };
@@ -53,6 +55,12 @@ export interface ResourceOptions {
   fence?: (resource: string, generation: { from: string; to: string }, signal: AbortSignal) => Promise<'fenced' | 'peer-back'>;
   /** Asked before a promotion: may this node become Primary (quorum, witness says not outdated)? Throws a UserError if not. */
   mayPromote?: (resource: string, force: boolean) => Promise<void>;
+  /** Time and timers (the real clock unless a simulation runs). */
+  clock?: Clock;
+  /** How split-brain blocks are written to their file (asynchronously unless a simulation runs). */
+  fileIo?: FileIo;
+  /** Source of the random bytes of new generation ids (crypto.randomBytes unless a simulation runs). */
+  randomBytes?: (size: number) => Buffer;
 }
 
 /** Writes here fail: the other side went on without this node (it must be made Secondary). */
@@ -179,6 +187,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   get log(): Logger {
     return this.options.log;
   }
+  get clock(): Clock {
+    return this.options.clock ?? realClock;
+  }
   get backing(): BlockDevice | undefined {
     return this.backing_;
   }
@@ -202,11 +213,16 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (record.dataBytes !== layout.dataBytes) {
       throw new UserError(`${backing.name}: is ${backing.size} bytes but its metadata says ${record.dataBytes} bytes of data; give it a disk of the size it had`);
     }
-    const bitmap = await Bitmap.read(backing, layout.bitmapOffset, layout.dataBytes);
+    const bitmap = await Bitmap.read(backing, layout.bitmapOffset, layout.dataBytes, options.clock);
     const self: { resource?: Resource } = {};
     const { log: al, recovered } = await ActivityLog.open(backing, layout.alOffset, layout.alBytes, {
       slots: options.alSlots,
+      clock: options.clock,
       beforeEvict: async () => {
+        // The peer's disk too must hold what was written in the extents for good before the log forgets
+        // them: a power cut of both nodes would otherwise lose them there (a failed flush marks them).
+        const peer = self.resource?.peer;
+        if (peer?.replicating) await peer.sendFlush();
         await self.resource?.writeBitmap();
       },
     });
@@ -271,7 +287,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       if (pages.length === 0) return;
       try {
         await dev.flush();
-        await Bitmap.writePages(dev, this.layout.bitmapOffset, pages);
+        await Bitmap.writePages(dev, this.layout.bitmapOffset, pages, this.options.clock);
         await dev.flush();
       } catch (err) {
         this.detach(err);
@@ -314,7 +330,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       const abort = new AbortController();
       this.divergeAbort = abort;
       const gi = this.record.gi;
-      const next = gi.bitmap === NO_GI ? { current: newGi(), bitmap: gi.current, history: gi.history } : { current: newGi(), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] as [string, string] };
+      const next = gi.bitmap === NO_GI ? { current: newGi(this.options.randomBytes), bitmap: gi.current, history: gi.history } : { current: newGi(this.options.randomBytes), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] as [string, string] };
       try {
         // The peer is outdated until it holds the generation this node moves to.
         const outcome = (await this.options.fence?.(this.name, { from: gi.current, to: next.current }, abort.signal)) ?? 'fenced';
@@ -327,6 +343,13 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
         if (err instanceof FencedOff) this.fenceOff(err.message);
         throw err;
       }
+      // The link came up while the witness was asked, and the handshake found both in sync at the old
+      // generation: the peer takes every write from here. A new generation now would be one the peer
+      // never hears of (a split brain on the next reconnect, though only this node wrote).
+      if (this.inSyncWithPeer()) {
+        this.log.info({ event: 'peer-back', resource: this.name }, `resource ${this.name}: the peer connected in sync meanwhile: no new generation`);
+        return;
+      }
       await this.saveRecord({ gi: next, peerOutdated: this.options.fence !== undefined });
       this.log.info({ event: 'new-generation', resource: this.name, gi: this.record.gi, why }, `${why}: new data generation`);
     })().finally(() => {
@@ -334,6 +357,11 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       this.divergeAbort = undefined;
     });
     return this.diverging;
+  }
+
+  /** Connected, the peer's disk good, nothing marked out of sync: the peer has every block this node has. */
+  private inSyncWithPeer(): boolean {
+    return this.peer?.phase === 'connected' && this.peer.replicating && this.peer.state?.disk === 'UpToDate' && this.bitmap.count === 0;
   }
 
   /** Writes waiting for quorum (or waiting to learn they may not have it), for `resource status`. */
@@ -397,13 +425,13 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // The link may have come up (and a resync begun here) while the witness was asked.
     this.mayChangeRole();
     if (this.disk !== disk) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
-    const patch: Partial<MetaRecord> = { primary: true, primarySince: Date.now() };
+    const patch: Partial<MetaRecord> = { primary: true, primarySince: this.clock.now() };
     if (disk !== 'UpToDate' && disk !== 'Diskless') {
       // Forced: this disk becomes the good data, in a generation of its own.
       const gi = this.record.gi;
       patch.disk = 'UpToDate';
       patch.fullSyncNeeded = false;
-      patch.gi = forcedGeneration(gi, disk, newGi());
+      patch.gi = forcedGeneration(gi, disk, newGi(this.options.randomBytes));
       this.log.warn({ event: 'forced-promotion', resource: this.name, disk }, 'promoted with --force: this disk is now the good data');
     }
     await this.saveRecord(patch);
@@ -420,10 +448,18 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.emit('changed');
   }
 
-  /** A node in a handshake or a resync target takes no role change: the decision was made on its old role. */
+  /**
+   * A node in a handshake or a resync target takes no role change: the
+   * decision was made on its old role. Nor does one whose peer is Primary
+   * (a link may have come up while the witness was asked).
+   */
   private mayChangeRole(): void {
     if (this.peer?.handshake) throw new UserError(`resource ${this.name}: connecting to ${this.peer.peerNode} right now: try again in a moment`);
     if (this.peer?.phase === 'sync-target') throw new UserError(`resource ${this.name}: ${this.node} is sync target of ${this.peer.peerNode}: let the resync finish, or promote ${this.peer.peerNode}`);
+    const peer = this.peer?.state;
+    if (this.role === 'Secondary' && peer?.role === 'Primary' && !this.options.allowTwoPrimaries) {
+      throw new UserError(`resource ${this.name}: ${peer.node} is Primary; make it Secondary first (resource secondary ${this.name} on ${peer.node})`);
+    }
   }
 
   /**
@@ -461,7 +497,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       .then(() => writeRecord(dev, this.layout, failed))
       .then(
         () => this.log.warn({ event: 'disk-failed-recorded', resource: this.name, device: dev.name }, `resource ${this.name}: ${dev.name} marked Failed in its metadata`),
-        () => undefined,
+        (e: unknown) => this.log.warn({ event: 'disk-failed-unrecorded', resource: this.name, device: dev.name, err: (e as Error)?.message }, `resource ${this.name}: could not mark ${dev.name} Failed in its metadata (${(e as Error)?.message}): the peer remembers that it failed`),
       )
       .finally(() => Promise.resolve(dev.close()).catch(() => undefined));
     this.peer?.sendState();
@@ -478,7 +514,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (!this.backing_ || this.record.disk !== 'UpToDate' || this.record.peerDiskFailed) return;
     this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
     const gi = this.record.gi;
-    const next: GenerationIds = gi.bitmap === NO_GI ? { current: newGi(), bitmap: gi.current, history: gi.history } : { current: newGi(), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
+    const next: GenerationIds = gi.bitmap === NO_GI ? { current: newGi(this.options.randomBytes), bitmap: gi.current, history: gi.history } : { current: newGi(this.options.randomBytes), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
     await this.saveRecord({ gi: next, peerDiskFailed: true });
   }
 
@@ -543,7 +579,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
 
   splitBrainFound(peerNode: string, found: SplitBrainFound): void {
     const policy = this.options.afterSplitBrain ?? 'disconnect';
-    this.splitBrain = { detectedAt: new Date().toISOString(), policy, localChangedBytes: found.localChangedBytes, peerChangedBytes: found.peerChangedBytes, resolution: null, savedTo: null };
+    this.splitBrain = { detectedAt: new Date(this.clock.now()).toISOString(), policy, localChangedBytes: found.localChangedBytes, peerChangedBytes: found.peerChangedBytes, resolution: null, savedTo: null };
     this.log.error(
       { event: 'split-brain', resource: this.name, peer: peerNode, policy, common: found.common, localChangedBytes: found.localChangedBytes, peerChangedBytes: found.peerChangedBytes, resolution: found.resolution },
       `resource ${this.name}: split brain with ${peerNode} (${found.localChangedBytes} bytes changed here, ${found.peerChangedBytes} there)${found.resolution ? `: ${found.resolution}` : ''}`,
@@ -582,10 +618,19 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       if (gi.bitmap !== sync) await this.saveRecord({ gi: { current: gi.current, bitmap: sync, history: gi.bitmap !== NO_GI ? [gi.bitmap, gi.history[0]] : gi.history } });
       return;
     }
-    // Inconsistent from this moment on (in memory at once: no promotion slips in while the bitmap is written).
-    const inconsistent = this.saveRecord({ disk: 'Inconsistent' });
-    if (splitBrain) await saveBlocks(this, peerNode);
-    await inconsistent;
+    // The blocks a split-brain resolution overwrites are kept first: if they cannot be (a read error, a
+    // full file system), nothing here has changed and the resolution is refused. (The session is in
+    // sync-target already, so no promotion slips in meanwhile.)
+    if (splitBrain) {
+      try {
+        await saveBlocks(this, peerNode);
+      } catch (err) {
+        if (err instanceof BlockDeviceError) this.detach(err);
+        throw new UserError(`resource ${this.name}: could not save the blocks the resync from ${peerNode} overwrites (${(err as Error).message}): split-brain resolution refused`);
+      }
+    }
+    // Inconsistent from this moment on (in memory at once, before the bitmap is written).
+    await this.saveRecord({ disk: 'Inconsistent' });
     await this.writeBitmap();
     const next: GenerationIds = gi.current === sync ? gi : { current: sync, bitmap: NO_GI, history: [gi.current, gi.history[0]] };
     // The bitmap holds every block now: a full sync that breaks off resumes instead of starting over.
@@ -700,7 +745,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * hole (also how trim is done, so replicas read the same).
    */
   private replicate(offset: number, length: number, kind: 0 | 1 | 2, data: Buffer | undefined, fua: boolean): void | Promise<void> {
-    this.lastAppWriteAt = Date.now();
+    this.lastAppWriteAt = this.clock.now();
     // The peer is deciding from this node's data as it was when the link came up: hold writes until it has.
     const handshake = this.peer?.handshake;
     if (handshake) return handshake.then(() => this.replicate(offset, length, kind, data, fua));

@@ -32,6 +32,8 @@ import { BLOCK } from './bitmap.js';
 import { digest } from './peer.js';
 import type { PeerSession } from './peer.js';
 import { LoopDelaySpan, type LoopDelayFigures } from '../util/loop-delay.js';
+
+const NO_FIGURES: LoopDelayFigures = { samples: 0, meanMs: 0, p50Ms: 0, p99Ms: 0, maxMs: 0 };
 import { Slicer } from '../util/slice.js';
 
 export interface ResyncProgress {
@@ -60,23 +62,28 @@ export class Resync {
   running = true;
   private done = 0;
   private sent = 0;
-  private readonly startedAt = Date.now();
+  private readonly startedAt: number;
   private inFlightBytes = 0;
   /** Pieces sent and not yet acknowledged, by offset; `checksum` while only their digest went. */
   private readonly inFlight = new Map<number, { length: number; cost: number; checksum: boolean }>();
   private wake: (() => void) | undefined;
   private nextSendAt = 0;
   private endedAt: number | undefined;
-  private readonly loop = new LoopDelaySpan();
-  private readonly slicer = new Slicer();
+  /** None under a simulated clock: real delays would make the same seed log differently. */
+  private readonly loop: LoopDelaySpan | undefined;
+  private readonly slicer: Slicer;
 
   constructor(
     private readonly session: PeerSession,
     readonly totalBytes: number,
-  ) {}
+  ) {
+    this.startedAt = session.resource.clock.now();
+    this.slicer = new Slicer(session.resource.options.clock);
+    this.loop = session.resource.options.clock ? undefined : new LoopDelaySpan();
+  }
 
   progress(): ResyncProgress {
-    const seconds = ((this.endedAt ?? Date.now()) - this.startedAt) / 1000;
+    const seconds = ((this.endedAt ?? this.session.resource.clock.now()) - this.startedAt) / 1000;
     const rate = seconds > 0 ? Math.round(this.done / seconds) : 0;
     const left = this.totalBytes - this.done;
     return {
@@ -86,7 +93,7 @@ export class Resync {
       etaSeconds: rate > 0 ? Math.round(left / rate) : null,
       sentBytes: this.sent,
       checksum: this.session.resource.options.checksumResync === true,
-      eventLoop: this.loop.figures(),
+      eventLoop: this.loop?.figures() ?? NO_FIGURES,
     };
   }
 
@@ -96,8 +103,8 @@ export class Resync {
   }
 
   stop(): void {
-    this.endedAt ??= Date.now();
-    this.loop.stop();
+    this.endedAt ??= this.session.resource.clock.now();
+    this.loop?.stop();
     this.running = false;
     this.wake?.();
   }
@@ -163,22 +170,23 @@ export class Resync {
 
   private async room(cost: number, rate: number): Promise<void> {
     const r = this.session.resource;
+    const clock = r.clock;
     for (;;) {
       if (!this.running) return;
-      const window = Date.now() - r.lastAppWriteAt < QUIET_MS ? WINDOW / 8 : WINDOW;
+      const window = clock.now() - r.lastAppWriteAt < QUIET_MS ? WINDOW / 8 : WINDOW;
       if (this.inFlightBytes + cost <= window || this.inFlight.size === 0) break;
       await new Promise<void>((resolve) => {
         this.wake = resolve;
         // Re-check when the application goes quiet, even if no ack comes.
-        setTimeout(resolve, QUIET_MS).unref();
+        clock.setTimeout(resolve, QUIET_MS).unref();
       });
     }
     if (rate > 0) {
       // Token bucket: time lost reading or waiting for acks is made up, up to a 100 ms burst.
-      const now = Date.now();
+      const now = clock.now();
       const at = Math.max(this.nextSendAt, now - BURST_MS);
       this.nextSendAt = at + (cost / rate) * 1000;
-      if (at > now) await new Promise((resolve) => setTimeout(resolve, at - now));
+      if (at > now) await new Promise<void>((resolve) => clock.setTimeout(resolve, at - now));
     }
   }
 

@@ -13,6 +13,7 @@
  * peer's state), so they always agree on who is source and who is target.
  */
 import fsp, { type FileHandle } from 'node:fs/promises';
+import { asyncFileIo } from '../util/file-io.js';
 import os from 'node:os';
 import path from 'node:path';
 import type { Resource } from './resource.js';
@@ -38,8 +39,10 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
   const dev = r.backing;
   if (!dev) return undefined;
   const dir = r.options.splitBrainDir ?? path.join(os.tmpdir(), 'duet-split-brain');
-  await fsp.mkdir(dir, { recursive: true });
-  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+  const io = r.options.fileIo ?? asyncFileIo;
+  await io.mkdir(dir);
+  const now = new Date(r.clock.now());
+  const stamp = now.toISOString().replace(/[:.]/g, '-');
   const file = path.join(dir, `${r.name}-${r.node}-${stamp}.blocks`);
   const ranges: { offset: number; length: number }[] = [];
   for await (const batch of r.bitmap.runBatches(HEADER_RANGES_PER_WRITE)) ranges.push(...batch);
@@ -49,29 +52,29 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
     node: r.node,
     peer: peerNode,
     generation: r.record.gi,
-    savedAt: new Date().toISOString(),
+    savedAt: now.toISOString(),
     bytes: ranges.reduce((n, x) => n + x.length, 0),
   };
-  const slicer = new Slicer();
-  const fh = await fsp.open(file, 'wx', 0o600);
+  const slicer = new Slicer(r.options.clock);
+  const fh = await io.create(file, 0o600);
   try {
     // JSON.stringify({...header, ranges}) written a piece at a time (ranges is the last key).
     const head = JSON.stringify(header);
-    await writeAll(fh, `${head.slice(0, -1)},"ranges":[`);
+    await fh.write(Buffer.from(`${head.slice(0, -1)},"ranges":[`));
     for (let i = 0; i < ranges.length; i += HEADER_RANGES_PER_WRITE) {
       const part = JSON.stringify(ranges.slice(i, i + HEADER_RANGES_PER_WRITE)).slice(1, -1);
-      await writeAll(fh, i === 0 ? part : `,${part}`);
+      await fh.write(Buffer.from(i === 0 ? part : `,${part}`));
       const pause = slicer.due();
       if (pause) await pause;
     }
-    await writeAll(fh, ']}\n');
+    await fh.write(Buffer.from(']}\n'));
     const piece = Buffer.allocUnsafe(PIECE_BYTES);
     for (const range of ranges) {
       for (let done = 0; done < range.length; ) {
         const n = Math.min(piece.length, range.length - done);
         const view = piece.subarray(0, n);
         await dev.read(range.offset + done, view);
-        await writeAll(fh, view);
+        await fh.write(view);
         done += n;
         const pause = slicer.due();
         if (pause) await pause;
@@ -84,12 +87,6 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
   if (r.splitBrain) r.splitBrain.savedTo = file;
   r.log.warn({ event: 'split-brain-saved', resource: r.name, file, bytes: header.bytes }, `resource ${r.name}: saved ${header.bytes} bytes this node is about to lose to ${file}`);
   return file;
-}
-
-/** Append all of `data` (a file write may be short). */
-async function writeAll(fh: FileHandle, data: string | Buffer): Promise<void> {
-  const buf = typeof data === 'string' ? Buffer.from(data) : data;
-  for (let at = 0; at < buf.length; ) at += (await fh.write(buf, at, buf.length - at)).bytesWritten;
 }
 
 /**

@@ -501,8 +501,38 @@ test('power cut (write-back cache): the transaction pages survive, being FUA; un
     if (keep === 'none') {
       const data = Buffer.alloc(512);
       await faulty.read(0, data);
-      assert.ok(data.equals(Buffer.alloc(512)), 'the unflushed data write was lost: the cut was real');
+      // Extent 1 left the log before extent 6 came in, so the writes before it were flushed; the last one was not.
+      assert.ok(data.equals(Buffer.alloc(512, 4)), 'the last data write, unflushed, was lost: the cut was real');
     }
+  }
+});
+
+test('an extent leaves the log only once what was written in it is durable: a power cut after its eviction loses nothing the log forgot', async () => {
+  for (const how of ['evict', 'clear'] as const) {
+    // The log after three extents of data (a Primary's disk in miniature), on a disk with a volatile cache.
+    const at = 3 * E;
+    const faulty = new FaultyDevice(new MemoryDevice(at + AL_BYTES, 'disk'), { writeBack: true });
+    await ActivityLog.format(faulty, at, AL_BYTES);
+    const { log } = await ActivityLog.open(faulty, at, AL_BYTES, { slots: 2, beforeEvict: async () => undefined });
+    await log.begin(0, 512);
+    // Acknowledged to the writer (and, on a Primary, sent to the peer): in the disk's cache only.
+    await faulty.write(0, Buffer.alloc(512, 7));
+    log.end(0, 512);
+    if (how === 'evict') {
+      await log.begin(E, 512);
+      log.end(E, 512);
+      await log.begin(2 * E, 512);
+    } else await log.clear();
+    assert.ok(!log.hotExtents.includes(0), 'extent 0 left the log');
+    await faulty.powerCut({ keep: 'none' });
+    faulty.powerOn();
+    const recovered = sorted((await ActivityLog.open(faulty, at, AL_BYTES)).recovered);
+    const data = Buffer.alloc(512);
+    await faulty.read(0, data);
+    assert.ok(
+      recovered.includes(0) || data.equals(Buffer.alloc(512, 7)),
+      `${how}: the write to extent 0 is lost and the log does not list extent 0 (recovered ${recovered}): after a crash of the Primary it would never be resynced, though the peer has it`,
+    );
   }
 });
 
