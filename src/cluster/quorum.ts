@@ -107,6 +107,22 @@ export class Quorum {
     }
   }
 
+  /**
+   * The fence for `generation.to` was not needed after all (the peer came back in sync before this
+   * node started that generation): the peer's mark goes. If the witness does not answer, the mark
+   * stays until an admin promotes the peer with --force; that is logged.
+   */
+  async cancelFence(r: Resource, peer: string, generation: { from: string; to: string }): Promise<void> {
+    try {
+      await this.call({ cmd: 'witness.cancel', resource: r.name, peer, until: generation.to });
+    } catch (err) {
+      this.options.log.warn(
+        { event: 'witness-cancel-failed', resource: r.name, peer, until: generation.to, err: (err as Error).message },
+        `resource ${r.name}: could not tell the witness that ${peer} is not outdated after all (${(err as Error).message}): it stays marked until promoted with --force`,
+      );
+    }
+  }
+
   /** May `r` be promoted here? Throws a UserError saying why not. */
   async mayPromote(r: Resource, force: boolean): Promise<void> {
     const resource = r.name;

@@ -81,6 +81,12 @@ const commandSchema = z.discriminatedUnion('cmd', [
     .strict(),
   /** `current`: the sender's generation now; `until`: the one it moves to, which the peer's mark waits for. */
   z.object({ cmd: z.literal('witness.outdate'), node: name, resource: name, peer: name, current: generation, until: generation }).strict(),
+  /**
+   * The sender fenced `peer` for a generation `until` it then did not start (the peer came back in sync
+   * meanwhile): the mark it set for `until` goes. Only its setter can name `until` (a fresh generation,
+   * unknown before the fence), so no message from before the fence can clear the mark this way.
+   */
+  z.object({ cmd: z.literal('witness.cancel'), node: name, resource: name, peer: name, until: generation }).strict(),
   /** Before a promotion; `force`: the operator promotes this copy whatever the witness holds. */
   z.object({ cmd: z.literal('witness.query'), node: name, resource: name, current: generation, force: z.boolean().optional() }).strict(),
 ]);
@@ -93,11 +99,8 @@ export interface WitnessReply {
   outdatedResources: string[];
 }
 
-/**
- * Outdated until it holds generation `until`; when, and by whom; `from`: the
- * generation `by` was leaving (marks written before it was kept have none).
- */
-type Mark = { by: string; at: string; until: string; from?: string };
+/** Outdated until it holds generation `until`; when, and by whom. */
+type Mark = { by: string; at: string; until: string };
 /** resource -> node -> mark (Maps: names from the network never meet Object.prototype). */
 type Marks = Map<string, Map<string, Mark>>;
 
@@ -106,7 +109,7 @@ export const MAX_RESOURCES = 256;
 
 const FORMAT = 'duet-witness-state';
 const VERSION = 1;
-const markSchema = z.object({ by: name, at: z.string(), until: generation, from: generation.optional() }).strict();
+const markSchema = z.object({ by: name, at: z.string(), until: generation }).strict();
 const marksSchema = z.record(name, z.record(name, markSchema));
 const stateFileSchema = z.object({ format: z.literal(FORMAT), version: z.literal(VERSION), sequence: z.number().int().nonnegative(), outdated: marksSchema, checksum: z.string() }).strict();
 /** Before format 1: the marks alone (no checksum); rewritten as format 1 on the first change. */
@@ -164,9 +167,16 @@ export class Witness {
           refusal = new UserError(`the witness already keeps marks for ${MAX_RESOURCES} resources, its limit: resource ${c.resource} cannot be fenced; check the cluster's resource names`);
           break;
         }
-        setMark(draft, c.resource, c.peer, { by: c.node, at: new Date().toISOString(), until: c.until, from: c.current });
+        setMark(draft, c.resource, c.peer, { by: c.node, at: new Date().toISOString(), until: c.until });
         logs.push(() => this.log.warn({ event: 'witness-outdated', resource: c.resource, node: c.peer, by: c.node, until: c.until }, `${c.peer} outdated for ${c.resource} by ${c.node}`));
         break;
+      case 'witness.cancel': {
+        const mark = draft.get(c.resource)?.get(c.peer);
+        if (mark && mark.by === c.node && mark.until === c.until) {
+          this.clear(draft, logs, c.resource, c.peer, mark, `${c.node} did not start generation ${c.until} after all (${c.peer} came back in sync)`);
+        }
+        break;
+      }
       case 'witness.query':
         if (c.force) {
           const mark = draft.get(c.resource)?.get(c.node);
@@ -199,7 +209,7 @@ export class Witness {
       const c = parsed.data;
       const known = (n: string): boolean => this.nodes.includes(n);
       if (!known(c.node)) problem = `the witness does not know node ${c.node} (nodes: ${this.nodes.join(', ')})`;
-      else if (c.cmd === 'witness.outdate' && (!known(c.peer) || c.peer === c.node)) problem = `peer ${c.peer} is not the other node of ${c.resource}`;
+      else if ((c.cmd === 'witness.outdate' || c.cmd === 'witness.cancel') && (!known(c.peer) || c.peer === c.node)) problem = `peer ${c.peer} is not the other node of ${c.resource}`;
       else if (c.cmd === 'witness.heartbeat') {
         const bad = Object.entries(c.inSync).find(([, claim]) => !known(claim.peer) || claim.peer === c.node);
         if (bad) problem = `inSync.${bad[0]}.peer ${bad[1].peer} is not the other node`;
@@ -227,10 +237,6 @@ export class Witness {
     const mark = draft.get(resource)?.get(claim.peer);
     if (!mark) return;
     if (draft.get(resource)?.has(sender)) return this.ignored(logs, resource, claim.peer, sender, claim.generation, mark, `${sender} is outdated itself`);
-    // The node that set the mark never moved on: the peer came back before it left `from`, so the peer has all it has.
-    if (mark.by === sender && mark.from !== undefined && mark.from === claim.generation) {
-      return this.clear(draft, logs, resource, claim.peer, mark, `${sender}, which outdated it, is in sync with it at generation ${claim.generation}, the one it did not leave`);
-    }
     if (mark.until !== claim.generation) return this.ignored(logs, resource, claim.peer, sender, claim.generation, mark, `${sender} is in sync with it at generation ${claim.generation}`);
     this.clear(draft, logs, resource, claim.peer, mark, `in sync with ${sender} at generation ${claim.generation}`);
   }
@@ -299,7 +305,7 @@ function toObject(marks: Marks): Record<string, Record<string, Mark>> {
   const out: Record<string, Record<string, Mark>> = {};
   for (const [resource, m] of [...marks].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
     if (m.size === 0) continue;
-    out[resource] = Object.fromEntries([...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([n, k]) => [n, k.from === undefined ? { by: k.by, at: k.at, until: k.until } : { by: k.by, at: k.at, until: k.until, from: k.from }]));
+    out[resource] = Object.fromEntries([...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([n, k]) => [n, { by: k.by, at: k.at, until: k.until }]));
   }
   return out;
 }

@@ -281,8 +281,11 @@ export function decideConnect(self: ConnectSide, peer: ConnectSide, policy: Conn
   if (hg === 0 && v.rule !== 10 && (self.outOfSyncBytes > 0 || peer.outOfSyncBytes > 0)) {
     // DUET: same generation, no crash, yet blocks are marked (online verify found them, or a peer write
     // failed): DRBD leaves them until the next generation; duet resyncs them now, from the Primary if
-    // there is one, else from the node whose name sorts first.
-    hg = self.role !== peer.role ? (self.role === 'Primary' ? 1 : -1) : isResolver(self, peer) ? -1 : 1;
+    // there is one, else from the side that marked blocks (a Primary whose fence failed keeps the marks of
+    // writes its peer may have lost with its cache: that peer's copy of them is the old one), else from
+    // the node whose name sorts first.
+    const marked = (self.outOfSyncBytes > 0 ? 1 : 0) - (peer.outOfSyncBytes > 0 ? 1 : 0);
+    hg = self.role !== peer.role ? (self.role === 'Primary' ? 1 : -1) : marked !== 0 ? marked : isResolver(self, peer) ? -1 : 1;
     rule += '/marks';
   }
   if (bothPrimary) return refuse('both-primary', 'both nodes are Primary: make one Secondary', true);

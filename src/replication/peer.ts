@@ -597,6 +597,9 @@ export class PeerSession {
         r.log.info({ event: 'resync-done', resource: r.name, peer: this.peerNode, ...this.resync!.progress() }, `resync from ${this.peerNode} done: UpToDate`);
         this.resync!.stop();
         this.phase = 'connected';
+        // The peer lost its disk while this one was still Inconsistent: it is the only good copy now,
+        // so it records that before the Diskless peer's writes (which it may send from now on) land.
+        if (this.state?.disk === 'Diskless' || this.state?.disk === 'Failed') this.peerHasNoDisk();
         this.sendState();
         r.emit('changed');
       }).catch((err: unknown) => this.close(`resync from ${this.peerNode} could not finish: ${(err as Error).message}`));

@@ -53,6 +53,8 @@ export interface ResourceOptions {
   alSlots?: number;
   /** Asked before this node diverges from its peer (first unreplicated write): outdate the peer at the witness. */
   fence?: (resource: string, generation: { from: string; to: string }, signal: AbortSignal) => Promise<'fenced' | 'peer-back'>;
+  /** A fence that turned out not to be needed (this node never started `generation.to`): the peer's mark goes. */
+  unfence?: (resource: string, generation: { from: string; to: string }) => Promise<void>;
   /** Asked before a promotion: may this node become Primary (quorum, witness says not outdated)? Throws a UserError if not. */
   mayPromote?: (resource: string, force: boolean) => Promise<void>;
   /** Time and timers (the real clock unless a simulation runs). */
@@ -331,11 +333,14 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       this.divergeAbort = abort;
       const gi = this.record.gi;
       const next = gi.bitmap === NO_GI ? { current: newGi(this.options.randomBytes), bitmap: gi.current, history: gi.history } : { current: newGi(this.options.randomBytes), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] as [string, string] };
+      const generation = { from: gi.current, to: next.current };
       try {
         // The peer is outdated until it holds the generation this node moves to.
-        const outcome = (await this.options.fence?.(this.name, { from: gi.current, to: next.current }, abort.signal)) ?? 'fenced';
+        const outcome = (await this.options.fence?.(this.name, generation, abort.signal)) ?? 'fenced';
         if (outcome === 'peer-back') {
           // The peer came back and took this node's changes: they are on both disks, nothing diverged.
+          // An outdate that timed out here may still have reached the witness: its mark goes too.
+          void this.options.unfence?.(this.name, generation);
           this.log.info({ event: 'peer-back', resource: this.name }, `resource ${this.name}: the peer is back and has this node's changes: held writes complete`);
           return;
         }
@@ -348,6 +353,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       // never hears of (a split brain on the next reconnect, though only this node wrote).
       if (this.inSyncWithPeer()) {
         this.log.info({ event: 'peer-back', resource: this.name }, `resource ${this.name}: the peer connected in sync meanwhile: no new generation`);
+        // The witness's mark waits for a generation the peer will never hold.
+        void this.options.unfence?.(this.name, generation);
         return;
       }
       await this.saveRecord({ gi: next, peerOutdated: this.options.fence !== undefined });
@@ -749,6 +756,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // The peer is deciding from this node's data as it was when the link came up: hold writes until it has.
     const handshake = this.peer?.handshake;
     if (handshake) return handshake.then(() => this.replicate(offset, length, kind, data, fua));
+    // Without a disk here the peer's is the only copy: only an UpToDate one may take writes (DRBD's
+    // may_do_writes). An Inconsistent sync target would acknowledge data nobody holds a good copy of.
+    if (!this.backing_ && this.peer?.state?.disk !== 'UpToDate') return Promise.reject(this.noGoodCopy());
     this.writesUnderWay++;
     const local = this.backing_;
     const hot = local ? this.al.begin(offset, length) : undefined;
@@ -844,7 +854,13 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       // The link went down: the session marked the block; wait for the new generation before acknowledging.
       return { hold: this.diverging };
     }
+    // The local disk failed under this write and the peer's is not good data either.
+    if (!localOk && this.peer?.state?.disk !== 'UpToDate') throw this.noGoodCopy();
     return {};
+  }
+
+  private noGoodCopy(): BlockDeviceError {
+    return new BlockDeviceError('EIO', `resource ${this.name}: no good copy of the data is reachable (local disk ${this.disk}, peer ${this.peer?.state ? this.peer.state.disk : 'not connected'}): write refused`);
   }
 
   async flush(): Promise<void> {

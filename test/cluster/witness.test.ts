@@ -392,3 +392,22 @@ test('malformed commands get a one-line error and the witness keeps serving', as
   await w.client('alpha').call({ cmd: 'witness.outdate', resource: 'r', peer: 'bravo', current: G0, until: G1 });
   assert.equal(await isOutdated(w, 'bravo', 'r'), true);
 });
+
+test('a fence that was not needed after all is cancelled by its setter naming the generation it never started, and by nothing else', async (t) => {
+  const w = await startWitness(t, tempDir(t));
+  const alpha = w.client('alpha');
+  const bravo = w.client('bravo');
+  await alpha.call({ cmd: 'witness.outdate', resource: 'r', peer: 'bravo', current: G0, until: G1 });
+  // Another generation, or another node naming it: the mark stays.
+  await alpha.call({ cmd: 'witness.cancel', resource: 'r', peer: 'bravo', until: G2 });
+  assert.equal(await isOutdated(w, 'bravo', 'r'), true, 'a cancel for another generation cleared the mark');
+  await bravo.call({ cmd: 'witness.cancel', resource: 'r', peer: 'alpha', until: G1 }).catch(() => undefined);
+  assert.equal(await isOutdated(w, 'bravo', 'r'), true);
+  // An in-sync claim at the generation alpha left is still no claim the mark waits for (it may be stale).
+  await alpha.call({ cmd: 'witness.heartbeat', inSync: { r: { peer: 'bravo', generation: G0 } }, generations: { r: G0 } });
+  assert.equal(await isOutdated(w, 'bravo', 'r'), true);
+  // alpha never started G1 (bravo came back in sync before it did): its cancel ends the mark.
+  await alpha.call({ cmd: 'witness.cancel', resource: 'r', peer: 'bravo', until: G1 });
+  assert.equal(await isOutdated(w, 'bravo', 'r'), false);
+  await w.waitLog((e) => e.event === 'witness-cleared' && e.node === 'bravo' && e.resource === 'r', 2000, 'witness-cleared');
+});

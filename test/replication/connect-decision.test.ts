@@ -203,3 +203,46 @@ test('the cases of the DRBD guide ("Generation Identifiers"), each from both sid
     assert.deepEqual(shape(mirrorAction(decideConnect(peer, self, policy))), want, `${name} (bravo's view)`);
   }
 });
+
+test('a failed disk facing an UpToDate peer gets a full sync even when the peer has moved past its history (simulator seeds 151, 292: "unrelated data" for good)', () => {
+  // bravo's disk failed at generation C1 and was attached again (Inconsistent, full sync needed); alpha went on
+  // through three generations since, and keeps two in its history.
+  const alpha = side('alpha', { gi: gi('C4', NO_GI, 'C3', 'C2'), peerDiskFailed: true });
+  const bravo = side('bravo', { disk: 'Inconsistent', fullSyncNeeded: true, gi: gi('C1', NO_GI, 'C0') });
+  const a = decideConnect(alpha, bravo, policy);
+  const b = decideConnect(bravo, alpha, policy);
+  assert.deepEqual(shape(a), { kind: 'sync', direction: 'source', full: true, split: null });
+  assert.deepEqual(shape(b), { kind: 'sync', direction: 'target', full: true, split: null });
+  // Its Failed record could not be written (the disk took no write): it claims UpToDate, but alpha saw it fail.
+  const claims = decideConnect(alpha, { ...bravo, disk: 'UpToDate', fullSyncNeeded: false }, policy);
+  assert.deepEqual(shape(claims), { kind: 'sync', direction: 'source', full: true, split: null });
+  // ... unless it is Primary: then it is refused (a Primary is never sync target), retried after a demotion.
+  const primary = decideConnect({ ...bravo, role: 'Primary' }, alpha, policy);
+  assert.equal(primary.kind === 'refuse' && primary.rule, 'primary-target');
+  // Both disks failed: nobody has good data, for an admin to force one (not "unrelated").
+  const both = decideConnect({ ...alpha, disk: 'Inconsistent', fullSyncNeeded: true }, bravo, policy);
+  assert.equal(both.kind === 'refuse' && both.rule, 'inconsistent-source');
+  // Truly unrelated disks are still refused.
+  const foreign = decideConnect({ ...alpha, peerDiskFailed: false }, { ...bravo, disk: 'UpToDate', fullSyncNeeded: false }, policy);
+  assert.equal(foreign.kind === 'refuse' && foreign.rule, 'unrelated');
+});
+
+test('an interrupted resync between two nodes of the same generation resumes from the bitmaps (simulator seeds 81, 252: rule 110, a full sync or a split brain)', () => {
+  const g = syncGeneration('A', 'A');
+  const source = side('alpha', { gi: gi('A', g), outOfSyncBytes: 4096 });
+  const target = side('bravo', { disk: 'Inconsistent', gi: gi(g, NO_GI, 'A'), outOfSyncBytes: 4096 });
+  assert.deepEqual(shape(decideConnect(source, target, policy)), { kind: 'sync', direction: 'source', full: false, split: null });
+  assert.deepEqual(shape(decideConnect(target, source, policy)), { kind: 'sync', direction: 'target', full: false, split: null });
+  assert.equal(decideConnect(source, target, policy).kind === 'sync' && decideConnect(source, target, policy).rule.startsWith('70'), true);
+});
+
+test('same generation, blocks marked on one side only: that side is the source, whatever the names (simulator seed 83)', () => {
+  // alpha (sorts first) lost its cache; bravo, Primary until its fence failed, keeps the marks of what alpha may lack.
+  const alpha = side('alpha');
+  const bravo = side('bravo', { outOfSyncBytes: 65536 });
+  assert.deepEqual(shape(decideConnect(alpha, bravo, policy)), { kind: 'sync', direction: 'target', full: false, split: null });
+  assert.deepEqual(shape(decideConnect(bravo, alpha, policy)), { kind: 'sync', direction: 'source', full: false, split: null });
+  // Marks on both sides: the Primary, else by name, as before.
+  const both = decideConnect({ ...alpha, outOfSyncBytes: 4096 }, bravo, policy);
+  assert.deepEqual(shape(both), { kind: 'sync', direction: 'source', full: false, split: null });
+});

@@ -13,7 +13,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { knownBug, KNOWN_BUGS } from './sim/known-bugs.js';
+import { FIXED_BUGS, knownBug, KNOWN_BUGS } from './sim/known-bugs.js';
 import { Driver, runSeed, SeedResult } from './sim/run.js';
 import type { World } from './sim/world.js';
 
@@ -74,6 +74,17 @@ for (const bug of KNOWN_BUGS) {
     }
   });
 }
+
+test('the seeds that found fixed bugs run clean', async () => {
+  const failed: SeedResult[] = [];
+  for (const bug of FIXED_BUGS) {
+    for (const seed of bug.seeds) {
+      const r = await runSeed({ seed });
+      if (!r.ok) failed.push(r);
+    }
+  }
+  assert.equal(failed.length, 0, `${failed.length} seed(s) failed:\n${failed.map(failure).join('\n\n')}`);
+});
 
 test('the same seed is the same run', async () => {
   for (const seed of [3, 46, 118]) {

@@ -846,6 +846,21 @@ export class Driver {
       this.op(`heal: nobody has good data: promote --force ${n.name}`);
       if (n.r!.role === 'Primary') await this.demote(n);
       await this.promote(n, true);
+    } else if (/holds unrelated data/.test(reason) && w.stats.forcedPromotions > 0) {
+      // Forced promotions on both sides took them further apart than the generations' history reaches
+      // (DRBD's "unrelated data" too). The admin does what the message says: keeps one copy (the Primary
+      // with good data if there is one) and gives the other disk fresh metadata, which takes a full sync.
+      const good = w.nodes.filter((n) => n.r!.disk === 'UpToDate');
+      const keep = good.find((n) => n.r!.role === 'Primary') ?? good[0] ?? this.pick(w.nodes);
+      const loser = w.other(keep);
+      this.op(`heal: unrelated data: keep ${keep.name}; resource create-md --force on ${loser.name}`);
+      if (loser.r?.role === 'Primary') await this.demote(loser);
+      const lost = w.lineageOf(loser.name);
+      if (lost !== w.lineageOf(keep.name)) lost.discardedBy = keep.name;
+      w.kill(loser, 'crash');
+      await createMetadata(loser.hw, { resource: 'sim', node: loser.name, force: true });
+      await loser.hw.flush();
+      await this.start(loser);
     } else {
       throw new Violation(`the nodes refuse to connect: ${reason} [${w.describe()}]`);
     }

@@ -420,6 +420,7 @@ export class World {
       proc.quorum = quorum;
       const peerNode = this.other(n).name;
       options.fence = (_r, generation, signal) => quorum.fence(proc.r, peerNode, this.config.onNoQuorum, generation, signal);
+      options.unfence = (_r, generation) => quorum.cancelFence(proc.r, peerNode, generation);
       options.mayPromote = (_r, force) => quorum.mayPromote(proc.r, force);
     }
     proc.r = await Resource.open(proc.disk, options);
