@@ -102,6 +102,8 @@ const APPLY_MAX = 256;
 const VERIFY_PIECE = W.VERIFY_PIECE;
 /** Largest write payload in one frame (the link's frame limit is a little above). */
 const WRITE_PIECE = W.MAX_DATA_PIECE;
+/** A zeroing or trim in one frame: well under the 32-bit length field, block-aligned. */
+const ZERO_PIECE = 1024 * 1024 * 1024;
 const VERIFY_WINDOW = 16;
 /** How long a handshake waits for writes under way before it says what this side has. */
 const WRITES_SETTLE_MS = 1000;
@@ -266,12 +268,14 @@ export class PeerSession {
   /* ------------------------------------------------------------ sending */
 
   sendWrite(offset: number, length: number, kind: 0 | 1 | 2, data: Buffer | undefined, fua: boolean): { sent: Promise<boolean>; received: Promise<boolean>; done: Promise<boolean> } {
-    if (kind === 0 && length > WRITE_PIECE) {
-      // A frame carries at most WRITE_PIECE bytes: a larger write travels as several, acknowledged together.
+    const piece = kind === 0 ? WRITE_PIECE : ZERO_PIECE;
+    if (length > piece) {
+      // A frame carries at most WRITE_PIECE bytes of data, and a length of 32 bits: a larger write or
+      // zeroing travels as several, acknowledged together.
       const parts = [];
-      for (let at = 0; at < length; at += WRITE_PIECE) {
-        const n = Math.min(WRITE_PIECE, length - at);
-        parts.push(this.sendWrite(offset + at, n, 0, data!.subarray(at, at + n), fua));
+      for (let at = 0; at < length; at += piece) {
+        const n = Math.min(piece, length - at);
+        parts.push(this.sendWrite(offset + at, n, kind, data?.subarray(at, at + n), fua));
       }
       const all = (ps: Promise<boolean>[]): Promise<boolean> => Promise.all(ps).then((oks) => oks.every(Boolean));
       return { sent: all(parts.map((p) => p.sent)), received: all(parts.map((p) => p.received)), done: all(parts.map((p) => p.done)) };

@@ -98,3 +98,42 @@ test('resync of blocks past 2^32 on a 16 TiB pair: exactly those blocks travel, 
     await stopNode(b);
   }
 });
+
+test('zeroing and trimming more than 4 GiB at once on a connected pair: the peer gets every byte of it (a frame\'s length is 32 bits)', { timeout: 60_000 }, async () => {
+  const dataBytes = 12 * 1024 ** 3;
+  const deviceBytes = layoutFor(dataBytes).deviceBytes + 64 * 1024 * 1024;
+  const port = await freePort();
+  const da = new MemoryDevice(deviceBytes, 'alpha-disk');
+  const db = new MemoryDevice(deviceBytes, 'bravo-disk');
+  for (const [dev, node] of [[da, 'alpha'], [db, 'bravo']] as const) await createMetadata(dev, { resource: 'r0', node });
+  const gi = { current: newGi(), bitmap: NO_GI, history: [NO_GI, NO_GI] as [string, string] };
+  for (const dev of [da, db]) {
+    const layout = layoutFor(dev.size);
+    const rec = (await readRecord(dev, layout))!;
+    await writeRecord(dev, layout, { ...rec, gi, disk: 'UpToDate', fullSyncNeeded: false });
+  }
+  const a = await startNode('alpha', new BorrowedDevice(da), port);
+  const b = await startNode('bravo', new BorrowedDevice(db), port);
+  try {
+    await until('connected in sync', () => connected(a, b) && a.resource.bitmap.count === 0, 20_000);
+    await a.resource.promote(false);
+    const GiB = 1024 ** 3;
+    // Data on both sides at the start, the middle (past 4 GiB) and the end of the range zeroed below.
+    const mark = Buffer.alloc(BLOCK, 0x6b);
+    for (const at of [GiB, 5 * GiB, 7 * GiB - BLOCK, 9 * GiB]) await a.resource.write(at, mark);
+    await a.resource.flush();
+    await a.resource.writeZeroes(GiB, 6 * GiB);
+    await a.resource.trim(8 * GiB, 4 * GiB - BLOCK);
+    await a.resource.flush();
+    assert.equal(a.resource.peer?.phase, 'connected', 'the link stayed up');
+    assert.equal(a.resource.bitmap.count, 0, 'nothing marked: the peer took it all');
+    const one = Buffer.alloc(BLOCK);
+    for (const at of [GiB, 5 * GiB, 7 * GiB - BLOCK, 9 * GiB]) {
+      await db.read(at, one);
+      assert.ok(one.every((x) => x === 0), `bravo still holds data at ${at}`);
+    }
+  } finally {
+    await stopNode(a);
+    await stopNode(b);
+  }
+});
