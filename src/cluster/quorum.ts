@@ -33,6 +33,8 @@ export type WitnessCall = (c: DistributiveOmit<WitnessCommand, 'node'>) => Promi
 export const WITNESS_FRESH_MS = 2000;
 /** Between two attempts to reach the witness while writes are held (grows to this from 100 ms). */
 const RETRY_MAX_MS = 1000;
+/** witness.cancel tries, RETRY_MAX_MS apart at most: about a minute. */
+const CANCEL_ATTEMPTS = 60;
 
 export interface QuorumOptions {
   node: string;
@@ -113,13 +115,21 @@ export class Quorum {
    * stays until an admin promotes the peer with --force; that is logged.
    */
   async cancelFence(r: Resource, peer: string, generation: { from: string; to: string }): Promise<void> {
-    try {
-      await this.call({ cmd: 'witness.cancel', resource: r.name, peer, until: generation.to });
-    } catch (err) {
-      this.options.log.warn(
-        { event: 'witness-cancel-failed', resource: r.name, peer, until: generation.to, err: (err as Error).message },
-        `resource ${r.name}: could not tell the witness that ${peer} is not outdated after all (${(err as Error).message}): it stays marked until promoted with --force`,
-      );
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.call({ cmd: 'witness.cancel', resource: r.name, peer, until: generation.to });
+        return;
+      } catch (err) {
+        // The witness is often out of reach just then (a partition): try again for a while.
+        if (attempt + 1 >= CANCEL_ATTEMPTS || this.stopping) {
+          this.options.log.warn(
+            { event: 'witness-cancel-failed', resource: r.name, peer, until: generation.to, err: (err as Error).message },
+            `resource ${r.name}: could not tell the witness that ${peer} is not outdated after all (${(err as Error).message}): it stays marked until promoted with --force`,
+          );
+          return;
+        }
+      }
+      await this.sleep(Math.min(RETRY_MAX_MS, 100 * (attempt + 1)));
     }
   }
 

@@ -142,6 +142,11 @@ export function compareGenerations(self: ConnectSide, peer: ConnectSide): Verdic
     if (rct === 2) return { hg: -1, rule: 40 };
     return { hg: isResolver(self, peer) ? -1 : 1, rule: 40 };
   }
+  // DUET: a split-brain resolution whose source recorded its start (its bitmap generation is the sync
+  // generation from the peer's current; the common generation went to its history) and whose target did
+  // not (it refused: its blocks could not be saved; or it never heard): still the split brain of rule 90.
+  if (s.bitmap !== NO_GI && p.bitmap !== NO_GI && s.history[0] === p.bitmap && s.bitmap === syncGeneration(s.current, p.current)) return { hg: 100, rule: 92, common: p.bitmap };
+  if (s.bitmap !== NO_GI && p.bitmap !== NO_GI && p.history[0] === s.bitmap && p.bitmap === syncGeneration(p.current, s.current)) return { hg: 100, rule: 92, common: s.bitmap };
   // DUET: checked before 50-80 (DRBD: after them): both went on from the same generation. In DRBD's
   // histories nothing else can match then; in duet's a resync target keeps its old generation in its
   // history, which rule 80 would otherwise take for "generations ahead".

@@ -554,7 +554,7 @@ export class PeerSession {
   private startSync(direction: 'source' | 'target', full: boolean, splitBrain: boolean): void {
     const r = this.resource;
     const [source, target] = direction === 'source' ? [this.sent!, this.state!] : [this.state!, this.sent!];
-    const ready = r.beginSync(this.peerNode, direction, full, this.peerMarks, splitBrain, syncGeneration(source.gi.current, target.gi.current));
+    const ready = r.beginSync(this.peerNode, direction, full, this.peerMarks, splitBrain, syncGeneration(source.gi.current, target.gi.current), () => r.peer === this && this.phase === 'sync-target');
     // A resync that cannot begin (its record or bitmap not written, a split brain's blocks not saved) ends the link:
     // everything waiting on `ready` gives up with it.
     ready.catch((err: unknown) => this.close(`resync ${direction === 'source' ? 'to' : 'from'} ${this.peerNode} could not begin: ${(err as Error).message}`));
@@ -595,7 +595,7 @@ export class PeerSession {
     if (type === W.F_RS_DONE) {
       const { gi } = W.decodeJson(payload, W.resyncDoneSchema, 'resync done');
       void this.applying.barrier().then(async () => {
-        if (!(await ready.then(() => true, () => false))) return; // the link was closed for it
+        if (!(await readyOk(ready))) return; // the link was closed for it
         await r.finishSyncTarget(this.peerNode, gi);
         if (this.phase !== 'sync-target') return;
         r.log.info({ event: 'resync-done', resource: r.name, peer: this.peerNode, ...this.resync!.progress() }, `resync from ${this.peerNode} done: UpToDate`);
@@ -612,7 +612,7 @@ export class PeerSession {
     if (type === W.F_RS_CSUM) {
       const { offset, length, digest: theirs } = W.decodeResyncChecksum(payload, r.size);
       void this.applying.run(offset, length, async () => {
-        await ready;
+        if (!(await readyOk(ready))) return; // the resync could not begin: the link is closing
         const mine = await this.readLocal(offset, length);
         const same = mine !== undefined && digest(mine).equals(theirs);
         if (same) {
@@ -625,7 +625,7 @@ export class PeerSession {
     }
     const { offset, length, zero, data } = W.decodeResyncData(payload, r.size);
     void this.applying.run(offset, length, async () => {
-      await ready;
+      if (!(await readyOk(ready))) return;
       const dev = r.backing;
       if (!dev) return;
       try {
@@ -658,7 +658,8 @@ export class PeerSession {
       if (this.applying.size < APPLY_MAX / 2) this.link.resume();
     };
     const nack = (err: unknown): void => {
-      r.detach(err);
+      // Only the disk's own error detaches it (a resync that could not begin fails the write, not the disk).
+      if (err instanceof BlockDeviceError) r.detach(err);
       this.link.send(W.F_ACK_WRITE, W.encodeSeq(w.seq, 1));
       this.link.resume();
     };
@@ -913,3 +914,11 @@ function subtract(from: number, to: number, holes: [number, number][]): [number,
 }
 
 export { BLOCK };
+
+/** Did the resync's start get recorded (false: it could not begin, and the link is closing for it)? */
+function readyOk(ready: Promise<void>): Promise<boolean> {
+  return ready.then(
+    () => true,
+    () => false,
+  );
+}

@@ -146,6 +146,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   private divergeAbort: AbortController | undefined;
   /** Writes waiting for `diverging`. */
   private held = 0;
+  /** Split-brain saves under way as a sync target: no role change meanwhile. */
+  private syncStarting = 0;
   /** Why writes fail here until the node is Secondary (the other side went on without it). */
   fencedOff: string | undefined;
   private closed = false;
@@ -332,8 +334,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       const abort = new AbortController();
       this.divergeAbort = abort;
       const gi = this.record.gi;
-      const next = gi.bitmap === NO_GI ? { current: newGi(this.options.randomBytes), bitmap: gi.current, history: gi.history } : { current: newGi(this.options.randomBytes), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] as [string, string] };
-      const generation = { from: gi.current, to: next.current };
+      const generation = { from: gi.current, to: newGi(this.options.randomBytes) };
       try {
         // The peer is outdated until it holds the generation this node moves to.
         const outcome = (await this.options.fence?.(this.name, generation, abort.signal)) ?? 'fenced';
@@ -346,6 +347,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
         }
       } catch (err) {
         if (err instanceof FencedOff) this.fenceOff(err.message);
+        // This node never starts that generation now; an outdate that timed out here may have reached the witness.
+        void this.options.unfence?.(this.name, generation);
         throw err;
       }
       // The link came up while the witness was asked, and the handshake found both in sync at the old
@@ -357,8 +360,14 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
         void this.options.unfence?.(this.name, generation);
         return;
       }
+      // From the generations as they are now: a resync may have begun or ended while the witness was asked.
+      const now = this.record.gi;
+      const next: GenerationIds = now.bitmap === NO_GI ? { current: generation.to, bitmap: now.current, history: now.history } : { current: generation.to, bitmap: now.bitmap, history: [now.current, now.history[0]] };
       await this.saveRecord({ gi: next, peerOutdated: this.options.fence !== undefined });
       this.log.info({ event: 'new-generation', resource: this.name, gi: this.record.gi, why }, `${why}: new data generation`);
+      // The link came up meanwhile but the two are not in sync yet (a resync under way or just ended): the
+      // peer decided on the old generation. Connecting again lets it decide on this one.
+      if (this.peer?.replicating) this.peer.close('a new data generation started while the link came up: connecting again');
     })().finally(() => {
       this.diverging = undefined;
       this.divergeAbort = undefined;
@@ -461,6 +470,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * (a link may have come up while the witness was asked).
    */
   private mayChangeRole(): void {
+    if (this.syncStarting > 0) throw new UserError(`resource ${this.name}: a resync is starting on ${this.node} (saving the blocks a split-brain resolution overwrites): try again in a moment`);
     if (this.peer?.handshake) throw new UserError(`resource ${this.name}: connecting to ${this.peer.peerNode} right now: try again in a moment`);
     if (this.peer?.phase === 'sync-target') throw new UserError(`resource ${this.name}: ${this.node} is sync target of ${this.peer.peerNode}: let the resync finish, or promote ${this.peer.peerNode}`);
     const peer = this.peer?.state;
@@ -615,13 +625,13 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * an interrupted resync resumes from them; after a split brain it first
    * keeps what it will lose. Nothing moves before this resolves.
    */
-  async beginSync(peerNode: string, direction: 'source' | 'target', full: boolean, peerMarks: Bitmap | undefined, splitBrain: boolean, sync: string): Promise<void> {
+  async beginSync(peerNode: string, direction: 'source' | 'target', full: boolean, peerMarks: Bitmap | undefined, splitBrain: boolean, sync: string, stillTarget: () => boolean = () => true): Promise<void> {
     this.lastRefusal = undefined;
     if (splitBrain) this.keepNode = undefined;
     if (peerMarks) this.bitmap.merge(peerMarks);
     if (full) this.bitmap.markAll();
-    const gi = this.record.gi;
     if (direction === 'source') {
+      const gi = this.record.gi;
       if (gi.bitmap !== sync) await this.saveRecord({ gi: { current: gi.current, bitmap: sync, history: gi.bitmap !== NO_GI ? [gi.bitmap, gi.history[0]] : gi.history } });
       return;
     }
@@ -629,13 +639,21 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // full file system), nothing here has changed and the resolution is refused. (The session is in
     // sync-target already, so no promotion slips in meanwhile.)
     if (splitBrain) {
+      // No role change while the blocks are saved, even if the link drops meanwhile (it would be promoted
+      // on data the resync was about to overwrite, and be made Inconsistent under its users).
+      this.syncStarting++;
       try {
         await saveBlocks(this, peerNode);
       } catch (err) {
         if (err instanceof BlockDeviceError) this.detach(err);
         throw new UserError(`resource ${this.name}: could not save the blocks the resync from ${peerNode} overwrites (${(err as Error).message}): split-brain resolution refused`);
+      } finally {
+        this.syncStarting--;
       }
+      // The link went down while they were saved: nothing here has changed; the next connect decides again.
+      if (!stillTarget()) throw new UserError(`resource ${this.name}: the link to ${peerNode} went down before the resync began: nothing changed`);
     }
+    const gi = this.record.gi;
     // Inconsistent from this moment on (in memory at once, before the bitmap is written).
     await this.saveRecord({ disk: 'Inconsistent' });
     await this.writeBitmap();

@@ -45,7 +45,7 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
   const stamp = now.toISOString().replace(/[:.]/g, '-');
   const file = path.join(dir, `${r.name}-${r.node}-${stamp}.blocks`);
   const ranges: { offset: number; length: number }[] = [];
-  for await (const batch of r.bitmap.runBatches(HEADER_RANGES_PER_WRITE)) ranges.push(...batch);
+  for await (const batch of r.bitmap.runBatches(HEADER_RANGES_PER_WRITE, 0, r.options.clock)) ranges.push(...batch);
   const header = {
     format: 'duet-split-brain-blocks-v1',
     resource: r.name,

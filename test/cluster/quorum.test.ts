@@ -281,3 +281,31 @@ test('secondary --force with a write still on its way to the disk: the write fai
     await done(c);
   }
 });
+
+test('a fence that was not needed is cancelled at the witness even when the witness answers only after a few tries', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-cancel-'));
+  try {
+    const witness = new Witness(path.join(dir, 'witness.json'), ['alpha', 'bravo'], silentLogger());
+    const G0 = '00000000000000a0';
+    const G1 = '00000000000000b1';
+    witness.handle({ cmd: 'witness.outdate', node: 'alpha', resource: 'r0', peer: 'bravo', current: G0, until: G1 });
+    assert.equal(witness.handle({ cmd: 'witness.query', node: 'bravo', resource: 'r0', current: G0 }).outdated, true);
+    let unreachable = 3;
+    const calls: string[] = [];
+    const quorum = new Quorum({
+      node: 'alpha',
+      log: silentLogger(),
+      call: async (c) => {
+        calls.push(c.cmd);
+        if (unreachable-- > 0) throw new UserError('the witness did not answer within 1000 ms');
+        return witness.handle({ ...c, node: 'alpha' });
+      },
+      sleep: async () => undefined,
+    });
+    await quorum.cancelFence({ name: 'r0' } as Resource, 'bravo', { from: G0, to: G1 });
+    assert.deepEqual(calls, ['witness.cancel', 'witness.cancel', 'witness.cancel', 'witness.cancel']);
+    assert.equal(witness.handle({ cmd: 'witness.query', node: 'bravo', resource: 'r0', current: G0 }).outdated, false);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

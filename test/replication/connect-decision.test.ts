@@ -246,3 +246,19 @@ test('same generation, blocks marked on one side only: that side is the source, 
   const both = decideConnect({ ...alpha, outOfSyncBytes: 4096 }, bravo, policy);
   assert.deepEqual(shape(both), { kind: 'sync', direction: 'source', full: false, split: null });
 });
+
+test('a split-brain resolution the source recorded the start of and the target never did is still the split brain (rule 92), not unrelated data', () => {
+  // Both went on from C: alpha to A (bitmap C), bravo to B (bitmap C). alpha, the resolution's source, recorded
+  // the sync generation as its bitmap (C into its history); bravo refused (its blocks could not be saved).
+  const alpha = side('alpha', { gi: gi('A', syncGeneration('A', 'B'), 'C', 'H'), outOfSyncBytes: 8192 });
+  const bravo = side('bravo', { gi: gi('B', 'C', 'H'), outOfSyncBytes: 4096 });
+  const a = decideConnect(alpha, bravo, policy);
+  const b = decideConnect(bravo, alpha, policy);
+  assert.equal(a.kind, 'split-brain');
+  assert.equal(b.kind, 'split-brain');
+  assert.match(a.rule, /^92/);
+  assert.equal(a.kind === 'split-brain' && a.splitBrain.common, 'C');
+  // A policy resolves it as it did the first time: a bitmap resync from alpha.
+  const resolved = decideConnect(alpha, bravo, { ...policy, afterSplitBrain: 'discard-least-changes' });
+  assert.deepEqual(shape(resolved), { kind: 'sync', direction: 'source', full: false, split: ['C', 8192, 4096] });
+});

@@ -23,7 +23,8 @@ import type { BorrowedDevice } from '../../../src/blockdev/delegating.js';
 import { PeerLink } from '../../../src/replication/link.js';
 import { PeerSession } from '../../../src/replication/peer.js';
 import { Resource, ResourceOptions } from '../../../src/replication/resource.js';
-import { syncFileIo } from '../../../src/util/file-io.js';
+import fs from 'node:fs';
+import type { FileIo } from '../../../src/util/file-io.js';
 import { SimDisk } from './disk.js';
 import { decodeAll, decodeSector, describeValue, GARBAGE, Lineage, pattern, SECTOR, ZERO } from './model.js';
 import { Network, SimSocket } from './net.js';
@@ -407,7 +408,7 @@ export class World {
       log,
       ...this.config.resource,
       splitBrainDir: this.config.splitBrainDir,
-      fileIo: syncFileIo,
+      fileIo: slowFileIo(proc.clock),
       clock: proc.clock,
       randomBytes: (size) => {
         const b = Buffer.alloc(size);
@@ -780,4 +781,39 @@ export class World {
       }
     }
   }
+}
+
+/**
+ * Files as the simulated process writes them (split-brain blocks): each
+ * write and sync takes fake time, so other events (a link lost, a
+ * promotion, a crash) land in the middle of a save as they do in a daemon;
+ * done synchronously underneath, and with no descriptor held between two
+ * calls (a process killed mid-save leaves none open).
+ */
+function slowFileIo(clock: OwnerClock): FileIo {
+  const STEP_MS = 0.2;
+  return {
+    mkdir: async (dir) => {
+      fs.mkdirSync(dir, { recursive: true });
+    },
+    create: async (file, mode) => {
+      fs.closeSync(fs.openSync(file, 'wx', mode));
+      return {
+        write: async (data) => {
+          await clock.sleep(STEP_MS);
+          fs.appendFileSync(file, data);
+        },
+        sync: async () => {
+          await clock.sleep(STEP_MS);
+          const fd = fs.openSync(file, 'r');
+          try {
+            fs.fsyncSync(fd);
+          } finally {
+            fs.closeSync(fd);
+          }
+        },
+        close: async () => undefined,
+      };
+    },
+  };
 }
