@@ -328,7 +328,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * (DRBD's new current UUID). Fences the peer first when a witness is
    * configured, so it cannot be promoted with data that is now old.
    */
-  private newGeneration(why: string): Promise<void> {
+  private newGeneration(why: string, beforeSave?: () => void): Promise<void> {
     if (this.fencedOff !== undefined) return Promise.reject(new FencedOff(this.fencedOff));
     this.diverging ??= (async () => {
       const abort = new AbortController();
@@ -360,14 +360,22 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
         void this.options.unfence?.(this.name, generation);
         return;
       }
+      // What the new generation is for may no longer be allowed (a promotion, once the link came up).
+      try {
+        beforeSave?.();
+      } catch (err) {
+        void this.options.unfence?.(this.name, generation);
+        throw err;
+      }
       // From the generations as they are now: a resync may have begun or ended while the witness was asked.
       const now = this.record.gi;
       const next: GenerationIds = now.bitmap === NO_GI ? { current: generation.to, bitmap: now.current, history: now.history } : { current: generation.to, bitmap: now.bitmap, history: [now.current, now.history[0]] };
       await this.saveRecord({ gi: next, peerOutdated: this.options.fence !== undefined });
       this.log.info({ event: 'new-generation', resource: this.name, gi: this.record.gi, why }, `${why}: new data generation`);
-      // The link came up meanwhile but the two are not in sync yet (a resync under way or just ended): the
-      // peer decided on the old generation. Connecting again lets it decide on this one.
-      if (this.peer?.replicating) this.peer.close('a new data generation started while the link came up: connecting again');
+      // The link came up meanwhile but the two are not in sync (a handshake or a resync under way, or one
+      // just ended): the peer decided, or is deciding, on the old generation. Connecting again lets it
+      // decide on this one.
+      if (this.peer && this.peer.phase !== 'closed') this.peer.close('a new data generation started while the link came up: connecting again');
     })().finally(() => {
       this.diverging = undefined;
       this.divergeAbort = undefined;
@@ -452,7 +460,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     }
     await this.saveRecord(patch);
     // Promoted without the peer: what is written from now on is a generation the peer does not have.
-    if (!patch.gi && !this.peer?.replicating) await this.newGeneration('Primary without the peer');
+    if (!patch.gi && !this.peer?.replicating) await this.newGeneration('Primary without the peer', () => this.mayChangeRole());
     this.mayChangeRole();
     this.role = 'Primary';
     this.fencedOff = undefined;

@@ -678,7 +678,10 @@ export class World {
 
   /** A disk failed: if the peer was not taking this node's writes, what only it held may be lost (see onFailedDiskBack). */
   private onDetach(proc: Process): void {
-    const replicating = proc.r.peer?.replicating === true && proc.r.peer.phase !== 'handshake';
+    // Taking its writes by both sides' account: a session only this side still believes in (the peer lost
+    // power, or the link is cut one way and the ping has not timed out yet) takes nothing.
+    const peer = this.other(proc.node).proc;
+    const replicating = proc.r.peer?.replicating === true && proc.r.peer.phase !== 'handshake' && peer?.alive === true && peer.r?.peer?.replicating === true;
     if (replicating) this.failedAlone.delete(proc.node.name);
     else this.failedAlone.add(proc.node.name);
   }
