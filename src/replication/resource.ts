@@ -539,8 +539,13 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (!this.backing_ || this.record.disk !== 'UpToDate' || this.record.peerDiskFailed) return;
     this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
     const gi = this.record.gi;
-    const next: GenerationIds = gi.bitmap === NO_GI ? { current: newGi(this.options.randomBytes), bitmap: gi.current, history: gi.history } : { current: newGi(this.options.randomBytes), bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
-    await this.saveRecord({ gi: next, peerDiskFailed: true });
+    const to = newGi(this.options.randomBytes);
+    // With a witness, the failed disk is outdated there too: if it comes back claiming its old generation
+    // (its Failed record could not be written) it cannot be promoted on it without --force.
+    if (this.options.fence) await this.options.fence(this.name, { from: gi.current, to }, new AbortController().signal);
+    const now = this.record.gi;
+    const next: GenerationIds = now.bitmap === NO_GI ? { current: to, bitmap: now.current, history: now.history } : { current: to, bitmap: now.bitmap, history: [now.current, now.history[0]] };
+    await this.saveRecord({ gi: next, peerDiskFailed: true, peerOutdated: this.options.fence !== undefined });
   }
 
   /* ---------------------------------------------------------- connecting */

@@ -629,6 +629,17 @@ export class World {
     const here = proc.node.name;
     const peer = String(e.peer);
     this.note(`${here}: ${String(e.msg)} [rule ${action.rule}]`);
+    if (String(action.rule).startsWith('92')) {
+      // A split-brain resolution whose target never began (rule 92): that disk still holds its own branch.
+      // (Only one decided on an earlier link: both sides of this handshake log this decision.)
+      for (const [name, { was, session }] of this.unbegunFollow) {
+        if (this.node(name).proc?.r?.peer === session) continue;
+        this.note(`  model: the resolution never began on ${name}: back on ${was.name}`);
+        was.discardedBy = undefined;
+        this.setLineage(name, was);
+        this.unbegunFollow.delete(name);
+      }
+    } else if (this.unbegunFollow.get(here)?.session !== proc.r.peer) this.unbegunFollow.delete(here);
     if (action.kind === 'sync' && action.direction === 'target') {
       const mine = this.lineageOf(here);
       const theirs = this.lineageOf(peer);
@@ -649,6 +660,7 @@ export class World {
         }
       }
       this.note(`  model: ${here} follows ${theirs.name} (was ${mine.name})`);
+      if (resolution) this.unbegunFollow.set(here, { was: mine, session: proc.r.peer });
       this.setLineage(here, theirs);
       return;
     }
@@ -672,6 +684,9 @@ export class World {
       this.setLineage(peer, keep);
     }
   }
+
+  /** Targets of a split-brain resolution, and the branch they held, until their resync is known to have begun. */
+  private readonly unbegunFollow = new Map<string, { was: Lineage; session: unknown }>();
 
   /** Nodes whose disk failed while their peer was not taking their writes. */
   private readonly failedAlone = new Set<string>();
