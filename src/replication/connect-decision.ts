@@ -294,6 +294,11 @@ export function decideConnect(self: ConnectSide, peer: ConnectSide, policy: Conn
     rule += '/marks';
   }
   if (bothPrimary) return refuse('both-primary', 'both nodes are Primary: make one Secondary', true);
+  if (hg === 0 && v.rule !== 10 && self.disk === 'Inconsistent' && peer.disk === 'Inconsistent') {
+    // DUET: the same generation on two Inconsistent disks (both failed, or a resync's target facing a source
+    // whose disk failed) is not "in sync": neither copy is good, and nothing would ever resync them.
+    return refuse('inconsistent-source', `nobody has good data: the disks of ${self.node} and ${peer.node} are both Inconsistent: promote the better copy with --force`, true);
+  }
   if (hg === 0) return { kind: 'connected', rule, why: v.rule === 10 ? 'both disks are new: promote one with --force to start the initial sync' : 'in sync' };
   const source = hg > 0 ? self : peer;
   const target = hg > 0 ? peer : self;

@@ -483,7 +483,7 @@ export class PeerSession {
     const before = this.state;
     // A second state during the handshake: the peer changed after it sent the one it decides from.
     if (this.phase === 'handshake' && before) this.peerChanged = true;
-    this.state = s;
+    this.state = this.asResynced(s);
     if (this.phase === 'handshake') {
       if (this.bitmapDone && this.bitmapSent) this.onHandshakeDone();
       return;
@@ -493,6 +493,16 @@ export class PeerSession {
       if (s.disk === 'Diskless' || s.disk === 'Failed') this.peerHasNoDisk();
     }
     this.resource.emit('changed');
+  }
+
+  /**
+   * The peer's state as this side must take it: while this node resyncs it, its disk is Inconsistent
+   * (DRBD's pdsk in SyncSource), whatever it said before its resync began (UpToDate or Outdated in the
+   * handshake). It says UpToDate again once it has recorded the end of the resync. Otherwise a source
+   * whose own disk failed would take the target for a good copy: write to it and read from it.
+   */
+  private asResynced(s: W.PeerState): W.PeerState {
+    return this.phase === 'sync-source' && (s.disk === 'UpToDate' || s.disk === 'Outdated') ? { ...s, disk: 'Inconsistent' } : s;
   }
 
   /** Writes the peer sends from now on are applied only after this side recorded that it keeps the data. */
@@ -564,6 +574,7 @@ export class PeerSession {
     r.log.info({ event: 'resync-start', resource: r.name, peer: this.peerNode, role: direction === 'source' ? 'SyncSource' : 'SyncTarget', totalBytes: total, full }, `resync ${direction === 'source' ? 'to' : 'from'} ${this.peerNode}: ${total} bytes`);
     if (direction === 'source') {
       this.phase = 'sync-source';
+      this.state = this.asResynced(this.state!);
       ready.then(
         () =>
           this.resync!.run().then((finished) => {

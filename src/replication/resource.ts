@@ -796,6 +796,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // A write waiting for quorum waits outside the write order: the resync that would release it
     // (the peer came back) reads the same blocks under that order.
     const go = (): void | Promise<void> => {
+      // Checked again here: the disk may have failed meanwhile (its activity-log page could not be written),
+      // and the peer may be a sync target: the write would land on no good copy (and unmarked on the peer).
+      if (!this.backing_ && this.peer?.state?.disk !== 'UpToDate') throw this.noGoodCopy();
       let hold: void | Promise<void> = undefined;
       const landed = this.appWrites.run(offset, length, () => {
         const remote = this.peer?.replicating ? this.peer.sendWrite(offset, length, kind, data, fua) : undefined;

@@ -262,3 +262,27 @@ test('a split-brain resolution the source recorded the start of and the target n
   const resolved = decideConnect(alpha, bravo, { ...policy, afterSplitBrain: 'discard-least-changes' });
   assert.deepEqual(shape(resolved), { kind: 'sync', direction: 'source', full: false, split: ['C', 8192, 4096] });
 });
+
+test('both disks failed at the same generation: "nobody has good data" for an admin to force one, not "in sync" (simulator seed 1388: both Inconsistent, connected, never converging)', () => {
+  // Both detached on a flush error with nothing marked, both attached again: Inconsistent, full sync needed.
+  const alpha = side('alpha', { disk: 'Inconsistent', fullSyncNeeded: true, gi: gi('A', NO_GI, 'X') });
+  const bravo = side('bravo', { disk: 'Inconsistent', fullSyncNeeded: true, gi: gi('A', NO_GI, 'X') });
+  for (const [self, peer] of [
+    [alpha, bravo],
+    [bravo, alpha],
+    [{ ...alpha, fullSyncNeeded: false }, bravo],
+  ]) {
+    const act = decideConnect(self, peer, policy);
+    assert.equal(act.kind === 'refuse' && act.rule, 'inconsistent-source', JSON.stringify(act));
+    assert.match(act.kind === 'refuse' ? act.reason : '', /nobody has good data.*--force/);
+  }
+  // Whatever the sides: two disks with data, neither good, never "connected" (only two new disks are, for the initial sync).
+  fc.assert(
+    fc.property(sideArb('alpha'), sideArb('bravo'), policyArb, (a, b, p) => {
+      const act = decideConnect(a, b, p);
+      const bad = (s: ConnectSide) => s.disk === 'Inconsistent';
+      if (act.kind === 'connected' && bad(a) && bad(b)) assert.ok(a.gi.current === NO_GI && b.gi.current === NO_GI, JSON.stringify({ a, b, act }));
+    }),
+    { numRuns: 20_000 },
+  );
+});

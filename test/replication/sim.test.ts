@@ -278,3 +278,40 @@ test('a promotion that waits for the witness does not make a second Primary when
     });
   }
 });
+
+test('a sync source whose disk fails during the resync: its writes are refused (the target is Inconsistent, whatever it said when the link came up), not acknowledged from a disk nobody resyncs', async () => {
+  for (const seed of [1, 2, 3, 4]) {
+    await scenario(seed, { resource: { protocol: 'C' } }, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      w.net.partition(p.name, s.name);
+      await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000);
+      // Written while apart: the Secondary (UpToDate when the link comes up) becomes the bitmap resync's target.
+      const app = p.proc!.app!;
+      app.write('data', 2 * MiB, 256 * KiB, false);
+      await d.bounded(app.quiet(), 5000, 'the write while apart');
+      // The resync's first look at the source's disk is held, so it is still under way below.
+      let release: (() => void) | undefined;
+      const disk = p.proc!.disk;
+      disk.blockStatusHook = () => {
+        if (release) return undefined;
+        return new Promise<void>((r) => (release = r));
+      };
+      w.net.healAll();
+      assert.ok(await d.waitFor(() => release !== undefined, 5000), 'the resync began');
+      assert.equal(p.r!.peer?.phase, 'sync-source');
+      assert.equal(s.r!.disk, 'Inconsistent');
+      // The Primary's disk fails: it goes Diskless, and its peer's disk holds no good copy.
+      p.fail({ op: '*', code: 'EIO' });
+      const failed = app.stats.failed;
+      app.write('data', 6 * MiB, 64 * KiB, false);
+      await d.bounded(app.quiet(), 5000, 'the write after the disk failed');
+      assert.equal(p.r!.disk, 'Diskless');
+      assert.equal(app.stats.failed, failed + 1, 'a write with no good copy anywhere is refused');
+      disk.blockStatusHook = undefined;
+      release!();
+      await d.heal();
+    });
+  }
+});

@@ -55,6 +55,16 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     fix: 'a Diskless Primary writes only to an UpToDate peer; a sync target that ends its resync while the peer is Diskless records peerDiskFailed and a new generation first',
     seeds: [671, 1115],
   },
+  {
+    id: 'sync-source-takes-target-for-uptodate',
+    fix: 'a sync source takes its target\'s disk for Inconsistent until the target says it recorded the end (it said UpToDate or Outdated in the handshake): a source whose disk failed refuses writes and reads instead of acknowledging them from the target; a write whose activity-log page failed is checked again before it goes to the peer (sim.test.ts: a sync source whose disk fails during the resync)',
+    seeds: [1339, 1813, 2255],
+  },
+  {
+    id: 'both-inconsistent-in-sync',
+    fix: 'two Inconsistent disks of the same generation (both failed) are refused with "nobody has good data ... promote the better copy with --force", not connected "in sync" (connect-decision.test.ts)',
+    seeds: [1388],
+  },
 ];
 
 export function knownBug(r: SeedResult): KnownBug | undefined {
