@@ -133,6 +133,29 @@ export class Quorum {
     }
   }
 
+  /**
+   * The peer's disk failed while this node keeps the data: outdate it at the witness until it holds
+   * `generation.to`, retried for a while. Nothing waits on it (the Diskless peer's I/O goes on meanwhile).
+   */
+  async outdateFailedPeer(r: Resource, peer: string, generation: { from: string; to: string }): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.call({ cmd: 'witness.outdate', resource: r.name, peer, current: generation.from, until: generation.to });
+        return;
+      } catch (err) {
+        const last = isOutdatedRefusal(err) || attempt + 1 >= CANCEL_ATTEMPTS || this.stopping;
+        if (last) {
+          this.options.log.warn(
+            { event: 'witness-outdate-failed', resource: r.name, peer, until: generation.to, err: (err as Error).message },
+            `resource ${r.name}: could not outdate ${peer}'s failed disk at the witness (${(err as Error).message}): if it comes back without its Failed mark, do not promote it before it has resynced`,
+          );
+          return;
+        }
+      }
+      await this.sleep(Math.min(RETRY_MAX_MS, 100 * (attempt + 1)));
+    }
+  }
+
   /** May `r` be promoted here? Throws a UserError saying why not. */
   async mayPromote(r: Resource, force: boolean): Promise<void> {
     const resource = r.name;

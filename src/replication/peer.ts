@@ -509,7 +509,8 @@ export class PeerSession {
   private peerHasNoDisk(): void {
     const gate = this.resource.peerLostDisk(this.peerNode);
     this.peerDiskGate = gate;
-    void gate.finally(() => {
+    // A failure here fails the writes waiting on the gate (their nack); nothing else waits on it.
+    void gate.catch(() => undefined).finally(() => {
       if (this.peerDiskGate === gate) this.peerDiskGate = undefined;
     });
   }

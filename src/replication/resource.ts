@@ -53,6 +53,8 @@ export interface ResourceOptions {
   alSlots?: number;
   /** Asked before this node diverges from its peer (first unreplicated write): outdate the peer at the witness. */
   fence?: (resource: string, generation: { from: string; to: string }, signal: AbortSignal) => Promise<'fenced' | 'peer-back'>;
+  /** Outdate the peer at the witness without holding anything (its disk failed: best effort, retried). */
+  outdatePeer?: (resource: string, generation: { from: string; to: string }) => Promise<void>;
   /** A fence that turned out not to be needed (this node never started `generation.to`): the peer's mark goes. */
   unfence?: (resource: string, generation: { from: string; to: string }) => Promise<void>;
   /** Asked before a promotion: may this node become Primary (quorum, witness says not outdated)? Throws a UserError if not. */
@@ -540,12 +542,12 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
     const gi = this.record.gi;
     const to = newGi(this.options.randomBytes);
-    // With a witness, the failed disk is outdated there too: if it comes back claiming its old generation
-    // (its Failed record could not be written) it cannot be promoted on it without --force.
-    if (this.options.fence) await this.options.fence(this.name, { from: gi.current, to }, new AbortController().signal);
-    const now = this.record.gi;
-    const next: GenerationIds = now.bitmap === NO_GI ? { current: to, bitmap: now.current, history: now.history } : { current: to, bitmap: now.bitmap, history: [now.current, now.history[0]] };
-    await this.saveRecord({ gi: next, peerDiskFailed: true, peerOutdated: this.options.fence !== undefined });
+    const next: GenerationIds = gi.bitmap === NO_GI ? { current: to, bitmap: gi.current, history: gi.history } : { current: to, bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
+    await this.saveRecord({ gi: next, peerDiskFailed: true });
+    // With a witness, the failed disk is outdated there too, in the background (the Diskless peer's I/O
+    // must not wait for the witness): if it comes back claiming its old generation (its Failed record
+    // could not be written), it is not promoted on it without --force.
+    void this.options.outdatePeer?.(this.name, { from: gi.current, to });
   }
 
   /* ---------------------------------------------------------- connecting */
