@@ -55,6 +55,16 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     fix: 'a Diskless Primary writes only to an UpToDate peer; a sync target that ends its resync while the peer is Diskless records peerDiskFailed and a new generation first',
     seeds: [671, 1115],
   },
+  {
+    id: 'promotion-races-the-peer',
+    fix: 'a connected node is promoted only once its peer agreed (PROMOTE/PROMOTE_REPLY, DRBD\'s cluster-wide state change), or once the link is down (then fenced as without the peer): no write of one Primary reaches another (sim.test.ts: promotions during an unnoticed partition)',
+    seeds: [1232, 1594],
+  },
+  {
+    id: 'final-flush-fenced-off',
+    fix: 'the driver: the admin\'s final flush on a node whose forced promotion is then refused by the witness reports that refusal; healing goes on (not a product bug)',
+    seeds: [1949],
+  },
 ];
 
 export function knownBug(r: SeedResult): KnownBug | undefined {
