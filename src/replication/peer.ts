@@ -51,6 +51,9 @@ function deferred<T>(): Deferred<T> {
   return { promise, resolve };
 }
 
+/** The peer's answer to this node's promotion: agreed, refused (why), or the link went first. */
+export type PromotionAnswer = { outcome: 'granted' } | { outcome: 'refused'; reason: string } | { outcome: 'down' };
+
 interface PendingWrite {
   offset: number;
   length: number;
@@ -142,6 +145,8 @@ export class PeerSession {
   /** Set when the peer lost its disk: applying its writes waits until this side recorded that. */
   private peerDiskGate: Promise<void> | undefined;
   private readonly handshakeOver = deferred<void>();
+  /** This node's promotion, asked of the peer: granted once the peer agreed, until this node is Primary or gives up. */
+  private promotion: { granted: boolean; answer: Deferred<PromotionAnswer> } | undefined;
 
   constructor(
     readonly resource: Resource,
@@ -258,6 +263,64 @@ export class PeerSession {
 
   close(why: string): void {
     this.link.close(why);
+  }
+
+  /**
+   * Ask the peer to let this node become Primary (DRBD's cluster-wide
+   * state change). Once it agrees, the peer holds this node Primary (and
+   * refuses a promotion of its own) until it hears otherwise: the caller
+   * ends with promotionDone. 'down': the link went first, this node is on
+   * its own (and fences as such).
+   */
+  askPromotion(): Promise<PromotionAnswer> {
+    if (this.phase === 'closed' || !this.link.isUp) return Promise.resolve({ outcome: 'down' });
+    if (this.promotion) return this.promotion.answer.promise;
+    this.promotion = { granted: false, answer: deferred() };
+    this.link.send(W.F_PROMOTE);
+    return this.promotion.answer.promise;
+  }
+
+  /** The promotion the peer agreed to is over: this node is Primary (and says so), or it gave up (and says that). */
+  promotionDone(promoted: boolean): void {
+    this.promotion = undefined;
+    if (!promoted && this.phase !== 'closed') this.sendState();
+  }
+
+  /** Resolves once every write received from the peer so far is on the local disk (or failed). */
+  applied(): Promise<void> {
+    return this.applying.barrier();
+  }
+
+  /**
+   * The peer asks to become Primary. Granted unless this node is Primary
+   * or being promoted itself (both asked at once: the node whose name sorts
+   * last goes first, as for racing writes of two Primaries). Every write
+   * this node sent before is ahead of the answer on the link.
+   */
+  private onPromoteRequest(): void {
+    if (this.phase === 'handshake') {
+      // Answered once the decision is made: it is made from the states both sides sent.
+      void this.handshakeOver.promise.then(() => {
+        if (this.phase === 'closed') return;
+        if (this.phase === 'handshake') return this.answerPromotion(`${this.resource.node} is still connecting: try again in a moment`);
+        this.onPromoteRequest();
+      });
+      return;
+    }
+    const r = this.resource;
+    if (!r.options.allowTwoPrimaries) {
+      if (r.role === 'Primary') return this.answerPromotion(`${r.node} is Primary; make it Secondary first (resource secondary ${r.name} on ${r.node})`);
+      if (this.promotion && (this.promotion.granted || r.node > this.peerNode)) return this.answerPromotion(`${r.node} is being promoted at the same time`);
+    }
+    // From now on this node takes the peer for Primary: its own promotion is refused.
+    if (this.state) this.state = { ...this.state, role: 'Primary' };
+    r.log.info({ event: 'promotion-granted', resource: r.name, peer: this.peerNode }, `${this.peerNode} may become Primary`);
+    this.answerPromotion(undefined);
+    r.emit('changed');
+  }
+
+  private answerPromotion(refused: string | undefined): void {
+    this.link.send(W.F_PROMOTE_REPLY, W.encodeJson(refused === undefined ? { granted: true } : { granted: false, reason: refused }));
   }
 
   /** Tell the peer (a Secondary) that this Primary goes on without it. */
@@ -469,6 +532,18 @@ export class PeerSession {
         W.expectEmpty(payload, 'outdate');
         void this.resource.outdatedBy(this.peerNode);
         return;
+      case W.F_PROMOTE:
+        W.expectEmpty(payload, 'promote');
+        return this.onPromoteRequest();
+      case W.F_PROMOTE_REPLY: {
+        const { granted, reason } = W.decodeJson(payload, W.promoteReplySchema, 'promotion reply');
+        const p = this.promotion;
+        if (!p || p.granted) throw new W.ProtocolError('an answer to a promotion that was not asked');
+        if (granted) p.granted = true;
+        else this.promotion = undefined;
+        p.answer.resolve(granted ? { outcome: 'granted' } : { outcome: 'refused', reason: reason ?? 'refused' });
+        return;
+      }
       case W.F_REFUSE: {
         const { reason } = W.decodeJson(payload, W.refuseSchema, 'refusal');
         this.resource.log.warn({ event: 'peer-refused', resource: this.resource.name, peer: this.peerNode, reason }, `${this.peerNode} refused the connection: ${reason}`);
@@ -850,6 +925,7 @@ export class PeerSession {
     this.pending.clear();
     for (const f of this.flushes.values()) f.done.resolve(false);
     this.flushes.clear();
+    this.promotion?.answer.resolve({ outcome: 'down' });
     for (const rd of this.reads.values()) rd.done.resolve(1);
     this.reads.clear();
     for (const w of this.verifyWaiters.values()) w.resolve(Buffer.alloc(W.VERIFY_REPLY_BYTES));

@@ -451,6 +451,30 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // The link may have come up (and a resync begun here) while the witness was asked.
     this.mayChangeRole();
     if (this.disk !== disk) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
+    // Connected: the peer agrees first. It may be promoted at this very moment, or be Primary already over
+    // a partition neither side has noticed yet (its writes on their way here). If the link goes first,
+    // this node is promoted without the peer (a new generation, fenced).
+    const session = this.peer;
+    if (session) {
+      const answer = await session.askPromotion();
+      if (answer.outcome === 'refused') throw new UserError(`resource ${this.name}: ${session.peerNode} refused the promotion: ${answer.reason}`);
+      try {
+        // The previous Primary's last writes are on this disk before this node's own.
+        if (answer.outcome === 'granted') await session.applied();
+        await this.promoteAgreed(force, disk);
+      } catch (err) {
+        session.promotionDone(false);
+        throw err;
+      }
+      session.promotionDone(true);
+      return;
+    }
+    await this.promoteAgreed(force, disk);
+  }
+
+  private async promoteAgreed(force: boolean, disk: DiskState): Promise<void> {
+    this.mayChangeRole();
+    if (this.disk !== disk) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
     const patch: Partial<MetaRecord> = { primary: true, primarySince: this.clock.now() };
     if (disk !== 'UpToDate' && disk !== 'Diskless') {
       // Forced: this disk becomes the good data, in a generation of its own.

@@ -53,6 +53,15 @@ export const F_VERIFY_REPLY = 51;
 export const F_REFUSE = 60;
 /** The Primary is about to go on without the receiver (an admin disconnect): its copy is Outdated from now on. */
 export const F_OUTDATE = 61;
+/**
+ * "May this node become Primary?" (DRBD's cluster-wide state change): a node
+ * connected to its peer is promoted only once the peer agreed, so two
+ * promotions racing over the link (or over a partition neither side has
+ * noticed yet) cannot both succeed.
+ */
+export const F_PROMOTE = 62;
+/** JSON {granted, reason?}: the answer to F_PROMOTE. */
+export const F_PROMOTE_REPLY = 63;
 
 export const WF_FUA = 1;
 export const WF_ZERO = 2;
@@ -114,6 +123,8 @@ const FRAME_NAMES: Record<number, string> = {
   [F_VERIFY_REPLY]: 'VERIFY_REPLY',
   [F_REFUSE]: 'REFUSE',
   [F_OUTDATE]: 'OUTDATE',
+  [F_PROMOTE]: 'PROMOTE',
+  [F_PROMOTE_REPLY]: 'PROMOTE_REPLY',
 };
 
 /** The frame's name for logs ("WRITE"), or "type N" for a type this node does not know. */
@@ -171,6 +182,7 @@ const peerStateShape = {
 export const peerStateSchema: z.ZodType<PeerState> = z.object(peerStateShape).strict();
 
 export const refuseSchema = z.object({ reason: z.string().max(MAX_REASON) }).strict();
+export const promoteReplySchema = z.object({ granted: z.boolean(), reason: z.string().max(MAX_REASON).optional() }).strict();
 export const resyncDoneSchema = z.object({ gi: generationIdsSchema }).strict();
 
 export function encodeJson(value: unknown): Buffer {

@@ -88,6 +88,8 @@ const KNOWN = [
   W.F_VERIFY_REPLY,
   W.F_REFUSE,
   W.F_OUTDATE,
+  W.F_PROMOTE,
+  W.F_PROMOTE_REPLY,
 ] as const;
 /** PING and PONG are the link's own: never a protocol error. */
 const LINK_TYPES = new Set([10, 11]);

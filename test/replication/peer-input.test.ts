@@ -102,6 +102,8 @@ const cases: Case[] = [
   { name: 'a bitmap frame of partial runs', mode: 'handshake', frame: 'BITMAP', send: (_t, p) => p.send(W.F_BITMAP, Buffer.alloc(20)) },
   // ------------------------------------------------------- OUTDATE, REFUSE
   { name: 'an outdate with a payload', mode: 'connected', frame: 'OUTDATE', send: (_t, p) => p.send(W.F_OUTDATE, Buffer.from('x')) },
+  { name: 'a promotion request with a payload', mode: 'connected', frame: 'PROMOTE', send: (_t, p) => p.send(W.F_PROMOTE, Buffer.from('x')) },
+  { name: 'an answer to a promotion nobody asked for', mode: 'connected', frame: 'PROMOTE_REPLY', send: (_t, p) => p.send(W.F_PROMOTE_REPLY, W.encodeJson({ granted: true })) },
   { name: 'a refusal without a reason', mode: 'connected', frame: 'REFUSE', send: (_t, p) => p.send(W.F_REFUSE, W.encodeJson({ reason: 5 })) },
   { name: 'a frame of an unknown type', mode: 'connected', frame: 'type 99', send: (_t, p) => p.send(99, Buffer.alloc(8)) },
   // --------------------------------------------------- resync target side

@@ -69,6 +69,7 @@ export class RawPeer {
   readonly frames: { type: number; payload: Buffer }[] = [];
   readonly down: Promise<string>;
   private waiters: (() => void)[] = [];
+  grantPromotions = true;
 
   private constructor(
     readonly socket: net.Socket,
@@ -77,6 +78,8 @@ export class RawPeer {
     this.down = new Promise((resolve) => link.once('down', resolve));
     link.on('frame', (type, payload) => {
       this.frames.push({ type, payload: Buffer.from(payload) });
+      // A Secondary lets the node be promoted (a test that wants otherwise answers itself first: set grantPromotions false).
+      if (type === W.F_PROMOTE && this.grantPromotions) link.send(W.F_PROMOTE_REPLY, W.encodeJson({ granted: true }));
       for (const w of this.waiters.splice(0)) w();
     });
     link.on('down', () => {

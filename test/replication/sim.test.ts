@@ -315,3 +315,47 @@ test('a sync source whose disk fails during the resync: its writes are refused (
     });
   }
 });
+
+test('promotions during a partition neither side has noticed yet: a node becomes Primary only with its peer\'s agreement or once the link is down, so no write of one Primary reaches the other', async () => {
+  for (const seed of [1, 2, 3]) {
+    await scenario(seed, { resource: { protocol: 'C' } }, async (d, w) => {
+      await d.ensurePrimary();
+      const [a] = d.primaries;
+      const b = w.other(a);
+      await d.demote(a);
+      assert.ok(await d.waitFor(() => w.inSync() && a.r!.peer?.state?.role === 'Secondary' && b.r!.peer?.state?.role === 'Secondary', 5000), w.describe());
+      w.net.partition(a.name, b.name);
+      // Both think the other is a connected Secondary: each is promoted, its application writes at once.
+      const promotions = [a, b].map(async (n) => {
+        if (await d.promote(n, false)) n.proc!.app!.write('data', 2 * MiB, 8 * KiB, false);
+      });
+      await d.bounded(Promise.all(promotions), 10_000, 'the promotions');
+      const live = (n: typeof a): boolean => n.r!.peer !== undefined && n.r!.peer.phase !== 'closed';
+      assert.ok(!(a.r!.role === 'Primary' && b.r!.role === 'Primary' && (live(a) || live(b))), `both Primary over a link that is still up: ${w.describe()}`);
+      w.net.healAll();
+      await d.heal();
+    });
+  }
+});
+
+test('a node promoted during an unnoticed partition writes and loses power; its peer is promoted: the writes still in the network never reach the new Primary', async () => {
+  for (const seed of [1, 2, 3]) {
+    await scenario(seed, { resource: { protocol: 'C' } }, async (d, w) => {
+      await d.ensurePrimary();
+      const [a] = d.primaries;
+      const b = w.other(a);
+      await d.demote(a);
+      assert.ok(await d.waitFor(() => w.inSync() && b.r!.peer?.state?.role === 'Secondary', 5000), w.describe());
+      w.net.partition(a.name, b.name);
+      if (await d.promote(a, false)) a.proc!.app!.write('data', 2 * MiB, 8 * KiB, false);
+      await d.sleep(20);
+      w.kill(a, 'power');
+      await a.hw.powerCut({ keep: 'none' });
+      a.hw.powerOn();
+      await d.promote(b, true);
+      w.net.healAll();
+      await d.sleep(50);
+      await d.heal();
+    });
+  }
+});

@@ -65,6 +65,16 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     fix: 'two Inconsistent disks of the same generation (both failed) are refused with "nobody has good data ... promote the better copy with --force", not connected "in sync" (connect-decision.test.ts)',
     seeds: [1388],
   },
+  {
+    id: 'promotion-races-the-peer',
+    fix: 'a connected node is promoted only once its peer agreed (PROMOTE/PROMOTE_REPLY, DRBD\'s cluster-wide state change), or once the link is down (then fenced as without the peer): no write of one Primary reaches another (sim.test.ts: promotions during an unnoticed partition)',
+    seeds: [1232, 1594],
+  },
+  {
+    id: 'final-flush-fenced-off',
+    fix: 'the driver: the admin\'s final flush on a node whose forced promotion is then refused by the witness reports that refusal; healing goes on (not a product bug)',
+    seeds: [1949],
+  },
 ];
 
 export function knownBug(r: SeedResult): KnownBug | undefined {
