@@ -166,8 +166,10 @@ export async function establish(t: Target, p: RawPeer, mode: Mode): Promise<void
   const r = t.node.resource;
   if (mode === 'handshake') return;
   if (mode === 'connected') {
-    // In sync: the same generation, and a disk no better than bravo's (an Inconsistent disk facing a better one is a sync target).
-    p.send(W.F_STATE, stateOf(t, { gi: r.record.gi, disk: r.disk }));
+    // In sync: the same generation and bravo's own disk state. An Inconsistent bravo (a sync target earlier)
+    // connects without a resync only to a Diskless alpha: facing a better disk it would be a sync target,
+    // and facing another Inconsistent one it refuses (nobody has good data).
+    p.send(W.F_STATE, stateOf(t, { gi: r.record.gi, disk: r.disk === 'Inconsistent' ? 'Diskless' : r.disk }));
   } else {
     const gi: GenerationIds = { current: newGi(), bitmap: r.record.gi.current, history: [NO_GI, NO_GI] };
     p.send(W.F_STATE, stateOf(t, { gi }));
