@@ -11,7 +11,7 @@ import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { BLOCK, Bitmap } from '../../src/replication/bitmap.js';
 import { createMetadata } from '../../src/replication/create-md.js';
 import { layoutFor, newGi, NO_GI, readRecord, writeRecord } from '../../src/replication/meta.js';
-import { connected, freePort, startNode, stopNode, until } from './pair.js';
+import { connected, freePort, Node, startNode, stopNode, until } from './pair.js';
 
 const TWO_32 = 2 ** 32;
 /** 2^32 + 2^20 blocks of 4 KiB: a little over 16 TiB. */
@@ -56,12 +56,15 @@ test('bitmap past block 2^32: marks, counts, runs and firstRun are exact; the re
   assert.equal(bm.firstRun(0, Infinity), undefined);
 });
 
-test('resync of blocks past 2^32 on a 16 TiB pair: exactly those blocks travel, and the loop ends', { timeout: 60_000 }, async () => {
-  const deviceBytes = layoutFor(DATA_BYTES).deviceBytes + 64 * 1024 * 1024;
+/**
+ * Two sparse in-memory disks of `dataBytes` that hold the same (empty) data in one generation, UpToDate:
+ * no initial full sync of a huge device. Both nodes started.
+ */
+async function sameGenerationPair(dataBytes: number): Promise<{ da: MemoryDevice; db: MemoryDevice; a: Node; b: Node }> {
+  const deviceBytes = layoutFor(dataBytes).deviceBytes + 64 * 1024 * 1024;
   const port = await freePort();
   const da = new MemoryDevice(deviceBytes, 'alpha-disk');
   const db = new MemoryDevice(deviceBytes, 'bravo-disk');
-  // Both disks hold the same (empty) data in one generation: no initial full sync of 16 TiB.
   for (const [dev, node] of [[da, 'alpha'], [db, 'bravo']] as const) await createMetadata(dev, { resource: 'r0', node });
   const gi = { current: newGi(), bitmap: NO_GI, history: [NO_GI, NO_GI] as [string, string] };
   for (const dev of [da, db]) {
@@ -71,6 +74,11 @@ test('resync of blocks past 2^32 on a 16 TiB pair: exactly those blocks travel, 
   }
   const a = await startNode('alpha', new BorrowedDevice(da), port);
   const b = await startNode('bravo', new BorrowedDevice(db), port);
+  return { da, db, a, b };
+}
+
+test('resync of blocks past 2^32 on a 16 TiB pair: exactly those blocks travel, and the loop ends', { timeout: 60_000 }, async () => {
+  const { da, db, a, b } = await sameGenerationPair(DATA_BYTES);
   try {
     await until('connected in sync', () => connected(a, b) && a.resource.bitmap.count === 0, 20_000);
     await a.resource.promote(false);
@@ -100,20 +108,7 @@ test('resync of blocks past 2^32 on a 16 TiB pair: exactly those blocks travel, 
 });
 
 test('zeroing and trimming more than 4 GiB at once on a connected pair: the peer gets every byte of it (a frame\'s length is 32 bits)', { timeout: 60_000 }, async () => {
-  const dataBytes = 12 * 1024 ** 3;
-  const deviceBytes = layoutFor(dataBytes).deviceBytes + 64 * 1024 * 1024;
-  const port = await freePort();
-  const da = new MemoryDevice(deviceBytes, 'alpha-disk');
-  const db = new MemoryDevice(deviceBytes, 'bravo-disk');
-  for (const [dev, node] of [[da, 'alpha'], [db, 'bravo']] as const) await createMetadata(dev, { resource: 'r0', node });
-  const gi = { current: newGi(), bitmap: NO_GI, history: [NO_GI, NO_GI] as [string, string] };
-  for (const dev of [da, db]) {
-    const layout = layoutFor(dev.size);
-    const rec = (await readRecord(dev, layout))!;
-    await writeRecord(dev, layout, { ...rec, gi, disk: 'UpToDate', fullSyncNeeded: false });
-  }
-  const a = await startNode('alpha', new BorrowedDevice(da), port);
-  const b = await startNode('bravo', new BorrowedDevice(db), port);
+  const { db, a, b } = await sameGenerationPair(12 * 1024 ** 3);
   try {
     await until('connected in sync', () => connected(a, b) && a.resource.bitmap.count === 0, 20_000);
     await a.resource.promote(false);
