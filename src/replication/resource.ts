@@ -756,7 +756,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
 
   private checkIo(offset: number, length: number, writing: boolean): void {
     if (this.closed) throw new BlockDeviceError('ESHUTDOWN', `resource ${this.name} is closed`);
-    if (this.role !== 'Primary') throw new BlockDeviceError('EPERM', `resource ${this.name} is Secondary on ${this.node}: promote it first`);
+    if (this.role !== 'Primary') throw this.notPrimary();
     checkRange(this, offset, length);
     // While suspended, writes are held (in markDiverged); once fenced off they fail.
     if (writing && this.fencedOff !== undefined) throw new FencedOff(this.fencedOff);
@@ -813,6 +813,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // The peer is deciding from this node's data as it was when the link came up: hold writes until it has.
     const handshake = this.peer?.handshake;
     if (handshake) return handshake.then(() => this.replicate(offset, length, kind, data, fua));
+    // Checked again here: a write that waited for a handshake may find the node made Secondary meanwhile.
+    if (this.role !== 'Primary') return Promise.reject(this.notPrimary());
     // Without a disk here the peer's is the only copy: only an UpToDate one may take writes (DRBD's
     // may_do_writes). An Inconsistent sync target would acknowledge data nobody holds a good copy of.
     if (!this.backing_ && this.peer?.state?.disk !== 'UpToDate') return Promise.reject(this.noGoodCopy());
@@ -825,6 +827,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       // Checked again here: the disk may have failed meanwhile (its activity-log page could not be written),
       // and the peer may be a sync target: the write would land on no good copy (and unmarked on the peer).
       if (!this.backing_ && this.peer?.state?.disk !== 'UpToDate') throw this.noGoodCopy();
+      // And the role: a Secondary sends no write to its peer (which may be Primary by now).
+      if (this.role !== 'Primary') throw this.notPrimary();
       let hold: void | Promise<void> = undefined;
       const landed = this.appWrites.run(offset, length, () => {
         const remote = this.peer?.replicating ? this.peer.sendWrite(offset, length, kind, data, fua) : undefined;
@@ -917,6 +921,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // The local disk failed under this write and the peer's is not good data either.
     if (!localOk && this.peer?.state?.disk !== 'UpToDate') throw this.noGoodCopy();
     return {};
+  }
+
+  private notPrimary(): BlockDeviceError {
+    return new BlockDeviceError('EPERM', `resource ${this.name} is Secondary on ${this.node}: promote it first`);
   }
 
   private noGoodCopy(): BlockDeviceError {
