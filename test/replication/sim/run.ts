@@ -602,7 +602,14 @@ export class Driver {
       w.stats.forcedPromotions++;
       const l = Lineage.fromDisk(`${n.name} forced`, c.durable, c.cached);
       w.note(`  model: ${n.name} forced Primary: ${l.name} from its disk`);
+      const before = w.lineageOf(n.name);
       w.setLineage(n.name, l);
+      // The link may have come up on the forced generation before this hook ran: a peer that already
+      // decided to resync from it follows the new branch, not the one this disk held before.
+      if (other.r?.peer?.phase === 'sync-target' && w.lineageOf(other.name) === before) {
+        w.note(`  model: ${other.name} (its sync target already) follows ${l.name}`);
+        w.setLineage(other.name, l);
+      }
       return;
     }
     let stale = 0;

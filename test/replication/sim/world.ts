@@ -694,10 +694,12 @@ export class World {
 
   /** A disk failed: if the peer was not taking this node's writes, what only it held may be lost (see onFailedDiskBack). */
   private onDetach(proc: Process): void {
-    // Taking its writes by both sides' account: a session only this side still believes in (the peer lost
-    // power, or the link is cut one way and the ping has not timed out yet) takes nothing.
+    // Taking its writes by both sides' account and over a path that is up: a session that only one side,
+    // or both, still believe in (the peer lost power, the network is cut and no ping has timed out yet)
+    // takes nothing.
     const peer = this.other(proc.node).proc;
-    const replicating = proc.r.peer?.replicating === true && proc.r.peer.phase !== 'handshake' && peer?.alive === true && peer.r?.peer?.replicating === true;
+    const replicating =
+      proc.r.peer?.replicating === true && proc.r.peer.phase !== 'handshake' && peer?.alive === true && peer.r?.peer?.replicating === true && this.net.isUp(proc.node.name, this.other(proc.node).name);
     if (replicating) this.failedAlone.delete(proc.node.name);
     else this.failedAlone.add(proc.node.name);
   }
