@@ -733,6 +733,9 @@ export class PeerSession {
     if (r.options.protocol === 'B') this.link.send(W.F_ACK_RECV, W.encodeSeq(w.seq));
     const data = w.data;
     const fua = (w.flags & W.WF_FUA) !== 0;
+    // A write from a peer without a disk is a block that peer's own (failed) disk lacks: marked here, as
+    // DRBD's receive_Data does, so a later bitmap resync to it covers it even if no full sync is asked.
+    if (this.state?.disk === 'Diskless' || this.state?.disk === 'Failed') r.bitmap.mark(w.offset, w.length);
     /** Apply the part [from, to) of the peer's write to the local disk. */
     const writePart = (from: number, to: number): void | Promise<void> => {
       const dev = r.backing;

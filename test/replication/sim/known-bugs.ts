@@ -66,6 +66,11 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     seeds: [1388],
   },
   {
+    id: 'diskless-peer-writes-unmarked',
+    fix: 'writes from a peer without a disk are marked out of sync where they land (DRBD\'s receive_Data), so a later bitmap resync to that peer\'s disk covers them',
+    seeds: [4349],
+  },
+  {
     id: 'promotion-races-the-peer',
     fix: 'a connected node is promoted only once its peer agreed (PROMOTE/PROMOTE_REPLY, DRBD\'s cluster-wide state change), or once the link is down (then fenced as without the peer): no write of one Primary reaches another (sim.test.ts: promotions during an unnoticed partition)',
     seeds: [1232, 1594],
