@@ -551,11 +551,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
         (e: unknown) => this.log.warn({ event: 'disk-failed-unrecorded', resource: this.name, device: dev.name, err: (e as Error)?.message }, `resource ${this.name}: could not mark ${dev.name} Failed in its metadata (${(e as Error)?.message}): the peer remembers that it failed`),
       )
       .finally(() => Promise.resolve(dev.close()).catch(() => undefined));
-    // A resync needs a disk on both sides: one under way ends with the link, and the next handshake
-    // decides again with this node Diskless (DRBD aborts the resync when either side detaches).
-    const phase = this.peer?.phase;
-    if (phase === 'sync-source' || phase === 'sync-target') this.peer!.close(`the local disk failed during the resync (${phase === 'sync-source' ? 'source' : 'target'}): connecting again`);
-    else this.peer?.sendState();
+    this.peer?.sendState();
     this.emit('changed');
   }
 
