@@ -115,22 +115,12 @@ export class Quorum {
    * stays until an admin promotes the peer with --force; that is logged.
    */
   async cancelFence(r: Resource, peer: string, generation: { from: string; to: string }): Promise<void> {
-    for (let attempt = 0; ; attempt++) {
-      try {
-        await this.call({ cmd: 'witness.cancel', resource: r.name, peer, until: generation.to });
-        return;
-      } catch (err) {
-        // The witness is often out of reach just then (a partition): try again for a while.
-        if (attempt + 1 >= CANCEL_ATTEMPTS || this.stopping) {
-          this.options.log.warn(
-            { event: 'witness-cancel-failed', resource: r.name, peer, until: generation.to, err: (err as Error).message },
-            `resource ${r.name}: could not tell the witness that ${peer} is not outdated after all (${(err as Error).message}): it stays marked until promoted with --force`,
-          );
-          return;
-        }
-      }
-      await this.sleep(Math.min(RETRY_MAX_MS, 100 * (attempt + 1)));
-    }
+    await this.tellWitness({ cmd: 'witness.cancel', resource: r.name, peer, until: generation.to }, (err) => {
+      this.options.log.warn(
+        { event: 'witness-cancel-failed', resource: r.name, peer, until: generation.to, err: err.message },
+        `resource ${r.name}: could not tell the witness that ${peer} is not outdated after all (${err.message}): it stays marked until promoted with --force`,
+      );
+    });
   }
 
   /**
@@ -138,19 +128,26 @@ export class Quorum {
    * `generation.to`, retried for a while. Nothing waits on it (the Diskless peer's I/O goes on meanwhile).
    */
   async outdateFailedPeer(r: Resource, peer: string, generation: { from: string; to: string }): Promise<void> {
+    await this.tellWitness({ cmd: 'witness.outdate', resource: r.name, peer, current: generation.from, until: generation.to }, (err) => {
+      this.options.log.warn(
+        { event: 'witness-outdate-failed', resource: r.name, peer, until: generation.to, err: err.message },
+        `resource ${r.name}: could not outdate ${peer}'s failed disk at the witness (${err.message}): if it comes back without its Failed mark, do not promote it before it has resynced`,
+      );
+    });
+  }
+
+  /**
+   * A command nobody waits on: the witness is often out of reach just then (a partition), so it is
+   * tried again for a while (CANCEL_ATTEMPTS); `gaveUp` hears the last error. A refusal because this
+   * node is outdated itself is final.
+   */
+  private async tellWitness(c: DistributiveOmit<WitnessCommand, 'node'>, gaveUp: (err: Error) => void): Promise<void> {
     for (let attempt = 0; ; attempt++) {
       try {
-        await this.call({ cmd: 'witness.outdate', resource: r.name, peer, current: generation.from, until: generation.to });
+        await this.call(c);
         return;
       } catch (err) {
-        const last = isOutdatedRefusal(err) || attempt + 1 >= CANCEL_ATTEMPTS || this.stopping;
-        if (last) {
-          this.options.log.warn(
-            { event: 'witness-outdate-failed', resource: r.name, peer, until: generation.to, err: (err as Error).message },
-            `resource ${r.name}: could not outdate ${peer}'s failed disk at the witness (${(err as Error).message}): if it comes back without its Failed mark, do not promote it before it has resynced`,
-          );
-          return;
-        }
+        if (isOutdatedRefusal(err) || attempt + 1 >= CANCEL_ATTEMPTS || this.stopping) return gaveUp(err as Error);
       }
       await this.sleep(Math.min(RETRY_MAX_MS, 100 * (attempt + 1)));
     }
