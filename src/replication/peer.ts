@@ -136,6 +136,8 @@ export class PeerSession {
   /** Verify requests waiting for their answer: a bit per block, set where the peer's block differs. */
   private verifyWaiters = new Map<number, Deferred<Buffer>>();
   private targetReady: Promise<void> | undefined;
+  /** A disk failed during this link's resync, which ended without the link: resync frames still on their way are dropped. */
+  private resyncAborted = false;
   private readonly downHandlers: ((why: string) => void)[] = [];
   /** What this side told the peer when the link came up: both sides decide from exactly that. */
   private sent: W.PeerState | undefined;
@@ -565,7 +567,10 @@ export class PeerSession {
     }
     if (before && before.disk !== s.disk) {
       this.resource.log.info({ event: 'peer-disk', resource: this.resource.name, peer: this.peerNode, disk: s.disk }, `peer disk ${s.disk}`);
-      if (s.disk === 'Diskless' || s.disk === 'Failed') this.peerHasNoDisk();
+      if (s.disk === 'Diskless' || s.disk === 'Failed') {
+        this.abortResync(`${this.peerNode} lost its disk`);
+        this.peerHasNoDisk();
+      }
     }
     this.resource.emit('changed');
   }
@@ -665,6 +670,23 @@ export class PeerSession {
     r.emit('changed');
   }
 
+  /**
+   * A disk failed on either side during the resync: the resync ends and the link stays, as DRBD's
+   * sanitize_state does ("abort resync if a disk fails/detaches"). The target keeps its marks and
+   * stays Inconsistent; a Diskless source has nothing more to send, and a source must not go on
+   * sending to a target that cannot write. The next connect decides again from both records.
+   */
+  abortResync(why: string): void {
+    if (this.phase !== 'sync-source' && this.phase !== 'sync-target') return;
+    const r = this.resource;
+    const direction = this.phase === 'sync-source' ? 'to' : 'from';
+    this.resync?.stop();
+    this.resyncAborted = true;
+    this.phase = 'connected';
+    r.log.warn({ event: 'resync-aborted', resource: r.name, peer: this.peerNode, why, ...this.resync?.progress() }, `resync ${direction} ${this.peerNode} aborted: ${why}`);
+    r.emit('changed');
+  }
+
   private async finishSource(): Promise<void> {
     const r = this.resource;
     const gi = await r.finishSyncSource();
@@ -677,7 +699,11 @@ export class PeerSession {
 
   private onResyncTarget(type: number, payload: Buffer): void {
     const r = this.resource;
-    if (this.phase !== 'sync-target') throw new W.ProtocolError(`${W.frameName(type)} outside a resync`);
+    if (this.phase !== 'sync-target') {
+      // Sent before the source learned that the resync was aborted here.
+      if (this.resyncAborted && this.phase === 'connected') return;
+      throw new W.ProtocolError(`${W.frameName(type)} outside a resync`);
+    }
     const ready = this.targetReady!;
     if (type === W.F_RS_DONE) {
       const { gi } = W.decodeJson(payload, W.resyncDoneSchema, 'resync done');

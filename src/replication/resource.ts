@@ -551,6 +551,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
         (e: unknown) => this.log.warn({ event: 'disk-failed-unrecorded', resource: this.name, device: dev.name, err: (e as Error)?.message }, `resource ${this.name}: could not mark ${dev.name} Failed in its metadata (${(e as Error)?.message}): the peer remembers that it failed`),
       )
       .finally(() => Promise.resolve(dev.close()).catch(() => undefined));
+    this.peer?.abortResync(`${this.node}'s disk failed`);
     this.peer?.sendState();
     this.emit('changed');
   }

@@ -207,6 +207,8 @@ export class Resync {
         }
         return;
       }
+      // Aborted meanwhile (a disk failed): the target is told by the state that follows, not by more data.
+      if (!this.running) return;
       this.session.link.send(W.F_RS_DATA, W.encodeRange(offset, length, flags));
     });
   }
@@ -215,7 +217,7 @@ export class Resync {
     const r = this.session.resource;
     await r.appWrites.run(offset, length, async () => {
       const data = await this.session.readLocal(offset, length);
-      if (!data) {
+      if (!data || !this.running) {
         this.stop();
         return;
       }

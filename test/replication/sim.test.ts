@@ -309,6 +309,46 @@ test('a sync source whose disk fails during the resync: its writes are refused (
       await d.bounded(app.quiet(), 5000, 'the write after the disk failed');
       assert.equal(p.r!.disk, 'Diskless');
       assert.equal(app.stats.failed, failed + 1, 'a write with no good copy anywhere is refused');
+      // The resync ends on both sides and the link stays (DRBD aborts a resync when either disk detaches):
+      // a Diskless source would otherwise stay "sync source" for good and the pair never heal (seed 4267).
+      assert.ok(await d.waitFor(() => p.r!.peer?.phase === 'connected' && s.r!.peer?.phase === 'connected', 5000), `the resync is aborted on both sides: ${w.describe()}`);
+      assert.equal(s.r!.disk, 'Inconsistent');
+      disk.blockStatusHook = undefined;
+      release!();
+      await d.heal();
+    });
+  }
+});
+
+test('a sync target whose disk fails during the resync: the resync is aborted on both sides, the source keeps the data in a new generation and serves the Diskless peer', async () => {
+  for (const seed of [1, 2, 3]) {
+    await scenario(seed, { resource: { protocol: 'C' } }, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      w.net.partition(p.name, s.name);
+      await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000);
+      const app = p.proc!.app!;
+      app.write('data', 2 * MiB, 256 * KiB, false);
+      await d.bounded(app.quiet(), 5000, 'the write while apart');
+      let release: (() => void) | undefined;
+      const disk = p.proc!.disk;
+      disk.blockStatusHook = () => {
+        if (release) return undefined;
+        return new Promise<void>((r) => (release = r));
+      };
+      w.net.healAll();
+      assert.ok(await d.waitFor(() => release !== undefined, 5000), 'the resync began');
+      assert.equal(s.r!.peer?.phase, 'sync-target');
+      const before = p.r!.record.gi.current;
+      // The target's disk fails on the Primary's next write.
+      s.fail({ op: '*', code: 'EIO' });
+      const failed = app.stats.failed;
+      app.write('data', 6 * MiB, 64 * KiB, false);
+      await d.bounded(app.quiet(), 5000, 'the write after the target\'s disk failed');
+      assert.ok(await d.waitFor(() => s.r!.disk === 'Diskless' && p.r!.peer?.phase === 'connected' && s.r!.peer?.phase === 'connected', 5000), `the resync is aborted on both sides: ${w.describe()}`);
+      assert.equal(app.stats.failed, failed, 'the source still has the good copy: the write succeeds');
+      assert.ok(await d.waitFor(() => p.r!.record.gi.current !== before && p.r!.record.peerDiskFailed === true, 5000), 'the source starts a new generation and remembers the failed disk');
       disk.blockStatusHook = undefined;
       release!();
       await d.heal();

@@ -76,6 +76,11 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     seeds: [1232, 1594],
   },
   {
+    id: 'diskless-sync-source-stuck',
+    fix: 'a disk that fails on either side during a resync aborts the resync on both sides and the link stays (DRBD\'s sanitize_state); the target stays Inconsistent with its marks. The healer attaches a disk that failed after its repair by restarting the node (sim.test.ts: a sync source / a sync target whose disk fails during the resync)',
+    seeds: [4267, 4553],
+  },
+  {
     id: 'final-flush-fenced-off',
     fix: 'the driver: the admin\'s final flush on a node whose forced promotion is then refused by the witness reports that refusal; healing goes on (not a product bug)',
     seeds: [1949],

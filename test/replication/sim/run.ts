@@ -752,20 +752,8 @@ export class Driver {
     w.net.healAll();
     if (w.config.witness) w.startWitness();
     for (const n of w.nodes) {
-      if (n.faults.length > 0) {
-        n.clearFaults();
-        if (n.r?.disk === 'Diskless') {
-          // The admin restarts the node so it attaches its (repaired) disk again.
-          w.note(`  heal: restart ${n.name} to attach its repaired disk`);
-          w.kill(n, 'crash');
-        }
-      }
-      if (n.r?.disk === 'Diskless') w.kill(n, 'crash');
-      if (!n.r) {
-        n.clearFaults();
-        await this.start(n);
-        if (!n.r) throw new Violation(`${n.name} does not start on a repaired disk`);
-      }
+      n.clearFaults();
+      await this.attachRepaired(n);
     }
     for (const n of w.nodes) {
       if (n.r?.fencedOff !== undefined) {
@@ -797,11 +785,27 @@ export class Driver {
     await this.checkHealed();
   }
 
+  /** Every node up on its repaired disk: one that went Diskless is restarted, which attaches its disk again. */
+  private async attachRepaired(n: SimNode): Promise<void> {
+    const w = this.w;
+    if (n.r?.disk === 'Diskless') {
+      w.note(`  heal: restart ${n.name} to attach its repaired disk`);
+      w.kill(n, 'crash');
+    }
+    if (!n.r) {
+      n.clearFaults();
+      await this.start(n);
+      if (!n.r) throw new Violation(`${n.name} does not start on a repaired disk`);
+    }
+  }
+
   /** Answer what the nodes ask an admin for until they are in sync. */
   private async untilInSync(): Promise<void> {
     const w = this.w;
     for (let round = 0; ; round++) {
       if (round > 30) throw new Violation(`healing did not converge: ${w.describe()}`);
+      // A disk can fail after the repair (a read under way when the faults were cleared): attached again.
+      for (const n of w.nodes) await this.attachRepaired(n);
       for (const n of w.nodes) {
         const r = n.r!;
         if (r.standAlone) {
