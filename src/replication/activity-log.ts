@@ -41,6 +41,9 @@ export interface ActivityLogOptions {
 export class ActivityLog {
   /** Extent -> writes in flight; Map order is LRU order (oldest first). */
   private readonly active = new Map<number, number>();
+  /** Extent -> the count of `begins` when a write last began on it (an eviction must see none since it chose). */
+  private readonly touched = new Map<number, number>();
+  private begins = 0;
   private seq = 0;
   private readonly slots: number;
   private readonly pages: number;
@@ -93,11 +96,13 @@ export class ActivityLog {
       // An extent is in `active` only once a transaction listing it is on disk.
       if (!this.active.has(e)) return this.activate(first, last);
     }
+    this.begins++;
     for (let e = first; e <= last; e++) {
       const n = this.active.get(e)!;
       // Refresh the LRU position.
       this.active.delete(e);
       this.active.set(e, n + 1);
+      this.touched.set(e, this.begins);
     }
   }
 
@@ -138,12 +143,15 @@ export class ActivityLog {
           continue;
         }
         if (evict.length > 0) {
+          const chosenAt = this.begins;
           await this.options.beforeEvict?.(evict);
           // What was written in them must be durable before the page that forgets them is.
           await this.device.flush();
-          // A write may have started on a candidate meanwhile: it stays, and the choice is made again.
-          if (evict.some((e) => this.active.get(e) !== 0)) continue;
+          // A write may have started on a candidate meanwhile: it stays, and the choice is made again. Even
+          // one that has ended already: its bitmap marks may have come after the write-back took its pages.
+          if (evict.some((e) => this.active.get(e) !== 0 || (this.touched.get(e) ?? 0) > chosenAt)) continue;
         }
+        for (const e of evict) this.touched.delete(e);
         // Out of the in-memory set before the page is written (a write on them now waits for a
         // transaction of its own); the page on disk still lists them until the new one lands.
         for (const e of evict) this.active.delete(e);
@@ -151,10 +159,12 @@ export class ActivityLog {
         for (const e of need) this.active.set(e, 0);
         break;
       }
+      this.begins++;
       for (const e of wanted) {
         const n = this.active.get(e) ?? 0;
         this.active.delete(e);
         this.active.set(e, n + 1);
+        this.touched.set(e, this.begins);
       }
     });
     this.txn = run.catch(() => undefined);
@@ -178,11 +188,17 @@ export class ActivityLog {
   async clear(): Promise<void> {
     await this.txn;
     const idle = [...this.active].filter(([, n]) => n === 0).map(([e]) => e);
+    const chosenAt = this.begins;
     if (idle.length > 0) {
       await this.options.beforeEvict?.(idle);
       await this.device.flush();
     }
-    for (const e of idle) this.active.delete(e);
+    // One written meanwhile stays hot (its marks may be newer than the write-back), as in an eviction.
+    for (const e of idle) {
+      if (this.active.get(e) !== 0 || (this.touched.get(e) ?? 0) > chosenAt) continue;
+      this.active.delete(e);
+      this.touched.delete(e);
+    }
     await this.writeTransaction();
   }
 }

@@ -227,6 +227,38 @@ test('LRU eviction: the least recently used idle extent goes, beforeEvict runs f
   assert.equal(calls.length, 4);
 });
 
+test('a write that begins and ends on an extent while beforeEvict runs for it keeps the extent hot: its bitmap mark came after the write-back (sim seed 4908)', async () => {
+  const dev = new ProbeDevice();
+  let during: (() => void) | undefined;
+  const evicted: number[][] = [];
+  const log = await fresh(
+    {
+      slots: 2,
+      beforeEvict: async (extents) => {
+        evicted.push([...extents]);
+        // The write-back of the bitmap takes its pages here; a write on the leaving extent runs meanwhile.
+        during?.();
+        during = undefined;
+      },
+    },
+    dev,
+  );
+  await log.begin(0, 1);
+  log.end(0, 1);
+  await log.begin(E, 1);
+  log.end(E, 1);
+  during = () => {
+    // Extent 0 is still hot in memory: this write takes it at once, lands, marks, and ends.
+    const b = log.begin(0, 1);
+    assert.equal(b, undefined, 'extent 0 was still hot');
+    log.end(0, 1);
+  };
+  await log.begin(2 * E, 1);
+  assert.ok(log.hotExtents.includes(0), `extent 0 was written after the write-back began: it must stay in the log (hot: ${sorted(log.hotExtents)}; evictions ${JSON.stringify(evicted)})`);
+  assert.ok((await recover(dev)).includes(0), 'and on disk');
+  assert.deepEqual(sorted(log.hotExtents), [0, 2]);
+});
+
 test('a write spanning more extents than the log has slots is refused', async () => {
   const log = await fresh({ slots: 2 });
   await assert.rejects(Promise.resolve(log.begin(0, 3 * E)), /spans 3 activity log extents, more than the 2 slots/);

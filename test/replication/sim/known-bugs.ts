@@ -81,6 +81,11 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     seeds: [4267, 4553],
   },
   {
+    id: 'al-evicts-extent-written-during-write-back',
+    fix: 'an extent written (begun and ended) while the bitmap write-back before its eviction ran stays in the activity log: its marks came after the write-back took its pages, and a crash then lost them (activity-log.test.ts: a write that begins and ends on an extent while beforeEvict runs for it)',
+    seeds: [4908, 5730, 6033],
+  },
+  {
     id: 'final-flush-fenced-off',
     fix: 'the driver: the admin\'s final flush on a node whose forced promotion is then refused by the witness reports that refusal; healing goes on (not a product bug)',
     seeds: [1949],
