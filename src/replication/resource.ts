@@ -473,8 +473,13 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   }
 
   private async promoteAgreed(force: boolean, disk: DiskState): Promise<void> {
-    this.mayChangeRole();
-    if (this.disk !== disk) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
+    // Checked again after every wait (the peer's answer, the witness's fence, which may take as long as the
+    // witness stays away): the disk it was asked for may have failed, or become a resync's Inconsistent target.
+    const still = (expected: DiskState): void => {
+      this.mayChangeRole();
+      if (this.disk !== expected) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
+    };
+    still(disk);
     const patch: Partial<MetaRecord> = { primary: true, primarySince: this.clock.now() };
     if (disk !== 'UpToDate' && disk !== 'Diskless') {
       // Forced: this disk becomes the good data, in a generation of its own.
@@ -486,8 +491,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     }
     await this.saveRecord(patch);
     // Promoted without the peer: what is written from now on is a generation the peer does not have.
-    if (!patch.gi && !this.peer?.replicating) await this.newGeneration('Primary without the peer', () => this.mayChangeRole());
-    this.mayChangeRole();
+    // A forced promotion has made this disk UpToDate by now.
+    const now = patch.disk ?? disk;
+    if (!patch.gi && !this.peer?.replicating) await this.newGeneration('Primary without the peer', () => still(now));
+    still(now);
     this.role = 'Primary';
     this.fencedOff = undefined;
     this.log.info({ event: 'role', resource: this.name, role: 'Primary' }, 'Primary');
@@ -934,6 +941,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
 
   async flush(): Promise<void> {
     if (this.closed) throw new BlockDeviceError('ESHUTDOWN', `resource ${this.name} is closed`);
+    // Fenced off, a flush fails as writes do: the other side went on, and what was acknowledged here
+    // meanwhile (protocol A acknowledges on send) is about to be overwritten by its resync: no promise of
+    // durability for it.
+    if (this.fencedOff !== undefined) throw new FencedOff(this.fencedOff);
     const local = this.backing_;
     const remote = this.peer?.replicating ? this.peer.sendFlush() : undefined;
     let localOk = false;
@@ -950,6 +961,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     await this.diverging;
     // A bitmap write-back under way ends first: a flush leaves the marks as durable as the data.
     await this.bitmapChain;
+    if (this.fencedOff !== undefined) throw new FencedOff(this.fencedOff);
   }
 
   blockStatus(offset: number, length: number): Extent[] | Promise<Extent[]> {

@@ -138,6 +138,9 @@ test('a cut-off Primary learns from the witness that its peer went on: its held 
     assert.match(failed, /^error: .*went on without alpha/);
     assert.throws(() => c.a.resource.write(MiB, Buffer.alloc(4096, 1)), /went on without alpha/);
     assert.ok(c.a.resource.fencedOff);
+    // A flush fails too: it would promise the application durability for writes acknowledged here (protocol A,
+    // before the fence was known) that the resync from the new Primary is about to overwrite (sim seed 6444).
+    await assert.rejects(c.a.resource.flush(), /went on without alpha/);
     await c.a.resource.demote(true);
     heal(c);
     await until('alpha resynced from bravo', () => upToDate(c.a, c.b) && c.a.resource.bitmap.count === 0 && c.b.resource.bitmap.count === 0, 15_000);
@@ -169,6 +172,26 @@ test('a cut-off Primary learns from its peer (the link heals first) that the pee
     await until('alpha resynced from bravo', () => upToDate(c.a, c.b) && c.a.resource.bitmap.count === 0 && c.b.resource.bitmap.count === 0, 15_000);
     assert.equal(c.a.resource.splitBrain, null);
     assert.ok((await readAll(c.a.disk, c.a.resource.size)).equals(await readAll(c.b.disk, c.b.resource.size)));
+  } finally {
+    await done(c);
+  }
+});
+
+test('a promotion waiting for the witness fails if the disk changed meanwhile: it is not completed on a disk that is no longer the one it was asked for (sim seed 7524)', async () => {
+  const c = await cluster();
+  try {
+    await c.a.resource.demote();
+    await apart(c);
+    c.reach.bravo = false;
+    // Forced (neither peer nor witness answers): it waits for the witness to fence alpha.
+    const promoting = c.b.resource.promote(true);
+    assert.equal(await outcome(promoting), 'pending');
+    // bravo's disk fails while the promotion waits (in seed 7524 it became Inconsistent: an aborted resync).
+    c.b.resource.detach(new Error('test: the disk failed'));
+    assert.equal(c.b.resource.disk, 'Diskless');
+    c.reach.bravo = true;
+    assert.match(await outcome(promoting, 5000), /^error: .*became Diskless meanwhile/);
+    assert.equal(c.b.resource.role, 'Secondary');
   } finally {
     await done(c);
   }

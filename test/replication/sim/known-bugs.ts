@@ -86,6 +86,16 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     seeds: [4908, 5730, 6033],
   },
   {
+    id: 'flush-promises-fenced-off-writes',
+    fix: 'a flush on a node fenced off (the other side went on, the witness holds this node Outdated) fails as its writes do: under protocol A a write acknowledged on send before the fence was known, then "made durable" by a flush, was overwritten by the resync from the new Primary (quorum.test.ts: a cut-off Primary learns from the witness that its peer went on)',
+    seeds: [6444],
+  },
+  {
+    id: 'promotion-completes-on-changed-disk',
+    fix: 'a promotion that waited (for the witness to fence the peer) checks again that the disk is still the one it was asked for: one that became Inconsistent (an aborted resync) or Diskless meanwhile is not made Primary (quorum.test.ts: a promotion waiting for the witness fails if the disk changed meanwhile)',
+    seeds: [7524],
+  },
+  {
     id: 'final-flush-fenced-off',
     fix: 'the driver: the admin\'s final flush on a node whose forced promotion is then refused by the witness reports that refusal; healing goes on (not a product bug)',
     seeds: [1949],
