@@ -678,6 +678,18 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (peerMarks) this.bitmap.merge(peerMarks);
     if (full) this.bitmap.markAll();
     if (direction === 'source') {
+      // What this disk sends must be what it keeps: writes it took as Secondary may still be in its cache,
+      // and no bitmap here covers them (its activity log holds only its own writes as Primary). Sent
+      // unflushed, a power cut here would leave the target with data the source lost, both bitmaps clear.
+      const dev = this.backing_;
+      if (dev) {
+        try {
+          await dev.flush();
+        } catch (err) {
+          this.detach(err);
+          throw err;
+        }
+      }
       const gi = this.record.gi;
       if (gi.bitmap !== sync) await this.saveRecord({ gi: { current: gi.current, bitmap: sync, history: gi.bitmap !== NO_GI ? [gi.bitmap, gi.history[0]] : gi.history } });
       return;

@@ -129,6 +129,50 @@ test('both nodes lose power after an extent left the Primary\'s activity log: th
   }
 });
 
+test('a resync source sends only what its own disk keeps: writes it received as Secondary and never flushed are made durable before it sends them (sim seed 7017)', async () => {
+  // Seeds whose resync window reaches the write's blocks before the source needs an acknowledgement back.
+  for (const seed of [1, 3, 4, 5]) {
+    await scenario(seed, { resource: { protocol: 'C' }, link: { pingIntervalMs: 200, pingTimeoutMs: 3000 } }, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      // Acknowledged (protocol C: in the Secondary's cache), never flushed.
+      const app = p.proc!.app!;
+      app.write('data', 8 * MiB, 64 * KiB, false);
+      await d.bounded(app.quiet(), 5000, 'the write');
+      // The Primary loses power (its cache too); the Secondary is promoted and goes on alone.
+      w.kill(p, 'power');
+      await p.hw.powerCut({ keep: 'none' });
+      p.hw.powerOn();
+      assert.ok(await d.waitFor(() => !s.r!.peer, 5000), 'the Secondary noticed');
+      assert.ok(await d.promote(s, true), 'promoted');
+      // The old Primary comes back: its hot extents (the write's among them) resync from the new Primary,
+      // which reads them from its cache.
+      // The target's answers never reach the source (a long ping timeout: the link stays up meanwhile, whatever
+      // the source's flush before the resync takes): the source does not finish (which writes its bitmap,
+      // and flushes) while the target writes everything and clears its marks.
+      w.decisionHook = (n, action) => {
+        // Once the source decided (the target's handshake is all in), before any resync data.
+        if (n === s && action.kind === 'sync' && action.direction === 'source') w.net.partition(p.name, s.name, true);
+      };
+      await d.start(p);
+      const written = (): boolean => {
+        for (let b = (8 * MiB) / 4096; b < (8 * MiB + 64 * KiB) / 4096; b++) if (p.r!.bitmap.isMarked(b)) return false;
+        return true;
+      };
+      assert.ok(await d.waitFor(() => p.r?.peer?.phase === 'sync-target' && written(), 10_000), `the target has the write's blocks: ${w.describe()}`);
+      w.decisionHook = undefined;
+      w.net.partition(p.name, s.name);
+      // Now the new Primary loses power, cache and all. If the resync sent data its own disk did not keep,
+      // the two disks differ where neither bitmap says so, and healing cannot find it.
+      w.kill(s, 'power');
+      await s.hw.powerCut({ keep: 'none' });
+      s.hw.powerOn();
+      await d.heal();
+    });
+  }
+});
+
 test('a node whose resync as target has just begun is not promoted (it would be Primary and SyncTarget)', async () => {
   for (const seed of [1, 2, 3, 4]) {
     await scenario(seed, { resource: { protocol: 'C' } }, async (d, w) => {

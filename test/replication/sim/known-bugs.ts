@@ -96,6 +96,11 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     seeds: [7524],
   },
   {
+    id: 'resync-source-sends-unflushed',
+    fix: 'a sync source flushes its disk before the resync reads from it: writes it took as Secondary (in no bitmap of its own) were sent from its cache, cleared on the target, then lost in a power cut of the source (sim.test.ts: a resync source sends only what its own disk keeps)',
+    seeds: [7017],
+  },
+  {
     id: 'final-flush-fenced-off',
     fix: 'the driver: the admin\'s final flush on a node whose forced promotion is then refused by the witness reports that refusal; healing goes on (not a product bug)',
     seeds: [1949],
