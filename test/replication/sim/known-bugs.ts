@@ -101,6 +101,11 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     seeds: [7017],
   },
   {
+    id: 'split-brain-target-never-began',
+    fix: 'the model (not a product bug): the target of a split-brain resolution whose resync never began (the link went down while its blocks were saved, or its process died first) goes back to the branch its disk holds as soon as beginSync gives up, not only when a later decision says rule 92 (here neither side recorded the start: rule 90); a resolution decided again on a new link meanwhile goes by its own resync',
+    seeds: [5088, 6652],
+  },
+  {
     id: 'final-flush-fenced-off',
     fix: 'the driver: the admin\'s final flush on a node whose forced promotion is then refused by the witness reports that refusal; healing goes on (not a product bug)',
     seeds: [1949],

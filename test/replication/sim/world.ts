@@ -426,6 +426,14 @@ export class World {
       options.mayPromote = (_r, force) => quorum.mayPromote(proc.r, force);
     }
     proc.r = await Resource.open(proc.disk, options);
+    // The model learns whether a resync began on its target (see unbegunFollow).
+    const r = proc.r;
+    const beginSync = r.beginSync.bind(r);
+    r.beginSync = (...args: Parameters<Resource['beginSync']>) => {
+      const ready = beginSync(...args);
+      if (args[1] === 'target') this.onTargetBegin(proc, ready);
+      return ready;
+    };
     this.dataBytes = proc.r.size;
     if (proc.quorum) {
       const quorum = proc.quorum;
@@ -441,6 +449,8 @@ export class World {
     if (!proc?.alive) return;
     proc.owner.kill();
     if (proc.app) proc.app.closed = true;
+    // A resync it was beginning as target never will: its disk holds what it held.
+    this.neverBegan(n.name);
     for (const s of this.net.sockets) if (s.owner === proc.owner) s.vanish(how === 'crash');
   }
 
@@ -630,21 +640,16 @@ export class World {
     const here = proc.node.name;
     const peer = String(e.peer);
     this.note(`${here}: ${String(e.msg)} [rule ${action.rule}]`);
-    if (String(action.rule).startsWith('92')) {
-      // A split-brain resolution whose target never began (rule 92): that disk still holds its own branch.
-      // (Only one decided on an earlier link: both sides of this handshake log this decision.)
-      for (const [name, { was, session }] of this.unbegunFollow) {
-        if (this.node(name).proc?.r?.peer === session) continue;
-        this.note(`  model: the resolution never began on ${name}: back on ${was.name}`);
-        was.discardedBy = undefined;
-        this.setLineage(name, was);
-        this.unbegunFollow.delete(name);
-      }
-    } else if (this.unbegunFollow.get(here)?.session !== proc.r.peer) this.unbegunFollow.delete(here);
     if (action.kind === 'sync' && action.direction === 'target') {
       const mine = this.lineageOf(here);
       const theirs = this.lineageOf(peer);
-      if (mine === theirs) return;
+      if (mine === theirs) {
+        // Decided again (a new link) while the resync of the last decision was still beginning: whether the
+        // disk holds the branch it had now depends on this resync, not on the one its link went down under.
+        const pending = this.unbegunFollow.get(here);
+        if (pending) this.unbegunFollow.set(here, { ...pending });
+        return;
+      }
       const disk = proc.r.record.disk;
       const resolution = action.splitBrain?.resolution ?? null;
       if (resolution && /resolve --keep/.test(resolution) && this.keepChoice !== undefined && this.keepChoice !== peer) {
@@ -661,7 +666,7 @@ export class World {
         }
       }
       this.note(`  model: ${here} follows ${theirs.name} (was ${mine.name})`);
-      if (resolution) this.unbegunFollow.set(here, { was: mine, session: proc.r.peer });
+      if (resolution) this.unbegunFollow.set(here, { was: mine, followed: theirs });
       this.setLineage(here, theirs);
       return;
     }
@@ -686,8 +691,43 @@ export class World {
     }
   }
 
-  /** Targets of a split-brain resolution, and the branch they held, until their resync is known to have begun. */
-  private readonly unbegunFollow = new Map<string, { was: Lineage; session: unknown }>();
+  /**
+   * Targets of a split-brain resolution, and the branch they held, until
+   * their resync began (Resource.beginSync recorded its start: the disk
+   * changes only after that). The model follows the source at the decision;
+   * a resync that never begins (the link went down while the blocks were
+   * saved, they could not be saved, the process died first) changed nothing
+   * on that disk: it still holds its own branch, and the split brain stands.
+   * The next decision then says so (rule 92 if the source recorded its
+   * start, rule 90 if it did not either: seeds 2355, 5088, 6652), so the
+   * model goes back at once instead of guessing from rules.
+   */
+  private readonly unbegunFollow = new Map<string, { was: Lineage; followed: Lineage }>();
+
+  /** A node begins a resync as target (beginSync was called): its disk changes only if `ready` resolves. */
+  private onTargetBegin(proc: Process, ready: Promise<void>): void {
+    const name = proc.node.name;
+    const entry = this.unbegunFollow.get(name);
+    if (!entry) return;
+    ready.then(
+      () => {
+        if (this.unbegunFollow.get(name) === entry) this.unbegunFollow.delete(name);
+      },
+      () => this.neverBegan(name, entry),
+    );
+  }
+
+  /** A split-brain resolution never began on `name` (see unbegunFollow): back on the branch its disk holds. */
+  private neverBegan(name: string, entry = this.unbegunFollow.get(name)): void {
+    // (A later decision may have replaced the entry: that one is its own resync's.)
+    if (!entry || this.unbegunFollow.get(name) !== entry) return;
+    this.unbegunFollow.delete(name);
+    // Nothing else moved it since (the roles stay while the blocks are saved).
+    if (this.lineageOf(name) !== entry.followed) return;
+    this.note(`  model: the resolution never began on ${name}: back on ${entry.was.name}`);
+    entry.was.discardedBy = undefined;
+    this.setLineage(name, entry.was);
+  }
 
   /** Nodes whose disk failed while their peer was not taking their writes. */
   private readonly failedAlone = new Set<string>();
