@@ -173,6 +173,53 @@ test('a resync source sends only what its own disk keeps: writes it received as 
   }
 });
 
+test('a split-brain resolution whose target dies before its resync began: its disk still holds its own branch, so keeping that node later keeps it (sim seeds 5088, 6652: the model took the target for the source\'s data)', async () => {
+  // Seeds where the target decides first (its source then records nothing either) and only it took the
+  // admin's first --keep (so the next verdict is the bare split brain, not that resolution again).
+  for (const seed of [7, 15, 18, 20]) {
+    await scenario(seed, { witness: false, resource: { protocol: 'C', afterSplitBrain: 'disconnect' } }, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      // Apart, both write, flushed: a split brain.
+      w.net.partition(p.name, s.name);
+      assert.ok(await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000), 'both noticed the cut');
+      p.proc!.app!.write('data', 0, 64 * KiB, true);
+      assert.ok(await d.promote(s, false), 'promoted without its peer');
+      s.proc!.app!.write('data', 1 * MiB, 64 * KiB, true);
+      await d.bounded(Promise.all([p.proc!.app!.quiet(), s.proc!.app!.quiet()]), 5000, 'the writes');
+      await d.demote(s);
+      // The admin keeps p's data; s dies just after it decided to be the target, before its resync began, and
+      // what it sent last never reaches p (which decides nothing).
+      let died = false;
+      w.decisionHook = (n, action) => {
+        if (n !== s || died || action.kind !== 'sync' || action.direction !== 'target') return;
+        died = true;
+        w.net.partition(s.name, p.name, true);
+        void d.sleep(0).then(() => w.kill(s, 'crash'));
+      };
+      await d.resolve(p);
+      w.net.healAll();
+      assert.ok(await d.waitFor(() => died && !s.r, 5000), `s decided to be the target and died: ${w.describe()}`);
+      assert.ok(await d.waitFor(() => !p.r!.peer, 5000), 'p noticed');
+      w.net.healAll();
+      // Nothing of its disk changed: back up, it meets p in the same split brain (p recorded nothing either).
+      const rules: string[] = [];
+      w.decisionHook = (n, action) => {
+        if (n === s) rules.push(String((action as { rule?: string }).rule));
+      };
+      await d.start(s);
+      assert.ok(await d.waitFor(() => rules.length > 0, 5000), 's decided again');
+      assert.equal(rules[0], '90/split-brain', 'still the split brain of rule 90');
+      w.decisionHook = undefined;
+      // Now the admin keeps s's data after all: what p wrote apart is discarded, what s wrote stays.
+      await d.demote(p);
+      await d.resolve(s);
+      await d.heal();
+    });
+  }
+});
+
 test('a node whose resync as target has just begun is not promoted (it would be Primary and SyncTarget)', async () => {
   for (const seed of [1, 2, 3, 4]) {
     await scenario(seed, { resource: { protocol: 'C' } }, async (d, w) => {
