@@ -102,8 +102,8 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
   },
   {
     id: 'split-brain-target-never-began',
-    fix: 'the model (not a product bug): the target of a split-brain resolution whose resync never began (the link went down while its blocks were saved, or its process died first) goes back to the branch its disk holds as soon as beginSync gives up, not only when a later decision says rule 92 (here neither side recorded the start: rule 90); a resolution decided again on a new link meanwhile goes by its own resync',
-    seeds: [5088, 6652],
+    fix: 'the model (not a product bug): the target of a split-brain resolution whose resync never began (the link went down while its blocks were saved, or its process died first, or its source lost its disk meanwhile) goes back to the branch its disk holds as soon as beginSync gives up, not only when a later decision says rule 92 (here neither side recorded the start: rule 90); a resolution decided again on a new link meanwhile goes by its own resync',
+    seeds: [5088, 6652, 7527],
   },
   {
     id: 'final-flush-fenced-off',
