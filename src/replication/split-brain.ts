@@ -84,6 +84,8 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
   } finally {
     await fh.close();
   }
+  // The file's entry too: without it a power cut can lose the whole file after the resync overwrote the blocks.
+  await io.syncDir(dir);
   if (r.splitBrain) r.splitBrain.savedTo = file;
   r.log.warn({ event: 'split-brain-saved', resource: r.name, file, bytes: header.bytes }, `resource ${r.name}: saved ${header.bytes} bytes this node is about to lose to ${file}`);
   return file;

@@ -19,6 +19,8 @@ export interface FileIo {
   mkdir(dir: string): Promise<void>;
   /** Create `file` (it must not exist) with `mode`. */
   create(file: string, mode: number): Promise<NewFile>;
+  /** fsync a directory: a new file's entry in it survives a power cut only after this. */
+  syncDir(dir: string): Promise<void>;
 }
 
 export const asyncFileIo: FileIo = {
@@ -34,6 +36,14 @@ export const asyncFileIo: FileIo = {
       sync: () => fh.sync(),
       close: () => fh.close(),
     };
+  },
+  async syncDir(dir) {
+    const fh = await fsp.open(dir, 'r');
+    try {
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
   },
 };
 
@@ -51,5 +61,13 @@ export const syncFileIo: FileIo = {
       sync: async () => fs.fsyncSync(fd),
       close: async () => fs.closeSync(fd),
     };
+  },
+  syncDir: async (dir) => {
+    const fd = fs.openSync(dir, 'r');
+    try {
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
   },
 };

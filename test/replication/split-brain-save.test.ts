@@ -18,12 +18,18 @@ import { connected, freePort, newDisk, Node, startNode, stopNode, until, upToDat
 const MiB = 1024 * 1024;
 
 /** A FileIo whose writes can be made slow, or fail with ENOSPC after `failAfter` writes. */
-function controlledIo(): { io: FileIo; slowMs: number; failAfter: number | undefined } {
+function controlledIo(): { io: FileIo; slowMs: number; failAfter: number | undefined; done: string[] } {
   const ctl = {
     slowMs: 0,
     failAfter: undefined as number | undefined,
+    /** What was done to the file and its directory, in order (the real calls, on the real file system). */
+    done: [] as string[],
     io: {
       mkdir: (dir: string) => syncFileIo.mkdir(dir),
+      async syncDir(dir: string) {
+        await syncFileIo.syncDir(dir);
+        ctl.done.push(`syncDir ${dir}`);
+      },
       async create(file: string, mode: number) {
         const inner = await syncFileIo.create(file, mode);
         let writes = 0;
@@ -33,8 +39,14 @@ function controlledIo(): { io: FileIo; slowMs: number; failAfter: number | undef
             if (ctl.failAfter !== undefined && ++writes > ctl.failAfter) throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
             await inner.write(data);
           },
-          sync: () => inner.sync(),
-          close: () => inner.close(),
+          sync: async () => {
+            await inner.sync();
+            ctl.done.push(`sync ${path.basename(file)}`);
+          },
+          close: async () => {
+            await inner.close();
+            ctl.done.push(`close ${path.basename(file)}`);
+          },
         };
       },
     } as FileIo,
@@ -138,4 +150,22 @@ test('the losing side cannot save its blocks (ENOSPC) while the winner writes: i
   assert.match(b.resource.splitBrain?.savedTo ?? '', /\.blocks$/);
   await b.disk.read(3 * BLOCK, one);
   assert.equal(one[0], 0, 'bravo has alpha\'s data now');
+});
+
+test('the saved blocks survive a power cut: the file is fsynced, then its directory (the new entry), before the resync overwrites anything', { timeout: 60_000 }, async (t) => {
+  const ctl = controlledIo();
+  const { a, b, dir } = await splitBrain(t, ctl.io);
+  let overwritten: string[] | undefined;
+  const write = b.disk.write.bind(b.disk);
+  b.disk.write = ((offset: number, data: Buffer, options?: unknown) => {
+    // The first block of bravo's own writes (3) is overwritten by the resync: what was done by then.
+    if (overwritten === undefined && offset <= 3 * BLOCK && offset + data.length > 3 * BLOCK && b.resource.peer?.phase === 'sync-target') overwritten = [...ctl.done];
+    return write(offset, data, options as never);
+  }) as typeof b.disk.write;
+  a.resource.standAlone = false;
+  b.resource.standAlone = false;
+  await until('resolved', () => upToDate(a, b) && b.resource.bitmap.count === 0, 30_000);
+  const file = fs.readdirSync(dir).find((f) => f.endsWith('.blocks'));
+  assert.ok(file, 'the blocks were saved');
+  assert.deepEqual(overwritten, [`sync ${file}`, `close ${file}`, `syncDir ${dir}`]);
 });

@@ -876,5 +876,14 @@ function slowFileIo(clock: OwnerClock): FileIo {
         close: async () => undefined,
       };
     },
+    syncDir: async (dir) => {
+      await clock.sleep(STEP_MS);
+      const fd = fs.openSync(dir, 'r');
+      try {
+        fs.fsyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+    },
   };
 }
