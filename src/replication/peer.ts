@@ -138,6 +138,8 @@ export class PeerSession {
   private targetReady: Promise<void> | undefined;
   /** A disk failed during this link's resync, which ended without the link: resync frames still on their way are dropped. */
   private resyncAborted = false;
+  /** The source said the resync is done (once per link). */
+  private resyncDoneSeen = false;
   private readonly downHandlers: ((why: string) => void)[] = [];
   /** What this side told the peer when the link came up: both sides decide from exactly that. */
   private sent: W.PeerState | undefined;
@@ -707,6 +709,9 @@ export class PeerSession {
     const ready = this.targetReady!;
     if (type === W.F_RS_DONE) {
       const { gi } = W.decodeJson(payload, W.resyncDoneSchema, 'resync done');
+      // One end per resync: a second one while the first is being recorded would record it again.
+      if (this.resyncDoneSeen) throw new W.ProtocolError('a second resync done');
+      this.resyncDoneSeen = true;
       void this.applying.barrier().then(async () => {
         if (!(await readyOk(ready))) return; // the link was closed for it
         await r.finishSyncTarget(this.peerNode, gi);

@@ -256,6 +256,24 @@ async function syncSource(options = {}): Promise<{ t: Target; p: RawPeer }> {
   return { t, p };
 }
 
+test('a second resync done is refused: the end of a resync is recorded once', async () => {
+  const t = await startTarget();
+  const p = await RawPeer.connect(t);
+  try {
+    await establish(t, p, 'target');
+    const from = t.events.length;
+    const done = W.encodeJson({ gi: t.node.resource.record.gi });
+    p.send(W.F_RS_DONE, done);
+    p.send(W.F_RS_DONE, done);
+    const e = await droppedFor(t, p, from);
+    assert.equal(e.frame, 'RS_DONE');
+    assert.match(String(e.err), /a second resync done/);
+  } finally {
+    p.close();
+    await stopTarget(t);
+  }
+});
+
 test('a resync ack must match the piece sent: a longer one clears nothing', async () => {
   const { t, p } = await syncSource();
   const r = t.node.resource;
