@@ -107,7 +107,7 @@ export class Connector {
     const r = this.resource;
     this.handshaking.add(socket);
     try {
-      const { peer, leftover } = await authenticateLink(socket, this.options.identity, [this.options.peerNode]);
+      const { peer, leftover } = await authenticateLink(socket, this.options.identity, [this.options.peerNode], undefined, r.clock);
       if (!this.wanted()) {
         socket.destroy();
         return;

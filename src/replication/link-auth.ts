@@ -12,6 +12,7 @@
  */
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { Socket } from 'node:net';
+import { Clock, realClock } from '../util/clock.js';
 
 export const LINK_MAGIC = 0x4455454c; // "DUEL"
 export const LINK_PROTOCOL = 1;
@@ -78,7 +79,7 @@ class FrameReader {
     socket.on('error', this.onEnd);
   }
 
-  async next(deadline: number): Promise<{ type: number; payload: Buffer }> {
+  async next(deadline: number, clock: Clock): Promise<{ type: number; payload: Buffer }> {
     for (;;) {
       if (this.buf.length >= FRAME_HEADER) {
         if (this.buf.readUInt32BE(0) !== LINK_MAGIC) throw new LinkRefused('malformed', 'the peer does not speak the duet link protocol (bad magic)');
@@ -92,12 +93,12 @@ class FrameReader {
         }
       }
       if (this.ended) throw new LinkRefused('closed', 'the peer closed the connection during the handshake');
-      const left = deadline - Date.now();
+      const left = deadline - clock.now();
       if (left <= 0) throw new LinkRefused('timeout', 'the peer did not complete the handshake in time');
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, left);
+        const timer = clock.setTimeout(resolve, left);
         this.waiter = () => {
-          clearTimeout(timer);
+          clock.clearTimeout(timer);
           resolve();
         };
       });
@@ -131,8 +132,9 @@ export interface Authenticated {
  * On refusal the socket is destroyed and LinkRefused says why. On success
  * the caller owns the socket again (and must listen for its 'error').
  */
-export async function authenticateLink(socket: Socket, me: LinkIdentity, allowedPeers: string[], timeoutMs = 5000): Promise<Authenticated> {
-  const deadline = Date.now() + timeoutMs;
+export async function authenticateLink(socket: Socket, me: LinkIdentity, allowedPeers: string[], timeoutMs = 5000, clock: Clock = realClock): Promise<Authenticated> {
+  // The injected clock: under the simulator a handshake's deadline is fake time like everything else.
+  const deadline = clock.now() + timeoutMs;
   const reader = new FrameReader(socket);
   const challenge = randomBytes(CHALLENGE);
   const hello: Hello = { protocol: LINK_PROTOCOL, cluster: me.cluster, node: me.node, resource: me.resource };
@@ -147,13 +149,13 @@ export async function authenticateLink(socket: Socket, me: LinkIdentity, allowed
         /* the peer is gone already */
       }
     }
-    setTimeout(() => socket.destroy(), 200).unref();
+    clock.setTimeout(() => socket.destroy(), 200).unref();
     reader.detach();
     throw err;
   };
   try {
     socket.write(encodeFrame(FRAME_HELLO, Buffer.concat([challenge, Buffer.from(JSON.stringify(hello))])));
-    const h = await reader.next(deadline);
+    const h = await reader.next(deadline, clock);
     if (h.type === FRAME_REFUSED) throw new LinkRefused('refused-by-peer', `the peer refused the link (${h.payload.toString('utf8').slice(0, 40)})`);
     if (h.type !== FRAME_HELLO || h.payload.length <= CHALLENGE) throw new LinkRefused('malformed', 'the peer did not start with a hello');
     const peerChallenge = h.payload.subarray(0, CHALLENGE);
@@ -170,7 +172,7 @@ export async function authenticateLink(socket: Socket, me: LinkIdentity, allowed
       throw new LinkRefused('unknown-node', `node ${String(peer.node)} is not a peer of resource ${me.resource}`);
     }
     socket.write(encodeFrame(FRAME_AUTH, proof(me.secret, peerChallenge, challenge, me.node, me.resource)));
-    const a = await reader.next(deadline);
+    const a = await reader.next(deadline, clock);
     if (a.type === FRAME_REFUSED) throw new LinkRefused('refused-by-peer', `the peer refused the link (${a.payload.toString('utf8').slice(0, 40)})`);
     if (a.type !== FRAME_AUTH) throw new LinkRefused('malformed', 'the peer did not answer the challenge');
     const expected = proof(me.secret, challenge, peerChallenge, peer.node, me.resource);
