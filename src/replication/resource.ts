@@ -68,6 +68,16 @@ export interface ResourceOptions {
 }
 
 /** Writes here fail: the other side went on without this node (it must be made Secondary). */
+/** How long `promote --force` waits for the witness to fence the peer before it goes on unfenced. */
+export const FORCED_FENCE_WAIT_MS = 3000;
+
+/** The reason a forced promotion stops waiting for its fence. */
+class ForcedPastFence extends Error {
+  constructor() {
+    super(`the witness did not answer within ${FORCED_FENCE_WAIT_MS} ms`);
+  }
+}
+
 export class FencedOff extends BlockDeviceError {
   constructor(message: string) {
     super('EIO', message);
@@ -330,13 +340,17 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * (DRBD's new current UUID). Fences the peer first when a witness is
    * configured, so it cannot be promoted with data that is now old.
    */
-  private newGeneration(why: string, beforeSave?: () => void): Promise<void> {
+  private newGeneration(why: string, beforeSave?: () => void, forced = false): Promise<void> {
     if (this.fencedOff !== undefined) return Promise.reject(new FencedOff(this.fencedOff));
     this.diverging ??= (async () => {
       const abort = new AbortController();
       this.divergeAbort = abort;
       const gi = this.record.gi;
       const generation = { from: gi.current, to: newGi(this.options.randomBytes) };
+      // `promote --force`: the admin says the peer is down. The witness is asked, but not waited for
+      // for good (DRBD's primary --force goes on when the fence-peer handler fails): past a short wait
+      // the node goes on unfenced, and says so.
+      const giveUp = forced ? this.clock.setTimeout(() => abort.abort(new ForcedPastFence()), FORCED_FENCE_WAIT_MS) : undefined;
       try {
         // The peer is outdated until it holds the generation this node moves to.
         const outcome = (await this.options.fence?.(this.name, generation, abort.signal)) ?? 'fenced';
@@ -348,10 +362,20 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
           return;
         }
       } catch (err) {
-        if (err instanceof FencedOff) this.fenceOff(err.message);
-        // This node never starts that generation now; an outdate that timed out here may have reached the witness.
-        void this.options.unfence?.(this.name, generation);
-        throw err;
+        if (forced && !(err instanceof FencedOff) && !this.closed) {
+          // The admin's word stands for the fence: writes of this generation do not ask the witness again.
+          this.log.warn(
+            { event: 'fence-skipped-by-force', resource: this.name, err: (err as Error).message },
+            `resource ${this.name}: promoted with --force without fencing the peer (${(err as Error).message}): make sure it is down, or it may be promoted on old data`,
+          );
+        } else {
+          if (err instanceof FencedOff) this.fenceOff(err.message);
+          // This node never starts that generation now; an outdate that timed out here may have reached the witness.
+          void this.options.unfence?.(this.name, generation);
+          throw err;
+        }
+      } finally {
+        this.clock.clearTimeout(giveUp);
       }
       // The link came up while the witness was asked, and the handshake found both in sync at the old
       // generation: the peer takes every write from here. A new generation now would be one the peer
@@ -493,7 +517,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // Promoted without the peer: what is written from now on is a generation the peer does not have.
     // A forced promotion has made this disk UpToDate by now.
     const now = patch.disk ?? disk;
-    if (!patch.gi && !this.peer?.replicating) await this.newGeneration('Primary without the peer', () => still(now));
+    if (!patch.gi && !this.peer?.replicating) await this.newGeneration('Primary without the peer', () => still(now), force);
     still(now);
     this.role = 'Primary';
     this.fencedOff = undefined;

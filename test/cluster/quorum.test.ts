@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Quorum } from '../../src/cluster/quorum.js';
 import { Witness } from '../../src/cluster/witness.js';
-import type { Resource } from '../../src/replication/resource.js';
+import { FORCED_FENCE_WAIT_MS, type Resource } from '../../src/replication/resource.js';
 import { UserError } from '../../src/util/errors.js';
 import { silentLogger } from '../../src/util/log.js';
 import { connected, freePort, newDisk, Node, readAll, startNode, stopNode, until, upToDate } from '../replication/pair.js';
@@ -192,6 +192,24 @@ test('a promotion waiting for the witness fails if the disk changed meanwhile: i
     c.reach.bravo = true;
     assert.match(await outcome(promoting, 5000), /^error: .*became Diskless meanwhile/);
     assert.equal(c.b.resource.role, 'Secondary');
+  } finally {
+    await done(c);
+  }
+});
+
+test('promote --force with neither peer nor witness does not wait for the witness for good: it goes on unfenced and says so', async () => {
+  const c = await cluster();
+  try {
+    await c.a.resource.demote();
+    await apart(c);
+    c.reach.bravo = false;
+    const promoting = c.b.resource.promote(true);
+    assert.equal(await outcome(promoting, FORCED_FENCE_WAIT_MS / 2), 'pending', 'the witness is asked first');
+    assert.equal(await outcome(promoting, FORCED_FENCE_WAIT_MS + 3000), 'ok');
+    assert.equal(c.b.resource.role, 'Primary');
+    // Its writes do not wait for the witness either: the admin's word stands for the fence.
+    assert.equal(await outcome(Promise.resolve(c.b.resource.write(0, Buffer.alloc(4096, 5))), 2000), 'ok');
+    c.reach.bravo = true;
   } finally {
     await done(c);
   }
