@@ -53,8 +53,6 @@ export interface ResourceOptions {
   alSlots?: number;
   /** Asked before this node diverges from its peer (first unreplicated write): outdate the peer at the witness. */
   fence?: (resource: string, generation: { from: string; to: string }, signal: AbortSignal) => Promise<'fenced' | 'peer-back'>;
-  /** Outdate the peer at the witness without holding anything (its disk failed: best effort, retried). */
-  outdatePeer?: (resource: string, generation: { from: string; to: string }) => Promise<void>;
   /** A fence that turned out not to be needed (this node never started `generation.to`): the peer's mark goes. */
   unfence?: (resource: string, generation: { from: string; to: string }) => Promise<void>;
   /** Asked before a promotion: may this node become Primary (quorum, witness says not outdated)? Throws a UserError if not. */
@@ -396,6 +394,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.suspended = on;
     if (on) this.log.error({ event: 'io-suspended', resource: this.name, why }, `resource ${this.name}: lost the peer and the witness: writes held until one is back`);
     else this.log.warn({ event: 'io-resumed', resource: this.name }, `resource ${this.name}: writes no longer held`);
+    // A Diskless Primary's writes wait here too (its failed disk is being outdated at the witness): it learns why.
+    this.peer?.sendState();
     this.emit('changed');
   }
 
@@ -412,6 +412,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       this.emit('changed');
     }
     this.divergeAbort?.abort(new FencedOff(reason));
+    // Without a disk, this node's writes wait at the peer (until its failed disk is outdated at the
+    // witness): they end with the link, never applied there.
+    if (this.heldAtPeer) this.peer!.close(`${reason}: the writes ${this.peer!.peerNode} holds for quorum fail`);
   }
 
   /**
@@ -424,9 +427,14 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (r instanceof Promise) r.catch(() => undefined);
   }
 
-  /** Writes are held now (waiting for a new generation the witness must allow). */
+  /** Writes are held now (waiting for a new generation the witness must allow, here or at the peer). */
   get holding(): boolean {
-    return this.diverging !== undefined;
+    return this.diverging !== undefined || this.heldAtPeer;
+  }
+
+  /** A Diskless Primary whose peer holds writes until the witness answers: this node's writes among them. */
+  private get heldAtPeer(): boolean {
+    return this.role === 'Primary' && !this.backing_ && this.peer?.state?.suspended === true;
   }
 
   /* ---------------------------------------------------------------- roles */
@@ -568,18 +576,40 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * new generation starts here (so the old disk, if it comes back, is
    * behind), and the record says the peer's disk gets a full sync. Durable
    * before any write from a Diskless Primary is applied here.
+   *
+   * With a witness, the failed disk is outdated there first: its own record
+   * may still say UpToDate (a failed disk seldom takes that last write), and
+   * if it comes back so, only the witness stops a promotion on it. So, as a
+   * Primary's first write without its peer, the Diskless peer's writes wait
+   * for the witness (on-no-quorum: suspend) or fail (error): DRBD 9 suspends
+   * I/O when a copy of the data is lost without quorum (drbd_state.c,
+   * lost_contact_to_peer_data). `linkDown` ends the wait: the writes waiting
+   * then were never applied here, nothing diverged.
    */
-  async peerLostDisk(peerNode: string): Promise<void> {
+  async peerLostDisk(peerNode: string, linkDown: AbortSignal): Promise<void> {
     if (!this.backing_ || this.record.disk !== 'UpToDate' || this.record.peerDiskFailed) return;
     this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
+    const generation = { from: this.record.gi.current, to: newGi(this.options.randomBytes) };
+    if (this.options.fence) {
+      try {
+        // 'peer-back' only for a peer that replicates again (it has a disk): nothing diverged then.
+        if ((await this.options.fence(this.name, generation, linkDown)) === 'peer-back') {
+          void this.options.unfence?.(this.name, generation);
+          return;
+        }
+      } catch (err) {
+        // This node never starts that generation now; an outdate that timed out here may have reached the witness.
+        void this.options.unfence?.(this.name, generation);
+        const why = (err as Error)?.message;
+        this.log.warn({ event: 'witness-outdate-failed', resource: this.name, peer: peerNode, err: why }, `resource ${this.name}: could not outdate ${peerNode}'s failed disk at the witness (${why}): its writes are refused`);
+        // Not a BlockDeviceError: the writes waiting on this fail, the disk here did not.
+        throw new UserError(`resource ${this.name}: ${peerNode}'s failed disk is not outdated at the witness (${why}): write refused`);
+      }
+    }
+    // From the generations as they are now: a resync may have ended while the witness was asked.
     const gi = this.record.gi;
-    const to = newGi(this.options.randomBytes);
-    const next: GenerationIds = gi.bitmap === NO_GI ? { current: to, bitmap: gi.current, history: gi.history } : { current: to, bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
-    await this.saveRecord({ gi: next, peerDiskFailed: true });
-    // With a witness, the failed disk is outdated there too, in the background (the Diskless peer's I/O
-    // must not wait for the witness): if it comes back claiming its old generation (its Failed record
-    // could not be written), it is not promoted on it without --force.
-    void this.options.outdatePeer?.(this.name, { from: gi.current, to });
+    const next: GenerationIds = gi.bitmap === NO_GI ? { current: generation.to, bitmap: gi.current, history: gi.history } : { current: generation.to, bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
+    await this.saveRecord({ gi: next, peerDiskFailed: true, peerOutdated: this.options.fence !== undefined });
   }
 
   /* ---------------------------------------------------------- connecting */
@@ -600,6 +630,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       fullSyncNeeded: this.record.fullSyncNeeded,
       peerDiskFailed: this.record.peerDiskFailed,
       inUse: this.holders > 0,
+      suspended: this.suspended,
     };
   }
 
