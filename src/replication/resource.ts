@@ -311,6 +311,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.bitmap.mark(offset, length);
     // Fenced off: whatever was in flight fails too, even after the node stepped down.
     if (this.fencedOff !== undefined) return Promise.reject(new FencedOff(this.fencedOff));
+    // Without a disk nothing diverges here: the write is on no disk of this node (it fails), and the peer
+    // holds the only copy: outdating it at the witness would keep the good data from being promoted
+    // (DRBD's conn_try_outdate_peer: "Not fencing peer, I'm not even Consistent myself").
+    if (!this.backing_) return;
     // A new generation (fencing the peer first, with a witness) unless one diverged already and the
     // peer is outdated at the witness for it (a forced promotion or a peer's lost disk diverge unfenced).
     const fenced = this.record.gi.bitmap !== NO_GI && (this.options.fence === undefined || this.record.peerOutdated);
@@ -966,6 +970,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     const ok = await (protocol === 'C' ? remote.done : protocol === 'B' ? remote.received : remote.sent);
     if (!ok) {
       if (!localOk) throw new BlockDeviceError('EIO', `resource ${this.name}: the write reached neither the local disk nor the peer`);
+      // The local disk failed since it took the write: no good copy holds it (and no generation starts here).
+      if (!this.backing_) throw new BlockDeviceError('EIO', `resource ${this.name}: the write reached neither the peer nor a disk that is still good`);
       // The link went down: the session marked the block; wait for the new generation before acknowledging.
       return { hold: this.diverging };
     }

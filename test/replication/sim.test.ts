@@ -525,3 +525,36 @@ test('with a witness, a Primary whose disk fails while its peer cannot reach the
     });
   }
 });
+
+test('with a witness, a Diskless Primary whose writes do not reach its peer (the peer refuses them, or the link goes) fences nobody: the peer holds the only good copy, and a node without a disk starts no generation', async () => {
+  for (const [seed, onNoQuorum] of [
+    [1, 'error'],
+    [2, 'error'],
+    [3, 'suspend'],
+    [4, 'suspend'],
+  ] as const) {
+    await scenario(seed, { witness: true, onNoQuorum, resource: { protocol: 'C' } }, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      w.net.partition(s.name, 'witness');
+      p.fail({ op: 'write', code: 'EIO' });
+      const app = p.proc!.app!;
+      app.write('data', 2 * MiB, 64 * KiB, false);
+      assert.ok(await d.waitFor(() => p.r!.disk === 'Diskless', 5000), w.describe());
+      const gi = p.r!.record.gi.current;
+      // The peer refuses the writes (error) or holds them (suspend): its failed disk is not outdated at the witness yet.
+      await d.sleep(1500);
+      w.net.partition(p.name, s.name);
+      assert.ok(await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000), w.describe());
+      await d.bounded(app.quiet(), 5000, 'the writes');
+      assert.equal(p.r!.record.gi.current, gi, 'no generation on a node without a disk');
+      await d.demote(p);
+      // The only good copy is not outdated at the witness: promoted without --force once it reaches it.
+      w.net.heal(s.name, 'witness');
+      assert.ok(await d.promote(s, false), `promoted: ${w.describe()}`);
+      w.net.healAll();
+      await d.heal();
+    });
+  }
+});
