@@ -207,6 +207,8 @@ export class Quorum {
       if (r && r.role === 'Secondary' && !r.peer?.replicating && r.record.disk === 'UpToDate') {
         await r.saveRecord({ disk: 'Outdated' });
         this.options.log.warn({ event: 'outdated', resource: name }, `resource ${name}: the peer went on without this node: disk Outdated`);
+        // A Diskless Primary connected here writes only to an UpToDate disk: it hears of the change.
+        r.peer?.sendState();
         r.emit('changed');
       }
     }

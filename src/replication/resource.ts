@@ -576,44 +576,51 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   }
 
   /**
-   * The peer's disk failed or went away while this node keeps the data: a
-   * new generation starts here (so the old disk, if it comes back, is
-   * behind), and the record says the peer's disk gets a full sync. Durable
-   * before any write from a Diskless Primary is applied here.
+   * The peer's disk failed or went away while this node keeps the data: the
+   * record says the peer's disk gets a full sync (it may lack writes applied
+   * here, in flight when it failed), and a new generation starts here (so
+   * the old disk, if it comes back, is behind). Durable before any write
+   * from a Diskless Primary is applied here.
    *
-   * With a witness, the failed disk is outdated there first: its own record
-   * may still say UpToDate (a failed disk seldom takes that last write), and
-   * if it comes back so, only the witness stops a promotion on it. So, as a
-   * Primary's first write without its peer, the Diskless peer's writes wait
-   * for the witness (on-no-quorum: suspend) or fail (error): DRBD 9 suspends
-   * I/O when a copy of the data is lost without quorum (drbd_state.c,
-   * lost_contact_to_peer_data). `linkDown` ends the wait: the writes waiting
-   * then were never applied here, nothing diverged.
+   * With a witness, the generation starts only once the failed disk is
+   * outdated there: its own record may still say UpToDate (a failed disk
+   * seldom takes that last write), and if it comes back so, only the
+   * witness stops a promotion on it. So, as a Primary's first write without
+   * its peer, the Diskless peer's writes wait for the witness (on-no-quorum:
+   * suspend) or fail (error): DRBD 9 suspends I/O when a copy of the data is
+   * lost without quorum (drbd_state.c, lost_contact_to_peer_data).
+   * `linkDown` ends the wait: the writes waiting then were never applied
+   * here, and no generation starts (a failed disk promoted meanwhile would
+   * otherwise meet it as a split brain).
    */
   async peerLostDisk(peerNode: string, linkDown: AbortSignal): Promise<void> {
-    if (!this.backing_ || this.record.disk !== 'UpToDate' || this.record.peerDiskFailed) return;
-    this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
+    const fence = this.options.fence;
+    // Not the data's keeper (a Diskless Primary writes only to an UpToDate disk: DRBD's may_do_writes), or
+    // it has recorded the loss already.
+    if (!this.backing_ || this.record.disk !== 'UpToDate') return;
+    if (this.record.peerDiskFailed && (fence === undefined || this.record.peerOutdated)) return;
     const generation = { from: this.record.gi.current, to: newGi(this.options.randomBytes) };
-    if (this.options.fence) {
-      try {
-        // 'peer-back' only for a peer that replicates again (it has a disk): nothing diverged then.
-        if ((await this.options.fence(this.name, generation, linkDown)) === 'peer-back') {
-          void this.options.unfence?.(this.name, generation);
-          return;
-        }
-      } catch (err) {
-        // This node never starts that generation now; an outdate that timed out here may have reached the witness.
+    if (!this.record.peerDiskFailed) {
+      this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
+      if (!fence) return this.saveRecord({ gi: nextGeneration(this.record.gi, generation.to), peerDiskFailed: true });
+      await this.saveRecord({ peerDiskFailed: true, peerOutdated: false });
+    }
+    try {
+      // 'peer-back' only for a peer that replicates again (it has a disk): nothing diverged then.
+      if ((await fence!(this.name, generation, linkDown)) === 'peer-back') {
         void this.options.unfence?.(this.name, generation);
-        const why = (err as Error)?.message;
-        this.log.warn({ event: 'witness-outdate-failed', resource: this.name, peer: peerNode, err: why }, `resource ${this.name}: could not outdate ${peerNode}'s failed disk at the witness (${why}): its writes are refused`);
-        // Not a BlockDeviceError: the writes waiting on this fail, the disk here did not.
-        throw new UserError(`resource ${this.name}: ${peerNode}'s failed disk is not outdated at the witness (${why}): write refused`);
+        return;
       }
+    } catch (err) {
+      // This node never starts that generation now; an outdate that timed out here may have reached the witness.
+      void this.options.unfence?.(this.name, generation);
+      const why = (err as Error)?.message;
+      this.log.warn({ event: 'witness-outdate-failed', resource: this.name, peer: peerNode, err: why }, `resource ${this.name}: could not outdate ${peerNode}'s failed disk at the witness (${why}): its writes are refused`);
+      // Not a BlockDeviceError: the writes waiting on this fail, the disk here did not.
+      throw new UserError(`resource ${this.name}: ${peerNode}'s failed disk is not outdated at the witness (${why}): write refused`);
     }
     // From the generations as they are now: a resync may have ended while the witness was asked.
-    const gi = this.record.gi;
-    const next: GenerationIds = gi.bitmap === NO_GI ? { current: generation.to, bitmap: gi.current, history: gi.history } : { current: generation.to, bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
-    await this.saveRecord({ gi: next, peerDiskFailed: true, peerOutdated: this.options.fence !== undefined });
+    await this.saveRecord({ gi: nextGeneration(this.record.gi, generation.to), peerOutdated: true });
   }
 
   /* ---------------------------------------------------------- connecting */
@@ -634,7 +641,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       fullSyncNeeded: this.record.fullSyncNeeded,
       peerDiskFailed: this.record.peerDiskFailed,
       inUse: this.holders > 0,
-      suspended: this.suspended,
+      // Only while it is so: the state is what it was for a peer that does not know the field.
+      ...(this.suspended ? { suspended: true } : {}),
     };
   }
 
@@ -774,7 +782,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   /** The target has every block: the data (flushed first, with the bitmap) is the source's generation, UpToDate. */
   async finishSyncTarget(peerNode: string, gi: GenerationIds): Promise<void> {
     await this.writeBitmap();
-    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false, peerOutdated: false });
+    // This node holds the source's data now: what it remembered of the peer's failed disk is moot (the
+    // source's disk is good), and a stale mark would make that disk a full-sync target again.
+    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false, peerOutdated: false, peerDiskFailed: false });
     this.crashedPrimary = false;
     this.fencedOff = undefined;
     if (this.splitBrain && !this.splitBrain.resolution) this.splitBrain.resolution = `kept ${peerNode}'s data`;
@@ -1038,6 +1048,11 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       await dev.close();
     }
   }
+}
+
+/** A new current generation `to`: the bitmap generation stays if there is one, else it is the old current (DRBD's new current UUID). */
+function nextGeneration(gi: GenerationIds, to: string): GenerationIds {
+  return gi.bitmap === NO_GI ? { current: to, bitmap: gi.current, history: gi.history } : { current: to, bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
 }
 
 function clip(extents: Extent[], offset: number, end: number): Extent[] {

@@ -504,9 +504,11 @@ test('with a witness, a Primary whose disk fails while its peer cannot reach the
       app.write('data', 2 * MiB, 64 * KiB, false);
       app.write('data', 6 * MiB, 64 * KiB, true);
       assert.ok(await d.waitFor(() => p.r!.disk === 'Diskless', 5000), w.describe());
+      const before = s.r!.record.gi.current;
       // Its peer may not take them for good while the witness does not know that disk is behind.
       await d.sleep(3000);
-      assert.equal(s.r!.record.peerDiskFailed, false, 'no generation of its own before the failed disk is outdated at the witness');
+      assert.equal(s.r!.record.peerDiskFailed, true, 'the peer remembers the failed disk at once');
+      assert.equal(s.r!.record.gi.current, before, 'no generation of its own before the failed disk is outdated at the witness');
       // The Diskless Primary counts them as held: secondary --force ends them (they fail with the link).
       assert.ok(p.r!.holding, `its writes are held at its peer: ${w.describe()}`);
       const failed = app.stats.failed;

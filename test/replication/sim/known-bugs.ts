@@ -107,8 +107,8 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
   },
   {
     id: 'failed-disk-outdated-in-background',
-    fix: 'the node keeping the data outdates its peer\'s failed disk at the witness before it starts its generation and takes the Diskless peer\'s writes (they wait for the witness as a Primary\'s own do, and fail if the link goes first); the Diskless Primary counts them as held, secondary --force ends them (sim.test.ts: a Primary whose disk fails while its peer cannot reach the witness; quorum.test.ts)',
-    seeds: [4811, 5605],
+    fix: 'the node keeping the data records its peer\'s failed disk at once, and outdates it at the witness before it starts its generation and takes the Diskless peer\'s writes (they wait for the witness as a Primary\'s own do, and fail if the link goes first); the Diskless Primary counts them as held, secondary --force ends them; a failed disk back at the generation its peer still holds is overwritten whole (sim.test.ts: a Primary whose disk fails while its peer cannot reach the witness; quorum.test.ts; connect-decision.test.ts). Seed 4942 failed on a first version of this fix (a refused fence left the failed disk the source of its crashed extents)',
+    seeds: [4811, 5605, 4942],
   },
   {
     id: 'final-flush-fenced-off',
