@@ -200,7 +200,6 @@ export class NodeDaemon {
         splitBrainDir: path.join(this.home, 'split-brain'),
         fence: this.quorum.hasWitness ? (r, generation, signal) => this.quorum.fence(this.entry(r).resource, peerNode, res['on-no-quorum'] ?? 'suspend', generation, signal) : undefined,
         unfence: this.quorum.hasWitness ? (r, generation) => this.quorum.cancelFence(this.entry(r).resource, peerNode, generation) : undefined,
-        outdatePeer: this.quorum.hasWitness ? (r, generation) => this.quorum.outdateFailedPeer(this.entry(r).resource, peerNode, generation) : undefined,
         mayPromote: this.quorum.hasWitness ? (r, force) => this.quorum.mayPromote(this.entry(r).resource, force) : undefined,
       });
     } catch (err) {

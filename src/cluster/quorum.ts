@@ -1,10 +1,12 @@
 /**
  * Quorum for the resources of one node: three votes (this node, its peer,
  * the witness). A Primary that must write without its peer first outdates
- * the peer at the witness (fencing); without a vote beyond its own it
- * holds its writes (`on-no-quorum: suspend`, the default) or fails them
- * (`error`). A node is promoted only with the peer or the witness on its
- * side, and never when the witness says its data is Outdated.
+ * the peer at the witness (fencing), and so does the node that keeps the
+ * data when its peer's disk fails, before it takes the Diskless peer's
+ * writes; without a vote beyond its own it holds those writes
+ * (`on-no-quorum: suspend`, the default) or fails them (`error`). A node
+ * is promoted only with the peer or the witness on its side, and never
+ * when the witness says its data is Outdated.
  *
  * Held writes end one of three ways:
  * - the witness answers and outdates the peer: a new generation starts
@@ -20,6 +22,7 @@
  * network client, the simulator an in-memory one.
  */
 import { BlockDeviceError } from '../blockdev/types.js';
+import type { PeerSession } from '../replication/peer.js';
 import { FencedOff, Resource } from '../replication/resource.js';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
@@ -82,6 +85,10 @@ export class Quorum {
    */
   async fence(r: Resource, peer: string, onNoQuorum: 'suspend' | 'error', generation: { from: string; to: string }, signal: AbortSignal): Promise<FenceOutcome> {
     const resource = r.name;
+    // One watch per link: a new one each attempt would pile up listeners while a link stays up out of
+    // sync (a Diskless peer's, whose failed disk this node fences).
+    let watched: PeerSession | undefined;
+    let back: Promise<'in-sync' | 'down'> | undefined;
     try {
       for (let attempt = 0; ; attempt++) {
         if (signal.aborted) throw signal.reason;
@@ -100,9 +107,15 @@ export class Quorum {
           r.setSuspended(true, (err as Error).message);
         }
         // The peer is back: once it took this node's changes (a resync from here), they are on both disks.
-        const wait = this.sleep(Math.min(RETRY_MAX_MS, 100 * (attempt + 1)));
-        const back = r.peer ? await Promise.race([r.peer.untilInSync(), wait.then(() => 'waited' as const)]) : await wait.then(() => 'waited' as const);
-        if (back === 'in-sync') return 'peer-back';
+        const wait = this.sleep(Math.min(RETRY_MAX_MS, 100 * (attempt + 1))).then(() => 'waited' as const);
+        const session = r.peer?.phase !== 'closed' ? r.peer : undefined;
+        if (session !== watched) {
+          watched = session;
+          back = session?.untilInSync();
+        }
+        const outcome = back ? await Promise.race([back, wait]) : await wait;
+        if (outcome === 'in-sync') return 'peer-back';
+        if (outcome === 'down') back = watched = undefined;
       }
     } finally {
       if (r.suspended) r.setSuspended(false);
@@ -119,19 +132,6 @@ export class Quorum {
       this.options.log.warn(
         { event: 'witness-cancel-failed', resource: r.name, peer, until: generation.to, err: err.message },
         `resource ${r.name}: could not tell the witness that ${peer} is not outdated after all (${err.message}): it stays marked until promoted with --force`,
-      );
-    });
-  }
-
-  /**
-   * The peer's disk failed while this node keeps the data: outdate it at the witness until it holds
-   * `generation.to`, retried for a while. Nothing waits on it (the Diskless peer's I/O goes on meanwhile).
-   */
-  async outdateFailedPeer(r: Resource, peer: string, generation: { from: string; to: string }): Promise<void> {
-    await this.tellWitness({ cmd: 'witness.outdate', resource: r.name, peer, current: generation.from, until: generation.to }, (err) => {
-      this.options.log.warn(
-        { event: 'witness-outdate-failed', resource: r.name, peer, until: generation.to, err: err.message },
-        `resource ${r.name}: could not outdate ${peer}'s failed disk at the witness (${err.message}): if it comes back without its Failed mark, do not promote it before it has resynced`,
       );
     });
   }
@@ -207,6 +207,8 @@ export class Quorum {
       if (r && r.role === 'Secondary' && !r.peer?.replicating && r.record.disk === 'UpToDate') {
         await r.saveRecord({ disk: 'Outdated' });
         this.options.log.warn({ event: 'outdated', resource: name }, `resource ${name}: the peer went on without this node: disk Outdated`);
+        // A Diskless Primary connected here writes only to an UpToDate disk: it hears of the change.
+        r.peer?.sendState();
         r.emit('changed');
       }
     }

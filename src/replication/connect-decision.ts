@@ -209,9 +209,13 @@ function isResolver(self: ConnectSide, peer: ConnectSide): boolean {
 
 const DISK_RANK: Record<DiskState, number> = { Failed: 0, Diskless: 1, Inconsistent: 2, Outdated: 3, UpToDate: 4 };
 
-/** `blank`'s disk failed (its record says so, or `other` saw it fail) and `other` has good data. */
-function failedFacing(blank: ConnectSide, other: ConnectSide): boolean {
-  if (other.disk !== 'UpToDate') return false;
+/**
+ * `blank`'s disk failed (its record says so, or `other` saw it fail) and `other` has good data. At one
+ * generation a peer that saw it fail has every write it had, and maybe more: Outdated since (a witness's
+ * mark) or not, that peer is the better copy.
+ */
+function failedFacing(blank: ConnectSide, other: ConnectSide, sameGeneration = false): boolean {
+  if (other.disk !== 'UpToDate' && !(sameGeneration && other.disk === 'Outdated' && other.peerDiskFailed)) return false;
   return (blank.fullSyncNeeded && blank.disk === 'Inconsistent') || (other.peerDiskFailed && blank.role === 'Secondary');
 }
 
@@ -242,17 +246,20 @@ export function decideConnect(self: ConnectSide, peer: ConnectSide, policy: Conn
   // its generations are those it failed with, and the peer may have moved on past its history since.
   // Facing a disk with good data it gets a full sync, as a new disk does (rules 20/30).
   // Likewise a disk its peer saw fail (peerDiskFailed there) when it could not be marked Failed itself:
-  // it comes back claiming its old generation, which the peer may have left behind by now.
+  // it comes back claiming its old generation, which the peer may have left behind by now, or still
+  // hold (with a witness the peer starts its generation only once that disk is outdated there): then
+  // too it is overwritten whole, never the source of a crashed Primary's extents (rules 40/41).
   // Only when exactly one side is that disk (both claiming it of each other is no answer).
-  const failedSelf = failedFacing(self, peer);
-  if (v.hg === -1000 && failedSelf !== failedFacing(peer, self)) {
+  const sameGeneration = self.gi.current !== NO_GI && self.gi.current === peer.gi.current && Math.abs(v.hg) <= 1;
+  const failedSelf = failedFacing(self, peer, sameGeneration);
+  if ((v.hg === -1000 || sameGeneration) && failedSelf !== failedFacing(peer, self, sameGeneration)) {
     const [blank, other, hg] = failedSelf ? [self, peer, -2] : [peer, self, 2];
     if (bothPrimary) return refuse('both-primary', 'both nodes are Primary: make one Secondary', true);
     if (blank.role === 'Primary' && !policy.allowTwoPrimaries) {
       return refuse('primary-target', `${blank.node} is Primary and would become sync target of ${other.node} (its disk failed and needs a full sync): make ${blank.node} Secondary (resource secondary) and the resync runs`, true);
     }
     if (blank.inUse) return refuse('in-use', `${blank.node} would become sync target of ${other.node} but its data is in use (a pool is open there): close it first`, true);
-    return sync(hg > 0 ? 'source' : 'target', true, '1000/full-sync-needed', `full resync: ${blank.node}'s disk failed and must be overwritten whole`);
+    return sync(hg > 0 ? 'source' : 'target', true, v.hg === -1000 ? '1000/full-sync-needed' : `${v.rule}/peer-disk-failed`, `full resync: ${blank.node}'s disk failed and must be overwritten whole`);
   }
   if (v.hg === -1000 && (self.fullSyncNeeded || peer.fullSyncNeeded) && DISK_RANK[self.disk] <= DISK_RANK.Inconsistent && DISK_RANK[peer.disk] <= DISK_RANK.Inconsistent) {
     // Both disks failed (or are new): no generation to compare and no good data on either side.

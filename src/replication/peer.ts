@@ -148,6 +148,10 @@ export class PeerSession {
   private peerChanged = false;
   /** Set when the peer lost its disk: applying its writes waits until this side recorded that. */
   private peerDiskGate: Promise<void> | undefined;
+  /** Recording it failed (the witness did not outdate the failed disk): the peer's next write tries again. */
+  private peerDiskRetry = false;
+  /** Aborted when the link goes down: nothing waits for the peer's writes any more. */
+  private readonly down = new AbortController();
   private readonly handshakeOver = deferred<void>();
   /** This node's promotion, asked of the peer: granted once the peer agreed, until this node is Primary or gives up. */
   private promotion: { granted: boolean; answer: Deferred<PromotionAnswer> } | undefined;
@@ -587,14 +591,25 @@ export class PeerSession {
     return this.phase === 'sync-source' && (s.disk === 'UpToDate' || s.disk === 'Outdated') ? { ...s, disk: 'Inconsistent' } : s;
   }
 
-  /** Writes the peer sends from now on are applied only after this side recorded that it keeps the data. */
+  /**
+   * Writes the peer sends from now on are applied only after this side recorded that it keeps the data
+   * (with a witness, once the failed disk is outdated there).
+   */
   private peerHasNoDisk(): void {
-    const gate = this.resource.peerLostDisk(this.peerNode);
+    this.peerDiskRetry = false;
+    const gate = this.resource.peerLostDisk(this.peerNode, this.down.signal);
     this.peerDiskGate = gate;
-    // A failure here fails the writes waiting on the gate (their nack); nothing else waits on it.
-    void gate.catch(() => undefined).finally(() => {
-      if (this.peerDiskGate === gate) this.peerDiskGate = undefined;
-    });
+    // A failure here fails the writes waiting on the gate (their nack); the next write from the peer tries again.
+    void gate.then(
+      () => {
+        if (this.peerDiskGate === gate) this.peerDiskGate = undefined;
+      },
+      () => {
+        if (this.peerDiskGate !== gate) return;
+        this.peerDiskGate = undefined;
+        this.peerDiskRetry = true;
+      },
+    );
   }
 
   private onHandshakeDone(): void {
@@ -798,6 +813,7 @@ export class PeerSession {
       }
     }
     const write = (): void | Promise<void> => writePart(w.offset, w.offset + w.length);
+    if (this.peerDiskRetry && (this.state?.disk === 'Diskless' || this.state?.disk === 'Failed')) this.peerHasNoDisk();
     const gates = [racing, this.targetReady, this.peerDiskGate].filter((g) => g !== undefined);
     const waitFirst = gates.length === 0 ? undefined : gates.length === 1 ? gates[0] : Promise.all(gates);
     // Nothing to wait for and a synchronous disk: applied and acknowledged with no promise at all.
@@ -969,6 +985,7 @@ export class PeerSession {
     if (r.peer === this) r.peer = undefined;
     void r.writeBitmap();
     for (const fn of this.downHandlers) fn(why);
+    this.down.abort(new Error(`the link to ${this.peerNode} went down`));
     r.emit('changed');
   }
 }

@@ -53,8 +53,6 @@ export interface ResourceOptions {
   alSlots?: number;
   /** Asked before this node diverges from its peer (first unreplicated write): outdate the peer at the witness. */
   fence?: (resource: string, generation: { from: string; to: string }, signal: AbortSignal) => Promise<'fenced' | 'peer-back'>;
-  /** Outdate the peer at the witness without holding anything (its disk failed: best effort, retried). */
-  outdatePeer?: (resource: string, generation: { from: string; to: string }) => Promise<void>;
   /** A fence that turned out not to be needed (this node never started `generation.to`): the peer's mark goes. */
   unfence?: (resource: string, generation: { from: string; to: string }) => Promise<void>;
   /** Asked before a promotion: may this node become Primary (quorum, witness says not outdated)? Throws a UserError if not. */
@@ -323,6 +321,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.bitmap.mark(offset, length);
     // Fenced off: whatever was in flight fails too, even after the node stepped down.
     if (this.fencedOff !== undefined) return Promise.reject(new FencedOff(this.fencedOff));
+    // Without a disk nothing diverges here: the write is on no disk of this node (it fails), and the peer
+    // holds the only copy: outdating it at the witness would keep the good data from being promoted
+    // (DRBD's conn_try_outdate_peer: "Not fencing peer, I'm not even Consistent myself").
+    if (!this.backing_) return;
     // A new generation (fencing the peer first, with a witness) unless one diverged already and the
     // peer is outdated at the witness for it (a forced promotion or a peer's lost disk diverge unfenced).
     const fenced = this.record.gi.bitmap !== NO_GI && (this.options.fence === undefined || this.record.peerOutdated);
@@ -420,6 +422,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.suspended = on;
     if (on) this.log.error({ event: 'io-suspended', resource: this.name, why }, `resource ${this.name}: lost the peer and the witness: writes held until one is back`);
     else this.log.warn({ event: 'io-resumed', resource: this.name }, `resource ${this.name}: writes no longer held`);
+    // A Diskless Primary's writes wait here too (its failed disk is being outdated at the witness): it learns why.
+    this.peer?.sendState();
     this.emit('changed');
   }
 
@@ -436,6 +440,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       this.emit('changed');
     }
     this.divergeAbort?.abort(new FencedOff(reason));
+    // Without a disk, this node's writes wait at the peer (until its failed disk is outdated at the
+    // witness): they end with the link, never applied there.
+    if (this.heldAtPeer) this.peer!.close(`${reason}: the writes ${this.peer!.peerNode} holds for quorum fail`);
   }
 
   /**
@@ -448,9 +455,14 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (r instanceof Promise) r.catch(() => undefined);
   }
 
-  /** Writes are held now (waiting for a new generation the witness must allow). */
+  /** Writes are held now (waiting for a new generation the witness must allow, here or at the peer). */
   get holding(): boolean {
-    return this.diverging !== undefined;
+    return this.diverging !== undefined || this.heldAtPeer;
+  }
+
+  /** A Diskless Primary whose peer holds writes until the witness answers: this node's writes among them. */
+  private get heldAtPeer(): boolean {
+    return this.role === 'Primary' && !this.backing_ && this.peer?.state?.suspended === true;
   }
 
   /* ---------------------------------------------------------------- roles */
@@ -588,22 +600,51 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   }
 
   /**
-   * The peer's disk failed or went away while this node keeps the data: a
-   * new generation starts here (so the old disk, if it comes back, is
-   * behind), and the record says the peer's disk gets a full sync. Durable
-   * before any write from a Diskless Primary is applied here.
+   * The peer's disk failed or went away while this node keeps the data: the
+   * record says the peer's disk gets a full sync (it may lack writes applied
+   * here, in flight when it failed), and a new generation starts here (so
+   * the old disk, if it comes back, is behind). Durable before any write
+   * from a Diskless Primary is applied here.
+   *
+   * With a witness, the generation starts only once the failed disk is
+   * outdated there: its own record may still say UpToDate (a failed disk
+   * seldom takes that last write), and if it comes back so, only the
+   * witness stops a promotion on it. So, as a Primary's first write without
+   * its peer, the Diskless peer's writes wait for the witness (on-no-quorum:
+   * suspend) or fail (error): DRBD 9 suspends I/O when a copy of the data is
+   * lost without quorum (drbd_state.c, lost_contact_to_peer_data).
+   * `linkDown` ends the wait: the writes waiting then were never applied
+   * here, and no generation starts (a failed disk promoted meanwhile would
+   * otherwise meet it as a split brain).
    */
-  async peerLostDisk(peerNode: string): Promise<void> {
-    if (!this.backing_ || this.record.disk !== 'UpToDate' || this.record.peerDiskFailed) return;
-    this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
-    const gi = this.record.gi;
-    const to = newGi(this.options.randomBytes);
-    const next: GenerationIds = gi.bitmap === NO_GI ? { current: to, bitmap: gi.current, history: gi.history } : { current: to, bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
-    await this.saveRecord({ gi: next, peerDiskFailed: true });
-    // With a witness, the failed disk is outdated there too, in the background (the Diskless peer's I/O
-    // must not wait for the witness): if it comes back claiming its old generation (its Failed record
-    // could not be written), it is not promoted on it without --force.
-    void this.options.outdatePeer?.(this.name, { from: gi.current, to });
+  async peerLostDisk(peerNode: string, linkDown: AbortSignal): Promise<void> {
+    const fence = this.options.fence;
+    // Not the data's keeper (a Diskless Primary writes only to an UpToDate disk: DRBD's may_do_writes), or
+    // it has recorded the loss already.
+    if (!this.backing_ || this.record.disk !== 'UpToDate') return;
+    if (this.record.peerDiskFailed && (fence === undefined || this.record.peerOutdated)) return;
+    const generation = { from: this.record.gi.current, to: newGi(this.options.randomBytes) };
+    if (!this.record.peerDiskFailed) {
+      this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
+      if (!fence) return this.saveRecord({ gi: nextGeneration(this.record.gi, generation.to), peerDiskFailed: true });
+      await this.saveRecord({ peerDiskFailed: true, peerOutdated: false });
+    }
+    try {
+      // 'peer-back' only for a peer that replicates again (it has a disk): nothing diverged then.
+      if ((await fence!(this.name, generation, linkDown)) === 'peer-back') {
+        void this.options.unfence?.(this.name, generation);
+        return;
+      }
+    } catch (err) {
+      // This node never starts that generation now; an outdate that timed out here may have reached the witness.
+      void this.options.unfence?.(this.name, generation);
+      const why = (err as Error)?.message;
+      this.log.warn({ event: 'witness-outdate-failed', resource: this.name, peer: peerNode, err: why }, `resource ${this.name}: could not outdate ${peerNode}'s failed disk at the witness (${why}): its writes are refused`);
+      // Not a BlockDeviceError: the writes waiting on this fail, the disk here did not.
+      throw new UserError(`resource ${this.name}: ${peerNode}'s failed disk is not outdated at the witness (${why}): write refused`);
+    }
+    // From the generations as they are now: a resync may have ended while the witness was asked.
+    await this.saveRecord({ gi: nextGeneration(this.record.gi, generation.to), peerOutdated: true });
   }
 
   /* ---------------------------------------------------------- connecting */
@@ -624,6 +665,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       fullSyncNeeded: this.record.fullSyncNeeded,
       peerDiskFailed: this.record.peerDiskFailed,
       inUse: this.holders > 0,
+      // Only while it is so: the state is what it was for a peer that does not know the field.
+      ...(this.suspended ? { suspended: true } : {}),
     };
   }
 
@@ -763,7 +806,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   /** The target has every block: the data (flushed first, with the bitmap) is the source's generation, UpToDate. */
   async finishSyncTarget(peerNode: string, gi: GenerationIds): Promise<void> {
     await this.writeBitmap();
-    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false, peerOutdated: false });
+    // This node holds the source's data now: what it remembered of the peer's failed disk is moot (the
+    // source's disk is good), and a stale mark would make that disk a full-sync target again.
+    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false, peerOutdated: false, peerDiskFailed: false });
     this.crashedPrimary = false;
     this.fencedOff = undefined;
     if (this.splitBrain && !this.splitBrain.resolution) this.splitBrain.resolution = `kept ${peerNode}'s data`;
@@ -959,6 +1004,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     const ok = await (protocol === 'C' ? remote.done : protocol === 'B' ? remote.received : remote.sent);
     if (!ok) {
       if (!localOk) throw new BlockDeviceError('EIO', `resource ${this.name}: the write reached neither the local disk nor the peer`);
+      // The local disk failed since it took the write: no good copy holds it (and no generation starts here).
+      if (!this.backing_) throw new BlockDeviceError('EIO', `resource ${this.name}: the write reached neither the peer nor a disk that is still good`);
       // The link went down: the session marked the block; wait for the new generation before acknowledging.
       return { hold: this.diverging };
     }
@@ -1025,6 +1072,11 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       await dev.close();
     }
   }
+}
+
+/** A new current generation `to`: the bitmap generation stays if there is one, else it is the old current (DRBD's new current UUID). */
+function nextGeneration(gi: GenerationIds, to: string): GenerationIds {
+  return gi.bitmap === NO_GI ? { current: to, bitmap: gi.current, history: gi.history } : { current: to, bitmap: gi.bitmap, history: [gi.current, gi.history[0]] };
 }
 
 function clip(extents: Extent[], offset: number, end: number): Extent[] {

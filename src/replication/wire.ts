@@ -157,6 +157,8 @@ export interface PeerState {
   peerDiskFailed?: boolean;
   /** A pool is open on this side's data. */
   inUse?: boolean;
+  /** This side holds writes until the witness answers (no quorum): a Diskless Primary's writes here wait too. */
+  suspended?: boolean;
 }
 
 const count = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
@@ -177,6 +179,7 @@ const peerStateShape = {
   fullSyncNeeded: z.boolean().optional(),
   peerDiskFailed: z.boolean().optional(),
   inUse: z.boolean().optional(),
+  suspended: z.boolean().optional(),
 } satisfies Record<keyof PeerState, z.ZodTypeAny>;
 
 export const peerStateSchema: z.ZodType<PeerState> = z.object(peerStateShape).strict();

@@ -227,6 +227,18 @@ test('a failed disk facing an UpToDate peer gets a full sync even when the peer 
   assert.equal(foreign.kind === 'refuse' && foreign.rule, 'unrelated');
 });
 
+test('a disk its peer saw fail, back at the generation the peer still holds (the witness was out of reach, no new generation yet), is overwritten whole, never the source of a crashed Primary\'s extents (simulator seed 4942)', () => {
+  const bravo = side('bravo', { gi: gi('C1', NO_GI, 'C0'), peerDiskFailed: true, outOfSyncBytes: 8192 });
+  // alpha's Failed record could not be written: it claims UpToDate at C1, and it was Primary when it crashed.
+  const alpha = side('alpha', { gi: gi('C1', NO_GI, 'C0'), crashedPrimary: true });
+  assert.deepEqual(shape(decideConnect(bravo, alpha, policy)), { kind: 'sync', direction: 'source', full: true, split: null });
+  assert.deepEqual(shape(decideConnect(alpha, bravo, policy)), { kind: 'sync', direction: 'target', full: true, split: null });
+  // Not crashed: not "in sync" either.
+  assert.deepEqual(shape(decideConnect({ ...alpha, crashedPrimary: false }, bravo, policy)), { kind: 'sync', direction: 'target', full: true, split: null });
+  // bravo Outdated since (a witness's mark): at one generation it still has every write alpha's disk had.
+  assert.deepEqual(shape(decideConnect(alpha, { ...bravo, disk: 'Outdated' }, policy)), { kind: 'sync', direction: 'target', full: true, split: null });
+});
+
 test('an interrupted resync between two nodes of the same generation resumes from the bitmaps (simulator seeds 81, 252: rule 110, a full sync or a split brain)', () => {
   const g = syncGeneration('A', 'A');
   const source = side('alpha', { gi: gi('A', g), outOfSyncBytes: 4096 });

@@ -490,3 +490,73 @@ test('a node promoted during an unnoticed partition writes and loses power; its 
     });
   }
 });
+
+test('with a witness, a Primary whose disk fails while its peer cannot reach the witness: the peer takes its writes only once the failed disk is outdated there, so that disk, back with its old record, is not promoted on old data without --force', async () => {
+  for (const seed of [1, 2, 3]) {
+    await scenario(seed, { witness: true, onNoQuorum: 'suspend', resource: { protocol: 'C' } }, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      w.net.partition(s.name, 'witness');
+      // The Primary's disk takes no more writes (not even its Failed record): it goes on Diskless through its peer.
+      p.fail({ op: 'write', code: 'EIO' });
+      const app = p.proc!.app!;
+      app.write('data', 2 * MiB, 64 * KiB, false);
+      app.write('data', 6 * MiB, 64 * KiB, true);
+      assert.ok(await d.waitFor(() => p.r!.disk === 'Diskless', 5000), w.describe());
+      const before = s.r!.record.gi.current;
+      // Its peer may not take them for good while the witness does not know that disk is behind.
+      await d.sleep(3000);
+      assert.equal(s.r!.record.peerDiskFailed, true, 'the peer remembers the failed disk at once');
+      assert.equal(s.r!.record.gi.current, before, 'no generation of its own before the failed disk is outdated at the witness');
+      // The Diskless Primary counts them as held: secondary --force ends them (they fail with the link).
+      assert.ok(p.r!.holding, `its writes are held at its peer: ${w.describe()}`);
+      const failed = app.stats.failed;
+      await d.demote(p);
+      assert.equal(p.r!.role, 'Secondary');
+      assert.equal(app.stats.failed, failed + 2);
+      // The node restarts with its disk repaired (its record still says UpToDate), cut off from its peer,
+      // and is promoted: it is behind by nothing that was acknowledged (before: by what its peer took alone).
+      w.kill(p, 'crash');
+      p.clearFaults();
+      w.net.partition(p.name, s.name);
+      await d.start(p);
+      await d.promote(p, false);
+      w.net.healAll();
+      await d.heal();
+    });
+  }
+});
+
+test('with a witness, a Diskless Primary whose writes do not reach its peer (the peer refuses them, or the link goes) fences nobody: the peer holds the only good copy, and a node without a disk starts no generation', async () => {
+  for (const [seed, onNoQuorum] of [
+    [1, 'error'],
+    [2, 'error'],
+    [3, 'suspend'],
+    [4, 'suspend'],
+  ] as const) {
+    await scenario(seed, { witness: true, onNoQuorum, resource: { protocol: 'C' } }, async (d, w) => {
+      await d.ensurePrimary();
+      const p = d.primaries[0];
+      const s = w.other(p);
+      w.net.partition(s.name, 'witness');
+      p.fail({ op: 'write', code: 'EIO' });
+      const app = p.proc!.app!;
+      app.write('data', 2 * MiB, 64 * KiB, false);
+      assert.ok(await d.waitFor(() => p.r!.disk === 'Diskless', 5000), w.describe());
+      const gi = p.r!.record.gi.current;
+      // The peer refuses the writes (error) or holds them (suspend): its failed disk is not outdated at the witness yet.
+      await d.sleep(1500);
+      w.net.partition(p.name, s.name);
+      assert.ok(await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000), w.describe());
+      await d.bounded(app.quiet(), 5000, 'the writes');
+      assert.equal(p.r!.record.gi.current, gi, 'no generation on a node without a disk');
+      await d.demote(p);
+      // The only good copy is not outdated at the witness: promoted without --force once it reaches it.
+      w.net.heal(s.name, 'witness');
+      assert.ok(await d.promote(s, false), `promoted: ${w.describe()}`);
+      w.net.healAll();
+      await d.heal();
+    });
+  }
+});

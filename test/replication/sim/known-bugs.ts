@@ -106,6 +106,11 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     seeds: [5088, 6652, 7527],
   },
   {
+    id: 'failed-disk-outdated-in-background',
+    fix: 'the node keeping the data records its peer\'s failed disk at once, and outdates it at the witness before it starts its generation and takes the Diskless peer\'s writes (they wait for the witness as a Primary\'s own do, and fail if the link goes first); the Diskless Primary counts them as held, secondary --force ends them; a failed disk back at the generation its peer still holds is overwritten whole (sim.test.ts: a Primary whose disk fails while its peer cannot reach the witness; quorum.test.ts; connect-decision.test.ts). Seed 4942 failed on a first version of this fix (a refused fence left the failed disk the source of its crashed extents)',
+    seeds: [4811, 5605, 4942],
+  },
+  {
     id: 'final-flush-fenced-off',
     fix: 'the driver: the admin\'s final flush on a node whose forced promotion is then refused by the witness reports that refusal; healing goes on (not a product bug)',
     seeds: [1949],

@@ -422,7 +422,6 @@ export class World {
       const peerNode = this.other(n).name;
       options.fence = (_r, generation, signal) => quorum.fence(proc.r, peerNode, this.config.onNoQuorum, generation, signal);
       options.unfence = (_r, generation) => quorum.cancelFence(proc.r, peerNode, generation);
-      options.outdatePeer = (_r, generation) => quorum.outdateFailedPeer(proc.r, peerNode, generation);
       options.mayPromote = (_r, force) => quorum.mayPromote(proc.r, force);
     }
     proc.r = await Resource.open(proc.disk, options);
