@@ -65,7 +65,6 @@ export interface ResourceOptions {
   randomBytes?: (size: number) => Buffer;
 }
 
-/** Writes here fail: the other side went on without this node (it must be made Secondary). */
 /** How long `promote --force` waits for the witness to fence the peer before it goes on unfenced. */
 export const FORCED_FENCE_WAIT_MS = 3000;
 
@@ -76,6 +75,7 @@ class ForcedPastFence extends Error {
   }
 }
 
+/** Writes here fail: the other side went on without this node (it must be made Secondary). */
 export class FencedOff extends BlockDeviceError {
   constructor(message: string) {
     super('EIO', message);
