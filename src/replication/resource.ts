@@ -745,6 +745,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (peerMarks) this.bitmap.merge(peerMarks);
     if (full) this.bitmap.markAll();
     if (direction === 'source') {
+      // The sync generation first, as the target records it: whatever happens next (a failing flush
+      // detaches this disk), the two records agree on which resync this was.
+      const gi = this.record.gi;
+      if (gi.bitmap !== sync) await this.saveRecord({ gi: { current: gi.current, bitmap: sync, history: gi.bitmap !== NO_GI ? [gi.bitmap, gi.history[0]] : gi.history } });
       // What this disk sends must be what it keeps: writes it took as Secondary may still be in its cache,
       // and no bitmap here covers them (its activity log holds only its own writes as Primary). Sent
       // unflushed, a power cut here would leave the target with data the source lost, both bitmaps clear.
@@ -757,8 +761,6 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
           throw err;
         }
       }
-      const gi = this.record.gi;
-      if (gi.bitmap !== sync) await this.saveRecord({ gi: { current: gi.current, bitmap: sync, history: gi.bitmap !== NO_GI ? [gi.bitmap, gi.history[0]] : gi.history } });
       return;
     }
     // The blocks a split-brain resolution overwrites are kept first: if they cannot be (a read error, a
