@@ -100,7 +100,15 @@ export interface WitnessReply {
 }
 
 /** Outdated until it holds generation `until`; when, and by whom. */
-type Mark = { by: string; at: string; until: string };
+type Mark = {
+  by: string;
+  at: string;
+  until: string;
+  /** Earlier generations of the same setter this mark replaced, newest first: a cancel of `until` falls back to them. */
+  prior?: string[];
+};
+/** Earlier generations a mark remembers (a setter fences again only for promotions and writes without its peer). */
+const PRIOR_MAX = 4;
 /** resource -> node -> mark (Maps: names from the network never meet Object.prototype). */
 type Marks = Map<string, Map<string, Mark>>;
 
@@ -109,7 +117,7 @@ export const MAX_RESOURCES = 256;
 
 const FORMAT = 'duet-witness-state';
 const VERSION = 1;
-const markSchema = z.object({ by: name, at: z.string(), until: generation }).strict();
+const markSchema = z.object({ by: name, at: z.string(), until: generation, prior: z.array(generation).max(PRIOR_MAX).optional() }).strict();
 const marksSchema = z.record(name, z.record(name, markSchema));
 const stateFileSchema = z.object({ format: z.literal(FORMAT), version: z.literal(VERSION), sequence: z.number().int().nonnegative(), outdated: marksSchema, checksum: z.string() }).strict();
 /** Before format 1: the marks alone (no checksum); rewritten as format 1 on the first change. */
@@ -167,13 +175,23 @@ export class Witness {
           refusal = new UserError(`the witness already keeps marks for ${MAX_RESOURCES} resources, its limit: resource ${c.resource} cannot be fenced; check the cluster's resource names`);
           break;
         }
-        setMark(draft, c.resource, c.peer, { by: c.node, at: new Date().toISOString(), until: c.until });
+        {
+          // The same setter fencing again for a newer generation: the peer still lacks the older one too. If the
+          // newer is cancelled (never started), the older mark must still hold.
+          const was = draft.get(c.resource)?.get(c.peer);
+          const prior = was && was.by === c.node && was.until !== c.until ? [was.until, ...(was.prior ?? [])].slice(0, PRIOR_MAX) : undefined;
+          setMark(draft, c.resource, c.peer, { by: c.node, at: new Date().toISOString(), until: c.until, ...(prior ? { prior } : {}) });
+        }
         logs.push(() => this.log.warn({ event: 'witness-outdated', resource: c.resource, node: c.peer, by: c.node, until: c.until }, `${c.peer} outdated for ${c.resource} by ${c.node}`));
         break;
       case 'witness.cancel': {
         const mark = draft.get(c.resource)?.get(c.peer);
         if (mark && mark.by === c.node && mark.until === c.until) {
-          this.clear(draft, logs, c.resource, c.peer, mark, `${c.node} did not start generation ${c.until} after all (${c.peer} came back in sync)`);
+          const [back, ...rest] = mark.prior ?? [];
+          if (back !== undefined) {
+            setMark(draft, c.resource, c.peer, { by: mark.by, at: mark.at, until: back, ...(rest.length > 0 ? { prior: rest } : {}) });
+            logs.push(() => this.log.warn({ event: 'witness-cancel-fallback', resource: c.resource, node: c.peer, by: c.node, until: back }, `${c.node} did not start generation ${c.until}: ${c.peer} stays outdated for ${c.resource} until it holds ${back}`));
+          } else this.clear(draft, logs, c.resource, c.peer, mark, `${c.node} did not start generation ${c.until} after all (${c.peer} came back in sync)`);
         }
         break;
       }
@@ -305,7 +323,7 @@ function toObject(marks: Marks): Record<string, Record<string, Mark>> {
   const out: Record<string, Record<string, Mark>> = {};
   for (const [resource, m] of [...marks].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
     if (m.size === 0) continue;
-    out[resource] = Object.fromEntries([...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([n, k]) => [n, { by: k.by, at: k.at, until: k.until }]));
+    out[resource] = Object.fromEntries([...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([n, k]) => [n, { by: k.by, at: k.at, until: k.until, ...(k.prior ? { prior: k.prior } : {}) }]));
   }
   return out;
 }

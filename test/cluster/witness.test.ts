@@ -411,3 +411,17 @@ test('a fence that was not needed after all is cancelled by its setter naming th
   assert.equal(await isOutdated(w, 'bravo', 'r'), false);
   await w.waitLog((e) => e.event === 'witness-cleared' && e.node === 'bravo' && e.resource === 'r', 2000, 'witness-cleared');
 });
+
+test('a fence for a newer generation that is then cancelled leaves the older mark in force (sim seed 1061: a refused promotion cancelled the mark its earlier generation still needed)', async (t) => {
+  const w = await startWitness(t, tempDir(t));
+  const alpha = w.client('alpha');
+  // alpha went on alone at G1: bravo outdated until it holds G1.
+  await alpha.call({ cmd: 'witness.outdate', resource: 'r', peer: 'bravo', current: G0, until: G1 });
+  // alpha is promoted again and fences for G2 (still without bravo); that promotion is refused: G2 never starts.
+  await alpha.call({ cmd: 'witness.outdate', resource: 'r', peer: 'bravo', current: G1, until: G2 });
+  await alpha.call({ cmd: 'witness.cancel', resource: 'r', peer: 'bravo', until: G2 });
+  assert.equal(await isOutdated(w, 'bravo', 'r'), true, 'bravo still lacks G1: it may not be promoted');
+  // Only holding G1 clears it.
+  await w.client('bravo').call({ cmd: 'witness.heartbeat', inSync: {}, generations: { r: G1 } });
+  assert.equal(await isOutdated(w, 'bravo', 'r'), false);
+});

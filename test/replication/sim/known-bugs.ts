@@ -111,6 +111,11 @@ export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
     seeds: [4811, 5605, 4942],
   },
   {
+    id: 'witness-cancel-dropped-older-mark',
+    fix: 'a witness mark replaced by its setter for a newer generation remembers the older one: cancelling the newer (a promotion refused after its fence) falls back to the older mark instead of clearing the peer, which still lacked that older generation (witness.test.ts: a fence for a newer generation that is then cancelled)',
+    seeds: [1061],
+  },
+  {
     id: 'final-flush-fenced-off',
     fix: 'the driver: the admin\'s final flush on a node whose forced promotion is then refused by the witness reports that refusal; healing goes on (not a product bug)',
     seeds: [1949],
