@@ -210,7 +210,8 @@ test('a split-brain resolution whose target dies before its resync began: its di
       };
       await d.start(s);
       assert.ok(await d.waitFor(() => rules.length > 0, 5000), 's decided again');
-      assert.equal(rules[0], '90/split-brain', 'still the split brain of rule 90');
+      // Rule 90 where neither side recorded the resolution's start; rule 92 where p did (a seed's timing decides).
+      assert.match(rules[0], /^9[02]\//, 'still the split brain (rule 90 or 92)');
       w.decisionHook = undefined;
       // Now the admin keeps s's data after all: what p wrote apart is discarded, what s wrote stays.
       await d.demote(p);
