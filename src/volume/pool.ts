@@ -379,10 +379,16 @@ export class Pool implements ChunkRefs {
 
   private async shutDown(): Promise<void> {
     if (this.closed) return;
-    if (!this.readOnly) await this.commit();
-    await this.pump.idle();
-    this.closed = true;
-    for (const d of this.space.devices) await d.device.close();
+    try {
+      if (!this.readOnly) await this.commit();
+      await this.pump.idle();
+    } finally {
+      // Given back even when the last commit fails (the disk failed, or the resource is fenced off and
+      // fails the flush): the metadata on disk is what was last committed, and a device still lent out
+      // would keep its resource "in use" (no resync could ever overwrite it).
+      this.closed = true;
+      for (const d of this.space.devices) await Promise.resolve(d.device.close()).catch(() => undefined);
+    }
   }
 
   get isClosed(): boolean {

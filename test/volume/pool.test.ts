@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { FaultyDevice } from '../../src/blockdev/faulty.js';
 import { Pool } from '../../src/volume/pool.js';
 import { ThinVolume } from '../../src/volume/volume.js';
 import { createVolume, shareVolume, resizeVolume, removeVolume, diffVolumes } from '../../src/volume/operations.js';
@@ -57,3 +58,17 @@ test('create, write, snapshot, overwrite, reopen: data and snapshot intact', asy
 function keep(d: MemoryDevice): MemoryDevice {
   return new Proxy(d, { get: (t, k) => (k === 'close' ? () => undefined : Reflect.get(t, k, t)) });
 }
+
+test('a pool whose last commit fails still gives its devices back (a fenced-off resource fails the flush; its data must not stay "in use" and block the resync)', async () => {
+  const mem = new MemoryDevice(64 * MiB, 'd0');
+  const dev = new FaultyDevice(mem);
+  let closes = 0;
+  const counted = new Proxy(dev, { get: (t, k) => (k === 'close' ? () => void closes++ : Reflect.get(t, k, t)) });
+  const pool = await Pool.create('p', [counted]);
+  const st = await createVolume(pool, 'v', 8 * MiB);
+  await new ThinVolume(pool, st).write(0, pattern(64 * 1024, 3));
+  dev.failWith({ op: 'flush', code: 'EIO' });
+  await assert.rejects(pool.close(), /EIO|flush/i);
+  assert.equal(closes, 1, 'the device was given back');
+  assert.equal(pool.isClosed, true);
+});
