@@ -668,3 +668,46 @@ test('writes that each hold one hot extent and wait for another do not deadlock 
     }
   }
 });
+
+test('REVIEW: a write needing a new extent is not starved by short writes that keep touching the hot extents during each write-back', async () => {
+  // Two slots, both extents written over and over by short writes (each begins and ends at once, so none
+  // is in flight when the eviction checks). Before 8121e9a the eviction went ahead once the candidate was
+  // idle; now any write that touched it since the choice sends the eviction back to choose again, and a
+  // workload that touches every slot during every write-back keeps the waiting write out for good.
+  let backs = 0;
+  const log = await fresh({
+    slots: 2,
+    beforeEvict: async () => {
+      backs++;
+      // The bitmap write-back and the disk flush take a moment: the hot extents get a write meanwhile.
+      await sleep(1);
+    },
+  });
+  await log.begin(0, 1);
+  log.end(0, 1);
+  await log.begin(E, 1);
+  log.end(E, 1);
+  let stop = false;
+  const hammer = (async () => {
+    while (!stop) {
+      for (const e of [0, 1]) {
+        const b = log.begin(e * E, 1);
+        if (b) await b;
+        log.end(e * E, 1);
+      }
+      await new Promise((r) => setImmediate(r));
+    }
+  })();
+  const third = log.begin(2 * E, 1);
+  try {
+    await withTimeout(Promise.resolve(third), 2000, 'the write to extent 2').catch((err: Error) => {
+      throw new Error(`${err.message}: after ${backs} bitmap write-backs it still waits (each found a hot extent touched since its choice)`);
+    });
+    log.end(2 * E, 1);
+  } finally {
+    stop = true;
+    await hammer;
+    await Promise.resolve(third).catch(() => undefined);
+  }
+  assert.ok(log.hotExtents.includes(2));
+});
