@@ -561,3 +561,49 @@ test('with a witness, a Diskless Primary whose writes do not reach its peer (the
     });
   }
 });
+
+test('REVIEW: a Diskless node whose promotion finds the link gone fences nobody: its peer, the only good copy, is not outdated at the witness', async () => {
+  for (const seed of [1, 2, 3]) {
+    await scenario(seed, { resource: { protocol: 'C' }, witness: true, onNoQuorum: 'suspend' }, async (d, w) => {
+      await d.ensurePrimary();
+      const a = d.primaries[0];
+      const b = w.other(a);
+      // b cannot reach the witness: its fence of a's failed disk waits (and ends with the link, unmarked).
+      w.net.partition(b.name, 'witness');
+      a.fail({ op: '*', code: 'EIO' });
+      a.proc!.app!.write('data', 2 * MiB, 8 * KiB, false);
+      assert.ok(await d.waitFor(() => a.r!.disk === 'Diskless', 5000), 'a\'s disk failed');
+      // a steps down (by force: its writes are held at b for the witness); the link comes back.
+      await d.demote(a);
+      assert.ok(await d.waitFor(() => a.r!.role === 'Secondary' && a.r!.peer?.phase === 'connected' && b.r!.peer?.phase === 'connected' && a.r!.fencedOff === undefined, 10_000), `reconnected: ${w.describe()}`);
+      const marked = (n: typeof a): boolean => w.witnessProc!.witness.handle({ cmd: 'witness.heartbeat', node: n.name, inSync: {}, generations: {} }).outdatedResources.length > 0;
+      assert.ok(!marked(a) && !marked(b), 'nobody is outdated at the witness yet');
+      // The admin promotes a (Diskless: it serves b's data) just as the link to b fails, unnoticed yet.
+      w.net.partition(a.name, b.name);
+      const promoting = a.r!.promote(false).then(
+        () => 'promoted',
+        (err: Error) => `refused: ${err.message}`,
+      );
+      const outcome = await d.bounded(promoting, 20_000, 'the promotion');
+      w.note(`  promotion of the Diskless ${a.name}: ${outcome}`);
+      await d.sleep(2000);
+      // b reaches the witness again; the admin, seeing a Primary with no disk and no peer, promotes b instead.
+      w.net.heal(b.name, 'witness');
+      await d.sleep(3000);
+      const bPromotion = await d.bounded(
+        b.r!.promote(false).then(
+          () => 'promoted',
+          (err: Error) => `refused: ${err.message}`,
+        ),
+        20_000,
+        `promoting ${b.name}`,
+      );
+      // a has no data at all: outdating b at the witness makes the only good copy unpromotable without --force,
+      // and b's heartbeat records its own disk Outdated.
+      assert.ok(
+        !marked(b) && b.r!.record.disk === 'UpToDate' && bPromotion === 'promoted',
+        `${a.name} (Diskless, its promotion: ${outcome}) outdated ${b.name}, the only copy of the data, at the witness: ${b.name}'s disk is ${b.r!.record.disk}, its promotion ${bPromotion}`,
+      );
+    });
+  }
+});
