@@ -607,3 +607,28 @@ test('REVIEW: a Diskless node whose promotion finds the link gone fences nobody:
     });
   }
 });
+
+test('REVIEW: resource secondary --force on a Diskless Primary whose writes its peer holds for the witness ends them, even in the first second (before the peer says it is suspended)', async () => {
+  for (const seed of [1, 2, 3]) {
+    await scenario(seed, { resource: { protocol: 'C' }, witness: true, onNoQuorum: 'suspend' }, async (d, w) => {
+      await d.ensurePrimary();
+      const a = d.primaries[0];
+      const b = w.other(a);
+      w.net.partition(b.name, 'witness');
+      a.fail({ op: '*', code: 'EIO' });
+      a.proc!.app!.write('data', 2 * MiB, 8 * KiB, false);
+      assert.ok(await d.waitFor(() => a.r!.disk === 'Diskless', 5000), 'a\'s disk failed');
+      a.proc!.app!.write('data', 4 * MiB, 8 * KiB, false);
+      await d.sleep(50);
+      // b's first call to the witness has not timed out yet: it holds a's write but has not said "suspended".
+      assert.equal(b.r!.suspended, false);
+      // The admin: resource secondary --force (node.ts: fenceOff, then the pools close, then demote(true)).
+      a.r!.fenceOff(`resource sim: made Secondary by force on ${a.name}: held writes fail`);
+      await d.bounded(a.r!.demote(true), 10_000, `${a.name} stepping down by force while ${b.name} waits for the witness`);
+      assert.equal(a.r!.role, 'Secondary');
+      // The held writes end with the step-down (they fail): none stays pending on a Secondary, to be applied at b
+      // (and acknowledged) whenever the witness answers.
+      await d.bounded(a.proc!.app!.quiet(), 5000, `${a.name}'s writes held at ${b.name} ending after resource secondary --force`);
+    });
+  }
+});
