@@ -41,9 +41,12 @@ export interface ActivityLogOptions {
 export class ActivityLog {
   /** Extent -> writes in flight; Map order is LRU order (oldest first). */
   private readonly active = new Map<number, number>();
-  /** Extent -> the count of `begins` when a write last began on it (an eviction must see none since it chose). */
-  private readonly touched = new Map<number, number>();
-  private begins = 0;
+  /**
+   * Extents chosen to leave the log while the bitmap pages covering them are written back: a write on
+   * one waits for that transaction, then makes it hot again (DRBD locks the extents it evicts). Its marks
+   * would otherwise come after the pages taken, and a crash right after the eviction would lose them.
+   */
+  private readonly leaving = new Set<number>();
   private seq = 0;
   private readonly slots: number;
   private readonly pages: number;
@@ -94,15 +97,13 @@ export class ActivityLog {
     const last = Math.floor((offset + Math.max(length, 1) - 1) / AL_EXTENT_BYTES);
     for (let e = first; e <= last; e++) {
       // An extent is in `active` only once a transaction listing it is on disk.
-      if (!this.active.has(e)) return this.activate(first, last);
+      if (!this.active.has(e) || this.leaving.has(e)) return this.activate(first, last);
     }
-    this.begins++;
     for (let e = first; e <= last; e++) {
       const n = this.active.get(e)!;
       // Refresh the LRU position.
       this.active.delete(e);
       this.active.set(e, n + 1);
-      this.touched.set(e, this.begins);
     }
   }
 
@@ -143,15 +144,17 @@ export class ActivityLog {
           continue;
         }
         if (evict.length > 0) {
-          const chosenAt = this.begins;
-          await this.options.beforeEvict?.(evict);
-          // What was written in them must be durable before the page that forgets them is.
-          await this.device.flush();
-          // A write may have started on a candidate meanwhile: it stays, and the choice is made again. Even
-          // one that has ended already: its bitmap marks may have come after the write-back took its pages.
-          if (evict.some((e) => this.active.get(e) !== 0 || (this.touched.get(e) ?? 0) > chosenAt)) continue;
+          for (const e of evict) this.leaving.add(e);
+          try {
+            await this.options.beforeEvict?.(evict);
+            // What was written in them must be durable before the page that forgets them is.
+            await this.device.flush();
+          } catch (err) {
+            for (const e of evict) this.leaving.delete(e);
+            throw err;
+          }
         }
-        for (const e of evict) this.touched.delete(e);
+        for (const e of evict) this.leaving.delete(e);
         // Out of the in-memory set before the page is written (a write on them now waits for a
         // transaction of its own); the page on disk still lists them until the new one lands.
         for (const e of evict) this.active.delete(e);
@@ -159,12 +162,10 @@ export class ActivityLog {
         for (const e of need) this.active.set(e, 0);
         break;
       }
-      this.begins++;
       for (const e of wanted) {
         const n = this.active.get(e) ?? 0;
         this.active.delete(e);
         this.active.set(e, n + 1);
-        this.touched.set(e, this.begins);
       }
     });
     this.txn = run.catch(() => undefined);
@@ -185,21 +186,25 @@ export class ActivityLog {
   }
 
   /** Forget every idle extent (clean shutdown or demotion: nothing is in flight). */
-  async clear(): Promise<void> {
-    await this.txn;
-    const idle = [...this.active].filter(([, n]) => n === 0).map(([e]) => e);
-    const chosenAt = this.begins;
-    if (idle.length > 0) {
-      await this.options.beforeEvict?.(idle);
-      await this.device.flush();
-    }
-    // One written meanwhile stays hot (its marks may be newer than the write-back), as in an eviction.
-    for (const e of idle) {
-      if (this.active.get(e) !== 0 || (this.touched.get(e) ?? 0) > chosenAt) continue;
-      this.active.delete(e);
-      this.touched.delete(e);
-    }
-    await this.writeTransaction();
+  clear(): Promise<void> {
+    // In the transaction chain, as an eviction: a write diverted to `activate` meanwhile runs after it.
+    const run = this.txn.then(async () => {
+      const idle = [...this.active].filter(([, n]) => n === 0).map(([e]) => e);
+      // Leaving, as in an eviction: a write on one waits for this transaction, then makes it hot again.
+      for (const e of idle) this.leaving.add(e);
+      try {
+        if (idle.length > 0) {
+          await this.options.beforeEvict?.(idle);
+          await this.device.flush();
+        }
+        for (const e of idle) this.active.delete(e);
+        await this.writeTransaction();
+      } finally {
+        for (const e of idle) this.leaving.delete(e);
+      }
+    });
+    this.txn = run.catch(() => undefined);
+    return run;
   }
 }
 

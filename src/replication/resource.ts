@@ -442,7 +442,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.divergeAbort?.abort(new FencedOff(reason));
     // Without a disk, this node's writes wait at the peer (until its failed disk is outdated at the
     // witness): they end with the link, never applied there.
-    if (this.heldAtPeer) this.peer!.close(`${reason}: the writes ${this.peer!.peerNode} holds for quorum fail`);
+    // (Also before the peer has said so: its first witness call may still be under way.)
+    if (this.heldAtPeer || (this.role === 'Primary' && !this.backing_ && this.writesUnderWay > 0 && this.peer)) {
+      this.peer!.close(`${reason}: the writes ${this.peer!.peerNode} holds for quorum fail`);
+    }
   }
 
   /**
@@ -514,6 +517,11 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     const still = (expected: DiskState): void => {
       this.mayChangeRole();
       if (this.disk !== expected) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
+      // Without a disk it serves its peer's: only while that peer is connected with good data (the link may
+      // have gone while the peer was asked).
+      if (!this.backing_ && !(this.peer?.replicating && this.peer.state?.disk === 'UpToDate')) {
+        throw new UserError(`resource ${this.name}: no disk here and no UpToDate peer connected: nothing to serve`);
+      }
     };
     still(disk);
     const patch: Partial<MetaRecord> = { primary: true, primarySince: this.clock.now() };
@@ -529,7 +537,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // Promoted without the peer: what is written from now on is a generation the peer does not have.
     // A forced promotion has made this disk UpToDate by now.
     const now = patch.disk ?? disk;
-    if (!patch.gi && !this.peer?.replicating) await this.newGeneration('Primary without the peer', () => still(now), force);
+    // (A node without a disk starts no generation and fences nobody: its peer holds the only good copy.)
+    if (!patch.gi && !this.peer?.replicating && this.backing_) await this.newGeneration('Primary without the peer', () => still(now), force);
     still(now);
     this.role = 'Primary';
     this.fencedOff = undefined;

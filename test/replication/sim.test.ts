@@ -562,7 +562,7 @@ test('with a witness, a Diskless Primary whose writes do not reach its peer (the
   }
 });
 
-test('REVIEW: a Diskless node whose promotion finds the link gone fences nobody: its peer, the only good copy, is not outdated at the witness', async () => {
+test('a Diskless node whose promotion finds the link gone fences nobody: its peer, the only good copy, is not outdated at the witness', async () => {
   for (const seed of [1, 2, 3]) {
     await scenario(seed, { resource: { protocol: 'C' }, witness: true, onNoQuorum: 'suspend' }, async (d, w) => {
       await d.ensurePrimary();
@@ -608,7 +608,7 @@ test('REVIEW: a Diskless node whose promotion finds the link gone fences nobody:
   }
 });
 
-test('REVIEW: resource secondary --force on a Diskless Primary whose writes its peer holds for the witness ends them, even in the first second (before the peer says it is suspended)', async () => {
+test('resource secondary --force on a Diskless Primary whose writes its peer holds for the witness ends them, even in the first second (before the peer says it is suspended)', async () => {
   for (const seed of [1, 2, 3]) {
     await scenario(seed, { resource: { protocol: 'C' }, witness: true, onNoQuorum: 'suspend' }, async (d, w) => {
       await d.ensurePrimary();
