@@ -371,27 +371,35 @@ test('a promotion that waits for the witness does not make a second Primary when
   }
 });
 
+/**
+ * The Primary writes while apart from its peer, then the link heals: a bitmap resync from the Primary is
+ * under way, held at its first look at the source's disk until `release`.
+ */
+async function resyncUnderWay(d: Driver, w: World) {
+  await d.ensurePrimary();
+  const p = d.primaries[0];
+  const s = w.other(p);
+  w.net.partition(p.name, s.name);
+  await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000);
+  // Written while apart: the Secondary (UpToDate when the link comes up) becomes the bitmap resync's target.
+  const app = p.proc!.app!;
+  app.write('data', 2 * MiB, 256 * KiB, false);
+  await d.bounded(app.quiet(), 5000, 'the write while apart');
+  let held: (() => void) | undefined;
+  const disk = p.proc!.disk;
+  disk.blockStatusHook = () => {
+    if (held) return undefined;
+    return new Promise<void>((r) => (held = r));
+  };
+  w.net.healAll();
+  assert.ok(await d.waitFor(() => held !== undefined, 5000), 'the resync began');
+  return { p, s, app, disk, release: () => held!() };
+}
+
 test('a sync source whose disk fails during the resync: its writes are refused (the target is Inconsistent, whatever it said when the link came up), not acknowledged from a disk nobody resyncs', async () => {
   for (const seed of [1, 2, 3, 4]) {
     await scenario(seed, { resource: { protocol: 'C' } }, async (d, w) => {
-      await d.ensurePrimary();
-      const p = d.primaries[0];
-      const s = w.other(p);
-      w.net.partition(p.name, s.name);
-      await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000);
-      // Written while apart: the Secondary (UpToDate when the link comes up) becomes the bitmap resync's target.
-      const app = p.proc!.app!;
-      app.write('data', 2 * MiB, 256 * KiB, false);
-      await d.bounded(app.quiet(), 5000, 'the write while apart');
-      // The resync's first look at the source's disk is held, so it is still under way below.
-      let release: (() => void) | undefined;
-      const disk = p.proc!.disk;
-      disk.blockStatusHook = () => {
-        if (release) return undefined;
-        return new Promise<void>((r) => (release = r));
-      };
-      w.net.healAll();
-      assert.ok(await d.waitFor(() => release !== undefined, 5000), 'the resync began');
+      const { p, s, app, disk, release } = await resyncUnderWay(d, w);
       assert.equal(p.r!.peer?.phase, 'sync-source');
       assert.equal(s.r!.disk, 'Inconsistent');
       // The Primary's disk fails: it goes Diskless, and its peer's disk holds no good copy.
@@ -406,7 +414,7 @@ test('a sync source whose disk fails during the resync: its writes are refused (
       assert.ok(await d.waitFor(() => p.r!.peer?.phase === 'connected' && s.r!.peer?.phase === 'connected', 5000), `the resync is aborted on both sides: ${w.describe()}`);
       assert.equal(s.r!.disk, 'Inconsistent');
       disk.blockStatusHook = undefined;
-      release!();
+      release();
       await d.heal();
     });
   }
@@ -415,22 +423,7 @@ test('a sync source whose disk fails during the resync: its writes are refused (
 test('a sync target whose disk fails during the resync: the resync is aborted on both sides, the source keeps the data in a new generation and serves the Diskless peer', async () => {
   for (const seed of [1, 2, 3]) {
     await scenario(seed, { resource: { protocol: 'C' } }, async (d, w) => {
-      await d.ensurePrimary();
-      const p = d.primaries[0];
-      const s = w.other(p);
-      w.net.partition(p.name, s.name);
-      await d.waitFor(() => !p.r!.peer && !s.r!.peer, 5000);
-      const app = p.proc!.app!;
-      app.write('data', 2 * MiB, 256 * KiB, false);
-      await d.bounded(app.quiet(), 5000, 'the write while apart');
-      let release: (() => void) | undefined;
-      const disk = p.proc!.disk;
-      disk.blockStatusHook = () => {
-        if (release) return undefined;
-        return new Promise<void>((r) => (release = r));
-      };
-      w.net.healAll();
-      assert.ok(await d.waitFor(() => release !== undefined, 5000), 'the resync began');
+      const { p, s, app, disk, release } = await resyncUnderWay(d, w);
       assert.equal(s.r!.peer?.phase, 'sync-target');
       const before = p.r!.record.gi.current;
       // The target's disk fails on the Primary's next write.
@@ -442,7 +435,7 @@ test('a sync target whose disk fails during the resync: the resync is aborted on
       assert.equal(app.stats.failed, failed, 'the source still has the good copy: the write succeeds');
       assert.ok(await d.waitFor(() => p.r!.record.gi.current !== before && p.r!.record.peerDiskFailed === true, 5000), 'the source starts a new generation and remembers the failed disk');
       disk.blockStatusHook = undefined;
-      release!();
+      release();
       await d.heal();
     });
   }

@@ -865,24 +865,24 @@ function slowFileIo(clock: OwnerClock): FileIo {
         },
         sync: async () => {
           await clock.sleep(STEP_MS);
-          const fd = fs.openSync(file, 'r');
-          try {
-            fs.fsyncSync(fd);
-          } finally {
-            fs.closeSync(fd);
-          }
+          fsyncPath(file);
         },
         close: async () => undefined,
       };
     },
     syncDir: async (dir) => {
       await clock.sleep(STEP_MS);
-      const fd = fs.openSync(dir, 'r');
-      try {
-        fs.fsyncSync(fd);
-      } finally {
-        fs.closeSync(fd);
-      }
+      fsyncPath(dir);
     },
   };
+}
+
+/** fsync a file or a directory by its path. */
+function fsyncPath(at: string): void {
+  const fd = fs.openSync(at, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
 }
