@@ -27,6 +27,14 @@ export const KNOWN_BUGS: KnownBug[] = [
     match: /after a Diskless Primary wrote to a peer that neither was UpToDate nor had recorded its disk failure/,
     seeds: [1493, 2819],
   },
+  {
+    id: 'stale-keep-after-conflicting-resolve',
+    title: 'a --keep left on one node by a conflicting resolve outlives the admin\'s next resolve when the other node restarts',
+    diagnosis:
+      'Two resolves asked each node to keep a different node ("ask for one"); the admin then asked to keep bravo on alpha only, and alpha crashed (keepNode is in memory): bravo still held its stale keep=alpha, so the next connect kept alpha\'s data. Likely fix: a conflicting keep is cleared on both sides when the connect refuses it, so the next resolve starts clean. Seed 4055 (2026-11-30).',
+    match: /split brain resolved keeping \w+'s data, but the admin asked to keep/,
+    seeds: [4055],
+  },
 ];
 
 /**
