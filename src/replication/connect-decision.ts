@@ -232,6 +232,15 @@ export function decideConnect(self: ConnectSide, peer: ConnectSide, policy: Conn
   // Without a disk on one side there is nothing to compare: the diskless side works through the other.
   if (!hasDisk(self) || !hasDisk(peer)) {
     if (bothPrimary) return refuse('both-primary', 'both nodes are Primary: make one Secondary', true);
+    // A node without a disk that saw its peer's disk fail (and never gave it a full sync since) knows that
+    // disk lacks writes its own disk took: working through it would serve old data as current, and make it
+    // the keeper of a new generation. Its own disk has the data: it must come back, or an admin goes on
+    // from the peer's with --force (DRBD: a Diskless node needs an UpToDate peer, and that disk is not).
+    for (const [diskless, other] of [[self, peer], [peer, self]] as const) {
+      if (!hasDisk(diskless) && hasDisk(other) && diskless.peerDiskFailed) {
+        return refuse('stale-peer-disk', `${other.node}'s disk failed (${diskless.node} saw it) and lacks writes made since, and ${diskless.node} has no disk: attach ${diskless.node}'s disk again, or make ${other.node} Primary with --force to go on from its older data`, true);
+      }
+    }
     // A Primary without a disk serves the peer's data: only the very data it was serving (DRBD: "Can only
     // connect to data with current UUID").
     for (const [diskless, other] of [[self, peer], [peer, self]] as const) {
@@ -250,15 +259,24 @@ export function decideConnect(self: ConnectSide, peer: ConnectSide, policy: Conn
   // hold (with a witness the peer starts its generation only once that disk is outdated there): then
   // too it is overwritten whole, never the source of a crashed Primary's extents (rules 40/41).
   // Only when exactly one side is that disk (both claiming it of each other is no answer).
+  // And after a split brain: the failed disk's own branch (written while apart, before it failed) was left
+  // when its node went on Diskless through the peer, whose data its users then saw: the peer's data stays,
+  // with no admin needed. The failed disk's changes are saved first, as any split-brain loser's are.
   const sameGeneration = self.gi.current !== NO_GI && self.gi.current === peer.gi.current && Math.abs(v.hg) <= 1;
+  const diverged = Math.abs(v.hg) === 100;
   const failedSelf = failedFacing(self, peer, sameGeneration);
-  if ((v.hg === -1000 || sameGeneration) && failedSelf !== failedFacing(peer, self, sameGeneration)) {
+  if ((v.hg === -1000 || sameGeneration || diverged) && failedSelf !== failedFacing(peer, self, sameGeneration)) {
     const [blank, other, hg] = failedSelf ? [self, peer, -2] : [peer, self, 2];
     if (bothPrimary) return refuse('both-primary', 'both nodes are Primary: make one Secondary', true);
     if (blank.role === 'Primary' && !policy.allowTwoPrimaries) {
       return refuse('primary-target', `${blank.node} is Primary and would become sync target of ${other.node} (its disk failed and needs a full sync): make ${blank.node} Secondary (resource secondary) and the resync runs`, true);
     }
     if (blank.inUse) return refuse('in-use', `${blank.node} would become sync target of ${other.node} but its data is in use (a pool is open there): close it first`, true);
+    if (diverged) {
+      const resolution = `${blank.node}'s disk failed (${other.node} saw it fail): kept ${other.node}'s data, the data ${blank.node} served since`;
+      const splitBrain: SplitBrainFound = { common: v.common ?? NO_GI, localChangedBytes: self.outOfSyncBytes, peerChangedBytes: peer.outOfSyncBytes, resolution };
+      return sync(hg > 0 ? 'source' : 'target', true, `${v.rule}/split-brain/failed-disk`, `full resync: split brain, ${resolution}`, splitBrain);
+    }
     return sync(hg > 0 ? 'source' : 'target', true, v.hg === -1000 ? '1000/full-sync-needed' : `${v.rule}/peer-disk-failed`, `full resync: ${blank.node}'s disk failed and must be overwritten whole`);
   }
   if (v.hg === -1000 && (self.fullSyncNeeded || peer.fullSyncNeeded) && DISK_RANK[self.disk] <= DISK_RANK.Inconsistent && DISK_RANK[peer.disk] <= DISK_RANK.Inconsistent) {

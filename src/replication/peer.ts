@@ -9,7 +9,7 @@
 import { createHash } from 'node:crypto';
 import type { PeerLink } from './link.js';
 import { BLOCK, Bitmap } from './bitmap.js';
-import { ConnectAction, ConnectSide, decideConnect, syncGeneration } from './connect-decision.js';
+import { ConnectAction, ConnectSide, decideConnect, SplitBrainFound, syncGeneration } from './connect-decision.js';
 import type { Resource } from './resource.js';
 import { RangeOrder } from './ordering.js';
 import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
@@ -630,12 +630,15 @@ export class PeerSession {
         return this.refuse(action.reason, action.retry, action.rule);
       case 'split-brain':
         r.splitBrainFound(this.peerNode, action.splitBrain);
+        // Two different --keep choices are no answer, and neither may outlive it: a stale one left here would
+        // decide the next connect against the admin's next choice, asked on the other node only (seed 4055).
+        if (this.sent!.keep !== undefined && peer.keep !== undefined && this.sent!.keep !== peer.keep && r.keepNode === this.sent!.keep) r.keepNode = undefined;
         return this.refuse(action.why, false, action.rule);
       case 'connected':
         return this.connected(action.why);
       case 'sync':
         if (action.splitBrain) r.splitBrainFound(this.peerNode, action.splitBrain);
-        return this.startSync(action.direction, action.full, action.splitBrain !== undefined);
+        return this.startSync(action.direction, action.full, action.splitBrain);
     }
   }
 
@@ -659,7 +662,7 @@ export class PeerSession {
     r.emit('changed');
   }
 
-  private startSync(direction: 'source' | 'target', full: boolean, splitBrain: boolean): void {
+  private startSync(direction: 'source' | 'target', full: boolean, splitBrain: SplitBrainFound | undefined): void {
     const r = this.resource;
     const [source, target] = direction === 'source' ? [this.sent!, this.state!] : [this.state!, this.sent!];
     const ready = r.beginSync(this.peerNode, direction, full, this.peerMarks, splitBrain, syncGeneration(source.gi.current, target.gi.current), () => r.peer === this && this.phase === 'sync-target');

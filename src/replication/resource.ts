@@ -748,10 +748,17 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * an interrupted resync resumes from them; after a split brain it first
    * keeps what it will lose. Nothing moves before this resolves.
    */
-  async beginSync(peerNode: string, direction: 'source' | 'target', full: boolean, peerMarks: Bitmap | undefined, splitBrain: boolean, sync: string, stillTarget: () => boolean = () => true): Promise<void> {
+  async beginSync(peerNode: string, direction: 'source' | 'target', full: boolean, peerMarks: Bitmap | undefined, splitBrain: SplitBrainFound | undefined, sync: string, stillTarget: () => boolean = () => true): Promise<void> {
     this.lastRefusal = undefined;
     if (splitBrain) this.keepNode = undefined;
     if (peerMarks) this.bitmap.merge(peerMarks);
+    // A split brain's loser keeps what it changed since the split: its marks, when its bitmap reaches back
+    // that far (a full sync to a failed disk, rule 90), else every block (rule 100).
+    let own: Bitmap | undefined;
+    if (full && direction === 'target' && splitBrain !== undefined && splitBrain.common !== NO_GI && this.record.gi.bitmap === splitBrain.common) {
+      own = new Bitmap(this.bitmap.dataBytes);
+      own.merge(this.bitmap);
+    }
     if (full) this.bitmap.markAll();
     if (direction === 'source') {
       // The sync generation first, as the target records it: whatever happens next (a failing flush
@@ -780,7 +787,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       // on data the resync was about to overwrite, and be made Inconsistent under its users).
       this.syncStarting++;
       try {
-        await saveBlocks(this, peerNode);
+        await saveBlocks(this, peerNode, own);
       } catch (err) {
         if (err instanceof BlockDeviceError) this.detach(err);
         throw new UserError(`resource ${this.name}: could not save the blocks the resync from ${peerNode} overwrites (${(err as Error).message}): split-brain resolution refused`);

@@ -17,6 +17,7 @@ import { asyncFileIo } from '../util/file-io.js';
 import os from 'node:os';
 import path from 'node:path';
 import type { Resource } from './resource.js';
+import type { Bitmap } from './bitmap.js';
 import { UserError } from '../util/errors.js';
 import { Slicer } from '../util/slice.js';
 
@@ -28,14 +29,15 @@ const HEADER_BYTES_MAX = 64 * 1024 * 1024;
 
 /**
  * Save the blocks a resync is about to overwrite on this node (its whole
- * out-of-sync set, both sides' changes) to a file:
+ * out-of-sync set, both sides' changes; or `blocks`, this node's own
+ * changes when a full sync overwrites every block) to a file:
  * one JSON header line, then the bytes of each range in order.
  * Asynchronous, in bounded pieces (the header's ranges 4096 at a time, the
  * data 1 MiB at a time, a turn of the event loop every few milliseconds):
  * the set may be millions of ranges or a whole disk, and the peer links
  * must keep answering meanwhile.
  */
-export async function saveBlocks(r: Resource, peerNode: string): Promise<string | undefined> {
+export async function saveBlocks(r: Resource, peerNode: string, blocks: Bitmap = r.bitmap): Promise<string | undefined> {
   const dev = r.backing;
   if (!dev) return undefined;
   const dir = r.options.splitBrainDir ?? path.join(os.tmpdir(), 'duet-split-brain');
@@ -45,7 +47,7 @@ export async function saveBlocks(r: Resource, peerNode: string): Promise<string 
   const stamp = now.toISOString().replace(/[:.]/g, '-');
   const file = path.join(dir, `${r.name}-${r.node}-${stamp}.blocks`);
   const ranges: { offset: number; length: number }[] = [];
-  for await (const batch of r.bitmap.runBatches(HEADER_RANGES_PER_WRITE, 0, r.options.clock)) ranges.push(...batch);
+  for await (const batch of blocks.runBatches(HEADER_RANGES_PER_WRITE, 0, r.options.clock)) ranges.push(...batch);
   const header = {
     format: 'duet-split-brain-blocks-v1',
     resource: r.name,

@@ -239,6 +239,44 @@ test('a disk its peer saw fail, back at the generation the peer still holds (the
   assert.deepEqual(shape(decideConnect(alpha, { ...bravo, disk: 'Outdated' }, policy)), { kind: 'sync', direction: 'target', full: true, split: null });
 });
 
+test('a split brain where one disk failed (its peer saw it fail) keeps the peer\'s data by itself: a full sync to the failed disk, its own changes saved first (simulator seeds 1493, 2819)', () => {
+  // Apart since C0: bravo went on alone (C2, bitmap from C0), then its disk failed without taking its Failed
+  // record; it came back Diskless and served through alpha (C1, bitmap from C0), which recorded the failure.
+  const alpha = side('alpha', { gi: gi('C1', 'C0'), peerDiskFailed: true, outOfSyncBytes: 65536 });
+  const bravo = side('bravo', { gi: gi('C2', 'C0'), outOfSyncBytes: 8192 });
+  const split = { kind: 'sync', direction: 'source', full: true, split: ['C0', 65536, 8192] };
+  assert.deepEqual(shape(decideConnect(alpha, bravo, policy)), split);
+  assert.deepEqual(shape(mirrorAction(decideConnect(bravo, alpha, policy))), split);
+  const b = decideConnect(bravo, alpha, policy);
+  assert.match(b.kind === 'sync' ? `${b.rule} ${b.splitBrain?.resolution}` : '', /split-brain\/failed-disk .*bravo's disk failed/);
+  // Further back than the bitmaps (rule 100): the same, every block.
+  const far = decideConnect({ ...alpha, gi: gi('C1', NO_GI, 'C0') }, { ...bravo, gi: gi('C2', NO_GI, 'C0') }, policy);
+  assert.deepEqual(shape(far), { kind: 'sync', direction: 'source', full: true, split: ['C0', 65536, 8192] });
+  // The failed disk's node is Primary on it again (after a restart): its users write there now, so the
+  // admin decides (a plain split brain).
+  assert.equal(decideConnect({ ...bravo, role: 'Primary' }, alpha, policy).kind, 'split-brain');
+  // Without the record of the failure, an ordinary split brain for the admin.
+  assert.equal(decideConnect({ ...alpha, peerDiskFailed: false }, bravo, policy).kind, 'split-brain');
+  // Each side saw the other fail: no answer from the records, the admin decides.
+  assert.equal(decideConnect(alpha, { ...bravo, peerDiskFailed: true }, policy).kind, 'split-brain');
+});
+
+test('a Diskless node that saw its peer\'s disk fail does not take that disk for the data: refused until its own disk is back or an admin forces the peer (simulator seed 7558)', () => {
+  // alpha saw bravo's disk fail (it took no more writes) and went on (C2); then alpha's disk failed too. bravo's
+  // disk is back, repaired, its record still UpToDate at C1: it lacks what alpha wrote since.
+  const alpha = side('alpha', { disk: 'Diskless', gi: gi('C2', NO_GI, 'C1'), peerDiskFailed: true });
+  const bravo = side('bravo', { gi: gi('C1', NO_GI, 'C0') });
+  for (const [self, peer] of [[alpha, bravo], [bravo, alpha]]) {
+    const a = decideConnect(self, peer, policy);
+    assert.equal(a.kind === 'refuse' && a.rule, 'stale-peer-disk', `${self.node}'s view`);
+    assert.match(a.kind === 'refuse' ? a.reason : '', /bravo's disk failed .* alpha has no disk/);
+  }
+  // At the same generation too (the witness was out of reach: no new generation yet, but writes in flight).
+  assert.equal(decideConnect({ ...alpha, gi: bravo.gi }, bravo, policy).kind, 'refuse');
+  // Without that record, a Diskless node works through its peer's disk as before.
+  assert.equal(decideConnect({ ...alpha, peerDiskFailed: false }, bravo, policy).kind, 'connected');
+});
+
 test('an interrupted resync between two nodes of the same generation resumes from the bitmaps (simulator seeds 81, 252: rule 110, a full sync or a split brain)', () => {
   const g = syncGeneration('A', 'A');
   const source = side('alpha', { gi: gi('A', g), outOfSyncBytes: 4096 });

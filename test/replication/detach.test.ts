@@ -7,6 +7,9 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { BorrowedDevice } from '../../src/blockdev/delegating.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
 import { connected, freePort, newDisk, readAll, startNode, stopNode, until, upToDate } from './pair.js';
@@ -61,3 +64,65 @@ for (const recorded of [true, false]) {
     }
   });
 }
+
+test('a split brain where one disk failed after its node wrote alone: the peer that saw it fail keeps its data by itself, the failed disk\'s own changes are saved (only those), and the disks end identical (simulator seeds 1493, 2819)', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-detach-sb-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const port = await freePort();
+  const alphaMem = await newDisk(SIZE, 'alpha');
+  const bravoMem = await newDisk(SIZE, 'bravo');
+  const faulty = new FaultyDevice(new BorrowedDevice(bravoMem), { writeBack: false });
+  let a = await startNode('alpha', new BorrowedDevice(alphaMem), port, { splitBrainDir: dir });
+  let b = await startNode('bravo', faulty, port, { splitBrainDir: dir });
+  try {
+    await until('both-new', () => connected(a, b));
+    await a.resource.promote(true);
+    await until('synced', () => upToDate(a, b));
+    await a.resource.demote();
+    // Apart: each goes on alone (a split brain in the making).
+    a.resource.standAlone = true;
+    b.resource.standAlone = true;
+    a.connector.kick('test: apart');
+    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await b.resource.promote(false);
+    await b.resource.write(32 * MiB, Buffer.alloc(MiB, 0xbb));
+    await b.resource.flush();
+    await a.resource.promote(false);
+    await a.resource.write(0, Buffer.alloc(MiB, 0xaa));
+    await a.resource.flush();
+    await a.resource.demote();
+    // bravo's disk dies whole, its Failed record with it: it goes on Diskless, and serves through alpha.
+    faulty.failWith({ op: '*', code: 'EIO' });
+    await assert.rejects(async () => b.resource.write(40 * MiB, Buffer.alloc(MiB, 0xcc)));
+    assert.equal(b.resource.disk, 'Diskless');
+    await b.resource.demote();
+    a.resource.standAlone = false;
+    b.resource.standAlone = false;
+    await until('alpha recorded that bravo lost its disk', () => a.resource.record.peerDiskFailed);
+    await b.resource.promote(false);
+    await b.resource.write(48 * MiB, Buffer.alloc(MiB, 0xdd));
+    await b.resource.flush();
+    await b.resource.demote();
+    // bravo restarts on its repaired disk, whose record still says UpToDate on its own branch.
+    await stopNode(b);
+    b = await startNode('bravo', new BorrowedDevice(bravoMem), port, { splitBrainDir: dir });
+    assert.equal(b.resource.disk, 'UpToDate');
+    await until('full sync from alpha', () => upToDate(a, b) && a.resource.bitmap.count === 0 && b.resource.bitmap.count === 0, 20_000);
+    assert.equal(b.resource.peer?.status().lastResync?.totalBytes, b.resource.size, 'every block went back to bravo');
+    assert.match(String(b.resource.splitBrain?.resolution), /kept alpha's data/);
+    // What bravo wrote alone on its disk is kept in the file, and nothing more than its changes.
+    const saved = String(b.resource.splitBrain?.savedTo);
+    assert.ok(fs.existsSync(saved), 'the failed disk\'s changes are saved');
+    const header = JSON.parse(fs.readFileSync(saved).subarray(0, fs.readFileSync(saved).indexOf(0x0a)).toString()) as { bytes: number };
+    assert.ok(header.bytes >= MiB && header.bytes <= 8 * MiB, `saved ${header.bytes} bytes: its own changes, not the whole disk`);
+    // The data bravo served since (through alpha) stays; its lone branch is gone from the disks.
+    const all = await readAll(bravoMem, b.resource.size);
+    assert.ok(all.equals(await readAll(alphaMem, a.resource.size)));
+    assert.equal(all[0], 0xaa);
+    assert.equal(all[48 * MiB], 0xdd);
+    assert.equal(all[32 * MiB], 0);
+  } finally {
+    await stopNode(a);
+    await stopNode(b);
+  }
+});

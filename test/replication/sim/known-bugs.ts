@@ -16,26 +16,7 @@ export interface KnownBug {
   seeds: number[];
 }
 
-export const KNOWN_BUGS: KnownBug[] = [
-  {
-    id: 'split-brain-keeps-failed-disk',
-    title: 'a split brain where one disk failed (unmarked) lets the admin keep that disk, not the data its node served without it',
-    diagnosis:
-      'bravo went on alone (its own branch), its disk failed without taking its Failed record, and it served as a Diskless Primary through alpha, whose record says peerDiskFailed. Back with its repaired disk, the two branches meet as a split brain (rule 90): the failed-disk rule (a full sync to the disk its peer saw fail) applies only at one generation or to unrelated data. `resolve --keep bravo` then keeps the failed disk\'s old branch, not the data bravo served (the model expects the latter). Likely fix: a disk its peer recorded as failed is never a split brain\'s survivor (full sync to it, its blocks saved first). Seed 1493 (from 2026-11-30, after the promotion re-check made bravo\'s promotion on a failing disk refused).',
-    // 2819: the same with alpha (its failed disk's own branch kept by `resolve --keep alpha`, after it served Diskless through bravo).
-    // (2819's violation is a plain "not promised" one: the pattern stays narrow so it hides no new bug.)
-    match: /after a Diskless Primary wrote to a peer that neither was UpToDate nor had recorded its disk failure/,
-    seeds: [1493, 2819],
-  },
-  {
-    id: 'stale-keep-after-conflicting-resolve',
-    title: 'a --keep left on one node by a conflicting resolve outlives the admin\'s next resolve when the other node restarts',
-    diagnosis:
-      'Two resolves asked each node to keep a different node ("ask for one"); the admin then asked to keep bravo on alpha only, and alpha crashed (keepNode is in memory): bravo still held its stale keep=alpha, so the next connect kept alpha\'s data. Likely fix: a conflicting keep is cleared on both sides when the connect refuses it, so the next resolve starts clean. Seed 4055 (2026-11-30).',
-    match: /split brain resolved keeping \w+'s data, but the admin asked to keep/,
-    seeds: [4055],
-  },
-];
+export const KNOWN_BUGS: KnownBug[] = [];
 
 /**
  * Bugs the simulator found and that are fixed: their seeds run in npm test
@@ -44,6 +25,16 @@ export const KNOWN_BUGS: KnownBug[] = [
  * fix directly.
  */
 export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
+  {
+    id: 'stale-keep-after-conflicting-resolve',
+    fix: 'two different --keep choices are forgotten on both nodes when the connect refuses them (split-brain-resolve.test.ts)',
+    seeds: [4055],
+  },
+  {
+    id: 'split-brain-keeps-failed-disk',
+    fix: 'a split brain where one disk failed (its peer recorded it) is resolved by itself: a full sync to the failed disk, its own changes saved first (connect-decision.test.ts; detach.test.ts)',
+    seeds: [1493, 2819],
+  },
   {
     id: 'split-brain-save-eio',
     fix: 'the blocks are saved before anything changes; a read error detaches the disk, the resolution is refused and the link closed (no unhandled rejection)',
