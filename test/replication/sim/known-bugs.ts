@@ -26,6 +26,11 @@ export const KNOWN_BUGS: KnownBug[] = [];
  */
 export const FIXED_BUGS: { id: string; fix: string; seeds: number[] }[] = [
   {
+    id: 'diskless-through-failed-peer-disk',
+    fix: 'a Diskless node that saw its peer\'s disk fail refuses to work through that disk (it lacks writes made since): its own disk must come back, or an admin forces the peer (connect-decision.test.ts)',
+    seeds: [7558],
+  },
+  {
     id: 'stale-keep-after-conflicting-resolve',
     fix: 'two different --keep choices are forgotten on both nodes when the connect refuses them (split-brain-resolve.test.ts)',
     seeds: [4055],
