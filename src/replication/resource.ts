@@ -478,10 +478,10 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       throw new UserError(`resource ${this.name}: ${peer.node} is Primary; make it Secondary first (resource secondary ${this.name} on ${peer.node})`);
     }
     const disk = this.disk;
-    const peerGood = this.peer?.replicating === true && peer?.disk === 'UpToDate';
-    if (disk === 'Diskless' && !peerGood) throw new UserError(`resource ${this.name}: no disk here and no UpToDate peer: nothing to serve`);
+    const peerGood = this.peerServes();
+    if (disk === 'Diskless' && !peerGood) throw this.nothingToServe();
     if (disk !== 'UpToDate' && disk !== 'Diskless') {
-      if (peerGood) throw new UserError(`resource ${this.name}: the disk here is ${disk} and ${peer.node} has the good data: let the resync finish, or promote ${peer.node}`);
+      if (peerGood && peer) throw new UserError(`resource ${this.name}: the disk here is ${disk} and ${peer.node} has the good data: let the resync finish, or promote ${peer.node}`);
       if (!force) {
         throw new UserError(`resource ${this.name}: the disk on ${this.node} is ${disk}: it may hold old or partial data; promote with --force only if you know it is the best copy`);
       }
@@ -511,17 +511,23 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     await this.promoteAgreed(force, disk);
   }
 
+  /** Without a disk, a node serves its peer's: only while that peer is connected with good data. */
+  private peerServes(): boolean {
+    return this.peer?.replicating === true && this.peer.state?.disk === 'UpToDate';
+  }
+
+  private nothingToServe(): UserError {
+    return new UserError(`resource ${this.name}: no disk here and no UpToDate peer connected: nothing to serve`);
+  }
+
   private async promoteAgreed(force: boolean, disk: DiskState): Promise<void> {
     // Checked again after every wait (the peer's answer, the witness's fence, which may take as long as the
     // witness stays away): the disk it was asked for may have failed, or become a resync's Inconsistent target.
     const still = (expected: DiskState): void => {
       this.mayChangeRole();
       if (this.disk !== expected) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
-      // Without a disk it serves its peer's: only while that peer is connected with good data (the link may
-      // have gone while the peer was asked).
-      if (!this.backing_ && !(this.peer?.replicating && this.peer.state?.disk === 'UpToDate')) {
-        throw new UserError(`resource ${this.name}: no disk here and no UpToDate peer connected: nothing to serve`);
-      }
+      // (The link may have gone while the peer was asked.)
+      if (!this.backing_ && !this.peerServes()) throw this.nothingToServe();
     };
     still(disk);
     const patch: Partial<MetaRecord> = { primary: true, primarySince: this.clock.now() };

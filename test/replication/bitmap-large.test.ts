@@ -11,7 +11,7 @@ import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { BLOCK, Bitmap } from '../../src/replication/bitmap.js';
 import { createMetadata } from '../../src/replication/create-md.js';
 import { layoutFor, newGi, NO_GI, readRecord, writeRecord } from '../../src/replication/meta.js';
-import { connected, freePort, Node, startNode, stopNode, until } from './pair.js';
+import { apart, connected, freePort, Node, startNode, stopNode, until } from './pair.js';
 
 const TWO_32 = 2 ** 32;
 /** 2^32 + 2^20 blocks of 4 KiB: a little over 16 TiB. */
@@ -82,10 +82,7 @@ test('resync of blocks past 2^32 on a 16 TiB pair: exactly those blocks travel, 
   try {
     await until('connected in sync', () => connected(a, b) && a.resource.bitmap.count === 0, 20_000);
     await a.resource.promote(false);
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test disconnect');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     const pattern = Buffer.alloc(3 * BLOCK, 0x5a);
     const at = (TWO_32 - 1) * BLOCK;
     await a.resource.write(at, pattern);

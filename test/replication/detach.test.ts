@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { BorrowedDevice } from '../../src/blockdev/delegating.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
-import { connected, freePort, newDisk, readAll, startNode, stopNode, until, upToDate } from './pair.js';
+import { apart, freePort, initialSync, newDisk, readAll, startNode, stopNode, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -26,9 +26,7 @@ for (const recorded of [true, false]) {
     let a = await startNode('alpha', faulty, port);
     let b = await startNode('bravo', new BorrowedDevice(bravoMem), port);
     try {
-      await until('both-new', () => connected(a, b));
-      await a.resource.promote(true);
-      await until('synced', () => upToDate(a, b));
+      await initialSync(a, b);
       await a.resource.write(0, Buffer.alloc(MiB, 1));
       await a.resource.flush();
       const before = b.resource.record.gi.current;
@@ -75,15 +73,10 @@ test('a split brain where one disk failed after its node wrote alone: the peer t
   let a = await startNode('alpha', new BorrowedDevice(alphaMem), port, { splitBrainDir: dir });
   let b = await startNode('bravo', faulty, port, { splitBrainDir: dir });
   try {
-    await until('both-new', () => connected(a, b));
-    await a.resource.promote(true);
-    await until('synced', () => upToDate(a, b));
+    await initialSync(a, b);
     await a.resource.demote();
     // Apart: each goes on alone (a split brain in the making).
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test: apart');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     await b.resource.promote(false);
     await b.resource.write(32 * MiB, Buffer.alloc(MiB, 0xbb));
     await b.resource.flush();

@@ -8,7 +8,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readAll, syncedPair, stopNode, until, upToDate } from './pair.js';
+import { apart, readAll, stopNode, syncedPair, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 
@@ -19,10 +19,7 @@ test('an idle Primary whose peer was forced Primary and wrote is refused as sync
     await a.resource.flush();
     // alpha holds its data open, as a pool does.
     const lent = a.resource.borrow();
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test disconnect');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     await b.resource.promote(true);
     await b.resource.write(0, Buffer.alloc(64 * 1024, 0x22));
     await b.resource.demote();
@@ -61,10 +58,7 @@ test('an idle Primary whose peer was forced Primary and wrote is refused as sync
 test('a sync target is never promoted: not when the resync starts, nor while the witness is asked', async () => {
   const { a, b } = await syncedPair();
   try {
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test disconnect');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     for (let at = 0; at < 16 * MiB; at += MiB) await a.resource.write(at, Buffer.alloc(MiB, 0xaa));
     await a.resource.demote();
     let promoted: Promise<string> | undefined;

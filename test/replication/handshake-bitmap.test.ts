@@ -15,7 +15,7 @@ import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { BLOCK } from '../../src/replication/bitmap.js';
 import { restoreBlocks } from '../../src/replication/split-brain.js';
 import { UserError } from '../../src/util/errors.js';
-import { readAll, syncedPair, until, upToDate } from './pair.js';
+import { apart, readAll, syncedPair, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 
@@ -24,10 +24,7 @@ test('split brain with thousands of scattered blocks on each side: the union res
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
   const { a, b } = await syncedPair(64 * MiB, { afterSplitBrain: 'discard-least-changes', splitBrainDir: dir });
   try {
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     // alpha: every even block below 12,000 (6,000 runs); bravo: every block 3 mod 4 below 16,000 (4,000 runs).
     for (let blk = 0; blk < 12_000; blk += 2) await a.resource.write(blk * BLOCK, Buffer.alloc(BLOCK, 0xaa));
     await a.resource.demote();

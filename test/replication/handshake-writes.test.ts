@@ -11,7 +11,7 @@ import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
 import { BLOCK } from '../../src/replication/bitmap.js';
-import { connected, freePort, newDisk, readAll, startNode, stopNode, until, upToDate } from './pair.js';
+import { apart, connected, freePort, newDisk, readAll, startNode, stopNode, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 
@@ -28,10 +28,7 @@ test('writes in flight when the link comes up: no handshake starts over, the res
     await until('both-new connection', () => connected(a, b));
     await a.resource.promote(true);
     await until('initial sync', () => upToDate(a, b), 60_000);
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     // A bitmap of 20,000 runs (its frames take a while to go), and eight writers on fresh
     // blocks, each write 2 ms on the disk: some are always in flight.
     for (let blk = 100_000; blk < 140_000; blk += 2) a.resource.bitmap.mark(blk * BLOCK, BLOCK);

@@ -78,15 +78,28 @@ export function upToDate(a: Node, b: Node): boolean {
   return connected(a, b) && a.resource.disk === 'UpToDate' && b.resource.disk === 'UpToDate' && a.resource.peer?.state?.disk === 'UpToDate' && b.resource.peer?.state?.disk === 'UpToDate';
 }
 
+/** Two new disks connected: `a` forced Primary, the initial sync done. */
+export async function initialSync(a: Node, b: Node): Promise<void> {
+  await until('both-new connection', () => connected(a, b));
+  await a.resource.promote(true);
+  await until('initial sync', () => upToDate(a, b));
+}
+
 /** A fresh pair: both disks new, alpha forced Primary, initial sync done. */
 export async function syncedPair(size = 64 * 1024 * 1024, options: Partial<ResourceOptions> = {}): Promise<{ a: Node; b: Node; port: number }> {
   const port = await freePort();
   const a = await startNode('alpha', await newDisk(size, 'alpha'), port, options);
   const b = await startNode('bravo', await newDisk(size, 'bravo'), port, options);
-  await until('both-new connection', () => connected(a, b));
-  await a.resource.promote(true);
-  await until('initial sync', () => upToDate(a, b));
+  await initialSync(a, b);
   return { a, b, port };
+}
+
+/** The two taken apart (both StandAlone) until the test lets them connect again. */
+export async function apart(a: Node, b: Node): Promise<void> {
+  a.resource.standAlone = true;
+  b.resource.standAlone = true;
+  a.connector.kick('test: apart');
+  await until('apart', () => !a.resource.peer && !b.resource.peer);
 }
 
 export async function readAll(dev: BlockDevice, length: number): Promise<Buffer> {

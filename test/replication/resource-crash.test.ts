@@ -15,7 +15,7 @@ import type { Extent, WriteOptions, ZeroOptions } from '../../src/blockdev/types
 import { AL_EXTENT_BYTES } from '../../src/replication/activity-log.js';
 import { BLOCK } from '../../src/replication/bitmap.js';
 import { Resource } from '../../src/replication/resource.js';
-import { connected, freePort, newDisk, Node, readAll, startNode, stopNode, syncedPair, until, upToDate } from './pair.js';
+import { apart, connected, freePort, initialSync, newDisk, Node, readAll, startNode, stopNode, syncedPair, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 const SECTOR = 512;
@@ -210,9 +210,7 @@ for (const [seed, keep] of [
     const b = await startNode('bravo', bDisk, port);
     let a2: Node | undefined;
     try {
-      await until('both-new', () => connected(a, b));
-      await a.resource.promote(true);
-      await until('initial sync', () => upToDate(a, b));
+      await initialSync(a, b);
       await a.resource.flush();
       const model = new Model();
       const span = 40 * MiB; // extents 0..9
@@ -286,9 +284,7 @@ test('(b) failover: the Primary dies, the Secondary is promoted and writes on; t
   const b = await startNode('bravo', await newDisk(SIZE, 'bravo'), port);
   let a2: Node | undefined;
   try {
-    await until('both-new', () => connected(a, b));
-    await a.resource.promote(true);
-    await until('initial sync', () => upToDate(a, b));
+    await initialSync(a, b);
     // Protocol C: an acknowledged write is on bravo's disk (a disk without a cache here): durable for the model.
     const model = new Model();
     for (let i = 0; i < 60; i++) {
@@ -366,10 +362,7 @@ test('(c) a Secondary cut off while the Primary writes: on reconnect only the ma
       model.durable(offset, data);
     }
     await a.resource.flush();
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test: cut the Secondary off');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     assert.equal(a.resource.bitmap.count, 0, 'nothing was in flight or unflushed');
     const touched = new Set<number>();
     for (let i = 0; i < 50; i++) {
@@ -407,14 +400,9 @@ test('(d) an extent evicted from the activity log while disconnected: its out-of
   const b = await startNode('bravo', await newDisk(SIZE, 'bravo'), port, options);
   let a2: Node | undefined;
   try {
-    await until('both-new', () => connected(a, b));
-    await a.resource.promote(true);
-    await until('initial sync', () => upToDate(a, b));
+    await initialSync(a, b);
     await a.resource.flush();
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     const model = new Model();
     // Written alone and flushed: durable here, not on bravo, marked in the (in-memory) bitmap.
     const x = Buffer.alloc(8192, 0x11);
@@ -451,9 +439,7 @@ test('(e) a second power cut right after crash recovery: the recovered extents a
   const b = await startNode('bravo', await newDisk(SIZE, 'bravo'), port);
   let a3: Node | undefined;
   try {
-    await until('both-new', () => connected(a, b));
-    await a.resource.promote(true);
-    await until('initial sync', () => upToDate(a, b));
+    await initialSync(a, b);
     await a.resource.flush();
     const model = new Model();
     // Acknowledged (protocol C: on bravo), not flushed on alpha: lost from alpha's cache by the power cut.
@@ -525,13 +511,8 @@ for (const seed of [11, 12, 13, 14, 15, 16]) {
     const b = await startNode('bravo', disk, port);
     let b2: Node | undefined;
     try {
-      await until('both-new', () => connected(a, b));
-      await a.resource.promote(true);
-      await until('initial sync', () => upToDate(a, b));
-      a.resource.standAlone = true;
-      b.resource.standAlone = true;
-      a.connector.kick('test: apart');
-      await until('apart', () => !a.resource.peer && !b.resource.peer);
+      await initialSync(a, b);
+      await apart(a, b);
       for (let i = 0; i < 60; i++) {
         const { offset, data } = randomWrite(rand, SIZE - MiB);
         await a.resource.write(offset, data);

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
-import { connected, freePort, newDisk, readAll, startNode, stopNode, syncedPair, until, upToDate } from './pair.js';
+import { apart, freePort, initialSync, newDisk, readAll, startNode, stopNode, syncedPair, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 
@@ -90,10 +90,7 @@ test('disconnect, write, reconnect: only the dirty blocks travel, in the right d
 test('split brain: both wrote while apart; detected, nothing merged; resolve --keep saves the loser\'s blocks first', async () => {
   const { a, b } = await syncedPair();
   try {
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     await a.resource.write(0, Buffer.alloc(8192, 0xaa));
     await b.resource.promote(false);
     await b.resource.write(MiB, Buffer.alloc(4096, 0xbb));
@@ -132,10 +129,7 @@ test('split brain: both wrote while apart; detected, nothing merged; resolve --k
 test('split-brain policy discard-least-changes picks the side with fewer changes', async () => {
   const { a, b } = await syncedPair(64 * MiB, { afterSplitBrain: 'discard-least-changes' });
   try {
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     await a.resource.write(0, Buffer.alloc(3 * 4096, 0xaa));
     await a.resource.demote();
     await b.resource.promote(false);
@@ -162,9 +156,7 @@ test('EIO on the Primary\'s disk: detached, Diskless, reads and writes go on thr
   const a = await startNode('alpha', faulty, port);
   const b = await startNode('bravo', await newDisk(64 * MiB, 'bravo'), port);
   try {
-    await until('both-new', () => connected(a, b));
-    await a.resource.promote(true);
-    await until('synced', () => upToDate(a, b));
+    await initialSync(a, b);
     await a.resource.write(0, Buffer.alloc(4096, 5));
     faulty.failWith({ op: '*', code: 'EIO' });
     await a.resource.write(4096, Buffer.alloc(4096, 6));
@@ -259,10 +251,7 @@ test('promotion of an Inconsistent or Outdated disk needs --force; UpToDate with
 test('checksum-based resync sends only the blocks whose digests differ', async () => {
   const { a, b } = await syncedPair(64 * MiB, { checksumResync: true });
   try {
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     // 1 MiB rewritten with the same bytes it had (digests match), 64 KiB really changed.
     const same = Buffer.alloc(MiB);
     await a.resource.read(8 * MiB, same);
@@ -284,10 +273,7 @@ test('checksum-based resync sends only the blocks whose digests differ', async (
 test('a fixed resync rate is honoured (bounded from above), a dynamic one finishes', async () => {
   const { a, b } = await syncedPair(64 * MiB, { resyncRateBytesPerSec: 8 * MiB });
   try {
-    a.resource.standAlone = true;
-    b.resource.standAlone = true;
-    a.connector.kick('test');
-    await until('apart', () => !a.resource.peer && !b.resource.peer);
+    await apart(a, b);
     await a.resource.write(0, randomBytes(12 * MiB));
     const started = Date.now();
     a.resource.standAlone = false;

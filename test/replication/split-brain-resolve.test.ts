@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BLOCK } from '../../src/replication/bitmap.js';
-import { connected, freePort, newDisk, Node, startNode, stopNode, until, upToDate } from './pair.js';
+import { apart, freePort, initialSync, newDisk, Node, startNode, stopNode, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 
@@ -32,13 +32,8 @@ test('two different --keep choices are refused and forgotten on both nodes: the 
     await stopNode(a).catch(() => undefined);
     await stopNode(b).catch(() => undefined);
   });
-  await until('both-new connection', () => connected(a, b));
-  await a.resource.promote(true);
-  await until('initial sync', () => upToDate(a, b));
-  a.resource.standAlone = true;
-  b.resource.standAlone = true;
-  a.connector.kick('test: apart');
-  await until('apart', () => !a.resource.peer && !b.resource.peer);
+  await initialSync(a, b);
+  await apart(a, b);
   for (let blk = 0; blk < 64; blk++) await a.resource.write(blk * BLOCK, Buffer.alloc(BLOCK, 0xaa));
   await a.resource.demote();
   await b.resource.promote(false);

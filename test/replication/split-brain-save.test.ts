@@ -13,7 +13,7 @@ import path from 'node:path';
 import { BLOCK } from '../../src/replication/bitmap.js';
 import type { ResourceOptions } from '../../src/replication/resource.js';
 import { syncFileIo, type FileIo } from '../../src/util/file-io.js';
-import { connected, freePort, newDisk, Node, startNode, stopNode, until, upToDate } from './pair.js';
+import { apart, connected, freePort, initialSync, newDisk, Node, startNode, stopNode, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 
@@ -70,13 +70,8 @@ async function splitBrain(t: { after: (fn: () => Promise<void> | void) => void }
     await stopNode(a).catch(() => undefined);
     await stopNode(b).catch(() => undefined);
   });
-  await until('both-new connection', () => connected(a, b));
-  await a.resource.promote(true);
-  await until('initial sync', () => upToDate(a, b));
-  a.resource.standAlone = true;
-  b.resource.standAlone = true;
-  a.connector.kick('test: apart');
-  await until('apart', () => !a.resource.peer && !b.resource.peer);
+  await initialSync(a, b);
+  await apart(a, b);
   for (let blk = 0; blk < 4000; blk += 2) await a.resource.write(blk * BLOCK, Buffer.alloc(BLOCK, 0xaa));
   await a.resource.demote();
   await b.resource.promote(false);

@@ -868,6 +868,11 @@ export class Driver {
       this.op(`heal: nobody has good data: promote --force ${n.name}`);
       if (n.r!.role === 'Primary') await this.demote(n);
       await this.promote(n, true);
+    } else if (/lacks writes made since, and \w+ has no disk/.test(reason)) {
+      // A Diskless node facing the disk it saw fail: its own disk, repaired, is attached at the top of each
+      // round (attachRepaired), and the next connect decides on it. (The refusal may be the last one of a
+      // node that has its disk back already.)
+      this.op('heal: the Diskless node\'s own disk is attached again: connect');
     } else if (/holds unrelated data/.test(reason) && w.stats.forcedPromotions > 0) {
       // Forced promotions on both sides took them further apart than the generations' history reaches
       // (DRBD's "unrelated data" too). The admin does what the message says: keeps one copy (the Primary
