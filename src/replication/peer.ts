@@ -11,7 +11,7 @@ import type { PeerLink } from './link.js';
 import { BLOCK, Bitmap } from './bitmap.js';
 import { ConnectAction, ConnectSide, decideConnect, SplitBrainFound, syncGeneration } from './connect-decision.js';
 import type { Resource } from './resource.js';
-import { RangeOrder } from './ordering.js';
+import { RangeOrder } from '../util/range-order.js';
 import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
 import * as W from './wire.js';
 import { Resync, ResyncProgress } from './resync.js';

@@ -25,7 +25,7 @@ import { ActivityLog, AL_EXTENT_BYTES } from './activity-log.js';
 import { NoMetadata } from './create-md.js';
 import { Bitmap } from './bitmap.js';
 import { DiskState, GenerationIds, layoutFor, MetaLayout, MetaRecord, newGi, NO_GI, readRecord, writeRecord } from './meta.js';
-import { RangeOrder } from './ordering.js';
+import { RangeOrder } from '../util/range-order.js';
 import type { PeerSession, PeerStatus } from './peer.js';
 import type { PeerState, Role } from './wire.js';
 import { ConnectPolicy, forcedGeneration, SplitBrainFound, SplitBrainPolicy } from './connect-decision.js';

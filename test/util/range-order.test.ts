@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { RangeOrder } from '../../src/replication/ordering.js';
+import { RangeOrder } from '../../src/util/range-order.js';
 
 const MiB = 1024 * 1024;
 
