@@ -16,6 +16,7 @@ import {
 import { native, blockDeviceSizeOf, NativeOps } from './native.js';
 import { blockDeviceInUse, claimFile, DiskClaim, exclusiveOpenFlags } from './claim.js';
 import { errnoCode, UserError } from '../util/errors.js';
+import { RangeOrder } from '../util/range-order.js';
 
 export interface FileDeviceOptions {
   readOnly?: boolean;
@@ -68,6 +69,13 @@ export class FileDevice implements BlockDevice {
   private readonly ops: NativeOps | null;
   private claim: DiskClaim | undefined;
   private closed = false;
+  /**
+   * Writes, trims and zeroings still under way in the pool. A later one that
+   * overlaps them waits for them: done on the spot, it would overtake them
+   * (two pool writes could as well, on two pool threads) and the older data
+   * would win.
+   */
+  private readonly pending = new RangeOrder();
 
   private constructor(
     readonly name: string,
@@ -149,6 +157,10 @@ export class FileDevice implements BlockDevice {
 
   write(offset: number, data: Buffer, options?: WriteOptions): void | Promise<void> {
     this.check(offset, data.length, true);
+    return this.inOrder(offset, data.length, () => this.writeNow(offset, data, options));
+  }
+
+  private writeNow(offset: number, data: Buffer, options?: WriteOptions): void | Promise<void> {
     // FUA waits for the disk: never on the event loop.
     if (options?.fua) return this.pwriteAsync(this.dsyncFd, data, offset);
     if (data.length <= this.syncWriteMaxBytes) {
@@ -168,6 +180,11 @@ export class FileDevice implements BlockDevice {
   trim(offset: number, length: number, options?: WriteOptions): void | Promise<void> {
     this.check(offset, length, true);
     if (!this.ops || length === 0) return; // trim is advisory: doing nothing is correct
+    return this.inOrder(offset, length, () => this.trimNow(offset, length, options));
+  }
+
+  private trimNow(offset: number, length: number, options?: WriteOptions): void | Promise<void> {
+    if (!this.ops) return;
     try {
       if (this.isBlockDevice) this.ops.discard(this.fd, offset, length);
       else this.ops.punchHole(this.fd, offset, length);
@@ -180,6 +197,10 @@ export class FileDevice implements BlockDevice {
   writeZeroes(offset: number, length: number, options: ZeroOptions = {}): void | Promise<void> {
     this.check(offset, length, true);
     if (length === 0) return;
+    return this.inOrder(offset, length, () => this.writeZeroesNow(offset, length, options));
+  }
+
+  private writeZeroesNow(offset: number, length: number, options: ZeroOptions): void | Promise<void> {
     if (this.ops && !this.isBlockDevice) {
       try {
         if (options.noHole) this.ops.zeroRange(this.fd, offset, length);
@@ -249,6 +270,19 @@ export class FileDevice implements BlockDevice {
     this.claim?.release();
     fs.closeSync(this.fd);
     if (this.dsyncFd >= 0) fs.closeSync(this.dsyncFd);
+  }
+
+  /**
+   * Run a change of [offset, offset+length) now, or after the earlier ones
+   * it overlaps that are still under way; one that returns a promise is
+   * remembered until it settles. Nothing under way (the common case with
+   * writes on the calling thread): one size check, and errors still throw.
+   */
+  private inOrder(offset: number, length: number, fn: () => void | Promise<void>): void | Promise<void> {
+    if (this.pending.size > 0 && this.pending.settled(offset, length)) return this.pending.run(offset, length, fn);
+    const result = fn();
+    if (!(result instanceof Promise)) return result;
+    return this.pending.run(offset, length, () => result);
   }
 
   private check(offset: number, length: number, writing: boolean): void {
