@@ -51,9 +51,13 @@ export class RangeOrder {
   }
 
   private track<T>(offset: number, end: number, work: Promise<T>): Promise<T> {
-    const entry: Entry = { offset, end, done: work.then(() => undefined, () => undefined) };
+    // Out of the index in the first reaction to `work`, before the caller's
+    // own (registered after this one): a request it then issues to the same
+    // range must not wait for one that is over.
+    const entry: Entry = { offset, end, done: Promise.resolve() };
+    const over = (): void => this.remove(entry);
+    entry.done = work.then(over, over);
     this.add(entry);
-    void entry.done.then(() => this.remove(entry));
     return work;
   }
 

@@ -89,3 +89,19 @@ test('RangeOrder: overlaps, waits and settles agree with a plain list of request
     { numRuns: 300 },
   );
 });
+
+test('a request is out of the index by the time its caller resumes: the next one to its range runs at once', async () => {
+  const order = new RangeOrder();
+  let finish!: () => void;
+  const first = order.run(0, 4096, () => new Promise<void>((resolve) => (finish = resolve)));
+  assert.ok(first instanceof Promise);
+  finish();
+  await first;
+  assert.equal(order.size, 0);
+  let ran = false;
+  const next = order.run(0, 4096, () => {
+    ran = true;
+  });
+  assert.equal(ran, true, 'not held behind a request already done');
+  assert.equal(next, undefined);
+});
