@@ -17,6 +17,9 @@ import { native, blockDeviceSizeOf, NativeOps } from './native.js';
 import { blockDeviceInUse, claimFile, DiskClaim, exclusiveOpenFlags } from './claim.js';
 import { errnoCode, UserError } from '../util/errors.js';
 import { RangeOrder } from '../util/range-order.js';
+import { WriteBackoff, WriteBackoffFigures, WriteBackoffOptions } from './write-backoff.js';
+
+export type WriteMode = 'sync' | 'pool' | 'adaptive';
 
 export interface FileDeviceOptions {
   readOnly?: boolean;
@@ -29,14 +32,23 @@ export interface FileDeviceOptions {
    */
   syncIoMaxBytes?: number;
   /**
-   * The same for writes (default: syncIoMaxBytes). A write into the page
-   * cache sleeps when the kernel throttles dirty pages (up to 200 ms a
-   * call, measured 140-250 ms on the node daemon under write load), and on
-   * the calling thread that stops everything else it does: a process whose
-   * event loop answers peer links sets 0 (writes lose nothing by the pool
-   * hop: shared/bench/FINDINGS.md).
+   * Where writes of up to syncWriteMaxBytes run (FUA and larger writes
+   * always go to the pool):
+   * - 'sync' (default): on the calling thread.
+   * - 'pool': in libuv's pool. A write into the page cache sleeps when the
+   *   kernel throttles dirty pages (up to 200 ms a call, measured 140-250 ms
+   *   on the node daemon under write load), and on the calling thread that
+   *   stops everything else its event loop does (peer links, exports).
+   * - 'adaptive': on the calling thread while writes are fast, in the pool
+   *   for a growing back-off after one was slow (write-backoff.ts): the
+   *   speed of 'sync' (the pool hop halves the small-write rate) without
+   *   its long sleeps. The node daemon's disks (cluster/disk-options.ts).
    */
+  writeMode?: WriteMode;
+  /** The largest write 'sync' and 'adaptive' may do on the calling thread (default: syncIoMaxBytes; 0 = 'pool'). */
   syncWriteMaxBytes?: number;
+  /** Tuning of 'adaptive' (and its clock, for tests). */
+  adaptive?: WriteBackoffOptions;
   /** Use the native add-on when present (tests turn it off to cover the fallback). */
   useNative?: boolean;
   /**
@@ -66,6 +78,7 @@ export class FileDevice implements BlockDevice {
   private dsyncFd = -1;
   private readonly syncIoMaxBytes: number;
   private readonly syncWriteMaxBytes: number;
+  private readonly backoff: WriteBackoff | undefined;
   private readonly ops: NativeOps | null;
   private claim: DiskClaim | undefined;
   private closed = false;
@@ -89,7 +102,9 @@ export class FileDevice implements BlockDevice {
     this.fd = fd;
     this.ops = options.useNative === false ? null : native;
     this.syncIoMaxBytes = options.syncIoMaxBytes ?? DEFAULT_SYNC_IO_MAX_BYTES;
-    this.syncWriteMaxBytes = options.syncWriteMaxBytes ?? this.syncIoMaxBytes;
+    const writeMode = options.writeMode ?? 'sync';
+    this.syncWriteMaxBytes = writeMode === 'pool' ? 0 : (options.syncWriteMaxBytes ?? this.syncIoMaxBytes);
+    if (writeMode === 'adaptive') this.backoff = new WriteBackoff(options.adaptive);
     const holes = this.ops !== null;
     this.capabilities = {
       readOnly,
@@ -163,11 +178,20 @@ export class FileDevice implements BlockDevice {
   private writeNow(offset: number, data: Buffer, options?: WriteOptions): void | Promise<void> {
     // FUA waits for the disk: never on the event loop.
     if (options?.fua) return this.pwriteAsync(this.dsyncFd, data, offset);
-    if (data.length <= this.syncWriteMaxBytes) {
+    if (data.length > this.syncWriteMaxBytes) return this.pwriteAsync(this.fd, data, offset);
+    if (!this.backoff) {
       this.pwriteSync(data, offset);
       return;
     }
-    return this.pwriteAsync(this.fd, data, offset);
+    const started = this.backoff.begin();
+    if (started === undefined) return this.pwriteAsync(this.fd, data, offset);
+    this.pwriteSync(data, offset);
+    this.backoff.end(started);
+  }
+
+  /** Where the small writes of an 'adaptive' device went, and its back-off (undefined in the other modes). */
+  writeBackoff(): WriteBackoffFigures | undefined {
+    return this.backoff?.stats();
   }
 
   flush(): Promise<void> {

@@ -20,6 +20,7 @@
 import path from 'node:path';
 import { FileDevice } from '../blockdev/file.js';
 import { DiskInUse } from '../blockdev/claim.js';
+import { nodeDiskOptions } from './disk-options.js';
 import { NoMetadata } from '../replication/create-md.js';
 import { NbdServer } from '../nbd/server.js';
 import type { ExportProvider, NbdExport } from '../nbd/exports.js';
@@ -170,8 +171,8 @@ export class NodeDaemon {
     const file = path.resolve(path.dirname(c.file), diskPath);
     let device: FileDevice;
     try {
-      // Writes off the event loop: a write the kernel throttles would stall the peer links (file.ts).
-      device = FileDevice.open(file, { syncWriteMaxBytes: Number(process.env.DUET_NODE_SYNC_WRITE_MAX_BYTES ?? 0) });
+      // Small writes on the event loop only while the kernel does not throttle them: a write it puts to sleep would stall the peer links.
+      device = FileDevice.open(file, nodeDiskOptions());
     } catch (err) {
       // Another daemon (or any process) has the disk: a refusal because of state.
       if (err instanceof DiskInUse) throw new UserError(`resource ${name}: ${err.message}`, 1);

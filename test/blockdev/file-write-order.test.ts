@@ -127,3 +127,35 @@ test('writes to different blocks do not wait for each other', async () => {
     dev.close();
   }
 });
+
+test('overlapping writes issued back to back across a switch of an adaptive device land in issue order', async () => {
+  const file = sparseFile(MiB);
+  const clock = { now: 0, lag: 0 };
+  const dev = FileDevice.open(file, {
+    writeMode: 'adaptive',
+    adaptive: { clock: () => clock.now, afterSyncWrite: () => ((clock.now += clock.lag), (clock.lag = 0)) },
+  });
+  try {
+    clock.lag = 50;
+    assert.equal(dev.write(0, pattern(10, 4 * KiB)), undefined, 'a slow write on the spot: small writes go to the pool');
+    const pool = holdPool();
+    const pooled = dev.write(0, pattern(11, 4 * KiB));
+    assert.ok(pooled instanceof Promise, 'in the pool');
+    clock.now += 100; // the back-off is over: the next small write would be done on the spot
+    const next = dev.write(0, pattern(12, 4 * KiB));
+    await pool.release();
+    await Promise.all([pooled, next]);
+    assert.ok(fileBytes(file, 0, 4 * KiB).equals(pattern(12, 4 * KiB)), 'the later write is what the file holds');
+
+    // The other way round: on the spot (slow), then in the pool.
+    clock.now += 1000;
+    clock.lag = 50;
+    assert.equal(dev.write(8 * KiB, pattern(13, 4 * KiB)), undefined);
+    const after = dev.write(8 * KiB, pattern(14, 4 * KiB));
+    assert.ok(after instanceof Promise);
+    await after;
+    assert.ok(fileBytes(file, 8 * KiB, 4 * KiB).equals(pattern(14, 4 * KiB)));
+  } finally {
+    dev.close();
+  }
+});
