@@ -8,7 +8,8 @@
 // pages without writing them). Also says how full the kernel's dirty limits
 // were when a write on the loop was slow: a predictive switch (read
 // /proc/meminfo, go to the pool before the kernel throttles) helps only if
-// slow writes come with a high dirty level. Not a test; needs `npm run build`.
+// slow writes come with a high dirty level (measured with the prototype of
+// one, mode 'predict' at f9c635c). Not a test; needs `npm run build`.
 // usage: node bench/write-throttle.mjs [--modes sync,pool,adaptive] [--seconds 10] [--quiet 3] [--dirty-gib 8] [--dir DIR]
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -19,7 +20,7 @@ import { fileURLToPath } from 'node:url';
 
 const args = process.argv.slice(2);
 const arg = (name, dflt) => (args.includes(name) ? args[args.indexOf(name) + 1] : dflt);
-const modes = arg('--modes', 'sync,pool,adaptive,predict').split(',');
+const modes = arg('--modes', 'sync,pool,adaptive').split(',');
 const seconds = Number(arg('--seconds', 10));
 const quiet = Number(arg('--quiet', 3));
 const dirtyGiB = Number(arg('--dirty-gib', 8));
@@ -71,12 +72,8 @@ const MiB = (n) => Math.round(n / 1024 / 1024);
 
 async function runChild(mode) {
   const { FileDevice } = await import('../dist/src/blockdev/file.js');
-  const { DirtyPages } = await import('../dist/src/blockdev/dirty-pages.js');
   const file = path.join(dir, 'device.img');
-  // 'predict': adaptive, and to the pool as soon as dirty pages near the kernel's throttling point.
-  const adaptive = { slowWriteMs, ...(mode === 'predict' ? { dirtyPages: new DirtyPages() } : {}) };
-  const options = mode === 'predict' ? { writeMode: 'adaptive', adaptive } : { writeMode: mode, adaptive };
-  const dev = FileDevice.open(file, options);
+  const dev = FileDevice.open(file, { writeMode: mode, adaptive: { slowWriteMs } });
   const data = Buffer.alloc(BLOCK, 0x5a);
   let inFlight = 0;
   let done = 0;
@@ -159,8 +156,8 @@ async function runChild(mode) {
   while (inFlight > 0) await new Promise((resolve) => setTimeout(resolve, 5));
   fs.rmSync(scratch, { force: true });
   const backoff = dev.writeBackoff();
-  const onLoop = (b) => (b ? Math.round((100 * b.onThread) / (b.onThread + b.inPool + b.predicted)) : mode === 'sync' ? 100 : 0);
-  const loadedOnLoop = backoff && quietBackoff ? { onThread: backoff.onThread - quietBackoff.onThread, inPool: backoff.inPool - quietBackoff.inPool, predicted: backoff.predicted - quietBackoff.predicted } : undefined;
+  const onLoop = (b) => (b ? Math.round((100 * b.onThread) / (b.onThread + b.inPool)) : mode === 'sync' ? 100 : 0);
+  const loadedOnLoop = backoff && quietBackoff ? { onThread: backoff.onThread - quietBackoff.onThread, inPool: backoff.inPool - quietBackoff.inPool } : undefined;
   dev.close();
   slowAt.sort((a, b) => a - b);
   console.log(

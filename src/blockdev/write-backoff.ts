@@ -11,9 +11,13 @@
  * the first write after it is a probe on the calling thread again: slow,
  * the back-off doubles (up to maxBackoffMs, so a throttled disk costs one
  * sleep on the loop per back-off at most); fast, it is over.
+ *
+ * No prediction from the kernel's dirty level (/proc/meminfo against the
+ * free-run ceiling of vm.dirty_*): measured (bench/README.md), the long
+ * sleeps here came at a half to two thirds of that ceiling (a journal or a
+ * page lock, not balance_dirty_pages), and the prediction kept writes in
+ * the pool for as long as a writer kept the level up, at the pool's rate.
  */
-import type { DirtyPages } from './dirty-pages.js';
-
 export interface WriteBackoffOptions {
   /** A write on the calling thread longer than this (ms) is slow. Default 2. */
   slowWriteMs?: number;
@@ -23,8 +27,6 @@ export interface WriteBackoffOptions {
   maxBackoffMs?: number;
   /** Monotonic milliseconds: default performance.now; tests inject a fake one. */
   clock?: () => number;
-  /** Also send small writes to the pool while the kernel's dirty pages near its throttling point. */
-  dirtyPages?: DirtyPages;
   /** Run after each write on the calling thread, before its end is taken: a test makes it slow by moving its clock. */
   afterSyncWrite?: () => void;
 }
@@ -34,8 +36,6 @@ export interface WriteBackoffFigures {
   onThread: number;
   /** Small writes sent to the pool by a back-off. */
   inPool: number;
-  /** Small writes sent to the pool because dirty pages neared the kernel's throttling point. */
-  predicted: number;
   /** Writes on the calling thread that were slow. */
   slow: number;
   /** The longest a write on the calling thread took (ms). */
@@ -50,10 +50,9 @@ export class WriteBackoff {
   private readonly maxBackoffMs: number;
   private readonly clock: () => number;
   private readonly afterSyncWrite: (() => void) | undefined;
-  private readonly dirtyPages: DirtyPages | undefined;
   private poolUntil = -Infinity;
   private backoffMs = 0;
-  private readonly figures: WriteBackoffFigures = { onThread: 0, inPool: 0, predicted: 0, slow: 0, slowestMs: 0, backoffMs: 0 };
+  private readonly figures: WriteBackoffFigures = { onThread: 0, inPool: 0, slow: 0, slowestMs: 0, backoffMs: 0 };
 
   constructor(options: WriteBackoffOptions = {}) {
     this.slowWriteMs = options.slowWriteMs ?? 2;
@@ -61,7 +60,6 @@ export class WriteBackoff {
     this.maxBackoffMs = Math.max(this.firstBackoffMs, options.maxBackoffMs ?? 10_000);
     this.clock = options.clock ?? (() => performance.now());
     this.afterSyncWrite = options.afterSyncWrite;
-    this.dirtyPages = options.dirtyPages;
   }
 
   /** The start time of a write that may run on the calling thread now; undefined: it goes to the pool. */
@@ -69,10 +67,6 @@ export class WriteBackoff {
     const now = this.clock();
     if (now < this.poolUntil) {
       this.figures.inPool++;
-      return undefined;
-    }
-    if (this.dirtyPages?.near(now)) {
-      this.figures.predicted++;
       return undefined;
     }
     this.figures.onThread++;
