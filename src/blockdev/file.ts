@@ -40,9 +40,10 @@ export interface FileDeviceOptions {
    *   on the node daemon under write load), and on the calling thread that
    *   stops everything else its event loop does (peer links, exports).
    * - 'adaptive': on the calling thread while writes are fast, in the pool
-   *   for a growing back-off after one was slow (write-backoff.ts): the
-   *   speed of 'sync' (the pool hop halves the small-write rate) without
-   *   its long sleeps. The node daemon's disks (cluster/disk-options.ts).
+   *   for a growing back-off after one was slow (write-backoff.ts): most
+   *   of 'sync''s rate (the pool hop halves the small-write rate) with the
+   *   pool's loop delay (bench/README.md). The node daemon's disks
+   *   (cluster/disk-options.ts).
    */
   writeMode?: WriteMode;
   /** The largest write 'sync' and 'adaptive' may do on the calling thread (default: syncIoMaxBytes; 0 = 'pool'). */

@@ -1,10 +1,11 @@
 /**
  * Where a small write of an 'adaptive' FileDevice runs. On the calling
  * thread a 4 KiB page-cache write costs a few microseconds, half the cost of
- * a hop to libuv's pool and back (shared/bench/FINDINGS.md); but once dirty
- * pages pass the kernel's limit, balance_dirty_pages puts the writer to
- * sleep, up to 200 ms a call (measured 140-250 ms on the node daemon), and
- * on an event loop that stops every peer link and export with it.
+ * a hop to libuv's pool and back (shared/bench/FINDINGS.md); but a write
+ * can sleep in the kernel: balance_dirty_pages once dirty pages pass its
+ * limit (up to 200 ms a call), ext4 waiting for its journal or for a page
+ * under writeback (measured 140-370 ms on this machine under write load),
+ * and on an event loop that stops every peer link and export with it.
  *
  * So: write on the calling thread while writes are fast. One that took
  * longer than slowWriteMs sends small writes to the pool for a back-off;
