@@ -9,7 +9,7 @@
 // were when a write on the loop was slow: a predictive switch (read
 // /proc/meminfo, go to the pool before the kernel throttles) helps only if
 // slow writes come with a high dirty level (measured with the prototype of
-// one, mode 'predict' at f9c635c). Not a test; needs `npm run build`.
+// one, mode 'predict' at 5269aef). Not a test; needs `npm run build`.
 // usage: node bench/write-throttle.mjs [--modes sync,pool,adaptive] [--seconds 10] [--quiet 3] [--dirty-gib 8] [--dir DIR]
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
