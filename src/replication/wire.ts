@@ -182,6 +182,9 @@ const peerStateShape = {
   suspended: z.boolean().optional(),
 } satisfies Record<keyof PeerState, z.ZodTypeAny>;
 
+// Strict: a field this node does not know is a peer of another protocol. So a release that adds a field
+// (as `suspended` was, before any release) raises LINK_PROTOCOL (link-auth.ts), and the hello refuses the
+// mix by name instead of each state frame dropping the link.
 export const peerStateSchema: z.ZodType<PeerState> = z.object(peerStateShape).strict();
 
 export const refuseSchema = z.object({ reason: z.string().max(MAX_REASON) }).strict();
