@@ -51,7 +51,9 @@ test('writes in flight when the link comes up: no handshake starts over, the res
     slow.setLatency(0);
     await a.resource.flush();
     await until('in sync', () => upToDate(a, b) && a.resource.bitmap.count === 0, 60_000);
-    const restarts = events.slice(before).filter((e) => e.event === 'disconnected');
+    // (A ping timeout on a machine too busy to answer in 400 ms is another matter: only a handshake that
+    // found its own state changed counts.)
+    const restarts = events.slice(before).filter((e) => e.event === 'disconnected' && /state changed during the handshake/.test(String(e.why)));
     assert.deepEqual(restarts, [], 'the handshake never started over');
     assert.ok((await readAll(a.disk, a.resource.size)).equals(await readAll(b.disk, a.resource.size)));
   } finally {
