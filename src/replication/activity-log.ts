@@ -19,7 +19,7 @@
  * Page: "DUETAL01" | u64 seq | u32 count | u32 crc32 | u32 extent[count]
  */
 import { crc32 } from 'node:zlib';
-import type { BlockDevice } from '../blockdev/types.js';
+import { BlockDeviceError, type BlockDevice } from '../blockdev/types.js';
 import { Clock, realClock } from '../util/clock.js';
 
 export const AL_EXTENT_BYTES = 4 * 1024 * 1024;
@@ -53,6 +53,8 @@ export class ActivityLog {
   /** One transaction at a time; writers wanting new extents queue behind it. */
   private txn: Promise<void> = Promise.resolve();
   transactions = 0;
+  /** Why the disk was detached: nothing more is written to it (see detach). */
+  private detachedWhy: string | undefined;
 
   private constructor(
     private readonly device: BlockDevice,
@@ -172,8 +174,19 @@ export class ActivityLog {
     return run;
   }
 
+  /**
+   * The disk failed and was detached: no page goes to it any more. The hot
+   * extents its log lists now are what a restart on it recovers (their marks
+   * may never have reached its bitmap): a page that forgot them, written by
+   * a demotion or a close after the failure, would lose them for good.
+   */
+  detach(why: string): void {
+    this.detachedWhy = why;
+  }
+
   /** Record a set of hot extents (the current one by default); the set counts only once this resolves. */
   async writeTransaction(extents: number[] = [...this.active.keys()]): Promise<void> {
+    if (this.detachedWhy !== undefined) throw new BlockDeviceError('EIO', `activity log: the disk was detached (${this.detachedWhy})`);
     this.seq++;
     this.transactions++;
     const page = Buffer.alloc(PAGE);

@@ -40,6 +40,12 @@ export interface ConnectSide {
   fullSyncNeeded: boolean;
   /** Its peer's disk failed while this side kept the data: the peer's disk gets a full sync. */
   peerDiskFailed: boolean;
+  /**
+   * The generation that failed disk claimed then (NO_GI or absent: not known, from an older record). A
+   * disk that claims another one now has been written since (promoted alone on it, after a repair): it
+   * is not the disk that failed any more, and nothing about its data is known here.
+   */
+  peerDiskFailedGi?: string;
   /** Something above the resource (an open pool) uses the data on this side. */
   inUse: boolean;
   /** `resource resolve --keep NODE` asked on this side: the node whose data stays. */
@@ -74,6 +80,8 @@ export interface SplitBrainFound {
   peerChangedBytes: number;
   /** How it was resolved (`null`: not resolved). */
   resolution: string | null;
+  /** Resolved for the peer of the node whose disk failed (that node's blocks are saved as far as they can be read). */
+  failedDisk?: string;
 }
 
 /** The generation-id verdict: DRBD's `hg` and rule number. */
@@ -215,8 +223,16 @@ const DISK_RANK: Record<DiskState, number> = { Failed: 0, Diskless: 1, Inconsist
  * mark) or not, that peer is the better copy.
  */
 function failedFacing(blank: ConnectSide, other: ConnectSide, sameGeneration = false): boolean {
-  if (other.disk !== 'UpToDate' && !(sameGeneration && other.disk === 'Outdated' && other.peerDiskFailed)) return false;
-  return (blank.fullSyncNeeded && blank.disk === 'Inconsistent') || (other.peerDiskFailed && blank.role === 'Secondary');
+  // A disk `blank` saw fail itself is no better (both failed: nobody has good data).
+  if (seenFailed(other, blank)) return false;
+  if (other.disk !== 'UpToDate' && !(sameGeneration && other.disk === 'Outdated' && seenFailed(blank, other))) return false;
+  return (blank.fullSyncNeeded && blank.disk === 'Inconsistent') || (seenFailed(blank, other) && blank.role === 'Secondary');
+}
+
+/** `by` saw `disk` fail (it recorded peerDiskFailed), and that disk has not been written since (it claims the same generation). */
+function seenFailed(disk: ConnectSide, by: ConnectSide): boolean {
+  if (!by.peerDiskFailed) return false;
+  return by.peerDiskFailedGi === undefined || by.peerDiskFailedGi === NO_GI || by.peerDiskFailedGi === disk.gi.current;
 }
 
 function hasDisk(side: ConnectSide): boolean {
@@ -237,7 +253,7 @@ export function decideConnect(self: ConnectSide, peer: ConnectSide, policy: Conn
     // the keeper of a new generation. Its own disk has the data: it must come back, or an admin goes on
     // from the peer's with --force (DRBD: a Diskless node needs an UpToDate peer, and that disk is not).
     for (const [diskless, other] of [[self, peer], [peer, self]] as const) {
-      if (!hasDisk(diskless) && hasDisk(other) && diskless.peerDiskFailed) {
+      if (!hasDisk(diskless) && hasDisk(other) && seenFailed(other, diskless)) {
         return refuse('stale-peer-disk', `${other.node}'s disk failed (${diskless.node} saw it) and lacks writes made since, and ${diskless.node} has no disk: attach ${diskless.node}'s disk again, or make ${other.node} Primary with --force to go on from its older data`, true);
       }
     }
@@ -274,7 +290,7 @@ export function decideConnect(self: ConnectSide, peer: ConnectSide, policy: Conn
     if (blank.inUse) return refuse('in-use', `${blank.node} would become sync target of ${other.node} but its data is in use (a pool is open there): close it first`, true);
     if (diverged) {
       const resolution = `${blank.node}'s disk failed (${other.node} saw it fail): kept ${other.node}'s data, the data ${blank.node} served since`;
-      const splitBrain: SplitBrainFound = { common: v.common ?? NO_GI, localChangedBytes: self.outOfSyncBytes, peerChangedBytes: peer.outOfSyncBytes, resolution };
+      const splitBrain: SplitBrainFound = { common: v.common ?? NO_GI, localChangedBytes: self.outOfSyncBytes, peerChangedBytes: peer.outOfSyncBytes, resolution, failedDisk: blank.node };
       return sync(hg > 0 ? 'source' : 'target', true, `${v.rule}/split-brain/failed-disk`, `full resync: split brain, ${resolution}`, splitBrain);
     }
     return sync(hg > 0 ? 'source' : 'target', true, v.hg === -1000 ? '1000/full-sync-needed' : `${v.rule}/peer-disk-failed`, `full resync: ${blank.node}'s disk failed and must be overwritten whole`);
@@ -329,6 +345,11 @@ export function decideConnect(self: ConnectSide, peer: ConnectSide, policy: Conn
   const target = hg > 0 ? peer : self;
   if (DISK_RANK[source.disk] <= DISK_RANK.Inconsistent) {
     return refuse('inconsistent-source', `${source.node} would be the sync source but its disk is ${source.disk}: nobody has good data for ${target.node}`, true);
+  }
+  // A disk its peer saw fail lacks what was written since (whatever its own record says): never a source.
+  // (The peer's disk, if it were good, would have been the source above; it failed too, or is new.)
+  if (seenFailed(source, target)) {
+    return refuse('inconsistent-source', `nobody has good data: ${source.node}'s disk failed (${target.node} saw it) and lacks writes made since, and ${target.node}'s disk is ${target.disk}: promote the better copy with --force`, true);
   }
   // DRBD's "I shall become SyncTarget, but I am primary!": a resync would change data under the Primary's users.
   if (target.role === 'Primary' && !policy.allowTwoPrimaries) {

@@ -64,6 +64,8 @@ export interface MetaRecord {
   peerOutdated: boolean;
   /** The peer's disk failed (or went away) while this node kept the data: the peer's disk gets a full sync. */
   peerDiskFailed: boolean;
+  /** The generation the failed disk claimed then (NO_GI: not known). Claiming another one, it was written since. */
+  peerDiskFailedGi: string;
   seq: number;
 }
 
@@ -98,6 +100,7 @@ const recordBodyShape = {
   primarySince: count.default(0),
   peerOutdated: z.boolean().default(false),
   peerDiskFailed: z.boolean().default(false),
+  peerDiskFailedGi: giSchema.default('0'), // NO_GI (declared below)
 } satisfies Record<keyof Omit<MetaRecord, 'seq'>, z.ZodTypeAny>;
 
 const recordBodySchema: z.ZodType<Omit<MetaRecord, 'seq'>, z.ZodTypeDef, unknown> = z.object(recordBodyShape).passthrough();
@@ -202,6 +205,7 @@ export function initialRecord(resource: string, node: string, layout: MetaLayout
     primarySince: 0,
     peerOutdated: false,
     peerDiskFailed: false,
+    peerDiskFailedGi: NO_GI,
     seq: 0,
   };
 }

@@ -10,6 +10,7 @@ import { createHash } from 'node:crypto';
 import type { PeerLink } from './link.js';
 import { BLOCK, Bitmap } from './bitmap.js';
 import { ConnectAction, ConnectSide, decideConnect, SplitBrainFound, syncGeneration } from './connect-decision.js';
+import { subtract } from '../util/ranges.js';
 import type { Resource } from './resource.js';
 import { RangeOrder } from '../util/range-order.js';
 import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../blockdev/types.js';
@@ -597,7 +598,7 @@ export class PeerSession {
    */
   private peerHasNoDisk(): void {
     this.peerDiskRetry = false;
-    const gate = this.resource.peerLostDisk(this.peerNode, this.down.signal);
+    const gate = this.resource.peerLostDisk(this.peerNode, this.state!.gi.current, this.down.signal);
     this.peerDiskGate = gate;
     // A failure here fails the writes waiting on the gate (their nack); the next write from the peer tries again.
     void gate.then(
@@ -635,8 +636,12 @@ export class PeerSession {
         if (this.sent!.keep !== undefined && peer.keep !== undefined && this.sent!.keep !== peer.keep && r.keepNode === this.sent!.keep) r.keepNode = undefined;
         return this.refuse(action.why, false, action.rule);
       case 'connected':
+        // A --keep choice is for the split brain it was asked for: connected without one, it is moot, and
+        // kept it would decide a later split brain nobody asked about.
+        r.keepNode = undefined;
         return this.connected(action.why);
       case 'sync':
+        r.keepNode = undefined;
         if (action.splitBrain) r.splitBrainFound(this.peerNode, action.splitBrain);
         return this.startSync(action.direction, action.full, action.splitBrain);
     }
@@ -1035,24 +1040,10 @@ function sideOf(s: W.PeerState): ConnectSide {
     primarySince: s.primarySince,
     fullSyncNeeded: s.fullSyncNeeded === true,
     peerDiskFailed: s.peerDiskFailed === true,
+    ...(s.peerDiskFailedGi !== undefined ? { peerDiskFailedGi: s.peerDiskFailedGi } : {}),
     inUse: s.inUse === true,
     keep: s.keep,
   };
-}
-
-/** [from, to) minus the given ranges, as sorted pieces. */
-function subtract(from: number, to: number, holes: [number, number][]): [number, number][] {
-  let pieces: [number, number][] = [[from, to]];
-  for (const [hs, he] of holes) {
-    pieces = pieces.flatMap(([s, e]): [number, number][] => {
-      if (he <= s || hs >= e) return [[s, e]];
-      const out: [number, number][] = [];
-      if (hs > s) out.push([s, hs]);
-      if (he < e) out.push([he, e]);
-      return out;
-    });
-  }
-  return pieces;
 }
 
 export { BLOCK };

@@ -241,7 +241,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       },
     });
     // Records written before the field existed.
-    record = { ...record, peerDiskFailed: record.peerDiskFailed ?? false };
+    record = { ...record, peerDiskFailed: record.peerDiskFailed ?? false, peerDiskFailedGi: record.peerDiskFailedGi ?? NO_GI };
     const failedBefore = record.disk === 'Failed';
     const crashed = record.primary;
     if (crashed) {
@@ -597,6 +597,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (!this.backing_) return;
     const dev = this.backing_;
     this.backing_ = undefined;
+    this.al.detach((err as Error)?.message ?? String(err));
     this.log.error({ event: 'disk-detached', resource: this.name, device: dev.name, err: (err as Error)?.message }, `resource ${this.name}: I/O error on ${dev.name}: disk detached, going on Diskless through the peer`);
     // Say so on the disk itself if it still takes a write: when it is attached again it is not
     // trusted until a full sync. If it does not, the peer remembers that this disk failed.
@@ -632,7 +633,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * here, and no generation starts (a failed disk promoted meanwhile would
    * otherwise meet it as a split brain).
    */
-  async peerLostDisk(peerNode: string, linkDown: AbortSignal): Promise<void> {
+  async peerLostDisk(peerNode: string, peerGi: string, linkDown: AbortSignal): Promise<void> {
     const fence = this.options.fence;
     // Not the data's keeper (a Diskless Primary writes only to an UpToDate disk: DRBD's may_do_writes), or
     // it has recorded the loss already.
@@ -641,8 +642,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     const generation = { from: this.record.gi.current, to: newGi(this.options.randomBytes) };
     if (!this.record.peerDiskFailed) {
       this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
-      if (!fence) return this.saveRecord({ gi: nextGeneration(this.record.gi, generation.to), peerDiskFailed: true });
-      await this.saveRecord({ peerDiskFailed: true, peerOutdated: false });
+      // With the generation that disk claims (its Diskless node's): back claiming it, it is that failed disk.
+      if (!fence) return this.saveRecord({ gi: nextGeneration(this.record.gi, generation.to), peerDiskFailed: true, peerDiskFailedGi: peerGi });
+      await this.saveRecord({ peerDiskFailed: true, peerDiskFailedGi: peerGi, peerOutdated: false });
     }
     try {
       // 'peer-back' only for a peer that replicates again (it has a disk): nothing diverged then.
@@ -679,6 +681,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       keep: this.keepNode,
       fullSyncNeeded: this.record.fullSyncNeeded,
       peerDiskFailed: this.record.peerDiskFailed,
+      ...(this.record.peerDiskFailed ? { peerDiskFailedGi: this.record.peerDiskFailedGi } : {}),
       inUse: this.holders > 0,
       // Only while it is so: the state is what it was for a peer that does not know the field.
       ...(this.suspended ? { suspended: true } : {}),
@@ -793,7 +796,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       // on data the resync was about to overwrite, and be made Inconsistent under its users).
       this.syncStarting++;
       try {
-        await saveBlocks(this, peerNode, own);
+        // A failed disk's unreadable sectors must not keep it from ever getting its full sync.
+        await saveBlocks(this, peerNode, own, splitBrain.failedDisk === this.node);
       } catch (err) {
         if (err instanceof BlockDeviceError) this.detach(err);
         throw new UserError(`resource ${this.name}: could not save the blocks the resync from ${peerNode} overwrites (${(err as Error).message}): split-brain resolution refused`);
@@ -822,7 +826,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     const next: GenerationIds = gi.bitmap === NO_GI ? gi : { current: gi.current, bitmap: NO_GI, history: [gi.bitmap, gi.history[0]] };
     this.crashedPrimary = false;
     if (this.splitBrain && !this.splitBrain.resolution) this.splitBrain.resolution = `kept ${this.node}'s data`;
-    await this.saveRecord({ gi: next, peerOutdated: false, peerDiskFailed: false });
+    await this.saveRecord({ gi: next, peerOutdated: false, peerDiskFailed: false, peerDiskFailedGi: NO_GI });
     await this.writeBitmap();
     return next;
   }
@@ -832,7 +836,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     await this.writeBitmap();
     // This node holds the source's data now: what it remembered of the peer's failed disk is moot (the
     // source's disk is good), and a stale mark would make that disk a full-sync target again.
-    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false, peerOutdated: false, peerDiskFailed: false });
+    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false, peerOutdated: false, peerDiskFailed: false, peerDiskFailedGi: NO_GI });
     this.crashedPrimary = false;
     this.fencedOff = undefined;
     if (this.splitBrain && !this.splitBrain.resolution) this.splitBrain.resolution = `kept ${peerNode}'s data`;

@@ -19,7 +19,9 @@ import path from 'node:path';
 import type { Resource } from './resource.js';
 import type { Bitmap } from './bitmap.js';
 import { UserError } from '../util/errors.js';
+import { BlockDeviceError } from '../blockdev/types.js';
 import { Slicer } from '../util/slice.js';
+import { subtract } from '../util/ranges.js';
 
 /** Ranges written to the header per write, and bytes of data per read and write. */
 const HEADER_RANGES_PER_WRITE = 4096;
@@ -37,7 +39,7 @@ const HEADER_BYTES_MAX = 64 * 1024 * 1024;
  * the set may be millions of ranges or a whole disk, and the peer links
  * must keep answering meanwhile.
  */
-export async function saveBlocks(r: Resource, peerNode: string, blocks: Bitmap = r.bitmap): Promise<string | undefined> {
+export async function saveBlocks(r: Resource, peerNode: string, blocks: Bitmap = r.bitmap, failedDisk = false): Promise<string | undefined> {
   const dev = r.backing;
   if (!dev) return undefined;
   const dir = r.options.splitBrainDir ?? path.join(os.tmpdir(), 'duet-split-brain');
@@ -58,6 +60,8 @@ export async function saveBlocks(r: Resource, peerNode: string, blocks: Bitmap =
     bytes: ranges.reduce((n, x) => n + x.length, 0),
   };
   const slicer = new Slicer(r.options.clock);
+  /** Blocks of a failed disk that could not be read (zeros in the file). */
+  const unreadable: { offset: number; length: number }[] = [];
   const fh = await io.create(file, 0o600);
   try {
     // JSON.stringify({...header, ranges}) written a piece at a time (ranges is the last key).
@@ -75,7 +79,8 @@ export async function saveBlocks(r: Resource, peerNode: string, blocks: Bitmap =
       for (let done = 0; done < range.length; ) {
         const n = Math.min(piece.length, range.length - done);
         const view = piece.subarray(0, n);
-        await dev.read(range.offset + done, view);
+        if (failedDisk) await readWhatCanBe(dev, range.offset + done, view, unreadable);
+        else await dev.read(range.offset + done, view);
         await fh.write(view);
         done += n;
         const pause = slicer.due();
@@ -86,11 +91,72 @@ export async function saveBlocks(r: Resource, peerNode: string, blocks: Bitmap =
   } finally {
     await fh.close();
   }
+  if (unreadable.length > 0) {
+    // Beside the file: restore-blocks leaves these blocks alone (their data was lost with the disk's sectors).
+    const side = await io.create(`${file}.unreadable`, 0o600);
+    try {
+      await side.write(Buffer.from(`${JSON.stringify({ format: 'duet-split-brain-unreadable-v1', ranges: unreadable })}\n`));
+      await side.sync();
+    } finally {
+      await side.close();
+    }
+    r.log.error(
+      { event: 'split-brain-unreadable', resource: r.name, file, ranges: unreadable.length, bytes: unreadable.reduce((n, x) => n + x.length, 0) },
+      `resource ${r.name}: ${unreadable.length} ranges of the failed disk could not be read: zeros in ${file}, listed in ${file}.unreadable`,
+    );
+  }
   // The file's entry too: without it a power cut can lose the whole file after the resync overwrote the blocks.
   await io.syncDir(dir);
   if (r.splitBrain) r.splitBrain.savedTo = file;
   r.log.warn({ event: 'split-brain-saved', resource: r.name, file, bytes: header.bytes }, `resource ${r.name}: saved ${header.bytes} bytes this node is about to lose to ${file}`);
   return file;
+}
+
+/**
+ * Read [offset, offset+into.length) of a failed disk: what cannot be read,
+ * 4 KiB block by block, is left as zeros and listed in `unreadable`. Its
+ * full sync rewrites those sectors (a disk remaps a bad sector on a write),
+ * so a failed disk's bad sectors must not keep it from ever getting one.
+ */
+async function readWhatCanBe(dev: { read(offset: number, into: Buffer): unknown }, offset: number, into: Buffer, unreadable: { offset: number; length: number }[]): Promise<void> {
+  try {
+    await dev.read(offset, into);
+    return;
+  } catch (err) {
+    if (!(err instanceof BlockDeviceError)) throw err;
+  }
+  for (let at = 0; at < into.length; at += UNREADABLE_BLOCK) {
+    const part = into.subarray(at, Math.min(at + UNREADABLE_BLOCK, into.length));
+    try {
+      await dev.read(offset + at, part);
+    } catch (err) {
+      if (!(err instanceof BlockDeviceError)) throw err;
+      part.fill(0);
+      const last = unreadable[unreadable.length - 1];
+      if (last && last.offset + last.length === offset + at) last.length += part.length;
+      else unreadable.push({ offset: offset + at, length: part.length });
+    }
+  }
+}
+
+const UNREADABLE_BLOCK = 4096;
+
+/** The blocks a failed disk could not give when its blocks were saved (restore-blocks leaves them alone). */
+async function unreadableOf(file: string): Promise<{ offset: number; length: number }[]> {
+  let text: string;
+  try {
+    text = await fsp.readFile(`${file}.unreadable`, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw new UserError(`${file}.unreadable: cannot read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
+  }
+  try {
+    const parsed = JSON.parse(text) as { format?: string; ranges?: { offset: number; length: number }[] };
+    if (parsed.format === 'duet-split-brain-unreadable-v1' && Array.isArray(parsed.ranges) && parsed.ranges.every((x) => Number.isSafeInteger(x.offset) && Number.isSafeInteger(x.length))) return parsed.ranges;
+  } catch {
+    /* reported below */
+  }
+  throw new UserError(`${file}.unreadable: not a list of unreadable blocks: move it away to restore every block`);
 }
 
 /**
@@ -131,6 +197,7 @@ export async function restoreBlocks(file: string, resource: string, dev: { size:
     const total = header.ranges.reduce((sum, r) => sum + r.length, 0);
     if (size !== nl + 1 + total) throw new UserError(`${file}: truncated or damaged (${size} bytes, expected ${nl + 1 + total})`);
     for (const r of header.ranges) if (r.offset < 0 || r.offset + r.length > dev.size) throw new UserError(`${file}: range ${r.offset}+${r.length} is outside resource ${resource}`);
+    const skip = await unreadableOf(file);
     let pos = nl + 1;
     const piece = Buffer.allocUnsafe(PIECE_BYTES);
     const slicer = new Slicer();
@@ -142,7 +209,9 @@ export async function restoreBlocks(file: string, resource: string, dev: { size:
           if (bytesRead === 0) throw new UserError(`${file}: truncated or damaged (ends at ${pos + got})`);
           got += bytesRead;
         }
-        await dev.write(r.offset + done, Buffer.from(piece.subarray(0, len)));
+        for (const [from, to] of subtract(r.offset + done, r.offset + done + len, skip.map((x): [number, number] => [x.offset, x.offset + x.length]))) {
+          await dev.write(from, Buffer.from(piece.subarray(from - (r.offset + done), to - (r.offset + done))));
+        }
         pos += len;
         done += len;
         const pause = slicer.due();
@@ -154,3 +223,4 @@ export async function restoreBlocks(file: string, resource: string, dev: { size:
     await fh.close();
   }
 }
+

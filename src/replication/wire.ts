@@ -19,7 +19,7 @@
  */
 import { z } from 'zod';
 import { BLOCK } from './bitmap.js';
-import { diskStateSchema, generationIdsSchema, DiskState, GenerationIds } from './meta.js';
+import { diskStateSchema, generationIdsSchema, giSchema, DiskState, GenerationIds } from './meta.js';
 
 export const F_STATE = 20;
 export const F_BITMAP = 21;
@@ -155,6 +155,7 @@ export interface PeerState {
   fullSyncNeeded?: boolean;
   /** This side kept the data while the peer's disk failed: the peer's disk gets a full sync. */
   peerDiskFailed?: boolean;
+  peerDiskFailedGi?: string;
   /** A pool is open on this side's data. */
   inUse?: boolean;
   /** This side holds writes until the witness answers (no quorum): a Diskless Primary's writes here wait too. */
@@ -178,6 +179,7 @@ const peerStateShape = {
   keep: nodeName.optional(),
   fullSyncNeeded: z.boolean().optional(),
   peerDiskFailed: z.boolean().optional(),
+  peerDiskFailedGi: giSchema.optional(),
   inUse: z.boolean().optional(),
   suspended: z.boolean().optional(),
 } satisfies Record<keyof PeerState, z.ZodTypeAny>;

@@ -145,6 +145,7 @@ const sideArb = (node: string) =>
     primarySince: fc.constantFrom(0, 1, 2),
     fullSyncNeeded: fc.boolean(),
     peerDiskFailed: fc.boolean(),
+    peerDiskFailedGi: fc.option(ids, { nil: undefined }),
     inUse: fc.boolean(),
     keep: fc.constantFrom(undefined, 'alpha', 'bravo'),
   });
@@ -177,6 +178,9 @@ test('safety: no resync overwrites a Primary, a disk in use or from a disk that 
       assert.ok(target.disk !== 'Diskless' && target.disk !== 'Failed');
       assert.equal(a.dataBytes, b.dataBytes);
       if (target.fullSyncNeeded) assert.equal(act.full, true);
+      // A disk the target saw fail (and that has not been written since) is never the source.
+      const seen = target.peerDiskFailed && (target.peerDiskFailedGi === undefined || target.peerDiskFailedGi === NO_GI || target.peerDiskFailedGi === source.gi.current);
+      assert.ok(!seen, `${source.node}'s disk, seen failing by ${target.node}, is the source: ${JSON.stringify({ a, b, act })}`);
     }),
     { numRuns: 20_000 },
   );
@@ -242,7 +246,7 @@ test('a disk its peer saw fail, back at the generation the peer still holds (the
 test('a split brain where one disk failed (its peer saw it fail) keeps the peer\'s data by itself: a full sync to the failed disk, its own changes saved first (simulator seeds 1493, 2819)', () => {
   // Apart since C0: bravo went on alone (C2, bitmap from C0), then its disk failed without taking its Failed
   // record; it came back Diskless and served through alpha (C1, bitmap from C0), which recorded the failure.
-  const alpha = side('alpha', { gi: gi('C1', 'C0'), peerDiskFailed: true, outOfSyncBytes: 65536 });
+  const alpha = side('alpha', { gi: gi('C1', 'C0'), peerDiskFailed: true, peerDiskFailedGi: 'C2', outOfSyncBytes: 65536 });
   const bravo = side('bravo', { gi: gi('C2', 'C0'), outOfSyncBytes: 8192 });
   const split = { kind: 'sync', direction: 'source', full: true, split: ['C0', 65536, 8192] };
   assert.deepEqual(shape(decideConnect(alpha, bravo, policy)), split);
@@ -258,13 +262,17 @@ test('a split brain where one disk failed (its peer saw it fail) keeps the peer\
   // Without the record of the failure, an ordinary split brain for the admin.
   assert.equal(decideConnect({ ...alpha, peerDiskFailed: false }, bravo, policy).kind, 'split-brain');
   // Each side saw the other fail: no answer from the records, the admin decides.
-  assert.equal(decideConnect(alpha, { ...bravo, peerDiskFailed: true }, policy).kind, 'split-brain');
+  assert.equal(decideConnect(alpha, { ...bravo, peerDiskFailed: true, peerDiskFailedGi: 'C1' }, policy).kind, 'split-brain');
+  // The failed disk was repaired and written since (promoted alone on it: C3): not the disk alpha saw fail,
+  // and its users' writes are not discarded by a record about its past (review of this rule).
+  assert.equal(decideConnect(alpha, { ...bravo, gi: gi('C3', 'C0', 'C2') }, policy).kind, 'split-brain');
+  assert.equal(decideConnect({ ...bravo, gi: gi('C3', 'C0', 'C2') }, alpha, policy).kind, 'split-brain');
 });
 
 test('a Diskless node that saw its peer\'s disk fail does not take that disk for the data: refused until its own disk is back or an admin forces the peer (simulator seed 7558)', () => {
   // alpha saw bravo's disk fail (it took no more writes) and went on (C2); then alpha's disk failed too. bravo's
   // disk is back, repaired, its record still UpToDate at C1: it lacks what alpha wrote since.
-  const alpha = side('alpha', { disk: 'Diskless', gi: gi('C2', NO_GI, 'C1'), peerDiskFailed: true });
+  const alpha = side('alpha', { disk: 'Diskless', gi: gi('C2', NO_GI, 'C1'), peerDiskFailed: true, peerDiskFailedGi: 'C1' });
   const bravo = side('bravo', { gi: gi('C1', NO_GI, 'C0') });
   for (const [self, peer] of [[alpha, bravo], [bravo, alpha]]) {
     const a = decideConnect(self, peer, policy);
@@ -275,6 +283,8 @@ test('a Diskless node that saw its peer\'s disk fail does not take that disk for
   assert.equal(decideConnect({ ...alpha, gi: bravo.gi }, bravo, policy).kind, 'refuse');
   // Without that record, a Diskless node works through its peer's disk as before.
   assert.equal(decideConnect({ ...alpha, peerDiskFailed: false }, bravo, policy).kind, 'connected');
+  // Nor once an admin went on from that disk (promote --force: a generation of its own).
+  assert.equal(decideConnect(alpha, { ...bravo, gi: gi('C3', 'C1', 'C0') }, policy).kind, 'connected');
 });
 
 test('an interrupted resync between two nodes of the same generation resumes from the bitmaps (simulator seeds 81, 252: rule 110, a full sync or a split brain)', () => {
@@ -335,4 +345,15 @@ test('both disks failed at the same generation: "nobody has good data" for an ad
     }),
     { numRuns: 20_000 },
   );
+});
+
+test('the disk a Diskless node kept the data on comes back recorded Failed, facing the peer disk it saw fail: nobody has good data, no resync from the stale disk (seed 7558, once the own disk is attached again)', () => {
+  // alpha saw bravo's disk fail and went on (C2, writes only alpha's disk has); then alpha's disk failed and took
+  // its Failed record. bravo's disk is back, repaired, still UpToDate at C1: it lacks every write of C2.
+  const alpha = side('alpha', { disk: 'Inconsistent', fullSyncNeeded: true, peerDiskFailed: true, gi: gi('C2', 'C1'), outOfSyncBytes: 1 << 20 });
+  const bravo = side('bravo', { gi: gi('C1') });
+  for (const [self, peer] of [[alpha, bravo], [bravo, alpha]]) {
+    const a = decideConnect(self, peer, policy);
+    assert.notDeepEqual(shape(a), { kind: 'sync', direction: self === bravo ? 'source' : 'target', full: true, split: null }, `${self.node}: ${a.kind === 'sync' ? a.why : a.kind}`);
+  }
 });
