@@ -249,7 +249,7 @@ export class Driver {
     if (w.config.witness) w.startWitness();
     for (const n of w.nodes) {
       // `duet resource create-md` on each new disk.
-      await createMetadata(n.hw, { resource: 'sim', node: n.name });
+      await createMetadata(n.hw, { resource: 'sim', node: n.name, clock: w.clock });
       await n.hw.flush();
       await this.bounded(w.start(n), 10_000, `opening ${n.name}`);
     }
@@ -885,7 +885,7 @@ export class Driver {
       const lost = w.lineageOf(loser.name);
       if (lost !== w.lineageOf(keep.name)) lost.discardedBy = keep.name;
       w.kill(loser, 'crash');
-      await createMetadata(loser.hw, { resource: 'sim', node: loser.name, force: true });
+      await createMetadata(loser.hw, { resource: 'sim', node: loser.name, force: true, clock: w.clock });
       await loser.hw.flush();
       await this.start(loser);
     } else {
