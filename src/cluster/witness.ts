@@ -135,6 +135,8 @@ export class Witness {
     private readonly file: string,
     private readonly nodes: string[],
     private readonly log: Logger,
+    /** Milliseconds since the epoch, for the marks' times (a simulation's fake clock; the wall clock by default). */
+    private readonly now: () => number = Date.now,
   ) {
     fs.mkdirSync(path.dirname(file), { recursive: true });
     refuseLink(`${file}.tmp`);
@@ -155,7 +157,7 @@ export class Witness {
   /** Serve one command (already authenticated, not yet checked). */
   handle(request: unknown): WitnessReply {
     const c = this.check(request);
-    this.lastSeen.set(c.node, Date.now());
+    this.lastSeen.set(c.node, this.now());
     // Changes go to a draft, saved before they count: a failed save leaves the marks as they were.
     const draft: Marks = new Map([...this.marks].map(([r, m]) => [r, new Map(m)]));
     const logs: Array<() => void> = [];
@@ -180,7 +182,7 @@ export class Witness {
           // newer is cancelled (never started), the older mark must still hold.
           const was = draft.get(c.resource)?.get(c.peer);
           const prior = was && was.by === c.node && was.until !== c.until ? [was.until, ...(was.prior ?? [])].slice(0, PRIOR_MAX) : undefined;
-          setMark(draft, c.resource, c.peer, { by: c.node, at: new Date().toISOString(), until: c.until, ...(prior ? { prior } : {}) });
+          setMark(draft, c.resource, c.peer, { by: c.node, at: new Date(this.now()).toISOString(), until: c.until, ...(prior ? { prior } : {}) });
         }
         logs.push(() => this.log.warn({ event: 'witness-outdated', resource: c.resource, node: c.peer, by: c.node, until: c.until }, `${c.peer} outdated for ${c.resource} by ${c.node}`));
         break;

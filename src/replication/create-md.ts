@@ -9,6 +9,7 @@
  */
 import type { BlockDevice } from '../blockdev/types.js';
 import type { Logger } from '../util/log.js';
+import type { SliceClock } from '../util/slice.js';
 import { UserError } from '../util/errors.js';
 import { ActivityLog } from './activity-log.js';
 import { Bitmap } from './bitmap.js';
@@ -30,6 +31,8 @@ export interface CreateMetadataOptions {
   /** Overwrite metadata that is already there (this disk then counts as new). */
   force?: boolean;
   log?: Logger;
+  /** Where the bitmap's write-back reads the time between slices (the resource's Clock; the process's monotonic clock by default). */
+  clock?: SliceClock;
 }
 
 /**
@@ -57,7 +60,7 @@ export async function createMetadata(backing: BlockDevice, options: CreateMetada
   // Continuing the old sequence: the fresh record wins over both old slots.
   if (previous) await writeRecord(backing, layout, { ...fresh, seq: previous.seq });
   await ActivityLog.format(backing, layout.alOffset, layout.alBytes);
-  await new Bitmap(layout.dataBytes).writeBack(backing, layout.bitmapOffset, true);
+  await new Bitmap(layout.dataBytes).writeBack(backing, layout.bitmapOffset, true, options.clock);
   await backing.flush();
   if (!previous) await writeRecord(backing, layout, { ...fresh, seq: -1 });
   options.log?.info(

@@ -248,7 +248,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       // The Primary died with these extents hot: their blocks may differ from the peer's.
       for (const e of recovered) bitmap.mark(e * AL_EXTENT_BYTES, AL_EXTENT_BYTES);
       // Durable before the record stops saying "crashed Primary".
-      await bitmap.writeBack(backing, layout.bitmapOffset);
+      await bitmap.writeBack(backing, layout.bitmapOffset, false, options.clock);
       await backing.flush();
       options.log.warn({ event: 'crashed-primary-recovery', resource: options.resource, extents: recovered.length }, 'was Primary when it stopped: activity-log extents marked out of sync');
     }

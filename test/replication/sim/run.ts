@@ -14,7 +14,7 @@
  * data areas must then be identical and hold what the application was
  * promised.
  */
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BlockDeviceError } from '../../../src/blockdev/types.js';
@@ -121,6 +121,8 @@ export async function runSeed(options: SimOptions): Promise<SeedResult> {
     await drain();
     process.off('unhandledRejection', onUnhandled);
     for (const l of others) process.on('unhandledRejection', l);
+    // What the run left in its files (split-brain blocks, the witness's state) is part of the run too.
+    for (const file of filesUnder(dir)) w.fingerprint.update(file).update(readFileSync(path.join(dir, file)));
     rmSync(dir, { recursive: true, force: true });
   }
   for (const line of w.trace) w.fingerprint.update(line);
@@ -137,6 +139,14 @@ export async function runSeed(options: SimOptions): Promise<SeedResult> {
     realMs: performance.now() - started,
     stats: w.stats,
   };
+}
+
+/** The files under `dir`, by their path from it, in a fixed order. */
+function filesUnder(dir: string): string[] {
+  return readdirSync(dir, { recursive: true, withFileTypes: true })
+    .filter((e) => e.isFile())
+    .map((e) => path.relative(dir, path.join(e.parentPath ?? e.path, e.name)))
+    .sort();
 }
 
 /* ------------------------------------------------------------ the driver */
@@ -249,7 +259,7 @@ export class Driver {
     if (w.config.witness) w.startWitness();
     for (const n of w.nodes) {
       // `duet resource create-md` on each new disk.
-      await createMetadata(n.hw, { resource: 'sim', node: n.name });
+      await createMetadata(n.hw, { resource: 'sim', node: n.name, clock: w.clock });
       await n.hw.flush();
       await this.bounded(w.start(n), 10_000, `opening ${n.name}`);
     }
@@ -885,7 +895,7 @@ export class Driver {
       const lost = w.lineageOf(loser.name);
       if (lost !== w.lineageOf(keep.name)) lost.discardedBy = keep.name;
       w.kill(loser, 'crash');
-      await createMetadata(loser.hw, { resource: 'sim', node: loser.name, force: true });
+      await createMetadata(loser.hw, { resource: 'sim', node: loser.name, force: true, clock: w.clock });
       await loser.hw.flush();
       await this.start(loser);
     } else {

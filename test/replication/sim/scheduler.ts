@@ -29,8 +29,12 @@ interface SimEvent extends TimerHandle {
   every: number;
 }
 
-/** How long an empty queue is waited on before the run is declared stuck: 10 turns of the event loop, then 40 x 5 ms. */
-const IDLE_TURNS = 50;
+/**
+ * How long an empty queue is waited on before the run is declared stuck:
+ * turns of the event loop, never real time (what is still under way then is
+ * promises and turns the code asked for, the same number on any machine).
+ */
+const IDLE_TURNS = 200;
 
 /** Where fake time starts (ms since the epoch: a plausible date, so promotion times look real). */
 export const EPOCH = 1_700_000_000_000;
@@ -67,13 +71,10 @@ export class Scheduler {
       if (done()) return 'done';
       const ev = this.pop();
       if (!ev) {
-        // Promises may still be settling from the last event, and a little real work (the peer link's
-        // authentication runs on real timers) may still be under way on a loaded machine: a few turns,
-        // then up to ~200 ms of real time, before "nothing left to do". Fake time stands still
-        // meanwhile and nothing else is queued, so the run is the same whenever that work ends.
-        for (let turn = 0; turn < IDLE_TURNS && this.heap.length === 0 && !done(); turn++) {
-          await (turn < 10 ? drain() : new Promise<void>((resolve) => setTimeout(resolve, 5)));
-        }
+        // Promises may still be settling from the last event (a slice of work that gave the event loop a
+        // turn, the driver between two steps): some turns before "nothing left to do". Counted in turns,
+        // not real time: a run that waited for real time would end differently on a loaded machine.
+        for (let turn = 0; turn < IDLE_TURNS && this.heap.length === 0 && !done(); turn++) await drain();
         if (done()) return 'done';
         if (this.heap.length === 0) return 'idle';
         continue;

@@ -463,7 +463,7 @@ export class World {
       { level: 'info', base: { node: 'witness' }, timestamp: () => `,"t":${(this.sched.now - 1_700_000_000_000).toFixed(3)}` },
       { write: (line: string) => owner.alive && this.onWitnessLog(line) },
     );
-    this.witnessProc = { owner, witness: new Witness(path.join(this.config.splitBrainDir, 'witness', 'state.json'), ['alpha', 'bravo'], log) };
+    this.witnessProc = { owner, witness: new Witness(path.join(this.config.splitBrainDir, 'witness', 'state.json'), ['alpha', 'bravo'], log, () => this.clock.now()) };
   }
 
   stopWitness(): void {
