@@ -46,6 +46,12 @@ export interface ConnectSide {
    * is not the disk that failed any more, and nothing about its data is known here.
    */
   peerDiskFailedGi?: string;
+  /**
+   * The generations that disk's node had gone on from then (its bitmap and history generations). Its
+   * record is in memory before it is on disk: a disk that failed on the write of a new generation (and
+   * took no Failed record) claims one of these when it is back, and it is that failed disk all the same.
+   */
+  peerDiskFailedFrom?: string[];
   /** Something above the resource (an open pool) uses the data on this side. */
   inUse: boolean;
   /** `resource resolve --keep NODE` asked on this side: the node whose data stays. */
@@ -232,7 +238,9 @@ function failedFacing(blank: ConnectSide, other: ConnectSide, sameGeneration = f
 /** `by` saw `disk` fail (it recorded peerDiskFailed), and that disk has not been written since (it claims the same generation). */
 function seenFailed(disk: ConnectSide, by: ConnectSide): boolean {
   if (!by.peerDiskFailed) return false;
-  return by.peerDiskFailedGi === undefined || by.peerDiskFailedGi === NO_GI || by.peerDiskFailedGi === disk.gi.current;
+  // Not known (a record from before the field). NO_GI is known: a new disk, which claims a generation only once written.
+  if (by.peerDiskFailedGi === undefined || by.peerDiskFailedGi === disk.gi.current) return true;
+  return disk.gi.current !== NO_GI && (by.peerDiskFailedFrom ?? []).includes(disk.gi.current);
 }
 
 function hasDisk(side: ConnectSide): boolean {

@@ -65,7 +65,9 @@ export interface MetaRecord {
   /** The peer's disk failed (or went away) while this node kept the data: the peer's disk gets a full sync. */
   peerDiskFailed: boolean;
   /** The generation the failed disk claimed then (NO_GI: not known). Claiming another one, it was written since. */
-  peerDiskFailedGi: string;
+  peerDiskFailedGi?: string;
+  /** The generations it had gone on from then (its record may claim one of them: it is that failed disk). */
+  peerDiskFailedFrom: string[];
   seq: number;
 }
 
@@ -100,7 +102,8 @@ const recordBodyShape = {
   primarySince: count.default(0),
   peerOutdated: z.boolean().default(false),
   peerDiskFailed: z.boolean().default(false),
-  peerDiskFailedGi: giSchema.default('0'), // NO_GI (declared below)
+  peerDiskFailedGi: giSchema.optional(), // absent: not known (a record from before the field)
+  peerDiskFailedFrom: z.array(giSchema).max(3).default([]),
 } satisfies Record<keyof Omit<MetaRecord, 'seq'>, z.ZodTypeAny>;
 
 const recordBodySchema: z.ZodType<Omit<MetaRecord, 'seq'>, z.ZodTypeDef, unknown> = z.object(recordBodyShape).passthrough();
@@ -206,6 +209,7 @@ export function initialRecord(resource: string, node: string, layout: MetaLayout
     peerOutdated: false,
     peerDiskFailed: false,
     peerDiskFailedGi: NO_GI,
+    peerDiskFailedFrom: [],
     seq: 0,
   };
 }

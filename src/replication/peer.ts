@@ -598,7 +598,7 @@ export class PeerSession {
    */
   private peerHasNoDisk(): void {
     this.peerDiskRetry = false;
-    const gate = this.resource.peerLostDisk(this.peerNode, this.state!.gi.current, this.down.signal);
+    const gate = this.resource.peerLostDisk(this.peerNode, this.state!.gi, this.down.signal);
     this.peerDiskGate = gate;
     // A failure here fails the writes waiting on the gate (their nack); the next write from the peer tries again.
     void gate.then(
@@ -1041,6 +1041,7 @@ function sideOf(s: W.PeerState): ConnectSide {
     fullSyncNeeded: s.fullSyncNeeded === true,
     peerDiskFailed: s.peerDiskFailed === true,
     ...(s.peerDiskFailedGi !== undefined ? { peerDiskFailedGi: s.peerDiskFailedGi } : {}),
+    ...(s.peerDiskFailedFrom !== undefined ? { peerDiskFailedFrom: s.peerDiskFailedFrom } : {}),
     inUse: s.inUse === true,
     keep: s.keep,
   };

@@ -241,7 +241,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       },
     });
     // Records written before the field existed.
-    record = { ...record, peerDiskFailed: record.peerDiskFailed ?? false, peerDiskFailedGi: record.peerDiskFailedGi ?? NO_GI };
+    record = { ...record, peerDiskFailed: record.peerDiskFailed ?? false, peerDiskFailedFrom: record.peerDiskFailedFrom ?? [] };
     const failedBefore = record.disk === 'Failed';
     const crashed = record.primary;
     if (crashed) {
@@ -633,7 +633,9 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * here, and no generation starts (a failed disk promoted meanwhile would
    * otherwise meet it as a split brain).
    */
-  async peerLostDisk(peerNode: string, peerGi: string, linkDown: AbortSignal): Promise<void> {
+  async peerLostDisk(peerNode: string, peerGis: GenerationIds, linkDown: AbortSignal): Promise<void> {
+    const peerGi = peerGis.current;
+    const peerFrom = [peerGis.bitmap, ...peerGis.history].filter((g) => g !== NO_GI);
     const fence = this.options.fence;
     // Not the data's keeper (a Diskless Primary writes only to an UpToDate disk: DRBD's may_do_writes), or
     // it has recorded the loss already.
@@ -643,8 +645,8 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     if (!this.record.peerDiskFailed) {
       this.log.warn({ event: 'peer-disk-lost', resource: this.name, peer: peerNode }, `resource ${this.name}: ${peerNode} lost its disk: it gets a full sync when it has one again`);
       // With the generation that disk claims (its Diskless node's): back claiming it, it is that failed disk.
-      if (!fence) return this.saveRecord({ gi: nextGeneration(this.record.gi, generation.to), peerDiskFailed: true, peerDiskFailedGi: peerGi });
-      await this.saveRecord({ peerDiskFailed: true, peerDiskFailedGi: peerGi, peerOutdated: false });
+      if (!fence) return this.saveRecord({ gi: nextGeneration(this.record.gi, generation.to), peerDiskFailed: true, peerDiskFailedGi: peerGi, peerDiskFailedFrom: peerFrom });
+      await this.saveRecord({ peerDiskFailed: true, peerDiskFailedGi: peerGi, peerDiskFailedFrom: peerFrom, peerOutdated: false });
     }
     try {
       // 'peer-back' only for a peer that replicates again (it has a disk): nothing diverged then.
@@ -681,7 +683,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
       keep: this.keepNode,
       fullSyncNeeded: this.record.fullSyncNeeded,
       peerDiskFailed: this.record.peerDiskFailed,
-      ...(this.record.peerDiskFailed ? { peerDiskFailedGi: this.record.peerDiskFailedGi } : {}),
+      ...(this.record.peerDiskFailed ? { peerDiskFailedGi: this.record.peerDiskFailedGi, peerDiskFailedFrom: this.record.peerDiskFailedFrom } : {}),
       inUse: this.holders > 0,
       // Only while it is so: the state is what it was for a peer that does not know the field.
       ...(this.suspended ? { suspended: true } : {}),
@@ -826,7 +828,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     const next: GenerationIds = gi.bitmap === NO_GI ? gi : { current: gi.current, bitmap: NO_GI, history: [gi.bitmap, gi.history[0]] };
     this.crashedPrimary = false;
     if (this.splitBrain && !this.splitBrain.resolution) this.splitBrain.resolution = `kept ${this.node}'s data`;
-    await this.saveRecord({ gi: next, peerOutdated: false, peerDiskFailed: false, peerDiskFailedGi: NO_GI });
+    await this.saveRecord({ gi: next, peerOutdated: false, peerDiskFailed: false, peerDiskFailedGi: NO_GI, peerDiskFailedFrom: [] });
     await this.writeBitmap();
     return next;
   }
@@ -836,7 +838,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     await this.writeBitmap();
     // This node holds the source's data now: what it remembered of the peer's failed disk is moot (the
     // source's disk is good), and a stale mark would make that disk a full-sync target again.
-    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false, peerOutdated: false, peerDiskFailed: false, peerDiskFailedGi: NO_GI });
+    await this.saveRecord({ gi, disk: 'UpToDate', fullSyncNeeded: false, peerOutdated: false, peerDiskFailed: false, peerDiskFailedGi: NO_GI, peerDiskFailedFrom: [] });
     this.crashedPrimary = false;
     this.fencedOff = undefined;
     if (this.splitBrain && !this.splitBrain.resolution) this.splitBrain.resolution = `kept ${peerNode}'s data`;

@@ -156,6 +156,7 @@ export interface PeerState {
   /** This side kept the data while the peer's disk failed: the peer's disk gets a full sync. */
   peerDiskFailed?: boolean;
   peerDiskFailedGi?: string;
+  peerDiskFailedFrom?: string[];
   /** A pool is open on this side's data. */
   inUse?: boolean;
   /** This side holds writes until the witness answers (no quorum): a Diskless Primary's writes here wait too. */
@@ -180,6 +181,7 @@ const peerStateShape = {
   fullSyncNeeded: z.boolean().optional(),
   peerDiskFailed: z.boolean().optional(),
   peerDiskFailedGi: giSchema.optional(),
+  peerDiskFailedFrom: z.array(giSchema).max(3).optional(),
   inUse: z.boolean().optional(),
   suspended: z.boolean().optional(),
 } satisfies Record<keyof PeerState, z.ZodTypeAny>;

@@ -288,7 +288,7 @@ test('a forced promotion fences the peer at the witness before its first write a
 test('a node that kept the data when its peer lost its disk fences the peer before its first write alone', async () => {
   const c = await cluster();
   try {
-    await c.a.resource.peerLostDisk('bravo', c.b.resource.record.gi.current, new AbortController().signal);
+    await c.a.resource.peerLostDisk('bravo', c.b.resource.record.gi, new AbortController().signal);
     await apart(c);
     await c.a.resource.write(0, Buffer.alloc(4096, 0xa));
     await assert.rejects(c.b.resource.promote(false), /Outdated/);
@@ -305,14 +305,14 @@ test('the peer loses its disk while the witness is out of reach: no generation o
     c.reach.alpha = false;
     const before = c.a.resource.record.gi.current;
     const link = new AbortController();
-    const abandoned = c.a.resource.peerLostDisk('bravo', c.b.resource.record.gi.current, link.signal);
+    const abandoned = c.a.resource.peerLostDisk('bravo', c.b.resource.record.gi, link.signal);
     assert.equal(await outcome(abandoned), 'pending');
     link.abort(new Error('the link went down'));
     assert.match(await outcome(abandoned, 3000), /^error: .*not outdated at the witness/);
     // Remembered at once (the disk gets a full sync when it is back), but no generation of its own.
     assert.equal(c.a.resource.record.peerDiskFailed, true);
     assert.equal(c.a.resource.record.gi.current, before);
-    const recording = c.a.resource.peerLostDisk('bravo', c.b.resource.record.gi.current, new AbortController().signal);
+    const recording = c.a.resource.peerLostDisk('bravo', c.b.resource.record.gi, new AbortController().signal);
     assert.equal(await outcome(recording), 'pending');
     assert.equal(c.a.resource.record.gi.current, before);
     c.reach.alpha = true;

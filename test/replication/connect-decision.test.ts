@@ -179,7 +179,7 @@ test('safety: no resync overwrites a Primary, a disk in use or from a disk that 
       assert.equal(a.dataBytes, b.dataBytes);
       if (target.fullSyncNeeded) assert.equal(act.full, true);
       // A disk the target saw fail (and that has not been written since) is never the source.
-      const seen = target.peerDiskFailed && (target.peerDiskFailedGi === undefined || target.peerDiskFailedGi === NO_GI || target.peerDiskFailedGi === source.gi.current);
+      const seen = target.peerDiskFailed && (target.peerDiskFailedGi === undefined || target.peerDiskFailedGi === source.gi.current);
       assert.ok(!seen, `${source.node}'s disk, seen failing by ${target.node}, is the source: ${JSON.stringify({ a, b, act })}`);
     }),
     { numRuns: 20_000 },
@@ -355,5 +355,45 @@ test('the disk a Diskless node kept the data on comes back recorded Failed, faci
   for (const [self, peer] of [[alpha, bravo], [bravo, alpha]]) {
     const a = decideConnect(self, peer, policy);
     assert.notDeepEqual(shape(a), { kind: 'sync', direction: self === bravo ? 'source' : 'target', full: true, split: null }, `${self.node}: ${a.kind === 'sync' ? a.why : a.kind}`);
+  }
+});
+
+test('mirror images and "never a source" hold where the records name each other (failed-disk generations drawn from the other side\'s ids)', () => {
+  // The arbitraries above draw peerDiskFailedGi from all ids: the other side's current in 1 of 7. Here it is
+  // one of the other side's generations (or unknown) most of the time, and the failed disk's lineage too.
+  const pair = fc
+    .tuple(sideArb('alpha'), sideArb('bravo'), fc.nat(5), fc.nat(5), fc.boolean(), fc.boolean())
+    .map(([a, b, ia, ib, fa, fb]) => {
+      const idsOf = (s: ConnectSide) => [s.gi.current, s.gi.bitmap, ...s.gi.history, NO_GI, 'E'];
+      const aLine = idsOf(b);
+      const bLine = idsOf(a);
+      return [
+        { ...a, peerDiskFailedGi: aLine[ia], peerDiskFailedFrom: fa ? [aLine[(ia + 1) % 6]] : undefined },
+        { ...b, peerDiskFailedGi: bLine[ib], peerDiskFailedFrom: fb ? [bLine[(ib + 1) % 6]] : undefined },
+      ] as const;
+    });
+  fc.assert(
+    fc.property(pair, policyArb, ([a, b], p) => {
+      const ab = decideConnect(a, b, p);
+      const ba = decideConnect(b, a, p);
+      assert.deepEqual(shape(ab), shape(mirrorAction(ba)), `alpha: ${JSON.stringify(ab)}\nbravo: ${JSON.stringify(ba)}\n${JSON.stringify({ a, b })}`);
+      if (ab.kind !== 'sync') return;
+      const [source, target] = ab.direction === 'source' ? [a, b] : [b, a];
+      const g = source.gi.current;
+      const seen = target.peerDiskFailed && (target.peerDiskFailedGi === undefined || target.peerDiskFailedGi === g || (g !== NO_GI && (target.peerDiskFailedFrom ?? []).includes(g)));
+      assert.ok(!seen, `${source.node}'s disk, seen failing by ${target.node}, is the source: ${JSON.stringify({ a, b, ab })}`);
+    }),
+    { numRuns: 100_000 },
+  );
+});
+
+test('a failed disk that had no generation yet (a new disk) and was promoted with --force and written since is not overwritten by itself (review of db9ab1e: NO_GI recorded is read as "not known")', () => {
+  // bravo's new disk failed before its first sync; alpha recorded it (bravo claimed no generation: NO_GI). Later,
+  // alpha away, bravo's disk (repaired, or a new one from create-md) was promoted with --force and its users wrote.
+  const alpha = side('alpha', { gi: gi('C1'), peerDiskFailed: true, peerDiskFailedGi: NO_GI });
+  const bravo = side('bravo', { gi: gi('B1'), outOfSyncBytes: 1 << 20 });
+  for (const [self, peer] of [[alpha, bravo], [bravo, alpha]]) {
+    const act = decideConnect(self, peer, policy);
+    assert.ok(act.kind !== 'sync' || act.splitBrain !== undefined, `${self.node}: bravo's writes since its forced promotion are overwritten unsaved, no admin asked: ${act.kind === 'sync' ? `${act.rule}: ${act.why}` : act.kind}`);
   }
 });
