@@ -90,6 +90,9 @@ export class FileDevice implements BlockDevice {
    * would win.
    */
   private readonly pending = new RangeOrder();
+  /** Requests under way in libuv's pool: the descriptors stay open until they are over (close). */
+  private inPool = 0;
+  private drained: (() => void) | undefined;
 
   private constructor(
     readonly name: string,
@@ -177,6 +180,7 @@ export class FileDevice implements BlockDevice {
   }
 
   private writeNow(offset: number, data: Buffer, options?: WriteOptions): void | Promise<void> {
+    this.stillOpen();
     // FUA waits for the disk: never on the event loop.
     if (options?.fua) return this.pwriteAsync(this.dsyncFd, data, offset);
     if (data.length > this.syncWriteMaxBytes) return this.pwriteAsync(this.fd, data, offset);
@@ -197,9 +201,9 @@ export class FileDevice implements BlockDevice {
 
   flush(): Promise<void> {
     this.check(0, 0, false);
-    return new Promise((resolve, reject) =>
+    return this.pooled(new Promise((resolve, reject) =>
       fs.fdatasync(this.fd, (err) => (err ? reject(ioError(this.name, 'flush', err)) : resolve())),
-    );
+    ));
   }
 
   trim(offset: number, length: number, options?: WriteOptions): void | Promise<void> {
@@ -209,6 +213,7 @@ export class FileDevice implements BlockDevice {
   }
 
   private trimNow(offset: number, length: number, options?: WriteOptions): void | Promise<void> {
+    this.stillOpen();
     if (!this.ops) return;
     try {
       if (this.isBlockDevice) this.ops.discard(this.fd, offset, length);
@@ -226,6 +231,7 @@ export class FileDevice implements BlockDevice {
   }
 
   private writeZeroesNow(offset: number, length: number, options: ZeroOptions): void | Promise<void> {
+    this.stillOpen();
     if (this.ops && !this.isBlockDevice) {
       try {
         if (options.noHole) this.ops.zeroRange(this.fd, offset, length);
@@ -289,12 +295,30 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  close(): void {
+  close(): void | Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    this.claim?.release();
-    fs.closeSync(this.fd);
-    if (this.dsyncFd >= 0) fs.closeSync(this.dsyncFd);
+    const closeFds = (): void => {
+      this.claim?.release();
+      fs.closeSync(this.fd);
+      if (this.dsyncFd >= 0) fs.closeSync(this.dsyncFd);
+    };
+    // Closed now, a descriptor number is the next open's: a request still in the pool would land there.
+    if (this.inPool === 0) return closeFds();
+    return new Promise((resolve) => (this.drained = () => resolve(closeFds())));
+  }
+
+  private stillOpen(): void {
+    if (this.closed) throw new BlockDeviceError('EIO', `${this.name}: device is closed`);
+  }
+
+  private pooled<T>(work: Promise<T>): Promise<T> {
+    this.inPool++;
+    const over = (): void => {
+      if (--this.inPool === 0 && this.drained) this.drained();
+    };
+    work.then(over, over);
+    return work;
   }
 
   /**
@@ -339,7 +363,7 @@ export class FileDevice implements BlockDevice {
   }
 
   private preadAsync(into: Buffer, offset: number): Promise<void> {
-    return new Promise((resolve, reject) => {
+    return this.pooled(new Promise((resolve, reject) => {
       const step = (done: number): void => {
         fs.read(this.fd, into, done, into.length - done, offset + done, (err, n) => {
           if (err) return reject(ioError(this.name, 'read', err));
@@ -349,11 +373,11 @@ export class FileDevice implements BlockDevice {
         });
       };
       step(0);
-    });
+    }));
   }
 
   private pwriteAsync(fd: number, data: Buffer, offset: number): Promise<void> {
-    return new Promise((resolve, reject) => {
+    return this.pooled(new Promise((resolve, reject) => {
       const step = (done: number): void => {
         fs.write(fd, data, done, data.length - done, offset + done, (err, n) => {
           if (err) return reject(ioError(this.name, 'write', err));
@@ -362,7 +386,7 @@ export class FileDevice implements BlockDevice {
         });
       };
       step(0);
-    });
+    }));
   }
 
   private async writeZeroBuffers(offset: number, length: number, fua: boolean): Promise<void> {
