@@ -93,6 +93,8 @@ export class FileDevice implements BlockDevice {
   /** Requests under way in libuv's pool: the descriptors stay open until they are over (close). */
   private inPool = 0;
   private drained: (() => void) | undefined;
+  /** A close waiting for the pool: every caller of close waits for the same one. */
+  private closing: Promise<void> | undefined;
 
   private constructor(
     readonly name: string,
@@ -296,7 +298,7 @@ export class FileDevice implements BlockDevice {
   }
 
   close(): void | Promise<void> {
-    if (this.closed) return;
+    if (this.closed) return this.closing;
     this.closed = true;
     const closeFds = (): void => {
       this.claim?.release();
@@ -305,7 +307,8 @@ export class FileDevice implements BlockDevice {
     };
     // Closed now, a descriptor number is the next open's: a request still in the pool would land there.
     if (this.inPool === 0) return closeFds();
-    return new Promise((resolve) => (this.drained = () => resolve(closeFds())));
+    this.closing = new Promise((resolve) => (this.drained = () => resolve(closeFds())));
+    return this.closing;
   }
 
   private stillOpen(): void {

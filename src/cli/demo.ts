@@ -73,7 +73,7 @@ export function registerDemo(program: Command): void {
         try {
           if (!(await readRecord(device, layoutFor(device.size)))) await createMetadata(device, { resource: 'r0', node });
         } finally {
-          device.close();
+          await device.close();
         }
       }
       const children: { name: string; child: ChildProcess }[] = [];

@@ -229,7 +229,7 @@ function registerCreateMd(res: Command): void {
         if (err instanceof UserError) throw err;
         throw new UserError(`disk ${file} of resource ${name}: ${(err as Error).message}`);
       } finally {
-        device.close();
+        await device.close();
       }
       const replaced = done.previous ? ` (replaced metadata of a ${done.previous.disk} disk, generation ${done.previous.gi.current})` : '';
       // A daemon already running this node kept the resource down for want of metadata: bring it up now.
