@@ -79,6 +79,9 @@ export async function saveBlocks(r: Resource, peerNode: string, blocks: Bitmap =
       for (let done = 0; done < range.length; ) {
         const n = Math.min(piece.length, range.length - done);
         const view = piece.subarray(0, n);
+        // Detached meanwhile (another I/O error): every read fails from now on, and a file of zeros would
+        // claim to hold this node's changes.
+        if (r.backing !== dev) throw new Error(`${dev.name} was detached while its blocks were saved`);
         if (failedDisk) await readWhatCanBe(dev, range.offset + done, view, unreadable);
         else await dev.read(range.offset + done, view);
         await fh.write(view);
