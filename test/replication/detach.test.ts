@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { BorrowedDevice } from '../../src/blockdev/delegating.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
-import { apart, freePort, initialSync, newDisk, readAll, startNode, stopNode, until, upToDate } from './pair.js';
+import { apart, connected, freePort, initialSync, newDisk, readAll, startNode, stopNode, until, upToDate } from './pair.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -91,7 +91,7 @@ test('a split brain where one disk failed after its node wrote alone: the peer t
     await b.resource.demote();
     a.resource.standAlone = false;
     b.resource.standAlone = false;
-    await until('alpha recorded that bravo lost its disk', () => a.resource.record.peerDiskFailed);
+    await until('alpha recorded that bravo lost its disk, the handshake over', () => a.resource.record.peerDiskFailed && connected(a, b));
     await b.resource.promote(false);
     await b.resource.write(48 * MiB, Buffer.alloc(MiB, 0xdd));
     await b.resource.flush();

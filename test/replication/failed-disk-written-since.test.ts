@@ -33,7 +33,7 @@ test('a disk its peer saw fail, repaired and written as Primary while that peer 
     await a.resource.write(0, Buffer.alloc(MiB, 0xaa));
     await a.resource.flush();
     await until('bravo went Diskless', () => b.resource.disk === 'Diskless');
-    await until('alpha recorded that bravo lost its disk', () => a.resource.record.peerDiskFailed);
+    await until('alpha recorded that bravo lost its disk, the handshake over', () => a.resource.record.peerDiskFailed && connected(a, b));
     await a.resource.demote();
     // alpha goes down (maintenance, power). bravo's disk is fine again: bravo restarts on it, alone.
     await stopNode(a);

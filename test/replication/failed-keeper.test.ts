@@ -29,7 +29,7 @@ test('the disk that kept the data after its peer\'s failed, back recorded Failed
     fb.failWith({ op: '*', code: 'EIO' });
     await a.resource.write(0, Buffer.alloc(MiB, 0x11));
     await a.resource.flush();
-    await until('alpha recorded that bravo lost its disk', () => a.resource.record.peerDiskFailed);
+    await until('alpha recorded that bravo lost its disk, the handshake over', () => a.resource.record.peerDiskFailed && connected(a, b));
     // Acknowledged writes only alpha's disk has.
     await a.resource.write(8 * MiB, Buffer.alloc(MiB, 0xaa));
     await a.resource.flush();
