@@ -73,9 +73,15 @@ const schema = z
       .record(
         z
           .object({
-            volume: z.string().regex(/^[^/]+\/[^/]+$/, 'must be POOL/VOLUME'),
+            /** POOL/VOLUME each; the first is the boot disk. */
+            disks: z.array(z.string().regex(/^[^/]+\/[^/]+$/, 'must be POOL/VOLUME')).min(1, 'name at least one volume (disks: [pa/web])'),
             memory: size,
-            cpus: z.number().int().positive('must be at least 1'),
+            /** The floor a crowded node may squeeze the VM to (balloon); absent: memory. */
+            minMemory: size.optional(),
+            cpus: z.number().int().positive('must be at least 1').default(1),
+            prefer: z.string().optional(),
+            priority: z.number().int().default(0),
+            boot: z.object({ kernel: z.string().min(1), initrd: z.string().min(1).optional(), append: z.string().optional() }).strict().optional(),
           })
           .strict(),
       )
@@ -212,8 +218,15 @@ function crossCheck(c: ClusterConfig, problem: (path: (string | number)[], messa
     });
   }
   for (const [v, vm] of Object.entries(c.vms)) {
-    const pool = vm.volume.split('/')[0];
-    if (!c.pools[pool]) problem(['vms', v, 'volume'], `no pool named ${pool} (pools: ${Object.keys(c.pools).join(', ') || 'none'})`);
+    if (!NAME.test(v)) problem(['vms', v], `VM name: ${nameMessage}`);
+    vm.disks.forEach((d, i) => {
+      const pool = d.split('/')[0];
+      if (!c.pools[pool]) problem(['vms', v, 'disks', i], `no pool named ${pool} (pools: ${Object.keys(c.pools).join(', ') || 'none'})`);
+    });
+    if (vm.prefer !== undefined && !c.nodes[vm.prefer]) problem(['vms', v, 'prefer'], `no node named ${vm.prefer} (nodes: ${nodeList})`);
+    if (vm.minMemory !== undefined && parseSize(String(vm.minMemory)) > parseSize(String(vm.memory))) {
+      problem(['vms', v, 'minMemory'], `${vm.minMemory} is more than memory (${vm.memory}): the floor must be at most the boot size`);
+    }
   }
 }
 

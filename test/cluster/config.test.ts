@@ -20,8 +20,8 @@ pools:
   pb: { devices: [b] }
 exports: { port: 10809 }                  # each node serves at its own address
 vms:
-  web:   { volume: pa/web,   memory: 1G, cpus: 1 }
-  media: { volume: pb/media, memory: 2G, cpus: 2 }
+  web:   { disks: [pa/web],   memory: 1G, minMemory: 512M, cpus: 1, prefer: alpha, priority: 10 }
+  media: { disks: [pb/media], memory: 2G, minMemory: 1G,   cpus: 2, prefer: bravo }
 alerts: { email: { to: admin@example.org, smtp: "smtp://localhost:25" } }
 `;
 
@@ -67,7 +67,9 @@ test('cross-references: unknown nodes, resources, pools, clashing ports and addr
   const bad = EXAMPLE.replace('port: 7802', 'port: 7801')
     .replace('disk: { alpha: /dev/sdc1, bravo: /dev/sdc1 }, prefer: bravo', 'disk: { alpha: /dev/sdc1, charlie: /dev/sdc1 }, prefer: bravo')
     .replace('pb: { devices: [b] }', 'pb: { devices: [b, a, zz] }')
-    .replace('volume: pb/media', 'volume: pq/media')
+    .replace('disks: [pb/media]', 'disks: [pq/media]')
+    .replace('minMemory: 1G', 'minMemory: 3G')
+    .replace('cpus: 2, prefer: bravo', 'cpus: 2, prefer: charlie')
     .replace('witness: { address: 192.0.2.3 }', 'witness: { address: 192.0.2.1 }');
   const problems = problemsOf(bad);
   const expect = [
@@ -77,7 +79,9 @@ test('cross-references: unknown nodes, resources, pools, clashing ports and addr
     /^9 resources\.b\.port: port 7801 is already used by resources\.a\.port/,
     /^12 pools\.pb\.devices\.1: resource a is already in pool pa/,
     /^12 pools\.pb\.devices\.2: no resource named zz/,
-    /^16 vms\.media\.volume: no pool named pq/,
+    /^16 vms\.media\.disks\.0: no pool named pq/,
+    /^16 vms\.media\.prefer: no node named charlie/,
+    /^16 vms\.media\.minMemory: 3G is more than memory \(2G\)/,
   ];
   for (const re of expect) assert.ok(problems.some((p) => re.test(p)), `missing ${re}\n${problems.join('\n')}`);
   assert.equal(problems.length, expect.length, problems.join('\n'));
