@@ -10,6 +10,7 @@ import { registerDemo } from './demo.js';
 import { registerPool } from './pool.js';
 import { registerVol } from './vol.js';
 import { registerNode, registerResource, registerWitness } from './resource.js';
+import { registerVm } from './vm.js';
 
 export async function main(argv: string[]): Promise<void> {
   const program = new Command();
@@ -28,6 +29,7 @@ export async function main(argv: string[]): Promise<void> {
   registerNode(program);
   registerResource(program);
   registerWitness(program);
+  registerVm(program);
   registerDemo(program);
   try {
     await program.parseAsync(argv, { from: 'user' });

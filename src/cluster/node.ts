@@ -42,6 +42,9 @@ import type { Readable, Writable } from 'node:stream';
 import { DEFAULT_WITNESS_PORT, WitnessClient } from './witness.js';
 import { Quorum } from './quorum.js';
 import { LoopDelayMonitor, type LoopDelayStatus } from '../util/loop-delay.js';
+import { VmManager, type VmCommand, type VmHost } from '../vm/manager.js';
+import { callAdmin } from '../volume/admin-socket.js';
+import { signRequest } from './api-auth.js';
 
 const HEARTBEAT_MS = 500;
 
@@ -56,6 +59,7 @@ export type NodeCommand =
   | { cmd: 'resource.restore-blocks'; resource: string; file: string }
   /** Bring up a resource that is down for want of metadata (sent by `resource create-md`). */
   | { cmd: 'resource.attach'; resource: string }
+  | VmCommand
   | (PoolCommand & { pool: string });
 
 /** What `resource status` shows of each resource: a down one is Secondary, Diskless, StandAlone, with `down` saying why. */
@@ -93,7 +97,7 @@ interface OpenPool {
   resources: string[];
 }
 
-export class NodeDaemon {
+export class NodeDaemon implements VmHost {
   readonly resources = new Map<string, ResourceEntry>();
   readonly down = new Map<string, DownResource>();
   readonly pools = new Map<string, OpenPool>();
@@ -107,6 +111,7 @@ export class NodeDaemon {
   private readonly quorum: Quorum;
   private heartbeat: NodeJS.Timeout | undefined;
   private readonly loop: LoopDelayMonitor;
+  readonly vms: VmManager;
 
   private constructor(
     readonly config: ClusterConfig,
@@ -119,6 +124,34 @@ export class NodeDaemon {
     const witness = config.witness ? new WitnessClient(config.witness.address, config.witness.port ?? DEFAULT_WITNESS_PORT, secret, node, this.address) : undefined;
     this.quorum = new Quorum({ node, call: witness ? (c) => witness.call(c) : undefined, log });
     this.loop = new LoopDelayMonitor(log);
+    this.vms = new VmManager(this);
+  }
+
+  /* ----------------------------------------------------------------- VMs */
+
+  /** The node serving `pool`'s volumes: Primary for every resource of the pool (this one, or the peer as its link says). */
+  poolServer(pool: string): string | undefined {
+    if (this.pools.has(pool)) return this.node;
+    const devices = this.config.pools[pool]?.devices ?? [];
+    let server: string | undefined;
+    for (const d of devices) {
+      const e = this.resources.get(d);
+      const peer = e?.resource.peer;
+      if (!e || e.resource.role === 'Primary' || peer?.phase !== 'connected' || peer.state?.role !== 'Primary') return undefined;
+      if (server !== undefined && server !== e.peerNode) return undefined;
+      server = e.peerNode;
+    }
+    return server;
+  }
+
+  /** Ask another node's daemon (signed like the CLI's requests). */
+  call(node: string, request: VmCommand, timeoutMs = 10_000): Promise<unknown> {
+    const target = this.config.nodes[node];
+    if (!target) return Promise.reject(new UserError(`no node named ${node} in ${this.config.file}`));
+    return callAdmin({ host: target.address, port: this.config.api.port, localAddress: this.address }, signRequest(this.secret, request), {
+      timeoutMs,
+      what: `the duet daemon of node ${node}`,
+    });
   }
 
   /* -------------------------------------------------------------- quorum */
@@ -148,6 +181,7 @@ export class NodeDaemon {
     }
     for (const e of d.resources.values()) d.watch(e);
     d.startHeartbeat();
+    await d.vms.start();
     return d;
   }
 
@@ -356,6 +390,15 @@ export class NodeDaemon {
 
   private async handle(c: NodeCommand, io: { input?: Readable; output?: Writable }): Promise<unknown> {
     switch (c.cmd) {
+      case 'vm.list':
+      case 'vm.local':
+      case 'vm.start':
+      case 'vm.start-here':
+      case 'vm.stop':
+      case 'vm.stop-here':
+      case 'vm.mark':
+      case 'vm.console':
+        return this.vms.handle(c);
       case 'resource.status':
         return this.status(c.resource);
       case 'resource.attach': {
@@ -486,6 +529,7 @@ export class NodeDaemon {
     this.quorum.stopping = true;
     if (this.heartbeat) clearInterval(this.heartbeat);
     this.loop.stop();
+    this.vms.stop();
     await this.chain.catch(() => undefined);
     await this.api?.close().catch(() => undefined);
     await this.nbd?.close();

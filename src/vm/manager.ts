@@ -1,0 +1,608 @@
+/**
+ * The VMs of the cluster, as one node daemon sees and runs them.
+ *
+ * Each node runs the QEMU of the VMs placed on it (QemuProcess) and answers
+ * for them; any node answers for the whole cluster by asking the others.
+ * Where a VM starts is decided by one node only, the one serving its boot
+ * disk (Primary for the pool): two nodes asked at once to start the same VM
+ * are serialized there, and it starts nowhere while a node that might run it
+ * does not answer (two copies writing the same volume would corrupt it).
+ *
+ * "VMs run unless stopped": the serving node starts each VM that is not
+ * marked stopped and runs nowhere, on its `prefer` node. `vm stop` marks it
+ * on every node (the newest mark wins when nodes compare them), `vm start`
+ * clears the mark; a guest that powers itself off is marked stopped too.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import type { ClusterConfig } from '../cluster/config.js';
+import { UserError } from '../util/errors.js';
+import type { Logger } from '../util/log.js';
+import { parseSize } from '../util/size.js';
+import { ConsoleLog, type ConsoleChunk } from './console.js';
+import { QemuProcess, detectAccel, type QemuExit } from './qemu.js';
+import { vmPaths, type DiskEndpoint, type VmSpec } from './qemu-args.js';
+import { switchDisks } from './disks.js';
+
+export type VmState = 'running' | 'stopped' | 'starting' | 'migrating' | 'paused' | 'failed';
+
+export interface VmInfo {
+  name: string;
+  /** Where it runs (or last ran, for a failed one); null when stopped. */
+  node: string | null;
+  state: VmState;
+  /** Guest memory now (the balloon's actual size), or the boot size when not running. */
+  memoryBytes: number;
+  cpus: number;
+  disks: string[];
+  pid?: number;
+  /** When it started on its node (ISO time). */
+  since?: string;
+  /** Why it is failed or stopped, when known. */
+  reason?: string;
+  /** Its node did not answer: this is what it said last. */
+  stale?: boolean;
+}
+
+/** `vm stop` / `vm start` remembered: the newest mark (by time) wins between nodes. */
+interface Mark {
+  stopped: boolean;
+  at: number;
+}
+
+export type VmCommand =
+  | { cmd: 'vm.list' }
+  | { cmd: 'vm.local' }
+  | { cmd: 'vm.start'; vm: string; on?: string; auto?: boolean; forwarded?: boolean }
+  | { cmd: 'vm.start-here'; vm: string }
+  | { cmd: 'vm.stop'; vm: string; force?: boolean }
+  | { cmd: 'vm.stop-here'; vm: string; force?: boolean }
+  | { cmd: 'vm.mark'; vm: string; stopped: boolean; at: number }
+  | { cmd: 'vm.console'; vm: string; since?: number };
+
+const vmName = z.string().max(64);
+const commandSchema = z.discriminatedUnion('cmd', [
+  z.object({ cmd: z.literal('vm.list') }).strict(),
+  z.object({ cmd: z.literal('vm.local') }).strict(),
+  z.object({ cmd: z.literal('vm.start'), vm: vmName, on: z.string().max(64).optional(), auto: z.boolean().optional(), forwarded: z.boolean().optional() }).strict(),
+  z.object({ cmd: z.literal('vm.start-here'), vm: vmName }).strict(),
+  z.object({ cmd: z.literal('vm.stop'), vm: vmName, force: z.boolean().optional() }).strict(),
+  z.object({ cmd: z.literal('vm.stop-here'), vm: vmName, force: z.boolean().optional() }).strict(),
+  z.object({ cmd: z.literal('vm.mark'), vm: vmName, stopped: z.boolean(), at: z.number().int().nonnegative() }).strict(),
+  z.object({ cmd: z.literal('vm.console'), vm: vmName, since: z.number().int().nonnegative().optional() }).strict(),
+]);
+
+/** What the manager needs of its node daemon. */
+export interface VmHost {
+  readonly node: string;
+  readonly home: string;
+  readonly config: ClusterConfig;
+  readonly log: Logger;
+  /** The node serving a pool's volumes (Primary for all its resources), as far as this node knows. */
+  poolServer(pool: string): string | undefined;
+  /** Ask another node's daemon; throws when it does not answer. */
+  call(node: string, request: VmCommand, timeoutMs?: number): Promise<unknown>;
+}
+
+interface LocalVm {
+  name: string;
+  qemu: QemuProcess;
+  spec: VmSpec;
+  state: VmState;
+  since: number;
+  /** duet asked it to exit (vm stop, a finished migration): not a crash. */
+  stopping: boolean;
+  /** Its disks are being reconnected after an I/O error (the VM paused by werror=stop). */
+  recovering: boolean;
+}
+
+interface LocalAnswer {
+  node: string;
+  vms: VmInfo[];
+  marks: Record<string, Mark>;
+}
+
+const POWERDOWN_TIMEOUT_MS = 30_000;
+const AUTOSTART_EVERY_MS = 2000;
+const PEER_TIMEOUT_MS = 5000;
+
+export class VmManager {
+  private readonly local = new Map<string, LocalVm>();
+  /** The last exit of VMs that ran here (a crash shows as failed until the next start). */
+  private readonly exits = new Map<string, { reason: string; failed: boolean; at: number }>();
+  private marks: Record<string, Mark> = {};
+  /** One placement decision per VM at a time (this node decides for the VMs it serves). */
+  private readonly locks = new Map<string, Promise<unknown>>();
+  /** What other nodes said last (shown, marked stale, when they do not answer). */
+  private readonly lastSeen = new Map<string, VmInfo[]>();
+  private autostartTimer: NodeJS.Timeout | undefined;
+  private readonly reported = new Map<string, string>();
+  private stopped = false;
+  readonly accel = detectAccel();
+
+  constructor(private readonly host: VmHost) {}
+
+  private get dir(): string {
+    return path.join(this.host.home, 'vms');
+  }
+
+  private vmDir(name: string): string {
+    return path.join(this.dir, name);
+  }
+
+  /** Find the QEMUs left running by an earlier daemon, and start placing VMs. */
+  async start(): Promise<void> {
+    this.marks = this.loadMarks();
+    let names: string[] = [];
+    try {
+      names = fs.readdirSync(this.dir);
+    } catch {
+      // No VM ran here yet.
+    }
+    for (const name of names) {
+      if (!this.isVm(name)) continue;
+      const paths = vmPaths(this.vmDir(name));
+      const qemu = await QemuProcess.attach(name, paths, this.host.log);
+      if (!qemu) continue;
+      const spec = this.readSpec(name);
+      if (!spec) {
+        this.host.log.error({ event: 'vm-attach-failed', vm: name }, `vm ${name}: QEMU ${qemu.pid} runs but its vm.json is gone: leaving it alone`);
+        qemu.detach();
+        continue;
+      }
+      const status = await qemu.status().catch(() => ({ status: 'unknown', running: false }));
+      // A migration finished while no daemon watched: the copy here is the stale one.
+      if (status.status === 'postmigrate') {
+        this.host.log.info({ event: 'vm-migrated-away', vm: name }, `vm ${name}: migrated away while the daemon was down: ending the copy here`);
+        await qemu.kill().catch(() => undefined);
+        continue;
+      }
+      const vm = this.adopt(name, qemu, spec, stateOf(status.status));
+      vm.since = fs.statSync(paths.pid, { throwIfNoEntry: false })?.mtimeMs ?? Date.now();
+      // Its disks failed while no daemon watched (this node's own exports went with the old daemon).
+      if (status.status === 'io-error') void this.recover(vm, 'found paused after a disk error');
+      this.host.log.info({ event: 'vm-reattached', vm: name, pid: qemu.pid, status: status.status }, `vm ${name}: QEMU ${qemu.pid} found running (${status.status})`);
+    }
+    this.autostartTimer = setInterval(() => void this.autostart(), AUTOSTART_EVERY_MS);
+    this.autostartTimer.unref();
+  }
+
+  /** Daemon stop: the VMs keep running; only this daemon's QMP sessions end. */
+  stop(): void {
+    this.stopped = true;
+    if (this.autostartTimer) clearInterval(this.autostartTimer);
+    for (const vm of this.local.values()) vm.qemu.detach();
+    this.local.clear();
+  }
+
+  /* ------------------------------------------------------------ commands */
+
+  async handle(request: VmCommand): Promise<unknown> {
+    const parsed = commandSchema.safeParse(request);
+    if (!parsed.success) throw new UserError(`${request.cmd}: malformed request (${parsed.error.issues[0]?.message ?? 'invalid'})`);
+    const c = parsed.data;
+    switch (c.cmd) {
+      case 'vm.list':
+        return { vms: await this.list() };
+      case 'vm.local':
+        return this.localAnswer();
+      case 'vm.start':
+        return this.startVm(c.vm, c.on, c.auto === true, c.forwarded === true);
+      case 'vm.start-here':
+        return this.startHere(c.vm);
+      case 'vm.stop':
+        return this.stopVm(c.vm, c.force === true);
+      case 'vm.stop-here':
+        return this.stopHere(c.vm, c.force === true);
+      case 'vm.mark':
+        this.config(c.vm);
+        this.setMark(c.vm, { stopped: c.stopped, at: c.at });
+        return { vm: c.vm };
+      case 'vm.console':
+        return this.console(c.vm, c.since);
+    }
+  }
+
+  private isVm(name: string): boolean {
+    return Object.hasOwn(this.host.config.vms, name);
+  }
+
+  private config(name: string): ClusterConfig['vms'][string] {
+    const vm = Object.hasOwn(this.host.config.vms, name) ? this.host.config.vms[name] : undefined;
+    if (!vm) {
+      const known = Object.keys(this.host.config.vms);
+      throw new UserError(`no VM named ${name} in ${this.host.config.file} (VMs: ${known.join(', ') || 'none'})`);
+    }
+    return vm;
+  }
+
+  private otherNodes(): string[] {
+    return Object.keys(this.host.config.nodes).filter((n) => n !== this.host.node);
+  }
+
+  /** Every VM of the cluster file, with where it runs; other nodes are asked. */
+  async list(): Promise<VmInfo[]> {
+    const here = await this.localInfos();
+    const found = new Map(here.map((v) => [v.name, v]));
+    for (const node of this.otherNodes()) {
+      let answer: LocalAnswer;
+      try {
+        answer = (await this.host.call(node, { cmd: 'vm.local' }, PEER_TIMEOUT_MS)) as LocalAnswer;
+        this.lastSeen.set(node, answer.vms);
+        this.mergeMarks(answer.marks);
+      } catch {
+        for (const v of this.lastSeen.get(node) ?? []) if (!found.has(v.name) && v.state !== 'stopped') found.set(v.name, { ...v, stale: true });
+        continue;
+      }
+      for (const v of answer.vms) {
+        const mine = found.get(v.name);
+        // Running beats an exit remembered elsewhere.
+        if (!mine || (mine.state === 'stopped' || mine.state === 'failed')) found.set(v.name, v);
+      }
+    }
+    return Object.keys(this.host.config.vms).map((name) => found.get(name) ?? this.stoppedInfo(name));
+  }
+
+  private stoppedInfo(name: string, reason?: string): VmInfo {
+    const c = this.config(name);
+    return { name, node: null, state: 'stopped', memoryBytes: parseSize(String(c.memory)), cpus: c.cpus, disks: c.disks, ...(reason ? { reason } : {}) };
+  }
+
+  private async localInfos(): Promise<VmInfo[]> {
+    const out: VmInfo[] = [];
+    for (const vm of this.local.values()) out.push(await this.infoOf(vm));
+    for (const [name, exit] of this.exits) {
+      if (this.local.has(name) || !exit.failed || !this.isVm(name)) continue;
+      out.push({ ...this.stoppedInfo(name, exit.reason), node: this.host.node, state: 'failed' });
+    }
+    return out;
+  }
+
+  private async infoOf(vm: LocalVm): Promise<VmInfo> {
+    const c = this.config(vm.name);
+    let memoryBytes = vm.spec.memoryBytes;
+    try {
+      const b = await vm.qemu.qmp.execute<{ actual: number }>('query-balloon', undefined, { timeoutMs: 2000 });
+      memoryBytes = b.actual;
+    } catch {
+      // No balloon answer (a guest without the driver, a busy QEMU): the boot size.
+    }
+    return { name: vm.name, node: this.host.node, state: vm.state, memoryBytes, cpus: vm.spec.cpus, disks: c.disks, pid: vm.qemu.pid, since: new Date(vm.since).toISOString() };
+  }
+
+  private async localAnswer(): Promise<LocalAnswer> {
+    return { node: this.host.node, vms: await this.localInfos(), marks: this.marks };
+  }
+
+  /** Where the VM runs now: this node, another, or nowhere; nodes that did not answer are listed. */
+  private async locate(name: string): Promise<{ node: string | undefined; state?: VmState; unreachable: string[] }> {
+    const mine = this.local.get(name);
+    if (mine) return { node: this.host.node, state: mine.state, unreachable: [] };
+    const unreachable: string[] = [];
+    for (const node of this.otherNodes()) {
+      try {
+        const answer = (await this.host.call(node, { cmd: 'vm.local' }, PEER_TIMEOUT_MS)) as LocalAnswer;
+        this.mergeMarks(answer.marks);
+        const v = answer.vms.find((x) => x.name === name && x.state !== 'stopped' && x.state !== 'failed');
+        if (v) return { node, state: v.state, unreachable };
+      } catch {
+        unreachable.push(node);
+      }
+    }
+    return { node: undefined, unreachable };
+  }
+
+  /** The node that decides where `name` runs: the one serving its boot disk's pool. */
+  private decider(name: string): string {
+    const pool = this.config(name).disks[0].split('/')[0];
+    const server = this.host.poolServer(pool);
+    if (!server) {
+      const resources = this.host.config.pools[pool]?.devices ?? [];
+      throw new UserError(`vm ${name}: pool ${pool} is open on no node (no node is Primary for ${resources.join(', ')}): make one Primary (resource primary ${resources[0] ?? 'RES'})`, 1);
+    }
+    return server;
+  }
+
+  private async startVm(name: string, on: string | undefined, auto: boolean, forwarded = false): Promise<unknown> {
+    const c = this.config(name);
+    if (on !== undefined && !this.host.config.nodes[on]) throw new UserError(`vm start ${name} --on ${on}: no node named ${on} (nodes: ${Object.keys(this.host.config.nodes).join(', ')})`);
+    const decider = this.decider(name);
+    if (decider !== this.host.node) {
+      // Sent here by a node that took this one for the decider: the two disagree (a role is changing).
+      if (forwarded) throw new UserError(`vm ${name}: ${this.host.node} and the node that sent the request disagree on which node serves its disks (a Primary role is moving): try again`, 1);
+      return this.host.call(decider, { cmd: 'vm.start', vm: name, ...(on ? { on } : {}), ...(auto ? { auto } : {}), forwarded: true }, 120_000);
+    }
+    return this.locked(name, async () => {
+      const where = await this.locate(name);
+      if (where.node) return { vm: name, node: where.node, state: where.state, already: true, message: `vm ${name} is already running on ${where.node}${on && on !== where.node ? ` (vm migrate ${name} --to ${on} moves it)` : ''}` };
+      if (where.unreachable.length > 0) {
+        throw new UserError(`vm ${name}: cannot reach ${where.unreachable.join(', ')} to make sure it does not run there: start it when ${where.unreachable.length > 1 ? 'they answer' : 'it answers'}`, 1);
+      }
+      if (auto && this.marks[name]?.stopped) return { vm: name, skipped: 'stopped by vm stop' };
+      await this.markEverywhere(name, false);
+      const target = on ?? c.prefer ?? this.host.node;
+      const started = target === this.host.node ? await this.startHere(name) : await this.host.call(target, { cmd: 'vm.start-here', vm: name }, 120_000);
+      return started;
+    });
+  }
+
+  /** Start QEMU for `name` on this node, its disks from the nodes serving their pools. */
+  private async startHere(name: string): Promise<VmInfo> {
+    const c = this.config(name);
+    const running = this.local.get(name);
+    if (running) return this.infoOf(running);
+    const spec = this.specOf(name);
+    const paths = vmPaths(this.vmDir(name));
+    fs.mkdirSync(paths.dir, { recursive: true, mode: 0o700 });
+    this.writeSpec(name, spec);
+    this.host.log.info({ event: 'vm-starting', vm: name, disks: spec.disks, accel: spec.accel }, `vm ${name}: starting (${spec.accel}, disks from ${[...new Set(spec.disks.map((d) => d.node))].join(', ')})`);
+    let qemu: QemuProcess;
+    try {
+      qemu = await QemuProcess.start(spec, paths, this.host.log);
+    } catch (err) {
+      throw explainStartError(err, name, spec);
+    }
+    const vm = this.adopt(name, qemu, spec, 'running');
+    const status = await qemu.status().catch(() => undefined);
+    if (status) vm.state = stateOf(status.status);
+    this.exits.delete(name);
+    this.host.log.info({ event: 'vm-started', vm: name, pid: qemu.pid, memory: c.memory }, `vm ${name}: running on ${this.host.node} (QEMU ${qemu.pid})`);
+    return this.infoOf(vm);
+  }
+
+  private specOf(name: string): VmSpec {
+    const c = this.config(name);
+    const base = path.dirname(this.host.config.file);
+    const disks = this.endpoints(name);
+    const boot = c.boot ? { kernel: path.resolve(base, c.boot.kernel), ...(c.boot.initrd ? { initrd: path.resolve(base, c.boot.initrd) } : {}), ...(c.boot.append !== undefined ? { append: c.boot.append } : {}) } : undefined;
+    return { name, memoryBytes: parseSize(String(c.memory)), cpus: c.cpus, disks, ...(boot ? { boot } : {}), accel: this.accel };
+  }
+
+  /** Where each disk of `name` is served now (throws, exit 1, when a pool is open nowhere). */
+  private endpoints(name: string): DiskEndpoint[] {
+    const c = this.config(name);
+    return c.disks.map((d) => {
+      const [pool, volume] = d.split('/');
+      const node = this.host.poolServer(pool);
+      if (!node) {
+        const resources = this.host.config.pools[pool]?.devices ?? [];
+        throw new UserError(`vm ${name}: disk ${d}: pool ${pool} is open on no node (no node is Primary for ${resources.join(', ')}): make one Primary (resource primary ${resources[0] ?? 'RES'})`, 1);
+      }
+      return { volume: d, node, host: this.host.config.nodes[node].address, port: this.host.config.exports.port, export: volume };
+    });
+  }
+
+  private writeSpec(name: string, spec: VmSpec): void {
+    const file = path.join(this.vmDir(name), 'vm.json');
+    fs.writeFileSync(`${file}.tmp`, JSON.stringify({ spec }));
+    fs.renameSync(`${file}.tmp`, file);
+  }
+
+  /**
+   * A disk of the VM failed an I/O (its server went away: a daemon restart, a role that moved) and
+   * werror=stop paused it: the guest saw nothing. Reconnect its disks to wherever they are served now
+   * and let it go on; until they are served somewhere, it stays paused (tried again with a backoff).
+   */
+  private async recover(vm: LocalVm, reason: string): Promise<void> {
+    if (vm.recovering) return;
+    vm.recovering = true;
+    const t0 = Date.now();
+    let wait = 250;
+    let told = '';
+    try {
+      while (this.local.get(vm.name) === vm && !this.stopped) {
+        const st = await vm.qemu.status().catch(() => undefined);
+        if (!st || st.status !== 'io-error') return;
+        try {
+          const disks = this.endpoints(vm.name);
+          await switchDisks(vm.qemu.qmp, disks);
+          await vm.qemu.qmp.execute('cont');
+          vm.spec = { ...vm.spec, disks };
+          this.writeSpec(vm.name, vm.spec);
+          this.host.log.warn(
+            { event: 'vm-disks-reconnected', vm: vm.name, reason, pausedMs: Date.now() - t0, servers: [...new Set(disks.map((d) => d.node))] },
+            `vm ${vm.name}: a disk failed (${reason}): paused ${Date.now() - t0} ms, reconnected to ${[...new Set(disks.map((d) => d.node))].join(', ')}, running again`,
+          );
+        } catch (err) {
+          const message = (err as Error).message;
+          if (message !== told) {
+            told = message;
+            this.host.log.warn({ event: 'vm-disks-unreachable', vm: vm.name, reason, err: message }, `vm ${vm.name}: paused after a disk error (${reason}); its disks cannot be reconnected yet: ${message}`);
+          }
+        }
+        await sleep(wait);
+        wait = Math.min(wait * 2, 5000);
+      }
+    } finally {
+      vm.recovering = false;
+    }
+  }
+
+  private readSpec(name: string): VmSpec | undefined {
+    try {
+      return (JSON.parse(fs.readFileSync(path.join(this.vmDir(name), 'vm.json'), 'utf8')) as { spec: VmSpec }).spec;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Watch a QEMU of this node: its exit ends the VM here. */
+  private adopt(name: string, qemu: QemuProcess, spec: VmSpec, state: VmState): LocalVm {
+    const vm: LocalVm = { name, qemu, spec, state, since: Date.now(), stopping: false, recovering: false };
+    this.local.set(name, vm);
+    qemu.on('event', (e) => {
+      if (e.event === 'STOP') vm.state = vm.state === 'migrating' ? 'migrating' : 'paused';
+      else if (e.event === 'RESUME') vm.state = 'running';
+      else if (e.event === 'BLOCK_IO_ERROR') void this.recover(vm, String(e.data?.reason ?? 'I/O error'));
+    });
+    qemu.once('exit', (exit) => this.exited(vm, exit));
+    return vm;
+  }
+
+  private exited(vm: LocalVm, exit: QemuExit): void {
+    if (this.local.get(vm.name) !== vm) return;
+    this.local.delete(vm.name);
+    const failed = !vm.stopping && !exit.byGuest;
+    this.exits.set(vm.name, { reason: exit.reason, failed, at: Date.now() });
+    // A guest that powered itself off stays off, as after vm stop.
+    if (exit.byGuest && !this.stopped) void this.markEverywhere(vm.name, true).catch(() => undefined);
+    const level = failed ? 'error' : 'info';
+    this.host.log[level](
+      { event: 'vm-exited', vm: vm.name, reason: exit.reason, byGuest: exit.byGuest, failed },
+      `vm ${vm.name}: QEMU exited (${exit.byGuest ? 'the guest powered off' : exit.reason})${failed ? ': not asked by duet' : ''}`,
+    );
+  }
+
+  private async stopVm(name: string, force: boolean): Promise<unknown> {
+    this.config(name);
+    await this.markEverywhere(name, true);
+    const where = await this.locate(name);
+    if (!where.node) {
+      if (where.unreachable.length > 0) throw new UserError(`vm ${name}: not running on any node that answers; ${where.unreachable.join(', ')} did not answer: it stays marked stopped, and is stopped there when it answers`, 1);
+      return { vm: name, state: 'stopped', message: `vm ${name} is not running` };
+    }
+    if (where.node === this.host.node) return this.stopHere(name, force);
+    return this.host.call(where.node, { cmd: 'vm.stop-here', vm: name, force }, POWERDOWN_TIMEOUT_MS + 15_000);
+  }
+
+  private async stopHere(name: string, force: boolean): Promise<unknown> {
+    this.config(name);
+    const vm = this.local.get(name);
+    if (!vm) return { vm: name, state: 'stopped', message: `vm ${name} is not running on ${this.host.node}` };
+    vm.stopping = true;
+    const exit = force ? await vm.qemu.kill() : await vm.qemu.powerdown(POWERDOWN_TIMEOUT_MS);
+    this.host.log.info({ event: 'vm-stopped', vm: name, forced: force, reason: exit.reason }, `vm ${name}: stopped on ${this.host.node}${exit.reason === 'killed' ? ' (killed)' : ''}`);
+    return { vm: name, node: this.host.node, state: 'stopped', killed: exit.reason === 'killed' };
+  }
+
+  private console(name: string, since: number | undefined): Promise<ConsoleChunk & { node: string }> | (ConsoleChunk & { node: string }) {
+    this.config(name);
+    const log = new ConsoleLog(this.vmDir(name));
+    if (this.local.has(name)) return { ...log.read(since), node: this.host.node };
+    return this.consoleElsewhere(name, since, log);
+  }
+
+  private async consoleElsewhere(name: string, since: number | undefined, log: ConsoleLog): Promise<ConsoleChunk & { node: string }> {
+    const where = await this.locate(name);
+    if (where.node && where.node !== this.host.node) {
+      return (await this.host.call(where.node, { cmd: 'vm.console', vm: name, ...(since !== undefined ? { since } : {}) }, PEER_TIMEOUT_MS)) as ConsoleChunk & { node: string };
+    }
+    // Not running: what it printed last here (if it ran here).
+    return { ...log.read(since), node: this.host.node };
+  }
+
+  /* --------------------------------------------------------------- marks */
+
+  private marksFile(): string {
+    return path.join(this.dir, 'marks.json');
+  }
+
+  private loadMarks(): Record<string, Mark> {
+    try {
+      return JSON.parse(fs.readFileSync(this.marksFile(), 'utf8')) as Record<string, Mark>;
+    } catch {
+      return {};
+    }
+  }
+
+  private setMark(name: string, mark: Mark): void {
+    const old = this.marks[name];
+    if (old && old.at >= mark.at) return;
+    this.marks = { ...this.marks, [name]: mark };
+    fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    const tmp = `${this.marksFile()}.tmp`;
+    fs.writeFileSync(tmp, JSON.stringify(this.marks));
+    fs.renameSync(tmp, this.marksFile());
+  }
+
+  private mergeMarks(theirs: Record<string, Mark> | undefined): void {
+    for (const [name, m] of Object.entries(theirs ?? {})) if (this.isVm(name)) this.setMark(name, m);
+  }
+
+  /** Remember stop/start on every node that answers (the others learn it when they compare marks). */
+  private async markEverywhere(name: string, stopped: boolean): Promise<void> {
+    const mark = { stopped, at: Date.now() };
+    this.setMark(name, mark);
+    await Promise.all(this.otherNodes().map((n) => this.host.call(n, { cmd: 'vm.mark', vm: name, ...mark }, PEER_TIMEOUT_MS).catch(() => undefined)));
+  }
+
+  /* ----------------------------------------------------------- autostart */
+
+  /** Start the VMs this node decides for that should run and run nowhere. */
+  private async autostart(): Promise<void> {
+    if (this.stopped) return;
+    for (const name of Object.keys(this.host.config.vms)) {
+      if (this.local.has(name) || this.marks[name]?.stopped || this.locks.has(name)) continue;
+      if (this.exits.get(name)?.failed) continue; // A crashed VM waits for the admin (vm start).
+      let decider: string;
+      try {
+        decider = this.decider(name);
+      } catch {
+        continue; // Its disks are served nowhere yet.
+      }
+      if (decider !== this.host.node) continue;
+      try {
+        const r = (await this.startVm(name, undefined, true)) as { already?: boolean; skipped?: string };
+        if (!r.already && !r.skipped) this.host.log.info({ event: 'vm-autostarted', vm: name }, `vm ${name}: started (it runs unless stopped)`);
+        this.reported.delete(name);
+      } catch (err) {
+        const message = (err as Error).message;
+        if (this.reported.get(name) !== message) {
+          this.reported.set(name, message);
+          this.host.log.warn({ event: 'vm-autostart-failed', vm: name, err: message }, message);
+        }
+      }
+    }
+  }
+
+  private async locked<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    const before = this.locks.get(name) ?? Promise.resolve();
+    const run = before.catch(() => undefined).then(fn);
+    const tail = run.catch(() => undefined);
+    this.locks.set(name, tail);
+    try {
+      return await run;
+    } finally {
+      if (this.locks.get(name) === tail) this.locks.delete(name);
+    }
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function stateOf(status: string): VmState {
+  switch (status) {
+    case 'running':
+      return 'running';
+    case 'inmigrate':
+    case 'postmigrate':
+    case 'finish-migrate':
+      return 'migrating';
+    case 'prelaunch':
+      return 'starting';
+    case 'internal-error':
+    case 'guest-panicked':
+    case 'shutdown':
+      return 'failed';
+    default:
+      // paused, io-error, suspended, debug, restore-vm, save-vm, watchdog, colo
+      return 'paused';
+  }
+}
+
+/** QEMU's start errors in the user's words: a missing volume is named as such. */
+function explainStartError(err: unknown, name: string, spec: VmSpec): Error {
+  const message = (err as Error).message;
+  if (/export not available|Requested export/i.test(message)) {
+    const which = spec.disks.map((d) => `${d.volume} (from ${d.node})`).join(', ');
+    return new UserError(`vm ${name}: a disk's volume is not exported: ${which}: does it exist? (vol list; vol create)`, 1);
+  }
+  if (/Failed to connect|Connection refused/i.test(message)) {
+    return new UserError(`vm ${name}: cannot reach the NBD export of its disks (${spec.disks.map((d) => `nbd://${d.host}:${d.port}/${d.export}`).join(', ')}): ${message.replace(/^vm \S+: /, '')}`, 1);
+  }
+  if (err instanceof UserError) return new UserError(message, 1);
+  return err as Error;
+}
