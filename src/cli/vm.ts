@@ -44,6 +44,16 @@ export function registerVm(program: Command): void {
       process.stdout.write(r.message ? `${r.message}\n` : `vm ${name} stopped on ${r.node}${r.killed ? ' (killed)' : ''}\n`);
     });
 
+  vm.command('migrate')
+    .description('move the running VM to NODE live: the guest goes on where it was (its memory is copied while it runs)')
+    .argument('<vm>')
+    .requiredOption('--to <node>', 'the node to move it to')
+    .action(async (name: string, options: { to: string }, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const r = (await callNode(t, { cmd: 'vm.migrate', vm: name, to: options.to }, { timeoutMs: 11 * 60_000 })) as { message: string };
+      process.stdout.write(`${r.message}\n`);
+    });
+
   vm.command('console')
     .description('the serial console\'s output (the last 256 KiB); --follow keeps printing')
     .argument('<vm>')

@@ -398,6 +398,11 @@ export class NodeDaemon implements VmHost {
       case 'vm.stop-here':
       case 'vm.mark':
       case 'vm.console':
+      case 'vm.migrate':
+      case 'vm.migrate-out':
+      case 'vm.migrate-in':
+      case 'vm.migrate-done':
+      case 'vm.migrate-abort':
         return this.vms.handle(c);
       case 'resource.status':
         return this.status(c.resource);

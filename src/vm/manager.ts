@@ -24,6 +24,7 @@ import { ConsoleLog, type ConsoleChunk } from './console.js';
 import { QemuProcess, detectAccel, type QemuExit } from './qemu.js';
 import { vmPaths, type DiskEndpoint, type VmSpec } from './qemu-args.js';
 import { switchDisks } from './disks.js';
+import { listenIncoming, migrateOut } from './migrate.js';
 
 export type VmState = 'running' | 'stopped' | 'starting' | 'migrating' | 'paused' | 'failed';
 
@@ -59,7 +60,12 @@ export type VmCommand =
   | { cmd: 'vm.stop'; vm: string; force?: boolean }
   | { cmd: 'vm.stop-here'; vm: string; force?: boolean }
   | { cmd: 'vm.mark'; vm: string; stopped: boolean; at: number }
-  | { cmd: 'vm.console'; vm: string; since?: number };
+  | { cmd: 'vm.console'; vm: string; since?: number; here?: boolean }
+  | { cmd: 'vm.migrate'; vm: string; to: string }
+  | { cmd: 'vm.migrate-out'; vm: string; to: string }
+  | { cmd: 'vm.migrate-in'; vm: string; from: string; memoryBytes: number; cpus: number; disks: DiskEndpoint[] }
+  | { cmd: 'vm.migrate-done'; vm: string; from: string }
+  | { cmd: 'vm.migrate-abort'; vm: string };
 
 const vmName = z.string().max(64);
 const commandSchema = z.discriminatedUnion('cmd', [
@@ -70,7 +76,21 @@ const commandSchema = z.discriminatedUnion('cmd', [
   z.object({ cmd: z.literal('vm.stop'), vm: vmName, force: z.boolean().optional() }).strict(),
   z.object({ cmd: z.literal('vm.stop-here'), vm: vmName, force: z.boolean().optional() }).strict(),
   z.object({ cmd: z.literal('vm.mark'), vm: vmName, stopped: z.boolean(), at: z.number().int().nonnegative() }).strict(),
-  z.object({ cmd: z.literal('vm.console'), vm: vmName, since: z.number().int().nonnegative().optional() }).strict(),
+  z.object({ cmd: z.literal('vm.console'), vm: vmName, since: z.number().int().nonnegative().optional(), here: z.boolean().optional() }).strict(),
+  z.object({ cmd: z.literal('vm.migrate'), vm: vmName, to: z.string().max(64) }).strict(),
+  z.object({ cmd: z.literal('vm.migrate-out'), vm: vmName, to: z.string().max(64) }).strict(),
+  z
+    .object({
+      cmd: z.literal('vm.migrate-in'),
+      vm: vmName,
+      from: z.string().max(64),
+      memoryBytes: z.number().int().positive(),
+      cpus: z.number().int().positive(),
+      disks: z.array(z.object({ volume: z.string(), node: z.string(), host: z.string(), port: z.number().int(), export: z.string() }).strict()).max(64),
+    })
+    .strict(),
+  z.object({ cmd: z.literal('vm.migrate-done'), vm: vmName, from: z.string().max(64) }).strict(),
+  z.object({ cmd: z.literal('vm.migrate-abort'), vm: vmName }).strict(),
 ]);
 
 /** What the manager needs of its node daemon. */
@@ -81,6 +101,8 @@ export interface VmHost {
   readonly log: Logger;
   /** The node serving a pool's volumes (Primary for all its resources), as far as this node knows. */
   poolServer(pool: string): string | undefined;
+  /** This node's address (where a migration's destination listens). */
+  readonly address: string;
   /** Ask another node's daemon; throws when it does not answer. */
   call(node: string, request: VmCommand, timeoutMs?: number): Promise<unknown>;
 }
@@ -95,6 +117,8 @@ interface LocalVm {
   stopping: boolean;
   /** Its disks are being reconnected after an I/O error (the VM paused by werror=stop). */
   recovering: boolean;
+  /** The destination of a migration under way: its QEMU waits for the source's state. */
+  incoming?: { from: string };
 }
 
 interface LocalAnswer {
@@ -104,6 +128,7 @@ interface LocalAnswer {
 }
 
 const POWERDOWN_TIMEOUT_MS = 30_000;
+const MIGRATION_TIMEOUT_MS = 10 * 60_000;
 const AUTOSTART_EVERY_MS = 2000;
 const PEER_TIMEOUT_MS = 5000;
 
@@ -200,7 +225,17 @@ export class VmManager {
         this.setMark(c.vm, { stopped: c.stopped, at: c.at });
         return { vm: c.vm };
       case 'vm.console':
-        return this.console(c.vm, c.since);
+        return this.console(c.vm, c.since, c.here === true);
+      case 'vm.migrate':
+        return this.migrate(c.vm, c.to);
+      case 'vm.migrate-out':
+        return this.migrateOut(c.vm, c.to);
+      case 'vm.migrate-in':
+        return this.migrateIn(c);
+      case 'vm.migrate-done':
+        return this.migrateDone(c.vm, c.from);
+      case 'vm.migrate-abort':
+        return this.migrateAbort(c.vm);
     }
   }
 
@@ -447,6 +482,10 @@ export class VmManager {
     this.exits.set(vm.name, { reason: exit.reason, failed, at: Date.now() });
     // A guest that powered itself off stays off, as after vm stop.
     if (exit.byGuest && !this.stopped) void this.markEverywhere(vm.name, true).catch(() => undefined);
+    if (vm.incoming) {
+      this.host.log.warn({ event: 'vm-incoming-ended', vm: vm.name, from: vm.incoming.from, reason: exit.reason }, `vm ${vm.name}: the migration from ${vm.incoming.from} did not finish: its QEMU here exited (${exit.reason})`);
+      return;
+    }
     const level = failed ? 'error' : 'info';
     this.host.log[level](
       { event: 'vm-exited', vm: vm.name, reason: exit.reason, byGuest: exit.byGuest, failed },
@@ -476,10 +515,11 @@ export class VmManager {
     return { vm: name, node: this.host.node, state: 'stopped', killed: exit.reason === 'killed' };
   }
 
-  private console(name: string, since: number | undefined): Promise<ConsoleChunk & { node: string }> | (ConsoleChunk & { node: string }) {
+  private console(name: string, since: number | undefined, here = false): Promise<ConsoleChunk & { node: string }> | (ConsoleChunk & { node: string }) {
     this.config(name);
     const log = new ConsoleLog(this.vmDir(name));
-    if (this.local.has(name)) return { ...log.read(since), node: this.host.node };
+    // An incoming migration's QEMU has printed nothing: the console is still the source's.
+    if (here || (this.local.has(name) && !this.local.get(name)!.incoming)) return { ...log.read(since), node: this.host.node };
     return this.consoleElsewhere(name, since, log);
   }
 
@@ -490,6 +530,127 @@ export class VmManager {
     }
     // Not running: what it printed last here (if it ran here).
     return { ...log.read(since), node: this.host.node };
+  }
+
+  /* ----------------------------------------------------------- migration */
+
+  /** `vm migrate VM --to NODE`, asked of any node: the node running it does it. */
+  private async migrate(name: string, to: string): Promise<unknown> {
+    this.config(name);
+    if (!this.host.config.nodes[to]) throw new UserError(`vm migrate ${name} --to ${to}: no node named ${to} (nodes: ${Object.keys(this.host.config.nodes).join(', ')})`);
+    const where = await this.locate(name);
+    if (!where.node) throw new UserError(`vm ${name} is not running${where.unreachable.length > 0 ? ` on any node that answers (${where.unreachable.join(', ')} did not)` : ''}: start it where you want it (vm start ${name} --on ${to})`, 1);
+    if (where.node === to) throw new UserError(`vm ${name} already runs on ${to}: nothing to migrate`, 1);
+    if (where.node === this.host.node) return this.migrateOut(name, to);
+    return this.host.call(where.node, { cmd: 'vm.migrate-out', vm: name, to }, MIGRATION_TIMEOUT_MS + 60_000);
+  }
+
+  /** The source's side: start the destination, send the guest, end the copy here. */
+  private async migrateOut(name: string, to: string): Promise<unknown> {
+    return this.locked(name, async () => {
+      const vm = this.local.get(name);
+      if (!vm || vm.incoming) throw new UserError(`vm ${name} is not running on ${this.host.node}`, 1);
+      if (to === this.host.node) throw new UserError(`vm ${name} already runs on ${to}: nothing to migrate`, 1);
+      if (vm.state !== 'running') throw new UserError(`vm ${name} is ${vm.state} on ${this.host.node}: only a running VM migrates`, 1);
+      const t0 = Date.now();
+      vm.state = 'migrating';
+      this.host.log.info({ event: 'vm-migrating', vm: name, from: this.host.node, to }, `vm ${name}: migrating from ${this.host.node} to ${to}`);
+      let port: number;
+      try {
+        ({ port } = (await this.host.call(to, { cmd: 'vm.migrate-in', vm: name, from: this.host.node, memoryBytes: vm.spec.memoryBytes, cpus: vm.spec.cpus, disks: vm.spec.disks }, 60_000)) as { port: number });
+      } catch (err) {
+        vm.state = 'running';
+        throw new UserError(`vm ${name}: ${to} cannot take it: ${(err as Error).message}; it still runs on ${this.host.node}`, 1);
+      }
+      let result;
+      try {
+        result = await migrateOut(vm.qemu.qmp, this.host.config.nodes[to].address, port, { timeoutMs: MIGRATION_TIMEOUT_MS });
+      } catch (err) {
+        result = { status: 'failed' as const, totalTimeMs: Date.now() - t0, downtimeMs: 0, transferredBytes: 0, error: (err as Error).message };
+      }
+      if (result.status !== 'completed') {
+        vm.state = (await vm.qemu.status().then((s) => stateOf(s.status)).catch(() => 'running' as VmState));
+        await this.host.call(to, { cmd: 'vm.migrate-abort', vm: name }, 30_000).catch(() => undefined);
+        this.host.log.warn({ event: 'vm-migration-failed', vm: name, to, error: result.error }, `vm ${name}: migration to ${to} failed (${result.error ?? result.status}): it runs on ${this.host.node}`);
+        throw new UserError(`vm ${name}: migration to ${to} failed (${result.error ?? result.status}); it still runs on ${this.host.node}`, 1);
+      }
+      // The guest runs on `to` now; the copy here is paused (postmigrate): end it before anything else.
+      vm.stopping = true;
+      await vm.qemu.kill().catch((err: unknown) => this.host.log.error({ event: 'vm-source-kill-failed', vm: name, err: (err as Error).message }, (err as Error).message));
+      let note = '';
+      try {
+        await this.host.call(to, { cmd: 'vm.migrate-done', vm: name, from: this.host.node }, 60_000);
+      } catch (err) {
+        note = ` (${to} was not told it is done: ${(err as Error).message}; it runs the VM all the same)`;
+      }
+      const summary = { vm: name, from: this.host.node, to, totalTimeMs: result.totalTimeMs, downtimeMs: result.downtimeMs, transferredBytes: result.transferredBytes, wallTimeMs: Date.now() - t0 };
+      this.host.log.info({ event: 'vm-migrated', ...summary }, `vm ${name}: migrated from ${this.host.node} to ${to} in ${result.totalTimeMs} ms, ${result.downtimeMs} ms downtime${note}`);
+      return { ...summary, message: `vm ${name} migrated from ${this.host.node} to ${to}: ${result.totalTimeMs} ms, guest paused ${result.downtimeMs} ms${note}` };
+    });
+  }
+
+  /** The destination's side: a QEMU waiting for the guest; answers the port it listens on. */
+  private async migrateIn(c: { vm: string; from: string; memoryBytes: number; cpus: number; disks: DiskEndpoint[] }): Promise<{ port: number }> {
+    this.config(c.vm);
+    if (this.local.has(c.vm)) throw new UserError(`vm ${c.vm} already has a QEMU on ${this.host.node}`, 1);
+    // The source's view of the VM: the same memory size (QEMU needs it) and the same disk servers.
+    const spec = { ...this.specOf(c.vm), memoryBytes: c.memoryBytes, cpus: c.cpus, disks: c.disks };
+    const paths = vmPaths(this.vmDir(c.vm));
+    fs.mkdirSync(paths.dir, { recursive: true, mode: 0o700 });
+    new ConsoleLog(paths.dir).clearLive();
+    this.writeSpec(c.vm, spec);
+    let qemu: QemuProcess;
+    try {
+      qemu = await QemuProcess.start(spec, paths, this.host.log, { incoming: true });
+    } catch (err) {
+      throw explainStartError(err, c.vm, spec);
+    }
+    const vm = this.adopt(c.vm, qemu, spec, 'migrating');
+    vm.incoming = { from: c.from };
+    // Its exit before the end is the migration's failure, not the VM's: the guest runs on the source.
+    vm.stopping = true;
+    try {
+      return { port: await listenIncoming(qemu.qmp, this.host.address) };
+    } catch (err) {
+      await qemu.kill().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** The guest runs here now: take the console it had, and own the VM. */
+  private async migrateDone(name: string, from: string): Promise<unknown> {
+    const vm = this.local.get(name);
+    if (!vm) throw new UserError(`vm ${name}: its migrated QEMU is not running on ${this.host.node}`, 1);
+    vm.incoming = undefined;
+    vm.stopping = false;
+    vm.since = Date.now();
+    const st = await vm.qemu.status().catch(() => undefined);
+    vm.state = st ? stateOf(st.status) : vm.state;
+    try {
+      await this.adoptConsole(name, from);
+    } catch (err) {
+      this.host.log.warn({ event: 'vm-console-not-moved', vm: name, from, err: (err as Error).message }, `vm ${name}: the console printed on ${from} was not brought here: ${(err as Error).message}`);
+    }
+    return { vm: name, node: this.host.node, state: vm.state };
+  }
+
+  private async adoptConsole(name: string, from: string): Promise<void> {
+    const parts: Buffer[] = [];
+    let chunk = (await this.host.call(from, { cmd: 'vm.console', vm: name, here: true, since: 0 }, PEER_TIMEOUT_MS)) as ConsoleChunk;
+    const start = chunk.from;
+    for (let i = 0; i < 64; i++) {
+      parts.push(Buffer.from(chunk.text, 'utf8'));
+      const at = chunk.from + Buffer.byteLength(chunk.text);
+      if (at >= chunk.end) break;
+      chunk = (await this.host.call(from, { cmd: 'vm.console', vm: name, here: true, since: at }, PEER_TIMEOUT_MS)) as ConsoleChunk;
+    }
+    new ConsoleLog(this.vmDir(name)).adopt(start, Buffer.concat(parts));
+  }
+
+  private async migrateAbort(name: string): Promise<unknown> {
+    const vm = this.local.get(name);
+    if (vm?.incoming) await vm.qemu.kill().catch(() => undefined);
+    return { vm: name };
   }
 
   /* --------------------------------------------------------------- marks */
