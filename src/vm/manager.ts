@@ -625,7 +625,8 @@ export class VmManager {
     vm.stopping = false;
     vm.since = Date.now();
     const st = await vm.qemu.status().catch(() => undefined);
-    vm.state = st ? stateOf(st.status) : vm.state;
+    // Still 'inmigrate' when asked: its RESUME event (handled as it comes) says when it runs.
+    if (st && st.status !== 'inmigrate') vm.state = stateOf(st.status);
     try {
       await this.adoptConsole(name, from);
     } catch (err) {

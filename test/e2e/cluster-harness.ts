@@ -6,8 +6,9 @@
  */
 import { spawn, ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
-import { AfterContext, DUET, ROOT, run, RunResult, tmpDir, waitFor, withTimeout } from './harness.js';
+import { AfterContext, DUET, ROOT, run, RunResult, waitFor, withTimeout } from './harness.js';
 import { freePorts } from '../ports.js';
 
 export const ADDRESS: Record<string, string> = { alpha: '127.0.0.2', bravo: '127.0.0.3', witness: '127.0.0.4' };
@@ -24,6 +25,8 @@ export interface ClusterOptions {
   createMd?: boolean;
   /** A second resource b (disks DIR/NODE-b.img, prefer alpha) with its own pool pb. */
   resourceB?: boolean;
+  /** More lines at the end of the cluster file (e.g. a vms: section). */
+  extra?: string[];
 }
 
 export interface Proc {
@@ -75,7 +78,10 @@ export interface ResourceJson {
 }
 
 export async function makeCluster(t: AfterContext, options: ClusterOptions = {}): Promise<Cluster> {
-  const dir = tmpDir(t, 'duet-cluster-');
+  // Removed by the after hook below, once the daemons and their VMs are gone (the pid files are in it).
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-cluster-'));
+  let cleanup = async (): Promise<void> => fs.rmSync(dir, { recursive: true, force: true });
+  t.after(() => cleanup());
   const diskBytes = options.diskBytes ?? 512 * 1024 * 1024;
   const disks = options.disks ?? { alpha: path.join(dir, 'alpha.img'), bravo: path.join(dir, 'bravo.img') };
   const disksB = { alpha: path.join(dir, 'alpha-b.img'), bravo: path.join(dir, 'bravo-b.img') };
@@ -100,6 +106,7 @@ export async function makeCluster(t: AfterContext, options: ClusterOptions = {})
       ...(options.resourceB ? ['  pb: { devices: [b] }'] : []),
       `exports: { port: ${exportsPort} }`,
       `api: { port: ${apiPort} }`,
+      ...(options.extra ?? []),
       '',
     ].join('\n'),
   );
@@ -132,9 +139,11 @@ export async function makeCluster(t: AfterContext, options: ClusterOptions = {})
     p.child.kill(signal);
     await withTimeout(p.exited, 15_000, `${name} to exit on ${signal}`).catch(() => p.child.kill('SIGKILL'));
   };
-  t.after(async () => {
+  cleanup = async () => {
     for (const name of procs.keys()) await kill(name, 'SIGKILL');
-  });
+    killVms(dir);
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
   const cluster: Cluster = {
     dir,
     file,
@@ -153,6 +162,32 @@ export async function makeCluster(t: AfterContext, options: ClusterOptions = {})
     describe: () => [...procs.values()].map((p) => `--- ${p.name} stderr ---\n${p.err().split('\n').slice(-40).join('\n')}`).join('\n'),
   };
   return cluster;
+}
+
+/**
+ * The QEMUs the nodes' daemons started (they outlive a daemon on purpose): found by the pid files under
+ * this cluster's homes, killed only if the process is the QEMU of that pid file (its command line names it).
+ */
+export function killVms(dir: string): void {
+  for (const home of fs.readdirSync(dir).filter((d) => d.startsWith('home-'))) {
+    const vms = path.join(dir, home, 'vms');
+    if (!fs.existsSync(vms)) continue;
+    for (const vm of fs.readdirSync(vms)) {
+      const pidFile = path.join(vms, vm, 'qemu.pid');
+      let pid: number;
+      try {
+        pid = Number(fs.readFileSync(pidFile, 'utf8').trim());
+        if (!fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(path.join(vms, vm, 'qmp.sock'))) continue;
+      } catch {
+        continue;
+      }
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // Gone meanwhile.
+      }
+    }
+  }
 }
 
 /** Wait (bounded) until `cond(status of node)` holds; polls the real CLI. */
