@@ -116,8 +116,15 @@ export function registerResource(program: Command): void {
     .description('make the resource Primary on this node (its pools open and their volumes are exported here)')
     .argument('<resource>')
     .option('--force', 'promote a disk that is not UpToDate (Inconsistent or Outdated): it becomes the good data')
-    .action(async (name: string, options: { force?: boolean }, cmd: Command) => {
+    .option('--handover', 'take the role from the peer while VMs use the volumes: they pause, their disks move here, they run on')
+    .action(async (name: string, options: { force?: boolean; handover?: boolean }, cmd: Command) => {
       const t = requireCluster(cmd);
+      if (options.handover) {
+        if (options.force) throw new UserError('resource primary: --handover and --force do not go together (a handover needs both disks in sync)');
+        const r = (await callNode(t, { cmd: 'resource.primary', resource: name, force: false, handover: true }, { timeoutMs: 300_000 })) as { message: string };
+        process.stdout.write(`${r.message}\n`);
+        return;
+      }
       const s = (await callNode(t, { cmd: 'resource.primary', resource: name, force: options.force === true })) as NodeStatus;
       process.stdout.write(`resource ${name} is Primary on ${s.node}\n`);
     });

@@ -45,12 +45,13 @@ import { LoopDelayMonitor, type LoopDelayStatus } from '../util/loop-delay.js';
 import { VmManager, type VmCommand, type VmHost } from '../vm/manager.js';
 import { callAdmin } from '../volume/admin-socket.js';
 import { signRequest } from './api-auth.js';
+import { handover, type HandoverHost } from './handover.js';
 
 const HEARTBEAT_MS = 500;
 
 export type NodeCommand =
   | { cmd: 'resource.status'; resource?: string }
-  | { cmd: 'resource.primary'; resource: string; force: boolean }
+  | { cmd: 'resource.primary'; resource: string; force: boolean; handover?: boolean }
   | { cmd: 'resource.secondary'; resource: string; force?: boolean }
   | { cmd: 'resource.disconnect'; resource: string }
   | { cmd: 'resource.connect'; resource: string }
@@ -97,7 +98,7 @@ interface OpenPool {
   resources: string[];
 }
 
-export class NodeDaemon implements VmHost {
+export class NodeDaemon implements VmHost, HandoverHost {
   readonly resources = new Map<string, ResourceEntry>();
   readonly down = new Map<string, DownResource>();
   readonly pools = new Map<string, OpenPool>();
@@ -144,8 +145,21 @@ export class NodeDaemon implements VmHost {
     return server;
   }
 
+  resourceOf(name: string): { resource: Resource; peerNode: string } {
+    return this.entry(name);
+  }
+
+  async promoteHere(name: string): Promise<void> {
+    const e = this.entry(name);
+    e.autoPromote = false;
+    await this.serial(async () => {
+      await e.resource.promote(false);
+      await this.openPools();
+    });
+  }
+
   /** Ask another node's daemon (signed like the CLI's requests). */
-  call(node: string, request: VmCommand, timeoutMs = 10_000): Promise<unknown> {
+  call(node: string, request: NodeCommand, timeoutMs = 10_000): Promise<unknown> {
     const target = this.config.nodes[node];
     if (!target) return Promise.reject(new UserError(`no node named ${node} in ${this.config.file}`));
     return callAdmin({ host: target.address, port: this.config.api.port, localAddress: this.address }, signRequest(this.secret, request), {
@@ -346,10 +360,15 @@ export class NodeDaemon implements VmHost {
     for (const [name, open] of [...this.pools]) {
       if (!open.resources.includes(resource)) continue;
       this.pools.delete(name);
-      await this.nbd?.dropConnections((exp) => open.pool.listVolumes().some((v) => v.record.name === exp.name));
+      // Its clients keep their connections a while: a flush there says whether the close below made their writes durable.
+      let closed!: { resolve: () => void; reject: (err: Error) => void };
+      const done = new Promise<void>((resolve, reject) => (closed = { resolve, reject }));
+      await this.nbd?.retireConnections((exp) => open.pool.listVolumes().some((v) => v.record.name === exp.name), done);
       try {
         await open.pool.close();
+        closed.resolve();
       } catch (err) {
+        closed.reject(err as Error);
         // Forced: its last writes failed (no quorum); the pool's metadata on disk is what it last committed.
         if (!force) throw err;
         this.log.warn({ event: 'pool-close-failed', pool: name, err: (err as Error).message }, `pool ${name}: closed with errors: ${(err as Error).message}`);
@@ -403,6 +422,8 @@ export class NodeDaemon implements VmHost {
       case 'vm.migrate-in':
       case 'vm.migrate-done':
       case 'vm.migrate-abort':
+      case 'vm.pause-io':
+      case 'vm.resume-io':
         return this.vms.handle(c);
       case 'resource.status':
         return this.status(c.resource);
@@ -414,6 +435,7 @@ export class NodeDaemon implements VmHost {
         return this.status(c.resource);
       }
       case 'resource.primary': {
+        if (c.handover) return handover(this, c.resource);
         const e = this.entry(c.resource);
         e.autoPromote = false;
         await this.serial(async () => {

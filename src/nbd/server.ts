@@ -12,6 +12,7 @@ import type { ExportProvider, NbdExport } from './exports.js';
 import { negotiate, ProtocolError } from './handshake.js';
 import * as P from './protocol.js';
 import { Transmission, TransmissionStats } from './transmission.js';
+import { RetiredDevice } from './retired.js';
 
 export interface NbdServerOptions {
   exports: ExportProvider;
@@ -67,6 +68,8 @@ function adoptWithUserBuffer(
 
 /** How long a connection we ended may linger before its socket is destroyed. */
 const FINISH_GRACE_MS = 5_000;
+/** How long a connection to an export that moved away stays open for its client to flush and leave. */
+const RETIRE_GRACE_MS = 60_000;
 
 class Connection {
   readonly queue = new ByteQueue();
@@ -378,22 +381,24 @@ export class NbdServer {
   }
 
   /**
-   * End the connections on exports that are going away (a pool closing
-   * because its resource stops being Primary here): in-flight requests
-   * finish first, then the connection closes; the rest go on.
+   * The exports `which` are no longer served here (the Primary role moves away): in-flight requests
+   * finish, then the connections stay open for `graceMs`, answering a FLUSH with `closed`'s outcome
+   * and failing anything else (see RetiredDevice), so a client can move to the new Primary without an
+   * error; they close when the client leaves or the grace ends.
    */
-  async dropConnections(which: (exp: NbdExport) => boolean): Promise<void> {
+  async retireConnections(which: (exp: NbdExport) => boolean, closed: Promise<void>, graceMs = RETIRE_GRACE_MS): Promise<void> {
     const going = [...this.connections].filter((c) => c.openedExport !== undefined && which(c.openedExport));
-    await finishedWithin(
-      Promise.all(
-        going.map(async (conn) => {
-          if (conn.transmission) await conn.transmission.stop();
-          conn.finish();
-        }),
-      ),
-      this.shutdownTimeoutMs,
-    );
-    for (const conn of going) conn.socket.destroy();
+    const stopped = await finishedWithin(Promise.all(going.map(async (conn) => conn.transmission?.stop())), this.shutdownTimeoutMs);
+    for (const conn of going) {
+      const t = conn.transmission;
+      if (!stopped || !t || !conn.openedExport) {
+        conn.socket.destroy();
+        continue;
+      }
+      const d = conn.openedExport.device;
+      t.retire(new RetiredDevice({ name: d.name, size: d.size, blockSize: d.blockSize, capabilities: d.capabilities }, closed));
+      setTimeout(() => conn.socket.destroy(), graceMs).unref();
+    }
   }
 
   /**

@@ -92,7 +92,7 @@ export interface TransmissionStats {
 }
 
 export class Transmission {
-  private readonly device: BlockDevice;
+  private device: BlockDevice;
   private readonly structured: boolean;
   private readonly baseAllocation: boolean;
   private readonly flags: number;
@@ -135,6 +135,14 @@ export class Transmission {
     this.stopped = true;
     this.socket.pause();
     return this.idle();
+  }
+
+  /** After stop(): serve `device` instead (a RetiredDevice) and take requests again. */
+  retire(device: BlockDevice): void {
+    this.device = device;
+    this.stopped = false;
+    this.socket.resume();
+    this.process();
   }
 
   idle(): Promise<void> {

@@ -65,7 +65,9 @@ export type VmCommand =
   | { cmd: 'vm.migrate-out'; vm: string; to: string }
   | { cmd: 'vm.migrate-in'; vm: string; from: string; memoryBytes: number; cpus: number; disks: DiskEndpoint[] }
   | { cmd: 'vm.migrate-done'; vm: string; from: string }
-  | { cmd: 'vm.migrate-abort'; vm: string };
+  | { cmd: 'vm.migrate-abort'; vm: string }
+  | { cmd: 'vm.pause-io'; pools: string[] }
+  | { cmd: 'vm.resume-io'; pools: string[]; server: string };
 
 const vmName = z.string().max(64);
 const commandSchema = z.discriminatedUnion('cmd', [
@@ -91,6 +93,8 @@ const commandSchema = z.discriminatedUnion('cmd', [
     .strict(),
   z.object({ cmd: z.literal('vm.migrate-done'), vm: vmName, from: z.string().max(64) }).strict(),
   z.object({ cmd: z.literal('vm.migrate-abort'), vm: vmName }).strict(),
+  z.object({ cmd: z.literal('vm.pause-io'), pools: z.array(z.string().max(64)).max(64) }).strict(),
+  z.object({ cmd: z.literal('vm.resume-io'), pools: z.array(z.string().max(64)).max(64), server: z.string().max(64) }).strict(),
 ]);
 
 /** What the manager needs of its node daemon. */
@@ -119,6 +123,8 @@ interface LocalVm {
   recovering: boolean;
   /** The destination of a migration under way: its QEMU waits for the source's state. */
   incoming?: { from: string };
+  /** Paused for a move of its disks' Primary role (since then). */
+  handoverPaused?: number;
 }
 
 interface LocalAnswer {
@@ -236,6 +242,10 @@ export class VmManager {
         return this.migrateDone(c.vm, c.from);
       case 'vm.migrate-abort':
         return this.migrateAbort(c.vm);
+      case 'vm.pause-io':
+        return this.pauseIo(c.pools);
+      case 'vm.resume-io':
+        return this.resumeIo(c.pools, c.server);
     }
   }
 
@@ -652,6 +662,61 @@ export class VmManager {
     const vm = this.local.get(name);
     if (vm?.incoming) await vm.qemu.kill().catch(() => undefined);
     return { vm: name };
+  }
+
+  /* ------------------------------------------------------------ handover */
+
+  /** The VMs of this node with a disk in one of `pools`. */
+  private usersOf(pools: string[]): LocalVm[] {
+    return [...this.local.values()].filter((vm) => !vm.incoming && vm.spec.disks.some((d) => pools.includes(d.volume.split('/')[0])));
+  }
+
+  /**
+   * Before the Primary role of `pools`' resources moves: pause the VMs using them (QMP stop drains
+   * and flushes their disks while the old Primary still serves them). The guest only sees time pass.
+   */
+  async pauseIo(pools: string[]): Promise<{ vms: string[] }> {
+    const paused: string[] = [];
+    for (const vm of this.usersOf(pools)) {
+      if (vm.state === 'migrating') throw new UserError(`vm ${vm.name} is migrating: move the Primary role when it is done`, 1);
+      await vm.qemu.qmp.execute('stop', undefined, { timeoutMs: 30_000 });
+      vm.handoverPaused = Date.now();
+      paused.push(vm.name);
+    }
+    return { vms: paused };
+  }
+
+  /**
+   * The role has moved (to `server`): reconnect the paused VMs' disks to its exports and let them run.
+   * Waits (bounded) until this node sees `server` serve every pool (the peer's state comes over the link).
+   */
+  async resumeIo(pools: string[], server: string): Promise<{ vms: { name: string; pausedMs: number }[] }> {
+    const out: { name: string; pausedMs: number }[] = [];
+    const deadline = Date.now() + 15_000;
+    while (pools.some((p) => this.host.poolServer(p) !== server)) {
+      if (Date.now() > deadline) throw new UserError(`${this.host.node} does not see ${server} serve ${pools.join(', ')}: VMs using them stay paused (vm list)`, 1);
+      await sleep(50);
+    }
+    let failed: Error | undefined;
+    for (const vm of this.usersOf(pools)) {
+      if (vm.handoverPaused === undefined) continue;
+      try {
+        const disks = this.endpoints(vm.name);
+        await switchDisks(vm.qemu.qmp, disks);
+        vm.spec = { ...vm.spec, disks };
+        this.writeSpec(vm.name, vm.spec);
+        await vm.qemu.qmp.execute('cont');
+        const pausedMs = Date.now() - vm.handoverPaused;
+        vm.handoverPaused = undefined;
+        out.push({ name: vm.name, pausedMs });
+        this.host.log.info({ event: 'vm-disks-moved', vm: vm.name, server, pausedMs }, `vm ${vm.name}: disks now from ${server}; paused ${pausedMs} ms`);
+      } catch (err) {
+        failed ??= err as Error;
+        this.host.log.error({ event: 'vm-disks-move-failed', vm: vm.name, server, err: (err as Error).message }, `vm ${vm.name}: its disks could not be moved to ${server}: ${(err as Error).message}; it stays paused`);
+      }
+    }
+    if (failed) throw new UserError(`VMs of ${this.host.node} stay paused: ${failed.message}`, 1);
+    return { vms: out };
   }
 
   /* --------------------------------------------------------------- marks */

@@ -1,0 +1,130 @@
+/**
+ * A planned move of the Primary role (`resource primary RES --handover`, run
+ * on the node that takes it): the VMs using the resource's pools are paused
+ * (their disks flushed while the old Primary still serves them), the old
+ * Primary closes its pools and steps down, this node is promoted and opens
+ * them, and the VMs' disks are reconnected to this node's exports before
+ * they run on. The guests see a pause, never an I/O error. Every resource of
+ * the pools moves together (a pool spans its resources).
+ *
+ * If a step fails, the role is given back to the old Primary where it can
+ * be, and the VMs resume on whatever node serves their disks.
+ */
+import { UserError } from '../util/errors.js';
+import type { Logger } from '../util/log.js';
+import type { Resource } from '../replication/resource.js';
+import type { VmManager } from '../vm/manager.js';
+import type { ClusterConfig } from './config.js';
+import type { NodeCommand } from './node.js';
+
+/** How long the old Primary's step-down may take to arrive over the peer link. */
+const PEER_STATE_WAIT_MS = 5000;
+
+export interface HandoverHost {
+  readonly node: string;
+  readonly config: ClusterConfig;
+  readonly log: Logger;
+  readonly vms: VmManager;
+  /** The resource of this node (throws a UserError naming it when there is none). */
+  resourceOf(name: string): { resource: Resource; peerNode: string };
+  /** Promote `name` here and open the pools that can be (serialized with other role changes). */
+  promoteHere(name: string): Promise<void>;
+  call(node: string, request: NodeCommand, timeoutMs?: number): Promise<unknown>;
+}
+
+export interface HandoverResult {
+  resources: string[];
+  from: string;
+  to: string;
+  /** From the first VM paused to the last resumed (0 without VMs). */
+  pausedMs: number;
+  vms: { name: string; node: string; pausedMs: number }[];
+  message: string;
+}
+
+export async function handover(host: HandoverHost, resource: string): Promise<HandoverResult> {
+  const pools = Object.entries(host.config.pools)
+    .filter(([, p]) => p.devices.includes(resource))
+    .map(([name]) => name);
+  const resources = [...new Set([resource, ...pools.flatMap((p) => host.config.pools[p].devices)])];
+  const entries = resources.map((r) => ({ name: r, ...host.resourceOf(r) }));
+  const from = entries[0].peerNode;
+  if (entries.every((e) => e.resource.role === 'Primary')) {
+    return { resources, from: host.node, to: host.node, pausedMs: 0, vms: [], message: `resource ${resources.join(', ')} is already Primary on ${host.node}` };
+  }
+  for (const e of entries) {
+    const r = e.resource;
+    const peer = r.peer;
+    const why =
+      e.peerNode !== from
+        ? `its peer is ${e.peerNode}, not ${from}`
+        : r.role === 'Primary'
+          ? `it is Primary here already while ${resources.filter((x) => x !== e.name).join(', ')} ${resources.length > 2 ? 'are' : 'is'} not`
+          : !peer || peer.phase !== 'connected'
+            ? `it is not connected to ${from}`
+            : peer.state?.role !== 'Primary'
+              ? `${from} is not Primary for it (resource primary ${e.name} promotes it without a handover)`
+              : r.disk !== 'UpToDate' || peer.state.disk !== 'UpToDate' || r.bitmap.outOfSyncBytes > 0
+                ? `the disks are not in sync (${host.node}: ${r.disk}, ${from}: ${peer.state.disk}${r.bitmap.outOfSyncBytes > 0 ? `, ${r.bitmap.outOfSyncBytes} bytes out of sync` : ''}): wait for the resync`
+                : undefined;
+    if (why) throw new UserError(`resource ${e.name}: no handover from ${from} to ${host.node}: ${why}`, 1);
+  }
+  const nodes = [host.node, from];
+  const pauseOn = (node: string): Promise<{ vms: string[] }> =>
+    node === host.node ? host.vms.pauseIo(pools) : (host.call(node, { cmd: 'vm.pause-io', pools }, 60_000) as Promise<{ vms: string[] }>);
+  const resumeOn = (node: string, server: string): Promise<{ vms: { name: string; pausedMs: number }[] }> =>
+    node === host.node ? host.vms.resumeIo(pools, server) : (host.call(node, { cmd: 'vm.resume-io', pools, server }, 60_000) as Promise<{ vms: { name: string; pausedMs: number }[] }>);
+  /** Let every paused VM run on, its disks from `server` (errors logged: a VM left paused is listed so). */
+  const resumeAll = async (server: string): Promise<{ name: string; node: string; pausedMs: number }[]> => {
+    const out: { name: string; node: string; pausedMs: number }[] = [];
+    for (const node of nodes) {
+      try {
+        for (const v of (await resumeOn(node, server)).vms) out.push({ ...v, node });
+      } catch (err) {
+        host.log.error({ event: 'handover-resume-failed', node, server, err: (err as Error).message }, `handover: VMs on ${node} could not resume: ${(err as Error).message}`);
+      }
+    }
+    return out;
+  };
+
+  const t0 = Date.now();
+  host.log.info({ event: 'handover-start', resources, from, to: host.node, pools }, `handover of ${resources.join(', ')} from ${from} to ${host.node}`);
+  try {
+    for (const node of nodes) await pauseOn(node);
+  } catch (err) {
+    await resumeAll(from);
+    throw new UserError(`handover of ${resources.join(', ')}: could not pause the VMs using ${pools.join(', ')}: ${(err as Error).message}; nothing moved`, 1);
+  }
+  const demoted: string[] = [];
+  try {
+    for (const e of entries) {
+      await host.call(from, { cmd: 'resource.secondary', resource: e.name }, 60_000);
+      demoted.push(e.name);
+    }
+  } catch (err) {
+    for (const r of demoted) await host.call(from, { cmd: 'resource.primary', resource: r, force: false }, 60_000).catch(() => undefined);
+    await resumeAll(from);
+    throw new UserError(`handover of ${resources.join(', ')}: ${from} could not step down: ${(err as Error).message}; ${from} stays Primary`, 1);
+  }
+  try {
+    for (const e of entries) {
+      // Its new role reaches this node over the peer link, a moment after its answer.
+      const deadline = Date.now() + PEER_STATE_WAIT_MS;
+      while (e.resource.peer?.state?.role === 'Primary' && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      await host.promoteHere(e.name);
+    }
+  } catch (err) {
+    // Give the role back: the old Primary has the same data (nothing was written meanwhile).
+    for (const e of entries) if (e.resource.role !== 'Primary') await host.call(from, { cmd: 'resource.primary', resource: e.name, force: false }, 60_000).catch(() => undefined);
+    await resumeAll(from);
+    throw new UserError(`handover of ${resources.join(', ')}: ${host.node} could not become Primary: ${(err as Error).message}; given back to ${from}`, 1);
+  }
+  const vms = await resumeAll(host.node);
+  const pausedMs = vms.length > 0 ? Date.now() - t0 : 0;
+  const result = { resources, from, to: host.node, pausedMs, vms };
+  host.log.info({ event: 'handover-done', ...result }, `handover of ${resources.join(', ')} from ${from} to ${host.node} done${vms.length > 0 ? `: ${vms.length} VMs paused at most ${Math.max(...vms.map((v) => v.pausedMs))} ms` : ''}`);
+  return {
+    ...result,
+    message: `resource ${resources.join(', ')} is Primary on ${host.node} (handed over by ${from})${vms.length > 0 ? `; ${vms.map((v) => `vm ${v.name} paused ${v.pausedMs} ms`).join(', ')}` : ''}`,
+  };
+}
