@@ -14,9 +14,7 @@ export class RetiredDevice implements BlockDevice {
     private readonly was: { name: string; size: number; blockSize: BlockSizeLimits; capabilities: Capabilities },
     /** Resolves when what was written is durable (the pool closed); rejects when the close failed. */
     private readonly closed: Promise<void>,
-  ) {
-    closed.catch(() => undefined);
-  }
+  ) {}
 
   get name(): string {
     return this.was.name;

@@ -387,6 +387,8 @@ export class NbdServer {
    * error; they close when the client leaves or the grace ends.
    */
   async retireConnections(which: (exp: NbdExport) => boolean, closed: Promise<void>, graceMs = RETIRE_GRACE_MS): Promise<void> {
+    // With no client left to ask, a failed close is the caller's to report, not an unhandled rejection.
+    closed.catch(() => undefined);
     const going = [...this.connections].filter((c) => c.openedExport !== undefined && which(c.openedExport));
     const stopped = await finishedWithin(Promise.all(going.map(async (conn) => conn.transmission?.stop())), this.shutdownTimeoutMs);
     for (const conn of going) {

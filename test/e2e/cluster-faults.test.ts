@@ -109,7 +109,7 @@ test('partition with a witness, on-no-quorum suspend: the cut-off Primary holds 
   const st = await c.status('alpha');
   assert.ok(st.fencedOff, `alpha is fenced off: ${JSON.stringify(st)}`);
   const sa = await c.duet('alpha', ['resource', 'secondary', 'a', '--force'], { timeoutMs: 20_000 });
-  assert.equal(sa.code, 0, sa.describe());
+  assert.equal(sa.code, 0, sa.describe() + c.describe());
   // alpha resyncs from bravo by itself: no split brain, its never-acknowledged write is gone.
   await waitStatus(c, 'bravo', 'healed', (s) => s.role === 'Primary' && inSync(s), 60_000);
   assert.equal((await c.status('bravo')).splitBrain, null);
