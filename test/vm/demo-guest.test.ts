@@ -211,9 +211,9 @@ class Qmp {
 }
 
 /** nbdkit serving a 64 MiB memory disk on 127.0.0.1 (killed by pid in t.after). */
-async function startNbdkit(t: AfterContext): Promise<{ port: number; client(): Promise<NbdClient> }> {
+async function startNbdkit(t: AfterContext, plugin = ['memory', '64M']): Promise<{ port: number; client(): Promise<NbdClient> }> {
   const [port] = await freePorts(1);
-  const p = spawnTracked(t, 'nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), 'memory', '64M']);
+  const p = spawnTracked(t, 'nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...plugin]);
   const client = () => NbdClient.connect({ host: '127.0.0.1', port, connectTimeoutMs: 5000 });
   let last: unknown;
   const deadline = Date.now() + 10_000;
@@ -240,7 +240,7 @@ interface Vm {
 }
 
 /** QEMU (TCG) booting the demo guest from nbd://127.0.0.1:PORT (killed by pid in t.after). */
-async function startVm(t: AfterContext, dir: string, name: string, guest: DemoGuest, port: number): Promise<Vm> {
+async function startVm(t: AfterContext, dir: string, name: string, guest: DemoGuest, port: number, errorPolicy = 'werror=stop,rerror=stop'): Promise<Vm> {
   const consoleFile = path.join(dir, `${name}.console`);
   const qmpFile = path.join(dir, `${name}.qmp`);
   const nbd = { driver: 'nbd', 'node-name': 'nbd0', server: { type: 'inet', host: '127.0.0.1', port: String(port) }, export: '' };
@@ -249,7 +249,7 @@ async function startVm(t: AfterContext, dir: string, name: string, guest: DemoGu
     '-kernel', guest.kernel, '-initrd', guest.initrd, '-append', DEMO_GUEST_APPEND,
     '-blockdev', JSON.stringify(nbd),
     '-blockdev', JSON.stringify({ driver: 'raw', 'node-name': 'disk0', file: 'nbd0' }),
-    '-device', 'virtio-blk-pci,drive=disk0,werror=stop,rerror=stop',
+    '-device', `virtio-blk-pci,drive=disk0,${errorPolicy}`,
     '-device', 'virtio-balloon-pci',
     '-chardev', `file,id=con0,path=${consoleFile},append=on`, '-serial', 'chardev:con0',
     '-chardev', `socket,id=qmp0,path=${qmpFile},server=on,wait=off`, '-mon', 'chardev=qmp0,mode=control',
@@ -373,4 +373,28 @@ test('demo guest: a slot corrupted between boots makes the guest print ERROR', {
   assert.equal(errorsOn(vm2).length, 1, vm2.console());
   await powerdown(vm2);
   assert.deepEqual((await verifyDisk(nbd)).errors, []);
+});
+
+test('demo guest: a failed write prints ERROR, and the host check finds the lost write', { skip: skipVm, timeout: 300_000 }, async (t) => {
+  const dir = tmpDir(t, 'duet-guest-vm-');
+  const guest = await guestFor(t);
+  // writes fail with EIO while the trigger file exists; QEMU passes errors to the guest (werror=report)
+  const trigger = path.join(dir, 'fail-writes');
+  const nbd = await startNbdkit(t, ['--filter=error', 'memory', '64M', 'error=EIO', 'error-pwrite-rate=100%', `error-file=${trigger}`]);
+  const vm = await startVm(t, dir, 'boot1', guest, nbd.port, 'werror=report,rerror=report');
+  const failedWrites = () => [...vm.console().matchAll(/^duet-guest ERROR write slot (\d+): dd: .*Input\/output error seq=(\d+)\r?$/gm)];
+  await waitTicks(vm, 3, BOOT_MS);
+  fs.writeFileSync(trigger, '');
+  await waitFor(() => failedWrites().length > 0, 30_000, `a write ERROR on the console:\n${vm.console().slice(-2000)}`, 50);
+  fs.rmSync(trigger);
+  // a lost last write leaves a legal (shorter) pattern: the host sees the loss once a later write landed
+  const lastFailed = Math.max(...failedWrites().map((m) => Number(m[2])));
+  await waitFor(() => vm.ticks().length >= lastFailed + 3, 30_000, `ticks after the failed writes:\n${vm.console().slice(-2000)}`, 100);
+  await powerdown(vm);
+  const r = await verifyDisk(nbd);
+  const lost = failedWrites().filter((m) => Number(m[2]) < r.maxSeq);
+  assert.ok(lost.length > 0, vm.console());
+  for (const m of lost) {
+    assert.ok(r.errors.includes(`slot ${m[1]}: empty, expected seq ${m[2]} (largest seq ${r.maxSeq})`), `seq ${m[2]}: ${JSON.stringify(r)}\n${vm.console()}`);
+  }
 });
