@@ -27,10 +27,15 @@
  * - After writing it reads the slot back (O_DIRECT) and compares.
  * Any mismatch or dd failure prints `duet-guest ERROR <what> seq=N`; the
  * loop goes on (the slot is rewritten, later checks stay meaningful).
+ * What the pattern cannot show: a lost *last* write, or a disk rolled back
+ * to an older prefix, is a legal state. The guest reports the first (its
+ * dd fails or the read-back differs); for the second compare verifyPattern's
+ * maxSeq with the last `tick` on the console.
  *
  * Console lines: `duet-guest boot_id=ID memory=KB` once, `duet-guest disk
- * last_seq=M`, then every ~200 ms `tick N boot=ID` (N = the seq just written
- * and read back), `duet-guest ok seq=N` every 25 seqs when the 25 before had
+ * last_seq=M`, then `tick N boot=ID` after each write of seq N (200 ms apart
+ * plus the checks: ~275 ms under TCG; an ERROR line comes before the tick it
+ * is about), `duet-guest ok seq=N` every 25 seqs when the 25 before had
  * no ERROR, `duet-guest memory total=KB available=KB seq=N` when MemTotal
  * changes (a virtio balloon inflating or deflating), and `duet-guest
  * poweroff seq=N boot=ID` on the way out.
@@ -39,6 +44,9 @@
  * `button` driver reports it as an input event (evdev), busybox acpid runs
  * /etc/acpi/PWRF/00000080, which asks the loop to stop between two writes;
  * the loop powers off (`poweroff -f`: PID 1 is a shell, nothing else would).
+ * Both `button` and `evdev` are needed (without either the guest ignores
+ * system_powerdown); a press before acpid runs (the first second or so of
+ * boot, before the boot_id line) is lost.
  */
 import { createHash } from 'node:crypto';
 import { execFileSync, spawn } from 'node:child_process';
@@ -119,7 +127,7 @@ export async function buildDemoGuest(outDir: string, sources: DemoGuestSources =
 
   fs.mkdirSync(outDir, { recursive: true });
   const root = fs.mkdtempSync(path.join(outDir, '.duet-guest-build-'));
-  const partial = `${initrd}.${process.pid}.partial`;
+  const partial = `${root}.cpio.gz`;
   try {
     const entries = await populate(root, busybox, modules, init);
     await writeCpioGz(root, entries, partial);
