@@ -8,10 +8,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { NbdClient } from '../../src/nbd/client.js';
 import { UserError } from '../../src/util/errors.js';
+import { QmpClient } from '../../src/vm/qmp.js';
 import {
   buildDemoGuest,
   DEMO_GUEST_APPEND,
@@ -162,55 +162,6 @@ test('buildDemoGuest builds a gzip newc initramfs once and reuses it', { skip: s
 
 // ---- booted under QEMU ----------------------------------------------------------------------------
 
-/** A few lines of QMP: greeting, qmp_capabilities, then one command at a time. */
-class Qmp {
-  readonly events: { event: string; data?: unknown }[] = [];
-  private buf = '';
-  private waiters: ((m: Record<string, unknown>) => void)[] = [];
-  private constructor(private readonly sock: net.Socket) {
-    sock.setEncoding('utf8');
-    sock.on('data', (d: string) => {
-      this.buf += d;
-      for (let i = this.buf.indexOf('\n'); i >= 0; i = this.buf.indexOf('\n')) {
-        const m = JSON.parse(this.buf.slice(0, i)) as Record<string, unknown>;
-        this.buf = this.buf.slice(i + 1);
-        if (typeof m.event === 'string') this.events.push({ event: m.event, data: m.data });
-        else this.waiters.shift()?.(m);
-      }
-    });
-    sock.on('error', () => {
-      // QEMU exiting closes it; pending commands time out with a message
-    });
-  }
-
-  static async connect(file: string): Promise<Qmp> {
-    await waitFor(() => fs.existsSync(file), 10_000, `QMP socket ${file}`);
-    const sock = net.connect(file);
-    await withTimeout(new Promise((resolve, reject) => sock.once('connect', resolve).once('error', reject)), 10_000, `connect ${file}`);
-    const q = new Qmp(sock);
-    await withTimeout(new Promise((r) => q.waiters.push(r)), 10_000, 'QMP greeting');
-    await q.execute('qmp_capabilities');
-    return q;
-  }
-
-  async execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
-    const reply = await withTimeout(
-      new Promise<Record<string, unknown>>((r) => {
-        this.waiters.push(r);
-        this.sock.write(`${JSON.stringify({ execute: command, ...(args ? { arguments: args } : {}) })}\n`);
-      }),
-      20_000,
-      `QMP ${command}`,
-    );
-    if (reply.error) throw new Error(`QMP ${command}: ${JSON.stringify(reply.error)}`);
-    return reply.return;
-  }
-
-  close(): void {
-    this.sock.destroy();
-  }
-}
-
 /** nbdkit serving a 64 MiB memory disk on 127.0.0.1 (killed by pid in t.after). */
 async function startNbdkit(t: AfterContext, plugin = ['memory', '64M']): Promise<{ port: number; client(): Promise<NbdClient> }> {
   const [port] = await freePorts(1);
@@ -235,7 +186,7 @@ async function startNbdkit(t: AfterContext, plugin = ['memory', '64M']): Promise
 interface Vm {
   console(): string;
   ticks(): { seq: number; boot: string }[];
-  qmp: Qmp;
+  qmp: QmpClient;
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   stderr(): string;
 }
@@ -256,7 +207,8 @@ async function startVm(t: AfterContext, dir: string, name: string, guest: DemoGu
     '-chardev', `socket,id=qmp0,path=${qmpFile},server=on,wait=off`, '-mon', 'chardev=qmp0,mode=control',
     '-pidfile', path.join(dir, `${name}.pid`),
   ]);
-  const qmp = await Qmp.connect(qmpFile).catch((err: Error) => assert.fail(`${err.message}\nqemu: ${p.stderr()}`));
+  await waitFor(() => fs.existsSync(qmpFile) || p.child.exitCode !== null, 10_000, `QMP socket ${qmpFile}`);
+  const qmp = await QmpClient.connect(qmpFile).catch((err: Error) => assert.fail(`${err.message}\nqemu: ${p.stderr()}`));
   t.after(() => qmp.close());
   const readConsole = () => (fs.existsSync(consoleFile) ? fs.readFileSync(consoleFile, 'latin1') : '');
   return {
