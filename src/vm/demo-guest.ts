@@ -27,23 +27,32 @@
  * - After writing it reads the slot back (O_DIRECT) and compares.
  * Any mismatch or dd failure prints `duet-guest ERROR <what> seq=N`; the
  * loop goes on (the slot is rewritten, later checks stay meaningful).
+ * What the pattern cannot show: a lost *last* write, or a disk rolled back
+ * to an older prefix, is a legal state. The guest reports the first (its
+ * dd fails or the read-back differs); for the second compare verifyPattern's
+ * maxSeq with the last `tick` on the console.
  *
  * Console lines: `duet-guest boot_id=ID memory=KB` once, `duet-guest disk
- * last_seq=M`, then every ~200 ms `tick N boot=ID` (N = the seq just written
- * and read back), `duet-guest ok seq=N` every 25 seqs when the 25 before had
- * no ERROR, and `duet-guest poweroff seq=N boot=ID` on the way out.
+ * last_seq=M`, then `tick N boot=ID` after each write of seq N (200 ms apart
+ * plus the checks: ~275 ms under TCG; an ERROR line comes before the tick it
+ * is about), `duet-guest ok seq=N` every 25 seqs when the 25 before had
+ * no ERROR, `duet-guest memory total=KB available=KB seq=N` when MemTotal
+ * changes (a virtio balloon inflating or deflating), and `duet-guest
+ * poweroff seq=N boot=ID` on the way out.
  *
  * Power off: QMP system_powerdown presses the ACPI power button; the kernel's
  * `button` driver reports it as an input event (evdev), busybox acpid runs
  * /etc/acpi/PWRF/00000080, which asks the loop to stop between two writes;
  * the loop powers off (`poweroff -f`: PID 1 is a shell, nothing else would).
+ * Both `button` and `evdev` are needed (without either the guest ignores
+ * system_powerdown); a press before acpid runs (the first second or so of
+ * boot, before the boot_id line) is lost.
  */
 import { createHash } from 'node:crypto';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { gunzipSync } from 'node:zlib';
-import { createGzip } from 'node:zlib';
+import { createGzip, gunzipSync } from 'node:zlib';
 import { pipeline } from 'node:stream/promises';
 import { UserError, errnoCode } from '../util/errors.js';
 
@@ -67,7 +76,7 @@ const INSTALL_HINT = 'install busybox-static linux-image-amd64 cpio';
 const WANTED_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_balloon', 'button', 'evdev'];
 
 /** Busybox applets /init and the power-off hook use. */
-const APPLETS = ['sh', 'mount', 'insmod', 'acpid', 'dd', 'cmp', 'tr', 'head', 'cut', 'sed', 'md5sum', 'sleep', 'poweroff', 'touch', 'mv', 'cat', 'tail', 'sync'];
+const APPLETS = ['sh', 'mount', 'insmod', 'acpid', 'dd', 'cmp', 'tr', 'head', 'cut', 'sed', 'md5sum', 'sleep', 'poweroff', 'touch', 'mv', 'cat', 'sync'];
 
 export interface DemoGuestSources {
   /** Default /boot. */
@@ -118,7 +127,7 @@ export async function buildDemoGuest(outDir: string, sources: DemoGuestSources =
 
   fs.mkdirSync(outDir, { recursive: true });
   const root = fs.mkdtempSync(path.join(outDir, '.duet-guest-build-'));
-  const partial = `${initrd}.${process.pid}.partial`;
+  const partial = `${root}.cpio.gz`;
   try {
     const entries = await populate(root, busybox, modules, init);
     await writeCpioGz(root, entries, partial);
@@ -186,6 +195,15 @@ function checkBusybox(busybox: string): void {
   if (hasInterpreter(elf)) {
     throw new UserError(`${busybox} is dynamically linked (package busybox), the guest needs a static one: ${INSTALL_HINT}`);
   }
+  let list: string;
+  try {
+    list = execFileSync(busybox, ['--list'], { encoding: 'utf8', timeout: 10_000 });
+  } catch (err) {
+    throw new UserError(`${busybox} --list failed (${(err as Error).message.split('\n')[0]}): ${INSTALL_HINT}`);
+  }
+  const have = new Set(list.split('\n'));
+  const missing = APPLETS.filter((a) => !have.has(a));
+  if (missing.length > 0) throw new UserError(`${busybox} lacks the applets ${missing.join(', ')} the demo guest needs: ${INSTALL_HINT}`);
 }
 
 /** Whether a 64-bit little-endian ELF file has a PT_INTERP program header (a dynamic executable). */
@@ -266,6 +284,7 @@ interface CpioEntry {
 /** Lay out the initramfs tree; returns its entries, parents before children. */
 async function populate(root: string, busybox: string, modules: GuestModule[], init: string): Promise<CpioEntry[]> {
   const dirs = ['bin', 'dev', 'proc', 'sys', 'run', 'tmp', 'etc', 'etc/acpi', 'etc/acpi/PWRF', 'lib', 'lib/modules'];
+  fs.chmodSync(root, 0o755); // mkdtemp's 0700 would become the guest's /
   for (const d of dirs) fs.mkdirSync(path.join(root, d));
   fs.copyFileSync(busybox, path.join(root, 'bin/busybox'));
   fs.chmodSync(path.join(root, 'bin/busybox'), 0o755);
@@ -383,7 +402,7 @@ describe() {
 }
 read_slot() { # read_slot K FILE
   dd if=/dev/vda of=$2 bs=4096 skip=$((BASE + $1)) count=1 iflag=direct 2>/tmp/dd.err && return 0
-  error "read slot $1: $(tail -n 1 /tmp/dd.err)"; return 1
+  error "read slot $1: $(head -n 1 /tmp/dd.err)"; return 1
 }
 # slot K must hold the previous write to it, seq P
 check_prev() {
@@ -411,7 +430,7 @@ if dd if=/dev/vda of=/tmp/scan bs=4096 skip=$BASE count=$S iflag=direct 2>/tmp/d
     if line_ok "$line" && [ "$L_SEQ" -gt "$M0" ]; then M0=$L_SEQ; fi
   done < /tmp/scan.txt
 else
-  error "read /dev/vda at boot: $(tail -n 1 /tmp/dd.err)"
+  error "read /dev/vda at boot: $(head -n 1 /tmp/dd.err)"
 fi
 START=$((M0 + 1))
 echo "duet-guest disk last_seq=$M0"
@@ -434,10 +453,13 @@ while :; do
       cmp -s /tmp/new /tmp/back || error "slot $K: read back differs from the write"
     fi
   else
-    error "write slot $K: $(tail -n 1 /tmp/dd.err)"
+    error "write slot $K: $(head -n 1 /tmp/dd.err)"
   fi
   mv /tmp/new /tmp/slot.$K
   echo "tick $N boot=$BOOT"
+  # balloon: say when MemTotal moves (builtins only, no process per tick)
+  { read -r _ MT _; read -r _ _ _; read -r _ MA _; } < /proc/meminfo
+  [ "$MT" = "$MEM" ] || { echo "duet-guest memory total=$MT available=$MA seq=$N"; MEM=$MT; }
   if [ $((N % 25)) -eq 0 ]; then
     [ $ERRORS -eq $E_LAST ] && echo "duet-guest ok seq=$N"
     E_LAST=$ERRORS
