@@ -88,7 +88,8 @@ export function qemuArgs(spec: VmSpec, paths: VmPaths, options: { incoming?: boo
     '-chardev', `socket,id=qmp0,path=${paths.qmp},server=on,wait=off`,
     '-mon', 'chardev=qmp0,mode=control',
     '-pidfile', paths.pid,
-    '-device', 'virtio-balloon-pci,id=balloon0',
+    // deflate-on-oom: a guest squeezed too far gets its memory back instead of its OOM killer running (measured).
+    '-device', 'virtio-balloon-pci,id=balloon0,deflate-on-oom=on',
   ];
   spec.disks.forEach((disk, i) => {
     args.push('-blockdev', JSON.stringify(nbdNode(i, generation, disk)));
