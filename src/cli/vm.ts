@@ -5,7 +5,8 @@
 import type { Command } from 'commander';
 import type { VmInfo } from '../vm/manager.js';
 import type { ConsoleChunk } from '../vm/console.js';
-import { formatSize } from '../util/size.js';
+import { formatSize, parseSize } from '../util/size.js';
+import { UserError } from '../util/errors.js';
 import { callNode, requireCluster } from './cluster-client.js';
 import { print } from './pool.js';
 
@@ -52,6 +53,31 @@ export function registerVm(program: Command): void {
       const t = requireCluster(cmd);
       const r = (await callNode(t, { cmd: 'vm.migrate', vm: name, to: options.to }, { timeoutMs: 11 * 60_000 })) as { message: string };
       process.stdout.write(`${r.message}\n`);
+    });
+
+  vm.command('set-memory')
+    .description('squeeze (or give back) a running VM\'s memory with its balloon, between minMemory and memory')
+    .argument('<vm>')
+    .argument('<size>', 'e.g. 96M')
+    .action(async (name: string, size: string, _o: unknown, cmd: Command) => {
+      const t = requireCluster(cmd);
+      let bytes: number;
+      try {
+        bytes = parseSize(size);
+      } catch {
+        throw new UserError(`vm set-memory ${name}: ${size} is not a size (write e.g. 96M, 1G)`);
+      }
+      const r = (await callNode(t, { cmd: 'vm.set-memory', vm: name, bytes }, { timeoutMs: 60_000 })) as { message: string };
+      process.stdout.write(`${r.message}\n`);
+    });
+
+  vm.command('xl-config')
+    .description('print a Xen xl domain config for the VM, its disks imported with nbd-client (for users who keep Xen)')
+    .argument('<vm>')
+    .action(async (name: string, _o: unknown, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const r = (await callNode(t, { cmd: 'vm.xl-config', vm: name }, { timeoutMs: 30_000 })) as { text: string };
+      process.stdout.write(r.text);
     });
 
   vm.command('console')

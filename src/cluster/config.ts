@@ -86,6 +86,8 @@ const schema = z
           .strict(),
       )
       .default({}),
+    /** Live migration of VMs between nodes: a bandwidth cap per migration (per second), for a LAN shared with other traffic. */
+    migration: z.object({ bandwidth: size.optional() }).strict().default({}),
     alerts: z
       .object({ email: z.object({ to: z.string().email('is not an email address'), smtp: z.string().url('is not a URL (smtp://host:25)'), from: z.string().optional() }).strict().optional() })
       .strict()

@@ -422,6 +422,8 @@ export class NodeDaemon implements VmHost, HandoverHost {
       case 'vm.migrate-in':
       case 'vm.migrate-done':
       case 'vm.migrate-abort':
+      case 'vm.set-memory':
+      case 'vm.xl-config':
       case 'vm.pause-io':
       case 'vm.resume-io':
         return this.vms.handle(c);

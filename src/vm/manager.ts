@@ -19,12 +19,13 @@ import { z } from 'zod';
 import type { ClusterConfig } from '../cluster/config.js';
 import { UserError } from '../util/errors.js';
 import type { Logger } from '../util/log.js';
-import { parseSize } from '../util/size.js';
+import { formatSize, parseSize } from '../util/size.js';
 import { ConsoleLog, type ConsoleChunk } from './console.js';
 import { QemuProcess, detectAccel, type QemuExit } from './qemu.js';
 import { vmPaths, type DiskEndpoint, type VmSpec } from './qemu-args.js';
 import { switchDisks } from './disks.js';
 import { listenIncoming, migrateOut } from './migrate.js';
+import { xlConfig } from './xl-config.js';
 
 export type VmState = 'running' | 'stopped' | 'starting' | 'migrating' | 'paused' | 'failed';
 
@@ -66,6 +67,8 @@ export type VmCommand =
   | { cmd: 'vm.migrate-in'; vm: string; from: string; memoryBytes: number; cpus: number; disks: DiskEndpoint[] }
   | { cmd: 'vm.migrate-done'; vm: string; from: string }
   | { cmd: 'vm.migrate-abort'; vm: string }
+  | { cmd: 'vm.set-memory'; vm: string; bytes: number }
+  | { cmd: 'vm.xl-config'; vm: string }
   | { cmd: 'vm.pause-io'; pools: string[] }
   | { cmd: 'vm.resume-io'; pools: string[]; server: string };
 
@@ -93,6 +96,8 @@ const commandSchema = z.discriminatedUnion('cmd', [
     .strict(),
   z.object({ cmd: z.literal('vm.migrate-done'), vm: vmName, from: z.string().max(64) }).strict(),
   z.object({ cmd: z.literal('vm.migrate-abort'), vm: vmName }).strict(),
+  z.object({ cmd: z.literal('vm.set-memory'), vm: vmName, bytes: z.number().int().positive() }).strict(),
+  z.object({ cmd: z.literal('vm.xl-config'), vm: vmName }).strict(),
   z.object({ cmd: z.literal('vm.pause-io'), pools: z.array(z.string().max(64)).max(64) }).strict(),
   z.object({ cmd: z.literal('vm.resume-io'), pools: z.array(z.string().max(64)).max(64), server: z.string().max(64) }).strict(),
 ]);
@@ -242,6 +247,11 @@ export class VmManager {
         return this.migrateDone(c.vm, c.from);
       case 'vm.migrate-abort':
         return this.migrateAbort(c.vm);
+      case 'vm.set-memory':
+        return this.setMemory(c.vm, c.bytes);
+      case 'vm.xl-config':
+        this.config(c.vm);
+        return { vm: c.vm, text: xlConfig(this.host.config, c.vm, (pool) => this.host.poolServer(pool)) };
       case 'vm.pause-io':
         return this.pauseIo(c.pools);
       case 'vm.resume-io':
@@ -574,13 +584,19 @@ export class VmManager {
       }
       let result;
       try {
-        result = await migrateOut(vm.qemu.qmp, this.host.config.nodes[to].address, port, { timeoutMs: MIGRATION_TIMEOUT_MS });
+        const cap = this.host.config.migration.bandwidth;
+        result = await migrateOut(vm.qemu.qmp, this.host.config.nodes[to].address, port, { timeoutMs: MIGRATION_TIMEOUT_MS, ...(cap !== undefined ? { bandwidthBytesPerSec: parseSize(String(cap)) } : {}) });
       } catch (err) {
         result = { status: 'failed' as const, totalTimeMs: Date.now() - t0, downtimeMs: 0, transferredBytes: 0, error: (err as Error).message };
       }
       if (result.status !== 'completed') {
-        vm.state = (await vm.qemu.status().then((s) => stateOf(s.status)).catch(() => 'running' as VmState));
         await this.host.call(to, { cmd: 'vm.migrate-abort', vm: name }, 30_000).catch(() => undefined);
+        const exit = await vm.qemu.waitExit(vm.qemu.running ? 0 : 5000);
+        if (exit || !vm.qemu.running) {
+          this.host.log.error({ event: 'vm-migration-failed', vm: name, to, error: result.error, sourceExited: true }, `vm ${name}: its QEMU here exited during the migration to ${to}: it runs nowhere`);
+          throw new UserError(`vm ${name}: its QEMU on ${this.host.node} exited during the migration to ${to} (${exit?.reason ?? result.error ?? 'gone'}): it runs nowhere now (vm start ${name})`, 1);
+        }
+        vm.state = await vm.qemu.status().then((st) => stateOf(st.status)).catch(() => 'running' as VmState);
         this.host.log.warn({ event: 'vm-migration-failed', vm: name, to, error: result.error }, `vm ${name}: migration to ${to} failed (${result.error ?? result.status}): it runs on ${this.host.node}`);
         throw new UserError(`vm ${name}: migration to ${to} failed (${result.error ?? result.status}); it still runs on ${this.host.node}`, 1);
       }
@@ -662,6 +678,39 @@ export class VmManager {
     const vm = this.local.get(name);
     if (vm?.incoming) await vm.qemu.kill().catch(() => undefined);
     return { vm: name };
+  }
+
+  /* -------------------------------------------------------------- memory */
+
+  /**
+   * Squeeze or give back a running VM's memory with its balloon, between minMemory and its boot size
+   * (the most it can have without a restart). Resolves when the guest has (nearly) got there.
+   */
+  private async setMemory(name: string, bytes: number): Promise<unknown> {
+    const c = this.config(name);
+    const most = parseSize(String(c.memory));
+    const least = c.minMemory !== undefined ? parseSize(String(c.minMemory)) : most;
+    if (bytes < least || bytes > most) {
+      throw new UserError(`vm ${name}: ${formatSize(bytes)} is outside ${formatSize(least)} (minMemory) .. ${formatSize(most)} (memory, the boot size)${c.minMemory === undefined ? ': give it a minMemory to squeeze it' : ''}`);
+    }
+    const vm = this.local.get(name);
+    if (!vm || vm.incoming) {
+      const where = await this.locate(name);
+      if (!where.node) throw new UserError(`vm ${name} is not running: its memory is ${c.memory} when it starts`, 1);
+      if (where.node !== this.host.node) return this.host.call(where.node, { cmd: 'vm.set-memory', vm: name, bytes }, 60_000);
+      throw new UserError(`vm ${name} is migrating to ${this.host.node}: set its memory when it is done`, 1);
+    }
+    await vm.qemu.qmp.execute('balloon', { value: bytes });
+    // The guest gives pages back at its own pace (about 50 MiB/s measured under TCG): wait, bounded.
+    const deadline = Date.now() + 20_000;
+    let actual = bytes;
+    for (;;) {
+      actual = (await vm.qemu.qmp.execute<{ actual: number }>('query-balloon')).actual;
+      if (Math.abs(actual - bytes) <= Math.max(bytes / 50, 2 * 1024 * 1024) || Date.now() > deadline) break;
+      await sleep(100);
+    }
+    this.host.log.info({ event: 'vm-memory-set', vm: name, target: bytes, actual }, `vm ${name}: memory ${formatSize(actual)} (asked ${formatSize(bytes)})`);
+    return { vm: name, node: this.host.node, targetBytes: bytes, memoryBytes: actual, message: `vm ${name} on ${this.host.node}: memory ${formatSize(actual)}${Math.abs(actual - bytes) > Math.max(bytes / 50, 2 * 1024 * 1024) ? ` (asked ${formatSize(bytes)}; the guest is still giving or taking pages)` : ''}` };
   }
 
   /* ------------------------------------------------------------ handover */

@@ -46,9 +46,14 @@ export async function listenIncoming(qmp: QmpClient, host: string): Promise<numb
  * Source: migrate to `host:port` and wait (bounded) for the end. A migration still running at
  * `timeoutMs` is cancelled (the guest keeps running here).
  */
-export async function migrateOut(qmp: QmpClient, host: string, port: number, options: { timeoutMs: number; progress?: (q: { transferred: number; total: number }) => void }): Promise<MigrationResult> {
-  // The LAN is the limit, not QEMU's default throttle (128 MiB/s).
-  await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 10 * 1024 * 1024 * 1024 }).catch(() => undefined);
+export async function migrateOut(
+  qmp: QmpClient,
+  host: string,
+  port: number,
+  options: { timeoutMs: number; bandwidthBytesPerSec?: number; progress?: (q: { transferred: number; total: number }) => void },
+): Promise<MigrationResult> {
+  // The LAN is the limit unless the cluster file caps it (QEMU's own default is 128 MiB/s).
+  await qmp.execute('migrate-set-parameters', { 'max-bandwidth': options.bandwidthBytesPerSec ?? 10 * 1024 * 1024 * 1024 });
   await qmp.execute('migrate', { uri: `tcp:${host}:${port}` });
   const deadline = Date.now() + options.timeoutMs;
   let cancelled = false;

@@ -9,91 +9,21 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { makeCluster, waitStatus, inSync, type Cluster } from '../e2e/cluster-harness.js';
-import { haveProgram, tmpDir } from '../e2e/harness.js';
-import { buildDemoGuest, DEMO_GUEST_APPEND, verifyPattern } from '../../src/vm/demo-guest.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import type { VmInfo } from '../../src/vm/manager.js';
+import { verifyPattern } from '../../src/vm/demo-guest.js';
+import { consoleOf, guestErrors, ticks, vmCluster, vmList, vmSkip, waitFor, waitTicks } from './vm-harness.js';
 
-const haveQemu = haveProgram('qemu-system-x86_64');
-const skip = !haveQemu && process.env.CI !== 'true' ? 'qemu-system-x86_64 is not installed' : false;
-
-async function vmList(c: Cluster, node: string): Promise<VmInfo[]> {
-  const r = await c.duet(node, ['vm', 'list', '--json']);
-  assert.equal(r.code, 0, r.describe());
-  return (JSON.parse(r.stdout) as { vms: VmInfo[] }).vms;
-}
-
-async function consoleOf(c: Cluster, node: string, vm: string): Promise<string> {
-  const r = await c.duet(node, ['vm', 'console', vm]);
-  assert.equal(r.code, 0, r.describe());
-  return r.stdout;
-}
-
-/** Poll an async condition until it holds (bounded). */
-async function waitFor(check: () => Promise<boolean>, ms: number, what: string, everyMs = 250): Promise<void> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      if (await check()) return;
-    } catch {
-      // A daemon restarting: ask again.
-    }
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, everyMs));
-  }
-}
-
-interface Tick {
-  n: number;
-  boot: string;
-}
-
-function ticks(text: string): Tick[] {
-  return [...text.matchAll(/^tick (\d+) boot=([0-9a-f]{8})$/gm)].map((m) => ({ n: Number(m[1]), boot: m[2] }));
-}
-
-function errorsIn(text: string): string[] {
-  return text.split('\n').filter((l) => l.includes('duet-guest ERROR'));
-}
-
-/** Wait until the console (read through `node`) shows `n` more ticks than `after` of boot `boot`. */
-async function waitTicks(c: Cluster, node: string, vm: string, after: number, n: number, ms = 90_000): Promise<Tick[]> {
-  let last: Tick[] = [];
-  await waitFor(
-    async () => {
-      last = ticks(await consoleOf(c, node, vm));
-      const top = last[last.length - 1];
-      return top !== undefined && top.n >= after + n;
-    },
-    ms,
-    `${n} ticks of vm ${vm} after tick ${after} (last: ${JSON.stringify(last.slice(-3))})\n${c.describe()}`,
-  );
-  return last;
-}
-
-test('a VM on a replicated volume: boots by itself, console from any node, survives a daemon restart, migrates there and back without a reboot, stops and stays stopped, starts elsewhere; its pattern verifies', { skip, timeout: 240_000 }, async (t) => {
-  const guest = await buildDemoGuest(tmpDir(t, 'duet-vm-guest-'));
-  const c = await makeCluster(t, {
-    diskBytes: 128 * 1024 * 1024,
-    extra: ['vms:', `  web: { disks: [pa/web], memory: 128M, cpus: 1, prefer: alpha, boot: { kernel: ${guest.kernel}, initrd: ${guest.initrd}, append: "${DEMO_GUEST_APPEND}" } }`],
-  });
-  await c.start('alpha');
-  await c.start('bravo');
-  await waitStatus(c, 'alpha', 'the initial sync', (s) => inSync(s) && s.role === 'Primary', 60_000);
-  // No volume yet: the VM waits for it (its start fails, it is retried).
-  let vms = await vmList(c, 'bravo');
-  assert.equal(vms[0].state, 'stopped');
-  const created = await c.duet('alpha', ['vol', 'create', 'pa/web', '--size', '16M']);
-  assert.equal(created.code, 0, created.describe());
+test('a VM on a replicated volume: boots by itself, console from any node, survives a daemon restart, migrates there and back without a reboot, stops and stays stopped, starts elsewhere; its pattern verifies', { skip: vmSkip, timeout: 240_000 }, async (t) => {
+  const c = await vmCluster(t, 'cpus: 1, prefer: alpha');
+  let vms: Awaited<ReturnType<typeof vmList>>;
 
   // It starts by itself on its prefer node, and any node tells where it runs.
-  await waitFor(async () => (await vmList(c, 'bravo'))[0].state === 'running', 30_000, `vm web running\n${c.describe()}`);
+  await waitFor(async () => (await vmList(c, 'bravo'))[0].state === 'running', 60_000, () => `vm web running\n${c.describe()}`);
   vms = await vmList(c, 'bravo');
   assert.equal(vms[0].node, 'alpha');
   assert.equal(vms[0].memoryBytes, 128 * 1024 * 1024);
   const pid = vms[0].pid;
-  let seen = await waitTicks(c, 'bravo', 'web', 0, 10);
+  let seen = await waitTicks(c, 'bravo', 0, 10);
   const boot = seen[0].boot;
   const again = await c.duet('bravo', ['vm', 'start', 'web']);
   assert.equal(again.code, 0, again.describe());
@@ -102,7 +32,7 @@ test('a VM on a replicated volume: boots by itself, console from any node, survi
   // The daemon serving the disk (and running the VM) restarts: the VM goes on, same QEMU, no guest error.
   await c.kill('alpha', 'SIGTERM');
   await c.start('alpha');
-  seen = await waitTicks(c, 'alpha', 'web', seen[seen.length - 1].n, 10);
+  seen = await waitTicks(c, 'alpha', seen[seen.length - 1].n, 10);
   vms = await vmList(c, 'alpha');
   assert.equal(vms[0].pid, pid, 'the same QEMU runs on (re-attached)');
   assert.equal(vms[0].state, 'running');
@@ -114,13 +44,13 @@ test('a VM on a replicated volume: boots by itself, console from any node, survi
     assert.match(m.stdout, new RegExp(`vm web migrated from \\w+ to ${to}: \\d+ ms, guest paused \\d+ ms`));
     vms = await vmList(c, 'alpha');
     assert.equal(vms[0].node, to);
-    seen = await waitTicks(c, to === 'alpha' ? 'bravo' : 'alpha', 'web', seen[seen.length - 1].n, 5);
+    seen = await waitTicks(c, to === 'alpha' ? 'bravo' : 'alpha', seen[seen.length - 1].n, 5);
   }
-  const text = await consoleOf(c, 'bravo', 'web');
+  const text = await consoleOf(c, 'bravo');
   const all = ticks(text).filter((x) => x.boot === boot);
   assert.equal(new Set(ticks(text).map((x) => x.boot)).size, 1, 'one boot: the guest never restarted');
   for (let i = 1; i < all.length; i++) assert.equal(all[i].n, all[i - 1].n + 1, `the console goes on without a gap or a repeat at tick ${all[i - 1].n}`);
-  assert.deepEqual(errorsIn(text), []);
+  assert.deepEqual(guestErrors(text), []);
   const bad = await c.duet('bravo', ['vm', 'migrate', 'web', '--to', 'alpha']);
   assert.equal(bad.code, 1, bad.describe());
   assert.match(bad.stderr, /vm web already runs on alpha: nothing to migrate/);
@@ -132,7 +62,7 @@ test('a VM on a replicated volume: boots by itself, console from any node, survi
   await new Promise((r) => setTimeout(r, 5000));
   vms = await vmList(c, 'alpha');
   assert.equal(vms[0].state, 'stopped', 'a stopped VM is not started again by itself');
-  const lastTick = ticks(await consoleOf(c, 'alpha', 'web')).pop()!.n;
+  const lastTick = ticks(await consoleOf(c, 'alpha')).pop()!.n;
 
   // The disk holds the guest's pattern, whole, up to its last write.
   const nbd = await NbdClient.connect({ host: '127.0.0.2', port: c.exportsPort, exportName: 'web' });
@@ -145,7 +75,7 @@ test('a VM on a replicated volume: boots by itself, console from any node, survi
   const start = await c.duet('alpha', ['vm', 'start', 'web', '--on', 'bravo'], { timeoutMs: 60_000 });
   assert.equal(start.code, 0, start.describe());
   assert.match(start.stdout, /vm web is running on bravo/);
-  await waitFor(async () => ticks(await consoleOf(c, 'alpha', 'web')).filter((x) => x.boot !== boot).length >= 5, 90_000, `5 ticks of a new boot on bravo\n${c.describe()}`);
+  await waitFor(async () => ticks(await consoleOf(c, 'alpha')).filter((x) => x.boot !== boot).length >= 5, 90_000, () => `5 ticks of a new boot on bravo\n${c.describe()}`);
   const kill = await c.duet('alpha', ['vm', 'stop', 'web', '--force']);
   assert.equal(kill.code, 0, kill.describe());
   assert.match(kill.stdout, /vm web stopped on bravo \(killed\)/);
