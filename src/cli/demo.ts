@@ -3,9 +3,11 @@
  * daemons (alpha at 127.0.0.1, bravo at 127.0.0.2) and a witness
  * (127.0.0.3), file-backed sparse disks in a data directory, one resource
  * mirrored between them, a pool on it and a volume `demo` exported by the
- * Primary at nbd://127.0.0.1:10809/demo. New disk images get their duet
- * metadata first (what `duet resource create-md` does). Prints the status
- * and what to try; Ctrl-C stops all three cleanly.
+ * Primary at nbd://127.0.0.1:10809/demo, and a small VM (the demo guest,
+ * ticking on its console) on volume demo/web, running on alpha where QEMU
+ * is installed. New disk images get their duet metadata first (what `duet
+ * resource create-md` does). Prints the status and what to try; Ctrl-C
+ * stops the VM and all three processes cleanly.
  */
 import { spawn, ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -19,6 +21,9 @@ import { createMetadata } from '../replication/create-md.js';
 import { layoutFor, readRecord } from '../replication/meta.js';
 import type { NodeStatus } from '../cluster/node.js';
 import { UserError } from '../util/errors.js';
+import { buildDemoGuest, DEMO_GUEST_APPEND, type DemoGuest } from '../vm/demo-guest.js';
+import { QEMU_BINARY } from '../vm/qemu-args.js';
+import { detectAccel } from '../vm/qemu.js';
 import { callNode } from './cluster-client.js';
 import { formatStatus } from './resource.js';
 
@@ -26,7 +31,12 @@ const DUET = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '.
 const NODES = { alpha: '127.0.0.1', bravo: '127.0.0.2' } as const;
 const WITNESS = '127.0.0.3';
 
-function clusterYaml(dir: string): string {
+/** The demo VM: the demo guest (built from this machine's kernel and busybox) on volume demo/web. */
+function vmYaml(guest: DemoGuest): string[] {
+  return ['vms:', `  web: { disks: [demo/web], memory: 128M, minMemory: 96M, prefer: alpha, boot: { kernel: ${guest.kernel}, initrd: ${guest.initrd}, append: "${DEMO_GUEST_APPEND}" } }`];
+}
+
+function clusterYaml(dir: string, guest: DemoGuest | undefined): string {
   return [
     '# The demo cluster: two nodes and a witness on loopback addresses of this machine.',
     'cluster: demo',
@@ -41,8 +51,20 @@ function clusterYaml(dir: string): string {
     '  demo: { devices: [r0] }',
     'exports: { port: 10809 }',
     'api: { port: 7800 }',
+    ...(guest ? vmYaml(guest) : []),
     '',
   ].join('\n');
+}
+
+/** The demo guest, or why there is no VM in the demo (no QEMU, no kernel to boot). */
+async function demoGuest(dir: string): Promise<{ guest?: DemoGuest; why?: string }> {
+  const onPath = (process.env.PATH ?? '').split(':').some((d) => d && fs.existsSync(path.join(d, QEMU_BINARY)));
+  if (!onPath) return { why: `${QEMU_BINARY} is not installed (apt-get install qemu-system-x86)` };
+  try {
+    return { guest: await buildDemoGuest(path.join(dir, 'guest')) };
+  } catch (err) {
+    return { why: (err as Error).message };
+  }
 }
 
 export function registerDemo(program: Command): void {
@@ -55,7 +77,9 @@ export function registerDemo(program: Command): void {
       const dir = path.resolve(options.data);
       fs.mkdirSync(path.join(dir, 'logs'), { recursive: true });
       const file = path.join(dir, 'cluster.yaml');
-      if (!fs.existsSync(file)) fs.writeFileSync(file, clusterYaml(dir));
+      const { guest, why } = await demoGuest(dir);
+      // Rewritten while it is the demo's own (a data directory of an older demo has no VM in it).
+      if (!fs.existsSync(file) || (guest && !fs.readFileSync(file, 'utf8').includes(guest.initrd))) fs.writeFileSync(file, clusterYaml(dir, guest));
       const secret = path.join(dir, 'secret');
       if (!fs.existsSync(secret)) fs.writeFileSync(secret, `${randomBytes(24).toString('base64')}\n`, { mode: 0o600 });
       for (const n of Object.keys(NODES)) {
@@ -90,8 +114,12 @@ export function registerDemo(program: Command): void {
       const stop = (): void => {
         if (stopping) return;
         stopping = true;
-        process.stdout.write('duet demo: stopping the nodes and the witness\n');
-        for (const c of children) if (c.child.exitCode === null) c.child.kill('SIGTERM');
+        process.stdout.write(`duet demo: stopping ${guest ? 'the VM, ' : ''}the nodes and the witness\n`);
+        // A VM outlives its node's daemon on purpose; the demo's goes with the demo.
+        const vmDown = guest ? callNode({ config, node: 'alpha' }, { cmd: 'vm.stop', vm: 'web', force: true }, { timeoutMs: 10_000 }).catch(() => undefined) : Promise.resolve();
+        void vmDown.then(() => {
+          for (const c of children) if (c.child.exitCode === null) c.child.kill('SIGTERM');
+        });
         const deadline = Date.now() + 15_000;
         const wait = (): void => {
           if (children.every((c) => c.child.exitCode !== null || c.child.signalCode !== null) || Date.now() > deadline) process.exit(0);
@@ -122,6 +150,21 @@ export function registerDemo(program: Command): void {
       }
       const volumes = (await callNode(alpha, { cmd: 'vol.list', pool: 'demo' })) as { name: string }[];
       if (!volumes.some((v) => v.name === 'demo')) await callNode(alpha, { cmd: 'vol.create', pool: 'demo', name: 'demo', sizeBytes: 1024 * 1024 * 1024 });
+      if (guest && !volumes.some((v) => v.name === 'web')) await callNode(alpha, { cmd: 'vol.create', pool: 'demo', name: 'web', sizeBytes: 64 * 1024 * 1024 });
+      // Started here, not left to "VMs run unless stopped": the demo's Ctrl-C stopped it last time.
+      let vmNote = `no VM in this demo: ${why ?? 'unknown'}`;
+      if (guest) {
+        vmNote = 'vm web did not start within 90 s: see vm list and the logs';
+        await callNode(alpha, { cmd: 'vm.start', vm: 'web' }, { timeoutMs: 60_000 }).catch((err: unknown) => (vmNote = `vm web did not start: ${(err as Error).message}`));
+        for (const until = Date.now() + 90_000; Date.now() < until; await new Promise((r) => setTimeout(r, 500))) {
+          const c = (await callNode(alpha, { cmd: 'vm.console', vm: 'web' }).catch(() => undefined)) as { text: string } | undefined;
+          const ticks = c?.text.split('\n').filter((l) => l.startsWith('tick ')) ?? [];
+          if (ticks.length >= 3) {
+            vmNote = `vm web runs on alpha from volume demo/web (QEMU, ${detectAccel() === 'kvm' ? 'KVM' : 'TCG: no KVM here'}); its console: ${ticks[ticks.length - 1]}`;
+            break;
+          }
+        }
+      }
       // Show a settled picture: wait (bounded) for the initial sync to bravo.
       for (const until = Date.now() + 30_000; Date.now() < until; await new Promise((r) => setTimeout(r, 200))) {
         status = (await callNode(alpha, { cmd: 'resource.status' })) as NodeStatus;
@@ -137,6 +180,7 @@ export function registerDemo(program: Command): void {
           `  bravo   ${NODES.bravo}  disk ${path.join(dir, 'bravo.img')} (sparse)`,
           `  witness ${WITNESS}:7899`,
           `volume demo (1G) of pool demo on resource r0, exported by the Primary at ${url}`,
+          vmNote,
           '',
           formatStatus(status).trimEnd(),
           '',
@@ -146,6 +190,13 @@ export function registerDemo(program: Command): void {
           `  ${d} --node alpha resource disconnect r0; qemu-io -f raw -c 'write -P 7 0 1M' ${url}`,
           `  ${d} --node alpha resource connect r0; ${d} --node alpha resource status   # only the dirty blocks resync`,
           `  ${d} --node alpha resource verify r0        # compare every block with bravo`,
+          ...(guest
+            ? [
+                `  ${d} --node alpha vm list; ${d} --node alpha vm console web --follow   # the VM ticking`,
+                `  ${d} --node alpha vm migrate web --to bravo   # live: its console goes on, no reboot`,
+                `  ${d} --node bravo resource primary r0 --handover   # the disks' Primary moves under the running VM`,
+              ]
+            : []),
           `  kill -9 ${children.find((c) => c.name === 'alpha')?.child.pid}   # alpha dies; then take over on bravo:`,
           `  ${d} --node bravo resource primary r0 && nbdinfo nbd://${NODES.bravo}:10809/demo`,
           `  ${d} --node bravo vol snapshot demo/demo demo/before; ${d} --node bravo vol list demo`,

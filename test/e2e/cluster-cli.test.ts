@@ -5,9 +5,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
-import { DUET, readAt, ROOT, run, tmpDir, waitFor, withTimeout } from './harness.js';
-import { inSync, makeCluster, waitStatus } from './cluster-harness.js';
+import { DUET, haveProgram, readAt, ROOT, run, tmpDir, waitFor, withTimeout } from './harness.js';
+import { inSync, killVms, makeCluster, waitStatus } from './cluster-harness.js';
 
 const duet = (args: string[], env: NodeJS.ProcessEnv = process.env) => run(process.execPath, [DUET, ...args], { cwd: ROOT, timeoutMs: 20_000, env });
 
@@ -139,8 +140,9 @@ test('a disk without metadata: the node reports it and keeps that resource down 
   assert.match(forced.stdout, /replaced metadata of a UpToDate disk/);
 });
 
-test('npm start (duet demo): two nodes and a witness come up, the demo volume is served, Ctrl-C stops them all', async (t) => {
-  const dir = tmpDir(t, 'duet-demo-');
+test('npm start (duet demo): two nodes and a witness come up, the demo volume is served, a VM ticks on alpha, Ctrl-C stops them all', { timeout: 240_000 }, async (t) => {
+  // Removed by the hook below, after the VM the demo started (its pid file is in it).
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-demo-'));
   // Its own process group: if the test fails midway, the demo and the nodes it started go together.
   const child = spawn(process.execPath, [DUET, 'demo', '--data', dir, '--size', String(256 * 1024 * 1024)], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   let out = '';
@@ -152,10 +154,18 @@ test('npm start (duet demo): two nodes and a witness come up, the demo volume is
     } catch {
       /* the group is gone already */
     }
+    // The VM's QEMU is in its own session (it outlives its daemon on purpose).
+    killVms(dir);
+    fs.rmSync(dir, { recursive: true, force: true });
   });
   await waitFor(() => /Ctrl-C stops the cluster/.test(out) || child.exitCode !== null, 90_000, `the demo to come up:\n${out}`);
   assert.match(out, /exported by the Primary at nbd:\/\/127\.0\.0\.1:10809\/demo/);
   assert.match(out, /r0 role:Primary disk:UpToDate/);
+  if (haveProgram('qemu-system-x86_64') || process.env.CI === 'true') {
+    assert.match(out, /vm web runs on alpha from volume demo\/web \(QEMU, (TCG|KVM)[^)]*\); its console: tick \d+ boot=[0-9a-f]{8}/);
+    assert.match(out, /vm migrate web --to bravo/);
+    assert.match(out, /vm console web --follow/);
+  }
   const info = await run('nbdinfo', ['--size', 'nbd://127.0.0.1:10809/demo']);
   assert.equal(info.stdout.trim(), String(1024 * 1024 * 1024), info.describe());
   const pids = [...fs.readdirSync(path.join(dir, 'logs'))];
@@ -165,4 +175,6 @@ test('npm start (duet demo): two nodes and a witness come up, the demo volume is
   // Its nodes are gone too: the export no longer answers.
   const after = await run('nbdinfo', ['--size', 'nbd://127.0.0.1:10809/demo'], { timeoutMs: 10_000 });
   assert.notEqual(after.code, 0);
+  // And its VM: no pid file left behind (its QEMU exited and the daemon removed it).
+  assert.equal(fs.existsSync(path.join(dir, 'home-alpha', 'vms', 'web', 'qemu.pid')), false, 'the demo VM is stopped with the demo');
 });
