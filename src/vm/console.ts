@@ -23,6 +23,8 @@ export interface ConsoleChunk {
   text: string;
   /** Position of text's first byte. */
   from: number;
+  /** When this node's copy last changed (ms since the epoch; 0: it has none). */
+  updatedAt: number;
 }
 
 interface Base {
@@ -60,7 +62,8 @@ export class ConsoleLog {
     const end = start + bytes.length;
     const from = since === undefined ? Math.max(start, end - READ_MAX) : Math.min(Math.max(since, start), end);
     const to = since === undefined ? end : Math.min(end, from + READ_MAX);
-    return { start, end, from, text: bytes.subarray(from - start, to - start).toString('utf8') };
+    const updatedAt = Math.max(...[this.live, this.history].map((f) => fs.statSync(f, { throwIfNoEntry: false })?.mtimeMs ?? 0));
+    return { start, end, from, text: bytes.subarray(from - start, to - start).toString('utf8'), updatedAt };
   }
 
   /**

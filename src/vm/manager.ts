@@ -548,8 +548,18 @@ export class VmManager {
     if (where.node && where.node !== this.host.node) {
       return (await this.host.call(where.node, { cmd: 'vm.console', vm: name, ...(since !== undefined ? { since } : {}) }, PEER_TIMEOUT_MS)) as ConsoleChunk & { node: string };
     }
-    // Not running: what it printed last here (if it ran here).
-    return { ...log.read(since), node: this.host.node };
+    // Running nowhere: the newest console any node kept (where it ran last).
+    let best = { ...log.read(since), node: this.host.node };
+    for (const node of this.otherNodes()) {
+      if (where.unreachable.includes(node)) continue;
+      try {
+        const theirs = (await this.host.call(node, { cmd: 'vm.console', vm: name, here: true, ...(since !== undefined ? { since } : {}) }, PEER_TIMEOUT_MS)) as ConsoleChunk & { node: string };
+        if (theirs.updatedAt > best.updatedAt) best = theirs;
+      } catch {
+        // Not there to ask: what this node has.
+      }
+    }
+    return best;
   }
 
   /* ----------------------------------------------------------- migration */
