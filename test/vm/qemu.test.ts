@@ -1,0 +1,84 @@
+/**
+ * The QEMU process on its own (no cluster): started detached and found
+ * again by pid file + QMP, its exit noticed; a QEMU that cannot start is one
+ * line quoting what QEMU said; a missing binary names the package.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import net from 'node:net';
+import { QemuProcess, stderrSummary } from '../../src/vm/qemu.js';
+import { vmPaths, type VmSpec } from '../../src/vm/qemu-args.js';
+import { UserError } from '../../src/util/errors.js';
+import { silentLogger } from '../../src/util/log.js';
+import { vmSkip } from './vm-harness.js';
+
+function spec(extra: Partial<VmSpec> = {}): VmSpec {
+  return { name: 'unit', memoryBytes: 128 * 1024 * 1024, cpus: 1, disks: [], accel: 'tcg', ...extra };
+}
+
+function tmp(t: { after(fn: () => void): void }): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-qemu-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+test('QEMU starts detached, is found again by its pid file and QMP after the first handle is gone, and its kill is noticed', { skip: vmSkip }, async (t) => {
+  const paths = vmPaths(path.join(tmp(t), 'vm'));
+  const first = await QemuProcess.start(spec(), paths, silentLogger());
+  t.after(() => {
+    try {
+      process.kill(first.pid, 'SIGKILL');
+    } catch {
+      // gone
+    }
+  });
+  assert.equal((await first.status()).status, 'running');
+  assert.equal(first.qmp.oob, true, 'QMP offers out-of-band commands (yank)');
+  first.detach();
+  const again = await QemuProcess.attach('unit', paths, silentLogger());
+  assert.ok(again, 'found again');
+  assert.equal(again.pid, first.pid);
+  const exit = await again.kill();
+  assert.equal(exit.reason, 'killed');
+  assert.equal(fs.existsSync(paths.pid), false, 'its pid file goes with it');
+  assert.equal(await QemuProcess.attach('unit', paths, silentLogger()), undefined, 'nothing to attach to any more');
+});
+
+test('a pid file naming another process (a recycled pid) is not taken for the VM', { skip: vmSkip }, async (t) => {
+  const paths = vmPaths(path.join(tmp(t), 'vm'));
+  fs.mkdirSync(paths.dir, { recursive: true });
+  fs.writeFileSync(paths.pid, String(process.pid));
+  assert.equal(await QemuProcess.attach('unit', paths, silentLogger()), undefined);
+});
+
+test('a QEMU that cannot start is one line saying why; a missing binary names the package', { skip: vmSkip }, async (t) => {
+  const dir = tmp(t);
+  // A port nobody listens on: QEMU cannot open the disk and exits.
+  const port = await new Promise<number>((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const p = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(p));
+    });
+  });
+  await assert.rejects(
+    QemuProcess.start(spec({ disks: [{ volume: 'p/v', node: 'x', host: '127.0.0.1', port, export: 'v' }] }), vmPaths(path.join(dir, 'a')), silentLogger()),
+    (err: Error) => {
+      assert.ok(err instanceof UserError);
+      assert.match(err.message, new RegExp(`^vm unit: QEMU did not start: Failed to connect to '127\\.0\\.0\\.1:${port}': Connection refused$`));
+      return true;
+    },
+  );
+  await assert.rejects(QemuProcess.start(spec(), vmPaths(path.join(dir, 'b')), silentLogger(), { binary: 'qemu-system-nonexistent' }), /^UserError: vm unit: qemu-system-nonexistent not found: install qemu-system-x86/);
+});
+
+test('stderrSummary keeps the last line, without the program and option prefix', (t) => {
+  const file = path.join(tmp(t), 'stderr');
+  fs.writeFileSync(file, 'qemu-system-x86_64: warning: something\nqemu-system-x86_64: -blockdev {"driver":"nbd","server":{"type":"inet"}}: Requested export not available\n');
+  assert.equal(stderrSummary(file), 'Requested export not available');
+  fs.writeFileSync(file, 'qemu-system-x86_64: -m 1T: cannot set up guest memory \'pc.ram\': Cannot allocate memory\n');
+  assert.equal(stderrSummary(file), "cannot set up guest memory 'pc.ram': Cannot allocate memory");
+  assert.equal(stderrSummary(path.join(path.dirname(file), 'missing')), '');
+});
