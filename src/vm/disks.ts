@@ -30,6 +30,36 @@ function currentGeneration(nodes: BlockNode[], index: number): number | undefine
   return best;
 }
 
+/** The nbd nodes the VM's disks use now (what a yank must name). */
+export async function nbdNodesInUse(qmp: QmpClient, count: number, timeoutMs = 10_000): Promise<string[]> {
+  const nodes = await qmp.execute<BlockNode[]>('query-named-block-nodes', { flat: true }, { timeoutMs });
+  const out: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const g = currentGeneration(nodes, i);
+    if (g !== undefined) out.push(nbdNodeName(i, g));
+  }
+  return out;
+}
+
+/**
+ * Pause the guest (QMP stop: it drains and flushes the disks). A disk whose server died without a RST
+ * (a dead node, a cut link) blocks that drain, and QMP with it: after `timeoutMs` the nbd connections
+ * (`nbdNodes`, known before: no query runs while QEMU's main loop is stuck) are yanked out of band; the
+ * requests they had fail, werror=stop keeps them for a retry, and the stop completes.
+ */
+export async function pauseGuest(qmp: QmpClient, nbdNodes: string[], timeoutMs = 2000): Promise<{ yanked: boolean }> {
+  try {
+    await qmp.execute('stop', undefined, { timeoutMs });
+    return { yanked: false };
+  } catch (err) {
+    if (!/no answer from QEMU/.test((err as Error).message) || !qmp.oob) throw err;
+  }
+  await qmp.execute('yank', { instances: nbdNodes.map((n) => ({ type: 'block-node', 'node-name': n })) }, { oob: true, timeoutMs: 5000 });
+  // The first stop goes on once its drain is over; a second one answers when the VM is paused.
+  await qmp.execute('stop', undefined, { timeoutMs: 30_000 });
+  return { yanked: true };
+}
+
 /** Point every disk of the VM at `disks` (index = the disk's position). Throws if a server does not answer. */
 export async function switchDisks(qmp: QmpClient, disks: DiskEndpoint[], timeoutMs = 10_000): Promise<void> {
   const nodes = await qmp.execute<BlockNode[]>('query-named-block-nodes', { flat: true }, { timeoutMs });

@@ -23,7 +23,7 @@ import { formatSize, parseSize } from '../util/size.js';
 import { ConsoleLog, type ConsoleChunk } from './console.js';
 import { QemuProcess, detectAccel, type QemuExit } from './qemu.js';
 import { vmPaths, type DiskEndpoint, type VmSpec } from './qemu-args.js';
-import { switchDisks } from './disks.js';
+import { nbdNodesInUse, pauseGuest, switchDisks } from './disks.js';
 import { listenIncoming, migrateOut } from './migrate.js';
 import { xlConfig } from './xl-config.js';
 
@@ -140,6 +140,8 @@ interface LocalAnswer {
 
 const POWERDOWN_TIMEOUT_MS = 30_000;
 const MIGRATION_TIMEOUT_MS = 10 * 60_000;
+/** A VM paused by a handover longer than this was forgotten by it (its node died): recovery may move its disks. */
+const HANDOVER_PAUSE_MAX_MS = 120_000;
 const AUTOSTART_EVERY_MS = 2000;
 const PEER_TIMEOUT_MS = 5000;
 
@@ -447,6 +449,11 @@ export class VmManager {
     let told = '';
     try {
       while (this.local.get(vm.name) === vm && !this.stopped) {
+        // Paused for a handover: its resume moves the disks (unless the handover was lost, long ago).
+        if (vm.handoverPaused !== undefined && Date.now() - vm.handoverPaused < HANDOVER_PAUSE_MAX_MS) {
+          await sleep(500);
+          continue;
+        }
         const st = await vm.qemu.status().catch(() => undefined);
         if (!st || st.status !== 'io-error') return;
         try {
@@ -738,7 +745,9 @@ export class VmManager {
     const paused: string[] = [];
     for (const vm of this.usersOf(pools)) {
       if (vm.state === 'migrating') throw new UserError(`vm ${vm.name} is migrating: move the Primary role when it is done`, 1);
-      await vm.qemu.qmp.execute('stop', undefined, { timeoutMs: 30_000 });
+      const nodes = await nbdNodesInUse(vm.qemu.qmp, vm.spec.disks.length);
+      const { yanked } = await pauseGuest(vm.qemu.qmp, nodes);
+      if (yanked) this.host.log.warn({ event: 'vm-disks-yanked', vm: vm.name, nodes }, `vm ${vm.name}: its disks' server did not answer: their connections were cut (yank) to pause it`);
       vm.handoverPaused = Date.now();
       paused.push(vm.name);
     }
@@ -761,7 +770,7 @@ export class VmManager {
       if (vm.handoverPaused === undefined) continue;
       try {
         const disks = this.endpoints(vm.name);
-        await switchDisks(vm.qemu.qmp, disks);
+        await withRetries(() => switchDisks(vm.qemu.qmp, disks), 5, 200);
         vm.spec = { ...vm.spec, disks };
         this.writeSpec(vm.name, vm.spec);
         await vm.qemu.qmp.execute('cont');
@@ -771,6 +780,8 @@ export class VmManager {
         this.host.log.info({ event: 'vm-disks-moved', vm: vm.name, server, pausedMs }, `vm ${vm.name}: disks now from ${server}; paused ${pausedMs} ms`);
       } catch (err) {
         failed ??= err as Error;
+        // Left to the recovery loop (an io-error pause is retried there), not to a handover that is over.
+        vm.handoverPaused = undefined;
         this.host.log.error({ event: 'vm-disks-move-failed', vm: vm.name, server, err: (err as Error).message }, `vm ${vm.name}: its disks could not be moved to ${server}: ${(err as Error).message}; it stays paused`);
       }
     }
@@ -851,6 +862,18 @@ export class VmManager {
       return await run;
     } finally {
       if (this.locks.get(name) === tail) this.locks.delete(name);
+    }
+  }
+}
+
+/** `fn` again after `waitMs` when it fails, `times` times in all (the last error is thrown). */
+async function withRetries<T>(fn: () => Promise<T>, times: number, waitMs: number): Promise<T> {
+  for (let i = 1; ; i++) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (i >= times) throw err;
+      await sleep(waitMs);
     }
   }
 }
