@@ -905,7 +905,7 @@ function stateOf(status: string): VmState {
 /** QEMU's start errors in the user's words: a missing volume is named as such. */
 function explainStartError(err: unknown, name: string, spec: VmSpec): Error {
   const message = (err as Error).message;
-  if (/export not available|Requested export/i.test(message)) {
+  if (/export not available|Requested export|export "[^"]*" not found/i.test(message)) {
     const which = spec.disks.map((d) => `${d.volume} (from ${d.node})`).join(', ');
     return new UserError(`vm ${name}: a disk's volume is not exported: ${which}: does it exist? (vol list; vol create)`, 1);
   }

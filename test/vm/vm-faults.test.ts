@@ -34,15 +34,21 @@ async function migrateAndKill(c: Cluster, to: string, victim: string, waitMs: nu
 }
 
 test('migration faults: the destination dies half-way (the VM runs on at the source), the source dies half-way (no copy runs anywhere); memory squeeze; xl-config', { skip: vmSkip, timeout: 300_000 }, async (t) => {
-  const c = await vmCluster(t, 'minMemory: 96M, prefer: alpha', ['migration: { bandwidth: 16M }']);
+  const c = await vmCluster(t, 'minMemory: 96M, prefer: alpha', ['  ghost: { disks: [pa/ghost], memory: 128M, prefer: bravo }', 'migration: { bandwidth: 16M }']);
   await waitFor(async () => (await vmList(c, 'alpha'))[0].state === 'running', 60_000, () => `vm web running\n${c.describe()}`);
   let seen = await waitTicks(c, 'alpha', 0, 5);
   const boot = seen[0].boot;
 
+  // A VM whose volume does not exist: one line naming it, exit 1, nothing else changes.
+  const ghost = await c.duet('alpha', ['vm', 'start', 'ghost'], { timeoutMs: 60_000 });
+  assert.equal(ghost.code, 1, ghost.describe());
+  assert.match(ghost.stderr, /^duet: vm ghost: a disk's volume is not exported: pa\/ghost \(from alpha\): does it exist\? \(vol list; vol create\)\n$/);
+  assert.equal((await vmList(c, 'alpha')).find((v) => v.name === 'ghost')?.state, 'stopped');
+
   // Memory: squeezed to minMemory by the balloon, refused below it, given back.
   const squeeze = await c.duet('bravo', ['vm', 'set-memory', 'web', '96M'], { timeoutMs: 60_000 });
   assert.equal(squeeze.code, 0, squeeze.describe());
-  let vms = await vmList(c, 'bravo');
+  let vms = (await vmList(c, 'bravo')).filter((v) => v.name === 'web');
   assert.ok(Math.abs(vms[0].memoryBytes - 96 * 1024 * 1024) <= 4 * 1024 * 1024, `memory ${vms[0].memoryBytes}`);
   const tooLow = await c.duet('alpha', ['vm', 'set-memory', 'web', '64M']);
   assert.equal(tooLow.code, 2, tooLow.describe());
