@@ -156,7 +156,16 @@ export class VmManager {
   private readonly lastSeen = new Map<string, VmInfo[]>();
   private autostartTimer: NodeJS.Timeout | undefined;
   private readonly reported = new Map<string, string>();
+  /**
+   * QEMUs of this node that run but cannot be steered (their QMP does not answer: another client holds
+   * the socket, a main loop stuck on a dead disk server; or their vm.json is gone). They still count as the
+   * VM running here, or another copy would be started on the same disks; taken over when they answer.
+   */
+  private readonly unattached = new Map<string, { pid: number; since: number; reason: string }>();
+  /** Starts under way here (QEMU spawned, QMP not answering yet): a second start waits for the first. */
+  private readonly starting = new Map<string, Promise<VmInfo>>();
   private stopped = false;
+  private autostarting = false;
   readonly accel = detectAccel();
 
   constructor(private readonly host: VmHost) {}
@@ -178,32 +187,47 @@ export class VmManager {
     } catch {
       // No VM ran here yet.
     }
-    for (const name of names) {
-      if (!this.isVm(name)) continue;
-      const paths = vmPaths(this.vmDir(name));
-      const qemu = await QemuProcess.attach(name, paths, this.host.log);
-      if (!qemu) continue;
-      const spec = this.readSpec(name);
-      if (!spec) {
-        this.host.log.error({ event: 'vm-attach-failed', vm: name }, `vm ${name}: QEMU ${qemu.pid} runs but its vm.json is gone: leaving it alone`);
-        qemu.detach();
-        continue;
-      }
-      const status = await qemu.status().catch(() => ({ status: 'unknown', running: false }));
-      // A migration finished while no daemon watched: the copy here is the stale one.
-      if (status.status === 'postmigrate') {
-        this.host.log.info({ event: 'vm-migrated-away', vm: name }, `vm ${name}: migrated away while the daemon was down: ending the copy here`);
-        await qemu.kill().catch(() => undefined);
-        continue;
-      }
-      const vm = this.adopt(name, qemu, spec, stateOf(status.status));
-      vm.since = fs.statSync(paths.pid, { throwIfNoEntry: false })?.mtimeMs ?? Date.now();
-      // Its disks failed while no daemon watched (this node's own exports went with the old daemon).
-      if (status.status === 'io-error') void this.recover(vm, 'found paused after a disk error');
-      this.host.log.info({ event: 'vm-reattached', vm: name, pid: qemu.pid, status: status.status }, `vm ${name}: QEMU ${qemu.pid} found running (${status.status})`);
-    }
+    for (const name of names) if (this.isVm(name)) await this.reattach(name);
     this.autostartTimer = setInterval(() => void this.autostart(), AUTOSTART_EVERY_MS);
     this.autostartTimer.unref();
+  }
+
+  /** Take over the QEMU an earlier daemon left running for `name`, if one runs. */
+  private async reattach(name: string): Promise<void> {
+    const paths = vmPaths(this.vmDir(name));
+    const since = fs.statSync(paths.pid, { throwIfNoEntry: false })?.mtimeMs ?? Date.now();
+    const unsteerable = (pid: number, reason: string): void => {
+      if (this.unattached.get(name)?.reason !== reason) {
+        this.host.log.error({ event: 'vm-attach-failed', vm: name, pid, reason }, `vm ${name}: QEMU ${pid} runs but ${reason}: it counts as running here (vm stop ${name} --force ends it)`);
+      }
+      this.unattached.set(name, { pid, since, reason });
+    };
+    const qemu = await QemuProcess.attach(name, paths, this.host.log);
+    if (!qemu) {
+      const pid = QemuProcess.livePid(paths);
+      if (pid === undefined) this.unattached.delete(name);
+      else unsteerable(pid, 'its QMP does not answer (another client on its socket, or QEMU is stuck)');
+      return;
+    }
+    const spec = this.readSpec(name);
+    if (!spec) {
+      unsteerable(qemu.pid, 'its vm.json is gone');
+      qemu.detach();
+      return;
+    }
+    this.unattached.delete(name);
+    const status = await qemu.status().catch(() => ({ status: 'unknown', running: false }));
+    // A migration finished while no daemon watched: the copy here is the stale one.
+    if (status.status === 'postmigrate') {
+      this.host.log.info({ event: 'vm-migrated-away', vm: name }, `vm ${name}: migrated away while the daemon was down: ending the copy here`);
+      await qemu.kill().catch(() => undefined);
+      return;
+    }
+    const vm = this.adopt(name, qemu, spec, stateOf(status.status));
+    vm.since = since;
+    // Its disks failed while no daemon watched (this node's own exports went with the old daemon).
+    if (status.status === 'io-error') void this.recover(vm, 'found paused after a disk error');
+    this.host.log.info({ event: 'vm-reattached', vm: name, pid: qemu.pid, status: status.status }, `vm ${name}: QEMU ${qemu.pid} found running (${status.status})`);
   }
 
   /** Daemon stop: the VMs keep running; only this daemon's QMP sessions end. */
@@ -309,8 +333,12 @@ export class VmManager {
   private async localInfos(): Promise<VmInfo[]> {
     const out: VmInfo[] = [];
     for (const vm of this.local.values()) out.push(await this.infoOf(vm));
+    for (const [name, u] of this.unattached) {
+      if (this.local.has(name)) continue;
+      out.push({ ...this.stoppedInfo(name, `its QEMU runs but ${u.reason}`), node: this.host.node, state: 'failed', pid: u.pid, since: new Date(u.since).toISOString() });
+    }
     for (const [name, exit] of this.exits) {
-      if (this.local.has(name) || !exit.failed || !this.isVm(name)) continue;
+      if (this.local.has(name) || this.unattached.has(name) || !exit.failed || !this.isVm(name)) continue;
       out.push({ ...this.stoppedInfo(name, exit.reason), node: this.host.node, state: 'failed' });
     }
     return out;
@@ -336,12 +364,13 @@ export class VmManager {
   private async locate(name: string): Promise<{ node: string | undefined; state?: VmState; unreachable: string[] }> {
     const mine = this.local.get(name);
     if (mine) return { node: this.host.node, state: mine.state, unreachable: [] };
+    if (this.unattached.has(name) || this.starting.has(name)) return { node: this.host.node, state: this.unattached.has(name) ? 'failed' : 'starting', unreachable: [] };
     const unreachable: string[] = [];
     for (const node of this.otherNodes()) {
       try {
         const answer = (await this.host.call(node, { cmd: 'vm.local' }, PEER_TIMEOUT_MS)) as LocalAnswer;
         this.mergeMarks(answer.marks);
-        const v = answer.vms.find((x) => x.name === name && x.state !== 'stopped' && x.state !== 'failed');
+        const v = answer.vms.find((x) => x.name === name && runsThere(x));
         if (v) return { node, state: v.state, unreachable };
       } catch {
         unreachable.push(node);
@@ -386,9 +415,20 @@ export class VmManager {
 
   /** Start QEMU for `name` on this node, its disks from the nodes serving their pools. */
   private async startHere(name: string): Promise<VmInfo> {
-    const c = this.config(name);
+    this.config(name);
     const running = this.local.get(name);
     if (running) return this.infoOf(running);
+    const u = this.unattached.get(name);
+    if (u) throw new UserError(`vm ${name}: its QEMU (pid ${u.pid}) runs on ${this.host.node} but ${u.reason}: vm stop ${name} --force ends it`, 1);
+    const under = this.starting.get(name);
+    if (under) return under;
+    const start = this.spawnHere(name).finally(() => this.starting.delete(name));
+    this.starting.set(name, start);
+    return start;
+  }
+
+  private async spawnHere(name: string): Promise<VmInfo> {
+    const c = this.config(name);
     const spec = this.specOf(name);
     const paths = vmPaths(this.vmDir(name));
     fs.mkdirSync(paths.dir, { recursive: true, mode: 0o700 });
@@ -534,6 +574,14 @@ export class VmManager {
 
   private async stopHere(name: string, force: boolean): Promise<unknown> {
     this.config(name);
+    const u = this.unattached.get(name);
+    if (u && !this.local.has(name)) {
+      if (!force) throw new UserError(`vm ${name}: its QEMU (pid ${u.pid}) on ${this.host.node} cannot be asked to power off: ${u.reason}; vm stop ${name} --force kills it`, 1);
+      killPid(u.pid);
+      this.unattached.delete(name);
+      this.host.log.info({ event: 'vm-stopped', vm: name, forced: true, pid: u.pid }, `vm ${name}: QEMU ${u.pid} killed on ${this.host.node}`);
+      return { vm: name, node: this.host.node, state: 'stopped', killed: true };
+    }
     const vm = this.local.get(name);
     if (!vm) return { vm: name, state: 'stopped', message: `vm ${name} is not running on ${this.host.node}` };
     vm.stopping = true;
@@ -828,9 +876,20 @@ export class VmManager {
 
   /** Start the VMs this node decides for that should run and run nowhere. */
   private async autostart(): Promise<void> {
-    if (this.stopped) return;
+    if (this.stopped || this.autostarting) return;
+    this.autostarting = true;
+    try {
+      await this.autostartOnce();
+    } finally {
+      this.autostarting = false;
+    }
+  }
+
+  private async autostartOnce(): Promise<void> {
+    for (const name of [...this.unattached.keys()]) await this.reattach(name).catch(() => undefined);
     for (const name of Object.keys(this.host.config.vms)) {
-      if (this.local.has(name) || this.marks[name]?.stopped || this.locks.has(name)) continue;
+      if (this.stopped) return;
+      if (this.local.has(name) || this.unattached.has(name) || this.starting.has(name) || this.marks[name]?.stopped || this.locks.has(name)) continue;
       if (this.exits.get(name)?.failed) continue; // A crashed VM waits for the admin (vm start).
       let decider: string;
       try {
@@ -875,6 +934,19 @@ async function withRetries<T>(fn: () => Promise<T>, times: number, waitMs: numbe
       if (i >= times) throw err;
       await sleep(waitMs);
     }
+  }
+}
+
+/** What a node says of a VM means a QEMU of it lives there (a failed one with a pid is one that cannot be steered). */
+function runsThere(v: VmInfo): boolean {
+  return v.state !== 'stopped' && (v.state !== 'failed' || v.pid !== undefined);
+}
+
+function killPid(pid: number): void {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    // Gone already.
   }
 }
 

@@ -67,6 +67,9 @@ export class QemuProcess extends EventEmitter<QemuEvents> {
    */
   static async start(spec: VmSpec, paths: VmPaths, log: Logger, options: { incoming?: boolean; generation?: number; binary?: string } = {}): Promise<QemuProcess> {
     fs.mkdirSync(paths.dir, { recursive: true, mode: 0o700 });
+    // The files of a QEMU that still runs are its only trace: removing them would start a second copy on the same disks.
+    const running = QemuProcess.livePid(paths);
+    if (running !== undefined) throw new UserError(`vm ${spec.name}: a QEMU (pid ${running}) already runs for it here: vm stop ${spec.name} first`, 1);
     for (const f of [paths.qmp, paths.pid]) fs.rmSync(f, { force: true });
     const args = qemuArgs(spec, paths, options);
     const stderr = fs.openSync(paths.stderr, 'w');
@@ -107,15 +110,24 @@ export class QemuProcess extends EventEmitter<QemuEvents> {
     }
   }
 
-  /** The QEMU of a VM started before this daemon, if it still runs (its pid file and QMP socket say so). */
-  static async attach(name: string, paths: VmPaths, log: Logger): Promise<QemuProcess | undefined> {
+  /** The pid of this VM's QEMU if its pid file names one that runs (not a recycled pid), whether or not its QMP answers. */
+  static livePid(paths: VmPaths): number | undefined {
     let pid: number;
     try {
       pid = Number(fs.readFileSync(paths.pid, 'utf8').trim());
     } catch {
       return undefined;
     }
-    if (!Number.isInteger(pid) || pid <= 0 || !isOurQemu(pid, paths)) return undefined;
+    return Number.isInteger(pid) && pid > 0 && isOurQemu(pid, paths) ? pid : undefined;
+  }
+
+  /**
+   * The QEMU of a VM started before this daemon, if it still runs (its pid file and QMP socket say so).
+   * Undefined also when it runs but its QMP does not answer (livePid tells): the caller must not take it for gone.
+   */
+  static async attach(name: string, paths: VmPaths, log: Logger): Promise<QemuProcess | undefined> {
+    const pid = QemuProcess.livePid(paths);
+    if (pid === undefined) return undefined;
     let qmp: QmpClient;
     try {
       qmp = await QmpClient.connect(paths.qmp);

@@ -1,0 +1,45 @@
+/**
+ * The VM manager's promises that need no cluster, only real QEMUs: one VM
+ * never runs twice (a QEMU found again but not answering QMP is still this
+ * node's; two starts at once make one QEMU).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import path from 'node:path';
+import { qemusUnder, twoNodes, until } from './manager-harness.js';
+import { vmSkip } from './vm-harness.js';
+import type { VmInfo } from '../../src/vm/manager.js';
+
+test('a QEMU found again whose QMP does not answer (another client holds it) is still the VM running here: no second copy starts', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const n = await twoNodes(t);
+  await n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web' });
+  assert.equal(qemusUnder(n.dir).length, 1);
+  // The daemon stops (its QEMU runs on); an admin's QMP shell holds the socket while it comes back.
+  n.managers.alpha.stop();
+  const admin = net.createConnection(path.join(n.dir, 'alpha', 'vms', 'web', 'qmp.sock'));
+  t.after(() => admin.destroy());
+  await new Promise((resolve) => admin.once('data', resolve));
+  const alpha = await n.restart('alpha');
+  const started = (await alpha.handle({ cmd: 'vm.start', vm: 'web' })) as { already?: boolean; node?: string };
+  assert.equal(started.already, true, `vm start: ${JSON.stringify(started)}`);
+  assert.equal(started.node, 'alpha');
+  assert.equal(qemusUnder(n.dir).length, 1, 'one QEMU for the VM');
+  const list = ((await n.managers.bravo.handle({ cmd: 'vm.list' })) as { vms: VmInfo[] }).vms;
+  assert.equal(list[0].node, 'alpha');
+  // Once the other client leaves, the daemon takes the QEMU over again.
+  admin.destroy();
+  await until(async () => ((await alpha.handle({ cmd: 'vm.list' })) as { vms: VmInfo[] }).vms[0].state === 'running', 15_000, 'the QEMU taken over');
+  assert.equal(qemusUnder(n.dir).length, 1);
+});
+
+test('two starts of one VM on a node at once make one QEMU', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const n = await twoNodes(t);
+  // Not started by the cluster meanwhile: only the two starts below.
+  await n.managers.alpha.handle({ cmd: 'vm.mark', vm: 'web', stopped: true, at: Date.now() });
+  const both = await Promise.allSettled([n.managers.bravo.handle({ cmd: 'vm.start-here', vm: 'web' }), n.managers.bravo.handle({ cmd: 'vm.start-here', vm: 'web' })]);
+  assert.equal(qemusUnder(n.dir).length, 1, `one QEMU (${JSON.stringify(both.map((b) => (b.status === 'rejected' ? String(b.reason) : 'ok')))})`);
+  for (const b of both) assert.equal(b.status, 'fulfilled', b.status === 'rejected' ? String(b.reason) : '');
+  const pids = both.map((b) => (b.status === 'fulfilled' ? (b.value as VmInfo).pid : 0));
+  assert.equal(pids[0], pids[1]);
+});
