@@ -535,7 +535,12 @@ export class VmManager {
     this.local.set(name, vm);
     qemu.on('event', (e) => {
       if (e.event === 'STOP') vm.state = vm.state === 'migrating' ? 'migrating' : 'paused';
-      else if (e.event === 'RESUME') vm.state = 'running';
+      else if (e.event === 'RESUME') {
+        vm.state = 'running';
+        // A migration's destination runs the guest: the migration is over (the source's migrate-done may never come:
+        // its daemon died). From now on this is the VM, not a copy a late migrate-abort may end.
+        if (vm.incoming) this.owned(vm);
+      }
       else if (e.event === 'BLOCK_IO_ERROR') void this.recover(vm, String(e.data?.reason ?? 'I/O error'));
     });
     qemu.once('exit', (exit) => this.exited(vm, exit));
@@ -712,9 +717,7 @@ export class VmManager {
   private async migrateDone(name: string, from: string): Promise<unknown> {
     const vm = this.local.get(name);
     if (!vm) throw new UserError(`vm ${name}: its migrated QEMU is not running on ${this.host.node}`, 1);
-    vm.incoming = undefined;
-    vm.stopping = false;
-    vm.since = Date.now();
+    if (vm.incoming) this.owned(vm);
     const st = await vm.qemu.status().catch(() => undefined);
     // Still 'inmigrate' when asked: its RESUME event (handled as it comes) says when it runs.
     if (st && st.status !== 'inmigrate') vm.state = stateOf(st.status);
@@ -724,6 +727,13 @@ export class VmManager {
       this.host.log.warn({ event: 'vm-console-not-moved', vm: name, from, err: (err as Error).message }, `vm ${name}: the console printed on ${from} was not brought here: ${(err as Error).message}`);
     }
     return { vm: name, node: this.host.node, state: vm.state };
+  }
+
+  /** The end of an incoming migration: the VM is this node's now (its exit is the VM's, not the migration's). */
+  private owned(vm: LocalVm): void {
+    vm.incoming = undefined;
+    vm.stopping = false;
+    vm.since = Date.now();
   }
 
   private async adoptConsole(name: string, from: string): Promise<void> {

@@ -1,7 +1,8 @@
 /**
  * The VM manager's promises that need no cluster, only real QEMUs: one VM
  * never runs twice (a QEMU found again but not answering QMP is still this
- * node's; two starts at once make one QEMU).
+ * node's; two starts at once make one QEMU), a migration whose source
+ * daemon never says "done" still leaves a VM the destination owns.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -42,4 +43,23 @@ test('two starts of one VM on a node at once make one QEMU', { skip: vmSkip, tim
   for (const b of both) assert.equal(b.status, 'fulfilled', b.status === 'rejected' ? String(b.reason) : '');
   const pids = both.map((b) => (b.status === 'fulfilled' ? (b.value as VmInfo).pid : 0));
   assert.equal(pids[0], pids[1]);
+});
+test('a migration whose source never says it is done: the destination owns the VM once it runs there (a handover pauses it)', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const n = await twoNodes(t);
+  await n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web' });
+  // The source daemon dies after the migration completed, before it tells the destination.
+  n.drop = (_node, request) => request.cmd === 'vm.migrate-done';
+  await n.managers.alpha.handle({ cmd: 'vm.migrate', vm: 'web', to: 'bravo' });
+  n.drop = undefined;
+  assert.equal(n.qemuPids('alpha').length, 0);
+  assert.equal(n.qemuPids('bravo').length, 1);
+  await until(async () => ((await n.managers.bravo.handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms[0]?.state === 'running', 10_000, 'the VM running on bravo');
+  const paused = await n.managers.bravo.pauseIo(['pa']);
+  assert.deepEqual(paused.vms, ['web'], 'a handover pauses the VM where it runs');
+  const resumed = await n.managers.bravo.resumeIo(['pa'], 'alpha');
+  assert.deepEqual(resumed.vms.map((v) => v.name), ['web']);
+  // It can move on from there.
+  await n.managers.bravo.handle({ cmd: 'vm.migrate', vm: 'web', to: 'alpha' });
+  assert.equal(n.qemuPids('alpha').length, 1);
+  assert.equal(n.qemuPids('bravo').length, 0);
 });
