@@ -29,6 +29,8 @@ export interface HandoverHost {
   resourceOf(name: string): { resource: Resource; peerNode: string };
   /** Promote `name` here and open the pools that can be (serialized with other role changes). */
   promoteHere(name: string): Promise<void>;
+  /** Close the pools on `name` here and make it Secondary (serialized with other role changes). */
+  demoteHere(name: string): Promise<void>;
   call(node: string, request: NodeCommand, timeoutMs?: number): Promise<unknown>;
 }
 
@@ -74,17 +76,30 @@ export async function handover(host: HandoverHost, resource: string): Promise<Ha
     node === host.node ? host.vms.pauseIo(pools) : (host.call(node, { cmd: 'vm.pause-io', pools }, 60_000) as Promise<{ vms: string[] }>);
   const resumeOn = (node: string, server: string): Promise<{ vms: { name: string; pausedMs: number }[] }> =>
     node === host.node ? host.vms.resumeIo(pools, server) : (host.call(node, { cmd: 'vm.resume-io', pools, server }, 60_000) as Promise<{ vms: { name: string; pausedMs: number }[] }>);
-  /** Let every paused VM run on, its disks from `server` (errors logged: a VM left paused is listed so). */
-  const resumeAll = async (server: string): Promise<{ name: string; node: string; pausedMs: number }[]> => {
+  /**
+   * Let every paused VM run on, its disks from `server`. `left` says what could not be resumed: those VMs
+   * resume by themselves when their pause runs out (VmManager's lease), onto whatever serves their disks then.
+   */
+  const resumeAll = async (server: string): Promise<{ vms: { name: string; node: string; pausedMs: number }[]; left: string }> => {
     const out: { name: string; node: string; pausedMs: number }[] = [];
+    const left: string[] = [];
     for (const node of nodes) {
       try {
         for (const v of (await resumeOn(node, server)).vms) out.push({ ...v, node });
       } catch (err) {
+        left.push((err as Error).message);
         host.log.error({ event: 'handover-resume-failed', node, server, err: (err as Error).message }, `handover: VMs on ${node} could not resume: ${(err as Error).message}`);
       }
     }
-    return out;
+    return { vms: out, left: left.length > 0 ? `; VMs left paused: ${left.join('; ')} (duet tries again every 2 s once their pause runs out, in a minute: vm list)` : '' };
+  };
+  /** The role back to `from`, its pools open again, the VMs resumed there: what can be of it. */
+  const giveBack = async (): Promise<string> => {
+    // Everything this node took, it gives up first (the peer cannot be promoted while this node is Primary).
+    for (const e of entries) if (e.resource.role === 'Primary') await host.demoteHere(e.name).catch((err: unknown) => host.log.error({ event: 'handover-rollback-failed', resource: e.name, err: (err as Error).message }, `handover: ${e.name} could not be made Secondary again here: ${(err as Error).message}`));
+    // Every resource, not only those it stepped down for: a failed step-down may have closed the pools already.
+    for (const e of entries) await host.call(from, { cmd: 'resource.primary', resource: e.name, force: false }, 60_000).catch((err: unknown) => host.log.error({ event: 'handover-rollback-failed', resource: e.name, node: from, err: (err as Error).message }, `handover: ${e.name} could not be given back to ${from}: ${(err as Error).message}`));
+    return (await resumeAll(from)).left;
   };
 
   const t0 = Date.now();
@@ -92,19 +107,14 @@ export async function handover(host: HandoverHost, resource: string): Promise<Ha
   try {
     for (const node of nodes) await pauseOn(node);
   } catch (err) {
-    await resumeAll(from);
-    throw new UserError(`handover of ${resources.join(', ')}: could not pause the VMs using ${pools.join(', ')}: ${(err as Error).message}; nothing moved`, 1);
+    const left = (await resumeAll(from)).left;
+    throw new UserError(`handover of ${resources.join(', ')}: could not pause the VMs using ${pools.join(', ')}: ${(err as Error).message}; nothing moved${left}`, 1);
   }
-  const demoted: string[] = [];
   try {
-    for (const e of entries) {
-      await host.call(from, { cmd: 'resource.secondary', resource: e.name }, 60_000);
-      demoted.push(e.name);
-    }
+    for (const e of entries) await host.call(from, { cmd: 'resource.secondary', resource: e.name }, 60_000);
   } catch (err) {
-    for (const r of demoted) await host.call(from, { cmd: 'resource.primary', resource: r, force: false }, 60_000).catch(() => undefined);
-    await resumeAll(from);
-    throw new UserError(`handover of ${resources.join(', ')}: ${from} could not step down: ${(err as Error).message}; ${from} stays Primary`, 1);
+    const left = await giveBack();
+    throw new UserError(`handover of ${resources.join(', ')}: ${from} could not step down: ${(err as Error).message}; ${from} stays Primary${left}`, 1);
   }
   try {
     for (const e of entries) {
@@ -115,11 +125,11 @@ export async function handover(host: HandoverHost, resource: string): Promise<Ha
     }
   } catch (err) {
     // Give the role back: the old Primary has the same data (nothing was written meanwhile).
-    for (const e of entries) if (e.resource.role !== 'Primary') await host.call(from, { cmd: 'resource.primary', resource: e.name, force: false }, 60_000).catch(() => undefined);
-    await resumeAll(from);
-    throw new UserError(`handover of ${resources.join(', ')}: ${host.node} could not become Primary: ${(err as Error).message}; given back to ${from}`, 1);
+    const left = await giveBack();
+    throw new UserError(`handover of ${resources.join(', ')}: ${host.node} could not become Primary: ${(err as Error).message}; given back to ${from}${left}`, 1);
   }
-  const vms = await resumeAll(host.node);
+  const { vms, left } = await resumeAll(host.node);
+  if (left) throw new UserError(`handover of ${resources.join(', ')}: ${host.node} is Primary now (handed over by ${from})${left}`, 1);
   const pausedMs = vms.length > 0 ? Date.now() - t0 : 0;
   const result = { resources, from, to: host.node, pausedMs, vms };
   host.log.info({ event: 'handover-done', ...result }, `handover of ${resources.join(', ')} from ${from} to ${host.node} done${vms.length > 0 ? `: ${vms.length} VMs paused at most ${Math.max(...vms.map((v) => v.pausedMs))} ms` : ''}`);

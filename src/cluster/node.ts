@@ -158,6 +158,15 @@ export class NodeDaemon implements VmHost, HandoverHost {
     });
   }
 
+  async demoteHere(name: string): Promise<void> {
+    const e = this.entry(name);
+    e.autoPromote = false;
+    await this.serial(async () => {
+      await this.closePoolsOn(e.name);
+      await e.resource.demote();
+    });
+  }
+
   /** Ask another node's daemon (signed like the CLI's requests). */
   call(node: string, request: NodeCommand, timeoutMs = 10_000): Promise<unknown> {
     const target = this.config.nodes[node];

@@ -69,7 +69,7 @@ export type VmCommand =
   | { cmd: 'vm.migrate-abort'; vm: string }
   | { cmd: 'vm.set-memory'; vm: string; bytes: number }
   | { cmd: 'vm.xl-config'; vm: string }
-  | { cmd: 'vm.pause-io'; pools: string[] }
+  | { cmd: 'vm.pause-io'; pools: string[]; leaseMs?: number }
   | { cmd: 'vm.resume-io'; pools: string[]; server: string };
 
 const vmName = z.string().max(64);
@@ -98,7 +98,7 @@ const commandSchema = z.discriminatedUnion('cmd', [
   z.object({ cmd: z.literal('vm.migrate-abort'), vm: vmName }).strict(),
   z.object({ cmd: z.literal('vm.set-memory'), vm: vmName, bytes: z.number().int().positive() }).strict(),
   z.object({ cmd: z.literal('vm.xl-config'), vm: vmName }).strict(),
-  z.object({ cmd: z.literal('vm.pause-io'), pools: z.array(z.string().max(64)).max(64) }).strict(),
+  z.object({ cmd: z.literal('vm.pause-io'), pools: z.array(z.string().max(64)).max(64), leaseMs: z.number().int().positive().max(3_600_000).optional() }).strict(),
   z.object({ cmd: z.literal('vm.resume-io'), pools: z.array(z.string().max(64)).max(64), server: z.string().max(64) }).strict(),
 ]);
 
@@ -130,6 +130,10 @@ interface LocalVm {
   incoming?: { from: string };
   /** Paused for a move of its disks' Primary role (since then). */
   handoverPaused?: number;
+  /** When a handover pause runs out: the VM resumes by itself, whatever became of the handover. */
+  pauseUntil?: number;
+  /** Its disks being switched (one switch at a time: the recovery loop, a handover and a lease may meet). */
+  switching?: Promise<unknown>;
 }
 
 interface LocalAnswer {
@@ -140,10 +144,14 @@ interface LocalAnswer {
 
 const POWERDOWN_TIMEOUT_MS = 30_000;
 const MIGRATION_TIMEOUT_MS = 10 * 60_000;
-/** A VM paused by a handover longer than this was forgotten by it (its node died): recovery may move its disks. */
-const HANDOVER_PAUSE_MAX_MS = 120_000;
 const AUTOSTART_EVERY_MS = 2000;
 const PEER_TIMEOUT_MS = 5000;
+/**
+ * How long a handover may keep a VM paused. Past it, the VM resumes on whatever serves its disks then (a
+ * handover whose node died, or that failed to resume it, must not leave it paused for good). Resuming early
+ * is safe: a write to a retired connection fails, werror=stop pauses the VM and the recovery loop moves it.
+ */
+export const HANDOVER_LEASE_MS = 60_000;
 
 export class VmManager {
   private readonly local = new Map<string, LocalVm>();
@@ -279,7 +287,7 @@ export class VmManager {
         this.config(c.vm);
         return { vm: c.vm, text: xlConfig(this.host.config, c.vm, (pool) => this.host.poolServer(pool)) };
       case 'vm.pause-io':
-        return this.pauseIo(c.pools);
+        return this.pauseIo(c.pools, c.leaseMs);
       case 'vm.resume-io':
         return this.resumeIo(c.pools, c.server);
     }
@@ -489,8 +497,8 @@ export class VmManager {
     let told = '';
     try {
       while (this.local.get(vm.name) === vm && !this.stopped) {
-        // Paused for a handover: its resume moves the disks (unless the handover was lost, long ago).
-        if (vm.handoverPaused !== undefined && Date.now() - vm.handoverPaused < HANDOVER_PAUSE_MAX_MS) {
+        // Paused for a handover: its resume moves the disks (or, once the pause runs out, endExpiredPauses).
+        if (vm.handoverPaused !== undefined && Date.now() < (vm.pauseUntil ?? 0)) {
           await sleep(500);
           continue;
         }
@@ -498,10 +506,8 @@ export class VmManager {
         if (!st || st.status !== 'io-error') return;
         try {
           const disks = this.endpoints(vm.name);
-          await switchDisks(vm.qemu.qmp, disks);
+          await this.moveDisks(vm, disks);
           await vm.qemu.qmp.execute('cont');
-          vm.spec = { ...vm.spec, disks };
-          this.writeSpec(vm.name, vm.spec);
           this.host.log.warn(
             { event: 'vm-disks-reconnected', vm: vm.name, reason, pausedMs: Date.now() - t0, servers: [...new Set(disks.map((d) => d.node))] },
             `vm ${vm.name}: a disk failed (${reason}): paused ${Date.now() - t0} ms, reconnected to ${[...new Set(disks.map((d) => d.node))].join(', ')}, running again`,
@@ -799,14 +805,16 @@ export class VmManager {
    * Before the Primary role of `pools`' resources moves: pause the VMs using them (QMP stop drains
    * and flushes their disks while the old Primary still serves them). The guest only sees time pass.
    */
-  async pauseIo(pools: string[]): Promise<{ vms: string[] }> {
+  async pauseIo(pools: string[], leaseMs = HANDOVER_LEASE_MS): Promise<{ vms: string[] }> {
     const paused: string[] = [];
     for (const vm of this.usersOf(pools)) {
       if (vm.state === 'migrating') throw new UserError(`vm ${vm.name} is migrating: move the Primary role when it is done`, 1);
+      // Marked first: a stop that times out may still take effect, and a VM paused must be resumed.
+      vm.handoverPaused ??= Date.now();
+      vm.pauseUntil = Date.now() + leaseMs;
       const nodes = await nbdNodesInUse(vm.qemu.qmp, vm.spec.disks.length);
       const { yanked } = await pauseGuest(vm.qemu.qmp, nodes);
       if (yanked) this.host.log.warn({ event: 'vm-disks-yanked', vm: vm.name, nodes }, `vm ${vm.name}: its disks' server did not answer: their connections were cut (yank) to pause it`);
-      vm.handoverPaused = Date.now();
       paused.push(vm.name);
     }
     return { vms: paused };
@@ -824,27 +832,57 @@ export class VmManager {
       await sleep(50);
     }
     let failed: Error | undefined;
+    const left: string[] = [];
     for (const vm of this.usersOf(pools)) {
       if (vm.handoverPaused === undefined) continue;
       try {
-        const disks = this.endpoints(vm.name);
-        await withRetries(() => switchDisks(vm.qemu.qmp, disks), 5, 200);
-        vm.spec = { ...vm.spec, disks };
-        this.writeSpec(vm.name, vm.spec);
-        await vm.qemu.qmp.execute('cont');
-        const pausedMs = Date.now() - vm.handoverPaused;
-        vm.handoverPaused = undefined;
-        out.push({ name: vm.name, pausedMs });
-        this.host.log.info({ event: 'vm-disks-moved', vm: vm.name, server, pausedMs }, `vm ${vm.name}: disks now from ${server}; paused ${pausedMs} ms`);
+        out.push({ name: vm.name, pausedMs: await this.resumePaused(vm) });
       } catch (err) {
         failed ??= err as Error;
-        // Left to the recovery loop (an io-error pause is retried there), not to a handover that is over.
-        vm.handoverPaused = undefined;
-        this.host.log.error({ event: 'vm-disks-move-failed', vm: vm.name, server, err: (err as Error).message }, `vm ${vm.name}: its disks could not be moved to ${server}: ${(err as Error).message}; it stays paused`);
+        left.push(vm.name);
+        this.host.log.error({ event: 'vm-disks-move-failed', vm: vm.name, server, err: (err as Error).message }, `vm ${vm.name}: its disks could not be moved to ${server}: ${(err as Error).message}; it stays paused (tried again)`);
       }
     }
-    if (failed) throw new UserError(`VMs of ${this.host.node} stay paused: ${failed.message}`, 1);
+    if (failed) throw new UserError(`vm ${left.join(', ')} on ${this.host.node} stay${left.length > 1 ? '' : 's'} paused: ${failed.message} (tried again until ${left.length > 1 ? 'they run' : 'it runs'})`, 1);
     return { vms: out };
+  }
+
+  /** A VM paused by a handover: its disks from where they are served now, then it runs on. Resolves with how long it was paused. */
+  private async resumePaused(vm: LocalVm): Promise<number> {
+    const disks = this.endpoints(vm.name);
+    await withRetries(() => this.moveDisks(vm, disks), 5, 200);
+    await vm.qemu.qmp.execute('cont');
+    const pausedMs = Date.now() - (vm.handoverPaused ?? Date.now());
+    vm.handoverPaused = undefined;
+    vm.pauseUntil = undefined;
+    this.host.log.info({ event: 'vm-disks-moved', vm: vm.name, servers: [...new Set(disks.map((d) => d.node))], pausedMs }, `vm ${vm.name}: disks now from ${[...new Set(disks.map((d) => d.node))].join(', ')}; paused ${pausedMs} ms`);
+    return pausedMs;
+  }
+
+  /** Point the VM's disks at `disks` (one switch of a VM at a time) and remember where they are. */
+  private async moveDisks(vm: LocalVm, disks: DiskEndpoint[]): Promise<void> {
+    const run = (vm.switching ?? Promise.resolve()).catch(() => undefined).then(() => switchDisks(vm.qemu.qmp, disks));
+    vm.switching = run;
+    await run;
+    vm.spec = { ...vm.spec, disks };
+    this.writeSpec(vm.name, vm.spec);
+  }
+
+  /** Handover pauses that ran out: resume those VMs (onto whatever serves their disks; tried again each round). */
+  private async endExpiredPauses(): Promise<void> {
+    for (const vm of [...this.local.values()]) {
+      if (vm.handoverPaused === undefined || vm.pauseUntil === undefined || Date.now() < vm.pauseUntil || this.stopped) continue;
+      try {
+        const pausedMs = await this.resumePaused(vm);
+        this.host.log.warn({ event: 'vm-handover-pause-expired', vm: vm.name, pausedMs }, `vm ${vm.name}: paused for a handover that did not resume it: running again after ${pausedMs} ms`);
+      } catch (err) {
+        const message = (err as Error).message;
+        if (this.reported.get(`pause:${vm.name}`) !== message) {
+          this.reported.set(`pause:${vm.name}`, message);
+          this.host.log.warn({ event: 'vm-handover-pause-stuck', vm: vm.name, err: message }, `vm ${vm.name}: paused for a handover; cannot resume it yet: ${message}`);
+        }
+      }
+    }
   }
 
   /* --------------------------------------------------------------- marks */
@@ -897,6 +935,7 @@ export class VmManager {
 
   private async autostartOnce(): Promise<void> {
     for (const name of [...this.unattached.keys()]) await this.reattach(name).catch(() => undefined);
+    await this.endExpiredPauses();
     for (const name of Object.keys(this.host.config.vms)) {
       if (this.stopped) return;
       if (this.local.has(name) || this.unattached.has(name) || this.starting.has(name) || this.marks[name]?.stopped || this.locks.has(name)) continue;

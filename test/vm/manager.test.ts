@@ -63,3 +63,15 @@ test('a migration whose source never says it is done: the destination owns the V
   assert.equal(n.qemuPids('alpha').length, 1);
   assert.equal(n.qemuPids('bravo').length, 0);
 });
+
+test('a VM paused for a handover that never resumes it (its node died, a step failed) runs on by itself when the pause runs out', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const n = await twoNodes(t);
+  await n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web' });
+  const state = async (): Promise<string> => ((await n.managers.alpha.handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms[0].state;
+  await until(async () => (await state()) === 'running', 10_000, 'the VM running');
+  const paused = (await n.managers.alpha.handle({ cmd: 'vm.pause-io', pools: ['pa'], leaseMs: 1000 })) as { vms: string[] };
+  assert.deepEqual(paused.vms, ['web']);
+  assert.equal(await state(), 'paused');
+  // No vm.resume-io comes.
+  await until(async () => (await state()) === 'running', 10_000, 'the VM running again after its handover pause ran out');
+});
