@@ -68,8 +68,8 @@ function adoptWithUserBuffer(
 
 /** How long a connection we ended may linger before its socket is destroyed. */
 const FINISH_GRACE_MS = 5_000;
-/** How long a connection to an export that moved away stays open for its client to flush and leave. */
-const RETIRE_GRACE_MS = 60_000;
+/** A retired connection's client is asked (TCP keepalive) whether it is still there after this long idle. */
+const RETIRED_KEEPALIVE_MS = 60_000;
 
 class Connection {
   readonly queue = new ByteQueue();
@@ -382,11 +382,13 @@ export class NbdServer {
 
   /**
    * The exports `which` are no longer served here (the Primary role moves away): in-flight requests
-   * finish, then the connections stay open for `graceMs`, answering a FLUSH with `closed`'s outcome
-   * and failing anything else (see RetiredDevice), so a client can move to the new Primary without an
-   * error; they close when the client leaves or the grace ends.
+   * finish, then the connections stay open, answering a FLUSH with `closed`'s outcome and failing
+   * anything else (see RetiredDevice), so a client can move to the new Primary without an error.
+   * They close when the client leaves (or its host is gone: TCP keepalive), not after a while: QEMU
+   * cannot move a disk whose old connection fails its flush, so a VM paused until the role lands
+   * somewhere, minutes later, would stay paused for good.
    */
-  async retireConnections(which: (exp: NbdExport) => boolean, closed: Promise<void>, graceMs = RETIRE_GRACE_MS): Promise<void> {
+  async retireConnections(which: (exp: NbdExport) => boolean, closed: Promise<void>): Promise<void> {
     // With no client left to ask, a failed close is the caller's to report, not an unhandled rejection.
     closed.catch(() => undefined);
     const going = [...this.connections].filter((c) => c.openedExport !== undefined && which(c.openedExport));
@@ -399,7 +401,7 @@ export class NbdServer {
       }
       const d = conn.openedExport.device;
       t.retire(new RetiredDevice({ name: d.name, size: d.size, blockSize: d.blockSize, capabilities: d.capabilities }, closed));
-      setTimeout(() => conn.socket.destroy(), graceMs).unref();
+      conn.socket.setKeepAlive(true, RETIRED_KEEPALIVE_MS);
     }
   }
 
