@@ -41,6 +41,7 @@ export function detectAccel(): 'kvm' | 'tcg' {
 export class QemuProcess extends EventEmitter<QemuEvents> {
   private exited: QemuExit | undefined;
   private lastShutdown: QemuExit | undefined;
+  private qmpLost = false;
 
   private constructor(
     readonly name: string,
@@ -169,7 +170,7 @@ export class QemuProcess extends EventEmitter<QemuEvents> {
   /** Resolves when QEMU has exited (undefined if it has not within `timeoutMs`). */
   waitExit(timeoutMs: number): Promise<QemuExit | undefined> {
     if (this.exited) return Promise.resolve(this.exited);
-    return new Promise((resolve) => {
+    const exited = new Promise<QemuExit | undefined>((resolve) => {
       const timer = setTimeout(() => {
         this.off('exit', done);
         resolve(undefined);
@@ -180,15 +181,22 @@ export class QemuProcess extends EventEmitter<QemuEvents> {
       };
       this.once('exit', done);
     });
+    // No QMP to close when it goes (lost earlier, QEMU lived on): watch the process itself (after listening:
+    // a process gone already is reported at once).
+    if (this.qmp.isClosed) void this.watchExit(timeoutMs);
+    return exited;
   }
 
   /** The QMP socket closed or the child exited: wait (bounded) for the process to be gone, then report the exit once. */
-  private async watchExit(): Promise<void> {
+  private async watchExit(maxMs = 10_000): Promise<void> {
     if (this.exited) return;
-    for (let i = 0; i < 200 && processAlive(this.pid) && isOurQemu(this.pid, this.paths); i++) await sleep(POLL_MS);
+    const deadline = Date.now() + maxMs;
+    while (Date.now() < deadline && processAlive(this.pid) && isOurQemu(this.pid, this.paths)) await sleep(POLL_MS);
     if (this.exited) return;
     if (processAlive(this.pid) && isOurQemu(this.pid, this.paths)) {
-      // QMP gone, the process alive: a QEMU nobody can steer. Report it; the caller decides (kill).
+      // QMP gone, the process alive: a QEMU nobody can steer. Report it (once); the caller decides (kill).
+      if (this.qmpLost) return;
+      this.qmpLost = true;
       this.log.error({ event: 'vm-qmp-lost', vm: this.name, pid: this.pid }, `vm ${this.name}: lost QMP to QEMU ${this.pid}, which still runs`);
       return;
     }

@@ -12,6 +12,7 @@ import net from 'node:net';
 import { QemuProcess, stderrSummary } from '../../src/vm/qemu.js';
 import { vmPaths, type VmSpec } from '../../src/vm/qemu-args.js';
 import { UserError } from '../../src/util/errors.js';
+import { pino } from 'pino';
 import { silentLogger } from '../../src/util/log.js';
 import { vmSkip } from './vm-harness.js';
 
@@ -45,6 +46,33 @@ test('QEMU starts detached, is found again by its pid file and QMP after the fir
   assert.equal(exit.reason, 'killed');
   assert.equal(fs.existsSync(paths.pid), false, 'its pid file goes with it');
   assert.equal(await QemuProcess.attach('unit', paths, silentLogger()), undefined, 'nothing to attach to any more');
+});
+
+test('a QEMU found again whose QMP session is lost while it runs: killing it is still noticed', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const paths = vmPaths(path.join(tmp(t), 'vm'));
+  const first = await QemuProcess.start(spec(), paths, silentLogger());
+  t.after(() => {
+    try {
+      process.kill(first.pid, 'SIGKILL');
+    } catch {
+      // gone
+    }
+  });
+  first.detach();
+  const lines: string[] = [];
+  const again = await QemuProcess.attach('unit', paths, pino({ level: 'info' }, { write: (line: string) => void lines.push(line) }));
+  assert.ok(again);
+  // The session ends, QEMU lives on (nobody can steer it) and is reported so; later a kill must still see it go.
+  again.qmp.close();
+  const deadline = Date.now() + 20_000;
+  while (!lines.some((l) => l.includes('vm-qmp-lost'))) {
+    assert.ok(Date.now() < deadline, 'the lost QMP is reported');
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.equal(again.running, true);
+  const exit = await again.kill();
+  assert.equal(exit.reason, 'killed');
+  assert.equal(again.running, false);
 });
 
 test('a pid file naming another process (a recycled pid) is not taken for the VM', { skip: vmSkip }, async (t) => {
