@@ -89,7 +89,7 @@ export function registerVm(program: Command): void {
       let chunk = (await callNode(t, { cmd: 'vm.console', vm: name }, { timeoutMs: 30_000 })) as ConsoleChunk;
       process.stdout.write(chunk.text);
       if (!options.follow) return;
-      let at = chunk.end;
+      let at = chunk.next;
       for (;;) {
         await new Promise((resolve) => setTimeout(resolve, FOLLOW_EVERY_MS));
         try {
@@ -99,7 +99,7 @@ export function registerVm(program: Command): void {
         }
         if (chunk.from > at) process.stdout.write(`\n[duet: ${chunk.from - at} bytes of console output were not kept]\n`);
         process.stdout.write(chunk.text);
-        at = chunk.from + Buffer.byteLength(chunk.text);
+        at = chunk.next;
       }
     });
 }

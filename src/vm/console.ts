@@ -23,6 +23,13 @@ export interface ConsoleChunk {
   text: string;
   /** Position of text's first byte. */
   from: number;
+  /**
+   * Position after the bytes `text` was decoded from: where the next read starts. Not from + the
+   * length of text re-encoded: bytes that are not UTF-8 decode to a replacement character of another length.
+   */
+  next: number;
+  /** The same bytes, base64 (asked with raw: what a migration's destination keeps must be byte for byte). */
+  data?: string;
   /** When this node's copy last changed (ms since the epoch; 0: it has none). */
   updatedAt: number;
 }
@@ -57,13 +64,16 @@ export class ConsoleLog {
     return { start: this.readBase().start, bytes: Buffer.concat(parts) };
   }
 
-  read(since?: number): ConsoleChunk {
+  read(since?: number, options: { raw?: boolean } = {}): ConsoleChunk {
     const { start, bytes } = this.all();
     const end = start + bytes.length;
     const from = since === undefined ? Math.max(start, end - READ_MAX) : Math.min(Math.max(since, start), end);
-    const to = since === undefined ? end : Math.min(end, from + READ_MAX);
+    let to = since === undefined ? end : Math.min(end, from + READ_MAX);
+    // A character cut at the end comes whole with the next read (not as two replacement characters).
+    if (!options.raw) to = from + completeUtf8(bytes.subarray(from - start, to - start));
+    const slice = bytes.subarray(from - start, to - start);
     const updatedAt = Math.max(...[this.live, this.history].map((f) => fs.statSync(f, { throwIfNoEntry: false })?.mtimeMs ?? 0));
-    return { start, end, from, text: bytes.subarray(from - start, to - start).toString('utf8'), updatedAt };
+    return { start, end, from, next: to, text: slice.toString('utf8'), updatedAt, ...(options.raw ? { data: slice.toString('base64') } : {}) };
   }
 
   /**
@@ -82,6 +92,17 @@ export class ConsoleLog {
   clearLive(): void {
     fs.rmSync(this.live, { force: true });
   }
+}
+
+/** How many bytes of `b` to take so as not to end inside a UTF-8 sequence (at most 3 are left for later). */
+function completeUtf8(b: Buffer): number {
+  for (let back = 1; back <= Math.min(3, b.length); back++) {
+    const c = b[b.length - back];
+    if ((c & 0xc0) === 0x80) continue; // a continuation byte: look further back for its lead
+    const need = c >= 0xf0 && c <= 0xf4 ? 4 : c >= 0xe0 && c <= 0xef ? 3 : c >= 0xc2 && c <= 0xdf ? 2 : 1;
+    return need > back ? b.length - back : b.length;
+  }
+  return b.length;
 }
 
 function readOr(file: string): Buffer {

@@ -61,7 +61,7 @@ export type VmCommand =
   | { cmd: 'vm.stop'; vm: string; force?: boolean }
   | { cmd: 'vm.stop-here'; vm: string; force?: boolean }
   | { cmd: 'vm.mark'; vm: string; stopped: boolean; at: number }
-  | { cmd: 'vm.console'; vm: string; since?: number; here?: boolean }
+  | { cmd: 'vm.console'; vm: string; since?: number; here?: boolean; raw?: boolean }
   | { cmd: 'vm.migrate'; vm: string; to: string }
   | { cmd: 'vm.migrate-out'; vm: string; to: string }
   | { cmd: 'vm.migrate-in'; vm: string; from: string; memoryBytes: number; cpus: number; disks: DiskEndpoint[] }
@@ -81,7 +81,7 @@ const commandSchema = z.discriminatedUnion('cmd', [
   z.object({ cmd: z.literal('vm.stop'), vm: vmName, force: z.boolean().optional() }).strict(),
   z.object({ cmd: z.literal('vm.stop-here'), vm: vmName, force: z.boolean().optional() }).strict(),
   z.object({ cmd: z.literal('vm.mark'), vm: vmName, stopped: z.boolean(), at: z.number().int().nonnegative() }).strict(),
-  z.object({ cmd: z.literal('vm.console'), vm: vmName, since: z.number().int().nonnegative().optional(), here: z.boolean().optional() }).strict(),
+  z.object({ cmd: z.literal('vm.console'), vm: vmName, since: z.number().int().nonnegative().optional(), here: z.boolean().optional(), raw: z.boolean().optional() }).strict(),
   z.object({ cmd: z.literal('vm.migrate'), vm: vmName, to: z.string().max(64) }).strict(),
   z.object({ cmd: z.literal('vm.migrate-out'), vm: vmName, to: z.string().max(64) }).strict(),
   z
@@ -270,7 +270,7 @@ export class VmManager {
         this.setMark(c.vm, { stopped: c.stopped, at: c.at });
         return { vm: c.vm };
       case 'vm.console':
-        return this.console(c.vm, c.since, c.here === true);
+        return this.console(c.vm, c.since, c.here === true, c.raw === true);
       case 'vm.migrate':
         return this.migrate(c.vm, c.to);
       case 'vm.migrate-out':
@@ -601,11 +601,11 @@ export class VmManager {
     return { vm: name, node: this.host.node, state: 'stopped', killed: exit.reason === 'killed' };
   }
 
-  private console(name: string, since: number | undefined, here = false): Promise<ConsoleChunk & { node: string }> | (ConsoleChunk & { node: string }) {
+  private console(name: string, since: number | undefined, here = false, raw = false): Promise<ConsoleChunk & { node: string }> | (ConsoleChunk & { node: string }) {
     this.config(name);
     const log = new ConsoleLog(this.vmDir(name));
     // An incoming migration's QEMU has printed nothing: the console is still the source's.
-    if (here || (this.local.has(name) && !this.local.get(name)!.incoming)) return { ...log.read(since), node: this.host.node };
+    if (here || (this.local.has(name) && !this.local.get(name)!.incoming)) return { ...log.read(since, { raw }), node: this.host.node };
     return this.consoleElsewhere(name, since, log);
   }
 
@@ -744,13 +744,13 @@ export class VmManager {
 
   private async adoptConsole(name: string, from: string): Promise<void> {
     const parts: Buffer[] = [];
-    let chunk = (await this.host.call(from, { cmd: 'vm.console', vm: name, here: true, since: 0 }, PEER_TIMEOUT_MS)) as ConsoleChunk;
+    // Byte for byte (raw): the positions here must go on from the source's, whatever the guest printed.
+    let chunk = (await this.host.call(from, { cmd: 'vm.console', vm: name, here: true, since: 0, raw: true }, PEER_TIMEOUT_MS)) as ConsoleChunk;
     const start = chunk.from;
     for (let i = 0; i < 64; i++) {
-      parts.push(Buffer.from(chunk.text, 'utf8'));
-      const at = chunk.from + Buffer.byteLength(chunk.text);
-      if (at >= chunk.end) break;
-      chunk = (await this.host.call(from, { cmd: 'vm.console', vm: name, here: true, since: at }, PEER_TIMEOUT_MS)) as ConsoleChunk;
+      parts.push(Buffer.from(chunk.data ?? '', 'base64'));
+      if (chunk.next >= chunk.end || chunk.next <= chunk.from) break;
+      chunk = (await this.host.call(from, { cmd: 'vm.console', vm: name, here: true, since: chunk.next, raw: true }, PEER_TIMEOUT_MS)) as ConsoleChunk;
     }
     new ConsoleLog(this.vmDir(name)).adopt(start, Buffer.concat(parts));
   }

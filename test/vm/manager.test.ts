@@ -2,15 +2,19 @@
  * The VM manager's promises that need no cluster, only real QEMUs: one VM
  * never runs twice (a QEMU found again but not answering QMP is still this
  * node's; two starts at once make one QEMU), a migration whose source
- * daemon never says "done" still leaves a VM the destination owns.
+ * daemon never says "done" still leaves a VM the destination owns, a
+ * handover pause that is never ended runs out, the console moves byte for
+ * byte.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { qemusUnder, twoNodes, until } from './manager-harness.js';
 import { vmSkip } from './vm-harness.js';
 import type { VmInfo } from '../../src/vm/manager.js';
+import { ConsoleLog, READ_MAX } from '../../src/vm/console.js';
 
 test('a QEMU found again whose QMP does not answer (another client holds it) is still the VM running here: no second copy starts', { skip: vmSkip, timeout: 60_000 }, async (t) => {
   const n = await twoNodes(t);
@@ -74,4 +78,18 @@ test('a VM paused for a handover that never resumes it (its node died, a step fa
   assert.equal(await state(), 'paused');
   // No vm.resume-io comes.
   await until(async () => (await state()) === 'running', 10_000, 'the VM running again after its handover pause ran out');
+});
+
+test('the console moves with a migration byte for byte, whatever it holds (bytes that are not UTF-8, a character across a chunk boundary): the positions go on', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const n = await twoNodes(t);
+  await n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web' });
+  // What the guest printed (QEMU appends to this file; the BIOS here prints nothing).
+  const printed = Buffer.concat([Buffer.alloc(READ_MAX - 1, 'a'), Buffer.from('é\n', 'utf8'), Buffer.from([0xff, 0xfe, 0x0a]), Buffer.alloc(70_000, 'b')]);
+  fs.appendFileSync(path.join(n.dir, 'alpha', 'vms', 'web', 'console.log'), printed);
+  const before = new ConsoleLog(path.join(n.dir, 'alpha', 'vms', 'web')).all();
+  await n.managers.alpha.handle({ cmd: 'vm.migrate', vm: 'web', to: 'bravo' });
+  const after = new ConsoleLog(path.join(n.dir, 'bravo', 'vms', 'web')).all();
+  assert.equal(after.start, before.start);
+  assert.equal(after.bytes.length, before.bytes.length, 'the console ends at the same position after the migration');
+  assert.ok(after.bytes.equals(before.bytes), 'the same bytes');
 });
