@@ -66,8 +66,11 @@ export function nbdNode(index: number, generation: number, disk: DiskEndpoint): 
     'node-name': nbdNodeName(index, generation),
     server: { type: 'inet', host: disk.host, port: String(disk.port) },
     export: disk.export,
-    // No reconnect: a reconnect resends writes that were in flight, maybe to a node that was not fenced.
-    // duet moves the connection itself (a swap of this node), knowing who is Primary.
+    // No waiting reconnect: with a delay, requests in flight when the connection breaks wait and are resent
+    // after the reconnect, maybe to a node that was not fenced. Measured on QEMU 7.2: 0 does not mean "never
+    // reconnect": the requests in flight fail (werror=stop keeps them), and a later request on this node
+    // reconnects to the same address. Only a node with the pool open exports the volume, so that is the
+    // Primary again, or nothing. duet moves the connection itself (a swap of this node), knowing who is Primary.
     'reconnect-delay': 0,
     discard: 'unmap',
   };
