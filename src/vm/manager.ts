@@ -268,7 +268,8 @@ export class VmManager {
       case 'vm.mark':
         this.config(c.vm);
         this.setMark(c.vm, { stopped: c.stopped, at: c.at });
-        return { vm: c.vm };
+        // What this node holds now: a newer mark (a clock ahead of the sender's) is the sender's to outdate.
+        return { vm: c.vm, mark: this.marks[c.vm] };
       case 'vm.console':
         return this.console(c.vm, c.since, c.here === true, c.raw === true);
       case 'vm.migrate':
@@ -913,11 +914,21 @@ export class VmManager {
     for (const [name, m] of Object.entries(theirs ?? {})) if (this.isVm(name)) this.setMark(name, m);
   }
 
-  /** Remember stop/start on every node that answers (the others learn it when they compare marks). */
+  /**
+   * Remember stop/start on every node that answers (the others learn it when they compare marks). The mark
+   * is the newest: later than any this node or those it reaches hold, whatever their clocks say (a node whose
+   * clock runs ahead dated the last mark in what is our future; a plain "now" would lose to it).
+   */
   private async markEverywhere(name: string, stopped: boolean): Promise<void> {
-    const mark = { stopped, at: Date.now() };
-    this.setMark(name, mark);
-    await Promise.all(this.otherNodes().map((n) => this.host.call(n, { cmd: 'vm.mark', vm: name, ...mark }, PEER_TIMEOUT_MS).catch(() => undefined)));
+    let at = Math.max(Date.now(), (this.marks[name]?.at ?? -1) + 1);
+    for (let round = 0; round < 2; round++) {
+      const mark = { stopped, at };
+      this.setMark(name, mark);
+      const answers = await Promise.all(this.otherNodes().map((n) => this.host.call(n, { cmd: 'vm.mark', vm: name, ...mark }, PEER_TIMEOUT_MS).catch(() => undefined)));
+      const newer = answers.map((a) => (a as { mark?: Mark } | undefined)?.mark).filter((m): m is Mark => m !== undefined && m.at > at);
+      if (newer.length === 0) return;
+      at = Math.max(...newer.map((m) => m.at)) + 1;
+    }
   }
 
   /* ----------------------------------------------------------- autostart */

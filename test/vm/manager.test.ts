@@ -93,3 +93,14 @@ test('the console moves with a migration byte for byte, whatever it holds (bytes
   assert.equal(after.bytes.length, before.bytes.length, 'the console ends at the same position after the migration');
   assert.ok(after.bytes.equals(before.bytes), 'the same bytes');
 });
+
+test('vm stop sticks even when the node that started it has a clock an hour ahead (the newest mark is not the one with the latest clock)', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const n = await twoNodes(t);
+  // alpha's clock runs an hour ahead: its `vm start` mark is dated then.
+  await n.managers.alpha.handle({ cmd: 'vm.mark', vm: 'web', stopped: false, at: Date.now() + 3_600_000 });
+  await n.managers.bravo.handle({ cmd: 'vm.stop', vm: 'web', force: true });
+  for (const node of ['alpha', 'bravo']) {
+    const marks = ((await n.managers[node].handle({ cmd: 'vm.local' })) as { marks: Record<string, { stopped: boolean }> }).marks;
+    assert.equal(marks.web?.stopped, true, `${node} knows web is stopped`);
+  }
+});
