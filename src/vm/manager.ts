@@ -596,6 +596,11 @@ export class VmManager {
     }
     const vm = this.local.get(name);
     if (!vm) return { vm: name, state: 'stopped', message: `vm ${name} is not running on ${this.host.node}` };
+    // Mid-migration, a power-off reaches a copy that is about to be ended (or one that is not the VM yet), and
+    // the guest runs on at the destination. Killing the source's copy (--force) fails the migration: that stops it.
+    if (vm.incoming || (vm.state === 'migrating' && !force)) {
+      throw new UserError(`vm ${name} is migrating ${vm.incoming ? `from ${vm.incoming.from} to ${this.host.node}` : `away from ${this.host.node}`}: stop it when the migration is done${vm.incoming ? '' : ` (or vm stop ${name} --force now)`}`, 1);
+    }
     vm.stopping = true;
     const exit = force ? await vm.qemu.kill() : await vm.qemu.powerdown(POWERDOWN_TIMEOUT_MS);
     this.host.log.info({ event: 'vm-stopped', vm: name, forced: force, reason: exit.reason }, `vm ${name}: stopped on ${this.host.node}${exit.reason === 'killed' ? ' (killed)' : ''}`);

@@ -104,3 +104,21 @@ test('vm stop sticks even when the node that started it has a clock an hour ahea
     assert.equal(marks.web?.stopped, true, `${node} knows web is stopped`);
   }
 });
+
+test('vm stop during a migration does not say "stopped" while the VM runs on at the destination', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const n = await twoNodes(t);
+  await n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web' });
+  let stop: Promise<unknown> | undefined;
+  n.drop = (_node, request) => {
+    // The moment the source asks the destination to listen: the migration is under way.
+    if (request.cmd === 'vm.migrate-in' && !stop) stop = n.managers.bravo.handle({ cmd: 'vm.stop', vm: 'web' }).then((r) => r, (err: Error) => err);
+    return false;
+  };
+  await n.managers.alpha.handle({ cmd: 'vm.migrate', vm: 'web', to: 'bravo' });
+  const result = await stop!;
+  if (result instanceof Error) {
+    assert.match(result.message, /migrating/);
+  } else {
+    assert.deepEqual(qemusUnder(n.dir), [], `vm stop said ${JSON.stringify(result)}: nothing runs`);
+  }
+});
