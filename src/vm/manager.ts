@@ -64,7 +64,7 @@ export type VmCommand =
   | { cmd: 'vm.console'; vm: string; since?: number; here?: boolean; raw?: boolean }
   | { cmd: 'vm.migrate'; vm: string; to: string }
   | { cmd: 'vm.migrate-out'; vm: string; to: string }
-  | { cmd: 'vm.migrate-in'; vm: string; from: string; memoryBytes: number; cpus: number; disks: DiskEndpoint[] }
+  | { cmd: 'vm.migrate-in'; vm: string; from: string; memoryBytes: number; cpus: number; disks: DiskEndpoint[]; waitMs?: number }
   | { cmd: 'vm.migrate-done'; vm: string; from: string }
   | { cmd: 'vm.migrate-abort'; vm: string }
   | { cmd: 'vm.set-memory'; vm: string; bytes: number }
@@ -92,6 +92,7 @@ const commandSchema = z.discriminatedUnion('cmd', [
       memoryBytes: z.number().int().positive(),
       cpus: z.number().int().positive(),
       disks: z.array(z.object({ volume: z.string(), node: z.string(), host: z.string(), port: z.number().int(), export: z.string() }).strict()).max(64),
+      waitMs: z.number().int().positive().max(11 * 60_000).optional(),
     })
     .strict(),
   z.object({ cmd: z.literal('vm.migrate-done'), vm: vmName, from: z.string().max(64) }).strict(),
@@ -659,7 +660,7 @@ export class VmManager {
       this.host.log.info({ event: 'vm-migrating', vm: name, from: this.host.node, to }, `vm ${name}: migrating from ${this.host.node} to ${to}`);
       let port: number;
       try {
-        ({ port } = (await this.host.call(to, { cmd: 'vm.migrate-in', vm: name, from: this.host.node, memoryBytes: vm.spec.memoryBytes, cpus: vm.spec.cpus, disks: vm.spec.disks }, 60_000)) as { port: number });
+        ({ port } = (await this.host.call(to, { cmd: 'vm.migrate-in', vm: name, from: this.host.node, memoryBytes: vm.spec.memoryBytes, cpus: vm.spec.cpus, disks: vm.spec.disks, waitMs: MIGRATION_TIMEOUT_MS + 60_000 }, 60_000)) as { port: number });
       } catch (err) {
         vm.state = 'running';
         throw new UserError(`vm ${name}: ${to} cannot take it: ${(err as Error).message}; it still runs on ${this.host.node}`, 1);
@@ -698,9 +699,9 @@ export class VmManager {
   }
 
   /** The destination's side: a QEMU waiting for the guest; answers the port it listens on. */
-  private async migrateIn(c: { vm: string; from: string; memoryBytes: number; cpus: number; disks: DiskEndpoint[] }): Promise<{ port: number }> {
+  private async migrateIn(c: { vm: string; from: string; memoryBytes: number; cpus: number; disks: DiskEndpoint[]; waitMs?: number }): Promise<{ port: number }> {
     this.config(c.vm);
-    if (this.local.has(c.vm)) throw new UserError(`vm ${c.vm} already has a QEMU on ${this.host.node}`, 1);
+    if (this.local.has(c.vm) || this.unattached.has(c.vm) || this.starting.has(c.vm)) throw new UserError(`vm ${c.vm} already has a QEMU on ${this.host.node}`, 1);
     // The source's view of the VM: the same memory size (QEMU needs it) and the same disk servers.
     const spec = { ...this.specOf(c.vm), memoryBytes: c.memoryBytes, cpus: c.cpus, disks: c.disks };
     const paths = vmPaths(this.vmDir(c.vm));
@@ -717,12 +718,23 @@ export class VmManager {
     vm.incoming = { from: c.from };
     // Its exit before the end is the migration's failure, not the VM's: the guest runs on the source.
     vm.stopping = true;
+    // A source that never sends (its daemon died before `migrate`, its QEMU runs on there) would leave this
+    // QEMU waiting for good: a copy that blocks the next migration here and cannot be stopped (vm stop refuses).
+    setTimeout(() => void this.endStaleIncoming(vm), c.waitMs ?? MIGRATION_TIMEOUT_MS + 60_000).unref();
     try {
       return { port: await listenIncoming(qemu.qmp, this.host.address) };
     } catch (err) {
       await qemu.kill().catch(() => undefined);
       throw err;
     }
+  }
+
+  private async endStaleIncoming(vm: LocalVm): Promise<void> {
+    if (this.local.get(vm.name) !== vm || !vm.incoming || this.stopped) return;
+    const st = await vm.qemu.status().catch(() => undefined);
+    if (st && st.status !== 'inmigrate') return;
+    this.host.log.warn({ event: 'vm-incoming-abandoned', vm: vm.name, from: vm.incoming.from }, `vm ${vm.name}: the migration from ${vm.incoming.from} never came: ending the QEMU waiting for it here`);
+    await vm.qemu.kill().catch(() => undefined);
   }
 
   /** The guest runs here now: take the console it had, and own the VM. */

@@ -122,3 +122,15 @@ test('vm stop during a migration does not say "stopped" while the VM runs on at 
     assert.deepEqual(qemusUnder(n.dir), [], `vm stop said ${JSON.stringify(result)}: nothing runs`);
   }
 });
+
+test('a destination whose migration never comes (the source daemon died before sending) ends its waiting QEMU', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const n = await twoNodes(t);
+  await n.managers.alpha.handle({ cmd: 'vm.mark', vm: 'web', stopped: true, at: Date.now() });
+  // What alpha's daemon asks before it migrates; then it is gone.
+  const port = n.config.exports.port;
+  await n.managers.bravo.handle({ cmd: 'vm.migrate-in', vm: 'web', from: 'alpha', memoryBytes: 128 * 1024 * 1024, cpus: 1, disks: [{ volume: 'pa/web', node: 'alpha', host: '127.0.0.1', port, export: 'web' }], waitMs: 1000 });
+  assert.equal(n.qemuPids('bravo').length, 1);
+  await until(() => n.qemuPids('bravo').length === 0, 15_000, 'the waiting QEMU ended');
+  // The node no longer has it (its exit noticed).
+  await until(async () => ((await n.managers.bravo.handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms.length === 0, 15_000, 'bravo without a QEMU of web');
+});
