@@ -40,6 +40,20 @@
  * changes (a virtio balloon inflating or deflating), and `duet-guest
  * poweroff seq=N boot=ID` on the way out.
  *
+ * Benchmark mode (for bench/vm.sh), chosen on the kernel command line:
+ * `duet.bench=1` measures the disk once, after the boot scan and before the
+ * tick loop, in `duet.bench.mib=N` MiB (default 128) from BENCH_OFFSET_MIB
+ * on (past the pattern), each for about `duet.bench.secs=S` seconds (default
+ * 10, whole passes; /proc/uptime counts in 10 ms): sequential 1 MiB O_DIRECT
+ * writes, then reads, in passes over the area; then 4 KiB O_DIRECT writes,
+ * then reads, in runs of 256 blocks (one dd, so its start-up is paid once
+ * per MiB) at pseudo-random MiB offsets. Each result is one line
+ * `duet-bench result name=NAME ops=N bytes=B csec=C` (C: centiseconds from
+ * /proc/uptime around it; the host divides), with `name=spawn` timing 20
+ * empty dd runs (what a run of 256 includes once). Then `duet-bench done`,
+ * and the tick loop, or with `duet.bench.then=poweroff` a power off. The
+ * default command line runs no benchmark.
+ *
  * Power off: QMP system_powerdown presses the ACPI power button; the kernel's
  * `button` driver reports it as an input event (evdev), busybox acpid runs
  * /etc/acpi/PWRF/00000080, which asks the loop to stop between two writes;
@@ -58,6 +72,9 @@ import { UserError, errnoCode } from '../util/errors.js';
 
 /** Kernel command line for the demo guest (serial console, no boot chatter, a kernel panic powers off at once). */
 export const DEMO_GUEST_APPEND = 'console=ttyS0 quiet panic=-1';
+
+/** Where benchmark mode (duet.bench=1) writes and reads: past the pattern. */
+export const BENCH_OFFSET_MIB = 4;
 
 /** Where the pattern lives on the guest's disk. */
 export const PATTERN_OFFSET = 1024 * 1024;
@@ -434,6 +451,68 @@ else
 fi
 START=$((M0 + 1))
 echo "duet-guest disk last_seq=$M0"
+
+# Benchmark mode (bench/vm.sh): duet.bench=1 [duet.bench.mib=N] [duet.bench.secs=S] [duet.bench.then=poweroff]
+BENCH=0; BENCH_MIB=128; BENCH_SECS=10; BENCH_THEN=tick
+read -r CMDLINE < /proc/cmdline
+for w in $CMDLINE; do
+  case "$w" in
+    duet.bench=*) BENCH=\${w#*=} ;;
+    duet.bench.mib=*) BENCH_MIB=\${w#*=} ;;
+    duet.bench.secs=*) BENCH_SECS=\${w#*=} ;;
+    duet.bench.then=*) BENCH_THEN=\${w#*=} ;;
+  esac
+done
+# uptime in centiseconds (/proc/uptime has two decimals; uptime is well past 1 s here)
+now_cs() { read -r UP _ < /proc/uptime; NOW=\${UP%.*}\${UP#*.}; }
+bench_result() { echo "duet-bench result name=$1 ops=$2 bytes=$3 csec=$4"; }
+bench_seq() { # w|r NAME
+  OPS=0
+  now_cs; T0=$NOW; END=$((T0 + BENCH_SECS * 100))
+  while [ $NOW -lt $END ]; do
+    if [ $1 = w ]; then
+      dd if=/dev/zero of=/dev/vda bs=1048576 count=$BENCH_MIB seek=${BENCH_OFFSET_MIB} oflag=direct conv=notrunc 2>/tmp/dd.err
+    else
+      dd if=/dev/vda of=/dev/null bs=1048576 count=$BENCH_MIB skip=${BENCH_OFFSET_MIB} iflag=direct 2>/tmp/dd.err
+    fi || { echo "duet-bench ERROR $2: $(head -n 1 /tmp/dd.err)"; return 1; }
+    OPS=$((OPS + BENCH_MIB))
+    now_cs
+  done
+  bench_result $2 $OPS $((OPS * 1048576)) $((NOW - T0))
+}
+bench_4k() { # w|r NAME
+  OPS=0; X=12345
+  now_cs; T0=$NOW; END=$((T0 + BENCH_SECS * 100))
+  while [ $NOW -lt $END ]; do
+    X=$(((X * 1103515245 + 12345) % 2147483648)); AT=$(((${BENCH_OFFSET_MIB} + X % BENCH_MIB) * 256))
+    if [ $1 = w ]; then
+      dd if=/dev/zero of=/dev/vda bs=4096 count=256 seek=$AT oflag=direct conv=notrunc 2>/tmp/dd.err
+    else
+      dd if=/dev/vda of=/dev/null bs=4096 count=256 skip=$AT iflag=direct 2>/tmp/dd.err
+    fi || { echo "duet-bench ERROR $2: $(head -n 1 /tmp/dd.err)"; return 1; }
+    OPS=$((OPS + 256))
+    now_cs
+  done
+  bench_result $2 $OPS $((OPS * 4096)) $((NOW - T0))
+}
+bench() {
+  case "$BENCH_MIB$BENCH_SECS" in *[!0-9]* | '') echo "duet-bench ERROR bad duet.bench.mib=$BENCH_MIB or duet.bench.secs=$BENCH_SECS"; return 1 ;; esac
+  [ "\${SECTORS:-0}" -ge $(((${BENCH_OFFSET_MIB} + BENCH_MIB) * 2048)) ] || { echo "duet-bench ERROR /dev/vda is smaller than $((${BENCH_OFFSET_MIB} + BENCH_MIB)) MiB"; return 1; }
+  echo "duet-bench start mib=$BENCH_MIB secs=$BENCH_SECS"
+  i=0; now_cs; T0=$NOW
+  while [ $i -lt 20 ]; do dd if=/dev/zero of=/dev/null bs=4096 count=0 2>/dev/null; i=$((i + 1)); done
+  now_cs; bench_result spawn 20 0 $((NOW - T0))
+  bench_seq w seqwrite_1M && bench_seq r seqread_1M && bench_4k w randwrite_4k && bench_4k r randread_4k
+}
+if [ "$BENCH" = 1 ]; then
+  bench
+  echo "duet-bench done"
+  if [ "$BENCH_THEN" = poweroff ]; then
+    echo "duet-guest poweroff seq=$M0 boot=$BOOT"
+    sync
+    poweroff -f
+  fi
+fi
 
 N=$M0
 E_LAST=$ERRORS

@@ -13,6 +13,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { UserError } from '../../src/util/errors.js';
 import { QmpClient } from '../../src/vm/qmp.js';
 import {
+  BENCH_OFFSET_MIB,
   buildDemoGuest,
   DEMO_GUEST_APPEND,
   PATTERN_OFFSET,
@@ -192,13 +193,13 @@ interface Vm {
 }
 
 /** QEMU (TCG) booting the demo guest from nbd://127.0.0.1:PORT (killed by pid in t.after). */
-async function startVm(t: AfterContext, dir: string, name: string, guest: DemoGuest, port: number, errorPolicy = 'werror=stop,rerror=stop'): Promise<Vm> {
+async function startVm(t: AfterContext, dir: string, name: string, guest: DemoGuest, port: number, errorPolicy = 'werror=stop,rerror=stop', append = DEMO_GUEST_APPEND): Promise<Vm> {
   const consoleFile = path.join(dir, `${name}.console`);
   const qmpFile = path.join(dir, `${name}.qmp`);
   const nbd = { driver: 'nbd', 'node-name': 'nbd0', server: { type: 'inet', host: '127.0.0.1', port: String(port) }, export: '' };
   const p = spawnTracked(t, 'qemu-system-x86_64', [
     '-accel', 'tcg', '-machine', 'q35', '-m', '128', '-nodefaults', '-no-user-config', '-display', 'none',
-    '-kernel', guest.kernel, '-initrd', guest.initrd, '-append', DEMO_GUEST_APPEND,
+    '-kernel', guest.kernel, '-initrd', guest.initrd, '-append', append,
     '-blockdev', JSON.stringify(nbd),
     '-blockdev', JSON.stringify({ driver: 'raw', 'node-name': 'disk0', file: 'nbd0' }),
     '-device', `virtio-blk-pci,drive=disk0,${errorPolicy}`,
@@ -270,6 +271,7 @@ test('demo guest: ticks, powers off on system_powerdown, and the next boot goes 
   const boot1 = head[1];
   assert.ok(Number(head[2]) > 32_000 && Number(head[2]) < 128 * 1024, `MemTotal ${head[2]} kB with -m 128`);
   assert.match(vm1.console(), /^duet-guest disk last_seq=0\r?$/m);
+  assert.doesNotMatch(vm1.console(), /duet-bench/, 'no benchmark without duet.bench=1');
   await powerdown(vm1);
   const ticks1 = vm1.ticks();
   assert.deepEqual(ticks1.map((x) => x.seq), ticks1.map((_, i) => i + 1), 'seqs 1, 2, 3... on the first boot');
@@ -350,4 +352,41 @@ test('demo guest: a failed write prints ERROR, and the host check finds the lost
   for (const m of lost) {
     assert.ok(r.errors.includes(`slot ${m[1]}: empty, expected seq ${m[2]} (largest seq ${r.maxSeq})`), `seq ${m[2]}: ${JSON.stringify(r)}\n${vm.console()}`);
   }
+});
+
+test('demo guest: duet.bench=1 prints one result line per disk measurement, then powers off (duet.bench.then=poweroff)', { skip: skipVm, timeout: 300_000 }, async (t) => {
+  const dir = tmpDir(t, 'duet-guest-vm-');
+  const guest = await guestFor(t);
+  const nbd = await startNbdkit(t);
+  // 0x5a everywhere in the first 16 MiB: the benchmark zeroes its area (4..12 MiB) and nothing else
+  const MiB = 1024 * 1024;
+  const c = await nbd.client();
+  await c.write(0, Buffer.alloc(16 * MiB, 0x5a));
+  await c.flush();
+  await c.disconnect();
+  const append = `${DEMO_GUEST_APPEND} duet.bench=1 duet.bench.mib=8 duet.bench.secs=1 duet.bench.then=poweroff`;
+  const vm = await startVm(t, dir, 'bench', guest, nbd.port, undefined, append);
+  const exit = await withTimeout(vm.exited, BOOT_MS + 60_000, `the benchmark to finish and power off:\n${vm.console().slice(-2000)}`);
+  assert.deepEqual(exit, { code: 0, signal: null }, `qemu: ${vm.stderr()}\n${vm.console()}`);
+  const text = vm.console();
+  assert.match(text, /^duet-bench start mib=8 secs=1\r?$/m);
+  const results = new Map([...text.matchAll(/^duet-bench result name=(\w+) ops=(\d+) bytes=(\d+) csec=(\d+)\r?$/gm)].map((m) => [m[1], m.slice(2).map(Number)]));
+  assert.deepEqual([...results.keys()], ['spawn', 'seqwrite_1M', 'seqread_1M', 'randwrite_4k', 'randread_4k'], text);
+  for (const [name, [ops, bytes, csec]] of results) {
+    if (name === 'spawn') continue;
+    const block = name.endsWith('_1M') ? 1024 * 1024 : 4096;
+    assert.ok(ops > 0 && bytes === ops * block, `${name}: ${ops} ops, ${bytes} bytes`);
+    assert.ok(csec >= 100, `${name} ran for the 1 s asked (${csec} cs)`);
+    if (name.startsWith('seq')) assert.equal(ops % 8, 0, `${name}: whole passes over the 8 MiB`);
+  }
+  assert.match(text, /^duet-bench done\r?$/m);
+  assert.match(text, /^duet-guest poweroff seq=0 boot=[0-9a-f]{8}\r?$/m);
+  assert.doesNotMatch(text, /ERROR|^tick /m, 'no error, and no tick loop before the power off');
+  const after = await nbd.client();
+  const disk = await after.read(0, 16 * MiB);
+  await after.disconnect();
+  const runs = (from: number, to: number) => new Set(disk.subarray(from * MiB, to * MiB));
+  assert.deepEqual(runs(0, BENCH_OFFSET_MIB), new Set([0x5a]), 'the pattern and what is before the benchmark area are untouched');
+  assert.deepEqual(runs(BENCH_OFFSET_MIB, BENCH_OFFSET_MIB + 8), new Set([0]), 'the benchmark wrote its whole area');
+  assert.deepEqual(runs(BENCH_OFFSET_MIB + 8, 16), new Set([0x5a]), 'and nothing after it');
 });
