@@ -18,8 +18,9 @@
 #   handover  resource primary a --handover to bravo, alpha, ... under the ticking
 #             guest (running on bravo): the pause vm web reports
 #
-# Before each part it waits (at most --load-wait s) until the 1-minute load is
-# below --load-max, and every figure is printed with the load when it was taken.
+# Before each part (and each round of io) it waits (at most --load-wait s) until
+# the 1-minute load is below --load-max; every figure is printed with the load
+# when it was taken.
 #
 # usage: bench/vm.sh [--quick] [--only io,migrate,handover] [--runs N] [--secs S]
 #                    [--mib N] [--migrations N] [--handovers N] [--load-max L] [--load-wait S]
@@ -44,7 +45,7 @@ while [ $# -gt 0 ]; do
     --handovers) HANDOVERS="$2"; shift 2;;
     --load-max) LOAD_MAX="$2"; shift 2;;
     --load-wait) LOAD_WAIT="$2"; shift 2;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0;;
     *) echo "unknown option $1" >&2; exit 2;;
   esac
 done
@@ -228,6 +229,7 @@ if want io; then
   PIDS+=($!)
   for _ in $(seq 100); do nbdinfo --size "nbd://$A:$NBDKIT_PORT/" > /dev/null 2>&1 && break; sleep 0.1; done
   for r in $(seq "$RUNS"); do
+    [ "$r" = 1 ] || wait_load "io round $r"
     duet_vm_run a-primary alpha "$r"
     duet_vm_run b-other bravo "$r"
     fio_run c-fio "$r"
