@@ -12,9 +12,12 @@
 #                  block sizes at queue depth 1 (shared/bench/nbd-bench.sh)
 #               d  the same guest and QEMU command line against nbdkit serving a
 #                  plain file (the anchor: what QEMU, TCG and virtio cost)
-#             a, b, c, d in turn, --runs rounds, medians
+#               e  the same against `duet serve` of a plain file (duet's NBD server
+#                  without a cluster: splits d..a into server and replication)
+#             a, b, c, d, e in turn, --runs rounds, medians
 #   migrate   vm migrate alpha -> bravo -> alpha with the ticking guest at 128 MiB
 #             and 512 MiB: total time and guest pause as vm migrate prints them
+#             (QEMU's count), and the source daemon's wall time (its log events)
 #   handover  resource primary a --handover to bravo, alpha, ... under the ticking
 #             guest (running on bravo): the pause vm web reports
 #
@@ -54,8 +57,8 @@ for t in qemu-system-x86_64 nbdkit nbdcopy nbdinfo fio jq bc; do command -v $t >
 [ -f "$ROOT/dist/src/cli/main.js" ] || { echo "run npm run build first" >&2; exit 3; }
 
 A=127.0.0.2; B=127.0.0.3
-EXPORT_PORT=21951 API_PORT=21952 LINK_PORT=21953 NBDKIT_PORT=21954
-for p in $EXPORT_PORT $API_PORT $LINK_PORT $NBDKIT_PORT; do
+EXPORT_PORT=21951 API_PORT=21952 LINK_PORT=21953 NBDKIT_PORT=21954 SERVE_PORT=21955
+for p in $EXPORT_PORT $API_PORT $LINK_PORT $NBDKIT_PORT $SERVE_PORT; do
   if ss -Htln "sport = :$p" | grep -q .; then echo "port $p is in use (another bench/vm.sh?)" >&2; exit 3; fi
 done
 VOL_MIB=$((MIB + 8))   # the guest's benchmark area is 4 MiB .. 4+MIB MiB
@@ -207,11 +210,11 @@ fio_run() { # SETUP RUN
     record "io $1 $2 ${p%_qd1} MBps=$mbps IOPS=$iops lat_us=${lat%.*} load=$l"
   done
 }
-# (d): the same guest, the QEMU command line duet would use, its disk from nbdkit serving a plain file
-anchor_run() { # SETUP RUN
-  echo "# io $1 run $2: the guest on nbdkit" >&2
+# (d), (e): the same guest, the QEMU command line duet would use, its disk from a server of a plain file
+anchor_run() { # SETUP RUN PORT EXPORT
+  echo "# io $1 run $2: the guest on $A:$3" >&2
   rm -rf "$WORK/anchor"; mkdir -p "$WORK/anchor"
-  local args; mapfile -t args < <(node "$ROOT/bench/vm-guest.mjs" qemu-args "$WORK/anchor" "128" "$A" "$NBDKIT_PORT" "" "$KERNEL" "$INITRD" "$BENCH_APPEND")
+  local args; mapfile -t args < <(node "$ROOT/bench/vm-guest.mjs" qemu-args "$WORK/anchor" "128" "$A" "$3" "$4" "$KERNEL" "$INITRD" "$BENCH_APPEND")
   timeout $((SECS * 4 + 600)) qemu-system-x86_64 "${args[@]}" > "$WORK/anchor/qemu.stderr" 2>&1 || { echo "anchor QEMU failed: $(cat "$WORK/anchor/qemu.stderr")" >&2; return 1; }
   guest_results "$1" "$2" "$WORK/anchor/console.log"
 }
@@ -224,16 +227,22 @@ if want io; then
   head -c $((VOL_MIB * 1048576)) /dev/urandom > "$WORK/fill.img"
   nbdcopy --flush "$WORK/fill.img" "nbd://$A:$EXPORT_PORT/web"
   wait_status alpha "$in_sync" 120
+  cp "$WORK/fill.img" "$WORK/serve.img"
   mv "$WORK/fill.img" "$WORK/anchor.img"
   nbdkit -f -i $A -p $NBDKIT_PORT file "$WORK/anchor.img" > "$WORK/nbdkit.log" 2>&1 &
   PIDS+=($!)
-  for _ in $(seq 100); do nbdinfo --size "nbd://$A:$NBDKIT_PORT/" > /dev/null 2>&1 && break; sleep 0.1; done
+  $DUET serve "web=$WORK/serve.img" --listen $A:$SERVE_PORT > "$WORK/serve.log" 2>&1 &
+  PIDS+=($!)
+  for u in "nbd://$A:$NBDKIT_PORT/" "nbd://$A:$SERVE_PORT/web"; do
+    for _ in $(seq 100); do nbdinfo --size "$u" > /dev/null 2>&1 && break; sleep 0.1; done
+  done
   for r in $(seq "$RUNS"); do
     [ "$r" = 1 ] || wait_load "io round $r"
     duet_vm_run a-primary alpha "$r"
     duet_vm_run b-other bravo "$r"
     fio_run c-fio "$r"
-    anchor_run d-nbdkit "$r"
+    anchor_run d-nbdkit "$r" $NBDKIT_PORT ""
+    anchor_run e-serve "$r" $SERVE_PORT web
   done
 fi
 
@@ -251,7 +260,12 @@ if want migrate; then
         total=$(sed -nE 's/.*: ([0-9]+) ms, guest paused ([0-9]+) ms.*/\1/p' <<< "$out")
         down=$(sed -nE 's/.*: ([0-9]+) ms, guest paused ([0-9]+) ms.*/\2/p' <<< "$out")
         echo "# $out" >&2
-        record "mig ${mem}M $from-$to $r total_ms=$total down_ms=$down load=$(load1)"
+        # the command's own time, from the source daemon's log (QEMU's total-time leaves out starting the destination QEMU)
+        for _ in $(seq 30); do   # (the daemon's log is written asynchronously)
+          wall=$(jq -nrR '[inputs | fromjson? | select(.event == "vm-migrating" or .event == "vm-migrated")] | .[-2:] | if length == 2 and .[0].event == "vm-migrating" then .[1].time - .[0].time else "" end' "$WORK/c/$from.log")
+          [ -n "$wall" ] && break; sleep 0.1
+        done
+        record "mig ${mem}M $from-$to $r total_ms=$total down_ms=$down wall_ms=$wall load=$(load1)"
         wait_ticks $to 3 60
         from=$to
       done
