@@ -26,16 +26,22 @@ function tmp(t: { after(fn: () => void): void }): string {
   return dir;
 }
 
-test('QEMU starts detached, is found again by its pid file and QMP after the first handle is gone, and its kill is noticed', { skip: vmSkip }, async (t) => {
-  const paths = vmPaths(path.join(tmp(t), 'vm'));
-  const first = await QemuProcess.start(spec(), paths, silentLogger());
+/** A QEMU for one test, SIGKILLed (by pid) when the test ends whatever happened to it. */
+async function startKilledAfter(t: { after(fn: () => void): void }, paths: ReturnType<typeof vmPaths>): Promise<QemuProcess> {
+  const q = await QemuProcess.start(spec(), paths, silentLogger());
   t.after(() => {
     try {
-      process.kill(first.pid, 'SIGKILL');
+      process.kill(q.pid, 'SIGKILL');
     } catch {
       // gone
     }
   });
+  return q;
+}
+
+test('QEMU starts detached, is found again by its pid file and QMP after the first handle is gone, and its kill is noticed', { skip: vmSkip }, async (t) => {
+  const paths = vmPaths(path.join(tmp(t), 'vm'));
+  const first = await startKilledAfter(t, paths);
   assert.equal((await first.status()).status, 'running');
   assert.equal(first.qmp.oob, true, 'QMP offers out-of-band commands (yank)');
   first.detach();
@@ -50,14 +56,7 @@ test('QEMU starts detached, is found again by its pid file and QMP after the fir
 
 test('a QEMU found again whose QMP session is lost while it runs: killing it is still noticed', { skip: vmSkip, timeout: 60_000 }, async (t) => {
   const paths = vmPaths(path.join(tmp(t), 'vm'));
-  const first = await QemuProcess.start(spec(), paths, silentLogger());
-  t.after(() => {
-    try {
-      process.kill(first.pid, 'SIGKILL');
-    } catch {
-      // gone
-    }
-  });
+  const first = await startKilledAfter(t, paths);
   first.detach();
   const lines: string[] = [];
   const again = await QemuProcess.attach('unit', paths, pino({ level: 'info' }, { write: (line: string) => void lines.push(line) }));
