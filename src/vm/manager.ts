@@ -24,7 +24,7 @@ import { ConsoleLog, type ConsoleChunk } from './console.js';
 import { QemuProcess, detectAccel, type QemuExit } from './qemu.js';
 import { vmPaths, type DiskEndpoint, type VmSpec } from './qemu-args.js';
 import { nbdNodesInUse, pauseGuest, switchDisks } from './disks.js';
-import { listenIncoming, migrateOut } from './migrate.js';
+import { listenIncoming, migrateOut, settleMigration } from './migrate.js';
 import { xlConfig } from './xl-config.js';
 
 export type VmState = 'running' | 'stopped' | 'starting' | 'migrating' | 'paused' | 'failed';
@@ -115,6 +115,12 @@ export interface VmHost {
   readonly address: string;
   /** Ask another node's daemon; throws when it does not answer. */
   call(node: string, request: VmCommand, timeoutMs?: number): Promise<unknown>;
+}
+
+/** Where a migration's destination waits for the guest from, and until when (kept across a daemon restart). */
+interface IncomingRecord {
+  from: string;
+  until: number;
 }
 
 interface LocalVm {
@@ -218,8 +224,8 @@ export class VmManager {
       else unsteerable(pid, 'its QMP does not answer (another client on its socket, or QEMU is stuck)');
       return;
     }
-    const spec = this.readSpec(name);
-    if (!spec) {
+    const record = this.readSpec(name);
+    if (!record) {
       unsteerable(qemu.pid, 'its vm.json is gone');
       qemu.detach();
       return;
@@ -232,8 +238,19 @@ export class VmManager {
       await qemu.kill().catch(() => undefined);
       return;
     }
-    const vm = this.adopt(name, qemu, spec, stateOf(status.status));
+    const vm = this.adopt(name, qemu, record.spec, stateOf(status.status));
     vm.since = since;
+    if (status.status === 'inmigrate') {
+      // The destination of a migration that was under way when the daemon stopped: still a copy that is not the
+      // VM (a migrate-abort ends it; so does the end of its wait), not a VM of this node that crashes if it exits.
+      vm.incoming = { from: record.incoming?.from ?? 'another node' };
+      vm.stopping = true;
+      const left = (record.incoming?.until ?? Date.now() + MIGRATION_TIMEOUT_MS + 60_000) - Date.now();
+      setTimeout(() => void this.endStaleIncoming(vm), Math.max(0, left)).unref();
+    } else if (record.incoming) {
+      // The migration ended while no daemon watched, and the guest runs here: the VM is this node's.
+      this.writeSpec(name, record.spec);
+    }
     // Its disks failed while no daemon watched (this node's own exports went with the old daemon).
     if (status.status === 'io-error') void this.recover(vm, 'found paused after a disk error');
     this.host.log.info({ event: 'vm-reattached', vm: name, pid: qemu.pid, status: status.status }, `vm ${name}: QEMU ${qemu.pid} found running (${status.status})`);
@@ -480,9 +497,10 @@ export class VmManager {
     });
   }
 
-  private writeSpec(name: string, spec: VmSpec): void {
+  /** The VM's record beside its QEMU: what it runs with and, on a migration's destination, where from and until when. */
+  private writeSpec(name: string, spec: VmSpec, incoming?: IncomingRecord): void {
     const file = path.join(this.vmDir(name), 'vm.json');
-    fs.writeFileSync(`${file}.tmp`, JSON.stringify({ spec }));
+    fs.writeFileSync(`${file}.tmp`, JSON.stringify({ spec, ...(incoming ? { incoming } : {}) }));
     fs.renameSync(`${file}.tmp`, file);
   }
 
@@ -529,9 +547,9 @@ export class VmManager {
     }
   }
 
-  private readSpec(name: string): VmSpec | undefined {
+  private readSpec(name: string): { spec: VmSpec; incoming?: IncomingRecord } | undefined {
     try {
-      return (JSON.parse(fs.readFileSync(path.join(this.vmDir(name), 'vm.json'), 'utf8')) as { spec: VmSpec }).spec;
+      return JSON.parse(fs.readFileSync(path.join(this.vmDir(name), 'vm.json'), 'utf8')) as { spec: VmSpec; incoming?: IncomingRecord };
     } catch {
       return undefined;
     }
@@ -672,6 +690,7 @@ export class VmManager {
       } catch (err) {
         result = { status: 'failed' as const, totalTimeMs: Date.now() - t0, downtimeMs: 0, transferredBytes: 0, error: (err as Error).message };
       }
+      result = await settleMigration(vm.qemu.qmp, result);
       if (result.status !== 'completed') {
         await this.host.call(to, { cmd: 'vm.migrate-abort', vm: name }, 30_000).catch(() => undefined);
         const exit = await vm.qemu.waitExit(vm.qemu.running ? 0 : 5000);
@@ -707,7 +726,8 @@ export class VmManager {
     const paths = vmPaths(this.vmDir(c.vm));
     fs.mkdirSync(paths.dir, { recursive: true, mode: 0o700 });
     new ConsoleLog(paths.dir).clearLive();
-    this.writeSpec(c.vm, spec);
+    const waitMs = c.waitMs ?? MIGRATION_TIMEOUT_MS + 60_000;
+    this.writeSpec(c.vm, spec, { from: c.from, until: Date.now() + waitMs });
     let qemu: QemuProcess;
     try {
       qemu = await QemuProcess.start(spec, paths, this.host.log, { incoming: true });
@@ -720,7 +740,7 @@ export class VmManager {
     vm.stopping = true;
     // A source that never sends (its daemon died before `migrate`, its QEMU runs on there) would leave this
     // QEMU waiting for good: a copy that blocks the next migration here and cannot be stopped (vm stop refuses).
-    setTimeout(() => void this.endStaleIncoming(vm), c.waitMs ?? MIGRATION_TIMEOUT_MS + 60_000).unref();
+    setTimeout(() => void this.endStaleIncoming(vm), waitMs).unref();
     try {
       return { port: await listenIncoming(qemu.qmp, this.host.address) };
     } catch (err) {
@@ -755,6 +775,7 @@ export class VmManager {
 
   /** The end of an incoming migration: the VM is this node's now (its exit is the VM's, not the migration's). */
   private owned(vm: LocalVm): void {
+    if (vm.incoming) this.writeSpec(vm.name, vm.spec);
     vm.incoming = undefined;
     vm.stopping = false;
     vm.since = Date.now();

@@ -77,3 +77,24 @@ export async function migrateOut(
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
   }
 }
+
+/**
+ * A migration reported as not completed (polling it failed: QMP did not answer in time; a cancel came
+ * too late) may have completed all the same, and then the guest runs at the destination while this QEMU
+ * is paused for good (postmigrate). QEMU's runstate says which: taking such a copy for the VM would
+ * leave two (and `cont` would run it again on the same disks).
+ */
+export async function settleMigration(qmp: QmpClient, result: MigrationResult): Promise<MigrationResult> {
+  if (result.status === 'completed') return result;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      const st = await qmp.execute<{ status: string }>('query-status');
+      if (st.status !== 'postmigrate') return result;
+      const q = await qmp.execute<QueryMigrate>('query-migrate').catch((): QueryMigrate => ({}));
+      return { status: 'completed', totalTimeMs: q['total-time'] ?? result.totalTimeMs, downtimeMs: q.downtime ?? result.downtimeMs, transferredBytes: q.ram?.transferred ?? result.transferredBytes };
+    } catch {
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+  return result;
+}

@@ -76,6 +76,11 @@ export function nbdNode(index: number, generation: number, disk: DiskEndpoint): 
   };
 }
 
+/** A value inside QEMU's `key=value,...` option syntax: a comma in it is written twice (a home path may have one). */
+export function optionValue(value: string): string {
+  return value.replace(/,/g, ',,');
+}
+
 export function qemuArgs(spec: VmSpec, paths: VmPaths, options: { incoming?: boolean; generation?: number } = {}): string[] {
   const generation = options.generation ?? 0;
   const args = [
@@ -86,9 +91,9 @@ export function qemuArgs(spec: VmSpec, paths: VmPaths, options: { incoming?: boo
     '-smp', String(spec.cpus),
     '-nodefaults', '-no-user-config', '-display', 'none', '-nic', 'none',
     // The console: a file the daemon reads for `vm console` (append: a restarted QEMU adds to it).
-    '-chardev', `file,id=console0,path=${paths.console},append=on`,
+    '-chardev', `file,id=console0,path=${optionValue(paths.console)},append=on`,
     '-serial', 'chardev:console0',
-    '-chardev', `socket,id=qmp0,path=${paths.qmp},server=on,wait=off`,
+    '-chardev', `socket,id=qmp0,path=${optionValue(paths.qmp)},server=on,wait=off`,
     '-mon', 'chardev=qmp0,mode=control',
     '-pidfile', paths.pid,
     // deflate-on-oom: a guest squeezed too far gets its memory back instead of its OOM killer running (measured).

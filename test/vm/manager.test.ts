@@ -134,3 +134,29 @@ test('a destination whose migration never comes (the source daemon died before s
   // The node no longer has it (its exit noticed).
   await until(async () => ((await n.managers.bravo.handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms.length === 0, 15_000, 'bravo without a QEMU of web');
 });
+
+test('a destination daemon restarted while its QEMU waits for an incoming migration still treats it as a migration: an abort ends it, so does the end of its wait', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const n = await twoNodes(t);
+  await n.managers.alpha.handle({ cmd: 'vm.mark', vm: 'web', stopped: true, at: Date.now() });
+  const port = n.config.exports.port;
+  const disks = [{ volume: 'pa/web', node: 'alpha', host: '127.0.0.1', port, export: 'web' }];
+  const migrateIn = (waitMs: number) => n.managers.bravo.handle({ cmd: 'vm.migrate-in', vm: 'web', from: 'alpha', memoryBytes: 128 * 1024 * 1024, cpus: 1, disks, waitMs });
+
+  // The source gives up (a failed migration) after bravo's daemon restarted: its abort ends the waiting QEMU.
+  await migrateIn(120_000);
+  assert.equal(n.qemuPids('bravo').length, 1);
+  await n.restart('bravo');
+  const found = ((await n.managers.bravo.handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms;
+  assert.equal(found[0]?.state, 'migrating', `found again as a migration's destination: ${JSON.stringify(found)}`);
+  await n.managers.bravo.handle({ cmd: 'vm.migrate-abort', vm: 'web' });
+  await until(() => n.qemuPids('bravo').length === 0, 15_000, 'the aborted destination QEMU ended');
+
+  // The source never sends: the restarted daemon ends the QEMU when the wait the first daemon was given runs out.
+  await migrateIn(4000);
+  await n.restart('bravo');
+  await until(() => n.qemuPids('bravo').length === 0, 20_000, 'the waiting QEMU ended after its wait');
+  await until(async () => ((await n.managers.bravo.handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms.length === 0, 15_000, 'bravo without a QEMU of web');
+  // Its end is not taken for a crash of the VM (that would keep it from starting by itself).
+  const list = ((await n.managers.bravo.handle({ cmd: 'vm.list' })) as { vms: VmInfo[] }).vms;
+  assert.notEqual(list[0]?.state, 'failed', JSON.stringify(list));
+});

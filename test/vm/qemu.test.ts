@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import net from 'node:net';
 import { QemuProcess, stderrSummary } from '../../src/vm/qemu.js';
+import { listenIncoming, settleMigration } from '../../src/vm/migrate.js';
 import { vmPaths, type VmSpec } from '../../src/vm/qemu-args.js';
 import { UserError } from '../../src/util/errors.js';
 import { pino } from 'pino';
@@ -108,4 +109,57 @@ test('stderrSummary keeps the last line, without the program and option prefix',
   fs.writeFileSync(file, 'qemu-system-x86_64: -m 1T: cannot set up guest memory \'pc.ram\': Cannot allocate memory\n');
   assert.equal(stderrSummary(file), "cannot set up guest memory 'pc.ram': Cannot allocate memory");
   assert.equal(stderrSummary(path.join(path.dirname(file), 'missing')), '');
+});
+
+test('a VM directory whose path has a comma (QEMU splits options at commas) still starts, with its console and QMP there', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const paths = vmPaths(path.join(tmp(t), 'home,of', 'vm'));
+  fs.mkdirSync(paths.dir, { recursive: true });
+  const q = await startKilledAfter(t, paths);
+  assert.equal((await q.status()).status, 'running');
+  assert.ok(fs.existsSync(paths.console), `the console file is ${paths.console}`);
+  assert.ok(fs.existsSync(paths.qmp), `the QMP socket is ${paths.qmp}`);
+  await q.kill();
+});
+
+test('a migration reported failed after it completed (its query timed out) is taken for completed: QEMU\'s runstate says', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const dir = tmp(t);
+  const src = await startKilledAfter(t, vmPaths(path.join(dir, 'src')));
+  const dstPaths = vmPaths(path.join(dir, 'dst'));
+  const dst = await QemuProcess.start(spec(), dstPaths, silentLogger(), { incoming: true });
+  t.after(() => {
+    try {
+      process.kill(dst.pid, 'SIGKILL');
+    } catch {
+      // gone
+    }
+  });
+  const port = await listenIncoming(dst.qmp, '127.0.0.1');
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  const deadline = Date.now() + 30_000;
+  while ((await dst.status()).status !== 'running') {
+    assert.ok(Date.now() < deadline, 'the destination runs within 30 s');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const settled = await settleMigration(src.qmp, { status: 'failed', totalTimeMs: 0, downtimeMs: 0, transferredBytes: 0, error: 'QMP query-migrate: no answer from QEMU within 10000 ms' });
+  assert.equal(settled.status, 'completed', JSON.stringify(settled));
+  assert.ok(settled.totalTimeMs > 0, 'its figures come from QEMU');
+
+  // A migration that really failed stays failed: the guest runs on at the source.
+  const dst2 = await QemuProcess.start(spec(), vmPaths(path.join(dir, 'dst2')), silentLogger(), { incoming: true });
+  const port2 = await listenIncoming(dst2.qmp, '127.0.0.1');
+  const src2 = await QemuProcess.start(spec(), vmPaths(path.join(dir, 'src2')), silentLogger());
+  t.after(() => {
+    for (const pid of [dst2.pid, src2.pid]) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // gone
+      }
+    }
+  });
+  await dst2.kill();
+  await src2.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port2}` }).catch(() => undefined);
+  const failed = await settleMigration(src2.qmp, { status: 'failed', totalTimeMs: 0, downtimeMs: 0, transferredBytes: 0, error: 'refused' });
+  assert.equal(failed.status, 'failed');
+  assert.equal((await src2.status()).status, 'running');
 });
