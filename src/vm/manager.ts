@@ -139,6 +139,8 @@ interface LocalVm {
   handoverPaused?: number;
   /** When a handover pause runs out: the VM resumes by itself, whatever became of the handover. */
   pauseUntil?: number;
+  /** Its last disk error was "no space" (the pool is full): the index of that disk (-1: not known). */
+  noSpace?: number;
   /** Its disks being switched (one switch at a time: the recovery loop, a handover and a lease may meet). */
   switching?: Promise<unknown>;
 }
@@ -515,6 +517,7 @@ export class VmManager {
     const t0 = Date.now();
     let wait = 250;
     let told = '';
+    let full = false;
     try {
       while (this.local.get(vm.name) === vm && !this.stopped) {
         // Paused for a handover: its resume moves the disks (or, once the pause runs out, endExpiredPauses).
@@ -523,7 +526,30 @@ export class VmManager {
           continue;
         }
         const st = await vm.qemu.status().catch(() => undefined);
-        if (!st || st.status !== 'io-error') return;
+        if (!st || st.status !== 'io-error') {
+          if (full && st?.running) this.host.log.info({ event: 'vm-disk-room', vm: vm.name, pausedMs: Date.now() - t0 }, `vm ${vm.name}: its pool has room again: running after ${Math.round((Date.now() - t0) / 1000)} s paused`);
+          return;
+        }
+        if (vm.noSpace !== undefined) {
+          // Paused until there is room: `cont` now and then retries the write (it pauses again while the pool is full).
+          if (!full) {
+            full = true;
+            const volume = vm.spec.disks[vm.noSpace]?.volume;
+            const pools = [...new Set((volume ? [volume] : vm.spec.disks.map((d) => d.volume)).map((v) => v.split('/')[0]))];
+            this.host.log.warn(
+              { event: 'vm-disk-full', vm: vm.name, volume, pools },
+              `vm ${vm.name}: paused: ${volume ? `its disk ${volume}` : 'a disk'} cannot be written, pool ${pools.join(', ')} is full: extend it (pool extend ${pools[0]} DEVICE) or make room (remove snapshots or volumes); it runs on by itself once there is room`,
+            );
+          }
+          await sleep(Math.max(wait, 1000));
+          wait = Math.min(wait * 2, 10_000);
+          if (this.local.get(vm.name) !== vm || this.stopped) return;
+          vm.noSpace = undefined;
+          await vm.qemu.qmp.execute('cont').catch(() => undefined);
+          // A write that still finds no room pauses it again (its event sets noSpace) before the next look.
+          await sleep(500);
+          continue;
+        }
         try {
           const disks = this.endpoints(vm.name);
           await this.moveDisks(vm, disks);
@@ -567,7 +593,11 @@ export class VmManager {
         // its daemon died). From now on this is the VM, not a copy a late migrate-abort may end.
         if (vm.incoming) this.owned(vm);
       }
-      else if (e.event === 'BLOCK_IO_ERROR') void this.recover(vm, String(e.data?.reason ?? 'I/O error'));
+      else if (e.event === 'BLOCK_IO_ERROR') {
+        // A full pool (the server's ENOSPC) is not a server gone: reconnecting would not help.
+        vm.noSpace = e.data?.nospace === true ? diskIndexOf(String(e.data?.['node-name'] ?? e.data?.device ?? '')) : undefined;
+        void this.recover(vm, String(e.data?.reason ?? 'I/O error'));
+      }
     });
     qemu.once('exit', (exit) => this.exited(vm, exit));
     return vm;
@@ -1033,6 +1063,12 @@ async function withRetries<T>(fn: () => Promise<T>, times: number, waitMs: numbe
       await sleep(waitMs);
     }
   }
+}
+
+/** The disk a QEMU block node or device belongs to (`disk1`, `nbd1-3`, `vd1`: 1), -1 when the name says nothing. */
+function diskIndexOf(name: string): number {
+  const m = /^(?:disk|nbd|vd)(\d+)/.exec(name);
+  return m ? Number(m[1]) : -1;
 }
 
 /** What a node says of a VM means a QEMU of it lives there (a failed one with a pid is one that cannot be steered). */

@@ -3,7 +3,8 @@
  * dies half-way leaves the VM running where it was; one whose source QEMU
  * dies half-way leaves no copy running (the destination exits by itself);
  * the balloon squeezes memory within minMemory..memory; `vm xl-config`
- * prints a Xen config for the volume as imported by nbd-client.
+ * prints a Xen config for the volume as imported by nbd-client; a full
+ * pool pauses the VM until there is room again.
  * Migrations are capped at 16 MiB/s here (migration.bandwidth) so that
  * "half-way" lasts seconds.
  */
@@ -12,6 +13,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Cluster } from '../e2e/cluster-harness.js';
+import { run } from '../e2e/harness.js';
 import { consoleOf, guestErrors, ticks, vmCluster, vmList, vmSkip, waitFor, waitTicks } from './vm-harness.js';
 
 function qemuPid(c: Cluster, node: string): number | undefined {
@@ -20,6 +22,12 @@ function qemuPid(c: Cluster, node: string): number | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** What `node`'s daemon has logged so far. */
+function logOf(c: Cluster, node: string): string {
+  const p = c.procs.get(node);
+  return p ? p.out() + p.err() : '';
 }
 
 /** Start `vm migrate web --to to`, wait until the VM is migrating and `waitMs` more, then SIGKILL `victim`'s QEMU. */
@@ -71,6 +79,24 @@ test('migration faults: the destination dies half-way (the VM runs on at the sou
   assert.equal(vms[0].node, 'alpha');
   assert.equal(vms[0].state, 'running');
   seen = await waitTicks(c, 'alpha', seen[seen.length - 1].n, 5);
+  assert.deepEqual([...new Set(ticks(await consoleOf(c, 'alpha')).map((x) => x.boot))], [boot]);
+  assert.deepEqual(guestErrors(await consoleOf(c, 'alpha')), []);
+
+  // A full pool: the guest's writes after a snapshot need room the pool does not have. The VM pauses (werror=stop:
+  // the guest sees no error) with one line naming the pool, and runs on by itself once there is room again.
+  assert.equal((await c.duet('alpha', ['vol', 'create', 'pa/fill', '--size', '256M'])).code, 0);
+  await run('qemu-io', ['-f', 'raw', c.url('alpha', 'fill'), '-c', 'write -P 0xab 0 200M'], { timeoutMs: 60_000 });
+  const snap = await c.duet('alpha', ['vol', 'snapshot', 'pa/web', 'pa/web-snap']);
+  assert.equal(snap.code, 0, snap.describe());
+  await waitFor(async () => (await vmList(c, 'bravo'))[0].state === 'paused', 30_000, () => `vm web paused on the full pool\n${c.describe()}`);
+  await waitFor(async () => /"event":"vm-disk-full"/.test(logOf(c, 'alpha')), 10_000, () => `the vm-disk-full event\n${c.describe()}`);
+  assert.match(logOf(c, 'alpha'), /vm web: paused: its disk pa\/web cannot be written, pool pa is full: extend it \(pool extend pa DEVICE\) or make room/);
+  await new Promise((r) => setTimeout(r, 3000));
+  assert.doesNotMatch(logOf(c, 'alpha'), /"event":"vm-disks-reconnected"/, 'a full pool is not a server gone: no reconnecting');
+  assert.equal((await c.duet('alpha', ['vol', 'remove', 'pa/fill'])).code, 0);
+  await waitFor(async () => (await vmList(c, 'bravo'))[0].state === 'running', 30_000, () => `vm web running again\n${c.describe()}`);
+  seen = await waitTicks(c, 'alpha', seen[seen.length - 1].n, 5);
+  assert.equal((await c.duet('alpha', ['vol', 'remove', 'pa/web-snap'])).code, 0);
   assert.deepEqual([...new Set(ticks(await consoleOf(c, 'alpha')).map((x) => x.boot))], [boot]);
   assert.deepEqual(guestErrors(await consoleOf(c, 'alpha')), []);
 
