@@ -86,6 +86,11 @@ const schema = z
           .strict(),
       )
       .default({}),
+    /**
+     * When the cluster comes up: how long (seconds) a node waits for a VM's `prefer` node before it starts
+     * the VM itself (as DRBD's degr-wfc-timeout; 0: never, wait for the prefer node).
+     */
+    startup: z.object({ waitForPeer: z.number({ invalid_type_error: 'must be a number of seconds' }).int('must be whole seconds').min(0, 'must be 0 or more seconds').default(60) }).strict().default({ waitForPeer: 60 }),
     /** Live migration of VMs between nodes: a bandwidth cap per migration (per second), for a LAN shared with other traffic. */
     migration: z.object({ bandwidth: size.optional() }).strict().default({}),
     alerts: z

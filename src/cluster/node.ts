@@ -145,6 +145,11 @@ export class NodeDaemon implements VmHost, HandoverHost {
     return server;
   }
 
+  /** The clients using export `name` on this node (a QEMU elsewhere still reading a VM's disk). */
+  exportClients(name: string): string[] {
+    return this.nbd?.clientsOf(name) ?? [];
+  }
+
   resourceOf(name: string): { resource: Resource; peerNode: string } {
     return this.entry(name);
   }

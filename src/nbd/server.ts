@@ -78,6 +78,8 @@ class Connection {
   closed = false;
   /** The export this connection negotiated, once in transmission. */
   openedExport: NbdExport | undefined;
+  /** Its export moved away (retireConnections): it only waits for its client to leave. */
+  retired = false;
   private readonly handshakeTimer: NodeJS.Timeout;
 
   private readonly dataListener = (chunk: Buffer): void => this.onData(chunk);
@@ -330,6 +332,11 @@ export class NbdServer {
     return this.connections.size;
   }
 
+  /** Where the clients using export `name` here connect from (retired connections are not using it). */
+  clientsOf(name: string): string[] {
+    return [...this.connections].filter((c) => !c.closed && !c.retired && c.openedExport?.name === name).map((c) => `${c.socket.remoteAddress ?? 'unix'}:${c.socket.remotePort ?? ''}`);
+  }
+
   /** Listen on HOST:PORT (or a Unix socket path when `port` is undefined). */
   listen(host: string, port?: number): Promise<net.AddressInfo | string> {
     const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
@@ -400,6 +407,7 @@ export class NbdServer {
         continue;
       }
       const d = conn.openedExport.device;
+      conn.retired = true;
       t.retire(new RetiredDevice({ name: d.name, size: d.size, blockSize: d.blockSize, capabilities: d.capabilities }, closed));
       conn.socket.setKeepAlive(true, RETIRED_KEEPALIVE_MS);
     }

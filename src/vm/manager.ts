@@ -115,6 +115,8 @@ export interface VmHost {
   readonly address: string;
   /** Ask another node's daemon; throws when it does not answer. */
   call(node: string, request: VmCommand, timeoutMs?: number): Promise<unknown>;
+  /** The clients using NBD export `name` (a volume) on this node. */
+  exportClients(name: string): string[];
 }
 
 /** Where a migration's destination waits for the guest from, and until when (kept across a daemon restart). */
@@ -184,6 +186,9 @@ export class VmManager {
   private stopped = false;
   private autostarting = false;
   readonly accel = detectAccel();
+  /** When this daemon started placing VMs, and the nodes that have answered it since ("the cluster came up"). */
+  private readonly startedAt = Date.now();
+  private readonly heard = new Set<string>();
 
   constructor(private readonly host: VmHost) {}
 
@@ -327,6 +332,14 @@ export class VmManager {
     return vm;
   }
 
+  /** What `node` runs (and the stop marks it knows); it has answered since this daemon started. */
+  private async askLocal(node: string, timeoutMs = PEER_TIMEOUT_MS): Promise<LocalAnswer> {
+    const answer = (await this.host.call(node, { cmd: 'vm.local' }, timeoutMs)) as LocalAnswer;
+    this.heard.add(node);
+    this.mergeMarks(answer.marks);
+    return answer;
+  }
+
   private otherNodes(): string[] {
     return Object.keys(this.host.config.nodes).filter((n) => n !== this.host.node);
   }
@@ -338,9 +351,8 @@ export class VmManager {
     for (const node of this.otherNodes()) {
       let answer: LocalAnswer;
       try {
-        answer = (await this.host.call(node, { cmd: 'vm.local' }, PEER_TIMEOUT_MS)) as LocalAnswer;
+        answer = await this.askLocal(node);
         this.lastSeen.set(node, answer.vms);
-        this.mergeMarks(answer.marks);
       } catch {
         for (const v of this.lastSeen.get(node) ?? []) if (!found.has(v.name) && v.state !== 'stopped') found.set(v.name, { ...v, stale: true });
         continue;
@@ -397,8 +409,7 @@ export class VmManager {
     const unreachable: string[] = [];
     for (const node of this.otherNodes()) {
       try {
-        const answer = (await this.host.call(node, { cmd: 'vm.local' }, PEER_TIMEOUT_MS)) as LocalAnswer;
-        this.mergeMarks(answer.marks);
+        const answer = await this.askLocal(node);
         const v = answer.vms.find((x) => x.name === name && runsThere(x));
         if (v) return { node, state: v.state, unreachable };
       } catch {
@@ -431,15 +442,61 @@ export class VmManager {
     return this.locked(name, async () => {
       const where = await this.locate(name);
       if (where.node) return { vm: name, node: where.node, state: where.state, already: true, message: `vm ${name} is already running on ${where.node}${on && on !== where.node ? ` (vm migrate ${name} --to ${on} moves it)` : ''}` };
+      let target = on ?? c.prefer ?? this.host.node;
       if (where.unreachable.length > 0) {
-        throw new UserError(`vm ${name}: cannot reach ${where.unreachable.join(', ')} to make sure it does not run there: start it when ${where.unreachable.length > 1 ? 'they answer' : 'it answers'}`, 1);
+        const here = (auto || on === this.host.node) && this.mayStartWithout(name, where.unreachable);
+        if (!here) throw new UserError(`vm ${name}: cannot reach ${where.unreachable.join(', ')} to make sure it does not run there: start it when ${where.unreachable.length > 1 ? 'they answer' : 'it answers'}`, 1);
+        if (auto && this.marks[name]?.stopped) return { vm: name, skipped: 'stopped by vm stop' };
+        if (where.unreachable.includes(target)) {
+          const waited = Math.round((Date.now() - this.startedAt) / 1000);
+          this.host.log.warn(
+            { event: 'vm-start-without-prefer', vm: name, prefer: target, waitedSeconds: waited },
+            `vm ${name}: ${target} (where it prefers to run) has not answered since ${this.host.node} came up ${waited} s ago, and nothing uses its disks: starting it on ${this.host.node}`,
+          );
+          target = this.host.node;
+        }
       }
       if (auto && this.marks[name]?.stopped) return { vm: name, skipped: 'stopped by vm stop' };
       await this.markEverywhere(name, false);
-      const target = on ?? c.prefer ?? this.host.node;
       const started = target === this.host.node ? await this.startHere(name) : await this.host.call(target, { cmd: 'vm.start-here', vm: name }, 120_000);
       return started;
     });
+  }
+
+  /**
+   * "When the cluster comes up, each VM starts on its prefer node, or the other one if that is down":
+   * a node that cannot ask `unreachable` whether the VM runs there starts it itself only when it can
+   * tell that no copy of it runs anywhere:
+   * - those nodes have not answered once since this daemon started (`startup.waitForPeer` seconds ago
+   *   at least), so this is the cluster coming up without them, not a node lost while its VMs ran
+   *   (that is failover's, which fences first);
+   * - this node serves every disk of the VM (a copy elsewhere could only write through here), and
+   * - no client uses those disks' exports here (a QEMU whose daemon is down still reads them).
+   * A copy found paused later on the node that comes back is ended there (see recover).
+   */
+  private mayStartWithout(name: string, unreachable: string[]): boolean {
+    const waitMs = this.host.config.startup.waitForPeer * 1000;
+    if (waitMs === 0 || Date.now() - this.startedAt < waitMs) return false;
+    if (unreachable.some((n) => this.heard.has(n))) return false;
+    for (const d of this.config(name).disks) {
+      const [pool, volume] = d.split('/');
+      if (this.host.poolServer(pool) !== this.host.node) return false;
+      if (this.host.exportClients(volume).length > 0) return false;
+    }
+    return true;
+  }
+
+  /** The node where another copy of `name` runs (one that is the VM, not a migration's destination), if any answers so. */
+  private async runsElsewhere(name: string): Promise<string | undefined> {
+    for (const node of this.otherNodes()) {
+      try {
+        const answer = await this.askLocal(node);
+        if (answer.vms.some((v) => v.name === name && (v.state === 'running' || v.state === 'paused' || v.state === 'starting'))) return node;
+      } catch {
+        // Not answering: it cannot have started one without this node's disks (see mayStartWithout).
+      }
+    }
+    return undefined;
   }
 
   /** Start QEMU for `name` on this node, its disks from the nodes serving their pools. */
@@ -549,6 +606,15 @@ export class VmManager {
           // A write that still finds no room pauses it again (its event sets noSpace) before the next look.
           await sleep(500);
           continue;
+        }
+        // A copy paused with no daemon to steer it (its node was down) while the VM was started elsewhere: this one
+        // is stale (it has not written since its disks failed). Resuming it would make two copies on the same disks.
+        const other = vm.state === 'migrating' || vm.incoming ? undefined : await this.runsElsewhere(vm.name);
+        if (other !== undefined) {
+          this.host.log.warn({ event: 'vm-stale-copy-ended', vm: vm.name, runsOn: other, pid: vm.qemu.pid }, `vm ${vm.name}: found paused here (QEMU ${vm.qemu.pid}) while it runs on ${other}: ending this stale copy`);
+          vm.stopping = true;
+          await vm.qemu.kill().catch(() => undefined);
+          return;
         }
         try {
           const disks = this.endpoints(vm.name);
@@ -1014,6 +1080,8 @@ export class VmManager {
 
   private async autostartOnce(): Promise<void> {
     for (const name of [...this.unattached.keys()]) await this.reattach(name).catch(() => undefined);
+    // Who has answered since this daemon started decides whether a VM may start without its prefer node.
+    for (const node of this.otherNodes()) if (!this.heard.has(node)) await this.askLocal(node, 2000).catch(() => undefined);
     await this.endExpiredPauses();
     for (const name of Object.keys(this.host.config.vms)) {
       if (this.stopped) return;

@@ -26,11 +26,22 @@ export interface Nodes {
   drop: ((node: string, request: VmCommand) => boolean) | undefined;
   /** A new manager for `node` on the same home (the daemon restarted; its QEMUs were left running). */
   restart(node: string): Promise<VmManager>;
+  /** `node`'s daemon is gone (its QEMUs live on): it answers nothing. */
+  down(node: string): void;
   /** The QEMU processes running for VM `vm` of `node` (by their command line). */
   qemuPids(node: string, vm?: string): number[];
 }
 
-export async function twoNodes(t: AfterContext): Promise<Nodes> {
+export interface TwoNodesOptions {
+  /** The keys of VM web's entry (default: prefer alpha). */
+  vm?: string;
+  /** More cluster-file lines. */
+  extra?: string[];
+  /** The nodes whose daemon runs at first (default both); a node without one does not answer. */
+  up?: string[];
+}
+
+export async function twoNodes(t: AfterContext, options: TwoNodesOptions = {}): Promise<Nodes> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-vmm-'));
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
   const server = new NbdServer({ exports: new StaticExports([{ name: 'web', device: new MemoryDevice(16 * 1024 * 1024, 'web') }]), log: silentLogger() });
@@ -44,7 +55,8 @@ export async function twoNodes(t: AfterContext): Promise<Nodes> {
     'pools: { pa: { devices: [a] } }',
     `exports: { port: ${port} }`,
     'vms:',
-    '  web: { disks: [pa/web], memory: 128M, cpus: 1, prefer: alpha }',
+    `  web: { disks: [pa/web], memory: 128M, cpus: 1, ${options.vm ?? 'prefer: alpha'} }`,
+    ...(options.extra ?? []),
   ].join('\n');
   fs.writeFileSync(file, text);
   const config = parseClusterConfig(text, file);
@@ -60,6 +72,10 @@ export async function twoNodes(t: AfterContext): Promise<Nodes> {
       await m.start();
       return m;
     },
+    down: (node) => {
+      nodes.managers[node]?.stop();
+      delete nodes.managers[node];
+    },
     qemuPids: (node, vm = 'web') => qemusUnder(path.join(dir, node, 'vms', vm)),
   };
   const hostOf = (node: string): VmHost => ({
@@ -70,6 +86,7 @@ export async function twoNodes(t: AfterContext): Promise<Nodes> {
     address: config.nodes[node].address,
     // The disks are served by alpha in these tests.
     poolServer: () => 'alpha',
+    exportClients: (name) => server.clientsOf(name),
     call: async (to, request) => {
       if (nodes.drop?.(to, request)) throw new Error(`the duet daemon of node ${to} did not answer`);
       const m = nodes.managers[to];
@@ -88,7 +105,7 @@ export async function twoNodes(t: AfterContext): Promise<Nodes> {
     }
     await server.close();
   });
-  for (const node of ['alpha', 'bravo']) await nodes.restart(node);
+  for (const node of options.up ?? ['alpha', 'bravo']) await nodes.restart(node);
   return nodes;
 }
 

@@ -15,6 +15,7 @@ import { qemusUnder, twoNodes, until } from './manager-harness.js';
 import { vmSkip } from './vm-harness.js';
 import type { VmInfo } from '../../src/vm/manager.js';
 import { ConsoleLog, READ_MAX } from '../../src/vm/console.js';
+import { NbdClient } from '../../src/nbd/client.js';
 
 test('a QEMU found again whose QMP does not answer (another client holds it) is still the VM running here: no second copy starts', { skip: vmSkip, timeout: 60_000 }, async (t) => {
   const n = await twoNodes(t);
@@ -159,4 +160,32 @@ test('a destination daemon restarted while its QEMU waits for an incoming migrat
   // Its end is not taken for a crash of the VM (that would keep it from starting by itself).
   const list = ((await n.managers.bravo.handle({ cmd: 'vm.list' })) as { vms: VmInfo[] }).vms;
   assert.notEqual(list[0]?.state, 'failed', JSON.stringify(list));
+});
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+test('the cluster comes up without a VM\'s prefer node: the node serving its disks starts it after startup.waitForPeer, not while a client still uses its disks; the prefer node coming back makes no second copy', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const n = await twoNodes(t, { vm: 'prefer: bravo', extra: ['startup: { waitForPeer: 2 }'], up: ['alpha'] });
+  // Something still reads the disk (a QEMU whose daemon is down would): the VM may run there, so no start.
+  const client = await NbdClient.connect({ host: '127.0.0.1', port: n.config.exports.port, exportName: 'web' });
+  await sleep(5000);
+  assert.deepEqual(n.qemuPids('alpha'), [], 'not started while a client uses its disk');
+  await client.close();
+  await until(() => n.qemuPids('alpha').length === 1, 20_000, 'web started on alpha, its prefer node down');
+  await n.restart('bravo');
+  await sleep(5000);
+  assert.deepEqual(n.qemuPids('bravo'), [], 'bravo back: no second copy');
+  assert.equal(n.qemuPids('alpha').length, 1);
+  const list = ((await n.managers.bravo.handle({ cmd: 'vm.list' })) as { vms: VmInfo[] }).vms;
+  assert.equal(list[0].node, 'alpha');
+});
+
+test('a prefer node lost after it answered (its VM with it) is not replaced by a start elsewhere: that is failover\'s, after fencing', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const n = await twoNodes(t, { vm: 'prefer: bravo', extra: ['startup: { waitForPeer: 1 }'] });
+  await until(() => n.qemuPids('bravo').length === 1, 20_000, 'web started on bravo');
+  n.down('bravo');
+  for (const pid of n.qemuPids('bravo')) process.kill(pid, 'SIGKILL');
+  await sleep(5000);
+  assert.deepEqual(n.qemuPids('alpha'), [], 'no copy started on alpha');
+  await assert.rejects(n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web', on: 'alpha' }), /cannot reach bravo to make sure it does not run there/);
 });
