@@ -444,8 +444,10 @@ export class VmManager {
       if (where.node) return { vm: name, node: where.node, state: where.state, already: true, message: `vm ${name} is already running on ${where.node}${on && on !== where.node ? ` (vm migrate ${name} --to ${on} moves it)` : ''}` };
       let target = on ?? c.prefer ?? this.host.node;
       if (where.unreachable.length > 0) {
-        const here = (auto || on === this.host.node) && this.mayStartWithout(name, where.unreachable);
-        if (!here) throw new UserError(`vm ${name}: cannot reach ${where.unreachable.join(', ')} to make sure it does not run there: start it when ${where.unreachable.length > 1 ? 'they answer' : 'it answers'}`, 1);
+        const whyNot = auto || on === this.host.node ? this.whyNotStartWithout(name, where.unreachable) : undefined;
+        if (!(auto || on === this.host.node) || whyNot !== undefined) {
+          throw new UserError(`vm ${name}: cannot reach ${where.unreachable.join(', ')} to make sure it does not run there: start it when ${where.unreachable.length > 1 ? 'they answer' : 'it answers'}${whyNot ? ` (${whyNot})` : ''}`, 1);
+        }
         if (auto && this.marks[name]?.stopped) return { vm: name, skipped: 'stopped by vm stop' };
         if (where.unreachable.includes(target)) {
           const waited = Math.round((Date.now() - this.startedAt) / 1000);
@@ -474,16 +476,20 @@ export class VmManager {
    * - no client uses those disks' exports here (a QEMU whose daemon is down still reads them).
    * A copy found paused later on the node that comes back is ended there (see recover).
    */
-  private mayStartWithout(name: string, unreachable: string[]): boolean {
-    const waitMs = this.host.config.startup.waitForPeer * 1000;
-    if (waitMs === 0 || Date.now() - this.startedAt < waitMs) return false;
-    if (unreachable.some((n) => this.heard.has(n))) return false;
+  private whyNotStartWithout(name: string, unreachable: string[]): string | undefined {
+    const heard = unreachable.filter((n) => this.heard.has(n));
+    if (heard.length > 0) return `${heard.join(', ')} answered since ${this.host.node} came up: a node lost while its VMs ran is failover's`;
+    const wait = this.host.config.startup.waitForPeer;
+    if (wait === 0) return 'startup.waitForPeer is 0: VMs wait for their prefer node';
+    const left = Math.ceil((this.startedAt + wait * 1000 - Date.now()) / 1000);
+    if (left > 0) return `starting it here in ${left} s if not (startup.waitForPeer)`;
     for (const d of this.config(name).disks) {
       const [pool, volume] = d.split('/');
-      if (this.host.poolServer(pool) !== this.host.node) return false;
-      if (this.host.exportClients(volume).length > 0) return false;
+      if (this.host.poolServer(pool) !== this.host.node) return `its disk ${d} is not served here`;
+      const clients = this.host.exportClients(volume);
+      if (clients.length > 0) return `its disk ${d} is in use here by ${clients.join(', ')}: a copy may run there`;
     }
-    return true;
+    return undefined;
   }
 
   /** The node where another copy of `name` runs (one that is the VM, not a migration's destination), if any answers so. */
