@@ -91,8 +91,15 @@ const schema = z
      * the VM itself (as DRBD's degr-wfc-timeout; 0: never, wait for the prefer node).
      */
     startup: z.object({ waitForPeer: z.number({ invalid_type_error: 'must be a number of seconds' }).int('must be whole seconds').min(0, 'must be 0 or more seconds').default(60) }).strict().default({ waitForPeer: 60 }),
-    /** Live migration of VMs between nodes: a bandwidth cap per migration (per second), for a LAN shared with other traffic. */
-    migration: z.object({ bandwidth: size.optional() }).strict().default({}),
+    /**
+     * Live migration of VMs between nodes: a bandwidth cap per migration (per second), for a LAN shared with
+     * other traffic; the longest pause of the guest QEMU aims for at the switch-over (ms; QEMU's own default is
+     * 300, Proxmox's migrate_downtime 100).
+     */
+    migration: z
+      .object({ bandwidth: size.optional(), maxDowntime: z.number({ invalid_type_error: 'must be milliseconds' }).int('must be whole milliseconds').min(1, 'must be 1 ms or more').max(60_000, 'must be at most 60000 ms').default(100) })
+      .strict()
+      .default({ maxDowntime: 100 }),
     alerts: z
       .object({ email: z.object({ to: z.string().email('is not an email address'), smtp: z.string().url('is not a URL (smtp://host:25)'), from: z.string().optional() }).strict().optional() })
       .strict()

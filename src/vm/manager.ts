@@ -788,7 +788,11 @@ export class VmManager {
       let result;
       try {
         const cap = this.host.config.migration.bandwidth;
-        result = await migrateOut(vm.qemu.qmp, this.host.config.nodes[to].address, port, { timeoutMs: MIGRATION_TIMEOUT_MS, ...(cap !== undefined ? { bandwidthBytesPerSec: parseSize(String(cap)) } : {}) });
+        result = await migrateOut(vm.qemu.qmp, this.host.config.nodes[to].address, port, {
+          timeoutMs: MIGRATION_TIMEOUT_MS,
+          maxDowntimeMs: this.host.config.migration.maxDowntime,
+          ...(cap !== undefined ? { bandwidthBytesPerSec: parseSize(String(cap)) } : {}),
+        });
       } catch (err) {
         result = { status: 'failed' as const, totalTimeMs: Date.now() - t0, downtimeMs: 0, transferredBytes: 0, error: (err as Error).message };
       }

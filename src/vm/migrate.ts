@@ -50,10 +50,11 @@ export async function migrateOut(
   qmp: QmpClient,
   host: string,
   port: number,
-  options: { timeoutMs: number; bandwidthBytesPerSec?: number; progress?: (q: { transferred: number; total: number }) => void },
+  options: { timeoutMs: number; bandwidthBytesPerSec?: number; maxDowntimeMs?: number; progress?: (q: { transferred: number; total: number }) => void },
 ): Promise<MigrationResult> {
   // The LAN is the limit unless the cluster file caps it (QEMU's own default is 128 MiB/s).
-  await qmp.execute('migrate-set-parameters', { 'max-bandwidth': options.bandwidthBytesPerSec ?? 10 * 1024 * 1024 * 1024 });
+  // The pause at the switch-over: QEMU stops the guest once what is left to send fits in this time at the rate measured.
+  await qmp.execute('migrate-set-parameters', { 'max-bandwidth': options.bandwidthBytesPerSec ?? 10 * 1024 * 1024 * 1024, 'downtime-limit': options.maxDowntimeMs ?? 100 });
   await qmp.execute('migrate', { uri: `tcp:${host}:${port}` });
   const deadline = Date.now() + options.timeoutMs;
   let cancelled = false;

@@ -47,6 +47,19 @@ test('the architecture example parses, with defaults filled in', () => {
   const minimal = parseClusterConfig('cluster: x\nsecret: {value: "0123456789abcdef"}\nnodes: {a: {address: 127.0.0.2}}\n', 'm.yaml');
   assert.equal(minimal.exports.port, 10809);
   assert.deepEqual(minimal.resources, {});
+  assert.equal(minimal.migration.maxDowntime, 100);
+  assert.equal(minimal.startup.waitForPeer, 60);
+});
+
+test('migration and startup settings: their values, and one line per mistake', () => {
+  const base = 'cluster: x\nsecret: {value: "0123456789abcdef"}\nnodes: {a: {address: 127.0.0.2}}\n';
+  const c = parseClusterConfig(`${base}migration: { bandwidth: 100M, maxDowntime: 30 }\nstartup: { waitForPeer: 0 }\n`, 'm.yaml');
+  assert.equal(c.migration.maxDowntime, 30);
+  assert.equal(c.startup.waitForPeer, 0);
+  const problems = problemsOf(`${base}migration: { maxDowntime: 0 }\nstartup: { waitForPeer: -1, wfc: 3 }\n`);
+  assert.ok(problems.some((p) => /^4 migration\.maxDowntime: must be 1 ms or more$/.test(p)), problems.join('\n'));
+  assert.ok(problems.some((p) => /^5 startup\.waitForPeer: must be 0 or more seconds$/.test(p)), problems.join('\n'));
+  assert.ok(problems.some((p) => /^5 startup: unknown key "wfc"/.test(p)), problems.join('\n'));
 });
 
 test('every mistake is reported, each with its key path and line', () => {
