@@ -20,7 +20,7 @@ import type { ClusterConfig } from '../cluster/config.js';
 import { UserError } from '../util/errors.js';
 import type { Logger } from '../util/log.js';
 import { formatSize, parseSize } from '../util/size.js';
-import { ConsoleLog, type ConsoleChunk } from './console.js';
+import { ConsoleLog, HISTORY_MAX, type ConsoleChunk } from './console.js';
 import { QemuProcess, detectAccel, type QemuExit } from './qemu.js';
 import { vmPaths, type DiskEndpoint, type VmSpec } from './qemu-args.js';
 import { nbdNodesInUse, pauseGuest, switchDisks } from './disks.js';
@@ -891,6 +891,10 @@ export class VmManager {
     const parts: Buffer[] = [];
     // Byte for byte (raw): the positions here must go on from the source's, whatever the guest printed.
     let chunk = (await this.host.call(from, { cmd: 'vm.console', vm: name, here: true, since: 0, raw: true }, PEER_TIMEOUT_MS)) as ConsoleChunk;
+    // Only the last HISTORY_MAX bytes are kept here: fetch those, not the first ones of a long console.
+    if (chunk.end - HISTORY_MAX > chunk.from) {
+      chunk = (await this.host.call(from, { cmd: 'vm.console', vm: name, here: true, since: chunk.end - HISTORY_MAX, raw: true }, PEER_TIMEOUT_MS)) as ConsoleChunk;
+    }
     const start = chunk.from;
     for (let i = 0; i < 64; i++) {
       parts.push(Buffer.from(chunk.data ?? '', 'base64'));
@@ -1093,6 +1097,13 @@ export class VmManager {
     // Who has answered since this daemon started decides whether a VM may start without its prefer node.
     for (const node of this.otherNodes()) if (!this.heard.has(node)) await this.askLocal(node, 2000).catch(() => undefined);
     await this.endExpiredPauses();
+    for (const name of this.local.keys()) {
+      try {
+        new ConsoleLog(this.vmDir(name)).rotate();
+      } catch (err) {
+        this.host.log.warn({ event: 'vm-console-rotate-failed', vm: name, err: (err as Error).message }, `vm ${name}: its console log could not be trimmed: ${(err as Error).message}`);
+      }
+    }
     for (const name of Object.keys(this.host.config.vms)) {
       if (this.stopped) return;
       if (this.local.has(name) || this.unattached.has(name) || this.starting.has(name) || this.marks[name]?.stopped || this.locks.has(name)) continue;

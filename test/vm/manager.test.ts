@@ -189,3 +189,19 @@ test('a prefer node lost after it answered (its VM with it) is not replaced by a
   assert.deepEqual(n.qemuPids('alpha'), [], 'no copy started on alpha');
   await assert.rejects(n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web', on: 'alpha' }), /cannot reach bravo to make sure it does not run there/);
 });
+
+test('a long console (more than 16 MiB printed) moves with a migration as its last MiB, at the same positions', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const n = await twoNodes(t);
+  await n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web' });
+  const file = path.join(n.dir, 'alpha', 'vms', 'web', 'console.log');
+  const block = Buffer.from(Array.from({ length: 65536 }, (_, i) => `line ${String(i).padStart(8, '0')}\n`).join(''));
+  for (let i = 0; i < 20; i++) fs.appendFileSync(file, block);
+  fs.appendFileSync(file, 'the last line\n');
+  const before = new ConsoleLog(path.join(n.dir, 'alpha', 'vms', 'web')).all();
+  await n.managers.alpha.handle({ cmd: 'vm.migrate', vm: 'web', to: 'bravo' });
+  const after = new ConsoleLog(path.join(n.dir, 'bravo', 'vms', 'web')).all();
+  assert.equal(after.start + after.bytes.length, before.start + before.bytes.length, 'the console ends at the same position');
+  assert.ok(after.bytes.length >= 64 * 1024, `kept ${after.bytes.length} bytes`);
+  assert.ok(after.bytes.equals(before.bytes.subarray(before.bytes.length - after.bytes.length)), 'the last bytes, the same');
+  assert.match(after.bytes.toString('latin1'), /the last line\n$/);
+});
