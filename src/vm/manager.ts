@@ -189,8 +189,16 @@ export class VmManager {
   /** When this daemon started placing VMs, and the nodes that have answered it since ("the cluster came up"). */
   private readonly startedAt = Date.now();
   private readonly heard = new Set<string>();
+  /**
+   * Resolved once start() has found the QEMUs an earlier daemon left: until then this node would answer
+   * that it runs nothing (and a peer would start a second copy) or pause nothing for a handover.
+   */
+  private readonly ready: Promise<void>;
+  private markReady!: () => void;
 
-  constructor(private readonly host: VmHost) {}
+  constructor(private readonly host: VmHost) {
+    this.ready = new Promise((resolve) => (this.markReady = resolve));
+  }
 
   private get dir(): string {
     return path.join(this.host.home, 'vms');
@@ -209,7 +217,11 @@ export class VmManager {
     } catch {
       // No VM ran here yet.
     }
-    for (const name of names) if (this.isVm(name)) await this.reattach(name);
+    try {
+      for (const name of names) if (this.isVm(name)) await this.reattach(name);
+    } finally {
+      this.markReady();
+    }
     this.autostartTimer = setInterval(() => void this.autostart(), AUTOSTART_EVERY_MS);
     this.autostartTimer.unref();
   }
@@ -266,6 +278,7 @@ export class VmManager {
   /** Daemon stop: the VMs keep running; only this daemon's QMP sessions end. */
   stop(): void {
     this.stopped = true;
+    this.markReady();
     if (this.autostartTimer) clearInterval(this.autostartTimer);
     for (const vm of this.local.values()) vm.qemu.detach();
     this.local.clear();
@@ -274,6 +287,7 @@ export class VmManager {
   /* ------------------------------------------------------------ commands */
 
   async handle(request: VmCommand): Promise<unknown> {
+    await this.ready;
     const parsed = commandSchema.safeParse(request);
     if (!parsed.success) throw new UserError(`${request.cmd}: malformed request (${parsed.error.issues[0]?.message ?? 'invalid'})`);
     const c = parsed.data;
@@ -955,6 +969,7 @@ export class VmManager {
    * and flushes their disks while the old Primary still serves them). The guest only sees time pass.
    */
   async pauseIo(pools: string[], leaseMs = HANDOVER_LEASE_MS): Promise<{ vms: string[] }> {
+    await this.ready;
     const paused: string[] = [];
     for (const vm of this.usersOf(pools)) {
       if (vm.state === 'migrating') throw new UserError(`vm ${vm.name} is migrating: move the Primary role when it is done`, 1);
@@ -974,6 +989,7 @@ export class VmManager {
    * Waits (bounded) until this node sees `server` serve every pool (the peer's state comes over the link).
    */
   async resumeIo(pools: string[], server: string): Promise<{ vms: { name: string; pausedMs: number }[] }> {
+    await this.ready;
     const out: { name: string; pausedMs: number }[] = [];
     const deadline = Date.now() + 15_000;
     while (pools.some((p) => this.host.poolServer(p) !== server)) {

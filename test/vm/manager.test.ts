@@ -205,3 +205,16 @@ test('a long console (more than 16 MiB printed) moves with a migration as its la
   assert.ok(after.bytes.equals(before.bytes.subarray(before.bytes.length - after.bytes.length)), 'the last bytes, the same');
   assert.match(after.bytes.toString('latin1'), /the last line\n$/);
 });
+
+test('a daemon restarting answers for its VMs only once it has found its QEMUs again: a start asked meanwhile makes no second copy', { skip: vmSkip, timeout: 60_000 }, async (t) => {
+  const n = await twoNodes(t);
+  await n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web', on: 'bravo' });
+  assert.equal(n.qemuPids('bravo').length, 1);
+  // bravo's daemon restarts (its QEMU runs on); alpha, which decides for web, asks where it runs before bravo has found it.
+  const restarting = n.restart('bravo');
+  const started = (await n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web' })) as { already?: boolean; node?: string };
+  await restarting;
+  assert.deepEqual(n.qemuPids('alpha'), [], `no second copy on alpha (vm start said ${JSON.stringify(started)})`);
+  assert.equal(started.already, true);
+  assert.equal(started.node, 'bravo');
+});
