@@ -506,17 +506,36 @@ export class VmManager {
     return undefined;
   }
 
-  /** The node where another copy of `name` runs (one that is the VM, not a migration's destination), if any answers so. */
-  private async runsElsewhere(name: string): Promise<string | undefined> {
+  /**
+   * Whether this copy of a VM, paused on a disk error, may run on: another node may hold a copy too (the VM
+   * was started there while this node was down or hung, see whyNotStartWithout). Of two copies the VM is the
+   * one running, or else the one started later: the older one has not written since the newer one started
+   * (it has been paused since its disks failed), and resuming it would run a guest whose memory no longer
+   * matches its disks. `end`: this copy is stale; `wait`: it cannot be told yet (a node does not answer, or
+   * holds a copy in a state that says nothing); undefined: this copy is the VM.
+   */
+  private async otherCopy(vm: LocalVm): Promise<{ end: string } | { wait: string } | undefined> {
     for (const node of this.otherNodes()) {
+      let answer: LocalAnswer;
       try {
-        const answer = await this.askLocal(node);
-        if (answer.vms.some((v) => v.name === name && (v.state === 'running' || v.state === 'paused' || v.state === 'starting'))) return node;
+        answer = await this.askLocal(node);
       } catch {
-        // Not answering: it cannot have started one without this node's disks (see mayStartWithout).
+        // A copy there could only write through this node's exports if this node serves every disk.
+        if (this.servesEveryDisk(vm.name)) continue;
+        return { wait: `${node} does not answer: a copy of it may run there` };
       }
+      const theirs = answer.vms.find((v) => v.name === vm.name && runsThere(v));
+      if (!theirs) continue;
+      if (theirs.state === 'running') return { end: node };
+      const since = theirs.since !== undefined ? Date.parse(theirs.since) : NaN;
+      if ((theirs.state !== 'paused' && theirs.state !== 'starting') || Number.isNaN(since)) return { wait: `its copy on ${node} is ${theirs.state}` };
+      if (since > vm.since || (since === vm.since && node < this.host.node)) return { end: node };
     }
     return undefined;
+  }
+
+  private servesEveryDisk(name: string): boolean {
+    return this.config(name).disks.every((d) => this.host.poolServer(d.split('/')[0]) === this.host.node);
   }
 
   /** Start QEMU for `name` on this node, its disks from the nodes serving their pools. */
@@ -628,13 +647,22 @@ export class VmManager {
           continue;
         }
         // A copy paused with no daemon to steer it (its node was down) while the VM was started elsewhere: this one
-        // is stale (it has not written since its disks failed). Resuming it would make two copies on the same disks.
-        const other = vm.state === 'migrating' || vm.incoming ? undefined : await this.runsElsewhere(vm.name);
-        if (other !== undefined) {
-          this.host.log.warn({ event: 'vm-stale-copy-ended', vm: vm.name, runsOn: other, pid: vm.qemu.pid }, `vm ${vm.name}: found paused here (QEMU ${vm.qemu.pid}) while it runs on ${other}: ending this stale copy`);
+        // may be stale. Resuming it would make two copies on the same disks.
+        const other = vm.state === 'migrating' || vm.incoming ? undefined : await this.otherCopy(vm);
+        if (other && 'end' in other) {
+          this.host.log.warn({ event: 'vm-stale-copy-ended', vm: vm.name, runsOn: other.end, pid: vm.qemu.pid }, `vm ${vm.name}: found paused here (QEMU ${vm.qemu.pid}) while it runs on ${other.end}: ending this stale copy`);
           vm.stopping = true;
           await vm.qemu.kill().catch(() => undefined);
           return;
+        }
+        if (other) {
+          if (other.wait !== told) {
+            told = other.wait;
+            this.host.log.warn({ event: 'vm-stale-copy-check', vm: vm.name, reason, err: other.wait }, `vm ${vm.name}: paused after a disk error (${reason}); not resumed while ${other.wait} (tried again)`);
+          }
+          await sleep(wait);
+          wait = Math.min(wait * 2, 5000);
+          continue;
         }
         try {
           const disks = this.endpoints(vm.name);

@@ -30,6 +30,8 @@ export interface Nodes {
   down(node: string): void;
   /** The QEMU processes running for VM `vm` of `node` (by their command line). */
   qemuPids(node: string, vm?: string): number[];
+  /** The disks' server restarts (as alpha's daemon would): every NBD connection is cut, the data stays. */
+  restartServer(): Promise<void>;
 }
 
 export interface TwoNodesOptions {
@@ -44,7 +46,8 @@ export interface TwoNodesOptions {
 export async function twoNodes(t: AfterContext, options: TwoNodesOptions = {}): Promise<Nodes> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-vmm-'));
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const server = new NbdServer({ exports: new StaticExports([{ name: 'web', device: new MemoryDevice(16 * 1024 * 1024, 'web') }]), log: silentLogger() });
+  const exports = new StaticExports([{ name: 'web', device: new MemoryDevice(16 * 1024 * 1024, 'web') }]);
+  let server = new NbdServer({ exports, log: silentLogger(), shutdownTimeoutMs: 1000 });
   const port = ((await server.listen('127.0.0.1', 0)) as net.AddressInfo).port;
   const file = path.join(dir, 'cluster.yaml');
   const text = [
@@ -77,6 +80,11 @@ export async function twoNodes(t: AfterContext, options: TwoNodesOptions = {}): 
       delete nodes.managers[node];
     },
     qemuPids: (node, vm = 'web') => qemusUnder(path.join(dir, node, 'vms', vm)),
+    restartServer: async () => {
+      await server.close();
+      server = new NbdServer({ exports, log: silentLogger(), shutdownTimeoutMs: 1000 });
+      await server.listen('127.0.0.1', port);
+    },
   };
   const hostOf = (node: string): VmHost => ({
     node,

@@ -16,6 +16,8 @@ import { vmSkip } from './vm-harness.js';
 import type { VmInfo } from '../../src/vm/manager.js';
 import { ConsoleLog, READ_MAX } from '../../src/vm/console.js';
 import { NbdClient } from '../../src/nbd/client.js';
+import { QmpClient } from '../../src/vm/qmp.js';
+import type { Nodes } from './manager-harness.js';
 
 test('a QEMU found again whose QMP does not answer (another client holds it) is still the VM running here: no second copy starts', { skip: vmSkip, timeout: 60_000 }, async (t) => {
   const n = await twoNodes(t);
@@ -217,4 +219,64 @@ test('a daemon restarting answers for its VMs only once it has found its QEMUs a
   assert.deepEqual(n.qemuPids('alpha'), [], `no second copy on alpha (vm start said ${JSON.stringify(started)})`);
   assert.equal(started.already, true);
   assert.equal(started.node, 'bravo');
+});
+
+/**
+ * Two copies of web, as the cluster coming up without bravo leaves them: bravo's (older, its daemon down)
+ * and alpha's, started after startup.waitForPeer once nothing used the disk. Returns their pids.
+ */
+async function twoCopies(n: Nodes): Promise<{ stale: number; real: number }> {
+  await until(() => n.qemuPids('bravo').length === 1, 20_000, 'web started on bravo, its prefer node');
+  const [stale] = n.qemuPids('bravo');
+  // Its BIOS done with the disk (it found nothing to boot): an idle QEMU notices a lost connection only at its next request.
+  await sleep(4000);
+  n.down('bravo');
+  // alpha comes up again (it has not heard bravo since), and the disk's clients are gone with its old daemon.
+  await n.restartServer();
+  await n.restart('alpha');
+  await until(() => n.qemuPids('alpha').length === 1, 20_000, 'web started on alpha without its prefer node');
+  const [real] = n.qemuPids('alpha');
+  await sleep(4000);
+  return { stale, real };
+}
+
+/** `node`'s QEMU of web (no daemon holds its QMP) reboots: its BIOS reads the disk, whose connection is gone, and werror/rerror=stop pauses it. */
+async function pauseOnDiskError(n: Nodes, node: string): Promise<void> {
+  const qmp = await QmpClient.connect(path.join(n.dir, node, 'vms', 'web', 'qmp.sock'));
+  try {
+    await qmp.execute('system_reset');
+    await until(async () => (await qmp.execute<{ status: string }>('query-status')).status === 'io-error', 15_000, `web on ${node} paused on a disk error`);
+  } finally {
+    qmp.close();
+  }
+}
+
+const localState = async (n: Nodes, node: string): Promise<string | undefined> => ((await n.managers[node].handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms.find((v) => v.name === 'web')?.state;
+
+test('a stale copy paused on a disk error is not resumed while the node running the VM does not answer: it is ended once that node answers', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const n = await twoNodes(t, { vm: 'prefer: bravo', extra: ['startup: { waitForPeer: 1 }'] });
+  const { stale, real } = await twoCopies(n);
+  await pauseOnDiskError(n, 'bravo');
+  // bravo's daemon comes back but cannot ask alpha (its API does not answer in time); alpha serves the disk all the same.
+  n.drop = (node, request) => node === 'alpha' && request.cmd === 'vm.local';
+  await n.restart('bravo');
+  await sleep(4000);
+  assert.equal(await localState(n, 'bravo'), 'paused', 'the stale copy stays paused while alpha does not answer');
+  n.drop = undefined;
+  await until(() => !n.qemuPids('bravo').includes(stale), 20_000, 'the stale copy ended once alpha answers');
+  assert.deepEqual(n.qemuPids('alpha'), [real]);
+});
+
+test('both copies paused on a disk error at once (both daemons restarting): the older one is ended, the one started later runs on', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const n = await twoNodes(t, { vm: 'prefer: bravo', extra: ['startup: { waitForPeer: 1 }'] });
+  const { stale, real } = await twoCopies(n);
+  // alpha's daemon goes too (it served the disk): both copies lose their disk and pause.
+  n.down('alpha');
+  await n.restartServer();
+  await pauseOnDiskError(n, 'alpha');
+  await pauseOnDiskError(n, 'bravo');
+  await Promise.all([n.restart('alpha'), n.restart('bravo')]);
+  await until(() => !n.qemuPids('bravo').includes(stale), 20_000, 'the older copy ended');
+  await until(async () => (await localState(n, 'alpha')) === 'running', 20_000, 'the copy started later running again');
+  assert.deepEqual(n.qemuPids('alpha'), [real], 'the copy started later is the VM');
 });
