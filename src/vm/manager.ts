@@ -270,9 +270,30 @@ export class VmManager {
       // The migration ended while no daemon watched, and the guest runs here: the VM is this node's.
       this.writeSpec(name, record.spec);
     }
+    // A migration an earlier daemon started, ending now: the STOP that says so may have come before this daemon.
+    if (status.status === 'finish-migrate') void this.endIfMigratedAway(vm);
     // Its disks failed while no daemon watched (this node's own exports went with the old daemon).
     if (status.status === 'io-error') void this.recover(vm, 'found paused after a disk error');
     this.host.log.info({ event: 'vm-reattached', vm: name, pid: qemu.pid, status: status.status }, `vm ${name}: QEMU ${qemu.pid} found running (${status.status})`);
+  }
+
+  /**
+   * A QEMU that finished a migration no daemon of this node watches any more (its daemon restarted while
+   * QEMU sent the guest) is the stale source: the guest runs at the destination. Ended as reattach does.
+   */
+  private async endIfMigratedAway(vm: LocalVm): Promise<void> {
+    for (let i = 0; i < 100; i++) {
+      const st = await vm.qemu.status().catch(() => undefined);
+      if (!st || this.local.get(vm.name) !== vm) return;
+      if (st.status === 'postmigrate') {
+        this.host.log.info({ event: 'vm-migrated-away', vm: vm.name }, `vm ${vm.name}: migrated away while no daemon watched the migration: ending the copy here`);
+        vm.stopping = true;
+        await vm.qemu.kill().catch(() => undefined);
+        return;
+      }
+      if (st.status !== 'finish-migrate') return;
+      await sleep(100);
+    }
   }
 
   /** Daemon stop: the VMs keep running; only this daemon's QMP sessions end. */
@@ -700,7 +721,11 @@ export class VmManager {
     const vm: LocalVm = { name, qemu, spec, state, since: Date.now(), stopping: false, recovering: false };
     this.local.set(name, vm);
     qemu.on('event', (e) => {
-      if (e.event === 'STOP') vm.state = vm.state === 'migrating' ? 'migrating' : 'paused';
+      if (e.event === 'STOP') {
+        // Not a migration of this daemon's: one an earlier daemon started may have finished by itself (postmigrate).
+        if (vm.state !== 'migrating' && !vm.incoming) void this.endIfMigratedAway(vm);
+        vm.state = vm.state === 'migrating' ? 'migrating' : 'paused';
+      }
       else if (e.event === 'RESUME') {
         vm.state = 'running';
         // A migration's destination runs the guest: the migration is over (the source's migrate-done may never come:

@@ -280,3 +280,26 @@ test('both copies paused on a disk error at once (both daemons restarting): the 
   await until(async () => (await localState(n, 'alpha')) === 'running', 20_000, 'the copy started later running again');
   assert.deepEqual(n.qemuPids('alpha'), [real], 'the copy started later is the VM');
 });
+
+test('a source daemon restarted while QEMU migrates on (it finishes by itself) ends its copy once the guest has left: a paused copy left behind would run again at the next cont', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  // 256 KiB/s: the migration of this guest lasts about 3 s.
+  const n = await twoNodes(t, { extra: ['migration: { bandwidth: 256K }'] });
+  await until(() => n.qemuPids('alpha').length === 1, 20_000, 'web started on alpha');
+  const [source] = n.qemuPids('alpha');
+  let sent: (() => void) | undefined;
+  const migrating = new Promise<void>((resolve) => (sent = resolve));
+  // Once the source asked the destination to listen, its daemon dies: it says nothing more to anyone.
+  n.drop = (_node, request) => {
+    if (request.cmd === 'vm.migrate-in') setTimeout(() => sent?.(), 1000);
+    return request.cmd === 'vm.migrate-done' || request.cmd === 'vm.migrate-abort';
+  };
+  const old = n.managers.alpha.handle({ cmd: 'vm.migrate', vm: 'web', to: 'bravo' }).catch(() => undefined);
+  await migrating;
+  await n.restart('alpha');
+  await old;
+  await until(async () => (await localState(n, 'bravo')) === 'running', 30_000, 'the guest running on bravo');
+  await until(() => !n.qemuPids('alpha').includes(source), 15_000, 'the source copy ended');
+  const left = ((await n.managers.alpha.handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms;
+  assert.deepEqual(left, [], `nothing of web left on alpha: ${JSON.stringify(left)}`);
+  assert.equal(n.qemuPids('bravo').length, 1);
+});
