@@ -268,7 +268,11 @@ export class VmManager {
       setTimeout(() => void this.endStaleIncoming(vm), Math.max(0, left)).unref();
     } else if (record.incoming) {
       // The migration ended while no daemon watched, and the guest runs here: the VM is this node's.
-      this.writeSpec(name, record.spec);
+      try {
+        this.writeSpec(name, record.spec);
+      } catch (err) {
+        this.host.log.error({ event: 'vm-spec-write-failed', vm: name, err: (err as Error).message }, `vm ${name}: cannot write its vm.json: ${(err as Error).message}`);
+      }
     }
     // A migration an earlier daemon started, ending now: the STOP that says so may have come before this daemon.
     if (status.status === 'finish-migrate') void this.endIfMigratedAway(vm);
@@ -948,7 +952,14 @@ export class VmManager {
 
   /** The end of an incoming migration: the VM is this node's now (its exit is the VM's, not the migration's). */
   private owned(vm: LocalVm): void {
-    if (vm.incoming) this.writeSpec(vm.name, vm.spec);
+    if (vm.incoming) {
+      // In an event handler: a home that cannot be written (full, read-only) must not take the daemon down.
+      try {
+        this.writeSpec(vm.name, vm.spec);
+      } catch (err) {
+        this.host.log.error({ event: 'vm-spec-write-failed', vm: vm.name, err: (err as Error).message }, `vm ${vm.name}: cannot write its vm.json: ${(err as Error).message}`);
+      }
+    }
     vm.incoming = undefined;
     vm.stopping = false;
     vm.since = Date.now();
@@ -1026,6 +1037,9 @@ export class VmManager {
     const paused: string[] = [];
     for (const vm of this.usersOf(pools)) {
       if (vm.state === 'migrating') throw new UserError(`vm ${vm.name} is migrating: move the Primary role when it is done`, 1);
+      // Already paused on a disk error: the recovery loop's, which first makes sure it is not a stale copy (a
+      // handover's resume would `cont` it blindly). Its failed requests wait in QEMU, none reaches the old Primary.
+      if (vm.handoverPaused === undefined && (await vm.qemu.status().catch(() => undefined))?.status === 'io-error') continue;
       // Marked first: a stop that times out may still take effect, and a VM paused must be resumed.
       vm.handoverPaused ??= Date.now();
       vm.pauseUntil = Date.now() + leaseMs;

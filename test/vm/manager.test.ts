@@ -303,3 +303,22 @@ test('a source daemon restarted while QEMU migrates on (it finishes by itself) e
   assert.deepEqual(left, [], `nothing of web left on alpha: ${JSON.stringify(left)}`);
   assert.equal(n.qemuPids('bravo').length, 1);
 });
+
+test('a handover on a node whose stale copy waits paused on a disk error leaves it to the recovery loop: it is not resumed', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const n = await twoNodes(t, { vm: 'prefer: bravo', extra: ['startup: { waitForPeer: 1 }'] });
+  const { stale, real } = await twoCopies(n);
+  await pauseOnDiskError(n, 'bravo');
+  n.drop = (node, request) => node === 'alpha' && request.cmd === 'vm.local';
+  await n.restart('bravo');
+  await sleep(2000);
+  assert.equal(await localState(n, 'bravo'), 'paused');
+  // The Primary role of pool pa moves: bravo pauses and resumes the VMs using it.
+  const paused = await n.managers.bravo.pauseIo(['pa']);
+  assert.deepEqual(paused.vms, [], 'a copy already paused on a disk error is not the handover\'s');
+  await n.managers.bravo.resumeIo(['pa'], 'alpha');
+  await sleep(1000);
+  assert.equal(await localState(n, 'bravo'), 'paused', 'the stale copy still paused after the handover');
+  n.drop = undefined;
+  await until(() => !n.qemuPids('bravo').includes(stale), 20_000, 'the stale copy ended once alpha answers');
+  assert.deepEqual(n.qemuPids('alpha'), [real]);
+});
