@@ -251,6 +251,15 @@ async function pauseOnDiskError(n: Nodes, node: string): Promise<void> {
   }
 }
 
+/** An established TCP connection to `address` (bravo's: only a migration stream goes there in these tests). */
+function streamTo(address: string): boolean {
+  const hex = address.split('.').map((b) => Number(b).toString(16).padStart(2, '0').toUpperCase()).reverse().join('');
+  return fs.readFileSync('/proc/net/tcp', 'utf8').split('\n').some((l) => {
+    const f = l.trim().split(/\s+/);
+    return f[2]?.startsWith(`${hex}:`) && f[3] === '01';
+  });
+}
+
 const localState = async (n: Nodes, node: string): Promise<string | undefined> => ((await n.managers[node].handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms.find((v) => v.name === 'web')?.state;
 
 test('a stale copy paused on a disk error is not resumed while the node running the VM does not answer: it is ended once that node answers', { skip: vmSkip, timeout: 90_000 }, async (t) => {
@@ -295,6 +304,8 @@ test('a source daemon restarted while QEMU migrates on (it finishes by itself) e
   };
   const old = n.managers.alpha.handle({ cmd: 'vm.migrate', vm: 'web', to: 'bravo' }).catch(() => undefined);
   await migrating;
+  // The guest is on its way (QEMU's migration stream to bravo is open) before the source daemon goes.
+  await until(async () => streamTo('127.0.0.6') || (await localState(n, 'bravo')) === 'running', 15_000, 'the migration stream to bravo');
   await n.restart('alpha');
   await old;
   await until(async () => (await localState(n, 'bravo')) === 'running', 30_000, 'the guest running on bravo');
