@@ -274,8 +274,14 @@ export class VmManager {
         this.host.log.error({ event: 'vm-spec-write-failed', vm: name, err: (err as Error).message }, `vm ${name}: cannot write its vm.json: ${(err as Error).message}`);
       }
     }
-    // A migration an earlier daemon started, ending now: the STOP that says so may have come before this daemon.
+    // A migration an earlier daemon started, ending now: the STOP that says so may have come before this daemon,
+    // or between the status read above and the adoption (no listener yet): the status again, now that one listens.
     if (status.status === 'finish-migrate') void this.endIfMigratedAway(vm);
+    else if (status.status === 'running') {
+      void vm.qemu.status().then((st) => {
+        if (st.status === 'finish-migrate' || st.status === 'postmigrate') void this.endIfMigratedAway(vm);
+      }, () => undefined);
+    }
     // Its disks failed while no daemon watched (this node's own exports went with the old daemon).
     if (status.status === 'io-error') void this.recover(vm, 'found paused after a disk error');
     this.host.log.info({ event: 'vm-reattached', vm: name, pid: qemu.pid, status: status.status }, `vm ${name}: QEMU ${qemu.pid} found running (${status.status})`);
