@@ -167,7 +167,7 @@ export const HANDOVER_LEASE_MS = 60_000;
 export class VmManager {
   private readonly local = new Map<string, LocalVm>();
   /** The last exit of VMs that ran here (a crash shows as failed until the next start). */
-  private readonly exits = new Map<string, { reason: string; failed: boolean; at: number }>();
+  private readonly exits = new Map<string, { reason: string; failed: boolean; at: number; incoming?: boolean }>();
   private marks: Record<string, Mark> = {};
   /** One placement decision per VM at a time (this node decides for the VMs it serves). */
   private readonly locks = new Map<string, Promise<unknown>>();
@@ -756,7 +756,7 @@ export class VmManager {
     if (this.local.get(vm.name) !== vm) return;
     this.local.delete(vm.name);
     const failed = !vm.stopping && !exit.byGuest;
-    this.exits.set(vm.name, { reason: exit.reason, failed, at: Date.now() });
+    this.exits.set(vm.name, { reason: exit.reason, failed, at: Date.now(), ...(vm.incoming ? { incoming: true } : {}) });
     // A guest that powered itself off stays off, as after vm stop.
     if (exit.byGuest && !this.stopped) void this.markEverywhere(vm.name, true).catch(() => undefined);
     if (vm.incoming) {
@@ -885,14 +885,33 @@ export class VmManager {
         this.host.log.warn({ event: 'vm-migration-failed', vm: name, to, error: result.error }, `vm ${name}: migration to ${to} failed (${result.error ?? result.status}): it runs on ${this.host.node}`);
         throw new UserError(`vm ${name}: migration to ${to} failed (${result.error ?? result.status}); it still runs on ${this.host.node}`, 1);
       }
-      // The guest runs on `to` now; the copy here is paused (postmigrate): end it before anything else.
-      vm.stopping = true;
-      await vm.qemu.kill().catch((err: unknown) => this.host.log.error({ event: 'vm-source-kill-failed', vm: name, err: (err as Error).message }, (err as Error).message));
+      // QEMU here has sent everything and is paused for good (postmigrate, its disks given up). The destination
+      // confirms it runs the guest before this copy is ended: one that failed to load it never ran it, and then the
+      // guest goes on here (libvirt's confirm step). One that ran it, or cannot be asked, has the VM: never two copies.
       let note = '';
+      let confirm: { running?: boolean; neverRan?: boolean; reason?: string } | undefined;
       try {
-        await this.host.call(to, { cmd: 'vm.migrate-done', vm: name, from: this.host.node }, 60_000);
+        confirm = (await this.host.call(to, { cmd: 'vm.migrate-done', vm: name, from: this.host.node }, 60_000)) as typeof confirm;
       } catch (err) {
         note = ` (${to} was not told it is done: ${(err as Error).message}; it runs the VM all the same)`;
+      }
+      if (confirm?.running === false && confirm.neverRan === true) {
+        const why = confirm.reason ?? 'its QEMU exited';
+        try {
+          await vm.qemu.qmp.execute('cont');
+          vm.state = 'running';
+          this.host.log.warn({ event: 'vm-migration-failed', vm: name, to, error: why, resumedHere: true }, `vm ${name}: ${to} did not run the guest it received (${why}): it runs on ${this.host.node}`);
+          throw new UserError(`vm ${name}: migration to ${to} failed (${to}'s QEMU did not run the guest: ${why}); it still runs on ${this.host.node}`, 1);
+        } catch (err) {
+          if (err instanceof UserError) throw err;
+          this.host.log.error({ event: 'vm-migration-failed', vm: name, to, error: why, resumedHere: false, err: (err as Error).message }, `vm ${name}: ${to} did not run the guest and it could not run on here again: ${(err as Error).message}`);
+        }
+      }
+      vm.stopping = true;
+      await vm.qemu.kill().catch((err: unknown) => this.host.log.error({ event: 'vm-source-kill-failed', vm: name, err: (err as Error).message }, (err as Error).message));
+      if (confirm?.running === false) {
+        this.host.log.error({ event: 'vm-migration-failed', vm: name, to, error: confirm.reason, sourceExited: true }, `vm ${name}: its QEMU on ${to} ended after the migration: it runs nowhere`);
+        throw new UserError(`vm ${name}: its QEMU on ${to} ended right after the migration (${confirm.reason ?? 'gone'}): it runs nowhere now (vm start ${name})`, 1);
       }
       const summary = { vm: name, from: this.host.node, to, totalTimeMs: result.totalTimeMs, downtimeMs: result.downtimeMs, transferredBytes: result.transferredBytes, wallTimeMs: Date.now() - t0 };
       this.host.log.info({ event: 'vm-migrated', ...summary }, `vm ${name}: migrated from ${this.host.node} to ${to} in ${result.totalTimeMs} ms, ${result.downtimeMs} ms downtime${note}`);
@@ -942,8 +961,22 @@ export class VmManager {
 
   /** The guest runs here now: take the console it had, and own the VM. */
   private async migrateDone(name: string, from: string): Promise<unknown> {
-    const vm = this.local.get(name);
-    if (!vm) throw new UserError(`vm ${name}: its migrated QEMU is not running on ${this.host.node}`, 1);
+    // The guest's state may still be loading: wait (bounded) until QEMU runs it or gives up.
+    const deadline = Date.now() + 30_000;
+    let vm = this.local.get(name);
+    while (vm?.incoming && Date.now() < deadline) {
+      const st = await vm.qemu.status().catch(() => undefined);
+      if (!st || st.status !== 'inmigrate') break;
+      await sleep(50);
+      vm = this.local.get(name);
+    }
+    vm = this.local.get(name);
+    if (!vm) {
+      // Its QEMU is gone. The source may run the guest on only if it never ran here (it exited still loading it).
+      if (this.unattached.has(name) || this.starting.has(name)) throw new UserError(`vm ${name}: its QEMU on ${this.host.node} cannot be asked`, 1);
+      const exit = this.exits.get(name);
+      return { vm: name, node: this.host.node, running: false, neverRan: exit?.incoming === true, reason: exit?.reason ?? 'no QEMU of it here' };
+    }
     if (vm.incoming) this.owned(vm);
     const st = await vm.qemu.status().catch(() => undefined);
     // Still 'inmigrate' when asked: its RESUME event (handled as it comes) says when it runs.
@@ -953,7 +986,7 @@ export class VmManager {
     } catch (err) {
       this.host.log.warn({ event: 'vm-console-not-moved', vm: name, from, err: (err as Error).message }, `vm ${name}: the console printed on ${from} was not brought here: ${(err as Error).message}`);
     }
-    return { vm: name, node: this.host.node, state: vm.state };
+    return { vm: name, node: this.host.node, state: vm.state, running: true };
   }
 
   /** The end of an incoming migration: the VM is this node's now (its exit is the VM's, not the migration's). */

@@ -333,3 +333,24 @@ test('a handover on a node whose stale copy waits paused on a disk error leaves 
   await until(() => !n.qemuPids('bravo').includes(stale), 20_000, 'the stale copy ended once alpha answers');
   assert.deepEqual(n.qemuPids('alpha'), [real]);
 });
+
+test('a destination that cannot run the guest it received (its QEMU fails to load the state) leaves it running on at the source', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const n = await twoNodes(t);
+  await n.managers.alpha.handle({ cmd: 'vm.start', vm: 'web' });
+  const [source] = n.qemuPids('alpha');
+  // bravo's QEMU gets another vCPU count than the guest's (a config that differs): loading the device state, sent last, fails.
+  n.drop = (_node, request) => {
+    if (request.cmd === 'vm.migrate-in') (request as { cpus: number }).cpus = 2;
+    return false;
+  };
+  await assert.rejects(n.managers.alpha.handle({ cmd: 'vm.migrate', vm: 'web', to: 'bravo' }), /migration to bravo failed \(bravo's QEMU did not run the guest: .*\); it still runs on alpha/);
+  n.drop = undefined;
+  assert.deepEqual(n.qemuPids('alpha'), [source], 'the same QEMU runs on at the source');
+  assert.equal(await localState(n, 'alpha'), 'running');
+  assert.deepEqual(n.qemuPids('bravo'), []);
+
+  // It can move on from there.
+  await n.managers.alpha.handle({ cmd: 'vm.migrate', vm: 'web', to: 'bravo' });
+  assert.deepEqual(n.qemuPids('alpha'), []);
+  assert.equal(n.qemuPids('bravo').length, 1);
+});
