@@ -491,7 +491,7 @@ export class VmManager {
       if (where.unreachable.length > 0) {
         const whyNot = auto || on === this.host.node ? this.whyNotStartWithout(name, where.unreachable) : undefined;
         if (!(auto || on === this.host.node) || whyNot !== undefined) {
-          throw new UserError(`vm ${name}: cannot reach ${where.unreachable.join(', ')} to make sure it does not run there: start it when ${where.unreachable.length > 1 ? 'they answer' : 'it answers'}${whyNot ? ` (${whyNot})` : ''}`, 1);
+          throw new UserError(`vm ${name}: cannot reach ${where.unreachable.join(', ')} to make sure it does not run there: start it when ${where.unreachable.length > 1 ? 'they answer' : 'it answers'}${whyNot ? `; ${whyNot}` : ''}`, 1);
         }
         if (auto && this.marks[name]?.stopped) return { vm: name, skipped: 'stopped by vm stop' };
         if (where.unreachable.includes(target)) {
@@ -527,7 +527,7 @@ export class VmManager {
     const wait = this.host.config.startup.waitForPeer;
     if (wait === 0) return 'startup.waitForPeer is 0: VMs wait for their prefer node';
     const left = Math.ceil((this.startedAt + wait * 1000 - Date.now()) / 1000);
-    if (left > 0) return `starting it here in ${left} s if not (startup.waitForPeer)`;
+    if (left > 0) return `if it does not answer within ${left} s more (startup.waitForPeer), it starts here`;
     for (const d of this.config(name).disks) {
       const [pool, volume] = d.split('/');
       if (this.host.poolServer(pool) !== this.host.node) return `its disk ${d} is not served here`;
