@@ -310,8 +310,9 @@ test('a source daemon restarted while QEMU migrates on (it finishes by itself) e
   await old;
   await until(async () => (await localState(n, 'bravo')) === 'running', 30_000, 'the guest running on bravo');
   await until(() => !n.qemuPids('alpha').includes(source), 15_000, 'the source copy ended');
-  const left = ((await n.managers.alpha.handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms;
-  assert.deepEqual(left, [], `nothing of web left on alpha: ${JSON.stringify(left)}`);
+  // The process is gone before the daemon has seen its QMP close: wait for that too.
+  let left: VmInfo[] = [];
+  await until(async () => (left = ((await n.managers.alpha.handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms).length === 0, 15_000, `nothing of web left on alpha: ${JSON.stringify(left)}`);
   assert.equal(n.qemuPids('bravo').length, 1);
 });
 
