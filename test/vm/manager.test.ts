@@ -262,18 +262,31 @@ function streamTo(address: string): boolean {
 
 const localState = async (n: Nodes, node: string): Promise<string | undefined> => ((await n.managers[node].handle({ cmd: 'vm.local' })) as { vms: VmInfo[] }).vms.find((v) => v.name === 'web')?.state;
 
-test('a stale copy paused on a disk error is not resumed while the node running the VM does not answer: it is ended once that node answers', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+/**
+ * Two copies of web (see twoCopies); bravo's, the stale one, paused on a disk error, and bravo's daemon back but
+ * unable to ask alpha (its API does not answer in time; alpha serves the disk all the same): it stays paused.
+ */
+async function staleCopyWaiting(t: { after(fn: () => unknown): void }): Promise<{ n: Nodes; stale: number; real: number }> {
   const n = await twoNodes(t, { vm: 'prefer: bravo', extra: ['startup: { waitForPeer: 1 }'] });
   const { stale, real } = await twoCopies(n);
   await pauseOnDiskError(n, 'bravo');
-  // bravo's daemon comes back but cannot ask alpha (its API does not answer in time); alpha serves the disk all the same.
   n.drop = (node, request) => node === 'alpha' && request.cmd === 'vm.local';
   await n.restart('bravo');
   await sleep(4000);
   assert.equal(await localState(n, 'bravo'), 'paused', 'the stale copy stays paused while alpha does not answer');
+  return { n, stale, real };
+}
+
+/** alpha answers again: bravo's stale copy is ended, alpha's runs on. */
+async function endedOnceAlphaAnswers(n: Nodes, stale: number, real: number): Promise<void> {
   n.drop = undefined;
   await until(() => !n.qemuPids('bravo').includes(stale), 20_000, 'the stale copy ended once alpha answers');
   assert.deepEqual(n.qemuPids('alpha'), [real]);
+}
+
+test('a stale copy paused on a disk error is not resumed while the node running the VM does not answer: it is ended once that node answers', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const { n, stale, real } = await staleCopyWaiting(t);
+  await endedOnceAlphaAnswers(n, stale, real);
 });
 
 test('both copies paused on a disk error at once (both daemons restarting): the older one is ended, the one started later runs on', { skip: vmSkip, timeout: 90_000 }, async (t) => {
@@ -317,22 +330,14 @@ test('a source daemon restarted while QEMU migrates on (it finishes by itself) e
 });
 
 test('a handover on a node whose stale copy waits paused on a disk error leaves it to the recovery loop: it is not resumed', { skip: vmSkip, timeout: 90_000 }, async (t) => {
-  const n = await twoNodes(t, { vm: 'prefer: bravo', extra: ['startup: { waitForPeer: 1 }'] });
-  const { stale, real } = await twoCopies(n);
-  await pauseOnDiskError(n, 'bravo');
-  n.drop = (node, request) => node === 'alpha' && request.cmd === 'vm.local';
-  await n.restart('bravo');
-  await sleep(2000);
-  assert.equal(await localState(n, 'bravo'), 'paused');
+  const { n, stale, real } = await staleCopyWaiting(t);
   // The Primary role of pool pa moves: bravo pauses and resumes the VMs using it.
   const paused = await n.managers.bravo.pauseIo(['pa']);
   assert.deepEqual(paused.vms, [], 'a copy already paused on a disk error is not the handover\'s');
   await n.managers.bravo.resumeIo(['pa'], 'alpha');
   await sleep(1000);
   assert.equal(await localState(n, 'bravo'), 'paused', 'the stale copy still paused after the handover');
-  n.drop = undefined;
-  await until(() => !n.qemuPids('bravo').includes(stale), 20_000, 'the stale copy ended once alpha answers');
-  assert.deepEqual(n.qemuPids('alpha'), [real]);
+  await endedOnceAlphaAnswers(n, stale, real);
 });
 
 test('a destination that cannot run the guest it received (its QEMU fails to load the state) leaves it running on at the source', { skip: vmSkip, timeout: 90_000 }, async (t) => {
