@@ -31,7 +31,47 @@ const size = z
     }
   }, 'is not a size (write e.g. 64K, 10G)');
 
-const nodeSchema = z.object({ address }).strict();
+/**
+ * A duration between minMs and maxMs: a number of seconds (fractions allowed) or a string with its unit
+ * (`1500ms`, `2s`); kept in milliseconds.
+ */
+function duration(minMs: number, maxMs: number) {
+  const range = `between ${minMs < 1000 ? `${minMs}ms` : `${minMs / 1000}s`} and ${maxMs / 1000}s`;
+  return z.union([z.number(), z.string()], { invalid_type_error: 'must be a duration (2, 1.5, 2s or 1500ms)' }).transform((v, ctx) => {
+    const m = typeof v === 'number' ? [String(v), String(v), 's'] : /^(\d+(?:\.\d+)?)\s*(ms|s)?$/.exec(v.trim());
+    const ms = m ? Math.round(Number(m[1]) * (m[2] === 'ms' ? 1 : 1000)) : NaN;
+    if (!Number.isFinite(ms)) ctx.addIssue({ code: z.ZodIssueCode.custom, message: `${JSON.stringify(v)} is not a duration (write 2, 1.5, 2s or 1500ms)` });
+    else if (ms < minMs || ms > maxMs) ctx.addIssue({ code: z.ZodIssueCode.custom, message: `${JSON.stringify(v)} is out of range: must be ${range}` });
+    else return ms;
+    return z.NEVER;
+  });
+}
+
+const nodeSchema = z
+  .object({
+    address,
+    /** A second address for the heartbeat (another NIC, a crossover cable): a second path between the nodes. */
+    heartbeatAddress: address.optional(),
+    /** Memory this node gives its VMs; absent: no limit (no squeezing). */
+    vmMemory: size.optional(),
+  })
+  .strict();
+
+/** Membership timing (`cluster: {name, deadTime, selfFence, heartbeatPort}`); ARCHITECTURE's `cluster: home` is the short form. */
+const clusterOptions = z
+  .object({
+    name: z.string().regex(NAME, nameMessage),
+    /** A peer silent this long on every path (and at the witness) is dead. */
+    deadTime: duration(200, 60_000).default(2),
+    /**
+     * How long a node that lost quorum may take to stop its VMs and writes; the survivor waits this long
+     * after declaring it dead before taking over.
+     */
+    selfFence: duration(100, 60_000).default(1),
+    /** UDP port of the heartbeat between the nodes, at each node's address (and heartbeatAddress). */
+    heartbeatPort: port.default(7797),
+  })
+  .strict();
 
 const resourceSchema = z
   .object({
@@ -55,7 +95,9 @@ const resourceSchema = z
 
 const schema = z
   .object({
-    cluster: z.string().regex(NAME, nameMessage),
+    cluster: z.union([z.string().regex(NAME, nameMessage), clusterOptions], {
+      errorMap: (_issue, ctx) => ({ message: ctx.data === undefined ? 'is missing: name the cluster (cluster: home)' : `must be the cluster's name (${nameMessage}) or {name, deadTime, selfFence, heartbeatPort}` }),
+    }),
     secret: z
       .object({ file: z.string().min(1).optional(), value: z.string().min(16, 'must be at least 16 characters').optional() })
       .strict()
@@ -100,8 +142,20 @@ const schema = z
       .object({ bandwidth: size.optional(), maxDowntime: z.number({ invalid_type_error: 'must be milliseconds' }).int('must be whole milliseconds').min(1, 'must be 1 ms or more').max(60_000, 'must be at most 60000 ms').default(100) })
       .strict()
       .default({ maxDowntime: 100 }),
+    /** Fencing a lost node before its VMs boot elsewhere: `command NODE off` (and `NODE status` for `fence test`); timeout in seconds. */
+    fence: z.object({ command: z.string().min(1, 'give the command to run'), timeout: duration(1000, 600_000).default(30) }).strict().optional(),
     alerts: z
-      .object({ email: z.object({ to: z.string().email('is not an email address'), smtp: z.string().url('is not a URL (smtp://host:25)'), from: z.string().optional() }).strict().optional() })
+      .object({
+        email: z
+          .object({
+            to: z.string().email('is not an email address'),
+            smtp: z.string().url('is not a URL (smtp://host:25)').refine((u) => /^smtps?:\/\//.test(u), 'must start with smtp:// or smtps://'),
+            from: z.string().optional(),
+          })
+          .strict()
+          .optional(),
+        webhook: z.object({ url: z.string().url('is not a URL').refine((u) => /^https?:\/\//.test(u), 'must start with http:// or https://') }).strict().optional(),
+      })
       .strict()
       .optional(),
   })
@@ -117,7 +171,10 @@ const MISSING_HINTS: Record<string, string> = {
   devices: 'list the resources the pool spans (devices: [a])',
 };
 
-export type ClusterConfig = z.infer<typeof schema> & { file: string };
+type Parsed = z.infer<typeof schema>;
+export type ClusterOptions = { name: string; deadTime: number; selfFence: number; heartbeatPort: number };
+/** `cluster` is always the name; `membership` holds its timing (milliseconds) whichever form the file used. */
+export type ClusterConfig = Omit<Parsed, 'cluster'> & { cluster: string; membership: { deadTimeMs: number; selfFenceMs: number; heartbeatPort: number }; file: string };
 
 export interface ConfigProblem {
   path: (string | number)[];
@@ -191,7 +248,13 @@ export function parseClusterConfig(text: string, file: string): ClusterConfig {
     }
     throw new ConfigError(file, problems);
   }
-  const config = { ...parsed.data, file };
+  const options: ClusterOptions = typeof parsed.data.cluster === 'string' ? { name: parsed.data.cluster, deadTime: 2000, selfFence: 1000, heartbeatPort: 7797 } : parsed.data.cluster;
+  const config: ClusterConfig = {
+    ...parsed.data,
+    cluster: options.name,
+    membership: { deadTimeMs: options.deadTime, selfFenceMs: options.selfFence, heartbeatPort: options.heartbeatPort },
+    file,
+  };
   crossCheck(config, (path, message) => problems.push({ path, line: lineOf(path), message }));
   if (problems.length > 0) throw new ConfigError(file, problems);
   return config;
@@ -212,6 +275,14 @@ function crossCheck(c: ClusterConfig, problem: (path: (string | number)[], messa
   const ports = new Map<number, string>([[c.exports.port, 'exports.port']]);
   if (ports.has(c.api.port)) problem(['api', 'port'], `port ${c.api.port} is already used by exports.port; give the API its own port`);
   ports.set(c.api.port, 'api.port');
+  if (ports.has(c.membership.heartbeatPort)) problem(['cluster', 'heartbeatPort'], `port ${c.membership.heartbeatPort} is already used by ${ports.get(c.membership.heartbeatPort)}; give the heartbeat its own port`);
+  ports.set(c.membership.heartbeatPort, 'cluster.heartbeatPort');
+  if (c.membership.selfFenceMs >= c.membership.deadTimeMs * 4) problem(['cluster', 'selfFence'], `${c.membership.selfFenceMs}ms is long next to deadTime (${c.membership.deadTimeMs}ms): a lost node's VMs would be down for both; keep selfFence under 4 × deadTime`);
+  for (const [n, node] of Object.entries(c.nodes)) {
+    if (node.heartbeatAddress === undefined) continue;
+    const other = addresses.get(node.heartbeatAddress);
+    if (other && other !== n) problem(['nodes', n, 'heartbeatAddress'], `${node.heartbeatAddress} is node ${other}'s address; a second path needs an address of ${n}'s own`);
+  }
   for (const [r, res] of Object.entries(c.resources)) {
     if (!NAME.test(r)) problem(['resources', r], `resource name: ${nameMessage}`);
     for (const n of Object.keys(res.disk)) if (!c.nodes[n]) problem(['resources', r, 'disk', n], `no node named ${n} (nodes: ${nodeList})`);
@@ -230,6 +301,21 @@ function crossCheck(c: ClusterConfig, problem: (path: (string | number)[], messa
       if (other) problem(['pools', p, 'devices', i], `resource ${d} is already in pool ${other}; a resource belongs to one pool`);
       poolOf.set(d, p);
     });
+  }
+  for (const [p, pool] of Object.entries(c.pools)) {
+    // A pool opens where all its resources are Primary: preferring two nodes would keep it closed on both.
+    const known = pool.devices.filter((d) => c.resources[d]?.prefer !== undefined);
+    if (new Set(known.map((d) => c.resources[d].prefer)).size > 1) {
+      problem(['pools', p, 'devices'], `its resources prefer different nodes (${known.map((d) => `${d}: ${c.resources[d].prefer}`).join(', ')}); a pool is served by one node: give them the same prefer`);
+    }
+  }
+  for (const [v, vm] of Object.entries(c.vms)) {
+    const floor = parseSize(String(vm.minMemory ?? vm.memory));
+    for (const [n, node] of Object.entries(c.nodes)) {
+      if (node.vmMemory !== undefined && floor > parseSize(String(node.vmMemory))) {
+        problem(['vms', v, vm.minMemory !== undefined ? 'minMemory' : 'memory'], `${vm.minMemory ?? vm.memory} does not fit nodes.${n}.vmMemory (${node.vmMemory}): it could never run there; lower it or raise vmMemory`);
+      }
+    }
   }
   for (const [v, vm] of Object.entries(c.vms)) {
     if (!NAME.test(v)) problem(['vms', v], `VM name: ${nameMessage}`);

@@ -92,6 +92,7 @@ test('cross-references: unknown nodes, resources, pools, clashing ports and addr
     /^9 resources\.b\.port: port 7801 is already used by resources\.a\.port/,
     /^12 pools\.pb\.devices\.1: resource a is already in pool pa/,
     /^12 pools\.pb\.devices\.2: no resource named zz/,
+    /^12 pools\.pb\.devices: its resources prefer different nodes \(b: bravo, a: alpha\)/,
     /^16 vms\.media\.disks\.0: no pool named pq/,
     /^16 vms\.media\.prefer: no node named charlie/,
     /^16 vms\.media\.minMemory: 3G is more than memory \(2G\)/,
@@ -128,4 +129,47 @@ test('the error message a user sees names the file, line and key; a missing file
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('cluster timing: the short form has defaults; the long form takes durations; fence, webhook, vmMemory', () => {
+  const base = 'secret: {value: "0123456789abcdef"}\nnodes: {a: {address: 127.0.0.2, vmMemory: 1G, heartbeatAddress: 10.0.0.2}}\n';
+  const short = parseClusterConfig(`cluster: x\n${base}`, 'm.yaml');
+  assert.equal(short.cluster, 'x');
+  assert.deepEqual(short.membership, { deadTimeMs: 2000, selfFenceMs: 1000, heartbeatPort: 7797 });
+  const long = parseClusterConfig(
+    `cluster: { name: x, deadTime: 1500ms, selfFence: 0.5, heartbeatPort: 7000 }\n${base}fence: { command: /bin/true, timeout: 5s }\nalerts: { webhook: { url: "http://127.0.0.1:9/hook" } }\n`,
+    'm.yaml',
+  );
+  assert.equal(long.cluster, 'x');
+  assert.deepEqual(long.membership, { deadTimeMs: 1500, selfFenceMs: 500, heartbeatPort: 7000 });
+  assert.deepEqual(long.fence, { command: '/bin/true', timeout: 5000 });
+  assert.equal(long.alerts?.webhook?.url, 'http://127.0.0.1:9/hook');
+  assert.equal(long.nodes.a.vmMemory, '1G');
+  const problems = problemsOf(
+    `cluster: { name: x, deadTime: soon, selfFence: 30s, heartbeatPort: 7800 }\n${base}fence: { timeout: 5 }\nalerts: { email: { to: a@b.c, smtp: "http://x" }, webhook: { url: "ftp://x" } }\n`,
+  );
+  assert.ok(problems.some((p) => /cluster\.deadTime: "soon" is not a duration/.test(p)), problems.join('\n'));
+  assert.ok(problems.some((p) => /cluster\.selfFence: "30s" is out of range: must be between 100ms and 60s/.test(p)) === false, problems.join('\n'));
+  assert.ok(problems.some((p) => /fence\.command: is missing/.test(p)), problems.join('\n'));
+  assert.ok(problems.some((p) => /alerts\.email\.smtp: must start with smtp:\/\//.test(p)), problems.join('\n'));
+  assert.ok(problems.some((p) => /alerts\.webhook\.url: must start with http/.test(p)), problems.join('\n'));
+  // Cross checks run once the shapes are right.
+  const clash = problemsOf(`cluster: { name: x, heartbeatPort: 7800, selfFence: 9s }\n${base}`);
+  assert.ok(clash.some((p) => /cluster\.heartbeatPort: port 7800 is already used by api\.port/.test(p)), clash.join('\n'));
+  assert.ok(clash.some((p) => /cluster\.selfFence: 9000ms is long next to deadTime/.test(p)), clash.join('\n'));
+});
+
+test('contradicting settings: a pool whose resources prefer two nodes, a VM that fits no node', () => {
+  const text = `cluster: x
+secret: {value: "0123456789abcdef"}
+nodes: {alpha: {address: 127.0.0.2, vmMemory: 256M}, bravo: {address: 127.0.0.3}}
+resources:
+  a: { port: 7801, disk: { alpha: /d/a, bravo: /d/a }, prefer: alpha }
+  b: { port: 7802, disk: { alpha: /d/b, bravo: /d/b }, prefer: bravo }
+pools: { p: { devices: [a, b] } }
+vms: { web: { disks: [p/web], memory: 1G, minMemory: 512M } }
+`;
+  const problems = problemsOf(text);
+  assert.ok(problems.some((p) => /pools\.p\.devices: its resources prefer different nodes \(a: alpha, b: bravo\)/.test(p)), problems.join('\n'));
+  assert.ok(problems.some((p) => /vms\.web\.minMemory: 512M does not fit nodes\.alpha\.vmMemory \(256M\)/.test(p)), problems.join('\n'));
 });
