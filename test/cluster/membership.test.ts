@@ -1,0 +1,207 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { heartbeatFor, initialState, step, tookOver, type MembershipAction, type MembershipState, type MembershipTiming, type Observation } from '../../src/cluster/membership.js';
+
+const D = 2000;
+const timing: MembershipTiming = { deadTimeMs: D, selfFenceMs: 1000, heartbeatMs: heartbeatFor(D) };
+
+type W = NonNullable<Observation['witness']>;
+const witness = (answeredMs: number, peerSilentMs: number | undefined, more: Partial<W> = {}): W => ({ answeredMs, peerSilentMs, peerDeclared: false, selfDeclared: false, ...more });
+
+function run(s: MembershipState, o: Partial<Observation> & { nowMs: number }): { state: MembershipState; actions: MembershipAction[] } {
+  return step(s, { directMs: undefined, heardByPeerMs: o.directMs, fenceCommand: false, ...o }, timing);
+}
+
+test('the table: a silent peer is declared dead at the witness, then taken over selfFence later', () => {
+  let r = run(initialState(0), { nowMs: 100, directMs: 100, witness: witness(100, 10) });
+  assert.deepEqual(r.actions, [{ do: 'peer-online' }]);
+  // Silent directly, but the witness hears it: alive, unreachable; never taken over.
+  r = run(r.state, { nowMs: 2200, directMs: 100, witness: witness(2190, 90) });
+  assert.equal(r.state.peer, 'unreachable');
+  assert.deepEqual(r.actions, [{ do: 'peer-unreachable' }]);
+  // Silent at the witness too: ask it to declare the peer dead; only its yes makes it dead.
+  r = run(r.state, { nowMs: 4200, directMs: 100, witness: witness(4190, 2090) });
+  assert.equal(r.state.peer, 'suspect', 'not dead before the witness says so');
+  assert.deepEqual(r.actions.map((a) => a.do), ['declare']);
+  r = run(r.state, { nowMs: 4450, directMs: 100, witness: witness(4440, 2340, { peerDeclared: true }) });
+  assert.equal(r.state.peer, 'dead');
+  assert.deepEqual(r.actions.map((a) => a.do), ['peer-lost'], 'waits selfFence first');
+  r = run(r.state, { nowMs: 5450, directMs: 100, witness: witness(5440, 3340, { peerDeclared: true }) });
+  assert.deepEqual(r.actions.map((a) => a.do), ['take-over']);
+  r = { state: tookOver(r.state), actions: [] };
+  assert.equal(r.state.peer, 'fenced');
+  r = run(r.state, { nowMs: 6000, directMs: 100, witness: witness(5990, 10, { peerDeclared: true }) });
+  assert.deepEqual(r.actions, [], 'alive at the witness but declared: stays fenced');
+  // Back on a direct path: reported back; the takeover stands.
+  r = run(r.state, { nowMs: 9000, directMs: 8990, witness: witness(8990, 10, { peerDeclared: true }) });
+  assert.deepEqual(r.actions, [{ do: 'peer-back', was: 'fenced' }, { do: 'peer-online' }]);
+});
+
+test('the table: no quorum means self-fence, latched until the peer has heard this node again', () => {
+  let r = run(initialState(0), { nowMs: 100, directMs: 100, witness: witness(100, 10) });
+  r = run(r.state, { nowMs: 1300, directMs: 100, witness: witness(100, 10) });
+  assert.equal(r.state.quorum, true, 'the window is D - 3H');
+  r = run(r.state, { nowMs: 1400, directMs: 100, witness: witness(100, 10) });
+  assert.deepEqual(r.actions.map((a) => a.do), ['quorum-lost', 'self-fence']);
+  assert.equal(r.state.peer, 'online', 'within deadTime: this node fences itself before its peer could declare it dead');
+  r = run(r.state, { nowMs: 2200, directMs: 100, witness: witness(100, 10) });
+  assert.equal(r.state.peer, 'suspect', 'no vote to declare a death with');
+  assert.deepEqual(r.actions, []);
+  // The witness answers again: quorum, still fenced (the peer may have taken over).
+  r = run(r.state, { nowMs: 6000, directMs: 100, witness: witness(6000, 10) });
+  assert.deepEqual(r.actions.map((a) => a.do), ['quorum-regained', 'peer-unreachable']);
+  assert.equal(r.state.selfFenced, true);
+  // Heard of the peer directly, but the peer has not heard this node since the fence: still fenced.
+  r = run(r.state, { nowMs: 6500, directMs: 6500, heardByPeerMs: 1000, witness: witness(6500, 10) });
+  assert.equal(r.state.selfFenced, true);
+  r = run(r.state, { nowMs: 7000, directMs: 7000, heardByPeerMs: 6900, witness: witness(7000, 10) });
+  assert.equal(r.state.selfFenced, false);
+});
+
+test('the table: a node the witness holds dead has no vote from it and fences itself', () => {
+  let r = run(initialState(0), { nowMs: 100, directMs: 100, witness: witness(100, 10) });
+  r = run(r.state, { nowMs: 2000, directMs: 100, heardByPeerMs: 100, witness: witness(1990, 10, { selfDeclared: true }) });
+  assert.deepEqual(r.actions.map((a) => a.do), ['quorum-lost', 'self-fence']);
+  assert.match((r.actions[1] as { why: string }).why, /the witness holds this node dead/);
+});
+
+test('the table: two nodes without a witness take over only through a fence command, and never fence themselves', () => {
+  let r = run(initialState(0), { nowMs: 100, directMs: 100 });
+  r = run(r.state, { nowMs: 2200, directMs: 100 });
+  assert.deepEqual(r.actions.map((a) => a.do), ['peer-lost']);
+  r = run(r.state, { nowMs: 9000, directMs: 100 });
+  assert.deepEqual(r.actions, [], 'no fence command: an admin decides');
+  assert.equal(r.state.selfFenced, false);
+  r = run(r.state, { nowMs: 9100, directMs: 100, fenceCommand: true });
+  assert.deepEqual(r.actions.map((a) => a.do), ['take-over']);
+});
+
+type Link = 'ab' | 'aw' | 'bw';
+type Cut = { link: Link; at: number; len: number };
+
+/**
+ * Two nodes and a witness on a simulated network: each beats every H (late by up to H/4), messages
+ * take up to H/2, links go down and up at random (a message in flight when its link goes down is
+ * lost). Returns the first violation: a node declared dead, or taken over, before it fenced itself.
+ */
+function simulate(cuts: Cut[], phaseB: number, seed: number, trace?: (line: string) => void, counts = { takeovers: 0 }): string | undefined {
+  const H = timing.heartbeatMs;
+  let rnd = seed;
+  const random = (): number => (rnd = (rnd * 48271) % 2147483647) / 2147483647;
+  const up = (link: Link, t: number): boolean => !cuts.some((c) => c.link === link && t >= c.at && t < c.at + c.len);
+  const linkOf = (x: string, y: string): Link => [x, y].sort().join('') as Link;
+  const peerOf = { a: 'b', b: 'a' } as const;
+  const fresh = (next: number) => ({
+    state: initialState(0),
+    direct: undefined as number | undefined,
+    /** Send time of the last heartbeat received from the peer (echoed back). */
+    lastPeerSend: undefined as number | undefined,
+    heardByPeer: undefined as number | undefined,
+    w: { answeredMs: undefined as number | undefined, peerSilentMs: undefined as number | undefined, peerDeclared: false, selfDeclared: false },
+    next,
+    fencedAt: undefined as number | undefined,
+  });
+  const node = { a: fresh(0), b: fresh(phaseB) };
+  // The witness: when it last heard each node, and whom it holds dead (declared by whom).
+  const heard: Record<string, number | undefined> = { a: undefined, b: undefined };
+  const dead: Record<string, boolean> = { a: false, b: false };
+  const inbox: { at: number; deliver: () => void }[] = [];
+  const send = (from: string, to: string, t: number, deliver: (at: number) => void): void => {
+    if (!up(linkOf(from, to), t)) return;
+    const at = t + 1 + Math.floor(random() * (H / 2 - 1));
+    inbox.push({ at, deliver: () => up(linkOf(from, to), at) && deliver(at) });
+  };
+  for (let t = 0; t <= 24_000; t++) {
+    for (let i = 0; i < inbox.length; ) {
+      if (inbox[i].at === t) inbox.splice(i, 1)[0].deliver();
+      else i++;
+    }
+    for (const n of ['a', 'b'] as const) {
+      const me = node[n];
+      if (t < me.next) continue;
+      me.next = t + H + Math.floor(random() * (H / 4));
+      const peer = peerOf[n];
+      const echo = me.lastPeerSend;
+      send(n, peer, t, () => {
+        const p = node[peer];
+        p.direct = t; // (what matters is when it arrived; close enough for the receiver's own view)
+        p.lastPeerSend = Math.max(p.lastPeerSend ?? -Infinity, t);
+        if (echo !== undefined) p.heardByPeer = Math.max(p.heardByPeer ?? -Infinity, echo);
+      });
+      const ask = (declare: boolean): void =>
+        send(n, 'w', t, (at) => {
+          heard[n] = at;
+          if (declare && !dead[n] && (heard[peer] === undefined || at - heard[peer]! >= D)) dead[peer] = true;
+          if (!declare && me.state.peer === 'online' && dead[peer]) dead[peer] = false; // peer back: the declaration goes
+          const silent = heard[peer] === undefined ? undefined : at - heard[peer]!;
+          const reply = { peerDeclared: dead[peer], selfDeclared: dead[n] };
+          send('w', n, at, () => {
+            if (t >= (me.w.answeredMs ?? -Infinity)) me.w = { answeredMs: t, peerSilentMs: silent, ...reply };
+          });
+        });
+      const o = { nowMs: t, directMs: me.direct, heardByPeerMs: me.heardByPeer, witness: { ...me.w }, fenceCommand: false };
+      const r = step(me.state, o, timing);
+      trace?.(`${t} ${n} ${JSON.stringify(o)} -> ${r.state.peer} q=${r.state.quorum} f=${r.state.selfFenced} ${r.actions.map((a) => a.do).join(',')}`);
+      me.state = r.state;
+      ask(r.actions.some((a) => a.do === 'declare'));
+      for (const a of r.actions) {
+        if (a.do === 'self-fence') me.fencedAt = t;
+        const other = node[peer];
+        // (a beat ahead at least: the margin the window Q leaves)
+        if (a.do === 'peer-lost' && !(other.state.selfFenced && other.fencedAt !== undefined && other.fencedAt <= t - H)) return `${n} declared ${peer} dead at ${t} ms, but ${peer} had not fenced itself a beat before`;
+        if (a.do === 'take-over' && !other.state.selfFenced) return `${n} takes over ${peer} at ${t} ms while ${peer} runs`;
+        if (a.do === 'take-over' && t - (other.fencedAt ?? t) < timing.selfFenceMs) return `${peer} had less than selfFence to stop its VMs`;
+        if (a.do === 'take-over') {
+          counts.takeovers++;
+          me.state = tookOver(me.state);
+        }
+      }
+    }
+  }
+  return undefined;
+}
+
+test('simulation: a node is declared dead only after it fenced itself, whatever the links do', () => {
+  const H = timing.heartbeatMs;
+  const counts = { takeovers: 0 };
+  const cut = fc.record({ link: fc.constantFrom<Link>('ab', 'aw', 'bw'), at: fc.integer({ min: 0, max: 12_000 }), len: fc.integer({ min: 50, max: 8000 }) });
+  fc.assert(
+    fc.property(fc.array(cut, { maxLength: 6 }), fc.integer({ min: 0, max: H - 1 }), fc.integer({ min: 1, max: 2 ** 31 - 2 }), (cuts, phaseB, seed) => {
+      const violation = simulate(cuts, phaseB, seed, undefined, counts);
+      assert.equal(violation, undefined, `${violation} (cuts ${JSON.stringify(cuts)}, phase ${phaseB}, seed ${seed})`);
+    }),
+    { numRuns: Number(process.env.DUET_SIM_RUNS ?? 300) },
+  );
+  // Not vacuous: the random cuts do make nodes take over.
+  assert.ok(counts.takeovers > 10, `only ${counts.takeovers} takeovers in the runs`);
+});
+
+if (process.env.DUET_SIM_TRACE) {
+  const { cuts, phase, seed } = JSON.parse(process.env.DUET_SIM_TRACE) as { cuts: Cut[]; phase: number; seed: number };
+  console.log(simulate(cuts, phase, seed, (l) => console.log(l)));
+}
+
+test('simulation: a node cut off from everything is taken over within deadTime + selfFence + a few beats', () => {
+  const H = timing.heartbeatMs;
+  for (const phase of [0, 37, H / 2, H - 1]) {
+    const cutAt = 3000 + phase;
+    let b = initialState(0);
+    let direct = 0;
+    let answered = 0;
+    let peerSeen = 0;
+    let tookOverAt: number | undefined;
+    for (let t = 0; t < 12_000 && tookOverAt === undefined; t += H) {
+      if (t < cutAt) {
+        direct = t;
+        peerSeen = t;
+      }
+      answered = t;
+      const r = step(b, { nowMs: t, directMs: direct, heardByPeerMs: direct, witness: { answeredMs: answered, peerSilentMs: answered - peerSeen, peerDeclared: t - peerSeen >= D, selfDeclared: false }, fenceCommand: false }, timing);
+      b = r.state;
+      if (r.actions.some((a) => a.do === 'take-over')) tookOverAt = t;
+    }
+    assert.ok(tookOverAt !== undefined);
+    assert.ok(tookOverAt - cutAt <= D + timing.selfFenceMs + 2 * H, `took ${tookOverAt - cutAt} ms`);
+  }
+});
