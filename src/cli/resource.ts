@@ -78,7 +78,7 @@ export function registerWitness(program: Command): void {
       if (!config.witness) throw new UserError(`${file}: has no witness: section (witness: { address: IP })`);
       const log = createLogger('duet-witness', undefined, { async: true });
       const home = resolveHome(opts.home);
-      const w = new Witness(path.join(home, 'witness.json'), Object.keys(config.nodes), log);
+      const w = new Witness(path.join(home, 'witness.json'), Object.keys(config.nodes), log, Date.now, config.membership.deadTimeMs);
       const port = config.witness.port ?? DEFAULT_WITNESS_PORT;
       try {
         await w.listen(config.witness.address, port, loadSecret(config));

@@ -24,6 +24,19 @@
  *   its data is then the good copy by decree;
  * - a new fence of the same node replaces its mark (a newer G).
  *
+ * Membership (membership.ts): every command counts as a sign of life of its
+ * sender, and every answer says how long the witness has not heard each
+ * node (`silentMs`; a node never heard since the witness started counts as
+ * silent since then) and which nodes it holds dead. `witness.declare` asks
+ * it to hold the sender's peer dead; it is decided here, at once, and only
+ * granted when the witness itself has not heard the peer for deadTime, and
+ * the sender is not held dead itself: of two nodes cut from each other, at
+ * most one is declared. A node held dead gets no vote from the witness (its
+ * answers say so) until the node that declared it clears the mark
+ * (`witness.clear`, once it hears its peer again). The marks are kept in
+ * memory only: a node declared dead has fenced itself and stays so until
+ * its peer has heard it again (membership.ts), whatever the witness forgets.
+ *
  * A caller that timed out resets its connection, and the witness drops a
  * request whose caller hung up before it ran (AdminServer's
  * dropIfCallerLeft): a request the caller gave up on does not act later.
@@ -89,6 +102,10 @@ const commandSchema = z.discriminatedUnion('cmd', [
   z.object({ cmd: z.literal('witness.cancel'), node: name, resource: name, peer: name, until: generation }).strict(),
   /** Before a promotion; `force`: the operator promotes this copy whatever the witness holds. */
   z.object({ cmd: z.literal('witness.query'), node: name, resource: name, current: generation, force: z.boolean().optional() }).strict(),
+  /** Hold `peer` dead (granted only if the witness has not heard it for deadTime either). */
+  z.object({ cmd: z.literal('witness.declare'), node: name, peer: name }).strict(),
+  /** `peer` is back: the sender's declaration of it goes. */
+  z.object({ cmd: z.literal('witness.clear'), node: name, peer: name }).strict(),
 ]);
 
 export type WitnessCommand = z.infer<typeof commandSchema>;
@@ -97,6 +114,10 @@ export interface WitnessReply {
   outdated: boolean;
   /** Resources for which this node's data is outdated. */
   outdatedResources: string[];
+  /** Per node: milliseconds since the witness last heard it (or since the witness started, if never). */
+  silentMs?: Record<string, number>;
+  /** Nodes the witness holds dead, and who declared them. */
+  declared?: Record<string, string>;
 }
 
 /** Outdated until it holds generation `until`; when, and by whom. */
@@ -127,6 +148,11 @@ export class Witness {
   private marks: Marks;
   private sequence: number;
   private readonly lastSeen = new Map<string, number>();
+  /** Node held dead -> the node that declared it (membership; in memory, see above). */
+  private readonly declared = new Map<string, string>();
+  private readonly startedAt: number;
+  /** For silences: monotonic (a wall clock stepped forward must not make a live node look silent), or the fake clock. */
+  private readonly mono: () => number;
   /** The last ignored claim logged per (resource, node, claimer): logged once, not on every heartbeat. */
   private readonly ignoredLogged = new Map<string, string>();
   private server: AdminServer | undefined;
@@ -137,7 +163,11 @@ export class Witness {
     private readonly log: Logger,
     /** Milliseconds since the epoch, for the marks' times (a simulation's fake clock; the wall clock by default). */
     private readonly now: () => number = Date.now,
+    /** The cluster's deadTime: how long a node must be silent here before it may be declared dead. */
+    private readonly deadTimeMs = 2000,
   ) {
+    this.mono = now === Date.now ? () => performance.now() : now;
+    this.startedAt = this.mono();
     fs.mkdirSync(path.dirname(file), { recursive: true });
     refuseLink(`${file}.tmp`);
     ({ marks: this.marks, sequence: this.sequence } = load(file));
@@ -157,7 +187,7 @@ export class Witness {
   /** Serve one command (already authenticated, not yet checked). */
   handle(request: unknown): WitnessReply {
     const c = this.check(request);
-    this.lastSeen.set(c.node, this.now());
+    this.lastSeen.set(c.node, this.mono());
     // Changes go to a draft, saved before they count: a failed save leaves the marks as they were.
     const draft: Marks = new Map([...this.marks].map(([r, m]) => [r, new Map(m)]));
     const logs: Array<() => void> = [];
@@ -197,6 +227,24 @@ export class Witness {
         }
         break;
       }
+      case 'witness.declare': {
+        const silent = this.silentMs(c.peer);
+        if (this.declared.has(c.node)) {
+          refusal = new UserError(`node ${c.node} is held dead by ${this.declared.get(c.node)}: it may not declare ${c.peer} dead`, 1);
+        } else if (this.declared.get(c.peer) !== c.node && silent < this.deadTimeMs) {
+          refusal = new UserError(`the witness heard ${c.peer} ${silent} ms ago: it is not dead (deadTime ${this.deadTimeMs} ms)`, 1);
+        } else if (!this.declared.has(c.peer)) {
+          this.declared.set(c.peer, c.node);
+          logs.push(() => this.log.warn({ event: 'witness-declared', node: c.peer, by: c.node, silentMs: silent }, `${c.peer} declared dead by ${c.node} (silent here for ${silent} ms)`));
+        }
+        break;
+      }
+      case 'witness.clear':
+        if (this.declared.get(c.peer) === c.node) {
+          this.declared.delete(c.peer);
+          logs.push(() => this.log.info({ event: 'witness-declaration-cleared', node: c.peer, by: c.node }, `${c.peer} is back for ${c.node}: no longer held dead`));
+        }
+        break;
       case 'witness.query':
         if (c.force) {
           const mark = draft.get(c.resource)?.get(c.node);
@@ -214,7 +262,13 @@ export class Witness {
     return {
       outdated: 'resource' in c ? this.isOutdated(c.resource, c.node) : false,
       outdatedResources: [...this.marks].filter(([, m]) => m.has(c.node)).map(([r]) => r),
+      silentMs: Object.fromEntries(this.nodes.map((n) => [n, this.silentMs(n)])),
+      declared: Object.fromEntries(this.declared),
     };
+  }
+
+  private silentMs(node: string): number {
+    return Math.max(0, this.mono() - (this.lastSeen.get(node) ?? this.startedAt));
   }
 
   private check(request: unknown): WitnessCommand {
@@ -230,6 +284,7 @@ export class Witness {
       const known = (n: string): boolean => this.nodes.includes(n);
       if (!known(c.node)) problem = `the witness does not know node ${c.node} (nodes: ${this.nodes.join(', ')})`;
       else if ((c.cmd === 'witness.outdate' || c.cmd === 'witness.cancel') && (!known(c.peer) || c.peer === c.node)) problem = `peer ${c.peer} is not the other node of ${c.resource}`;
+      else if ((c.cmd === 'witness.declare' || c.cmd === 'witness.clear') && (!known(c.peer) || c.peer === c.node)) problem = `peer ${c.peer} is not another node of the cluster`;
       else if (c.cmd === 'witness.heartbeat') {
         const bad = Object.entries(c.inSync).find(([, claim]) => !known(claim.peer) || claim.peer === c.node);
         if (bad) problem = `inSync.${bad[0]}.peer ${bad[1].peer} is not the other node`;

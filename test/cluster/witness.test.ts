@@ -425,3 +425,46 @@ test('a fence for a newer generation that is then cancelled leaves the older mar
   await w.client('bravo').call({ cmd: 'witness.heartbeat', inSync: {}, generations: { r: G1 } });
   assert.equal(await isOutdated(w, 'bravo', 'r'), false);
 });
+
+test('declarations: granted only for a node silent at the witness for deadTime, at most one of two, cleared by their setter', async () => {
+  // A fake clock: silences are measured on it.
+  let now = 1_000_000;
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-witness-declare-'));
+  try {
+    const w = new Witness(path.join(dir, 'witness.json'), NODES, pino({ level: 'silent' }), () => now, 2000);
+    const call = (c: Record<string, unknown>) => {
+      try {
+        return { reply: w.handle(c) };
+      } catch (err) {
+        return { err: err as Error & { exitCode?: number } };
+      }
+    };
+    assert.deepEqual(call({ cmd: 'witness.heartbeat', node: 'alpha', generations: {}, inSync: {} }).reply?.silentMs, { alpha: 0, bravo: 0 });
+    now += 1500;
+    call({ cmd: 'witness.heartbeat', node: 'bravo', generations: {}, inSync: {} });
+    now += 1000;
+    // alpha silent 2500 ms, bravo 1000 ms.
+    const early = call({ cmd: 'witness.declare', node: 'alpha', peer: 'bravo' });
+    assert.match(early.err?.message ?? '', /the witness heard bravo 1000 ms ago: it is not dead/);
+    assert.equal(early.err?.exitCode, 1);
+    now += 100;
+    // (alpha's request was itself a sign of life: alpha is not silent now.)
+    assert.match(call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' }).err?.message ?? '', /heard alpha 100 ms ago/);
+    now += 2000;
+    const granted = call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' });
+    assert.deepEqual(granted.reply?.declared, { alpha: 'bravo' });
+    // Declared: alpha may not declare bravo in turn, and every answer tells it it is held dead.
+    now += 5000;
+    const back = call({ cmd: 'witness.declare', node: 'alpha', peer: 'bravo' });
+    assert.match(back.err?.message ?? '', /node alpha is held dead by bravo/);
+    assert.deepEqual(call({ cmd: 'witness.heartbeat', node: 'alpha', generations: {}, inSync: {} }).reply?.declared, { alpha: 'bravo' });
+    // Asking again is harmless; only the setter clears it.
+    assert.deepEqual(call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' }).reply?.declared, { alpha: 'bravo' });
+    call({ cmd: 'witness.clear', node: 'alpha', peer: 'alpha' });
+    assert.deepEqual(call({ cmd: 'witness.clear', node: 'alpha', peer: 'bravo' }).reply?.declared, { alpha: 'bravo' });
+    assert.deepEqual(call({ cmd: 'witness.clear', node: 'bravo', peer: 'alpha' }).reply?.declared, {});
+    assert.match(call({ cmd: 'witness.declare', node: 'bravo', peer: 'bravo' }).err?.message ?? '', /peer bravo is not another node/);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
