@@ -11,6 +11,7 @@ import { registerPool } from './pool.js';
 import { registerVol } from './vol.js';
 import { registerNode, registerResource, registerWitness } from './resource.js';
 import { registerVm } from './vm.js';
+import { registerCluster } from './cluster.js';
 
 export async function main(argv: string[]): Promise<void> {
   const program = new Command();
@@ -30,6 +31,7 @@ export async function main(argv: string[]): Promise<void> {
   registerResource(program);
   registerWitness(program);
   registerVm(program);
+  registerCluster(program);
   registerDemo(program);
   try {
     await program.parseAsync(argv, { from: 'user' });

@@ -70,6 +70,11 @@ const clusterOptions = z
     selfFence: duration(100, 60_000).default(1),
     /** UDP port of the heartbeat between the nodes, at each node's address (and heartbeatAddress). */
     heartbeatPort: port.default(7797),
+    /**
+     * auto: a lost node is fenced and taken over, a node without quorum fences itself. manual: the cluster
+     * manager only watches, reports and alerts (maintenance, or an admin who decides every failover).
+     */
+    failover: z.enum(['auto', 'manual'], { errorMap: () => ({ message: 'must be auto or manual' }) }).default('auto'),
   })
   .strict();
 
@@ -96,7 +101,7 @@ const resourceSchema = z
 const schema = z
   .object({
     cluster: z.union([z.string().regex(NAME, nameMessage), clusterOptions], {
-      errorMap: (_issue, ctx) => ({ message: ctx.data === undefined ? 'is missing: name the cluster (cluster: home)' : `must be the cluster's name (${nameMessage}) or {name, deadTime, selfFence, heartbeatPort}` }),
+      errorMap: (_issue, ctx) => ({ message: ctx.data === undefined ? 'is missing: name the cluster (cluster: home)' : `must be the cluster's name (${nameMessage}) or {name, deadTime, selfFence, heartbeatPort, failover}` }),
     }),
     secret: z
       .object({ file: z.string().min(1).optional(), value: z.string().min(16, 'must be at least 16 characters').optional() })
@@ -172,9 +177,9 @@ const MISSING_HINTS: Record<string, string> = {
 };
 
 type Parsed = z.infer<typeof schema>;
-export type ClusterOptions = { name: string; deadTime: number; selfFence: number; heartbeatPort: number };
+export type ClusterOptions = { name: string; deadTime: number; selfFence: number; heartbeatPort: number; failover: 'auto' | 'manual' };
 /** `cluster` is always the name; `membership` holds its timing (milliseconds) whichever form the file used. */
-export type ClusterConfig = Omit<Parsed, 'cluster'> & { cluster: string; membership: { deadTimeMs: number; selfFenceMs: number; heartbeatPort: number }; file: string };
+export type ClusterConfig = Omit<Parsed, 'cluster'> & { cluster: string; membership: { deadTimeMs: number; selfFenceMs: number; heartbeatPort: number; failover: 'auto' | 'manual' }; file: string };
 
 export interface ConfigProblem {
   path: (string | number)[];
@@ -248,11 +253,11 @@ export function parseClusterConfig(text: string, file: string): ClusterConfig {
     }
     throw new ConfigError(file, problems);
   }
-  const options: ClusterOptions = typeof parsed.data.cluster === 'string' ? { name: parsed.data.cluster, deadTime: 2000, selfFence: 1000, heartbeatPort: 7797 } : parsed.data.cluster;
+  const options: ClusterOptions = typeof parsed.data.cluster === 'string' ? { name: parsed.data.cluster, deadTime: 2000, selfFence: 1000, heartbeatPort: 7797, failover: 'auto' } : parsed.data.cluster;
   const config: ClusterConfig = {
     ...parsed.data,
     cluster: options.name,
-    membership: { deadTimeMs: options.deadTime, selfFenceMs: options.selfFence, heartbeatPort: options.heartbeatPort },
+    membership: { deadTimeMs: options.deadTime, selfFenceMs: options.selfFence, heartbeatPort: options.heartbeatPort, failover: options.failover },
     file,
   };
   crossCheck(config, (path, message) => problems.push({ path, line: lineOf(path), message }));

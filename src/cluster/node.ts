@@ -46,8 +46,9 @@ import { VmManager, type VmCommand, type VmHost } from '../vm/manager.js';
 import { callAdmin } from '../volume/admin-socket.js';
 import { signRequest } from './api-auth.js';
 import { handover, type HandoverHost } from './handover.js';
-
-const HEARTBEAT_MS = 500;
+import { EventLog, tapEvents } from './events.js';
+import { ClusterManager, type ClusterHost } from './manager.js';
+import { clusterStatus, fenceTest } from './status.js';
 
 export type NodeCommand =
   | { cmd: 'resource.status'; resource?: string }
@@ -60,6 +61,9 @@ export type NodeCommand =
   | { cmd: 'resource.restore-blocks'; resource: string; file: string }
   /** Bring up a resource that is down for want of metadata (sent by `resource create-md`). */
   | { cmd: 'resource.attach'; resource: string }
+  | { cmd: 'cluster.status' }
+  | { cmd: 'cluster.fence-test'; node: string }
+  | { cmd: 'events.list'; since?: number; limit?: number; tail?: number }
   | VmCommand
   | (PoolCommand & { pool: string });
 
@@ -98,7 +102,7 @@ interface OpenPool {
   resources: string[];
 }
 
-export class NodeDaemon implements VmHost, HandoverHost {
+export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
   readonly resources = new Map<string, ResourceEntry>();
   readonly down = new Map<string, DownResource>();
   readonly pools = new Map<string, OpenPool>();
@@ -109,23 +113,33 @@ export class NodeDaemon implements VmHost, HandoverHost {
   private chain: Promise<unknown> = Promise.resolve();
   readonly address: string;
 
-  private readonly quorum: Quorum;
-  private heartbeat: NodeJS.Timeout | undefined;
+  readonly quorum: Quorum;
   private readonly loop: LoopDelayMonitor;
   readonly vms: VmManager;
+  readonly cluster: ClusterManager;
 
   private constructor(
     readonly config: ClusterConfig,
     readonly node: string,
     readonly home: string,
     readonly log: Logger,
-    private readonly secret: Buffer,
+    readonly secret: Buffer,
+    readonly events: EventLog,
   ) {
     this.address = config.nodes[node].address;
     const witness = config.witness ? new WitnessClient(config.witness.address, config.witness.port ?? DEFAULT_WITNESS_PORT, secret, node, this.address) : undefined;
     this.quorum = new Quorum({ node, call: witness ? (c) => witness.call(c) : undefined, log });
     this.loop = new LoopDelayMonitor(log);
     this.vms = new VmManager(this);
+    this.cluster = new ClusterManager(this, this.quorum);
+  }
+
+  resourceEntries(): ResourceEntry[] {
+    return [...this.resources.values()];
+  }
+
+  fenceStorage(addresses: string[], fenced: boolean): number {
+    return this.nbd?.fenceAddresses(addresses, fenced) ?? 0;
   }
 
   /* ----------------------------------------------------------------- VMs */
@@ -163,12 +177,14 @@ export class NodeDaemon implements VmHost, HandoverHost {
     });
   }
 
-  async demoteHere(name: string): Promise<void> {
+  async demoteHere(name: string, force = false): Promise<void> {
     const e = this.entry(name);
     e.autoPromote = false;
+    // Forced: held writes fail first, so closing the pools (which flushes) does not wait for them.
+    if (force && e.resource.role === 'Primary') e.resource.fenceOff(`resource ${e.name}: made Secondary by force on ${this.node}: held writes fail`);
     await this.serial(async () => {
-      await this.closePoolsOn(e.name);
-      await e.resource.demote();
+      await this.closePoolsOn(e.name, force);
+      await e.resource.demote(force);
     });
   }
 
@@ -188,27 +204,21 @@ export class NodeDaemon implements VmHost, HandoverHost {
     return this.quorum.hasQuorum(resource);
   }
 
-  private startHeartbeat(): void {
-    if (!this.quorum.hasWitness) return;
-    const beat = (): Promise<void> => this.quorum.heartbeat([...this.resources.values()]);
-    this.heartbeat = setInterval(() => void beat(), HEARTBEAT_MS);
-    this.heartbeat.unref();
-    void beat();
-  }
-
   static async start(config: ClusterConfig, nodeName: string | undefined, options: { home: string; log: Logger }): Promise<NodeDaemon> {
     const node = nodeOf(config, nodeName);
     const secret = loadSecret(config);
-    const d = new NodeDaemon(config, node, options.home, options.log, secret);
+    // The event log (`duet events`) records what the daemon logs that matters to the cluster.
+    const events = EventLog.open(path.join(options.home, 'events'), node, { log: options.log });
+    const d = new NodeDaemon(config, node, options.home, tapEvents(options.log, events), secret, events);
     try {
       await d.openResources();
       await d.listen();
+      await d.cluster.start();
     } catch (err) {
       await d.stop();
       throw err;
     }
     for (const e of d.resources.values()) d.watch(e);
-    d.startHeartbeat();
     await d.vms.start();
     return d;
   }
@@ -443,6 +453,13 @@ export class NodeDaemon implements VmHost, HandoverHost {
         return this.vms.handle(c);
       case 'resource.status':
         return this.status(c.resource);
+      case 'cluster.status':
+        return clusterStatus(this);
+      case 'cluster.fence-test':
+        return fenceTest(this, c.node);
+      case 'events.list':
+        if (c.tail !== undefined) return { events: this.events.tail(Math.min(Math.max(0, c.tail), 1000)), lastSeq: this.events.lastSeq };
+        return { events: this.events.since(c.since ?? 0, c.limit), lastSeq: this.events.lastSeq };
       case 'resource.attach': {
         if (this.resources.has(c.resource)) return this.status(c.resource);
         if (!this.down.has(c.resource)) this.entry(c.resource); // names what is wrong
@@ -570,7 +587,7 @@ export class NodeDaemon implements VmHost, HandoverHost {
   async stop(): Promise<void> {
     this.stopping = true;
     this.quorum.stopping = true;
-    if (this.heartbeat) clearInterval(this.heartbeat);
+    await this.cluster.stop();
     this.loop.stop();
     this.vms.stop();
     await this.chain.catch(() => undefined);
@@ -584,6 +601,7 @@ export class NodeDaemon implements VmHost, HandoverHost {
       await e.connector.stop();
       await e.resource.close().catch((err: unknown) => this.log.error({ event: 'resource-close-failed', resource: e.name, err: (err as Error).message }));
     }
+    this.events.close();
   }
 }
 

@@ -66,6 +66,11 @@ export class Quorum {
     return this.options.call !== undefined;
   }
 
+  /** A command of the cluster manager (declare, clear). */
+  async witness(c: DistributiveOmit<WitnessCommand, 'node'>): Promise<WitnessReply> {
+    return this.call(c);
+  }
+
   private async call(c: DistributiveOmit<WitnessCommand, 'node'>): Promise<WitnessReply> {
     const reply = await this.options.call!(c);
     this.witnessSeenAt = this.now();
@@ -188,7 +193,7 @@ export class Quorum {
    * the generation it waits for); a Secondary the witness holds Outdated
    * records it.
    */
-  async heartbeat(resources: { name: string; peerNode: string; resource: Resource }[]): Promise<void> {
+  async heartbeat(resources: { name: string; peerNode: string; resource: Resource }[]): Promise<WitnessReply | undefined> {
     const inSync: Record<string, { peer: string; generation: string }> = {};
     const generations: Record<string, string> = {};
     for (const e of resources) {
@@ -200,7 +205,7 @@ export class Quorum {
     try {
       reply = await this.call({ cmd: 'witness.heartbeat', inSync, generations });
     } catch {
-      return; // no witness now: quorum then rests on the peer
+      return undefined; // no witness now: quorum then rests on the peer
     }
     for (const name of reply.outdatedResources) {
       const r = resources.find((e) => e.name === name)?.resource;
@@ -212,5 +217,6 @@ export class Quorum {
         r.emit('changed');
       }
     }
+    return reply;
   }
 }

@@ -354,8 +354,37 @@ export class NbdServer {
     });
   }
 
+  /**
+   * Storage fencing: clients from these addresses (a node declared dead) are cut off and refused, so a
+   * QEMU left running there cannot write to a disk whose VM now runs elsewhere (it would resend its
+   * in-flight writes on reconnecting).
+   */
+  private readonly fenced = new Set<string>();
+
+  fenceAddresses(addresses: string[], fenced: boolean): number {
+    let cut = 0;
+    for (const a of addresses) {
+      if (fenced) this.fenced.add(a);
+      else this.fenced.delete(a);
+    }
+    if (!fenced) return 0;
+    for (const c of this.connections) {
+      if (this.fenced.has('*') || (c.socket.remoteAddress !== undefined && this.isFenced(c.socket.remoteAddress))) {
+        c.socket.destroy();
+        cut++;
+      }
+    }
+    return cut;
+  }
+
+  private isFenced(address: string): boolean {
+    // An IPv4 client may show as ::ffff:a.b.c.d on a dual-stack listener.
+    // '*': this node fenced itself: nobody may write here.
+    return this.fenced.has('*') || this.fenced.has(address) || (address.startsWith('::ffff:') && this.fenced.has(address.slice(7)));
+  }
+
   private accept(socket: net.Socket): void {
-    if (this.shuttingDown) {
+    if (this.shuttingDown || (socket.remoteAddress !== undefined && this.isFenced(socket.remoteAddress))) {
       socket.destroy();
       return;
     }

@@ -190,6 +190,13 @@ export class VmManager {
   private readonly startedAt = Date.now();
   private readonly heard = new Set<string>();
   /**
+   * Nodes the cluster manager has declared dead and taken over: they run nothing (their VMs were killed by
+   * their own self-fence, or died with them), so they are not asked, and a VM that prefers one starts here.
+   */
+  private readonly fencedNodes = new Set<string>();
+  /** This node lost quorum and killed its VMs: nothing starts here until the cluster is whole again (why). */
+  private selfFenced: string | undefined;
+  /**
    * Resolved once start() has found the QEMUs an earlier daemon left: until then this node would answer
    * that it runs nothing (and a peer would start a second copy) or pause nothing for a handover.
    */
@@ -381,12 +388,108 @@ export class VmManager {
   private async askLocal(node: string, timeoutMs = PEER_TIMEOUT_MS): Promise<LocalAnswer> {
     const answer = (await this.host.call(node, { cmd: 'vm.local' }, timeoutMs)) as LocalAnswer;
     this.heard.add(node);
+    this.lastSeen.set(node, answer.vms);
     this.mergeMarks(answer.marks);
     return answer;
   }
 
   private otherNodes(): string[] {
-    return Object.keys(this.host.config.nodes).filter((n) => n !== this.host.node);
+    return Object.keys(this.host.config.nodes).filter((n) => n !== this.host.node && !this.fencedNodes.has(n));
+  }
+
+  /* ------------------------------------------------------------- failover */
+
+  /** The VMs `node` ran when it last answered. */
+  lastKnownOn(node: string): string[] {
+    return (this.lastSeen.get(node) ?? []).filter((v) => runsThere(v)).map((v) => v.name);
+  }
+
+  /** The cluster manager declared `node` dead and fenced (or it is back). */
+  setNodeFenced(node: string, fenced: boolean): void {
+    if (fenced) this.fencedNodes.add(node);
+    else this.fencedNodes.delete(node);
+    this.lastSeen.delete(node);
+  }
+
+  /**
+   * Self-fence: this node lost quorum. Every QEMU here is killed at once (SIGKILL: no guest shutdown, no
+   * flush; their in-flight writes are the ones nobody acknowledged), and nothing starts here until
+   * endSelfFence. Returns the VMs killed.
+   */
+  selfFence(reason: string): string[] {
+    this.selfFenced = reason;
+    const killed: string[] = [];
+    for (const vm of this.local.values()) {
+      vm.stopping = true;
+      killed.push(vm.name);
+      try {
+        process.kill(vm.qemu.pid, 'SIGKILL');
+      } catch {
+        // Gone already.
+      }
+    }
+    for (const [name, u] of this.unattached) {
+      killed.push(name);
+      try {
+        process.kill(u.pid, 'SIGKILL');
+      } catch {
+        // Gone already.
+      }
+    }
+    return killed;
+  }
+
+  endSelfFence(): void {
+    this.selfFenced = undefined;
+  }
+
+  private refuseWhileFenced(name: string): void {
+    if (this.selfFenced !== undefined) throw new UserError(`vm ${name}: ${this.host.node} has fenced itself (${this.selfFenced}): no VM starts here until it is back in the cluster`, 1);
+  }
+
+  /**
+   * Boot `name` here for a takeover (the cluster manager has fenced the node it ran on), then squeeze
+   * it to `targetBytes` if given. A VM stopped by vm stop stays stopped; one running already is left alone.
+   */
+  async bootHere(name: string, targetBytes?: number): Promise<{ vm: string; started: boolean; skipped?: string; info?: VmInfo }> {
+    await this.ready;
+    this.config(name);
+    if (this.marks[name]?.stopped) return { vm: name, started: false, skipped: 'stopped by vm stop' };
+    return this.locked(name, async () => {
+      const where = await this.locate(name);
+      if (where.node && where.node !== this.host.node) return { vm: name, started: false, skipped: `runs on ${where.node}` };
+      const running = where.node === this.host.node;
+      const info = await this.startHere(name);
+      if (targetBytes !== undefined && targetBytes < info.memoryBytes) {
+        // The balloon driver loads a moment after boot: a squeeze asked too early is simply repeated by QEMU.
+        const vm = this.local.get(name);
+        await vm?.qemu.qmp.execute('balloon', { value: targetBytes }).catch((err: unknown) => {
+          this.host.log.warn({ event: 'vm-squeeze-failed', vm: name, target: targetBytes, err: (err as Error).message }, `vm ${name}: could not set its memory to ${formatSize(targetBytes)}: ${(err as Error).message}`);
+        });
+      }
+      return { vm: name, started: !running, info };
+    });
+  }
+
+  /** The VMs of the cluster that should run (not stopped by vm stop) and run nowhere now. */
+  async lostVms(): Promise<string[]> {
+    const all = await this.list();
+    return all.filter((v) => !runsThere(v) && !this.marks[v.name]?.stopped).map((v) => v.name);
+  }
+
+  /** The VMs running here, with their memory now (for the memory plan). */
+  async runningHere(): Promise<{ name: string; memoryBytes: number }[]> {
+    const out: { name: string; memoryBytes: number }[] = [];
+    for (const vm of this.local.values()) out.push({ name: vm.name, memoryBytes: (await this.infoOf(vm)).memoryBytes });
+    return out;
+  }
+
+  /** Squeeze (or give back) a VM running here to `bytes`; does not wait for the guest. */
+  async balloonHere(name: string, bytes: number): Promise<void> {
+    const vm = this.local.get(name);
+    if (!vm) return;
+    await vm.qemu.qmp.execute('balloon', { value: bytes });
+    this.host.log.info({ event: 'vm-memory-set', vm: name, target: bytes }, `vm ${name}: memory squeezed to ${formatSize(bytes)} to make room`);
   }
 
   /** Every VM of the cluster file, with where it runs; other nodes are asked. */
@@ -487,7 +590,10 @@ export class VmManager {
     return this.locked(name, async () => {
       const where = await this.locate(name);
       if (where.node) return { vm: name, node: where.node, state: where.state, already: true, message: `vm ${name} is already running on ${where.node}${on && on !== where.node ? ` (vm migrate ${name} --to ${on} moves it)` : ''}` };
+      if (on !== undefined && this.fencedNodes.has(on)) throw new UserError(`vm start ${name} --on ${on}: ${on} is fenced (declared dead): start it elsewhere, or rejoin ${on} first`, 1);
       let target = on ?? c.prefer ?? this.host.node;
+      // Its prefer node is fenced: it runs here meanwhile (node rejoin moves it back).
+      if (this.fencedNodes.has(target)) target = this.host.node;
       if (where.unreachable.length > 0) {
         const whyNot = auto || on === this.host.node ? this.whyNotStartWithout(name, where.unreachable) : undefined;
         if (!(auto || on === this.host.node) || whyNot !== undefined) {
@@ -572,6 +678,7 @@ export class VmManager {
   /** Start QEMU for `name` on this node, its disks from the nodes serving their pools. */
   private async startHere(name: string): Promise<VmInfo> {
     this.config(name);
+    this.refuseWhileFenced(name);
     const running = this.local.get(name);
     if (running) return this.infoOf(running);
     const u = this.unattached.get(name);
@@ -922,6 +1029,7 @@ export class VmManager {
   /** The destination's side: a QEMU waiting for the guest; answers the port it listens on. */
   private async migrateIn(c: { vm: string; from: string; memoryBytes: number; cpus: number; disks: DiskEndpoint[]; waitMs?: number }): Promise<{ port: number }> {
     this.config(c.vm);
+    this.refuseWhileFenced(c.vm);
     if (this.local.has(c.vm) || this.unattached.has(c.vm) || this.starting.has(c.vm)) throw new UserError(`vm ${c.vm} already has a QEMU on ${this.host.node}`, 1);
     // The source's view of the VM: the same memory size (QEMU needs it) and the same disk servers.
     const spec = { ...this.specOf(c.vm), memoryBytes: c.memoryBytes, cpus: c.cpus, disks: c.disks };
@@ -1205,7 +1313,7 @@ export class VmManager {
 
   /** Start the VMs this node decides for that should run and run nowhere. */
   private async autostart(): Promise<void> {
-    if (this.stopped || this.autostarting) return;
+    if (this.stopped || this.autostarting || this.selfFenced !== undefined) return;
     this.autostarting = true;
     try {
       await this.autostartOnce();

@@ -135,13 +135,13 @@ test('cluster timing: the short form has defaults; the long form takes durations
   const base = 'secret: {value: "0123456789abcdef"}\nnodes: {a: {address: 127.0.0.2, vmMemory: 1G, heartbeatAddress: 10.0.0.2}}\n';
   const short = parseClusterConfig(`cluster: x\n${base}`, 'm.yaml');
   assert.equal(short.cluster, 'x');
-  assert.deepEqual(short.membership, { deadTimeMs: 2000, selfFenceMs: 1000, heartbeatPort: 7797 });
+  assert.deepEqual(short.membership, { deadTimeMs: 2000, selfFenceMs: 1000, heartbeatPort: 7797, failover: 'auto' });
   const long = parseClusterConfig(
-    `cluster: { name: x, deadTime: 1500ms, selfFence: 0.5, heartbeatPort: 7000 }\n${base}fence: { command: /bin/true, timeout: 5s }\nalerts: { webhook: { url: "http://127.0.0.1:9/hook" } }\n`,
+    `cluster: { name: x, deadTime: 1500ms, selfFence: 0.5, heartbeatPort: 7000, failover: manual }\n${base}fence: { command: /bin/true, timeout: 5s }\nalerts: { webhook: { url: "http://127.0.0.1:9/hook" } }\n`,
     'm.yaml',
   );
   assert.equal(long.cluster, 'x');
-  assert.deepEqual(long.membership, { deadTimeMs: 1500, selfFenceMs: 500, heartbeatPort: 7000 });
+  assert.deepEqual(long.membership, { deadTimeMs: 1500, selfFenceMs: 500, heartbeatPort: 7000, failover: 'manual' });
   assert.deepEqual(long.fence, { command: '/bin/true', timeout: 5000 });
   assert.equal(long.alerts?.webhook?.url, 'http://127.0.0.1:9/hook');
   assert.equal(long.nodes.a.vmMemory, '1G');

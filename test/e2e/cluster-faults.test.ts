@@ -51,10 +51,14 @@ async function cut(cleanup: Cleanup, a: string, b: string, tag: string): Promise
  * alpha Primary with a witness, volume pa/v holding byte 1 at 0, then cut
  * off from bravo and from the witness (iptables; `cleanup` heals it).
  */
+/**
+ * alpha cut off from bravo and the witness. With failover manual: these tests are about what the
+ * resources do by themselves (the cluster manager's automatic takeover has its own tests).
+ */
 async function alphaCutOff(t: Parameters<typeof makeCluster>[0], resourceExtra?: string): Promise<{ c: Cluster; cleanup: Cleanup }> {
   const cleanup = new Cleanup();
   t.after(() => cleanup.runAll());
-  const c = await makeCluster(t, { witness: true, ...(resourceExtra ? { resourceExtra } : {}) });
+  const c = await makeCluster(t, { witness: true, failover: 'manual', ...(resourceExtra ? { resourceExtra } : {}) });
   await c.startWitness();
   await c.start('alpha');
   await c.start('bravo');

@@ -27,6 +27,10 @@ export interface ClusterOptions {
   resourceB?: boolean;
   /** More lines at the end of the cluster file (e.g. a vms: section). */
   extra?: string[];
+  /** The cluster manager's failover (default auto, as the cluster file's default). */
+  failover?: 'auto' | 'manual';
+  /** cluster.deadTime (default the file's default, 2 s). */
+  deadTime?: string;
 }
 
 export interface Proc {
@@ -86,13 +90,13 @@ export async function makeCluster(t: AfterContext, options: ClusterOptions = {})
   const disks = options.disks ?? { alpha: path.join(dir, 'alpha.img'), bravo: path.join(dir, 'bravo.img') };
   const disksB = { alpha: path.join(dir, 'alpha-b.img'), bravo: path.join(dir, 'bravo-b.img') };
   for (const p of [...Object.values(disks), ...(options.resourceB ? Object.values(disksB) : [])]) if (!fs.existsSync(p)) fs.writeFileSync(p, ''), fs.truncateSync(p, diskBytes);
-  const [linkPort, exportsPort, apiPort, witnessPort, linkPortB] = await freePorts(5);
+  const [linkPort, exportsPort, apiPort, witnessPort, linkPortB, heartbeatPort] = await freePorts(6);
   fs.writeFileSync(path.join(dir, 'secret'), 'test-cluster-secret-0123456789\n');
   const file = path.join(dir, 'cluster.yaml');
   fs.writeFileSync(
     file,
     [
-      'cluster: e2e',
+      `cluster: { name: e2e, heartbeatPort: ${heartbeatPort}${options.failover ? `, failover: ${options.failover}` : ''}${options.deadTime ? `, deadTime: ${options.deadTime}` : ''} }`,
       'secret: { file: secret }',
       'nodes:',
       `  alpha: { address: ${ADDRESS.alpha} }`,

@@ -1,0 +1,137 @@
+/**
+ * Takeover: the peer is declared dead (membership.ts) and has had its
+ * self-fence time. In order, each step an event with its time:
+ *
+ * 1. fence command (if the cluster file has one): `COMMAND PEER off`; a
+ *    failure stops here (raised as an alert; tried again later);
+ * 2. storage fence: the peer's addresses are cut off from this node's NBD
+ *    exports (a QEMU still running there must not write again);
+ * 3. promote every resource shared with the peer that is not Primary here
+ *    (each promotion outdates the peer at the witness first), which opens
+ *    their pools and exports their volumes at this node's address;
+ * 4. boot the VMs that should run and run nowhere, in priority order,
+ *    squeezing memory to fit `nodes.THIS.vmMemory` (memory-plan.ts): running
+ *    VMs are ballooned down first; a VM that cannot fit is left stopped and
+ *    reported.
+ */
+import type { Logger } from '../util/log.js';
+import { parseSize } from '../util/size.js';
+import type { Resource } from '../replication/resource.js';
+import type { VmManager } from '../vm/manager.js';
+import type { ClusterConfig } from './config.js';
+import { runFence } from './fence.js';
+import { planMemory, type PlanVm } from './memory-plan.js';
+
+export interface TakeoverHost {
+  readonly node: string;
+  readonly config: ClusterConfig;
+  readonly log: Logger;
+  readonly vms: VmManager;
+  readonly secret: Buffer;
+  resourceEntries(): { name: string; resource: Resource; peerNode: string }[];
+  /** Promote `name` here and open the pools that can be (serialized with other role changes). */
+  promoteHere(name: string): Promise<void>;
+  fenceStorage(addresses: string[], fenced: boolean): number;
+}
+
+export interface TakeoverReport {
+  peer: string;
+  /** Every resource is Primary here (VMs that failed to boot are retried by the VM manager's autostart). */
+  complete: boolean;
+  /** Milliseconds from the start of the takeover. */
+  steps: { step: string; atMs: number }[];
+  resources: { name: string; ok: boolean; err?: string }[];
+  vms: { name: string; started: boolean; atMs: number; was?: string; targetBytes?: number; err?: string; skipped?: string }[];
+  leftOut: string[];
+  totalMs: number;
+}
+
+export async function takeOver(host: TakeoverHost, peer: string, why: string): Promise<TakeoverReport> {
+  const t0 = performance.now();
+  const at = (): number => Math.round(performance.now() - t0);
+  const log = host.log;
+  const report: TakeoverReport = { peer, complete: false, steps: [], resources: [], vms: [], leftOut: [], totalMs: 0 };
+  const stepDone = (step: string): void => {
+    report.steps.push({ step, atMs: at() });
+  };
+  log.warn({ event: 'takeover-start', node: peer, why }, `taking over ${peer} (${why})`);
+
+  const fence = host.config.fence;
+  if (fence) {
+    log.warn({ event: 'fence-started', node: peer, command: fence.command }, `fencing ${peer}: ${fence.command} ${peer} off`);
+    const r = await runFence(fence.command, peer, 'off', fence.timeout, { DUET_CLUSTER: host.config.cluster });
+    if (!r.ok) {
+      log.error({ event: 'fence-failed', node: peer, exitCode: r.exitCode, timedOut: r.timedOut, output: r.output }, `${r.message}: not taking over ${peer} (a node that may still write keeps its VMs); tried again`);
+      throw new Error(r.message);
+    }
+    log.warn({ event: 'fence-done', node: peer, ms: r.ms }, r.message);
+    stepDone('fence-command');
+  }
+
+  const n = host.config.nodes[peer];
+  const cut = host.fenceStorage([n.address, ...(n.heartbeatAddress ? [n.heartbeatAddress] : [])], true);
+  const was = new Set(host.vms.lastKnownOn(peer));
+  host.vms.setNodeFenced(peer, true);
+  stepDone('storage-fenced');
+  if (cut > 0) log.warn({ event: 'storage-fenced', node: peer, nbdClientsCut: cut }, `cut ${cut} NBD clients of ${peer} off`);
+
+  for (const e of host.resourceEntries()) {
+    if (e.peerNode !== peer || e.resource.role === 'Primary') continue;
+    const t = at();
+    try {
+      await host.promoteHere(e.name);
+      report.resources.push({ name: e.name, ok: true });
+      log.warn({ event: 'takeover-promoted', resource: e.name, node: peer, ms: at() - t }, `resource ${e.name}: Primary on ${host.node} (was on ${peer}), its pools open and exported`);
+    } catch (err) {
+      report.resources.push({ name: e.name, ok: false, err: (err as Error).message });
+      log.error({ event: 'takeover-promote-failed', resource: e.name, node: peer, err: (err as Error).message }, `resource ${e.name}: cannot take it over from ${peer}: ${(err as Error).message}`);
+    }
+  }
+  stepDone('promoted');
+
+  const lost = await host.vms.lostVms();
+  const running = await host.vms.runningHere();
+  const planVm = (name: string, isRunning: boolean, memoryBytes?: number): PlanVm => {
+    const c = host.config.vms[name];
+    const memory = parseSize(String(c.memory));
+    return { name, memoryBytes: memoryBytes ?? memory, minMemoryBytes: Math.min(memoryBytes ?? memory, parseSize(String(c.minMemory ?? c.memory))), priority: c.priority, running: isRunning };
+  };
+  const budget = host.config.nodes[host.node].vmMemory;
+  const plan = planMemory(budget !== undefined ? parseSize(String(budget)) : undefined, [...running.map((v) => planVm(v.name, true, v.memoryBytes)), ...lost.map((name) => planVm(name, false))]);
+  for (const v of running) {
+    const target = plan.targets.get(v.name);
+    if (target !== undefined && target < v.memoryBytes) await host.vms.balloonHere(v.name, target).catch((err: unknown) => log.warn({ event: 'vm-squeeze-failed', vm: v.name, err: (err as Error).message }));
+  }
+  if (plan.boot.length > 0 || running.length > 0) stepDone('memory-planned');
+  for (const name of plan.boot) {
+    const target = plan.targets.get(name);
+    const c = host.config.vms[name];
+    const squeezed = target !== undefined && target < parseSize(String(c.memory)) ? target : undefined;
+    try {
+      const r = await host.vms.bootHere(name, squeezed);
+      report.vms.push({ name, started: r.started, atMs: at(), ...(was.has(name) ? { was: peer } : {}), ...(squeezed ? { targetBytes: squeezed } : {}), ...(r.skipped ? { skipped: r.skipped } : {}) });
+    } catch (err) {
+      report.vms.push({ name, started: false, atMs: at(), err: (err as Error).message });
+      log.error({ event: 'takeover-vm-failed', vm: name, err: (err as Error).message }, `vm ${name}: not started on ${host.node}: ${(err as Error).message}`);
+    }
+  }
+  for (const name of plan.leftOut) {
+    log.error({ event: 'vm-left-out', vm: name, vmMemory: budget }, `vm ${name}: left stopped: even at its minMemory it does not fit nodes.${host.node}.vmMemory (${budget}) beside the VMs that run there`);
+  }
+  report.leftOut = plan.leftOut;
+  stepDone('vms-started');
+  report.totalMs = at();
+  report.complete = report.resources.every((r) => r.ok);
+  const moved = report.vms.filter((v) => v.started);
+  const details = [
+    ...moved.map((v) => `${v.name}: now runs on ${host.node}${v.was ? ` (was ${v.was})` : ''}${v.targetBytes ? `, squeezed to ${Math.round(v.targetBytes / 1048576)} MiB` : ''}, started ${v.atMs} ms into the takeover`),
+    ...report.vms.filter((v) => v.err).map((v) => `${v.name}: NOT started: ${v.err}`),
+    ...report.leftOut.map((v) => `${v}: left stopped: does not fit ${host.node}'s vmMemory`),
+    ...report.resources.map((r) => `resource ${r.name}: ${r.ok ? `Primary on ${host.node}` : `NOT taken over: ${r.err}`}`),
+  ];
+  log.warn(
+    { event: report.complete ? 'failover-done' : 'takeover-incomplete', node: peer, by: host.node, totalMs: report.totalMs, steps: report.steps, vms: report.vms, resources: report.resources, leftOut: report.leftOut, details },
+    `${report.complete ? 'failover done' : 'takeover incomplete'}: ${host.node} took over ${peer} in ${report.totalMs} ms; ${moved.length > 0 ? `${moved.map((v) => v.name).join(', ')} now run on ${host.node}` : 'no VMs to boot'}`,
+  );
+  return report;
+}

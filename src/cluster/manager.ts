@@ -1,0 +1,340 @@
+/**
+ * The cluster manager of one node: a reconciler on its own clock. Every
+ * heartbeat interval it sends its UDP beat, asks the witness, feeds what it
+ * observed to the membership table (membership.ts) and carries out the
+ * actions the table returns:
+ *
+ * - the peer silent on every path: ask the witness to declare it dead; once
+ *   declared, wait selfFence (the lost node's time to kill its VMs), run the
+ *   fence command if there is one, then take over (failover.ts): promote its
+ *   resources, open their pools, export their volumes, boot the lost VMs in
+ *   priority order, squeezed to fit vmMemory;
+ * - quorum lost: fence itself: every QEMU here killed at once, every NBD
+ *   client cut off and refused, nothing starts here until the peer has
+ *   heard this node again (a node that may have been declared dead must not
+ *   write a byte);
+ * - a resource Primary here that the cluster went on without (the witness
+ *   holds this node Outdated for it, or the peer came back as Primary):
+ *   step down (close its pools, Secondary), so it resyncs from the peer.
+ *
+ * Alerts (alerts.ts) follow the event log: node lost, fenced, failover
+ * done, disk failed, resync started and done, node rejoined, pool nearly
+ * full, quorum lost. Nothing here waits for a mail server.
+ */
+import type { Logger } from '../util/log.js';
+import type { Resource } from '../replication/resource.js';
+import type { VmManager } from '../vm/manager.js';
+import type { ClusterConfig } from './config.js';
+import type { Quorum } from './quorum.js';
+import type { EventLog, EventRecord } from './events.js';
+import { Alerter, type Alert } from './alerts.js';
+import { Heartbeat, monotonicMs, type BeatSummary } from './heartbeat.js';
+import { heartbeatFor, initialState, step, tookOver, type MembershipAction, type MembershipState, type MembershipTiming, type Observation, type PeerView } from './membership.js';
+import { takeOver, type TakeoverHost, type TakeoverReport } from './failover.js';
+
+/** A connected peer link proves two-way contact within its ping interval + timeout (link.ts): counted so much older. */
+const LINK_SLACK_MS = 700;
+/** A failed takeover (fence command failed, a promotion refused) is tried again after this long. */
+const TAKEOVER_RETRY_MS = 5000;
+
+export interface ClusterHost extends TakeoverHost {
+  readonly node: string;
+  readonly config: ClusterConfig;
+  readonly log: Logger;
+  readonly vms: VmManager;
+  readonly events: EventLog;
+  /** This node's resources (those that are up). */
+  resourceEntries(): { name: string; resource: Resource; peerNode: string }[];
+  /** Close the pools on `name` and make it Secondary; `force`: held writes fail. */
+  demoteHere(name: string, force?: boolean): Promise<void>;
+  /** Cut off and refuse NBD clients from these addresses ('*': everyone), or let them in again. */
+  fenceStorage(addresses: string[], fenced: boolean): number;
+}
+
+export type NodeState = 'online' | 'offline' | 'fenced' | 'draining';
+
+export class ClusterManager {
+  readonly peer: string | undefined;
+  private state: MembershipState;
+  private readonly timing: MembershipTiming;
+  private heartbeat: Heartbeat | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private witnessView: NonNullable<Observation['witness']> | undefined;
+  private witnessOutdated: string[] = [];
+  private witnessPending = false;
+  private declaring = false;
+  private takingOver: Promise<unknown> | undefined;
+  private lastTakeoverTry = -Infinity;
+  private readonly steppingDown = new Set<string>();
+  private stopped = false;
+  /** Manual failover: node-lost was reported (the table never declares it dead there). */
+  private reportedLost = false;
+  readonly alerter: Alerter;
+  /** Set by node drain / rejoin while they run (shown in cluster status). */
+  draining = false;
+  lastTakeover: TakeoverReport | undefined;
+  private readonly started = monotonicMs();
+
+  constructor(
+    private readonly host: ClusterHost,
+    private readonly quorum: Quorum,
+  ) {
+    const others = Object.keys(host.config.nodes).filter((n) => n !== host.node);
+    // Membership is between two nodes (beyond two is future work): with one node there is nobody to watch.
+    this.peer = others.length === 1 ? others[0] : undefined;
+    const m = host.config.membership;
+    this.timing = { deadTimeMs: m.deadTimeMs, selfFenceMs: m.selfFenceMs, heartbeatMs: heartbeatFor(m.deadTimeMs) };
+    this.state = initialState(this.now());
+    this.witnessView = quorum.hasWitness ? { answeredMs: undefined, peerSilentMs: undefined, peerDeclared: false, selfDeclared: false } : undefined;
+    this.alerter = new Alerter(host.config.alerts, { log: host.log, from: host.node });
+    host.events.on('event', (r: EventRecord) => this.alertFor(r));
+  }
+
+  /** The heartbeat's clock: its lastHeardMs and heardByPeerMs are on it. */
+  private now(): number {
+    return monotonicMs();
+  }
+
+  get heartbeatMs(): number {
+    return this.timing.heartbeatMs;
+  }
+
+  async start(): Promise<void> {
+    if (this.peer) {
+      const nodes = this.host.config.nodes;
+      const addresses = (n: string): string[] => [nodes[n].address, ...(nodes[n].heartbeatAddress ? [nodes[n].heartbeatAddress!] : [])];
+      const local = addresses(this.host.node);
+      const remote = addresses(this.peer);
+      // A second path only where both nodes have one.
+      const paths = Math.min(local.length, remote.length);
+      this.heartbeat = await Heartbeat.start({
+        cluster: this.host.config.cluster,
+        node: this.host.node,
+        peer: this.peer,
+        secret: this.host.secret,
+        local: local.slice(0, paths),
+        remote: remote.slice(0, paths),
+        port: this.host.config.membership.heartbeatPort,
+        log: this.host.log,
+      });
+    }
+    this.timer = setInterval(() => void this.tick(), this.timing.heartbeatMs);
+    this.timer.unref();
+    void this.tick();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.timer) clearInterval(this.timer);
+    this.alerter.close();
+    await this.heartbeat?.close();
+  }
+
+  private summary(): BeatSummary {
+    return { quorum: this.state.quorum, selfFenced: this.state.selfFenced, peerView: this.state.peer, draining: this.draining };
+  }
+
+  private async tick(): Promise<void> {
+    if (this.stopped) return;
+    const now = this.now();
+    this.heartbeat?.send(this.summary());
+    if (this.quorum.hasWitness && !this.witnessPending) {
+      this.witnessPending = true;
+      const sent = now;
+      void this.quorum
+        .heartbeat(this.host.resourceEntries())
+        .then((reply) => {
+          if (!reply || !this.witnessView || !this.peer) return;
+          this.witnessView = {
+            answeredMs: Math.max(sent, this.witnessView.answeredMs ?? -Infinity),
+            peerSilentMs: reply.silentMs?.[this.peer],
+            peerDeclared: reply.declared?.[this.peer] === this.host.node,
+            selfDeclared: reply.declared?.[this.host.node] !== undefined,
+          };
+          this.witnessOutdated = reply.outdatedResources;
+        })
+        .finally(() => (this.witnessPending = false));
+    }
+    if (!this.peer) return;
+    let direct = this.heartbeat?.lastHeardMs;
+    let heard = this.heartbeat?.heardByPeerMs;
+    for (const e of this.host.resourceEntries()) {
+      if (e.resource.peer?.phase === 'connected' || e.resource.peer?.replicating) {
+        direct = Math.max(direct ?? -Infinity, now);
+        heard = Math.max(heard ?? -Infinity, now - LINK_SLACK_MS);
+      }
+    }
+    const wasFenced = this.state.selfFenced;
+    const r = step(this.state, { nowMs: now, directMs: direct, heardByPeerMs: heard, witness: this.witnessView, fenceCommand: this.host.config.fence !== undefined }, this.timing);
+    this.state = r.state;
+    for (const a of r.actions) this.act(a);
+    if (wasFenced && !this.state.selfFenced) this.endSelfFence();
+    this.stepDownIfOvertaken();
+  }
+
+  private act(a: MembershipAction): void {
+    const peer = this.peer!;
+    const log = this.host.log;
+    // Manual failover: watch, report and alert; an admin decides (resource primary --force, vm start).
+    if (this.host.config.membership.failover === 'manual' && (a.do === 'declare' || a.do === 'take-over' || a.do === 'self-fence')) {
+      if (a.do === 'declare' && !this.reportedLost) {
+        this.reportedLost = true;
+        log.error({ event: 'node-lost', node: peer, why: a.why }, `node ${peer} is lost (${a.why}): cluster.failover is manual: no automatic takeover`);
+      }
+      if (a.do === 'self-fence') log.error({ event: 'self-fence-skipped', why: a.why }, `${this.host.node} would fence itself (${a.why}) but cluster.failover is manual: its VMs keep running`);
+      return;
+    }
+    switch (a.do) {
+      case 'peer-online':
+        this.reportedLost = false;
+        log.info({ event: 'node-online', node: peer }, `node ${peer} is online`);
+        return;
+      case 'peer-unreachable':
+        log.warn({ event: 'node-unreachable', node: peer }, `node ${peer} is alive (the witness hears it) but unreachable from ${this.host.node}`);
+        return;
+      case 'declare':
+        if (this.declaring) return;
+        this.declaring = true;
+        void this.quorum
+          .witness({ cmd: 'witness.declare', peer })
+          .then((reply) => {
+            if (this.witnessView) this.witnessView = { ...this.witnessView, peerDeclared: reply.declared?.[peer] === this.host.node };
+          })
+          .catch((err: unknown) => log.debug({ event: 'declare-refused', node: peer, err: (err as Error).message }))
+          .finally(() => (this.declaring = false));
+        return;
+      case 'peer-lost': {
+        const plan = this.host.config.membership.failover === 'manual' ? 'cluster.failover is manual: no automatic takeover' : this.quorum.hasWitness || this.host.config.fence ? `taking over in ${this.timing.selfFenceMs} ms (its self-fence time)` : 'no witness and no fence command: no automatic takeover; make sure it is off, then resource primary RES --force on this node';
+        log.error({ event: 'node-lost', node: peer, why: a.why }, `node ${peer} is lost (${a.why}): ${plan}`);
+        return;
+      }
+      case 'take-over':
+        if (this.takingOver || this.now() - this.lastTakeoverTry < TAKEOVER_RETRY_MS) return;
+        this.lastTakeoverTry = this.now();
+        this.takingOver = takeOver(this.host, peer, a.why)
+          .then((report) => {
+            this.lastTakeover = report;
+            if (report.complete) this.state = tookOver(this.state);
+          })
+          .catch((err: unknown) => log.error({ event: 'takeover-failed', node: peer, err: (err as Error).message }, `takeover of ${peer} failed: ${(err as Error).message} (tried again)`))
+          .finally(() => (this.takingOver = undefined));
+        return;
+      case 'peer-back':
+        log.warn({ event: 'node-back', node: peer, was: a.was }, `node ${peer} is back (it was ${a.was})${a.was === 'fenced' ? `: its resources and VMs stay here until node rejoin ${peer}` : ''}`);
+        this.host.vms.setNodeFenced(peer, false);
+        this.host.fenceStorage(this.addressesOf(peer), false);
+        if (this.quorum.hasWitness) void this.quorum.witness({ cmd: 'witness.clear', peer }).catch(() => undefined);
+        return;
+      case 'quorum-lost':
+        log.error({ event: 'quorum-lost', why: a.why }, `${this.host.node} lost quorum: ${a.why}`);
+        return;
+      case 'quorum-regained':
+        log.info({ event: 'quorum-regained' }, `${this.host.node} has quorum again`);
+        return;
+      case 'self-fence':
+        this.selfFence(a.why);
+        return;
+    }
+  }
+
+  addressesOf(node: string): string[] {
+    const n = this.host.config.nodes[node];
+    return [n.address, ...(n.heartbeatAddress ? [n.heartbeatAddress] : [])];
+  }
+
+  /** No quorum: this node may be declared dead any moment. Nothing of it may write any more. */
+  private selfFence(why: string): void {
+    const t0 = this.now();
+    const killed = this.host.vms.selfFence(why);
+    const cut = this.host.fenceStorage(['*'], true);
+    this.host.log.error(
+      { event: 'self-fenced', why, vms: killed, nbdClientsCut: cut, ms: Math.round(this.now() - t0) },
+      `${this.host.node} fenced itself (${why}): killed ${killed.length > 0 ? killed.join(', ') : 'no VMs'}, cut ${cut} NBD clients; nothing runs here until the peer hears this node again`,
+    );
+  }
+
+  private endSelfFence(): void {
+    this.host.vms.endSelfFence();
+    this.host.fenceStorage(['*'], false);
+    this.host.log.warn({ event: 'self-fence-ended' }, `${this.host.node} is back in the cluster: its self-fence ends (VMs start again where they should run)`);
+  }
+
+  /** A Primary the cluster went on without steps down, so that it resyncs from the peer. */
+  private stepDownIfOvertaken(): void {
+    if (this.host.config.membership.failover === 'manual') return;
+    for (const e of this.host.resourceEntries()) {
+      const r = e.resource;
+      if (r.role !== 'Primary' || this.steppingDown.has(e.name)) continue;
+      const overtaken = this.witnessOutdated.includes(e.name) || r.fencedOff !== undefined;
+      if (!overtaken) continue;
+      this.steppingDown.add(e.name);
+      this.host.log.warn({ event: 'step-down', resource: e.name, why: r.fencedOff ?? 'the witness holds this node Outdated' }, `resource ${e.name}: ${e.peerNode} went on without ${this.host.node}: stepping down to resync from it`);
+      void this.host
+        .demoteHere(e.name, true)
+        .catch((err: unknown) => this.host.log.error({ event: 'step-down-failed', resource: e.name, err: (err as Error).message }, `resource ${e.name}: could not step down: ${(err as Error).message}`))
+        .finally(() => this.steppingDown.delete(e.name));
+    }
+  }
+
+  /** Node states for cluster status. */
+  nodeStates(): { name: string; state: NodeState; view?: PeerView; paths?: { local: string; remote: string; lastHeardMsAgo: number | null }[] }[] {
+    const me = { name: this.host.node, state: (this.state.selfFenced ? 'fenced' : this.draining ? 'draining' : 'online') as NodeState };
+    if (!this.peer) return [me];
+    const view = this.state.peer;
+    const peerSummary = this.heartbeat?.peerSummary;
+    let state: NodeState = view === 'online' || view === 'unreachable' ? 'online' : view === 'fenced' ? 'fenced' : 'offline';
+    if (state === 'online' && peerSummary?.selfFenced) state = 'fenced';
+    else if (state === 'online' && peerSummary?.draining) state = 'draining';
+    const now = this.now();
+    const paths = this.heartbeat?.paths().map((p) => ({ local: p.local, remote: p.remote, lastHeardMsAgo: p.lastHeardMs === undefined ? null : Math.round(now - p.lastHeardMs) }));
+    return [me, { name: this.peer, state, view, ...(paths ? { paths } : {}) }];
+  }
+
+  get hasQuorum(): boolean {
+    return this.state.quorum && !this.state.selfFenced;
+  }
+
+  get selfFenced(): boolean {
+    return this.state.selfFenced;
+  }
+
+  get upSinceMs(): number {
+    return monotonicMs() - this.started;
+  }
+
+  witnessReachable(): boolean | null {
+    if (!this.witnessView) return null;
+    return this.witnessView.answeredMs !== undefined && this.now() - this.witnessView.answeredMs < this.timing.deadTimeMs;
+  }
+
+  /* -------------------------------------------------------------- alerts */
+
+  private alertFor(r: EventRecord): void {
+    const kinds: Record<string, string> = {
+      'node-lost': 'node lost',
+      'self-fenced': 'fenced itself',
+      'fence-done': 'node fenced',
+      'fence-failed': 'fence failed',
+      'failover-done': 'failover done',
+      'takeover-failed': 'failover failed',
+      'disk-detached': 'disk failed',
+      'resync-start': 'resync started',
+      'resync-done': 'resync done',
+      'rejoin-done': 'node rejoined',
+      'pool-nearly-full': 'pool nearly full',
+      'quorum-lost': 'quorum lost',
+    };
+    const kind = kinds[r.event];
+    if (!kind) return;
+    const alert: Alert = {
+      event: r.event,
+      node: typeof r.node === 'string' ? r.node : this.host.node,
+      cluster: this.host.config.cluster,
+      time: r.time,
+      summary: `${kind}: ${r.message}`,
+      details: Array.isArray(r.details) ? r.details.map(String) : undefined,
+      data: { ...r, reportedBy: this.host.node },
+    };
+    this.alerter.send(alert);
+  }
+}
