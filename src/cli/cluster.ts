@@ -62,6 +62,26 @@ export function registerCluster(program: Command): void {
       }
     });
 
+  const node = program.commands.find((c) => c.name() === 'node') ?? program.command('node');
+  node
+    .command('drain')
+    .description('move NODE\'s VMs (live) and Primary roles to its peer, for maintenance; it stays drained until node rejoin')
+    .argument('<node>')
+    .action(async (name: string, _o: unknown, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const r = await withProgress(t, name, callNode(t, { cmd: 'node.drain', node: name }, { timeoutMs: 24 * 3600_000 }) as Promise<{ message: string }>);
+      process.stdout.write(`${r.message}\n`);
+    });
+  node
+    .command('rejoin')
+    .description('after a repair: wait for NODE\'s resync (shown), then move its Primary roles and VMs back to it, live')
+    .argument('<node>')
+    .action(async (name: string, _o: unknown, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const r = await withProgress(t, name, callNode(t, { cmd: 'node.rejoin', node: name }, { timeoutMs: 24 * 3600_000 }) as Promise<{ message: string }>);
+      process.stdout.write(`${r.message}\n`);
+    });
+
   const fence = program.command('fence').description('fencing: making sure a lost node writes nothing before its VMs boot elsewhere');
   fence
     .command('test')
@@ -74,6 +94,44 @@ export function registerCluster(program: Command): void {
       print(options.json === true, r, () => `fence test of ${r.node}, as ${r.by} would do it:\n${r.lines.map((l) => `  ${l}`).join('\n')}\n${r.ok ? 'ok' : 'PROBLEM: see above'}\n`);
       if (!r.ok) process.exitCode = 1;
     });
+}
+
+/**
+ * While a long node command runs, the resyncs of NODE's resources as lines on stderr (stdout keeps the
+ * result alone): one line per resource every few seconds while a resync runs.
+ */
+async function withProgress<T>(t: ReturnType<typeof requireCluster>, node: string, work: Promise<T>): Promise<T> {
+  let done = false;
+  const watch = (async () => {
+    let last = 0;
+    while (!done) {
+      await new Promise((r) => setTimeout(r, 1000));
+      if (done || Date.now() - last < 3000) continue;
+      try {
+        const s = (await callNode(t, { cmd: 'resource.status' }, { timeoutMs: 5000 }, node)) as { resources: { name: string; peers: { resync: { doneBytes: number; totalBytes: number; rateBytesPerSec: number } | null }[] }[] };
+        for (const r of s.resources) {
+          const rs = r.peers[0]?.resync;
+          if (!rs || rs.totalBytes === 0) continue;
+          last = Date.now();
+          const pct = Math.floor((100 * rs.doneBytes) / rs.totalBytes);
+          const eta = rs.rateBytesPerSec > 0 ? Math.ceil((rs.totalBytes - rs.doneBytes) / rs.rateBytesPerSec) : undefined;
+          process.stderr.write(`resource ${r.name} on ${node}: resync ${pct}% (${mib(rs.doneBytes)} of ${mib(rs.totalBytes)} MiB, ${mib(rs.rateBytesPerSec)} MiB/s${eta !== undefined ? `, ${eta} s left` : ''})\n`);
+        }
+      } catch {
+        // The node is busy or restarting: the command itself reports what matters.
+      }
+    }
+  })();
+  try {
+    return await work;
+  } finally {
+    done = true;
+    await watch;
+  }
+}
+
+function mib(bytes: number): string {
+  return (bytes / 1048576).toFixed(1);
 }
 
 function formatStatus(s: ClusterStatus): string {

@@ -66,7 +66,8 @@ export async function handover(host: HandoverHost, resource: string): Promise<Ha
             ? `it is not connected to ${from}`
             : peer.state?.role !== 'Primary'
               ? `${from} is not Primary for it (resource primary ${e.name} promotes it without a handover)`
-              : r.disk !== 'UpToDate' || peer.state.disk !== 'UpToDate' || r.bitmap.outOfSyncBytes > 0
+              : // (A Diskless old Primary, its disk failed, wrote only to this node's disk: this copy is the data.)
+                r.disk !== 'UpToDate' || (peer.state.disk !== 'Diskless' && (peer.state.disk !== 'UpToDate' || r.bitmap.outOfSyncBytes > 0))
                 ? `the disks are not in sync (${host.node}: ${r.disk}, ${from}: ${peer.state.disk}${r.bitmap.outOfSyncBytes > 0 ? `, ${r.bitmap.outOfSyncBytes} bytes out of sync` : ''}): wait for the resync`
                 : undefined;
     if (why) throw new UserError(`resource ${e.name}: no handover from ${from} to ${host.node}: ${why}`, 1);

@@ -21,6 +21,8 @@
  * done, disk failed, resync started and done, node rejoined, pool nearly
  * full, quorum lost. Nothing here waits for a mail server.
  */
+import fs from 'node:fs';
+import path from 'node:path';
 import type { Logger } from '../util/log.js';
 import type { Resource } from '../replication/resource.js';
 import type { VmManager } from '../vm/manager.js';
@@ -39,6 +41,7 @@ const TAKEOVER_RETRY_MS = 5000;
 
 export interface ClusterHost extends TakeoverHost {
   readonly node: string;
+  readonly home: string;
   readonly config: ClusterConfig;
   readonly log: Logger;
   readonly vms: VmManager;
@@ -49,6 +52,8 @@ export interface ClusterHost extends TakeoverHost {
   demoteHere(name: string, force?: boolean): Promise<void>;
   /** Cut off and refuse NBD clients from these addresses ('*': everyone), or let them in again. */
   fenceStorage(addresses: string[], fenced: boolean): number;
+  /** Move the VMs and Primary roles on these resources (their disk failed here) to the peer. */
+  evacuate(resources: string[]): Promise<unknown>;
 }
 
 export type NodeState = 'online' | 'offline' | 'fenced' | 'draining';
@@ -67,11 +72,14 @@ export class ClusterManager {
   private lastTakeoverTry = -Infinity;
   private readonly steppingDown = new Set<string>();
   private stopped = false;
+  /** Moving VMs and roles off a failed disk (one move at a time; tried again after a failure). */
+  private evacuating = false;
+  private lastEvacuation = -Infinity;
   /** Manual failover: node-lost was reported (the table never declares it dead there). */
   private reportedLost = false;
   readonly alerter: Alerter;
-  /** Set by node drain / rejoin while they run (shown in cluster status). */
-  draining = false;
+  /** Nodes drained for maintenance (node drain), until node rejoin; kept in HOME/cluster.json. */
+  private readonly drained = new Set<string>();
   lastTakeover: TakeoverReport | undefined;
   private readonly started = monotonicMs();
 
@@ -88,6 +96,37 @@ export class ClusterManager {
     this.witnessView = quorum.hasWitness ? { answeredMs: undefined, peerSilentMs: undefined, peerDeclared: false, selfDeclared: false } : undefined;
     this.alerter = new Alerter(host.config.alerts, { log: host.log, from: host.node });
     host.events.on('event', (r: EventRecord) => this.alertFor(r));
+    for (const n of this.loadDrained()) if (host.config.nodes[n]) this.drained.add(n);
+    for (const n of this.drained) host.vms.setNodeDrained(n, true);
+  }
+
+  private get stateFile(): string {
+    return path.join(this.host.home, 'cluster.json');
+  }
+
+  private loadDrained(): string[] {
+    try {
+      const j = JSON.parse(fs.readFileSync(this.stateFile, 'utf8')) as { drained?: unknown };
+      return Array.isArray(j.drained) ? j.drained.filter((x): x is string => typeof x === 'string') : [];
+    } catch {
+      return []; // none yet (a damaged file only loses drain marks: node drain again)
+    }
+  }
+
+  setDrained(node: string, drained: boolean): void {
+    if (drained === this.drained.has(node)) return;
+    if (drained) this.drained.add(node);
+    else this.drained.delete(node);
+    this.host.vms.setNodeDrained(node, drained);
+    const tmp = `${this.stateFile}.tmp`;
+    fs.mkdirSync(this.host.home, { recursive: true });
+    fs.writeFileSync(tmp, JSON.stringify({ drained: [...this.drained] }));
+    fs.renameSync(tmp, this.stateFile);
+    this.host.log.info({ event: drained ? 'node-drained' : 'node-undrained', node }, drained ? `node ${node} is drained: no VM starts or returns there until node rejoin ${node}` : `node ${node} may run VMs again`);
+  }
+
+  isDrained(node: string): boolean {
+    return this.drained.has(node);
   }
 
   /** The heartbeat's clock: its lastHeardMs and heardByPeerMs are on it. */
@@ -131,7 +170,7 @@ export class ClusterManager {
   }
 
   private summary(): BeatSummary {
-    return { quorum: this.state.quorum, selfFenced: this.state.selfFenced, peerView: this.state.peer, draining: this.draining };
+    return { quorum: this.state.quorum, selfFenced: this.state.selfFenced, peerView: this.state.peer, draining: this.drained.has(this.host.node) };
   }
 
   private async tick(): Promise<void> {
@@ -170,6 +209,30 @@ export class ClusterManager {
     for (const a of r.actions) this.act(a);
     if (wasFenced && !this.state.selfFenced) this.endSelfFence();
     this.stepDownIfOvertaken();
+    this.evacuateFailedDisks();
+  }
+
+  /**
+   * A resource whose disk failed here (Diskless, going on through the peer's disk) while this node is
+   * Primary or runs VMs on it: those move to the peer, live, once the peer is connected with good data.
+   */
+  private evacuateFailedDisks(): void {
+    if (this.host.config.membership.failover === 'manual' || this.evacuating || this.state.selfFenced) return;
+    if (this.now() - this.lastEvacuation < TAKEOVER_RETRY_MS) return;
+    const failed = this.host.resourceEntries().filter((e) => {
+      const r = e.resource;
+      return (r.disk === 'Diskless' || r.disk === 'Failed') && r.peer?.replicating === true && r.peer.state?.disk === 'UpToDate';
+    });
+    if (failed.length === 0) return;
+    const names = failed.map((e) => e.name);
+    const pools = Object.entries(this.host.config.pools).filter(([, p]) => p.devices.some((d) => names.includes(d))).map(([p]) => p);
+    if (!failed.some((e) => e.resource.role === 'Primary') && !this.host.vms.usesPools(pools)) return;
+    this.evacuating = true;
+    this.lastEvacuation = this.now();
+    void this.host
+      .evacuate(names)
+      .catch((err: unknown) => this.host.log.error({ event: 'disk-failover-failed', resources: names, err: (err as Error).message }, `could not move off the failed disk of ${names.join(', ')}: ${(err as Error).message} (tried again)`))
+      .finally(() => (this.evacuating = false));
   }
 
   private act(a: MembershipAction): void {
@@ -278,13 +341,13 @@ export class ClusterManager {
 
   /** Node states for cluster status. */
   nodeStates(): { name: string; state: NodeState; view?: PeerView; paths?: { local: string; remote: string; lastHeardMsAgo: number | null }[] }[] {
-    const me = { name: this.host.node, state: (this.state.selfFenced ? 'fenced' : this.draining ? 'draining' : 'online') as NodeState };
+    const me = { name: this.host.node, state: (this.state.selfFenced ? 'fenced' : this.drained.has(this.host.node) ? 'draining' : 'online') as NodeState };
     if (!this.peer) return [me];
     const view = this.state.peer;
     const peerSummary = this.heartbeat?.peerSummary;
     let state: NodeState = view === 'online' || view === 'unreachable' ? 'online' : view === 'fenced' ? 'fenced' : 'offline';
     if (state === 'online' && peerSummary?.selfFenced) state = 'fenced';
-    else if (state === 'online' && peerSummary?.draining) state = 'draining';
+    else if (state === 'online' && this.drained.has(this.peer)) state = 'draining';
     const now = this.now();
     const paths = this.heartbeat?.paths().map((p) => ({ local: p.local, remote: p.remote, lastHeardMsAgo: p.lastHeardMs === undefined ? null : Math.round(now - p.lastHeardMs) }));
     return [me, { name: this.peer, state, view, ...(paths ? { paths } : {}) }];

@@ -49,6 +49,7 @@ import { handover, type HandoverHost } from './handover.js';
 import { EventLog, tapEvents } from './events.js';
 import { ClusterManager, type ClusterHost } from './manager.js';
 import { clusterStatus, fenceTest } from './status.js';
+import { drain, evacuate, rejoin } from './rejoin.js';
 
 export type NodeCommand =
   | { cmd: 'resource.status'; resource?: string }
@@ -62,6 +63,9 @@ export type NodeCommand =
   /** Bring up a resource that is down for want of metadata (sent by `resource create-md`). */
   | { cmd: 'resource.attach'; resource: string }
   | { cmd: 'cluster.status' }
+  | { cmd: 'cluster.set-drained'; node: string; drained: boolean }
+  | { cmd: 'node.rejoin'; node: string }
+  | { cmd: 'node.drain'; node: string }
   | { cmd: 'cluster.fence-test'; node: string }
   | { cmd: 'events.list'; since?: number; limit?: number; tail?: number }
   | VmCommand
@@ -136,6 +140,10 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
 
   resourceEntries(): ResourceEntry[] {
     return [...this.resources.values()];
+  }
+
+  evacuate(resources: string[]): Promise<unknown> {
+    return evacuate(this, resources);
   }
 
   fenceStorage(addresses: string[], fenced: boolean): number {
@@ -455,6 +463,14 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
         return this.status(c.resource);
       case 'cluster.status':
         return clusterStatus(this);
+      case 'cluster.set-drained':
+        if (!this.config.nodes[c.node]) throw new UserError(`no node named ${c.node} in ${this.config.file}`);
+        this.cluster.setDrained(c.node, c.drained === true);
+        return { node: c.node, drained: c.drained === true };
+      case 'node.rejoin':
+        return rejoin(this, c.node);
+      case 'node.drain':
+        return drain(this, c.node);
       case 'cluster.fence-test':
         return fenceTest(this, c.node);
       case 'events.list':

@@ -194,6 +194,8 @@ export class VmManager {
    * their own self-fence, or died with them), so they are not asked, and a VM that prefers one starts here.
    */
   private readonly fencedNodes = new Set<string>();
+  /** Nodes drained for maintenance (node drain): a VM that prefers one runs elsewhere until node rejoin. */
+  private readonly drainedNodes = new Set<string>();
   /** This node lost quorum and killed its VMs: nothing starts here until the cluster is whole again (why). */
   private selfFenced: string | undefined;
   /**
@@ -399,6 +401,16 @@ export class VmManager {
 
   /* ------------------------------------------------------------- failover */
 
+  /** Does a VM running here have a disk in one of `pools`? */
+  usesPools(pools: string[]): boolean {
+    return this.usersOf(pools).length > 0;
+  }
+
+  setNodeDrained(node: string, drained: boolean): void {
+    if (drained) this.drainedNodes.add(node);
+    else this.drainedNodes.delete(node);
+  }
+
   /** The VMs `node` ran when it last answered. */
   lastKnownOn(node: string): string[] {
     return (this.lastSeen.get(node) ?? []).filter((v) => runsThere(v)).map((v) => v.name);
@@ -592,8 +604,10 @@ export class VmManager {
       if (where.node) return { vm: name, node: where.node, state: where.state, already: true, message: `vm ${name} is already running on ${where.node}${on && on !== where.node ? ` (vm migrate ${name} --to ${on} moves it)` : ''}` };
       if (on !== undefined && this.fencedNodes.has(on)) throw new UserError(`vm start ${name} --on ${on}: ${on} is fenced (declared dead): start it elsewhere, or rejoin ${on} first`, 1);
       let target = on ?? c.prefer ?? this.host.node;
-      // Its prefer node is fenced: it runs here meanwhile (node rejoin moves it back).
-      if (this.fencedNodes.has(target)) target = this.host.node;
+      // Its prefer node is fenced or drained: it runs elsewhere meanwhile (node rejoin moves it back).
+      if (on === undefined && (this.fencedNodes.has(target) || this.drainedNodes.has(target))) {
+        target = [this.host.node, ...this.otherNodes()].find((n) => !this.drainedNodes.has(n)) ?? this.host.node;
+      }
       if (where.unreachable.length > 0) {
         const whyNot = auto || on === this.host.node ? this.whyNotStartWithout(name, where.unreachable) : undefined;
         if (!(auto || on === this.host.node) || whyNot !== undefined) {
