@@ -36,8 +36,9 @@ import { takeOver, type TakeoverHost, type TakeoverReport } from './failover.js'
 
 /** A connected peer link proves two-way contact within its ping interval + timeout (link.ts): counted so much older. */
 const LINK_SLACK_MS = 700;
-/** A failed takeover (fence command failed, a promotion refused) is tried again after this long. */
+/** A failed takeover (fence command failed, a promotion refused) is tried again after this long, doubling up to the max. */
 const TAKEOVER_RETRY_MS = 5000;
+const TAKEOVER_RETRY_MAX_MS = 5 * 60_000;
 
 export interface ClusterHost extends TakeoverHost {
   readonly node: string;
@@ -70,6 +71,9 @@ export class ClusterManager {
   private declaring = false;
   private takingOver: Promise<unknown> | undefined;
   private lastTakeoverTry = -Infinity;
+  private takeoverRetryMs = TAKEOVER_RETRY_MS;
+  /** The peer has been heard since this daemon started (a peer never seen is not declared dead before startup.waitForPeer). */
+  private peerSeen = false;
   private readonly steppingDown = new Set<string>();
   private stopped = false;
   /** Moving VMs and roles off a failed disk (one move at a time; tried again after a failure). */
@@ -203,6 +207,7 @@ export class ClusterManager {
         heard = Math.max(heard ?? -Infinity, now - LINK_SLACK_MS);
       }
     }
+    if (direct !== undefined) this.peerSeen = true;
     const wasFenced = this.state.selfFenced;
     const r = step(this.state, { nowMs: now, directMs: direct, heardByPeerMs: heard, witness: this.witnessView, fenceCommand: this.host.config.fence !== undefined }, this.timing);
     this.state = r.state;
@@ -256,7 +261,7 @@ export class ClusterManager {
         log.warn({ event: 'node-unreachable', node: peer }, `node ${peer} is alive (the witness hears it) but unreachable from ${this.host.node}`);
         return;
       case 'declare':
-        if (this.declaring) return;
+        if (this.declaring || this.waitingForPeerAtStartup()) return;
         this.declaring = true;
         void this.quorum
           .witness({ cmd: 'witness.declare', peer })
@@ -272,17 +277,20 @@ export class ClusterManager {
         return;
       }
       case 'take-over':
-        if (this.takingOver || this.now() - this.lastTakeoverTry < TAKEOVER_RETRY_MS) return;
+        if (this.takingOver || this.now() - this.lastTakeoverTry < this.takeoverRetryMs || this.waitingForPeerAtStartup()) return;
+        if (this.lastTakeoverTry > -Infinity) this.takeoverRetryMs = Math.min(this.takeoverRetryMs * 2, TAKEOVER_RETRY_MAX_MS);
         this.lastTakeoverTry = this.now();
         this.takingOver = takeOver(this.host, peer, a.why)
           .then((report) => {
             this.lastTakeover = report;
             if (report.complete) this.state = tookOver(this.state);
           })
-          .catch((err: unknown) => log.error({ event: 'takeover-failed', node: peer, err: (err as Error).message }, `takeover of ${peer} failed: ${(err as Error).message} (tried again)`))
+          .catch((err: unknown) => log.error({ event: 'takeover-failed', node: peer, err: (err as Error).message }, `takeover of ${peer} failed: ${(err as Error).message} (tried again in ${Math.round(this.takeoverRetryMs / 1000)} s)`))
           .finally(() => (this.takingOver = undefined));
         return;
       case 'peer-back':
+        this.lastTakeoverTry = -Infinity;
+        this.takeoverRetryMs = TAKEOVER_RETRY_MS;
         log.warn({ event: 'node-back', node: peer, was: a.was }, `node ${peer} is back (it was ${a.was})${a.was === 'fenced' ? `: its resources and VMs stay here until node rejoin ${peer}` : ''}`);
         this.host.vms.setNodeFenced(peer, false);
         this.host.fenceStorage(this.addressesOf(peer), false);
@@ -298,6 +306,17 @@ export class ClusterManager {
         this.selfFence(a.why);
         return;
     }
+  }
+
+  /**
+   * The cluster is coming up and the peer has not been heard yet: it is not declared dead before
+   * startup.waitForPeer (as DRBD's wfc-timeout, Pacemaker's wait_for_all), so a node that starts a few
+   * seconds after the other still gets its own VMs (0: a peer never seen is never taken over).
+   */
+  private waitingForPeerAtStartup(): boolean {
+    if (this.peerSeen) return false;
+    const wait = this.host.config.startup.waitForPeer;
+    return wait === 0 || this.upSinceMs < wait * 1000;
   }
 
   addressesOf(node: string): string[] {

@@ -128,24 +128,11 @@ export async function drain(d: NodeDaemon, node: string): Promise<MoveResult> {
     if (!st || st.role !== 'Primary') continue;
     if (!inSync(st)) throw new UserError(`node drain ${node}: resource ${r} is not in sync with ${peer} (${st.disk}, peer ${st.peers[0]?.disk ?? 'unknown'} ${st.peers[0]?.connection ?? ''}): let the resync finish first`, 1);
   }
-  void there;
+  void there; // (asked only to be sure the peer answers)
   const vms = await d.vms.list();
   const moving = vms.filter((v) => v.node === node && (v.state === 'running' || v.state === 'paused'));
-  const staying = vms.filter((v) => v.node === peer);
-  const size = (s: string | number | undefined): number => parseSize(String(s));
-  const budget = d.config.nodes[peer].vmMemory;
-  if (budget !== undefined) {
-    const plan = planMemory(size(budget), [
-      ...staying.map((v) => ({ name: v.name, memoryBytes: v.memoryBytes, minMemoryBytes: Math.min(v.memoryBytes, size(d.config.vms[v.name].minMemory ?? d.config.vms[v.name].memory)), priority: d.config.vms[v.name].priority, running: true })),
-      ...moving.map((v) => ({ name: v.name, memoryBytes: v.memoryBytes, minMemoryBytes: Math.min(v.memoryBytes, size(d.config.vms[v.name].minMemory ?? d.config.vms[v.name].memory)), priority: d.config.vms[v.name].priority, running: false })),
-    ]);
-    if (plan.leftOut.length > 0) throw new UserError(`node drain ${node}: ${plan.leftOut.join(', ')} would not fit ${peer}'s vmMemory (${budget}) even at minMemory: stop ${plan.leftOut.length > 1 ? 'them' : 'it'} first (vm stop), or raise nodes.${peer}.vmMemory`, 1);
-    // Squeeze what must be squeezed before the VMs arrive.
-    for (const v of staying) {
-      const target = plan.targets.get(v.name);
-      if (target !== undefined && target < v.memoryBytes) await d.call(peer, { cmd: 'vm.set-memory', vm: v.name, bytes: target }, 60_000);
-    }
-  }
+  const leftOut = await makeRoom(d, peer, vms, moving);
+  if (leftOut.length > 0) throw new UserError(`node drain ${node}: ${leftOut.join(', ')} would not fit ${peer}'s vmMemory (${d.config.nodes[peer].vmMemory}) even at minMemory: stop ${leftOut.length > 1 ? 'them' : 'it'} first (vm stop), or raise nodes.${peer}.vmMemory`, 1);
   d.log.info({ event: 'drain-start', node, vms: moving.map((v) => v.name) }, `drain of ${node}: moving ${moving.length} VMs and its Primary roles to ${peer}`);
   await setDrained(d, node, true);
   for (const v of moving) {
@@ -164,6 +151,32 @@ export async function drain(d: NodeDaemon, node: string): Promise<MoveResult> {
 }
 
 /**
+ * Before `moving` VMs go to `target`: the memory plan for target (memory-plan.ts); every VM of the plan
+ * above its share is squeezed first (those on target and those about to move, at their source). Returns
+ * the moving VMs that do not fit even at their floors (nothing is squeezed then).
+ */
+async function makeRoom(d: NodeDaemon, target: string, vms: VmInfo[], moving: VmInfo[]): Promise<string[]> {
+  const budget = d.config.nodes[target].vmMemory;
+  if (budget === undefined || moving.length === 0) return [];
+  const size = (s: string | number | undefined): number => parseSize(String(s));
+  const floor = (v: VmInfo): number => Math.min(v.memoryBytes, size(d.config.vms[v.name].minMemory ?? d.config.vms[v.name].memory));
+  const staying = vms.filter((v) => v.node === target && (v.state === 'running' || v.state === 'paused'));
+  // The VMs to move count as booting (they may be left out); their size is what they have now.
+  const plan = planMemory(size(budget), [
+    ...staying.map((v) => ({ name: v.name, memoryBytes: v.memoryBytes, minMemoryBytes: floor(v), priority: d.config.vms[v.name].priority, running: true })),
+    ...moving.map((v) => ({ name: v.name, memoryBytes: v.memoryBytes, minMemoryBytes: floor(v), priority: d.config.vms[v.name].priority, running: false })),
+  ]);
+  if (plan.leftOut.length > 0) return plan.leftOut;
+  for (const v of [...staying, ...moving]) {
+    const want = plan.targets.get(v.name);
+    if (want !== undefined && want < v.memoryBytes - MIB) await d.call(v.node!, { cmd: 'vm.set-memory', vm: v.name, bytes: want }, 60_000);
+  }
+  return [];
+}
+
+const MIB = 1024 * 1024;
+
+/**
  * This node's disk failed under `resources` (Diskless: it goes on through the peer's disk). Its VMs using
  * them move to the peer, live, and the Primary roles with them, so they run where the data is.
  */
@@ -176,10 +189,14 @@ export async function evacuate(d: NodeDaemon, resources: string[]): Promise<Move
     .map(([name]) => name);
   d.log.warn({ event: 'disk-failover-start', resources, pools, to: peer }, `the disk of ${resources.join(', ')} failed on ${d.node}: moving its VMs and roles to ${peer}`);
   const vms = await d.vms.list();
-  for (const v of vms) {
-    if (v.node !== d.node || (v.state !== 'running' && v.state !== 'paused')) continue;
-    if (!d.config.vms[v.name].disks.some((disk) => pools.includes(disk.split('/')[0]))) continue;
-    const r = (await d.call(d.node === v.node ? d.node : v.node, { cmd: 'vm.migrate', vm: v.name, to: peer }, 15 * 60_000)) as { message?: string };
+  const moving = vms.filter((v) => v.node === d.node && (v.state === 'running' || v.state === 'paused') && d.config.vms[v.name].disks.some((disk) => pools.includes(disk.split('/')[0])));
+  const leftOut = await makeRoom(d, peer, vms, moving);
+  for (const v of moving) {
+    if (leftOut.includes(v.name)) {
+      steps.push(`vm ${v.name} stays on ${d.node} (its disks through ${peer}): it does not fit ${peer}'s vmMemory`);
+      continue;
+    }
+    const r = (await d.call(d.node, { cmd: 'vm.migrate', vm: v.name, to: peer }, 15 * 60_000)) as { message?: string };
     steps.push(r.message ?? `vm ${v.name} migrated to ${peer}`);
   }
   for (const name of resources) {

@@ -177,7 +177,8 @@ test("EIO on the Primary's disk: it detaches (Diskless) and the NBD client sees 
     await withTimeout(fuse.exited, 10_000, 'nbdfuse exit').catch(() => fuse.child.kill('SIGKILL'));
   });
   await waitFor(() => fs.existsSync(path.join(mnt, 'nbd')) || fuse.child.exitCode !== null, 10_000, 'nbdfuse');
-  const c = await makeCluster(t, { disks: { alpha: path.join(mnt, 'nbd'), bravo: path.join(base, 'bravo.img') }, diskBytes: 512 * MiB });
+  // Manual failover: this is about the resource going Diskless; the cluster manager's move off the failed disk has its own test.
+  const c = await makeCluster(t, { disks: { alpha: path.join(mnt, 'nbd'), bravo: path.join(base, 'bravo.img') }, diskBytes: 512 * MiB, failover: 'manual' });
   // The cluster's processes must stop before the FUSE mount goes (cleanup runs last-in first-out).
   cleanup.push('stop nodes', async () => {
     await c.kill('alpha');
