@@ -31,10 +31,14 @@ const DUET = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '.
 const NODES = { alpha: '127.0.0.1', bravo: '127.0.0.2' } as const;
 const WITNESS = '127.0.0.3';
 
-/** The demo VM: the demo guest (built from this machine's kernel and busybox) on volume demo/web. */
+/** The demo VMs: the demo guest (built from this machine's kernel and busybox), web on alpha's resource, db on bravo's. */
 function vmYaml(guest: DemoGuest): string[] {
-  return ['vms:', `  web: { disks: [demo/web], memory: 128M, minMemory: 96M, prefer: alpha, boot: { kernel: ${guest.kernel}, initrd: ${guest.initrd}, append: "${DEMO_GUEST_APPEND}" } }`];
+  const boot = `boot: { kernel: ${guest.kernel}, initrd: ${guest.initrd}, append: "${DEMO_GUEST_APPEND}" }`;
+  return ['vms:', `  web: { disks: [demo/web], memory: 128M, minMemory: 96M, prefer: alpha, priority: 10, ${boot} }`, `  db: { disks: [store/db], memory: 128M, minMemory: 96M, prefer: bravo, ${boot} }`];
 }
+
+/** The demo's resources: r0 Primary on alpha (pool demo), r1 on bravo (pool store). */
+const RESOURCES = { r0: { port: 7801, prefer: 'alpha', pool: 'demo', suffix: '' }, r1: { port: 7802, prefer: 'bravo', pool: 'store', suffix: '-r1' } } as const;
 
 function clusterYaml(dir: string, guest: DemoGuest | undefined): string {
   return [
@@ -46,9 +50,9 @@ function clusterYaml(dir: string, guest: DemoGuest | undefined): string {
     `  bravo: { address: ${NODES.bravo} }`,
     `witness: { address: ${WITNESS}, port: 7899 }`,
     'resources:',
-    `  r0: { protocol: C, port: 7801, disk: { alpha: ${path.join(dir, 'alpha.img')}, bravo: ${path.join(dir, 'bravo.img')} }, prefer: alpha }`,
+    ...Object.entries(RESOURCES).map(([r, x]) => `  ${r}: { protocol: C, port: ${x.port}, disk: { alpha: ${path.join(dir, `alpha${x.suffix}.img`)}, bravo: ${path.join(dir, `bravo${x.suffix}.img`)} }, prefer: ${x.prefer} }`),
     'pools:',
-    '  demo: { devices: [r0] }',
+    ...Object.entries(RESOURCES).map(([r, x]) => `  ${x.pool}: { devices: [${r}] }`),
     'exports: { port: 10809 }',
     'api: { port: 7800 }',
     ...(guest ? vmYaml(guest) : []),
@@ -79,25 +83,30 @@ export function registerDemo(program: Command): void {
       const file = path.join(dir, 'cluster.yaml');
       const { guest, why } = await demoGuest(dir);
       // Rewritten while it is the demo's own (a data directory of an older demo has no VM in it).
-      if (!fs.existsSync(file) || (guest && !fs.readFileSync(file, 'utf8').includes(guest.initrd))) fs.writeFileSync(file, clusterYaml(dir, guest));
+      // (And one of a demo before the second resource.)
+      if (!fs.existsSync(file) || (guest && !fs.readFileSync(file, 'utf8').includes(guest.initrd)) || !fs.readFileSync(file, 'utf8').includes('r1:')) fs.writeFileSync(file, clusterYaml(dir, guest));
       const secret = path.join(dir, 'secret');
       if (!fs.existsSync(secret)) fs.writeFileSync(secret, `${randomBytes(24).toString('base64')}\n`, { mode: 0o600 });
       for (const n of Object.keys(NODES)) {
-        const img = path.join(dir, `${n}.img`);
-        if (!fs.existsSync(img)) {
-          fs.writeFileSync(img, '');
-          fs.truncateSync(img, Number(options.size));
+        for (const x of Object.values(RESOURCES)) {
+          const img = path.join(dir, `${n}${x.suffix}.img`);
+          if (!fs.existsSync(img)) {
+            fs.writeFileSync(img, '');
+            fs.truncateSync(img, Number(options.size) / (x.suffix ? 4 : 1));
+          }
         }
       }
       const config = loadClusterConfig(file);
       // A node never writes metadata on its own: give each image without it (a new one) fresh metadata, as an admin would.
-      for (const [node, disk] of Object.entries(config.resources.r0.disk)) {
-        const img = path.resolve(dir, disk);
-        const device = FileDevice.open(img);
-        try {
-          if (!(await readRecord(device, layoutFor(device.size)))) await createMetadata(device, { resource: 'r0', node });
-        } finally {
-          await device.close();
+      for (const resource of Object.keys(RESOURCES)) {
+        for (const [node, disk] of Object.entries(config.resources[resource].disk)) {
+          const img = path.resolve(dir, disk);
+          const device = FileDevice.open(img);
+          try {
+            if (!(await readRecord(device, layoutFor(device.size)))) await createMetadata(device, { resource, node });
+          } finally {
+            await device.close();
+          }
         }
       }
       const children: { name: string; child: ChildProcess }[] = [];
@@ -114,9 +123,15 @@ export function registerDemo(program: Command): void {
       const stop = (): void => {
         if (stopping) return;
         stopping = true;
-        process.stdout.write(`duet demo: stopping ${guest ? 'the VM, ' : ''}the nodes and the witness\n`);
-        // A VM outlives its node's daemon on purpose; the demo's goes with the demo.
-        const vmDown = guest ? callNode({ config, node: 'alpha' }, { cmd: 'vm.stop', vm: 'web', force: true }, { timeoutMs: 10_000 }).catch(() => undefined) : Promise.resolve();
+        process.stdout.write(`duet demo: stopping ${guest ? 'the VMs, ' : ''}the nodes and the witness\n`);
+        // A VM outlives its node's daemon on purpose; the demo's go with the demo (asked of either node: one may be dead).
+        const stopVm = async (vm: string): Promise<void> => {
+          for (const node of Object.keys(NODES)) {
+            const ok = await callNode({ config, node }, { cmd: 'vm.stop', vm, force: true }, { timeoutMs: 10_000 }).then(() => true, () => false);
+            if (ok) return;
+          }
+        };
+        const vmDown = guest ? Promise.all([stopVm('web'), stopVm('db')]) : Promise.resolve();
         void vmDown.then(() => {
           for (const c of children) if (c.child.exitCode === null) c.child.kill('SIGTERM');
         });
@@ -132,13 +147,15 @@ export function registerDemo(program: Command): void {
       start('witness', ['witness', 'run', '--config', file]);
       for (const n of Object.keys(NODES)) start(n, ['node', 'run', '--config', file, '--node', n]);
       const alpha = { config, node: 'alpha' };
-      // Wait (bounded) for alpha to be Primary and the pool open, then make the demo volume once.
+      const bravo = { config, node: 'bravo' };
+      // Wait (bounded) for each node to be Primary for its resource and its pool open, then make the volumes once.
       const deadline = Date.now() + 60_000;
       let status: NodeStatus | undefined;
       for (;;) {
         try {
           status = (await callNode(alpha, { cmd: 'resource.status' })) as NodeStatus;
-          if (status.pools.find((p) => p.name === 'demo')?.open) break;
+          const other = (await callNode(bravo, { cmd: 'resource.status' })) as NodeStatus;
+          if (status.pools.find((p) => p.name === 'demo')?.open && other.pools.find((p) => p.name === 'store')?.open) break;
         } catch {
           /* not up yet */
         }
@@ -151,34 +168,41 @@ export function registerDemo(program: Command): void {
       const volumes = (await callNode(alpha, { cmd: 'vol.list', pool: 'demo' })) as { name: string }[];
       if (!volumes.some((v) => v.name === 'demo')) await callNode(alpha, { cmd: 'vol.create', pool: 'demo', name: 'demo', sizeBytes: 1024 * 1024 * 1024 });
       if (guest && !volumes.some((v) => v.name === 'web')) await callNode(alpha, { cmd: 'vol.create', pool: 'demo', name: 'web', sizeBytes: 64 * 1024 * 1024 });
-      // Started here, not left to "VMs run unless stopped": the demo's Ctrl-C stopped it last time.
+      const stored = (await callNode(bravo, { cmd: 'vol.list', pool: 'store' })) as { name: string }[];
+      if (guest && !stored.some((v) => v.name === 'db')) await callNode(bravo, { cmd: 'vol.create', pool: 'store', name: 'db', sizeBytes: 64 * 1024 * 1024 });
+      // Started here, not left to "VMs run unless stopped": the demo's Ctrl-C stopped them last time.
       let vmNote = `no VM in this demo: ${why ?? 'unknown'}`;
       if (guest) {
-        vmNote = 'vm web did not start within 90 s: see vm list and the logs';
-        await callNode(alpha, { cmd: 'vm.start', vm: 'web' }, { timeoutMs: 60_000 }).catch((err: unknown) => (vmNote = `vm web did not start: ${(err as Error).message}`));
-        for (const until = Date.now() + 90_000; Date.now() < until; await new Promise((r) => setTimeout(r, 500))) {
-          const c = (await callNode(alpha, { cmd: 'vm.console', vm: 'web' }).catch(() => undefined)) as { text: string } | undefined;
-          const ticks = c?.text.split('\n').filter((l) => l.startsWith('tick ')) ?? [];
-          if (ticks.length >= 3) {
-            vmNote = `vm web runs on alpha from volume demo/web (QEMU, ${detectAccel() === 'kvm' ? 'KVM' : 'TCG: no KVM here'}); its console: ${ticks[ticks.length - 1]}`;
-            break;
+        const notes: string[] = [];
+        for (const [vm, node] of [['web', 'alpha'], ['db', 'bravo']] as const) {
+          let note = `vm ${vm} did not start within 90 s: see vm list and the logs`;
+          await callNode(alpha, { cmd: 'vm.start', vm }, { timeoutMs: 60_000 }).catch((err: unknown) => (note = `vm ${vm} did not start: ${(err as Error).message}`));
+          for (const until = Date.now() + 90_000; Date.now() < until; await new Promise((r) => setTimeout(r, 500))) {
+            const c = (await callNode(alpha, { cmd: 'vm.console', vm }).catch(() => undefined)) as { text: string } | undefined;
+            const ticks = c?.text.split('\n').filter((l) => l.startsWith('tick ')) ?? [];
+            if (ticks.length >= 3) {
+              note = `vm ${vm} runs on ${node} from volume ${vm === 'web' ? 'demo/web' : 'store/db'} (QEMU, ${detectAccel() === 'kvm' ? 'KVM' : 'TCG: no KVM here'}); its console: ${ticks[ticks.length - 1]}`;
+              break;
+            }
           }
+          notes.push(note);
         }
+        vmNote = notes.join('\n');
       }
-      // Show a settled picture: wait (bounded) for the initial sync to bravo.
+      // Show a settled picture: wait (bounded) for the initial syncs.
       for (const until = Date.now() + 30_000; Date.now() < until; await new Promise((r) => setTimeout(r, 200))) {
         status = (await callNode(alpha, { cmd: 'resource.status' })) as NodeStatus;
-        const peer = status.resources[0]?.peers[0];
-        if (peer?.connection === 'Connected' && peer.disk === 'UpToDate' && status.resources[0].outOfSyncBytes === 0) break;
+        if (status.resources.every((r) => r.peers[0]?.connection === 'Connected' && r.peers[0].disk === 'UpToDate' && r.outOfSyncBytes === 0)) break;
       }
       const url = `nbd://${NODES.alpha}:10809/demo`;
       const d = `bin/duet --config ${file}`;
       process.stdout.write(
         [
           `duet demo: cluster "demo" on this machine (data in ${dir}, logs in ${path.join(dir, 'logs')})`,
-          `  alpha   ${NODES.alpha}  disk ${path.join(dir, 'alpha.img')} (sparse)`,
-          `  bravo   ${NODES.bravo}  disk ${path.join(dir, 'bravo.img')} (sparse)`,
+          `  alpha   ${NODES.alpha}  disks ${path.join(dir, 'alpha.img')}, ${path.join(dir, 'alpha-r1.img')} (sparse)`,
+          `  bravo   ${NODES.bravo}  disks ${path.join(dir, 'bravo.img')}, ${path.join(dir, 'bravo-r1.img')} (sparse)`,
           `  witness ${WITNESS}:7899`,
+          'resource r0 (pool demo) is Primary on alpha, r1 (pool store) on bravo; each mirrored to the other node',
           `volume demo (1G) of pool demo on resource r0, exported by the Primary at ${url}`,
           vmNote,
           '',
@@ -197,9 +221,12 @@ export function registerDemo(program: Command): void {
                 `  ${d} --node bravo resource primary r0 --handover   # the disks' Primary moves under the running VM`,
               ]
             : []),
-          `  kill -9 ${children.find((c) => c.name === 'alpha')?.child.pid}   # alpha dies; then take over on bravo:`,
-          `  ${d} --node bravo resource primary r0 && nbdinfo nbd://${NODES.bravo}:10809/demo`,
-          `  ${d} --node bravo vol snapshot demo/demo demo/before; ${d} --node bravo vol list demo`,
+          `  ${d} --node bravo cluster status             # nodes, quorum, who is Primary, where each VM runs`,
+          `  kill -9 ${children.find((c) => c.name === 'alpha')?.child.pid}${guest ? ` $(cat ${path.join(dir, 'home-alpha', 'vms', 'web', 'qemu.pid')})` : ''}   # kill -9 alpha's daemon${guest ? ' and its VM' : ''} and watch bravo take over:`,
+          `  ${d} --node bravo events --follow            # node-lost, takeover, ${guest ? 'vm web started on bravo, ' : ''}failover-done (about 3 s)`,
+          `  bin/duet --home ${path.join(dir, 'home-alpha')} node run --config ${file} --node alpha &   # alpha repaired: back, it resyncs`,
+          `  ${d} --node bravo node rejoin alpha         # ${guest ? 'vm web and ' : ''}r0 move back to alpha, live`,
+          `  ${d} --node alpha node drain bravo          # maintenance: everything on alpha; node rejoin bravo brings it back`,
           'Ctrl-C stops the cluster (in-flight requests finish, data is flushed).',
           '',
         ].join('\n'),

@@ -236,6 +236,10 @@ export const RECORDED_EVENTS: ReadonlySet<string> = new Set([
   'vm-started', 'vm-stopped', 'vm-exited', 'vm-autostarted', 'vm-autostart-failed', 'vm-migrated', 'vm-migrated-away', 'vm-migration-failed',
   'vm-memory-set', 'vm-disk-full', 'vm-stale-copy-ended', 'vm-start-without-prefer',
   'drain-start', 'drain-done', 'rejoin-start', 'rejoin-done', 'alert-gave-up', 'verify-done', 'event-loop-stall',
+  // The cluster manager's steps (manager.ts, failover.ts, rejoin.ts).
+  'node-unreachable', 'node-back', 'node-drained', 'node-undrained', 'self-fence-ended', 'self-fence-skipped', 'step-down', 'step-down-failed',
+  'takeover-promoted', 'takeover-promote-failed', 'takeover-vm-failed', 'takeover-incomplete', 'takeover-failed', 'storage-fenced', 'vm-left-out',
+  'disk-failover-start', 'disk-failover-done', 'disk-failover-failed', 'vm-squeeze-failed',
 ]);
 
 const TAPPED: Record<string, Level> = { info: 'info', warn: 'warn', error: 'error', fatal: 'error' };

@@ -180,7 +180,6 @@ export class ClusterManager {
   private async tick(): Promise<void> {
     if (this.stopped) return;
     const now = this.now();
-    this.heartbeat?.send(this.summary());
     if (this.quorum.hasWitness && !this.witnessPending) {
       this.witnessPending = true;
       const sent = now;
@@ -199,6 +198,13 @@ export class ClusterManager {
         .finally(() => (this.witnessPending = false));
     }
     if (!this.peer) return;
+    this.observe(now);
+    // After acting: a node that must fence itself has killed its VMs before its peer hears it again (and,
+    // hearing it, lets its storage fence go).
+    this.heartbeat?.send(this.summary());
+  }
+
+  private observe(now: number): void {
     let direct = this.heartbeat?.lastHeardMs;
     let heard = this.heartbeat?.heardByPeerMs;
     for (const e of this.host.resourceEntries()) {

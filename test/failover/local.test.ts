@@ -1,0 +1,209 @@
+/**
+ * The cluster manager on loopback addresses (no VMs, no namespaces): the
+ * takeover of a killed node, the fence command (its failure blocks the
+ * takeover and alerts, a hanging one is bounded, `fence test` dry-runs
+ * it), self-fencing of a node cut off from everyone, the webhook alert,
+ * `events`, `cluster status`, and the bad input of drain and rejoin.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+import { Cleanup, haveProgram, python, run } from '../e2e/harness.js';
+import { ADDRESS, inSync, makeCluster, waitStatus, type Cluster } from '../e2e/cluster-harness.js';
+import type { ClusterStatus, FenceTestReport } from '../../src/cluster/status.js';
+import type { EventRecord } from '../../src/cluster/events.js';
+
+/** A webhook receiver: every POSTed alert. */
+async function webhook(t: { after(fn: () => unknown): void }): Promise<{ url: string; alerts: Array<Record<string, unknown>> }> {
+  const alerts: Array<Record<string, unknown>> = [];
+  const server = http.createServer((req, res) => {
+    let body = '';
+    req.on('data', (b: Buffer) => (body += b.toString()));
+    req.on('end', () => {
+      try {
+        alerts.push(JSON.parse(body) as Record<string, unknown>);
+      } catch {
+        // not an alert
+      }
+      res.end('ok');
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  return { url: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}/hook`, alerts };
+}
+
+async function until<T>(check: () => T | Promise<T>, ms: number, what: () => string): Promise<NonNullable<T>> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    let v: T | undefined;
+    try {
+      v = await check();
+    } catch {
+      v = undefined;
+    }
+    if (v) return v as NonNullable<T>;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what()}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+async function clusterStatus(c: Cluster, node: string): Promise<ClusterStatus> {
+  const r = await c.duet(node, ['cluster', 'status', '--json']);
+  assert.equal(r.code, 0, r.describe());
+  return JSON.parse(r.stdout) as ClusterStatus;
+}
+
+async function events(c: Cluster, node: string): Promise<EventRecord[]> {
+  const r = await c.duet(node, ['events', '--json']);
+  assert.equal(r.code, 0, r.describe());
+  return r.stdout.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as EventRecord);
+}
+
+test('kill -9 of the Primary\'s daemon: its peer declares it dead at the witness, fences and takes over within seconds; status, events and a webhook alert say so', async (t) => {
+  const hook = await webhook(t);
+  const c = await makeCluster(t, { witness: true, extra: [`alerts: { webhook: { url: "${hook.url}" } }`] });
+  await c.startWitness();
+  await c.start('alpha');
+  await c.start('bravo');
+  await waitStatus(c, 'alpha', 'the initial sync', (s) => s.role === 'Primary' && inSync(s), 60_000);
+  assert.equal((await c.duet('alpha', ['vol', 'create', 'pa/v', '--size', '16M'])).code, 0);
+  const before = await clusterStatus(c, 'bravo');
+  assert.deepEqual(before.nodes.map((n) => [n.name, n.state]), [['bravo', 'online'], ['alpha', 'online']]);
+  assert.equal(before.quorum, true);
+  assert.deepEqual(before.warnings, []);
+  const killedAt = Date.now();
+  await c.kill('alpha');
+  const s = await waitStatus(c, 'bravo', 'bravo Primary by itself', (x) => x.role === 'Primary', 30_000);
+  const tookMs = Date.now() - killedAt;
+  assert.equal(s.disk, 'UpToDate');
+  // Exported at bravo's address: a client writes there.
+  const w = await python('import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.pwrite(b"x"*4096,0)\nh.flush()\nprint("ok")', [c.url('bravo', 'v')]);
+  assert.equal(w.stdout.trim(), 'ok', w.describe());
+  const st = await clusterStatus(c, 'bravo');
+  assert.equal(st.nodes.find((n) => n.name === 'alpha')?.state, 'fenced');
+  assert.deepEqual(st.resources.map((r) => [r.name, r.primary]), [['a', 'bravo']]);
+  assert.ok(st.lastTakeover?.complete);
+  const ev = await events(c, 'bravo');
+  const names = ev.map((e) => e.event);
+  for (const e of ['node-lost', 'takeover-start', 'takeover-promoted', 'failover-done']) assert.ok(names.includes(e), `${e} in ${names.join(' ')}`);
+  assert.ok(names.indexOf('node-lost') < names.indexOf('takeover-start'));
+  for (const e of ev) assert.ok(typeof e.time === 'string' && typeof e.node === 'string' && typeof e.seq === 'number', JSON.stringify(e));
+  // The plain listing: one line per event, the last ones with -n.
+  const plain = await c.duet('bravo', ['events', '-n', '3']);
+  assert.equal(plain.code, 0, plain.describe());
+  assert.equal(plain.stdout.trim().split('\n').length, 3, plain.stdout);
+  const alert = await until(() => hook.alerts.find((a) => a.event === 'failover-done'), 30_000, () => `the failover alert (got ${hook.alerts.map((a) => a.event).join(', ')})`);
+  assert.equal(alert.node, 'alpha');
+  assert.ok(hook.alerts.some((a) => a.event === 'node-lost'));
+  t.diagnostic(`kill -9 to bravo Primary: ${tookMs} ms`);
+});
+
+test('two nodes, no witness: a failing fence command blocks the takeover and alerts; a hanging one is cut at its timeout; fence test dry-runs it; once it works, the takeover goes on', async (t) => {
+  const hook = await webhook(t);
+  const dir = fs.mkdtempSync('/tmp/duet-fence-');
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const script = path.join(dir, 'fence.sh');
+  // Powers "off" a node by writing a line; fails until ALLOW exists; `status` answers only whether it could.
+  fs.writeFileSync(script, `#!/bin/sh\necho "$1 $2" >> ${dir}/calls\n[ -e ${dir}/HANG ] && sleep 100\n[ -e ${dir}/ALLOW ] || { echo "plug ${'$'}1 does not answer" >&2; exit 3; }\necho "power $2 for $1"\n`, { mode: 0o755 });
+  const c = await makeCluster(t, { extra: [`fence: { command: ${script}, timeout: 2s }`, `alerts: { webhook: { url: "${hook.url}" } }`] });
+  await c.start('alpha');
+  await c.start('bravo');
+  await waitStatus(c, 'alpha', 'the initial sync', (s) => s.role === 'Primary' && inSync(s), 60_000);
+  const st = await clusterStatus(c, 'bravo');
+  assert.match(st.warnings.join('\n'), /no witness: a lost peer cannot be told from a cut link; takeover relies on the fence command/);
+  // The dry run: exit 1 while the command fails, naming why; exit 0 once it works.
+  const dry = await c.duet('bravo', ['fence', 'test', 'alpha']);
+  assert.equal(dry.code, 1, dry.describe());
+  assert.match(dry.stdout, /fence command, dry run: fence command \(status alpha\) failed with exit code 3: plug alpha does not answer/);
+  assert.match(dry.stdout, /it would promote a here/);
+  fs.writeFileSync(path.join(dir, 'ALLOW'), '');
+  const ok = await c.duet('bravo', ['fence', 'test', 'alpha', '--json']);
+  assert.equal(ok.code, 0, ok.describe());
+  assert.equal((JSON.parse(ok.stdout) as FenceTestReport).command?.ok, true);
+  fs.writeFileSync(path.join(dir, 'HANG'), '');
+  const hung = await c.duet('bravo', ['fence', 'test', 'alpha']);
+  assert.equal(hung.code, 1, hung.describe());
+  assert.match(hung.stdout, /did not finish within 2 s \(killed\)/);
+  fs.rmSync(path.join(dir, 'HANG'));
+  fs.rmSync(path.join(dir, 'ALLOW'));
+  assert.ok(!fs.readFileSync(path.join(dir, 'calls'), 'utf8').includes('off'), 'a dry run never powers off');
+  // alpha dies: the fence command fails, nothing is taken over, an alert says why.
+  await c.kill('alpha');
+  await until(() => hook.alerts.find((a) => a.event === 'fence-failed'), 30_000, () => `the fence-failed alert (got ${hook.alerts.map((a) => a.event).join(', ')})`);
+  assert.equal((await c.status('bravo')).role, 'Secondary', 'no takeover while the fence fails');
+  fs.writeFileSync(path.join(dir, 'ALLOW'), '');
+  await waitStatus(c, 'bravo', 'bravo Primary once alpha is fenced', (x) => x.role === 'Primary', 60_000);
+  assert.match(fs.readFileSync(path.join(dir, 'calls'), 'utf8'), /^alpha off$/m);
+  await until(() => hook.alerts.find((a) => a.event === 'failover-done'), 30_000, () => 'the failover alert');
+});
+
+function iptablesSkip(): string | false {
+  if (process.getuid?.() !== 0) return process.env.CI === 'true' ? false : 'needs root (iptables)';
+  return haveProgram('iptables') || process.env.CI === 'true' ? false : 'iptables is not installed';
+}
+
+test('a node cut off from its peer and the witness fences itself: its NBD clients are cut off, no write is acknowledged; its peer takes over; healed, it steps down and resyncs', { skip: iptablesSkip() }, async (t) => {
+  const cleanup = new Cleanup();
+  t.after(() => cleanup.runAll());
+  const c = await makeCluster(t, { witness: true });
+  await c.startWitness();
+  await c.start('alpha');
+  await c.start('bravo');
+  await waitStatus(c, 'alpha', 'the initial sync', (s) => s.role === 'Primary' && inSync(s), 60_000);
+  assert.equal((await c.duet('alpha', ['vol', 'create', 'pa/v', '--size', '16M'])).code, 0);
+  const tag = `duet-failover-${process.pid}`;
+  for (const peer of [ADDRESS.bravo, ADDRESS.witness]) {
+    for (const [s, d] of [
+      [ADDRESS.alpha, peer],
+      [peer, ADDRESS.alpha],
+    ]) {
+      const rule = ['OUTPUT', '-s', s, '-d', d, '-j', 'DROP', '-m', 'comment', '--comment', tag];
+      assert.equal((await run('iptables', ['-I', ...rule])).code, 0);
+      cleanup.push(`iptables ${s} -> ${d}`, async () => void (await run('iptables', ['-D', ...rule])));
+    }
+  }
+  const cutAt = Date.now();
+  await waitStatus(c, 'bravo', 'bravo takes over', (x) => x.role === 'Primary', 30_000);
+  // alpha (asked through its own address, which still works from here) fenced itself first.
+  const ev = await events(c, 'alpha');
+  const fenced = ev.find((e) => e.event === 'self-fenced' && Date.parse(e.time) >= cutAt);
+  assert.ok(fenced, ev.map((e) => e.event).join(' '));
+  const took = (await events(c, 'bravo')).find((e) => e.event === 'takeover-start' && Date.parse(e.time) >= cutAt);
+  assert.ok(took && Date.parse(fenced.time) < Date.parse(took.time), `self-fenced ${fenced.time}, takeover ${took?.time}`);
+  const st = await clusterStatus(c, 'alpha');
+  assert.equal(st.quorum, false);
+  assert.equal(st.nodes.find((n) => n.name === 'alpha')?.state, 'fenced');
+  // Its exports refuse everyone.
+  const w = await python('import nbd,sys\nh=nbd.NBD()\ntry:\n  h.connect_uri(sys.argv[1])\n  h.pwrite(b"y"*4096,0)\n  h.flush()\n  print("ok")\nexcept nbd.Error as e:\n  print("error")', [c.url('alpha', 'v')], { timeoutMs: 20_000 });
+  assert.equal(w.stdout.trim(), 'error', w.describe());
+  await cleanup.runAll();
+  // Healed: alpha steps down (the cluster went on without it) and resyncs from bravo by itself.
+  await waitStatus(c, 'alpha', 'alpha Secondary and in sync', (x) => x.role === 'Secondary' && inSync(x), 60_000);
+  assert.equal((await clusterStatus(c, 'alpha')).quorum, true);
+});
+
+test('bad input: rejoin or drain of an unknown node, a rejoin of a node that is down, a drain with nowhere to go', async (t) => {
+  const c = await makeCluster(t, { witness: true });
+  await c.startWitness();
+  await c.start('alpha');
+  await c.start('bravo');
+  await waitStatus(c, 'alpha', 'the initial sync', (s) => s.role === 'Primary' && inSync(s), 60_000);
+  const unknown = await c.duet('alpha', ['node', 'rejoin', 'charlie']);
+  assert.equal(unknown.code, 2, unknown.describe());
+  assert.match(unknown.stderr, /^duet: node rejoin charlie: no node named charlie in .* \(nodes: alpha, bravo\)\n$/);
+  // A rejoin of a node that is in place: nothing to do, exit 0 (idempotent).
+  const noop = await c.duet('alpha', ['node', 'rejoin', 'alpha']);
+  assert.equal(noop.code, 0, noop.describe());
+  assert.match(noop.stdout, /node alpha rejoined/);
+  await c.kill('bravo');
+  const down = await c.duet('alpha', ['node', 'rejoin', 'bravo']);
+  assert.equal(down.code, 1, down.describe());
+  assert.match(down.stderr, /^duet: node bravo does not answer .*: start its daemon \(duet node run --node bravo\) and try again\n$/);
+  const nowhere = await c.duet('alpha', ['node', 'drain', 'alpha']);
+  assert.equal(nowhere.code, 1, nowhere.describe());
+  assert.match(nowhere.stderr, /^duet: node bravo does not answer|^duet: node drain alpha: bravo is (offline|fenced): its VMs would have nowhere to run\n$/);
+});
