@@ -13,8 +13,10 @@
  *   before " sum=" and ID the first 8 characters of the guest's boot_id.
  * - Seqs never restart: at boot the guest reads every slot and goes on from
  *   the largest seq with a valid sum. The guest writes one block at a time
- *   (O_DIRECT, waiting for each), so every state a crash, a failover or a
- *   migration can leave is a prefix of the write sequence: for the largest
+ *   (O_DIRECT, then fsync: a flush, waiting for each; a write not yet
+ *   flushed is not durable, on a thin volume its new chunk's mapping least
+ *   of all), so every state a crash, a failover or a migration can leave is
+ *   a prefix of the write sequence: for the largest
  *   seq M on the disk, slot K holds the one seq of M-S+1..M that is K mod S
  *   (empty while that seq would be < 1). Nothing else is a legal state.
  * - Before overwriting slot K with seq N the guest checks that the slot holds
@@ -24,6 +26,9 @@
  *   "any valid older line on the first round": as numbering goes on across
  *   boots, the older run's line expected in each slot is known exactly, and a
  *   slot left behind by a lost write is caught on the first round too.
+ * - At boot, after the scan, every slot must hold its seq of M-S+1..M (or
+ *   be empty below seq 1): a write lost by a failover shows at the boot
+ *   after it, not a round of 64 writes later.
  * - After writing it reads the slot back (O_DIRECT) and compares.
  * Any mismatch or dd failure prints `duet-guest ERROR <what> seq=N`; the
  * loop goes on (the slot is rewritten, later checks stay meaningful).
@@ -451,6 +456,16 @@ else
 fi
 START=$((M0 + 1))
 echo "duet-guest disk last_seq=$M0"
+# At once, not a round of writes later: the disk must hold the last min(M0, S) writes, each in its slot
+# (a write lost by a failover or a crash before the last shows here, at the boot after it).
+C=0; STALE=""
+while read -r line; do
+  if line_ok "$line"; then
+    if [ "$L_SEQ" -le $((M0 - S)) ] || [ $((L_SEQ % S)) != "$L_SLOT" ]; then STALE="$STALE $L_SLOT"; else C=$((C + 1)); fi
+  fi
+done < /tmp/scan.txt
+W=$M0; [ $W -gt $S ] && W=$S
+[ $C = $W ] && [ -z "$STALE" ] || error "disk at boot: $C of the last $W writes up to seq $M0 are on it\${STALE:+; slots holding older writes:$STALE}"
 
 # Benchmark mode (bench/vm.sh): duet.bench=1 [duet.bench.mib=N] [duet.bench.secs=S] [duet.bench.then=poweroff]
 BENCH=0; BENCH_MIB=128; BENCH_SECS=10; BENCH_THEN=tick
@@ -527,7 +542,7 @@ while :; do
   body="duet-pattern seq=$N slot=$K boot=$BOOT"
   set -- $(printf '%s' "$body" | md5sum)
   printf '%s sum=%s\\n' "$body" "$1" | dd of=/tmp/new bs=4096 count=1 iflag=fullblock conv=sync 2>/dev/null
-  if dd if=/tmp/new of=/dev/vda bs=4096 seek=$((BASE + K)) count=1 oflag=direct conv=notrunc 2>/tmp/dd.err; then
+  if dd if=/tmp/new of=/dev/vda bs=4096 seek=$((BASE + K)) count=1 oflag=direct conv=notrunc,fsync 2>/tmp/dd.err; then
     if read_slot $K /tmp/back; then
       cmp -s /tmp/new /tmp/back || error "slot $K: read back differs from the write"
     fi

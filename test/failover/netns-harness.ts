@@ -16,7 +16,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { DUET, PYTHON, ROOT, run, withTimeout, type AfterContext, type RunResult } from '../e2e/harness.js';
+import { Cleanup, DUET, PYTHON, ROOT, run, withTimeout, type AfterContext, type RunResult } from '../e2e/harness.js';
 import type { EventRecord } from '../../src/cluster/events.js';
 import type { NodeStatus } from '../../src/cluster/node.js';
 import type { ClusterStatus } from '../../src/cluster/status.js';
@@ -67,11 +67,13 @@ export class NsCluster {
     this.addr = { alpha: `${subnet}.1`, bravo: `${subnet}.2`, witness: `${subnet}.3` };
   }
 
-  static async create(t: AfterContext, options: NsClusterOptions = {}): Promise<NsCluster> {
+  /** `cleanup`: where to register the teardown (a Cleanup runs last-in first-out); else t.after. */
+  static async create(t: AfterContext, options: NsClusterOptions = {}, cleanup?: Cleanup): Promise<NsCluster> {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-failover-'));
     const pid = process.pid;
     const c = new NsCluster(dir, `duet${pid}`, `10.${160 + (pid % 64)}.${(pid >> 6) % 250}`);
-    t.after(() => c.cleanup());
+    if (cleanup) cleanup.push('the namespaced cluster', () => c.cleanup());
+    else t.after(() => c.cleanup());
     await c.network();
     c.writeConfig(options);
     return c;
@@ -108,7 +110,7 @@ export class NsCluster {
       return p;
     };
     fs.writeFileSync(path.join(this.dir, 'secret'), 'failover-test-secret-0123456789\n');
-    fs.mkdirSync(this.maildir);
+    // (The maildir is aiosmtpd's to create: an empty directory without tmp/ new/ cur/ makes it fail.)
     fs.writeFileSync(
       this.file,
       [

@@ -17,7 +17,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { buildDemoGuest, DEMO_GUEST_APPEND } from '../../src/vm/demo-guest.js';
-import { haveProgram, run, spawnTracked, tmpDir, withTimeout } from '../e2e/harness.js';
+import { spawn } from 'node:child_process';
+import os from 'node:os';
+import { Cleanup, haveProgram, run, tmpDir, withTimeout } from '../e2e/harness.js';
 import { NsCluster, netnsSkip, type NodeName } from './netns-harness.js';
 import type { EventRecord } from '../../src/cluster/events.js';
 import type { NodeResourceStatus } from '../../src/cluster/node.js';
@@ -58,26 +60,34 @@ function eventsOf(list: EventRecord[], name: string, since = 0): EventRecord[] {
 
 test('seed scenario: node death, rejoin, partition, disk failure, rejoin with a new disk, drain', { skip: skip(), timeout: 900_000 }, async (t) => {
   const guest = await buildDemoGuest(tmpDir(t, 'duet-seed-guest-'));
+  // Torn down last-in first-out: the cluster, then the FUSE mount, nbdkit, the directory.
+  const cleanup = new Cleanup();
+  t.after(() => cleanup.runAll());
   // alpha's disk of resource a goes through nbdkit's error filter (EIO while FAIL exists), imported by nbdfuse.
-  const base = tmpDir(t, 'duet-seed-disk-');
+  const base = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-seed-disk-'));
+  cleanup.push('remove the disk directory', async () => fs.rmSync(base, { recursive: true, force: true }));
   const realA = path.join(base, 'alpha-a-real.img');
   fs.writeFileSync(realA, '');
   fs.truncateSync(realA, 128 * MiB);
   const failFile = path.join(base, 'FAIL');
   const sock = path.join(base, 'nbdkit.sock');
-  const kit = spawnTracked(t, 'nbdkit', ['-f', '-U', sock, '--filter=error', 'file', realA, 'error-rate=100%', `error-file=${failFile}`, 'error=EIO']);
+  const kit = spawn('nbdkit', ['-f', '-U', sock, '--filter=error', 'file', realA, 'error-rate=100%', `error-file=${failFile}`, 'error=EIO'], { stdio: 'ignore' });
+  const kitExit = new Promise((resolve) => kit.once('exit', resolve));
+  cleanup.push('stop nbdkit', async () => {
+    kit.kill('SIGKILL');
+    await kitExit;
+  });
   const mnt = path.join(base, 'fuse');
   fs.mkdirSync(mnt);
   await waitUntil(() => fs.existsSync(sock), 10_000, 'nbdkit');
-  const fuse = spawnTracked(t, 'nbdfuse', [mnt, `nbd+unix:///?socket=${sock}`]);
-  await waitUntil(() => fs.existsSync(path.join(mnt, 'nbd')) || fuse.child.exitCode !== null, 10_000, 'nbdfuse');
-  // Last-in first-out: the mount goes after the cluster (registered below) has stopped.
-  t.after(async () => {
+  const fuse = spawn('nbdfuse', [mnt, `nbd+unix:///?socket=${sock}`], { stdio: 'ignore' });
+  const fuseExit = new Promise((resolve) => fuse.once('exit', resolve));
+  cleanup.push('unmount nbdfuse', async () => {
     const r = await run('fusermount3', ['-u', mnt]);
     if (r.code !== 0) await run('fusermount3', ['-uz', mnt]);
-    await withTimeout(fuse.exited, 10_000, 'nbdfuse exit').catch(() => fuse.child.kill('SIGKILL'));
-    kit.child.kill('SIGTERM');
+    await withTimeout(fuseExit, 10_000, 'nbdfuse exit').catch(() => fuse.kill('SIGKILL'));
   });
+  await waitUntil(() => fs.existsSync(path.join(mnt, 'nbd')) || fuse.exitCode !== null, 10_000, 'nbdfuse');
 
   const vm = (name: VmName, priority: number): string =>
     `  ${name}: { disks: [${VMS[name] === 'alpha' ? 'pa' : 'pb'}/${name}], memory: 128M, minMemory: 96M, prefer: ${VMS[name]}, priority: ${priority}, boot: { kernel: ${guest.kernel}, initrd: ${guest.initrd}, append: "${DEMO_GUEST_APPEND}" } }`;
@@ -85,7 +95,7 @@ test('seed scenario: node death, rejoin, partition, disk failure, rejoin with a 
     vmMemory: '448M',
     disks: { alpha: { a: path.join(mnt, 'nbd') } },
     extra: ['vms:', vm('web1', 10), vm('web2', 5), vm('db1', 10), vm('db2', 5)],
-  });
+  }, cleanup);
   await c.createMd();
   await c.startWitness();
   await c.startSmtp();
@@ -248,7 +258,7 @@ test('seed scenario: node death, rejoin, partition, disk failure, rejoin with a 
     const downAt = await c.killNode('alpha');
     void downAt;
     // The repair: a new, empty disk in place of the failed one.
-    fs.rmSync(failFile);
+    fs.rmSync(failFile, { force: true });
     fs.truncateSync(realA, 0);
     fs.truncateSync(realA, 128 * MiB);
     await c.createMdOf('alpha', 'a', true);

@@ -330,6 +330,29 @@ test('demo guest: a slot corrupted between boots makes the guest print ERROR', {
   assert.deepEqual((await verifyDisk(nbd)).errors, []);
 });
 
+test('demo guest: a write lost before the last one (a failover that lost it) is an ERROR at the next boot, at once', { skip: skipVm, timeout: 300_000 }, async (t) => {
+  const dir = tmpDir(t, 'duet-guest-vm-');
+  const guest = await guestFor(t);
+  const nbd = await startNbdkit(t);
+  const vm1 = await startVm(t, dir, 'boot1', guest, nbd.port);
+  await waitTicks(vm1, 10, BOOT_MS + 30_000);
+  await powerdown(vm1);
+  const r1 = await verifyDisk(nbd);
+  assert.deepEqual(r1.errors, []);
+  // The write of seq maxSeq-3 never happened (its slot empty), the later ones did.
+  const c = await nbd.client();
+  await c.write(PATTERN_OFFSET + ((r1.maxSeq - 3) % S) * PATTERN_SLOT_SIZE, Buffer.alloc(PATTERN_SLOT_SIZE));
+  await c.flush();
+  await c.disconnect();
+  const vm2 = await startVm(t, dir, 'boot2', guest, nbd.port);
+  const want = `duet-guest ERROR disk at boot: ${r1.maxSeq - 1} of the last ${r1.maxSeq} writes up to seq ${r1.maxSeq} are on it seq=`;
+  await waitFor(() => vm2.console().includes(want), BOOT_MS, `"${want}" on the console:\n${vm2.console().slice(-2000)}`, 100);
+  // Before the first tick: found at boot, not a round of writes later.
+  const text = vm2.console();
+  assert.ok(text.indexOf(want) < (text.indexOf('\ntick ') >>> 0), text);
+  await powerdown(vm2);
+});
+
 test('demo guest: a failed write prints ERROR, and the host check finds the lost write', { skip: skipVm, timeout: 300_000 }, async (t) => {
   const dir = tmpDir(t, 'duet-guest-vm-');
   const guest = await guestFor(t);
