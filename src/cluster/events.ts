@@ -239,7 +239,7 @@ export const RECORDED_EVENTS: ReadonlySet<string> = new Set([
   // The cluster manager's steps (manager.ts, failover.ts, rejoin.ts).
   'node-unreachable', 'node-back', 'node-drained', 'node-undrained', 'self-fence-ended', 'self-fence-skipped', 'step-down', 'step-down-failed',
   'takeover-promoted', 'takeover-promote-failed', 'takeover-vm-failed', 'takeover-incomplete', 'takeover-failed', 'storage-fenced', 'vm-left-out',
-  'disk-failover-start', 'disk-failover-done', 'disk-failover-failed', 'vm-squeeze-failed',
+  'disk-failover-start', 'disk-failover-done', 'disk-failover-failed', 'vm-squeeze-failed', 'storage-unfenced', 'storage-fence-kept',
 ]);
 
 const TAPPED: Record<string, Level> = { info: 'info', warn: 'warn', error: 'error', fatal: 'error' };

@@ -41,6 +41,7 @@ const TAKEOVER_RETRY_MS = 5000;
 const TAKEOVER_RETRY_MAX_MS = 5 * 60_000;
 
 export interface ClusterHost extends TakeoverHost {
+  call(node: string, request: { cmd: 'vm.local' }, timeoutMs?: number): Promise<unknown>;
   readonly node: string;
   readonly home: string;
   readonly config: ClusterConfig;
@@ -67,8 +68,14 @@ export class ClusterManager {
   private timer: NodeJS.Timeout | undefined;
   private witnessView: NonNullable<Observation['witness']> | undefined;
   private witnessOutdated: string[] = [];
+  /** Send time of the witness request whose answer gave witnessOutdated. */
+  private witnessOutdatedSentMs = -Infinity;
+  /** When each resource was last seen becoming Primary here (a witness answer older than that says nothing of it). */
+  private readonly primarySince = new Map<string, number>();
   private witnessPending = false;
   private declaring = false;
+  private clearing = false;
+  private unfencing = false;
   private takingOver: Promise<unknown> | undefined;
   private lastTakeoverTry = -Infinity;
   private takeoverRetryMs = TAKEOVER_RETRY_MS;
@@ -193,7 +200,10 @@ export class ClusterManager {
             peerDeclared: reply.declared?.[this.peer] === this.host.node,
             selfDeclared: reply.declared?.[this.host.node] !== undefined,
           };
-          this.witnessOutdated = reply.outdatedResources;
+          if (sent >= this.witnessOutdatedSentMs) {
+            this.witnessOutdated = reply.outdatedResources;
+            this.witnessOutdatedSentMs = sent;
+          }
         })
         .finally(() => (this.witnessPending = false));
     }
@@ -214,6 +224,19 @@ export class ClusterManager {
       }
     }
     if (direct !== undefined) this.peerSeen = true;
+    // A declaration of the peer by this node that outlived its reason (the clear at peer-back was lost, or this
+    // daemon restarted and never saw the peer dead): the peer is heard directly, so it goes, or the peer would
+    // keep no vote at the witness (a later loss of this node would leave it fencing itself).
+    if (this.witnessView?.peerDeclared && direct !== undefined && now - direct < this.timing.deadTimeMs && !this.clearing) {
+      this.clearing = true;
+      void this.quorum
+        .witness({ cmd: 'witness.clear', peer: this.peer! })
+        .then((reply) => {
+          if (this.witnessView) this.witnessView = { ...this.witnessView, peerDeclared: reply.declared?.[this.peer!] === this.host.node };
+        })
+        .catch(() => undefined)
+        .finally(() => (this.clearing = false));
+    }
     const wasFenced = this.state.selfFenced;
     const r = step(this.state, { nowMs: now, directMs: direct, heardByPeerMs: heard, witness: this.witnessView, fenceCommand: this.host.config.fence !== undefined }, this.timing);
     this.state = r.state;
@@ -298,9 +321,9 @@ export class ClusterManager {
         this.lastTakeoverTry = -Infinity;
         this.takeoverRetryMs = TAKEOVER_RETRY_MS;
         log.warn({ event: 'node-back', node: peer, was: a.was }, `node ${peer} is back (it was ${a.was})${a.was === 'fenced' ? `: its resources and VMs stay here until node rejoin ${peer}` : ''}`);
-        this.host.vms.setNodeFenced(peer, false);
-        this.host.fenceStorage(this.addressesOf(peer), false);
-        if (this.quorum.hasWitness) void this.quorum.witness({ cmd: 'witness.clear', peer }).catch(() => undefined);
+        // Its storage fence stays until it shows it runs no copy of a VM that runs here (its QEMUs may have
+        // outlived its daemon: their node was declared dead, not powered off).
+        this.unfenceWhenClean(peer);
         return;
       case 'quorum-lost':
         log.error({ event: 'quorum-lost', why: a.why }, `${this.host.node} lost quorum: ${a.why}`);
@@ -323,6 +346,39 @@ export class ClusterManager {
     if (this.peerSeen) return false;
     const wait = this.host.config.startup.waitForPeer;
     return wait === 0 || this.upSinceMs < wait * 1000;
+  }
+
+  /** Lift the storage fence of a peer that is back once its vm.local lists no copy of the VMs running here (asked again each second). */
+  private unfenceWhenClean(peer: string): void {
+    if (this.unfencing) return;
+    this.unfencing = true;
+    let told = '';
+    void (async () => {
+      try {
+        while (!this.stopped && (this.state.peer === 'online' || this.state.peer === 'unreachable')) {
+          try {
+            const here = new Set((await this.host.vms.runningHere()).map((v) => v.name));
+            const theirs = (await this.host.call(peer, { cmd: 'vm.local' }, 5000)) as { vms: { name: string; state: string; pid?: number }[] };
+            const copies = theirs.vms.filter((v) => here.has(v.name) && (v.state !== 'stopped' && (v.state !== 'failed' || v.pid !== undefined))).map((v) => v.name);
+            if (copies.length === 0) {
+              this.host.vms.setNodeFenced(peer, false);
+              this.host.fenceStorage(this.addressesOf(peer), false);
+              this.host.log.info({ event: 'storage-unfenced', node: peer }, `node ${peer} runs no copy of the VMs here: it may use this node's exports again`);
+              return;
+            }
+            if (copies.join() !== told) {
+              told = copies.join();
+              this.host.log.warn({ event: 'storage-fence-kept', node: peer, vms: copies }, `node ${peer} is back but still runs ${copies.join(', ')}, which run here: it stays cut off this node's exports until those copies end`);
+            }
+          } catch {
+            // Not answering yet: asked again.
+          }
+          await new Promise((r) => setTimeout(r, 1000));
+        }
+      } finally {
+        this.unfencing = false;
+      }
+    })();
   }
 
   addressesOf(node: string): string[] {
@@ -349,11 +405,20 @@ export class ClusterManager {
 
   /** A Primary the cluster went on without steps down, so that it resyncs from the peer. */
   private stepDownIfOvertaken(): void {
+    const now = this.now();
+    for (const e of this.host.resourceEntries()) {
+      if (e.resource.role !== 'Primary') this.primarySince.delete(e.name);
+      else if (!this.primarySince.has(e.name)) this.primarySince.set(e.name, now);
+    }
     if (this.host.config.membership.failover === 'manual') return;
     for (const e of this.host.resourceEntries()) {
       const r = e.resource;
       if (r.role !== 'Primary' || this.steppingDown.has(e.name)) continue;
-      const overtaken = this.witnessOutdated.includes(e.name) || r.fencedOff !== undefined;
+      // The witness's word counts only if asked after this node became Primary (a handover just gave it
+      // the role with the peer's generation; the mark of an older generation goes with its next heartbeat),
+      // and never while the peer replicates from here: then this node is the Primary they agree on.
+      const outdated = this.witnessOutdated.includes(e.name) && this.witnessOutdatedSentMs > (this.primarySince.get(e.name) ?? now);
+      const overtaken = (outdated || r.fencedOff !== undefined) && r.peer?.replicating !== true;
       if (!overtaken) continue;
       this.steppingDown.add(e.name);
       this.host.log.warn({ event: 'step-down', resource: e.name, why: r.fencedOff ?? 'the witness holds this node Outdated' }, `resource ${e.name}: ${e.peerNode} went on without ${this.host.node}: stepping down to resync from it`);
@@ -405,6 +470,13 @@ export class ClusterManager {
       'fence-failed': 'fence failed',
       'failover-done': 'failover done',
       'takeover-failed': 'failover failed',
+      'takeover-incomplete': 'failover incomplete',
+      'takeover-promote-failed': 'a resource could not be taken over',
+      'takeover-vm-failed': 'a VM could not be started',
+      'vm-left-out': 'a VM left stopped (no memory)',
+      'split-brain': 'split brain',
+      'node-unreachable': 'node unreachable',
+      'disk-failover-failed': 'could not move off a failed disk',
       'disk-detached': 'disk failed',
       'resync-start': 'resync started',
       'resync-done': 'resync done',

@@ -51,6 +51,9 @@ import { ClusterManager, type ClusterHost } from './manager.js';
 import { clusterStatus, fenceTest } from './status.js';
 import { drain, evacuate, rejoin } from './rejoin.js';
 
+/** A pool over 90 % full is an alert (CONTRACT, failover). */
+const POOL_WARN_AT = 0.9;
+
 export type NodeCommand =
   | { cmd: 'resource.status'; resource?: string }
   | { cmd: 'resource.primary'; resource: string; force: boolean; handover?: boolean }
@@ -372,10 +375,10 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
         const known = await Promise.all(devices.map((d) => readBestSuperblock(d)));
         if (known.every((sb) => sb === undefined)) {
           const chunkSize = p['chunk-size'] !== undefined ? parseSize(String(p['chunk-size'])) : undefined;
-          pool = await Pool.create(name, devices, { chunkSize, log: this.log });
+          pool = await Pool.create(name, devices, { chunkSize, log: this.log, warnAt: POOL_WARN_AT });
           this.log.info({ event: 'pool-created', pool: name, resources: p.devices }, `pool ${name} created on ${p.devices.join(', ')}`);
         } else {
-          pool = await Pool.open(name, devices, { log: this.log });
+          pool = await Pool.open(name, devices, { log: this.log, warnAt: POOL_WARN_AT });
         }
       } catch (err) {
         // Give the data back: a resync may not run under a pool that is not there.

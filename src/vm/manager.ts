@@ -231,8 +231,36 @@ export class VmManager {
     } finally {
       this.markReady();
     }
+    void this.endCopiesRunningElsewhere();
     this.autostartTimer = setInterval(() => void this.autostart(), AUTOSTART_EVERY_MS);
     this.autostartTimer.unref();
+  }
+
+  /**
+   * After a daemon start: a QEMU found running here while the VM runs on another node too, started there
+   * later, is a copy from before this node was declared dead and taken over (its daemon was down, its QEMUs
+   * were not): it is ended before it writes again. Until then the other node keeps it fenced off its exports
+   * (it asks vm.local before it lets this node in).
+   */
+  private async endCopiesRunningElsewhere(): Promise<void> {
+    for (const vm of [...this.local.values()]) {
+      if (vm.incoming || vm.state === 'migrating' || this.stopped) continue;
+      for (const node of this.otherNodes()) {
+        let answer: LocalAnswer;
+        try {
+          answer = await this.askLocal(node);
+        } catch {
+          continue; // Not reachable: it cannot have taken this VM over without declaring this node dead; the stale-copy check of recover() covers a copy paused on a disk error.
+        }
+        const theirs = answer.vms.find((v) => v.name === vm.name && runsThere(v));
+        const since = theirs?.since !== undefined ? Date.parse(theirs.since) : NaN;
+        if (!theirs || Number.isNaN(since) || since <= vm.since) continue;
+        this.host.log.warn({ event: 'vm-stale-copy-ended', vm: vm.name, runsOn: node, pid: vm.qemu.pid }, `vm ${vm.name}: found running here (QEMU ${vm.qemu.pid}, from before this node was taken over) while it runs on ${node} since later: ending this stale copy`);
+        vm.stopping = true;
+        await vm.qemu.kill().catch(() => undefined);
+        break;
+      }
+    }
   }
 
   /** Take over the QEMU an earlier daemon left running for `name`, if one runs. */
@@ -716,6 +744,11 @@ export class VmManager {
       qemu = await QemuProcess.start(spec, paths, this.host.log);
     } catch (err) {
       throw explainStartError(err, name, spec);
+    }
+    if (this.selfFenced !== undefined) {
+      // This node fenced itself while the QEMU was starting: it never runs.
+      await qemu.kill().catch(() => undefined);
+      throw new UserError(`vm ${name}: ${this.host.node} fenced itself while it started (${this.selfFenced}): not started`, 1);
     }
     const vm = this.adopt(name, qemu, spec, 'running');
     const status = await qemu.status().catch(() => undefined);

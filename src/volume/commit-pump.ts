@@ -114,6 +114,11 @@ export class CommitPump {
     return this.ops.length > 0 || this.running;
   }
 
+  /** Changes wait and no step runs or is asked for (the periodic commit's cue). */
+  waiting(): boolean {
+    return this.ops.length > 0 && !this.running && this.queue.length === 0;
+  }
+
   /* ------------------------------------------------------------- requests */
 
   /** Make every change completed before this call durable. Concurrent callers share steps: one that starts after the call covers it. */

@@ -36,7 +36,16 @@ export interface PoolOptions {
   readOnly?: boolean;
   /** Warn once usage crosses this fraction (default 0.8). */
   warnAt?: number;
+  /**
+   * Commit the metadata this often while changes wait (ms; default 1000, 0: only on flush), as dm-thin's
+   * commit period: a client that never flushes loses at most this much of its new chunks' mappings in a
+   * crash, not everything since its last flush.
+   */
+  commitPeriodMs?: number;
 }
+
+/** dm-thin's default commit period. */
+const COMMIT_PERIOD_MS = 1000;
 
 export interface PoolUsage {
   chunkSize: number;
@@ -70,6 +79,7 @@ export class Pool implements ChunkRefs {
   private readonly admin = new OneAtATime();
   private closing: Promise<void> | undefined;
   private closed = false;
+  private readonly periodic: NodeJS.Timeout | undefined;
 
   private constructor(space: ChunkSpace, table: VolumeTable, committed: Committed, options: PoolOptions) {
     const sb = committed.superblock;
@@ -86,6 +96,16 @@ export class Pool implements ChunkRefs {
     table.recountMapped();
     const { name, log, journalBytes, gate, alloc } = this;
     this.pump = new CommitPump({ name, log, journalBytes, space, alloc, gate, table, fail: (err) => this.fail(err) }, committed);
+    const period = options.commitPeriodMs ?? COMMIT_PERIOD_MS;
+    if (!this.readOnly && period > 0) {
+      this.periodic = setInterval(() => {
+        // Only while changes wait and nothing runs: an idle pool writes nothing.
+        if (this.closed || this.closing || this.failure !== undefined || !this.pump.waiting()) return;
+        // A failed commit fails the pool (fail()); nobody waits on this one.
+        this.pump.commit().catch(() => undefined);
+      }, period);
+      this.periodic.unref();
+    }
   }
 
   /* ------------------------------------------------------------ create/open */
@@ -378,6 +398,7 @@ export class Pool implements ChunkRefs {
   }
 
   private async shutDown(): Promise<void> {
+    if (this.periodic) clearInterval(this.periodic);
     if (this.closed) return;
     try {
       if (!this.readOnly) await this.commit();
