@@ -207,3 +207,25 @@ test('bad input: rejoin or drain of an unknown node, a rejoin of a node that is 
   assert.equal(nowhere.code, 1, nowhere.describe());
   assert.match(nowhere.stderr, /^duet: node bravo does not answer|^duet: node drain alpha: bravo is (offline|fenced): its VMs would have nowhere to run\n$/);
 });
+
+test('a declaration that outlived its reason (the declaring daemon restarted and never saw its peer dead) is cleared: the declared node keeps its witness vote and takes over when the other dies', async (t) => {
+  const c = await makeCluster(t, { witness: true, extra: ['startup: { waitForPeer: 2 }'] });
+  await c.startWitness();
+  await c.start('alpha');
+  await c.start('bravo');
+  await waitStatus(c, 'alpha', 'the initial sync', (s) => s.role === 'Primary' && inSync(s), 60_000);
+  // bravo dies: alpha declares it dead at the witness (nothing to take over: alpha is Primary already).
+  await c.kill('bravo');
+  await until(async () => (await events(c, 'alpha')).some((e) => e.event === 'failover-done'), 30_000, () => 'alpha took bravo over');
+  // alpha's daemon restarts and bravo comes back: the new alpha never saw bravo dead.
+  await c.kill('alpha');
+  await c.start('alpha');
+  await c.start('bravo');
+  await waitStatus(c, 'bravo', 'bravo back in sync', (s) => inSync(s), 60_000);
+  await waitStatus(c, 'alpha', 'alpha Primary', (s) => s.role === 'Primary', 60_000);
+  // alpha dies: bravo must have its witness vote back, or it fences itself instead of taking over.
+  await new Promise((r) => setTimeout(r, 2000));
+  await c.kill('alpha');
+  await waitStatus(c, 'bravo', 'bravo takes over', (s) => s.role === 'Primary', 30_000);
+  assert.ok(!(await events(c, 'bravo')).some((e) => e.event === 'self-fenced'), 'bravo fenced itself');
+});

@@ -360,3 +360,12 @@ test('a destination that cannot run the guest it received (its QEMU fails to loa
   assert.deepEqual(n.qemuPids('alpha'), []);
   assert.equal(n.qemuPids('bravo').length, 1);
 });
+
+test('a daemon back after its node was taken over finds its old QEMU still running (idle: no request failed, so nothing paused it): the VM runs elsewhere since later, so the old copy is ended before it writes again', { skip: vmSkip, timeout: 90_000 }, async (t) => {
+  const n = await twoNodes(t, { vm: 'prefer: bravo', extra: ['startup: { waitForPeer: 1 }'] });
+  const { stale, real } = await twoCopies(n);
+  assert.equal(await localState(n, 'alpha'), 'running');
+  await n.restart('bravo');
+  await until(() => !n.qemuPids('bravo').includes(stale), 20_000, 'the stale running copy ended on bravo');
+  assert.deepEqual(n.qemuPids('alpha'), [real], 'the copy started later is the VM');
+});
