@@ -34,6 +34,8 @@ import { Heartbeat, monotonicMs, type BeatSummary } from './heartbeat.js';
 import { heartbeatFor, initialState, step, tookOver, type MembershipAction, type MembershipState, type MembershipTiming, type Observation, type PeerView } from './membership.js';
 import { takeOver, type TakeoverHost, type TakeoverReport } from './failover.js';
 
+/** Witness requests in flight at most (each bounded by the client's timeout). */
+const WITNESS_IN_FLIGHT_MAX = 3;
 /** A connected peer link proves two-way contact within its ping interval + timeout (link.ts): counted so much older. */
 const LINK_SLACK_MS = 700;
 /** A failed takeover (fence command failed, a promotion refused) is tried again after this long, doubling up to the max. */
@@ -72,7 +74,10 @@ export class ClusterManager {
   private witnessOutdatedSentMs = -Infinity;
   /** When each resource was last seen becoming Primary here (a witness answer older than that says nothing of it). */
   private readonly primarySince = new Map<string, number>();
-  private witnessPending = false;
+  private witnessPending = 0;
+  private lastWitnessAsk = -Infinity;
+  /** The witness's boot as this node last saw it before fencing itself (see membership's vouchedMs). */
+  private witnessBoot: string | undefined;
   private declaring = false;
   private clearing = false;
   private unfencing = false;
@@ -187,25 +192,33 @@ export class ClusterManager {
   private async tick(): Promise<void> {
     if (this.stopped) return;
     const now = this.now();
-    if (this.quorum.hasWitness && !this.witnessPending) {
-      this.witnessPending = true;
+    // Overlapping, a few at most: one slow or lost request (a SYN retransmitted after 1 s) must not leave this
+    // node without the witness's vote for a whole quorum window.
+    if (this.quorum.hasWitness && this.witnessPending < WITNESS_IN_FLIGHT_MAX && now - this.lastWitnessAsk >= this.timing.heartbeatMs / 2) {
+      this.witnessPending++;
+      this.lastWitnessAsk = now;
       const sent = now;
       void this.quorum
         .heartbeat(this.host.resourceEntries())
         .then((reply) => {
           if (!reply || !this.witnessView || !this.peer) return;
+          // Only a newer request's answer counts (answers may come back out of order).
+          if (sent < (this.witnessView.answeredMs ?? -Infinity)) return;
+          const selfDeclared = reply.declared?.[this.host.node] !== undefined;
+          if (!this.state.selfFenced) this.witnessBoot = reply.boot;
           this.witnessView = {
-            answeredMs: Math.max(sent, this.witnessView.answeredMs ?? -Infinity),
+            answeredMs: sent,
             peerSilentMs: reply.silentMs?.[this.peer],
             peerDeclared: reply.declared?.[this.peer] === this.host.node,
-            selfDeclared: reply.declared?.[this.host.node] !== undefined,
+            selfDeclared,
+            vouchedMs: this.state.selfFenced && reply.boot !== undefined && reply.boot === this.witnessBoot && !selfDeclared ? sent : this.witnessView.vouchedMs,
           };
           if (sent >= this.witnessOutdatedSentMs) {
             this.witnessOutdated = reply.outdatedResources;
             this.witnessOutdatedSentMs = sent;
           }
         })
-        .finally(() => (this.witnessPending = false));
+        .finally(() => this.witnessPending--);
     }
     if (!this.peer) return;
     this.observe(now);

@@ -76,6 +76,11 @@ export interface Observation {
     peerDeclared: boolean;
     /** The witness holds this node dead, declared by the peer: no vote from it. */
     selfDeclared: boolean;
+    /**
+     * Send time of the latest answer from a witness up since before this node fenced itself (the same
+     * boot) saying this node is not declared: nobody took it over, its fence may end.
+     */
+    vouchedMs?: number;
   };
   /** A fence command is configured (the two-node way to take over). */
   fenceCommand: boolean;
@@ -136,6 +141,13 @@ export function step(s: MembershipState, o: Observation, t: MembershipTiming): {
     next.selfFenced = true;
     next.selfFencedAtMs = o.nowMs;
     actions.push({ do: 'self-fence', why: why() });
+  }
+
+  // A witness that has known all along says nobody declared this node: nobody took it over. Its fence ends
+  // (its VMs start again) without waiting for a peer that may never come back.
+  if (next.selfFenced && quorum && w?.vouchedMs !== undefined && w.vouchedMs > (next.selfFencedAtMs ?? Infinity) && !w.selfDeclared) {
+    next.selfFenced = false;
+    next.selfFencedAtMs = undefined;
   }
 
   // --- the peer ---

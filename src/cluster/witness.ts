@@ -53,7 +53,7 @@
  * damaged one stops the witness at startup: an empty state would quietly
  * un-outdate every node.
  */
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
@@ -118,6 +118,8 @@ export interface WitnessReply {
   silentMs?: Record<string, number>;
   /** Nodes the witness holds dead, and who declared them. */
   declared?: Record<string, string>;
+  /** Random per witness start: declarations are kept in memory, so a new boot knows none of the earlier ones. */
+  boot?: string;
 }
 
 /** Outdated until it holds generation `until`; when, and by whom. */
@@ -151,6 +153,7 @@ export class Witness {
   /** Node held dead -> the node that declared it (membership; in memory, see above). */
   private readonly declared = new Map<string, string>();
   private readonly startedAt: number;
+  private readonly boot = randomBytes(8).toString('hex');
   /** For silences: monotonic (a wall clock stepped forward must not make a live node look silent), or the fake clock. */
   private readonly mono: () => number;
   /** The last ignored claim logged per (resource, node, claimer): logged once, not on every heartbeat. */
@@ -264,6 +267,7 @@ export class Witness {
       outdatedResources: [...this.marks].filter(([, m]) => m.has(c.node)).map(([r]) => r),
       silentMs: Object.fromEntries(this.nodes.map((n) => [n, this.silentMs(n)])),
       declared: Object.fromEntries(this.declared),
+      boot: this.boot,
     };
   }
 

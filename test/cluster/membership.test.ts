@@ -98,7 +98,7 @@ function simulate(cuts: Cut[], phaseB: number, seed: number, trace?: (line: stri
     /** Send time of the last heartbeat received from the peer (echoed back). */
     lastPeerSend: undefined as number | undefined,
     heardByPeer: undefined as number | undefined,
-    w: { answeredMs: undefined as number | undefined, peerSilentMs: undefined as number | undefined, peerDeclared: false, selfDeclared: false },
+    w: { answeredMs: undefined as number | undefined, peerSilentMs: undefined as number | undefined, peerDeclared: false, selfDeclared: false, vouchedMs: undefined as number | undefined },
     next,
     fencedAt: undefined as number | undefined,
   });
@@ -137,7 +137,8 @@ function simulate(cuts: Cut[], phaseB: number, seed: number, trace?: (line: stri
           const silent = heard[peer] === undefined ? undefined : at - heard[peer]!;
           const reply = { peerDeclared: dead[peer], selfDeclared: dead[n] };
           send('w', n, at, () => {
-            if (t >= (me.w.answeredMs ?? -Infinity)) me.w = { answeredMs: t, peerSilentMs: silent, ...reply };
+            // (One witness boot all along: an answer after the fence saying "not declared" vouches for the node.)
+            if (t >= (me.w.answeredMs ?? -Infinity)) me.w = { answeredMs: t, peerSilentMs: silent, ...reply, vouchedMs: me.state.selfFenced && !reply.selfDeclared ? t : me.w.vouchedMs };
           });
         });
       const o = { nowMs: t, directMs: me.direct, heardByPeerMs: me.heardByPeer, witness: { ...me.w }, fenceCommand: false };
@@ -204,4 +205,23 @@ test('simulation: a node cut off from everything is taken over within deadTime +
     assert.ok(tookOverAt !== undefined);
     assert.ok(tookOverAt - cutAt <= D + timing.selfFenceMs + 2 * H, `took ${tookOverAt - cutAt} ms`);
   }
+});
+
+test('the table: a node alone (its peer gone) fenced by a witness hiccup is vouched for by the same witness and runs again; not by an answer from before its fence, nor if declared', () => {
+  // The peer is gone (never heard); the witness answered until 1000, then nothing for a while.
+  let r = run(initialState(0), { nowMs: 100, witness: witness(100, 5000) });
+  r = run(r.state, { nowMs: 3000, witness: witness(1000, 5000) });
+  assert.ok(r.actions.some((a) => a.do === 'self-fence'));
+  const fencedAt = 3000;
+  // The witness answers again (quorum), but by an answer sent before the fence: still fenced.
+  r = run(r.state, { nowMs: 3300, witness: witness(3250, 5000, { vouchedMs: 2900 }) });
+  assert.equal(r.state.quorum, true);
+  assert.equal(r.state.selfFenced, true);
+  // Declared by the peer meanwhile: never vouched for.
+  const declared = run(r.state, { nowMs: 3600, witness: witness(3550, 5000, { vouchedMs: 3550, selfDeclared: true }) });
+  assert.equal(declared.state.selfFenced, true);
+  // The same witness, asked after the fence, says nobody declared it: the fence ends.
+  r = run(r.state, { nowMs: 3600, witness: witness(3550, 5000, { vouchedMs: 3550 }) });
+  assert.ok(3550 > fencedAt);
+  assert.equal(r.state.selfFenced, false);
 });
