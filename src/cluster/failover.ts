@@ -46,7 +46,14 @@ export interface TakeoverReport {
   totalMs: number;
 }
 
-export async function takeOver(host: TakeoverHost, peer: string, why: string): Promise<TakeoverReport> {
+/** Two nodes without a witness both fence at once after a cut: the node named later waits this many deadTimes first (Pacemaker's fencing delay). */
+const FENCE_DELAY_DEADTIMES = 2;
+
+/**
+ * `stillDead`: the peer is still declared dead and this node has not fenced itself; checked before every
+ * step that cannot be taken back (a peer back in the middle stops the takeover where it is).
+ */
+export async function takeOver(host: TakeoverHost, peer: string, why: string, stillDead: () => boolean = () => true): Promise<TakeoverReport> {
   const t0 = performance.now();
   const at = (): number => Math.round(performance.now() - t0);
   const log = host.log;
@@ -56,7 +63,15 @@ export async function takeOver(host: TakeoverHost, peer: string, why: string): P
   };
   log.warn({ event: 'takeover-start', node: peer, why }, `taking over ${peer} (${why})`);
 
+  const abortIfBack = (step: string): void => {
+    if (!stillDead()) throw new Error(`${peer} is back (or this node fenced itself) before ${step}: takeover stopped`);
+  };
   const fence = host.config.fence;
+  if (fence && host.config.witness === undefined && host.node > peer) {
+    // Both sides of a cut would power each other off at the same moment: this one gives the other a head start.
+    await new Promise((r) => setTimeout(r, FENCE_DELAY_DEADTIMES * host.config.membership.deadTimeMs));
+    abortIfBack('the fence command (after the fencing delay)');
+  }
   if (fence) {
     log.warn({ event: 'fence-started', node: peer, command: fence.command }, `fencing ${peer}: ${fence.command} ${peer} off`);
     const r = await runFence(fence.command, peer, 'off', fence.timeout, { DUET_CLUSTER: host.config.cluster });
@@ -75,6 +90,7 @@ export async function takeOver(host: TakeoverHost, peer: string, why: string): P
   stepDone('storage-fenced');
   if (cut > 0) log.warn({ event: 'storage-fenced', node: peer, nbdClientsCut: cut }, `cut ${cut} NBD clients of ${peer} off`);
 
+  abortIfBack('promoting its resources');
   for (const e of host.resourceEntries()) {
     if (e.peerNode !== peer || e.resource.role === 'Primary') continue;
     const t = at();
@@ -104,6 +120,10 @@ export async function takeOver(host: TakeoverHost, peer: string, why: string): P
   }
   if (plan.boot.length > 0 || running.length > 0) stepDone('memory-planned');
   for (const name of plan.boot) {
+    if (!stillDead()) {
+      report.vms.push({ name, started: false, atMs: at(), skipped: `${peer} is back: not started here` });
+      continue;
+    }
     const target = plan.targets.get(name);
     const c = host.config.vms[name];
     const squeezed = target !== undefined && target < parseSize(String(c.memory)) ? target : undefined;

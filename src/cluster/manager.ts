@@ -322,7 +322,7 @@ export class ClusterManager {
         if (this.takingOver || this.now() - this.lastTakeoverTry < this.takeoverRetryMs || this.waitingForPeerAtStartup()) return;
         if (this.lastTakeoverTry > -Infinity) this.takeoverRetryMs = Math.min(this.takeoverRetryMs * 2, TAKEOVER_RETRY_MAX_MS);
         this.lastTakeoverTry = this.now();
-        this.takingOver = takeOver(this.host, peer, a.why)
+        this.takingOver = takeOver(this.host, peer, a.why, () => this.state.peer === 'dead' && !this.state.selfFenced)
           .then((report) => {
             this.lastTakeover = report;
             if (report.complete) this.state = tookOver(this.state);
@@ -357,6 +357,10 @@ export class ClusterManager {
    */
   private waitingForPeerAtStartup(): boolean {
     if (this.peerSeen) return false;
+    // Two nodes without a witness: a peer never heard since this daemon started is never taken over
+    // (corosync's wait_for_all): the node with the newer data may be the one that stays down, and this
+    // node's copy could be old (a powered-on node behind a cut link would fence the good one).
+    if (!this.quorum.hasWitness) return true;
     const wait = this.host.config.startup.waitForPeer;
     return wait === 0 || this.upSinceMs < wait * 1000;
   }

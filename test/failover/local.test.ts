@@ -229,3 +229,17 @@ test('a declaration that outlived its reason (the declaring daemon restarted and
   await waitStatus(c, 'bravo', 'bravo takes over', (s) => s.role === 'Primary', 30_000);
   assert.ok(!(await events(c, 'bravo')).some((e) => e.event === 'self-fenced'), 'bravo fenced itself');
 });
+
+test('two nodes, no witness: a node that comes up alone never fences or takes over a peer it has not heard since it started (its copy may be the old one)', async (t) => {
+  const dir = fs.mkdtempSync('/tmp/duet-fence-');
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const script = path.join(dir, 'fence.sh');
+  fs.writeFileSync(script, `#!/bin/sh\necho "$1 $2" >> ${dir}/calls\n`, { mode: 0o755 });
+  const c = await makeCluster(t, { extra: [`fence: { command: ${script}, timeout: 2s }`, 'startup: { waitForPeer: 1 }'] });
+  await c.start('bravo');
+  await new Promise((r) => setTimeout(r, 8000));
+  assert.ok(!fs.existsSync(path.join(dir, 'calls')), `bravo fenced alpha: ${fs.existsSync(path.join(dir, 'calls')) ? fs.readFileSync(path.join(dir, 'calls'), 'utf8') : ''}`);
+  assert.equal((await c.status('bravo')).role, 'Secondary');
+  const s = await clusterStatus(c, 'bravo');
+  assert.equal(s.nodes.find((n) => n.name === 'alpha')?.state, 'offline');
+});
