@@ -91,11 +91,15 @@ export class ClusterManager {
   /** Moving VMs and roles off a failed disk (one move at a time; tried again after a failure). */
   private evacuating = false;
   private lastEvacuation = -Infinity;
+  private evacuationRetryMs = 0;
+  private evacuationSet = '';
   /** Manual failover: node-lost was reported (the table never declares it dead there). */
   private reportedLost = false;
   readonly alerter: Alerter;
   /** Nodes drained for maintenance (node drain), until node rejoin; kept in HOME/cluster.json. */
   private readonly drained = new Set<string>();
+  /** Peers this node took over that have not been heard since (a restart here takes them over again at once). */
+  private readonly takenOver = new Set<string>();
   lastTakeover: TakeoverReport | undefined;
   private readonly started = monotonicMs();
 
@@ -112,7 +116,9 @@ export class ClusterManager {
     this.witnessView = quorum.hasWitness ? { answeredMs: undefined, peerSilentMs: undefined, peerDeclared: false, selfDeclared: false } : undefined;
     this.alerter = new Alerter(host.config.alerts, { log: host.log, from: host.node });
     host.events.on('event', (r: EventRecord) => this.alertFor(r));
-    for (const n of this.loadDrained()) if (host.config.nodes[n]) this.drained.add(n);
+    const saved = this.loadState();
+    for (const n of saved.drained) if (host.config.nodes[n]) this.drained.add(n);
+    for (const n of saved.takenOver) if (host.config.nodes[n]) this.takenOver.add(n);
     for (const n of this.drained) host.vms.setNodeDrained(n, true);
   }
 
@@ -120,12 +126,32 @@ export class ClusterManager {
     return path.join(this.host.home, 'cluster.json');
   }
 
-  private loadDrained(): string[] {
+  private loadState(): { drained: string[]; takenOver: string[] } {
+    const strings = (v: unknown): string[] => (Array.isArray(v) ? v.filter((x): x is string => typeof x === 'string') : []);
     try {
-      const j = JSON.parse(fs.readFileSync(this.stateFile, 'utf8')) as { drained?: unknown };
-      return Array.isArray(j.drained) ? j.drained.filter((x): x is string => typeof x === 'string') : [];
+      const j = JSON.parse(fs.readFileSync(this.stateFile, 'utf8')) as { drained?: unknown; takenOver?: unknown };
+      return { drained: strings(j.drained), takenOver: strings(j.takenOver) };
     } catch {
-      return []; // none yet (a damaged file only loses drain marks: node drain again)
+      return { drained: [], takenOver: [] }; // none yet (a damaged file only loses drain marks: node drain again)
+    }
+  }
+
+  private saveState(): void {
+    const tmp = `${this.stateFile}.tmp`;
+    fs.mkdirSync(this.host.home, { recursive: true });
+    fs.writeFileSync(tmp, JSON.stringify({ drained: [...this.drained], takenOver: [...this.takenOver] }));
+    fs.renameSync(tmp, this.stateFile);
+  }
+
+  /** The peer was taken over and has not been heard since (kept across a restart of this daemon). */
+  private setTakenOver(node: string, yes: boolean): void {
+    if (yes === this.takenOver.has(node)) return;
+    if (yes) this.takenOver.add(node);
+    else this.takenOver.delete(node);
+    try {
+      this.saveState();
+    } catch (err) {
+      this.host.log.warn({ event: 'cluster-state-unsaved', err: (err as Error).message }, `could not save ${this.stateFile}: ${(err as Error).message}`);
     }
   }
 
@@ -134,10 +160,7 @@ export class ClusterManager {
     if (drained) this.drained.add(node);
     else this.drained.delete(node);
     this.host.vms.setNodeDrained(node, drained);
-    const tmp = `${this.stateFile}.tmp`;
-    fs.mkdirSync(this.host.home, { recursive: true });
-    fs.writeFileSync(tmp, JSON.stringify({ drained: [...this.drained] }));
-    fs.renameSync(tmp, this.stateFile);
+    this.saveState();
     this.host.log.info({ event: drained ? 'node-drained' : 'node-undrained', node }, drained ? `node ${node} is drained: no VM starts or returns there until node rejoin ${node}` : `node ${node} may run VMs again`);
   }
 
@@ -265,17 +288,23 @@ export class ClusterManager {
    */
   private evacuateFailedDisks(): void {
     if (this.host.config.membership.failover === 'manual' || this.evacuating || this.state.selfFenced) return;
-    if (this.now() - this.lastEvacuation < TAKEOVER_RETRY_MS) return;
     const failed = this.host.resourceEntries().filter((e) => {
       const r = e.resource;
       return (r.disk === 'Diskless' || r.disk === 'Failed') && r.peer?.replicating === true && r.peer.state?.disk === 'UpToDate';
     });
-    if (failed.length === 0) return;
     const names = failed.map((e) => e.name);
+    // Tried again with a growing delay (a migration that keeps failing, a VM that does not fit the peer),
+    // from the start once the failed set changes.
+    if (names.join() !== this.evacuationSet) {
+      this.evacuationSet = names.join();
+      this.evacuationRetryMs = 0;
+    }
+    if (failed.length === 0 || this.now() - this.lastEvacuation < this.evacuationRetryMs) return;
     const pools = Object.entries(this.host.config.pools).filter(([, p]) => p.devices.some((d) => names.includes(d))).map(([p]) => p);
     if (!failed.some((e) => e.resource.role === 'Primary') && !this.host.vms.usesPools(pools)) return;
     this.evacuating = true;
     this.lastEvacuation = this.now();
+    this.evacuationRetryMs = Math.min(Math.max(TAKEOVER_RETRY_MS, this.evacuationRetryMs * 2), TAKEOVER_RETRY_MAX_MS);
     void this.host
       .evacuate(names)
       .catch((err: unknown) => this.host.log.error({ event: 'disk-failover-failed', resources: names, err: (err as Error).message }, `could not move off the failed disk of ${names.join(', ')}: ${(err as Error).message} (tried again)`))
@@ -297,6 +326,7 @@ export class ClusterManager {
     switch (a.do) {
       case 'peer-online':
         this.reportedLost = false;
+        this.setTakenOver(peer, false);
         log.info({ event: 'node-online', node: peer }, `node ${peer} is online`);
         return;
       case 'peer-unreachable':
@@ -325,12 +355,16 @@ export class ClusterManager {
         this.takingOver = takeOver(this.host, peer, a.why, () => this.state.peer === 'dead' && !this.state.selfFenced)
           .then((report) => {
             this.lastTakeover = report;
-            if (report.complete) this.state = tookOver(this.state);
+            if (report.complete) {
+              this.state = tookOver(this.state);
+              this.setTakenOver(peer, true);
+            }
           })
           .catch((err: unknown) => log.error({ event: 'takeover-failed', node: peer, err: (err as Error).message }, `takeover of ${peer} failed: ${(err as Error).message} (tried again in ${Math.round(this.takeoverRetryMs / 1000)} s)`))
           .finally(() => (this.takingOver = undefined));
         return;
       case 'peer-back':
+        this.setTakenOver(peer, false);
         this.lastTakeoverTry = -Infinity;
         this.takeoverRetryMs = TAKEOVER_RETRY_MS;
         log.warn({ event: 'node-back', node: peer, was: a.was }, `node ${peer} is back (it was ${a.was})${a.was === 'fenced' ? `: its resources and VMs stay here until node rejoin ${peer}` : ''}`);
@@ -357,6 +391,8 @@ export class ClusterManager {
    */
   private waitingForPeerAtStartup(): boolean {
     if (this.peerSeen) return false;
+    // This node took the peer over before it restarted, and has not heard it since: not a cold start.
+    if (this.peer && this.takenOver.has(this.peer)) return false;
     // Two nodes without a witness: a peer never heard since this daemon started is never taken over
     // (corosync's wait_for_all): the node with the newer data may be the one that stays down, and this
     // node's copy could be old (a powered-on node behind a cut link would fence the good one).

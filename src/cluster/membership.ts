@@ -153,8 +153,10 @@ export function step(s: MembershipState, o: Observation, t: MembershipTiming): {
   // --- the peer ---
   const witnessFresh = w !== undefined && witnessAge < Q;
   const peerAtWitness = witnessFresh && w.peerSilentMs !== undefined && w.peerSilentMs < D;
-  if (directAge < D || (peerAtWitness && !w!.peerDeclared)) {
-    const view: PeerView = directAge < D ? 'online' : 'unreachable';
+  // Heard directly lately (a peer never heard since this node started is not online: suspect until it is).
+  const heard = o.directMs !== undefined && directAge < D;
+  if (heard || (peerAtWitness && !w!.peerDeclared)) {
+    const view: PeerView = heard ? 'online' : 'unreachable';
     if (s.peer === 'dead' || s.peer === 'fenced') actions.push({ do: 'peer-back', was: s.peer });
     if (view !== s.peer) actions.push({ do: view === 'online' ? 'peer-online' : 'peer-unreachable' });
     next.peer = view;
@@ -169,10 +171,11 @@ export function step(s: MembershipState, o: Observation, t: MembershipTiming): {
   }
   if (s.peer === 'fenced') return { state: next, actions }; // taken over: stays so until it is back
   // Dead: declared at the witness (with a witness), or silent for D (two nodes: all this node can know).
-  const declared = w ? w.peerDeclared : true;
+  const declared = w ? w.peerDeclared : directAge >= D;
   if (!declared) {
     if (s.peer !== 'dead') next.peer = 'suspect';
-    if (witnessVotes && !next.selfFenced) actions.push({ do: 'declare', why: `no sign of life for ${directAge} ms` });
+    // Silent for D (counted from this node's start when never heard): only then is the witness asked.
+    if (witnessVotes && !next.selfFenced && directAge >= D) actions.push({ do: 'declare', why: `no sign of life for ${directAge} ms` });
     return { state: next, actions };
   }
   if (s.peer !== 'dead') {

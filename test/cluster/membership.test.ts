@@ -132,9 +132,10 @@ function simulate(cuts: Cut[], phaseB: number, seed: number, trace?: (line: stri
       const ask = (declare: boolean): void =>
         send(n, 'w', t, (at) => {
           heard[n] = at;
-          if (declare && !dead[n] && (heard[peer] === undefined || at - heard[peer]! >= D)) dead[peer] = true;
+          // (Never heard: silent since the witness started, at 0.)
+          if (declare && !dead[n] && at - (heard[peer] ?? 0) >= D) dead[peer] = true;
           if (!declare && me.state.peer === 'online' && dead[peer]) dead[peer] = false; // peer back: the declaration goes
-          const silent = heard[peer] === undefined ? undefined : at - heard[peer]!;
+          const silent = at - (heard[peer] ?? 0);
           const reply = { peerDeclared: dead[peer], selfDeclared: dead[n] };
           send('w', n, at, () => {
             // (One witness boot all along: an answer after the fence saying "not declared" vouches for the node.)

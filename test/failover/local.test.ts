@@ -243,3 +243,21 @@ test('two nodes, no witness: a node that comes up alone never fences or takes ov
   const s = await clusterStatus(c, 'bravo');
   assert.equal(s.nodes.find((n) => n.name === 'alpha')?.state, 'offline');
 });
+
+test('the survivor\'s daemon restarted after a takeover takes over again at once (not after startup.waitForPeer): the peer it took over has not been heard since', async (t) => {
+  const c = await makeCluster(t, { witness: true, extra: ['startup: { waitForPeer: 600 }'] });
+  await c.startWitness();
+  await c.start('alpha');
+  await c.start('bravo');
+  await waitStatus(c, 'alpha', 'the initial sync', (s) => s.role === 'Primary' && inSync(s), 60_000);
+  await c.kill('alpha');
+  await waitStatus(c, 'bravo', 'bravo takes over', (s) => s.role === 'Primary', 30_000);
+  await c.kill('bravo');
+  await c.start('bravo');
+  // Its restart left it Secondary; with a 10-minute waitForPeer only its record of the takeover brings it back.
+  try {
+    await waitStatus(c, 'bravo', 'bravo Primary again', (s) => s.role === 'Primary', 30_000);
+  } catch (err) {
+    throw new Error(`${(err as Error).message.slice(0, 300)}\nbravo's events:\n${(await events(c, 'bravo')).slice(-15).map((e) => `${e.time} ${e.event} ${e.message}`).join('\n')}`);
+  }
+});
