@@ -252,7 +252,8 @@ export class VmManager {
         } catch {
           continue; // Not reachable: it cannot have taken this VM over without declaring this node dead; the stale-copy check of recover() covers a copy paused on a disk error.
         }
-        const theirs = answer.vms.find((v) => v.name === vm.name && runsThere(v));
+        // Running the guest there (a migration's destination still waiting for it is not a copy: this one is its source).
+        const theirs = answer.vms.find((v) => v.name === vm.name && v.state === 'running');
         const since = theirs?.since !== undefined ? Date.parse(theirs.since) : NaN;
         if (!theirs || Number.isNaN(since) || since <= vm.since) continue;
         this.host.log.warn({ event: 'vm-stale-copy-ended', vm: vm.name, runsOn: node, pid: vm.qemu.pid }, `vm ${vm.name}: found running here (QEMU ${vm.qemu.pid}, from before this node was taken over) while it runs on ${node} since later: ending this stale copy`);
