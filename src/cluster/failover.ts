@@ -14,6 +14,7 @@
  *    VMs are ballooned down first; a VM that cannot fit is left stopped and
  *    reported.
  */
+import os from 'node:os';
 import type { Logger } from '../util/log.js';
 import { parseSize } from '../util/size.js';
 import type { Resource } from '../replication/resource.js';
@@ -32,6 +33,15 @@ export interface TakeoverHost {
   /** Promote `name` here and open the pools that can be (serialized with other role changes). */
   promoteHere(name: string): Promise<void>;
   fenceStorage(addresses: string[], fenced: boolean): number;
+}
+
+/**
+ * The addresses a storage fence can go by: not loopback ones, nor this host's own (nodes on one machine,
+ * as the demo: every local client comes from 127.0.0.1, this node's own QEMUs too).
+ */
+export function fenceableAddresses(addresses: string[]): string[] {
+  const own = new Set(Object.values(os.networkInterfaces()).flatMap((l) => (l ?? []).map((i) => i.address)));
+  return addresses.filter((a) => !own.has(a) && !/^127\./.test(a) && a !== '::1');
 }
 
 export interface TakeoverReport {
@@ -84,7 +94,7 @@ export async function takeOver(host: TakeoverHost, peer: string, why: string, st
   }
 
   const n = host.config.nodes[peer];
-  const cut = host.fenceStorage([n.address, ...(n.heartbeatAddress ? [n.heartbeatAddress] : [])], true);
+  const cut = host.fenceStorage(fenceableAddresses([n.address, ...(n.heartbeatAddress ? [n.heartbeatAddress] : [])]), true);
   const was = new Set(host.vms.lastKnownOn(peer));
   host.vms.setNodeFenced(peer, true);
   stepDone('storage-fenced');
@@ -151,7 +161,7 @@ export async function takeOver(host: TakeoverHost, peer: string, why: string, st
   ];
   log.warn(
     { event: report.complete ? 'failover-done' : 'takeover-incomplete', node: peer, by: host.node, totalMs: report.totalMs, steps: report.steps, vms: report.vms, resources: report.resources, leftOut: report.leftOut, details },
-    `${report.complete ? 'failover done' : 'takeover incomplete'}: ${host.node} took over ${peer} in ${report.totalMs} ms; ${moved.length > 0 ? `${moved.map((v) => v.name).join(', ')} now run on ${host.node}` : 'no VMs to boot'}`,
+    `${report.complete ? 'failover done' : 'takeover incomplete'}: ${host.node} took over ${peer} in ${report.totalMs} ms; ${moved.length > 0 ? `${moved.map((v) => v.name).join(', ')} now run on ${host.node}` : 'no VM started'}${report.vms.some((v) => v.err) ? `; NOT started: ${report.vms.filter((v) => v.err).map((v) => v.name).join(', ')}` : ''}${report.leftOut.length > 0 ? `; left stopped (memory): ${report.leftOut.join(', ')}` : ''}`,
   );
   return report;
 }

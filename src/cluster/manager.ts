@@ -32,7 +32,7 @@ import type { EventLog, EventRecord } from './events.js';
 import { Alerter, type Alert } from './alerts.js';
 import { Heartbeat, monotonicMs, type BeatSummary } from './heartbeat.js';
 import { heartbeatFor, initialState, step, tookOver, type MembershipAction, type MembershipState, type MembershipTiming, type Observation, type PeerView } from './membership.js';
-import { takeOver, type TakeoverHost, type TakeoverReport } from './failover.js';
+import { fenceableAddresses, takeOver, type TakeoverHost, type TakeoverReport } from './failover.js';
 
 /** Witness requests in flight at most (each bounded by the client's timeout). */
 const WITNESS_IN_FLIGHT_MAX = 3;
@@ -415,7 +415,7 @@ export class ClusterManager {
             const copies = theirs.vms.filter((v) => here.has(v.name) && (v.state !== 'stopped' && (v.state !== 'failed' || v.pid !== undefined))).map((v) => v.name);
             if (copies.length === 0) {
               this.host.vms.setNodeFenced(peer, false);
-              this.host.fenceStorage(this.addressesOf(peer), false);
+              this.host.fenceStorage(fenceableAddresses(this.addressesOf(peer)), false);
               this.host.log.info({ event: 'storage-unfenced', node: peer }, `node ${peer} runs no copy of the VMs here: it may use this node's exports again`);
               return;
             }
@@ -528,7 +528,6 @@ export class ClusterManager {
       'takeover-vm-failed': 'a VM could not be started',
       'vm-left-out': 'a VM left stopped (no memory)',
       'split-brain': 'split brain',
-      'node-unreachable': 'node unreachable',
       'disk-failover-failed': 'could not move off a failed disk',
       'disk-detached': 'disk failed',
       'resync-start': 'resync started',
