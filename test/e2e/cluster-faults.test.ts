@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Cleanup, haveProgram, python, run, spawnTracked, waitFor, withTimeout } from './harness.js';
-import { ADDRESS, Cluster, inSync, makeCluster, waitStatus } from './cluster-harness.js';
+import { ADDRESS, Cluster, cut, inSync, makeCluster, waitStatus } from './cluster-harness.js';
 
 const MiB = 1024 * 1024;
 
@@ -32,20 +32,6 @@ function iptablesSkip(): string | false {
   return false;
 }
 
-/** DROP traffic between two loopback addresses, both ways; undone by `cleanup`. */
-async function cut(cleanup: Cleanup, a: string, b: string, tag: string): Promise<void> {
-  for (const [s, d] of [
-    [a, b],
-    [b, a],
-  ]) {
-    const rule = ['OUTPUT', '-s', s, '-d', d, '-j', 'DROP', '-m', 'comment', '--comment', tag];
-    const r = await run('iptables', ['-I', ...rule]);
-    assert.equal(r.code, 0, r.describe());
-    cleanup.push(`iptables -D ${s} -> ${d}`, async () => {
-      await run('iptables', ['-D', ...rule]);
-    });
-  }
-}
 
 /**
  * alpha Primary with a witness, volume pa/v holding byte 1 at 0, then cut

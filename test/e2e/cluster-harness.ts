@@ -8,7 +8,8 @@ import { spawn, ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { AfterContext, DUET, ROOT, run, RunResult, waitFor, withTimeout } from './harness.js';
+import assert from 'node:assert/strict';
+import { AfterContext, Cleanup, DUET, ROOT, run, RunResult, waitFor, withTimeout } from './harness.js';
 import { freePorts } from '../ports.js';
 
 export const ADDRESS: Record<string, string> = { alpha: '127.0.0.2', bravo: '127.0.0.3', witness: '127.0.0.4' };
@@ -213,4 +214,19 @@ export async function waitStatus(c: Cluster, node: string, what: string, cond: (
 export function inSync(s: ResourceJson): boolean {
   const p = s.peers[0];
   return s.disk === 'UpToDate' && p?.connection === 'Connected' && p.disk === 'UpToDate' && s.outOfSyncBytes === 0;
+}
+
+/** DROP traffic between two loopback addresses, both ways; undone by `cleanup`. */
+export async function cut(cleanup: Cleanup, a: string, b: string, tag: string): Promise<void> {
+  for (const [s, d] of [
+    [a, b],
+    [b, a],
+  ]) {
+    const rule = ['OUTPUT', '-s', s, '-d', d, '-j', 'DROP', '-m', 'comment', '--comment', tag];
+    const r = await run('iptables', ['-I', ...rule]);
+    assert.equal(r.code, 0, r.describe());
+    cleanup.push(`iptables -D ${s} -> ${d}`, async () => {
+      await run('iptables', ['-D', ...rule]);
+    });
+  }
 }

@@ -84,6 +84,22 @@ export async function waitFor<T>(check: () => T | undefined | null | false, ms: 
   }
 }
 
+/** Poll an async `check` until it returns a truthy value (bounded); a check that throws counts as "not yet". */
+export async function until<T>(check: () => T | Promise<T>, ms: number, what: string | (() => string), everyMs = 200): Promise<NonNullable<T>> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    let v: T | undefined;
+    try {
+      v = await check();
+    } catch {
+      v = undefined;
+    }
+    if (v) return v as NonNullable<T>;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${typeof what === 'string' ? what : what()}`);
+    await delay(everyMs);
+  }
+}
+
 // ---- run -------------------------------------------------------------------
 
 export interface RunResult {

@@ -11,8 +11,8 @@ import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
-import { Cleanup, haveProgram, python, run } from '../e2e/harness.js';
-import { ADDRESS, inSync, makeCluster, waitStatus, type Cluster } from '../e2e/cluster-harness.js';
+import { Cleanup, haveProgram, python, until } from '../e2e/harness.js';
+import { ADDRESS, cut, inSync, makeCluster, waitStatus, type Cluster } from '../e2e/cluster-harness.js';
 import type { ClusterStatus, FenceTestReport } from '../../src/cluster/status.js';
 import type { EventRecord } from '../../src/cluster/events.js';
 
@@ -36,20 +36,6 @@ async function webhook(t: { after(fn: () => unknown): void }): Promise<{ url: st
   return { url: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}/hook`, alerts };
 }
 
-async function until<T>(check: () => T | Promise<T>, ms: number, what: () => string): Promise<NonNullable<T>> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    let v: T | undefined;
-    try {
-      v = await check();
-    } catch {
-      v = undefined;
-    }
-    if (v) return v as NonNullable<T>;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what()}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
 
 async function clusterStatus(c: Cluster, node: string): Promise<ClusterStatus> {
   const r = await c.duet(node, ['cluster', 'status', '--json']);
@@ -156,16 +142,8 @@ test('a node cut off from its peer and the witness fences itself: its NBD client
   await waitStatus(c, 'alpha', 'the initial sync', (s) => s.role === 'Primary' && inSync(s), 60_000);
   assert.equal((await c.duet('alpha', ['vol', 'create', 'pa/v', '--size', '16M'])).code, 0);
   const tag = `duet-failover-${process.pid}`;
-  for (const peer of [ADDRESS.bravo, ADDRESS.witness]) {
-    for (const [s, d] of [
-      [ADDRESS.alpha, peer],
-      [peer, ADDRESS.alpha],
-    ]) {
-      const rule = ['OUTPUT', '-s', s, '-d', d, '-j', 'DROP', '-m', 'comment', '--comment', tag];
-      assert.equal((await run('iptables', ['-I', ...rule])).code, 0);
-      cleanup.push(`iptables ${s} -> ${d}`, async () => void (await run('iptables', ['-D', ...rule])));
-    }
-  }
+  await cut(cleanup, ADDRESS.alpha, ADDRESS.bravo, tag);
+  await cut(cleanup, ADDRESS.alpha, ADDRESS.witness, tag);
   const cutAt = Date.now();
   await waitStatus(c, 'bravo', 'bravo takes over', (x) => x.role === 'Primary', 30_000);
   // alpha (asked through its own address, which still works from here) fenced itself first.

@@ -12,11 +12,12 @@
  * them and the data directory.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Cleanup, DUET, PYTHON, ROOT, run, withTimeout, type AfterContext, type RunResult } from '../e2e/harness.js';
+import { Cleanup, DUET, PYTHON, ROOT, run, until, withTimeout, type AfterContext, type RunResult } from '../e2e/harness.js';
+import type { Proc } from '../e2e/cluster-harness.js';
 import type { EventRecord } from '../../src/cluster/events.js';
 import type { NodeStatus } from '../../src/cluster/node.js';
 import type { ClusterStatus } from '../../src/cluster/status.js';
@@ -31,13 +32,6 @@ export function netnsSkip(): string | false {
   return process.env.CI === 'true' ? false : 'needs root (network namespaces)';
 }
 
-export interface Proc {
-  name: string;
-  child: ChildProcess;
-  out(): string;
-  err(): string;
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-}
 
 export interface NsClusterOptions {
   /** Cluster-file lines after the fixed part (vms:, fence:, alerts: are written by the harness when given). */
@@ -294,20 +288,15 @@ export class NsCluster {
     return at;
   }
 
+  /** Poll (bounded); a timeout's message carries the processes' last log lines. */
   async until<T>(check: () => T | Promise<T>, ms: number, what: string | (() => string), everyMs = 200): Promise<NonNullable<T>> {
-    const deadline = Date.now() + ms;
-    for (;;) {
-      let v: T | undefined;
-      try {
-        v = await check();
-      } catch {
-        v = undefined;
-      }
-      if (v) return v as NonNullable<T>;
-      if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${typeof what === 'string' ? what : what()}\n${this.describe()}`);
-      await new Promise((r) => setTimeout(r, everyMs));
+    try {
+      return await until(check, ms, what, everyMs);
+    } catch (err) {
+      throw new Error(`${(err as Error).message}\n${this.describe()}`);
     }
   }
+
 
   describe(): string {
     const parts: string[] = [];

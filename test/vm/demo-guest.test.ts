@@ -300,16 +300,21 @@ test('demo guest: ticks, powers off on system_powerdown, and the next boot goes 
   assert.deepEqual(r2.bootIds, [ticks2[0].boot]);
 });
 
-test('demo guest: a slot corrupted between boots makes the guest print ERROR', { skip: skipVm, timeout: 300_000 }, async (t) => {
+/** A first boot of the guest on a fresh nbdkit disk: 10 ticks, powered off, its pattern verified from the host. */
+async function tenTicksThenOff(t: { after(fn: () => unknown): void }) {
   const dir = tmpDir(t, 'duet-guest-vm-');
   const guest = await guestFor(t);
   const nbd = await startNbdkit(t);
-
   const vm1 = await startVm(t, dir, 'boot1', guest, nbd.port);
   await waitTicks(vm1, 10, BOOT_MS + 30_000);
   await powerdown(vm1);
   const r1 = await verifyDisk(nbd);
   assert.deepEqual(r1.errors, []);
+  return { dir, guest, nbd, r1 };
+}
+
+test('demo guest: a slot corrupted between boots makes the guest print ERROR', { skip: skipVm, timeout: 300_000 }, async (t) => {
+  const { dir, guest, nbd, r1 } = await tenTicksThenOff(t);
 
   // garbage in the slot the next boot writes first (it must be empty: seq maxSeq+1-S < 1)
   const k = (r1.maxSeq + 1) % S;
@@ -331,14 +336,7 @@ test('demo guest: a slot corrupted between boots makes the guest print ERROR', {
 });
 
 test('demo guest: a write lost before the last one (a failover that lost it) is an ERROR at the next boot, at once', { skip: skipVm, timeout: 300_000 }, async (t) => {
-  const dir = tmpDir(t, 'duet-guest-vm-');
-  const guest = await guestFor(t);
-  const nbd = await startNbdkit(t);
-  const vm1 = await startVm(t, dir, 'boot1', guest, nbd.port);
-  await waitTicks(vm1, 10, BOOT_MS + 30_000);
-  await powerdown(vm1);
-  const r1 = await verifyDisk(nbd);
-  assert.deepEqual(r1.errors, []);
+  const { dir, guest, nbd, r1 } = await tenTicksThenOff(t);
   // The write of seq maxSeq-3 never happened (its slot empty), the later ones did.
   const c = await nbd.client();
   await c.write(PATTERN_OFFSET + ((r1.maxSeq - 3) % S) * PATTERN_SLOT_SIZE, Buffer.alloc(PATTERN_SLOT_SIZE));
