@@ -42,7 +42,7 @@ async function migrateAndKill(c: Cluster, to: string, victim: string, waitMs: nu
 }
 
 test('migration faults: the destination dies half-way (the VM runs on at the source), the source dies half-way (no copy runs anywhere); memory squeeze; xl-config', { skip: vmSkip, timeout: 300_000 }, async (t) => {
-  const c = await vmCluster(t, 'minMemory: 96M, prefer: alpha', ['  ghost: { disks: [pa/ghost], memory: 128M, prefer: bravo }', 'migration: { bandwidth: 16M }']);
+  const c = await vmCluster(t, 'minMemory: 96M, prefer: alpha', ['  ghost: { disks: [pa/ghost], memory: 128M, prefer: bravo }', 'migration: { bandwidth: 4M }']);
   await waitFor(async () => (await vmList(c, 'alpha'))[0].state === 'running', 60_000, () => `vm web running\n${c.describe()}`);
   let seen = await waitTicks(c, 'alpha', 0, 5);
   const boot = seen[0].boot;
@@ -72,7 +72,7 @@ test('migration faults: the destination dies half-way (the VM runs on at the sou
   assert.match(xl.stdout, /^memory = 128$/m);
 
   // The destination dies half-way: the migration fails, the guest runs on at alpha, no reboot, no error.
-  const r1 = await migrateAndKill(c, 'bravo', 'bravo', 1000);
+  const r1 = await migrateAndKill(c, 'bravo', 'bravo', 500);
   assert.equal(r1.code, 1, r1.describe());
   assert.match(r1.stderr, /migration to bravo failed .*; it still runs on alpha/);
   vms = await vmList(c, 'bravo');
@@ -101,7 +101,7 @@ test('migration faults: the destination dies half-way (the VM runs on at the sou
   assert.deepEqual(guestErrors(await consoleOf(c, 'alpha')), []);
 
   // The source dies half-way: the destination's QEMU ends by itself; the VM runs nowhere.
-  const r2 = await migrateAndKill(c, 'bravo', 'alpha', 1000);
+  const r2 = await migrateAndKill(c, 'bravo', 'alpha', 500);
   assert.equal(r2.code, 1, r2.describe());
   await waitFor(async () => qemuPid(c, 'bravo') === undefined && qemuPid(c, 'alpha') === undefined, 30_000, () => `both QEMUs gone\n${c.describe()}`);
   vms = await vmList(c, 'bravo');

@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { NbdClient } from '../../src/nbd/client.js';
 import { verifyPattern } from '../../src/vm/demo-guest.js';
-import { consoleOf, guestErrors, ticks, vmCluster, vmList, vmSkip, waitFor } from './vm-harness.js';
+import { consoleOf, guestErrors, ticks, vmCluster, vmList, vmSkip, waitFor, waitTicks } from './vm-harness.js';
 
 test('the Primary role moves back and forth 10 times under a VM writing and verifying its disk: no guest error, no reboot, every block verified', { skip: vmSkip, timeout: 240_000 }, async (t) => {
   const c = await vmCluster(t, 'prefer: bravo');
@@ -19,7 +19,8 @@ test('the Primary role moves back and forth 10 times under a VM writing and veri
   const pauses: number[] = [];
   for (let i = 0; i < 10; i++) {
     const to = i % 2 === 0 ? 'bravo' : 'alpha';
-    const before = ticks(await consoleOf(c, 'alpha')).pop()!.n;
+    // (Read again until it shows ticks: a console read on a loaded machine may come back before the guest's output.)
+    const before = (await waitTicks(c, 'alpha', 0, 1)).pop()!.n;
     const r = await c.duet(to, ['resource', 'primary', 'a', '--handover'], { timeoutMs: 120_000 });
     assert.equal(r.code, 0, `handover ${i + 1} to ${to}\n${r.describe()}\n${c.describe()}`);
     const m = /vm web paused (\d+) ms/.exec(r.stdout);
@@ -28,7 +29,7 @@ test('the Primary role moves back and forth 10 times under a VM writing and veri
     const s = await c.status(to);
     assert.equal(s.role, 'Primary');
     // The guest goes on writing through the new Primary.
-    await waitFor(async () => ticks(await consoleOf(c, 'alpha')).pop()!.n >= before + 3, 60_000, () => `ticks after handover ${i + 1}\n${c.describe()}`);
+    await waitFor(async () => (ticks(await consoleOf(c, 'alpha')).pop()?.n ?? 0) >= before + 3, 60_000, () => `ticks after handover ${i + 1}\n${c.describe()}`);
   }
   const text = await consoleOf(c, 'alpha');
   const all = ticks(text);
