@@ -8,7 +8,9 @@
  *    exports (a QEMU still running there must not write again);
  * 3. promote every resource shared with the peer that is not Primary here
  *    (each promotion outdates the peer at the witness first), which opens
- *    their pools and exports their volumes at this node's address;
+ *    their pools and exports their volumes at this node's address; VMs
+ *    running here from the peer's exports are restarted on this node's
+ *    (writes the peer had not flushed may be gone with it);
  * 4. boot the VMs that should run and run nowhere, in priority order,
  *    squeezing memory to fit `nodes.THIS.vmMemory` (memory-plan.ts): running
  *    VMs are ballooned down first; a VM that cannot fit is left stopped and
@@ -21,7 +23,7 @@ import type { Resource } from '../replication/resource.js';
 import type { VmManager } from '../vm/manager.js';
 import type { ClusterConfig } from './config.js';
 import { runFence } from './fence.js';
-import { planMemory, type PlanVm } from './memory-plan.js';
+import { planMemory, planVmOf } from './memory-plan.js';
 
 export interface TakeoverHost {
   readonly node: string;
@@ -53,6 +55,8 @@ export interface TakeoverReport {
   resources: { name: string; ok: boolean; err?: string }[];
   vms: { name: string; started: boolean; atMs: number; was?: string; targetBytes?: number; err?: string; skipped?: string }[];
   leftOut: string[];
+  /** VMs running here from the lost node's exports, restarted (step 3b). */
+  restarted: { vm: string; restarted: boolean; err?: string }[];
   totalMs: number;
 }
 
@@ -67,7 +71,7 @@ export async function takeOver(host: TakeoverHost, peer: string, why: string, st
   const t0 = performance.now();
   const at = (): number => Math.round(performance.now() - t0);
   const log = host.log;
-  const report: TakeoverReport = { peer, complete: false, steps: [], resources: [], vms: [], leftOut: [], totalMs: 0 };
+  const report: TakeoverReport = { peer, complete: false, steps: [], resources: [], vms: [], leftOut: [], restarted: [], totalMs: 0 };
   const stepDone = (step: string): void => {
     report.steps.push({ step, atMs: at() });
   };
@@ -115,15 +119,16 @@ export async function takeOver(host: TakeoverHost, peer: string, why: string, st
   }
   stepDone('promoted');
 
+  // VMs here on the lost node's exports: their guests restart (its unflushed writes may be gone with it).
+  const restarted = await host.vms.restartServedBy(peer, `${peer} was lost`);
+  report.restarted = restarted;
+  if (restarted.length > 0) stepDone('vms-restarted');
+
   const lost = await host.vms.lostVms();
   const running = await host.vms.runningHere();
-  const planVm = (name: string, isRunning: boolean, memoryBytes?: number): PlanVm => {
-    const c = host.config.vms[name];
-    const memory = parseSize(String(c.memory));
-    return { name, memoryBytes: memoryBytes ?? memory, minMemoryBytes: Math.min(memoryBytes ?? memory, parseSize(String(c.minMemory ?? c.memory))), priority: c.priority, running: isRunning };
-  };
   const budget = host.config.nodes[host.node].vmMemory;
-  const plan = planMemory(budget !== undefined ? parseSize(String(budget)) : undefined, [...running.map((v) => planVm(v.name, true, v.memoryBytes)), ...lost.map((name) => planVm(name, false))]);
+  const vms = host.config.vms;
+  const plan = planMemory(budget !== undefined ? parseSize(String(budget)) : undefined, [...running.map((v) => planVmOf(vms, v.name, true, v.memoryBytes)), ...lost.map((name) => planVmOf(vms, name, false))]);
   for (const v of running) {
     const target = plan.targets.get(v.name);
     if (target !== undefined && target < v.memoryBytes) await host.vms.balloonHere(v.name, target).catch((err: unknown) => log.warn({ event: 'vm-squeeze-failed', vm: v.name, err: (err as Error).message }));
@@ -157,6 +162,7 @@ export async function takeOver(host: TakeoverHost, peer: string, why: string, st
     ...moved.map((v) => `${v.name}: now runs on ${host.node}${v.was ? ` (was ${v.was})` : ''}${v.targetBytes ? `, squeezed to ${Math.round(v.targetBytes / 1048576)} MiB` : ''}, started ${v.atMs} ms into the takeover`),
     ...report.vms.filter((v) => v.err).map((v) => `${v.name}: NOT started: ${v.err}`),
     ...report.leftOut.map((v) => `${v}: left stopped: does not fit ${host.node}'s vmMemory`),
+    ...report.restarted.map((v) => `${v.vm}: ran on ${host.node} from ${peer}'s exports: ${v.restarted ? 'restarted (as after a crash of its disk)' : `NOT restarted${v.err ? `: ${v.err}` : ''}`}`),
     ...report.resources.map((r) => `resource ${r.name}: ${r.ok ? `Primary on ${host.node}` : `NOT taken over: ${r.err}`}`),
   ];
   log.warn(

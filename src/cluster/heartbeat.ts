@@ -46,9 +46,10 @@ const REPORT_EVERY_MS = 60_000;
 export const monotonicMs = (): number => performance.timeOrigin + performance.now();
 
 /** What a node tells its peer about itself in every beat. */
-export interface BeatSummary { quorum: boolean; selfFenced: boolean; peerView: string; draining: boolean }
+/** `yielded`: the sender cannot serve and fenced itself (membership.ts); `witnessVote`: it has the witness's vote. */
+export interface BeatSummary { quorum: boolean; selfFenced: boolean; peerView: string; draining: boolean; yielded?: boolean; witnessVote?: boolean }
 
-const summarySchema = z.object({ quorum: z.boolean(), selfFenced: z.boolean(), peerView: z.string().max(32), draining: z.boolean() });
+const summarySchema = z.object({ quorum: z.boolean(), selfFenced: z.boolean(), peerView: z.string().max(32), draining: z.boolean(), yielded: z.boolean().optional(), witnessVote: z.boolean().optional() });
 const beatSchema = z.object({
   v: z.number(),
   cluster: z.string(),

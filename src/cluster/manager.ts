@@ -102,6 +102,8 @@ export class ClusterManager {
   private readonly takenOver = new Set<string>();
   lastTakeover: TakeoverReport | undefined;
   private readonly started = monotonicMs();
+  /** Since when writes here have been held without the peer's link and the witness (see stuck). */
+  private stuckSince: number | undefined;
 
   constructor(
     private readonly host: ClusterHost,
@@ -209,7 +211,18 @@ export class ClusterManager {
   }
 
   private summary(): BeatSummary {
-    return { quorum: this.state.quorum, selfFenced: this.state.selfFenced, peerView: this.state.peer, draining: this.drained.has(this.host.node) };
+    return { quorum: this.state.quorum, selfFenced: this.state.selfFenced, peerView: this.state.peer, draining: this.drained.has(this.host.node), yielded: this.state.yielded === true, witnessVote: this.state.witnessVote === true };
+  }
+
+  /**
+   * How long writes of a Primary here have been held with neither its peer's link nor the witness
+   * answering (membership's "cannot serve"); undefined: none held.
+   */
+  private stuck(now: number): number | undefined {
+    const held = this.host.resourceEntries().some((e) => e.resource.role === 'Primary' && e.resource.suspended && e.resource.peer?.replicating !== true);
+    if (!held) this.stuckSince = undefined;
+    else this.stuckSince ??= now;
+    return this.stuckSince === undefined ? undefined : now - this.stuckSince;
   }
 
   private async tick(): Promise<void> {
@@ -260,10 +273,13 @@ export class ClusterManager {
       }
     }
     if (direct !== undefined) this.peerSeen = true;
+    const says = this.heartbeat?.peerSummary;
+    const peerSays = says ? { yielded: says.yielded === true, witnessVote: says.witnessVote === true } : undefined;
     // A declaration of the peer by this node that outlived its reason (the clear at peer-back was lost, or this
     // daemon restarted and never saw the peer dead): the peer is heard directly, so it goes, or the peer would
     // keep no vote at the witness (a later loss of this node would leave it fencing itself).
-    if (this.witnessView?.peerDeclared && direct !== undefined && now - direct < this.timing.deadTimeMs && !this.clearing) {
+    // (Not while the peer yields: it is heard, but declared so that this node takes its work over.)
+    if (this.witnessView?.peerDeclared && direct !== undefined && now - direct < this.timing.deadTimeMs && !peerSays?.yielded && !this.clearing) {
       this.clearing = true;
       void this.quorum
         .witness({ cmd: 'witness.clear', peer: this.peer! })
@@ -274,7 +290,8 @@ export class ClusterManager {
         .finally(() => (this.clearing = false));
     }
     const wasFenced = this.state.selfFenced;
-    const r = step(this.state, { nowMs: now, directMs: direct, heardByPeerMs: heard, witness: this.witnessView, fenceCommand: this.host.config.fence !== undefined }, this.timing);
+    const stuckMs = this.stuck(now);
+    const r = step(this.state, { nowMs: now, directMs: direct, heardByPeerMs: heard, witness: this.witnessView, fenceCommand: this.host.config.fence !== undefined, ...(stuckMs !== undefined ? { stuckMs } : {}), ...(peerSays ? { peerSays } : {}) }, this.timing);
     this.state = r.state;
     for (const a of r.actions) this.act(a);
     if (wasFenced && !this.state.selfFenced) this.endSelfFence();
@@ -315,7 +332,7 @@ export class ClusterManager {
     const peer = this.peer!;
     const log = this.host.log;
     // Manual failover: watch, report and alert; an admin decides (resource primary --force, vm start).
-    if (this.host.config.membership.failover === 'manual' && (a.do === 'declare' || a.do === 'take-over' || a.do === 'self-fence')) {
+    if (this.host.config.membership.failover === 'manual' && (a.do === 'declare' || a.do === 'take-over' || a.do === 'self-fence' || a.do === 'yield')) {
       if (a.do === 'declare' && !this.reportedLost) {
         this.reportedLost = true;
         log.error({ event: 'node-lost', node: peer, why: a.why }, `node ${peer} is lost (${a.why}): cluster.failover is manual: no automatic takeover`);
@@ -380,6 +397,9 @@ export class ClusterManager {
         return;
       case 'self-fence':
         this.selfFence(a.why);
+        return;
+      case 'yield':
+        log.error({ event: 'node-yields', why: a.why }, `${this.host.node} ${a.why}: it gives its resources and VMs up to ${peer} (its heartbeats say so) until its writes go through again`);
         return;
     }
   }
@@ -527,6 +547,7 @@ export class ClusterManager {
       'takeover-promote-failed': 'a resource could not be taken over',
       'takeover-vm-failed': 'a VM could not be started',
       'vm-left-out': 'a VM left stopped (no memory)',
+      'vm-restart-failed': 'a VM could not be restarted',
       'split-brain': 'split brain',
       'disk-failover-failed': 'could not move off a failed disk',
       'disk-detached': 'disk failed',

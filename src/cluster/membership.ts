@@ -33,6 +33,20 @@
  * before the declaration, and the survivor waits selfFence S more (the time
  * the kill may take) before it takes over.
  *
+ * A node that cannot serve: its main link is dead but the peer still hears
+ * it on the heartbeat's second path, so it keeps quorum and is never
+ * declared dead, while its resources cannot reach the peer's link nor the
+ * witness to write alone (their writes are held, its VMs hang). It gives
+ * its work up: once writes have been held for D with the witness silent,
+ * and the peer says it has the witness's vote, it fences itself as if it
+ * had lost quorum and tells the peer so in its heartbeats (it yields). The
+ * peer then asks the witness to declare it dead like a silent node, and the
+ * witness grants it only when it has not heard the node for D (it cannot
+ * reach it either); from then on the witness refuses the node's writes
+ * alone (witness.outdate), so its held writes can never be acknowledged
+ * once its peer took over. It yields until its writes are no longer held
+ * (its link is back, or it learned the peer went on without it).
+ *
  * Two nodes and no witness: neither side can tell its peer's death from a
  * cut link. Nobody fences itself (there is no majority to lose), and a
  * peer silent for D is taken over only through the fence command (the
@@ -84,6 +98,10 @@ export interface Observation {
   };
   /** A fence command is configured (the two-node way to take over). */
   fenceCommand: boolean;
+  /** How long writes of a Primary here have been held with neither the peer's link nor the witness answering; absent: none held. */
+  stuckMs?: number;
+  /** The peer's latest heartbeat: it yields (cannot serve, fenced itself), and whether it has the witness's vote. */
+  peerSays?: { yielded: boolean; witnessVote: boolean };
 }
 
 export interface MembershipState {
@@ -95,6 +113,10 @@ export interface MembershipState {
   /** This node fenced itself (latched until the peer has heard it again since). */
   selfFenced: boolean;
   selfFencedAtMs?: number;
+  /** Fenced because it cannot serve (see above): its peer may take it over while it hears it. */
+  yielded?: boolean;
+  /** The witness's vote is this node's (it answered within the quorum window and does not hold this node dead). */
+  witnessVote?: boolean;
 }
 
 export type MembershipAction =
@@ -108,6 +130,8 @@ export type MembershipAction =
   | { do: 'peer-back'; was: PeerView }
   | { do: 'quorum-lost'; why: string }
   | { do: 'self-fence'; why: string }
+  /** This node cannot serve and has fenced itself: its heartbeats say so, so that its peer takes it over. */
+  | { do: 'yield'; why: string }
   | { do: 'quorum-regained' };
 
 export function initialState(startedMs: number): MembershipState {
@@ -137,25 +161,48 @@ export function step(s: MembershipState, o: Observation, t: MembershipTiming): {
   if (s.quorum && !quorum) actions.push({ do: 'quorum-lost', why: why() });
   if (!s.quorum && quorum) actions.push({ do: 'quorum-regained' });
   next.quorum = quorum;
+  next.witnessVote = witnessVotes;
   if (!quorum && !s.selfFenced) {
     next.selfFenced = true;
     next.selfFencedAtMs = o.nowMs;
     actions.push({ do: 'self-fence', why: why() });
   }
 
+  // Cannot serve: writes held for D, the witness silent too, and a peer that can take over (it has the
+  // witness): fence and yield. (A peer without the witness could not take over: the writes stay held and
+  // go on by themselves when either comes back.)
+  const witnessFresh = w !== undefined && witnessAge < Q;
+  const heard = o.directMs !== undefined && directAge < D;
+  if (next.yielded && o.stuckMs === undefined) {
+    // The peer may be taking this node over on its yield until it hears that it no longer yields: the fence
+    // ends as if it began now (the peer hears a beat sent from now on, or the witness vouches after it).
+    next.yielded = false;
+    next.selfFencedAtMs = o.nowMs;
+  }
+  if (!next.yielded && w && !witnessFresh && (o.stuckMs ?? 0) >= D && heard && o.peerSays?.witnessVote === true && !o.peerSays.yielded) {
+    next.yielded = true;
+    const why = `cannot serve: writes held for ${o.stuckMs} ms, neither the peer's link nor the witness answers`;
+    if (!next.selfFenced) {
+      next.selfFenced = true;
+      next.selfFencedAtMs = o.nowMs;
+      actions.push({ do: 'self-fence', why });
+    }
+    actions.push({ do: 'yield', why });
+  }
+
   // A witness that has known all along says nobody declared this node: nobody took it over. Its fence ends
   // (its VMs start again) without waiting for a peer that may never come back.
-  if (next.selfFenced && quorum && w?.vouchedMs !== undefined && w.vouchedMs > (next.selfFencedAtMs ?? Infinity) && !w.selfDeclared) {
+  if (next.selfFenced && !next.yielded && quorum && w?.vouchedMs !== undefined && w.vouchedMs > (next.selfFencedAtMs ?? Infinity) && !w.selfDeclared) {
     next.selfFenced = false;
     next.selfFencedAtMs = undefined;
   }
 
   // --- the peer ---
-  const witnessFresh = w !== undefined && witnessAge < Q;
   const peerAtWitness = witnessFresh && w.peerSilentMs !== undefined && w.peerSilentMs < D;
-  // Heard directly lately (a peer never heard since this node started is not online: suspect until it is).
-  const heard = o.directMs !== undefined && directAge < D;
-  if (heard || (peerAtWitness && !w!.peerDeclared)) {
+  // Heard directly lately (a peer never heard since this node started is not online: suspect until it is);
+  // a peer that yields is heard but gives its work up: it is taken over like a silent one.
+  const peerYields = heard && o.peerSays?.yielded === true;
+  if (!peerYields && (heard || (peerAtWitness && !w!.peerDeclared))) {
     const view: PeerView = heard ? 'online' : 'unreachable';
     if (s.peer === 'dead' || s.peer === 'fenced') actions.push({ do: 'peer-back', was: s.peer });
     if (view !== s.peer) actions.push({ do: view === 'online' ? 'peer-online' : 'peer-unreachable' });
@@ -163,7 +210,7 @@ export function step(s: MembershipState, o: Observation, t: MembershipTiming): {
     next.deadSinceMs = undefined;
     // The peer heard this node after it fenced itself: it knows this node lives (it cannot be declaring
     // it dead), and this node's own fence ends. A peer merely heard of lately is not enough.
-    if (next.selfFenced && quorum && o.heardByPeerMs !== undefined && o.heardByPeerMs > (next.selfFencedAtMs ?? Infinity)) {
+    if (next.selfFenced && !next.yielded && quorum && o.heardByPeerMs !== undefined && o.heardByPeerMs > (next.selfFencedAtMs ?? Infinity)) {
       next.selfFenced = false;
       next.selfFencedAtMs = undefined;
     }
@@ -171,17 +218,21 @@ export function step(s: MembershipState, o: Observation, t: MembershipTiming): {
   }
   if (s.peer === 'fenced') return { state: next, actions }; // taken over: stays so until it is back
   // Dead: declared at the witness (with a witness), or silent for D (two nodes: all this node can know).
-  const declared = w ? w.peerDeclared : directAge >= D;
+  // Only a fresh answer says so: an old one may predate the clear this node sent when the peer came back
+  // (sim seed 998814685: a node cut off again took a cleared declaration for a new one).
+  const declared = w ? w.peerDeclared && witnessFresh : directAge >= D;
   if (!declared) {
-    if (s.peer !== 'dead') next.peer = 'suspect';
-    // Silent for D (counted from this node's start when never heard): only then is the witness asked.
-    if (witnessVotes && !next.selfFenced && directAge >= D) actions.push({ do: 'declare', why: `no sign of life for ${directAge} ms` });
+    // A declaration gone (cleared, forgotten by a restarted witness): a new one waits selfFence again.
+    next.peer = 'suspect';
+    next.deadSinceMs = undefined;
+    // Silent for D (counted from this node's start when never heard), or yielding: only then is the witness asked.
+    if (witnessVotes && !next.selfFenced && (directAge >= D || peerYields)) actions.push({ do: 'declare', why: peerYields ? 'it cannot serve (it fenced itself and yields)' : `no sign of life for ${directAge} ms` });
     return { state: next, actions };
   }
   if (s.peer !== 'dead') {
     next.peer = 'dead';
     next.deadSinceMs = o.nowMs;
-    actions.push({ do: 'peer-lost', why: w ? `no sign of life for ${directAge} ms, nor at the witness` : `no sign of life for ${directAge} ms (no witness to ask)` });
+    actions.push({ do: 'peer-lost', why: peerYields ? 'it cannot serve: it fenced itself and yields; declared dead at the witness' : w ? `no sign of life for ${directAge} ms, nor at the witness` : `no sign of life for ${directAge} ms (no witness to ask)` });
   }
   const since = next.deadSinceMs ?? o.nowMs;
   // Takeover: the lost node's self-fence time after the declaration; without a witness only through the fence command.

@@ -14,6 +14,7 @@
  *
  * Pure; property-tested (test/cluster/memory-plan.test.ts).
  */
+import { parseSize } from '../util/size.js';
 
 export interface PlanVm {
   name: string;
@@ -22,6 +23,23 @@ export interface PlanVm {
   priority: number;
   /** Already running on this node (cannot be left out, only squeezed). */
   running: boolean;
+}
+
+/** A VM's sizes as the cluster file gives them (vms.NAME). */
+export interface VmSizes {
+  memory: string | number;
+  minMemory?: string | number;
+  priority: number;
+}
+
+/**
+ * One VM of a plan from its cluster-file entry: its boot size, or `memoryBytes` (what it has now, for a
+ * running one or one about to move), floored at minMemory but never above that size.
+ */
+export function planVmOf(vms: Record<string, VmSizes>, name: string, running: boolean, memoryBytes?: number): PlanVm {
+  const c = vms[name];
+  const memory = memoryBytes ?? parseSize(String(c.memory));
+  return { name, memoryBytes: memory, minMemoryBytes: Math.min(memory, parseSize(String(c.minMemory ?? c.memory))), priority: c.priority, running };
 }
 
 export interface MemoryPlan {

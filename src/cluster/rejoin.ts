@@ -24,7 +24,7 @@ import { UserError } from '../util/errors.js';
 import { parseSize } from '../util/size.js';
 import type { NodeResourceStatus, NodeStatus } from './node.js';
 import type { NodeDaemon } from './node.js';
-import { planMemory } from './memory-plan.js';
+import { planMemory, planVmOf } from './memory-plan.js';
 import type { VmInfo } from '../vm/manager.js';
 
 /** How long rejoin waits for NODE's disks to be UpToDate (a full sync of a big disk takes a while). */
@@ -158,14 +158,10 @@ export async function drain(d: NodeDaemon, node: string): Promise<MoveResult> {
 async function makeRoom(d: NodeDaemon, target: string, vms: VmInfo[], moving: VmInfo[]): Promise<string[]> {
   const budget = d.config.nodes[target].vmMemory;
   if (budget === undefined || moving.length === 0) return [];
-  const size = (s: string | number | undefined): number => parseSize(String(s));
-  const floor = (v: VmInfo): number => Math.min(v.memoryBytes, size(d.config.vms[v.name].minMemory ?? d.config.vms[v.name].memory));
   const staying = vms.filter((v) => v.node === target && (v.state === 'running' || v.state === 'paused'));
   // The VMs to move count as booting (they may be left out); their size is what they have now.
-  const plan = planMemory(size(budget), [
-    ...staying.map((v) => ({ name: v.name, memoryBytes: v.memoryBytes, minMemoryBytes: floor(v), priority: d.config.vms[v.name].priority, running: true })),
-    ...moving.map((v) => ({ name: v.name, memoryBytes: v.memoryBytes, minMemoryBytes: floor(v), priority: d.config.vms[v.name].priority, running: false })),
-  ]);
+  const c = d.config.vms;
+  const plan = planMemory(parseSize(String(budget)), [...staying.map((v) => planVmOf(c, v.name, true, v.memoryBytes)), ...moving.map((v) => planVmOf(c, v.name, false, v.memoryBytes))]);
   if (plan.leftOut.length > 0) return plan.leftOut;
   for (const v of [...staying, ...moving]) {
     const want = plan.targets.get(v.name);

@@ -7,7 +7,7 @@ import { UserError } from '../util/errors.js';
 import { formatSize, parseSize } from '../util/size.js';
 import type { VmInfo } from '../vm/manager.js';
 import { runFence } from './fence.js';
-import { planMemory } from './memory-plan.js';
+import { planMemory, planVmOf } from './memory-plan.js';
 import type { NodeDaemon } from './node.js';
 
 export interface ClusterStatus {
@@ -112,12 +112,8 @@ export async function fenceTest(d: NodeDaemon, node: string): Promise<FenceTestR
   const vms = await d.vms.list().catch(() => [] as VmInfo[]);
   const lost = vms.filter((v) => v.node === node).map((v) => v.name);
   const here = vms.filter((v) => v.node === d.node);
-  const size = (s: string | number | undefined): number => parseSize(String(s));
   const budget = c.nodes[d.node].vmMemory;
-  const plan = planMemory(budget !== undefined ? size(budget) : undefined, [
-    ...here.map((v) => ({ name: v.name, memoryBytes: v.memoryBytes, minMemoryBytes: Math.min(v.memoryBytes, size(c.vms[v.name].minMemory ?? c.vms[v.name].memory)), priority: c.vms[v.name].priority, running: true })),
-    ...lost.map((n) => ({ name: n, memoryBytes: size(c.vms[n].memory), minMemoryBytes: size(c.vms[n].minMemory ?? c.vms[n].memory), priority: c.vms[n].priority, running: false })),
-  ]);
+  const plan = planMemory(budget !== undefined ? parseSize(String(budget)) : undefined, [...here.map((v) => planVmOf(c.vms, v.name, true, v.memoryBytes)), ...lost.map((n) => planVmOf(c.vms, n, false))]);
   if (lost.length === 0) lines.push(`no VM runs on ${node} now: none to boot`);
   else {
     lines.push(`it would boot ${plan.boot.map((n) => `${n} (priority ${c.vms[n].priority}, ${formatSize(plan.targets.get(n)!)})`).join(', ') || 'none'} here, in that order${budget !== undefined ? ` (vmMemory ${budget}: ${formatSize(plan.totalBytes)} planned)` : ''}`);

@@ -206,6 +206,13 @@ export class Witness {
           refusal = new UserError(`node ${c.node} is itself outdated for resource ${c.resource}: it may not go on without its peer`, OUTDATED_REFUSAL);
           break;
         }
+        // Held dead: its peer is taking its resources over (it may have promoted and not yet written). Its
+        // writes stay held (not a final refusal): they fail once the peer's first write outdates it, and go
+        // through if the declaration is cleared without a takeover.
+        if (this.declared.has(c.node)) {
+          refusal = new UserError(`node ${c.node} is held dead by ${this.declared.get(c.node)}: it may not go on without ${c.peer}`, 1);
+          break;
+        }
         if (!draft.has(c.resource) && draft.size >= MAX_RESOURCES) {
           refusal = new UserError(`the witness already keeps marks for ${MAX_RESOURCES} resources, its limit: resource ${c.resource} cannot be fenced; check the cluster's resource names`);
           break;

@@ -512,6 +512,39 @@ export class VmManager {
     });
   }
 
+  /**
+   * Takeover of `node` (declared dead, fenced): the VMs running here whose disks it served. Their I/O
+   * to it failed or hangs (a dead host sends no RST), and writes it acknowledged but had not flushed may
+   * have died with it (a thin pool's new mappings are committed at a flush or within its commit period),
+   * so their guests cannot simply go on: each is restarted here with its disks from where they are
+   * served now, as after a crash of its disk (its file system recovers to its last flush). A VM that
+   * moved its disks off `node` meanwhile (clean: nothing unflushed), or is migrating, is left alone.
+   */
+  async restartServedBy(node: string, why: string): Promise<{ vm: string; restarted: boolean; err?: string }[]> {
+    await this.ready;
+    const out: { vm: string; restarted: boolean; err?: string }[] = [];
+    const servedBy = (vm: LocalVm | undefined): vm is LocalVm => vm !== undefined && !vm.incoming && vm.state !== 'migrating' && vm.spec.disks.some((d) => d.node === node);
+    for (const name of [...this.local.keys()]) {
+      if (!servedBy(this.local.get(name))) continue;
+      try {
+        const done = await this.locked(name, async () => {
+          const vm = this.local.get(name);
+          if (!servedBy(vm)) return false;
+          vm.stopping = true;
+          await vm.qemu.kill();
+          this.host.log.warn({ event: 'vm-restarting', vm: name, servedBy: node, why }, `vm ${name}: its disks were served by ${node} (${why}): writes it had not flushed may be lost with it: restarting the guest on ${this.host.node}, as after a crash of its disk`);
+          await this.startHere(name);
+          return true;
+        });
+        out.push({ vm: name, restarted: done });
+      } catch (err) {
+        out.push({ vm: name, restarted: false, err: (err as Error).message });
+        this.host.log.error({ event: 'vm-restart-failed', vm: name, err: (err as Error).message }, `vm ${name}: not restarted after ${node} was lost: ${(err as Error).message} (its autostart tries again)`);
+      }
+    }
+    return out;
+  }
+
   /** The VMs of the cluster that should run (not stopped by vm stop) and run nowhere now. */
   async lostVms(): Promise<string[]> {
     const all = await this.list();

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { planMemory, type PlanVm } from '../../src/cluster/memory-plan.js';
+import { planMemory, planVmOf, type PlanVm } from '../../src/cluster/memory-plan.js';
 
 const M = 1024 * 1024;
 const vm = (name: string, memory: number, min: number, priority = 0, running = false): PlanVm => ({ name, memoryBytes: memory * M, minMemoryBytes: min * M, priority, running });
@@ -54,4 +54,11 @@ test('property: within the budget, within each VM\'s bounds, running VMs kept, p
     }),
     { numRuns: 500 },
   );
+});
+
+test('planVmOf: boot size from the cluster file, or what the VM has now; the floor never above it', () => {
+  const vms = { web: { memory: '512M', minMemory: '256M', priority: 5 }, db: { memory: '1G', priority: 1 } };
+  assert.deepEqual(planVmOf(vms, 'web', false), { name: 'web', memoryBytes: 512 * M, minMemoryBytes: 256 * M, priority: 5, running: false });
+  assert.deepEqual(planVmOf(vms, 'web', true, 200 * M), { name: 'web', memoryBytes: 200 * M, minMemoryBytes: 200 * M, priority: 5, running: true });
+  assert.deepEqual(planVmOf(vms, 'db', false), { name: 'db', memoryBytes: 1024 * M, minMemoryBytes: 1024 * M, priority: 1, running: false });
 });

@@ -12,7 +12,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { pino } from 'pino';
-import { MAX_RESOURCES, Witness, WitnessClient } from '../../src/cluster/witness.js';
+import { MAX_RESOURCES, Witness, WitnessClient, isOutdatedRefusal } from '../../src/cluster/witness.js';
 import { signRequest } from '../../src/cluster/api-auth.js';
 import { callAdmin } from '../../src/volume/admin-socket.js';
 
@@ -464,6 +464,38 @@ test('declarations: granted only for a node silent at the witness for deadTime, 
     assert.deepEqual(call({ cmd: 'witness.clear', node: 'alpha', peer: 'bravo' }).reply?.declared, { alpha: 'bravo' });
     assert.deepEqual(call({ cmd: 'witness.clear', node: 'bravo', peer: 'alpha' }).reply?.declared, {});
     assert.match(call({ cmd: 'witness.declare', node: 'bravo', peer: 'bravo' }).err?.message ?? '', /peer bravo is not another node/);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a node held dead cannot outdate its peer (its held writes stay held): its peer is taking its work over; once cleared it can again', async () => {
+  let now = 1_000_000;
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-witness-declared-outdate-'));
+  try {
+    const w = new Witness(path.join(dir, 'witness.json'), NODES, pino({ level: 'silent' }), () => now, 2000);
+    const call = (c: Record<string, unknown>) => {
+      try {
+        return { reply: w.handle(c) };
+      } catch (err) {
+        return { err: err as Error & { exitCode?: number } };
+      }
+    };
+    call({ cmd: 'witness.heartbeat', node: 'bravo', generations: {}, inSync: {} });
+    now += 2500;
+    assert.deepEqual(call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' }).reply?.declared, { alpha: 'bravo' });
+    // alpha reaches the witness again before bravo wrote: it may not go on without bravo, which is taking its
+    // resources over (else bravo's first write would be refused and both would hold stale roles).
+    const refused = call({ cmd: 'witness.outdate', node: 'alpha', resource: 'r', peer: 'bravo', current: G0, until: G1 });
+    assert.match(refused.err?.message ?? '', /alpha is held dead by bravo: it may not go on without bravo/);
+    assert.equal(isOutdatedRefusal(refused.err), false, 'not the final "outdated" refusal: the write stays held until the witness says which');
+    assert.deepEqual(call({ cmd: 'witness.query', node: 'bravo', resource: 'r', current: G0 }).reply?.outdated, false);
+    // bravo writes: alpha is outdated; alpha's next try is refused as outdated (its held writes fail).
+    call({ cmd: 'witness.outdate', node: 'bravo', resource: 'r', peer: 'alpha', current: G0, until: G2 });
+    assert.match(call({ cmd: 'witness.outdate', node: 'alpha', resource: 'r', peer: 'bravo', current: G0, until: G1 }).err?.message ?? '', /alpha is itself outdated/);
+    // Cleared (bravo hears alpha again): alpha may fence again for another resource.
+    call({ cmd: 'witness.clear', node: 'bravo', peer: 'alpha' });
+    assert.ok(call({ cmd: 'witness.outdate', node: 'alpha', resource: 's', peer: 'bravo', current: G0, until: G1 }).reply);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

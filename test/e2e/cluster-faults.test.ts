@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Cleanup, haveProgram, python, run, spawnTracked, waitFor, withTimeout } from './harness.js';
-import { ADDRESS, Cluster, cut, inSync, makeCluster, waitStatus } from './cluster-harness.js';
+import { ADDRESS, Cluster, cut, inSync, iptablesSkip, makeCluster, waitStatus } from './cluster-harness.js';
 
 const MiB = 1024 * 1024;
 
@@ -25,12 +25,6 @@ try:
 except nbd.Error as e:
     print("error", e.errno)
 `;
-
-function iptablesSkip(): string | false {
-  if (process.getuid?.() !== 0) return 'needs root (iptables)';
-  if (!haveProgram('iptables')) return 'iptables is not installed';
-  return false;
-}
 
 
 /**

@@ -9,10 +9,12 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import assert from 'node:assert/strict';
-import { AfterContext, Cleanup, DUET, ROOT, run, RunResult, waitFor, withTimeout } from './harness.js';
+import { AfterContext, Cleanup, DUET, ROOT, haveProgram, run, RunResult, waitFor, withTimeout } from './harness.js';
 import { freePorts } from '../ports.js';
 
 export const ADDRESS: Record<string, string> = { alpha: '127.0.0.2', bravo: '127.0.0.3', witness: '127.0.0.4' };
+/** The nodes' second heartbeat addresses (ClusterOptions.heartbeatAddresses). */
+export const HEARTBEAT_ADDRESS: Record<string, string> = { alpha: '127.0.1.2', bravo: '127.0.1.3' };
 
 export interface ClusterOptions {
   diskBytes?: number;
@@ -32,6 +34,8 @@ export interface ClusterOptions {
   failover?: 'auto' | 'manual';
   /** cluster.deadTime (default the file's default, 2 s). */
   deadTime?: string;
+  /** A second heartbeat path: nodes.NODE.heartbeatAddress = HEARTBEAT_ADDRESS[NODE]. */
+  heartbeatAddresses?: boolean;
 }
 
 export interface Proc {
@@ -100,8 +104,7 @@ export async function makeCluster(t: AfterContext, options: ClusterOptions = {})
       `cluster: { name: e2e, heartbeatPort: ${heartbeatPort}${options.failover ? `, failover: ${options.failover}` : ''}${options.deadTime ? `, deadTime: ${options.deadTime}` : ''} }`,
       'secret: { file: secret }',
       'nodes:',
-      `  alpha: { address: ${ADDRESS.alpha} }`,
-      `  bravo: { address: ${ADDRESS.bravo} }`,
+      ...['alpha', 'bravo'].map((n) => `  ${n}: { address: ${ADDRESS[n]}${options.heartbeatAddresses ? `, heartbeatAddress: ${HEARTBEAT_ADDRESS[n]}` : ''} }`),
       ...(options.witness ? [`witness: { address: ${ADDRESS.witness}, port: ${witnessPort} }`] : []),
       'resources:',
       `  a: { protocol: ${options.protocol ?? 'C'}, port: ${linkPort}, disk: { alpha: ${disks.alpha}, bravo: ${disks.bravo} }, prefer: alpha, "ping-interval-ms": 100, "ping-timeout-ms": 400${options.resourceExtra ? `, ${options.resourceExtra}` : ''} }`,
@@ -214,6 +217,13 @@ export async function waitStatus(c: Cluster, node: string, what: string, cond: (
 export function inSync(s: ResourceJson): boolean {
   const p = s.peers[0];
   return s.disk === 'UpToDate' && p?.connection === 'Connected' && p.disk === 'UpToDate' && s.outOfSyncBytes === 0;
+}
+
+/** Why a test of `cut` is skipped here (not root, no iptables), or false; under CI it never is (there a skip is a failure). */
+export function iptablesSkip(): string | false {
+  if (process.env.CI === 'true') return false;
+  if (process.getuid?.() !== 0) return 'needs root (iptables)';
+  return haveProgram('iptables') ? false : 'iptables is not installed';
 }
 
 /** DROP traffic between two loopback addresses, both ways; undone by `cleanup`. */

@@ -11,8 +11,8 @@ import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
-import { Cleanup, haveProgram, python, until } from '../e2e/harness.js';
-import { ADDRESS, cut, inSync, makeCluster, waitStatus, type Cluster } from '../e2e/cluster-harness.js';
+import { Cleanup, python, until } from '../e2e/harness.js';
+import { ADDRESS, HEARTBEAT_ADDRESS, cut, inSync, iptablesSkip, makeCluster, waitStatus, type Cluster } from '../e2e/cluster-harness.js';
 import type { ClusterStatus, FenceTestReport } from '../../src/cluster/status.js';
 import type { EventRecord } from '../../src/cluster/events.js';
 
@@ -127,11 +127,6 @@ test('two nodes, no witness: a failing fence command blocks the takeover and ale
   await until(() => hook.alerts.find((a) => a.event === 'failover-done'), 30_000, () => 'the failover alert');
 });
 
-function iptablesSkip(): string | false {
-  if (process.getuid?.() !== 0) return process.env.CI === 'true' ? false : 'needs root (iptables)';
-  return haveProgram('iptables') || process.env.CI === 'true' ? false : 'iptables is not installed';
-}
-
 test('a node cut off from its peer and the witness fences itself: its NBD clients are cut off, no write is acknowledged; its peer takes over; healed, it steps down and resyncs', { skip: iptablesSkip() }, async (t) => {
   const cleanup = new Cleanup();
   t.after(() => cleanup.runAll());
@@ -162,6 +157,46 @@ test('a node cut off from its peer and the witness fences itself: its NBD client
   // Healed: alpha steps down (the cluster went on without it) and resyncs from bravo by itself.
   await waitStatus(c, 'alpha', 'alpha Secondary and in sync', (x) => x.role === 'Secondary' && inSync(x), 60_000);
   assert.equal((await clusterStatus(c, 'alpha')).quorum, true);
+});
+
+test('a node whose main address is cut off (its peer link and the witness gone) but heard on the heartbeat\'s second path cannot serve: its held write is never acknowledged, it fences itself and yields; its peer takes over; healed, it steps down and resyncs', { skip: iptablesSkip() }, async (t) => {
+  const cleanup = new Cleanup();
+  t.after(() => cleanup.runAll());
+  const c = await makeCluster(t, { witness: true, heartbeatAddresses: true });
+  await c.startWitness();
+  await c.start('alpha');
+  await c.start('bravo');
+  await waitStatus(c, 'alpha', 'the initial sync', (s) => s.role === 'Primary' && inSync(s), 60_000);
+  assert.equal((await c.duet('alpha', ['vol', 'create', 'pa/v', '--size', '16M'])).code, 0);
+  const tag = `duet-failover-${process.pid}`;
+  await cut(cleanup, ADDRESS.alpha, ADDRESS.bravo, tag);
+  await cut(cleanup, ADDRESS.alpha, ADDRESS.witness, tag);
+  const cutAt = Date.now();
+  // A write on alpha now must wait for the witness (alpha would write without its peer): it is held.
+  const w = python('import nbd,sys\nh=nbd.NBD()\ntry:\n  h.connect_uri(sys.argv[1])\n  h.pwrite(b"y"*4096,0)\n  h.flush()\n  print("ok")\nexcept nbd.Error as e:\n  print("error", e)', [c.url('alpha', 'v')], { timeoutMs: 60_000 });
+  // bravo still hears alpha on the second path: alpha is not silent, yet it is taken over.
+  await waitStatus(c, 'bravo', 'bravo takes over', (x) => x.role === 'Primary', 30_000);
+  const st = await clusterStatus(c, 'bravo');
+  const path2 = st.nodes.find((n) => n.name === 'alpha')?.paths?.find((p) => p.remote === HEARTBEAT_ADDRESS.alpha);
+  assert.ok(path2 && path2.lastHeardMsAgo !== null && path2.lastHeardMsAgo < 2000, JSON.stringify(st.nodes));
+  const ev = await events(c, 'alpha');
+  const fenced = ev.find((e) => e.event === 'self-fenced' && Date.parse(e.time) >= cutAt);
+  assert.ok(fenced && /cannot serve/.test(String(fenced.why)), ev.map((e) => `${e.event} ${String(e.why ?? '')}`).join('\n'));
+  assert.ok(ev.some((e) => e.event === 'node-yields'));
+  assert.ok(!ev.some((e) => e.event === 'quorum-lost' && Date.parse(e.time) >= cutAt), 'it never lost quorum (its peer hears it): it yielded');
+  assert.equal((await clusterStatus(c, 'alpha')).nodes.find((n) => n.name === 'alpha')?.state, 'fenced');
+  const bravoEv = await events(c, 'bravo');
+  const took = bravoEv.find((e) => e.event === 'takeover-start' && Date.parse(e.time) >= cutAt);
+  assert.ok(took && Date.parse(fenced.time) < Date.parse(took.time), `self-fenced ${fenced.time}, takeover ${took?.time}`);
+  assert.match(String(bravoEv.find((e) => e.event === 'node-lost' && Date.parse(e.time) >= cutAt)?.why), /cannot serve/);
+  // The held write was never acknowledged.
+  const wr = await w;
+  assert.match(wr.stdout, /^error/, wr.describe());
+  await cleanup.runAll();
+  // Healed: alpha steps down (bravo went on without it) and resyncs; it stops yielding and is back.
+  await waitStatus(c, 'alpha', 'alpha Secondary and in sync', (x) => x.role === 'Secondary' && inSync(x), 60_000);
+  await until(async () => (await clusterStatus(c, 'bravo')).nodes.find((n) => n.name === 'alpha')?.state === 'online' || undefined, 30_000, 'alpha back in the cluster');
+  assert.equal((await clusterStatus(c, 'alpha')).nodes.find((n) => n.name === 'alpha')?.state, 'online');
 });
 
 test('bad input: rejoin or drain of an unknown node, a rejoin of a node that is down, a drain with nowhere to go', async (t) => {
