@@ -105,6 +105,8 @@ export async function takeOver(host: TakeoverHost, peer: string, why: string, st
   if (cut > 0) log.warn({ event: 'storage-fenced', node: peer, nbdClientsCut: cut }, `cut ${cut} NBD clients of ${peer} off`);
 
   abortIfBack('promoting its resources');
+  // Taken before the promotions: a VM whose disks it served must restart even if its recovery moves them meanwhile.
+  const served = host.vms.servedBy(peer);
   for (const e of host.resourceEntries()) {
     if (e.peerNode !== peer || e.resource.role === 'Primary') continue;
     const t = at();
@@ -120,7 +122,8 @@ export async function takeOver(host: TakeoverHost, peer: string, why: string, st
   stepDone('promoted');
 
   // VMs here on the lost node's exports: their guests restart (its unflushed writes may be gone with it).
-  const restarted = await host.vms.restartServedBy(peer, `${peer} was lost`);
+  abortIfBack('restarting the VMs it served');
+  const restarted = await host.vms.restartServedBy(peer, served, `${peer} was lost`);
   report.restarted = restarted;
   if (restarted.length > 0) stepDone('vms-restarted');
 

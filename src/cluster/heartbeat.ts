@@ -46,10 +46,21 @@ const REPORT_EVERY_MS = 60_000;
 export const monotonicMs = (): number => performance.timeOrigin + performance.now();
 
 /** What a node tells its peer about itself in every beat. */
-/** `yielded`: the sender cannot serve and fenced itself (membership.ts); `witnessVote`: it has the witness's vote. */
-export interface BeatSummary { quorum: boolean; selfFenced: boolean; peerView: string; draining: boolean; yielded?: boolean; witnessVote?: boolean }
+/**
+ * `yielded`: the sender cannot serve and fenced itself (membership.ts); `witnessVote`: it has the witness's
+ * vote; `upToDate`: the resources whose disk is UpToDate on the sender (it could be promoted for them).
+ */
+export interface BeatSummary { quorum: boolean; selfFenced: boolean; peerView: string; draining: boolean; yielded?: boolean; witnessVote?: boolean; upToDate?: string[] }
 
-const summarySchema = z.object({ quorum: z.boolean(), selfFenced: z.boolean(), peerView: z.string().max(32), draining: z.boolean(), yielded: z.boolean().optional(), witnessVote: z.boolean().optional() });
+const summarySchema = z.object({
+  quorum: z.boolean(),
+  selfFenced: z.boolean(),
+  peerView: z.string().max(32),
+  draining: z.boolean(),
+  yielded: z.boolean().optional(),
+  witnessVote: z.boolean().optional(),
+  upToDate: z.array(z.string().max(63)).max(64).optional(),
+});
 const beatSchema = z.object({
   v: z.number(),
   cluster: z.string(),

@@ -211,16 +211,21 @@ export class ClusterManager {
   }
 
   private summary(): BeatSummary {
-    return { quorum: this.state.quorum, selfFenced: this.state.selfFenced, peerView: this.state.peer, draining: this.drained.has(this.host.node), yielded: this.state.yielded === true, witnessVote: this.state.witnessVote === true };
+    const upToDate = this.host.resourceEntries().filter((e) => e.resource.disk === 'UpToDate').map((e) => e.name).slice(0, 64);
+    return { quorum: this.state.quorum, selfFenced: this.state.selfFenced, peerView: this.state.peer, draining: this.drained.has(this.host.node), yielded: this.state.yielded === true, witnessVote: this.state.witnessVote === true, upToDate };
+  }
+
+  /** The resources Primary here whose writes are held with neither the peer's link nor the witness answering. */
+  private heldHere(): string[] {
+    return this.host.resourceEntries().filter((e) => e.resource.role === 'Primary' && e.resource.suspended && e.resource.peer?.replicating !== true).map((e) => e.name);
   }
 
   /**
    * How long writes of a Primary here have been held with neither its peer's link nor the witness
    * answering (membership's "cannot serve"); undefined: none held.
    */
-  private stuck(now: number): number | undefined {
-    const held = this.host.resourceEntries().some((e) => e.resource.role === 'Primary' && e.resource.suspended && e.resource.peer?.replicating !== true);
-    if (!held) this.stuckSince = undefined;
+  private stuck(now: number, held: string[]): number | undefined {
+    if (held.length === 0) this.stuckSince = undefined;
     else this.stuckSince ??= now;
     return this.stuckSince === undefined ? undefined : now - this.stuckSince;
   }
@@ -274,7 +279,8 @@ export class ClusterManager {
     }
     if (direct !== undefined) this.peerSeen = true;
     const says = this.heartbeat?.peerSummary;
-    const peerSays = says ? { yielded: says.yielded === true, witnessVote: says.witnessVote === true } : undefined;
+    const held = this.heldHere();
+    const peerSays = says ? { yielded: says.yielded === true, witnessVote: says.witnessVote === true, canTakeOver: held.every((r) => says.upToDate?.includes(r) === true) } : undefined;
     // A declaration of the peer by this node that outlived its reason (the clear at peer-back was lost, or this
     // daemon restarted and never saw the peer dead): the peer is heard directly, so it goes, or the peer would
     // keep no vote at the witness (a later loss of this node would leave it fencing itself).
@@ -290,7 +296,7 @@ export class ClusterManager {
         .finally(() => (this.clearing = false));
     }
     const wasFenced = this.state.selfFenced;
-    const stuckMs = this.stuck(now);
+    const stuckMs = this.stuck(now, held);
     const r = step(this.state, { nowMs: now, directMs: direct, heardByPeerMs: heard, witness: this.witnessView, fenceCommand: this.host.config.fence !== undefined, ...(stuckMs !== undefined ? { stuckMs } : {}), ...(peerSays ? { peerSays } : {}) }, this.timing);
     this.state = r.state;
     for (const a of r.actions) this.act(a);

@@ -100,8 +100,12 @@ export interface Observation {
   fenceCommand: boolean;
   /** How long writes of a Primary here have been held with neither the peer's link nor the witness answering; absent: none held. */
   stuckMs?: number;
-  /** The peer's latest heartbeat: it yields (cannot serve, fenced itself), and whether it has the witness's vote. */
-  peerSays?: { yielded: boolean; witnessVote: boolean };
+  /**
+   * The peer's latest heartbeat: it yields (cannot serve, fenced itself), whether it has the witness's
+   * vote, and whether its disk is UpToDate for every resource whose writes are held here (it could be
+   * promoted for them).
+   */
+  peerSays?: { yielded: boolean; witnessVote: boolean; canTakeOver: boolean };
 }
 
 export interface MembershipState {
@@ -169,8 +173,9 @@ export function step(s: MembershipState, o: Observation, t: MembershipTiming): {
   }
 
   // Cannot serve: writes held for D, the witness silent too, and a peer that can take over (it has the
-  // witness): fence and yield. (A peer without the witness could not take over: the writes stay held and
-  // go on by themselves when either comes back.)
+  // witness, and good data for the resources held here): fence and yield. (A peer that could not take over
+  // would leave both nodes' guests dead: the writes stay held and go on by themselves when the link or the
+  // witness comes back.)
   const witnessFresh = w !== undefined && witnessAge < Q;
   const heard = o.directMs !== undefined && directAge < D;
   if (next.yielded && o.stuckMs === undefined) {
@@ -179,7 +184,7 @@ export function step(s: MembershipState, o: Observation, t: MembershipTiming): {
     next.yielded = false;
     next.selfFencedAtMs = o.nowMs;
   }
-  if (!next.yielded && w && !witnessFresh && (o.stuckMs ?? 0) >= D && heard && o.peerSays?.witnessVote === true && !o.peerSays.yielded) {
+  if (!next.yielded && w && !witnessFresh && (o.stuckMs ?? 0) >= D && heard && o.peerSays?.witnessVote === true && o.peerSays.canTakeOver && !o.peerSays.yielded) {
     next.yielded = true;
     const why = `cannot serve: writes held for ${o.stuckMs} ms, neither the peer's link nor the witness answers`;
     if (!next.selfFenced) {

@@ -137,6 +137,8 @@ interface LocalVm {
   recovering: boolean;
   /** The destination of a migration under way: its QEMU waits for the source's state. */
   incoming?: { from: string };
+  /** The source of a migration under way: where to. */
+  migratingTo?: string;
   /** Paused for a move of its disks' Primary role (since then). */
   handoverPaused?: number;
   /** When a handover pause runs out: the VM resumes by itself, whatever became of the handover. */
@@ -512,31 +514,47 @@ export class VmManager {
     });
   }
 
+  /** The VMs running here whose disks `node` serves (what a takeover of `node` must restart, see restartServedBy). */
+  servedBy(node: string): string[] {
+    return [...this.local.values()].filter((vm) => !vm.incoming && vm.spec.disks.some((d) => d.node === node)).map((vm) => vm.name);
+  }
+
   /**
-   * Takeover of `node` (declared dead, fenced): the VMs running here whose disks it served. Their I/O
-   * to it failed or hangs (a dead host sends no RST), and writes it acknowledged but had not flushed may
-   * have died with it (a thin pool's new mappings are committed at a flush or within its commit period),
-   * so their guests cannot simply go on: each is restarted here with its disks from where they are
-   * served now, as after a crash of its disk (its file system recovers to its last flush). A VM that
-   * moved its disks off `node` meanwhile (clean: nothing unflushed), or is migrating, is left alone.
+   * Takeover of `node` (declared dead, fenced), once its resources are Primary here: the VMs running
+   * here whose disks it served (`names`, taken before the promotions). Their I/O to it failed or hangs
+   * (a dead host sends no RST), and writes it acknowledged but had not flushed may have died with it (a
+   * thin pool's new mappings are committed at a flush or within its commit period), so their guests
+   * cannot simply go on: each is restarted here with its disks from where they are served now, as after
+   * a crash of its disk (its file system recovers to its last flush). The recovery loop leaves them
+   * paused meanwhile (recover). A migration to `node` is cancelled first; a migration from it (a QEMU
+   * here waiting for the guest) is ended: the guest is lost, and booted as the takeover's lost VMs are.
    */
-  async restartServedBy(node: string, why: string): Promise<{ vm: string; restarted: boolean; err?: string }[]> {
+  async restartServedBy(node: string, names: string[], why: string): Promise<{ vm: string; restarted: boolean; err?: string }[]> {
     await this.ready;
     const out: { vm: string; restarted: boolean; err?: string }[] = [];
-    const servedBy = (vm: LocalVm | undefined): vm is LocalVm => vm !== undefined && !vm.incoming && vm.state !== 'migrating' && vm.spec.disks.some((d) => d.node === node);
-    for (const name of [...this.local.keys()]) {
-      if (!servedBy(this.local.get(name))) continue;
+    for (const vm of [...this.local.values()]) {
+      if (vm.incoming?.from === node) {
+        this.host.log.warn({ event: 'vm-incoming-from-lost', vm: vm.name, from: node }, `vm ${vm.name}: its migration from ${node} cannot finish (${why}): the waiting QEMU here is ended, the VM boots as a lost one`);
+        await vm.qemu.kill().catch(() => undefined);
+      } else if (vm.migratingTo === node) {
+        // Its migration waits on a dead host: cancelled, it runs on here (and is restarted below if its disks were there).
+        await vm.qemu.qmp.execute('migrate_cancel').catch(() => undefined);
+      }
+    }
+    for (const name of names) {
       try {
         const done = await this.locked(name, async () => {
           const vm = this.local.get(name);
-          if (!servedBy(vm)) return false;
+          if (!vm || vm.incoming) return { vm: name, restarted: false, err: 'no longer runs here' };
+          // Its disks must be served here now (a promotion that failed leaves them nowhere: it stays paused).
+          if (!this.servesEveryDisk(name)) return { vm: name, restarted: false, err: 'its disks are not served here (not taken over)' };
           vm.stopping = true;
           await vm.qemu.kill();
           this.host.log.warn({ event: 'vm-restarting', vm: name, servedBy: node, why }, `vm ${name}: its disks were served by ${node} (${why}): writes it had not flushed may be lost with it: restarting the guest on ${this.host.node}, as after a crash of its disk`);
           await this.startHere(name);
-          return true;
+          return { vm: name, restarted: true };
         });
-        out.push({ vm: name, restarted: done });
+        out.push(done);
       } catch (err) {
         out.push({ vm: name, restarted: false, err: (err as Error).message });
         this.host.log.error({ event: 'vm-restart-failed', vm: name, err: (err as Error).message }, `vm ${name}: not restarted after ${node} was lost: ${(err as Error).message} (its autostart tries again)`);
@@ -883,6 +901,19 @@ export class VmManager {
           wait = Math.min(wait * 2, 5000);
           continue;
         }
+        // Its disks were served by a node declared dead: what that server had not flushed may be gone, so the
+        // guest must not go on (a flush here would tell it all is durable): the takeover restarts it.
+        const lost = [...new Set(vm.spec.disks.map((d) => d.node))].filter((n) => n !== this.host.node && this.fencedNodes.has(n));
+        if (lost.length > 0) {
+          const why = `its disks were served by ${lost.join(', ')}, declared dead: it is restarted once they are taken over`;
+          if (why !== told) {
+            told = why;
+            this.host.log.warn({ event: 'vm-disks-lost', vm: vm.name, servedBy: lost }, `vm ${vm.name}: paused after a disk error (${reason}); ${why}`);
+          }
+          await sleep(wait);
+          wait = Math.min(wait * 2, 5000);
+          continue;
+        }
         try {
           const disks = this.endpoints(vm.name);
           await this.moveDisks(vm, disks);
@@ -1042,6 +1073,7 @@ export class VmManager {
       if (vm.state !== 'running') throw new UserError(`vm ${name} is ${vm.state} on ${this.host.node}: only a running VM migrates`, 1);
       const t0 = Date.now();
       vm.state = 'migrating';
+      vm.migratingTo = to;
       this.host.log.info({ event: 'vm-migrating', vm: name, from: this.host.node, to }, `vm ${name}: migrating from ${this.host.node} to ${to}`);
       let port: number;
       try {
@@ -1062,8 +1094,10 @@ export class VmManager {
         result = { status: 'failed' as const, totalTimeMs: Date.now() - t0, downtimeMs: 0, transferredBytes: 0, error: (err as Error).message };
       }
       result = await settleMigration(vm.qemu.qmp, result);
+      vm.migratingTo = undefined;
       if (result.status !== 'completed') {
-        await this.host.call(to, { cmd: 'vm.migrate-abort', vm: name }, 30_000).catch(() => undefined);
+        // (A destination declared dead and taken over is not asked: it is fenced, and would cost the timeout.)
+        if (!this.fencedNodes.has(to)) await this.host.call(to, { cmd: 'vm.migrate-abort', vm: name }, 30_000).catch(() => undefined);
         const exit = await vm.qemu.waitExit(vm.qemu.running ? 0 : 5000);
         if (exit || !vm.qemu.running) {
           this.host.log.error({ event: 'vm-migration-failed', vm: name, to, error: result.error, sourceExited: true }, `vm ${name}: its QEMU here exited during the migration to ${to}: it runs nowhere`);

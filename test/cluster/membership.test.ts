@@ -103,7 +103,7 @@ function simulate(cuts: Cut[], phaseB: number, seed: number, trace?: (line: stri
     /** Send time of the last heartbeat received from the peer (echoed back). */
     lastPeerSend: undefined as number | undefined,
     heardByPeer: undefined as number | undefined,
-    peerSays: undefined as { yielded: boolean; witnessVote: boolean } | undefined,
+    peerSays: undefined as { yielded: boolean; witnessVote: boolean; canTakeOver: boolean } | undefined,
     w: { answeredMs: undefined as number | undefined, peerSilentMs: undefined as number | undefined, peerDeclared: false, selfDeclared: false, vouchedMs: undefined as number | undefined },
     next,
     fencedAt: undefined as number | undefined,
@@ -143,7 +143,7 @@ function simulate(cuts: Cut[], phaseB: number, seed: number, trace?: (line: stri
       const stuck = !up('ab', t) && !me.writesAlone && !me.fencedOff;
       if (!stuck) me.stuckSince = undefined;
       else me.stuckSince ??= t;
-      const summary = { yielded: me.state.yielded === true, witnessVote: me.state.witnessVote === true };
+      const summary = { yielded: me.state.yielded === true, witnessVote: me.state.witnessVote === true, canTakeOver: true };
       const beat = (): void => {
         const p = node[peer];
         p.direct = t; // (what matters is when it arrived; close enough for the receiver's own view)
@@ -283,15 +283,17 @@ test('the table: a node alone (its peer gone) fenced by a witness hiccup is vouc
 });
 
 test('the table: a node that cannot serve (writes held for D, the witness silent, the peer heard) yields once its peer has the witness; stays fenced while held; then comes back', () => {
-  const says = { yielded: false, witnessVote: true };
+  const says = { yielded: false, witnessVote: true, canTakeOver: true };
   let r = run(initialState(0), { nowMs: 100, directMs: 100, witness: witness(100, 10), peerSays: says });
   // Writes held, the witness silent since 500; the peer still hears this node on its second path.
   r = run(r.state, { nowMs: 1500, directMs: 1500, witness: witness(500, 10), stuckMs: 1000, peerSays: says });
   assert.deepEqual(r.actions, [], 'held for less than D: waits');
-  r = run(r.state, { nowMs: 2600, directMs: 2600, witness: witness(500, 10), stuckMs: 2100, peerSays: { yielded: false, witnessVote: false } });
+  r = run(r.state, { nowMs: 2600, directMs: 2600, witness: witness(500, 10), stuckMs: 2100, peerSays: { yielded: false, witnessVote: false, canTakeOver: true } });
   assert.deepEqual(r.actions, [], 'a peer without the witness could not take over: the writes stay held');
   r = run(r.state, { nowMs: 2600, directMs: 2600, witness: witness(2590, 10), stuckMs: 2100, peerSays: says });
   assert.deepEqual(r.actions, [], 'the witness answers this node: its fence of the peer will go through');
+  r = run(r.state, { nowMs: 2600, directMs: 2600, witness: witness(500, 10), stuckMs: 2100, peerSays: { ...says, canTakeOver: false } });
+  assert.deepEqual(r.actions, [], 'a peer whose disk is not UpToDate for the held resource could not be promoted: no yield');
   r = run(r.state, { nowMs: 2600, directMs: 2600, witness: witness(500, 10), stuckMs: 2100, peerSays: says });
   assert.deepEqual(r.actions.map((a) => a.do), ['self-fence', 'yield']);
   assert.match((r.actions[0] as { why: string }).why, /cannot serve: writes held for 2100 ms/);
@@ -314,8 +316,8 @@ test('the table: a node that cannot serve (writes held for D, the witness silent
 });
 
 test('the table: a peer heard directly that yields is declared dead at the witness and taken over; back only once it stops yielding', () => {
-  const yielded = { yielded: true, witnessVote: false };
-  let r = run(initialState(0), { nowMs: 100, directMs: 100, witness: witness(100, 10), peerSays: { yielded: false, witnessVote: true } });
+  const yielded = { yielded: true, witnessVote: false, canTakeOver: true };
+  let r = run(initialState(0), { nowMs: 100, directMs: 100, witness: witness(100, 10), peerSays: { yielded: false, witnessVote: true, canTakeOver: true } });
   r = run(r.state, { nowMs: 3000, directMs: 3000, witness: witness(2990, 2500), peerSays: yielded });
   assert.equal(r.state.peer, 'suspect');
   assert.deepEqual(r.actions.map((a) => a.do), ['declare']);
@@ -328,12 +330,12 @@ test('the table: a peer heard directly that yields is declared dead at the witne
   r = { state: tookOver(r.state), actions: [] };
   r = run(r.state, { nowMs: 6000, directMs: 6000, witness: witness(5990, 10, { peerDeclared: true }), peerSays: yielded });
   assert.deepEqual(r.actions, [], 'heard, but still yielding: not back');
-  r = run(r.state, { nowMs: 7000, directMs: 7000, witness: witness(6990, 10, { peerDeclared: true }), peerSays: { yielded: false, witnessVote: false } });
+  r = run(r.state, { nowMs: 7000, directMs: 7000, witness: witness(6990, 10, { peerDeclared: true }), peerSays: { yielded: false, witnessVote: false, canTakeOver: true } });
   assert.deepEqual(r.actions, [{ do: 'peer-back', was: 'fenced' }, { do: 'peer-online' }]);
 });
 
 test('the table: a yielding peer is not declared by a node without the witness\'s vote, nor one fenced itself', () => {
-  const yielded = { yielded: true, witnessVote: false };
+  const yielded = { yielded: true, witnessVote: false, canTakeOver: true };
   let r = run(initialState(0), { nowMs: 100, directMs: 100, witness: witness(100, 10) });
   // The witness last answered 1400 ms ago: no vote to declare with (quorum through the peer).
   r = run(r.state, { nowMs: 1500, directMs: 1500, heardByPeerMs: 1400, witness: witness(100, 10), peerSays: yielded });
