@@ -32,6 +32,7 @@ import { UserError } from '../util/errors.js';
 import { formatSize, parseSize } from '../util/size.js';
 import { layoutFor } from '../replication/meta.js';
 import { AdminServer } from '../volume/admin-socket.js';
+import { PoolIncarnations, type PoolIncarnation } from './pool-incarnations.js';
 import { PoolExports } from '../volume/exports.js';
 import { Pool, readBestSuperblock } from '../volume/pool.js';
 import { Registry } from '../volume/registry.js';
@@ -113,6 +114,8 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
   readonly resources = new Map<string, ResourceEntry>();
   readonly down = new Map<string, DownResource>();
   readonly pools = new Map<string, OpenPool>();
+  /** Which open of each pool this node serves, and how the last one ended (pool-incarnations.ts). */
+  private readonly incarnations: PoolIncarnations;
   private nbd: NbdServer | undefined;
   private api: AdminServer | undefined;
   private stopping = false;
@@ -134,6 +137,7 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
     readonly events: EventLog,
   ) {
     this.address = config.nodes[node].address;
+    this.incarnations = new PoolIncarnations(path.join(home, 'pool-incarnations.json'), log);
     const witness = config.witness ? new WitnessClient(config.witness.address, config.witness.port ?? DEFAULT_WITNESS_PORT, secret, node, this.address) : undefined;
     this.quorum = new Quorum({ node, call: witness ? (c) => witness.call(c) : undefined, log });
     this.loop = new LoopDelayMonitor(log);
@@ -168,6 +172,11 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
       server = e.peerNode;
     }
     return server;
+  }
+
+  /** Which open of each pool this node serves now, and how the last one ended. */
+  poolIncarnations(): Record<string, PoolIncarnation> {
+    return this.incarnations.snapshot();
   }
 
   /** The clients using export `name` on this node (a QEMU elsewhere still reading a VM's disk). */
@@ -385,7 +394,9 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
         for (const d of devices) await Promise.resolve(d.close()).catch(() => undefined);
         throw err;
       }
-      this.pools.set(name, { pool, exports: new PoolExports(pool), resources: [...p.devices] });
+      // A QEMU that wrote to an earlier open of this pool here, closed cleanly, may go on (nothing it was told is lost).
+      this.pools.set(name, { pool, exports: new PoolExports(pool, (inc) => this.incarnations.endOf(name, inc) === 'clean'), resources: [...p.devices] });
+      this.incarnations.opened(name, pool.incarnation);
       this.log.info({ event: 'pool-open', pool: name, volumes: pool.listVolumes().map((v) => v.record.name) }, `pool ${name} open, volumes exported at nbd://${this.address}:${this.config.exports.port}/`);
     }
   }
@@ -401,8 +412,10 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
       await this.nbd?.retireConnections((exp) => open.pool.listVolumes().some((v) => v.record.name === exp.name), done);
       try {
         await open.pool.close();
+        this.incarnations.closed(name, open.pool.incarnation, true);
         closed.resolve();
       } catch (err) {
+        this.incarnations.closed(name, open.pool.incarnation, false);
         closed.reject(err as Error);
         // Forced: its last writes failed (no quorum); the pool's metadata on disk is what it last committed.
         if (!force) throw err;
@@ -614,7 +627,13 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
     await this.nbd?.close();
     for (const [name, open] of [...this.pools]) {
       this.pools.delete(name);
-      await open.pool.close().catch((err: unknown) => this.log.error({ event: 'pool-close-failed', pool: name, err: (err as Error).message }));
+      await open.pool.close().then(
+        () => this.incarnations.closed(name, open.pool.incarnation, true),
+        (err: unknown) => {
+          this.incarnations.closed(name, open.pool.incarnation, false);
+          this.log.error({ event: 'pool-close-failed', pool: name, err: (err as Error).message });
+        },
+      );
     }
     for (const e of this.resources.values()) {
       await e.connector.stop();

@@ -23,6 +23,7 @@ import { formatSize, parseSize } from '../util/size.js';
 import { ConsoleLog, HISTORY_MAX, type ConsoleChunk } from './console.js';
 import { QemuProcess, detectAccel, type QemuExit } from './qemu.js';
 import { vmPaths, type DiskEndpoint, type VmSpec } from './qemu-args.js';
+import { endOf, type PoolIncarnation } from '../cluster/pool-incarnations.js';
 import { nbdNodesInUse, pauseGuest, switchDisks } from './disks.js';
 import { listenIncoming, migrateOut, settleMigration } from './migrate.js';
 import { xlConfig } from './xl-config.js';
@@ -91,7 +92,7 @@ const commandSchema = z.discriminatedUnion('cmd', [
       from: z.string().max(64),
       memoryBytes: z.number().int().positive(),
       cpus: z.number().int().positive(),
-      disks: z.array(z.object({ volume: z.string(), node: z.string(), host: z.string(), port: z.number().int(), export: z.string() }).strict()).max(64),
+      disks: z.array(z.object({ volume: z.string(), node: z.string(), host: z.string(), port: z.number().int(), export: z.string(), incarnation: z.string().regex(/^[0-9a-f]{16}$/).optional() }).strict()).max(64),
       waitMs: z.number().int().positive().max(11 * 60_000).optional(),
     })
     .strict(),
@@ -117,6 +118,8 @@ export interface VmHost {
   call(node: string, request: VmCommand, timeoutMs?: number): Promise<unknown>;
   /** The clients using NBD export `name` (a volume) on this node. */
   exportClients(name: string): string[];
+  /** Which open of each pool this node serves, and how the last one ended (cluster/pool-incarnations.ts). */
+  poolIncarnations(): Record<string, PoolIncarnation>;
 }
 
 /** Where a migration's destination waits for the guest from, and until when (kept across a daemon restart). */
@@ -153,6 +156,8 @@ interface LocalAnswer {
   node: string;
   vms: VmInfo[];
   marks: Record<string, Mark>;
+  /** The pools it serves, by incarnation (absent from an older daemon). */
+  pools?: Record<string, PoolIncarnation>;
 }
 
 const POWERDOWN_TIMEOUT_MS = 30_000;
@@ -638,7 +643,7 @@ export class VmManager {
   }
 
   private async localAnswer(): Promise<LocalAnswer> {
-    return { node: this.host.node, vms: await this.localInfos(), marks: this.marks };
+    return { node: this.host.node, vms: await this.localInfos(), marks: this.marks, pools: this.host.poolIncarnations() };
   }
 
   /** Where the VM runs now: this node, another, or nowhere; nodes that did not answer are listed. */
@@ -786,7 +791,7 @@ export class VmManager {
 
   private async spawnHere(name: string): Promise<VmInfo> {
     const c = this.config(name);
-    const spec = this.specOf(name);
+    const spec = await this.specOf(name);
     const paths = vmPaths(this.vmDir(name));
     fs.mkdirSync(paths.dir, { recursive: true, mode: 0o700 });
     this.writeSpec(name, spec);
@@ -810,25 +815,77 @@ export class VmManager {
     return this.infoOf(vm);
   }
 
-  private specOf(name: string): VmSpec {
+  private async specOf(name: string, given?: DiskEndpoint[]): Promise<VmSpec> {
     const c = this.config(name);
     const base = path.dirname(this.host.config.file);
-    const disks = this.endpoints(name);
+    const disks = given ?? (await this.endpoints(name));
     const boot = c.boot ? { kernel: path.resolve(base, c.boot.kernel), ...(c.boot.initrd ? { initrd: path.resolve(base, c.boot.initrd) } : {}), ...(c.boot.append !== undefined ? { append: c.boot.append } : {}) } : undefined;
     return { name, memoryBytes: parseSize(String(c.memory)), cpus: c.cpus, disks, ...(boot ? { boot } : {}), accel: this.accel };
   }
 
-  /** Where each disk of `name` is served now (throws, exit 1, when a pool is open nowhere). */
-  private endpoints(name: string): DiskEndpoint[] {
+  /** Where each disk of `name` is served now, by which open of its pool (throws, exit 1, when a pool is open nowhere). */
+  private async endpoints(name: string): Promise<DiskEndpoint[]> {
     const c = this.config(name);
-    return c.disks.map((d) => {
+    const pools = new Map<string, Record<string, PoolIncarnation> | undefined>();
+    const out: DiskEndpoint[] = [];
+    for (const d of c.disks) {
       const [pool, volume] = d.split('/');
       const node = this.host.poolServer(pool);
       if (!node) {
         const resources = this.host.config.pools[pool]?.devices ?? [];
         throw new UserError(`vm ${name}: disk ${d}: pool ${pool} is open on no node (no node is Primary for ${resources.join(', ')}): make one Primary (resource primary ${resources[0] ?? 'RES'})`, 1);
       }
-      return { volume: d, node, host: this.host.config.nodes[node].address, port: this.host.config.exports.port, export: volume };
+      if (!pools.has(node)) pools.set(node, node === this.host.node ? this.host.poolIncarnations() : (await this.askLocal(node)).pools);
+      const served = pools.get(node);
+      const incarnation = served?.[pool]?.current;
+      // (A node that says nothing of this pool's incarnations, an older daemon: the plain name.)
+      if (served?.[pool] && incarnation === undefined) throw new UserError(`vm ${name}: disk ${d}: ${node} does not serve pool ${pool} right now (a role is moving): try again`, 1);
+      out.push({ volume: d, node, host: this.host.config.nodes[node].address, port: this.host.config.exports.port, export: volume, ...(incarnation ? { incarnation } : {}) });
+    }
+    return out;
+  }
+
+  /**
+   * A VM whose disks lost their server (a connection broken, a role moved) may go on over `disks` only if
+   * every write its old server acknowledged is there: the same open of the pool, or one that closed cleanly
+   * (a daemon restarted by its service manager, a handover: every mapping committed). A pool whose server
+   * died with it open (kill -9, a crash) lost the new mappings it had not committed: a guest going on would
+   * be told by its next flush that writes are durable which are gone. It restarts instead, as after a crash
+   * of its disk. `wait`: the old server cannot be asked yet.
+   */
+  private async mayGoOn(vm: LocalVm, disks: DiskEndpoint[]): Promise<{ ok: true } | { restart: string } | { wait: string }> {
+    for (let i = 0; i < vm.spec.disks.length; i++) {
+      const was = vm.spec.disks[i];
+      if (was.incarnation === undefined || disks[i]?.incarnation === was.incarnation) continue;
+      const pool = was.volume.split('/')[0];
+      let record: PoolIncarnation | undefined;
+      if (was.node === this.host.node) record = this.host.poolIncarnations()[pool];
+      else {
+        try {
+          const answer = await this.askLocal(was.node);
+          if (!answer.pools) continue; // an older daemon: as before
+          record = answer.pools[pool];
+        } catch (err) {
+          return { wait: `${was.node}, which served its disk ${was.volume}, does not answer (${(err as Error).message})` };
+        }
+      }
+      const end = endOf(record, was.incarnation);
+      if (end === 'clean') continue;
+      if (end === 'open') return { wait: `${was.node} still serves pool ${pool} as it did` };
+      return { restart: `pool ${pool} on ${was.node} was ${end === 'unclean' ? 'reopened after its daemon died with it open' : 'reopened since (how its earlier open ended is not known)'}: writes it acknowledged but had not committed may be gone` };
+    }
+    return { ok: true };
+  }
+
+  /** Kill the guest's QEMU here and boot it again (its disks from where they are served now). */
+  private async restartGuest(name: string, why: string, fields: Record<string, unknown> = {}): Promise<void> {
+    await this.locked(name, async () => {
+      const vm = this.local.get(name);
+      if (!vm || vm.incoming) return;
+      vm.stopping = true;
+      await vm.qemu.kill();
+      this.host.log.warn({ event: 'vm-restarting', vm: name, why, ...fields }, `vm ${name}: ${why}: restarting the guest on ${this.host.node}, as after a crash of its disk`);
+      await this.startHere(name);
     });
   }
 
@@ -915,7 +972,13 @@ export class VmManager {
           continue;
         }
         try {
-          const disks = this.endpoints(vm.name);
+          const disks = await this.endpoints(vm.name);
+          const verdict = await this.mayGoOn(vm, disks);
+          if ('restart' in verdict) {
+            await this.restartGuest(vm.name, verdict.restart, { reason });
+            return;
+          }
+          if ('wait' in verdict) throw new Error(verdict.wait);
           await this.moveDisks(vm, disks);
           await vm.qemu.qmp.execute('cont');
           this.host.log.warn(
@@ -1147,7 +1210,7 @@ export class VmManager {
     this.refuseWhileFenced(c.vm);
     if (this.local.has(c.vm) || this.unattached.has(c.vm) || this.starting.has(c.vm)) throw new UserError(`vm ${c.vm} already has a QEMU on ${this.host.node}`, 1);
     // The source's view of the VM: the same memory size (QEMU needs it) and the same disk servers.
-    const spec = { ...this.specOf(c.vm), memoryBytes: c.memoryBytes, cpus: c.cpus, disks: c.disks };
+    const spec = { ...(await this.specOf(c.vm, c.disks)), memoryBytes: c.memoryBytes, cpus: c.cpus };
     const paths = vmPaths(this.vmDir(c.vm));
     fs.mkdirSync(paths.dir, { recursive: true, mode: 0o700 });
     new ConsoleLog(paths.dir).clearLive();
@@ -1343,7 +1406,14 @@ export class VmManager {
 
   /** A VM paused by a handover: its disks from where they are served now, then it runs on. Resolves with how long it was paused. */
   private async resumePaused(vm: LocalVm): Promise<number> {
-    const disks = this.endpoints(vm.name);
+    const disks = await this.endpoints(vm.name);
+    // A handover closes the old open cleanly; one that did not finish may have left it dead.
+    const verdict = await this.mayGoOn(vm, disks);
+    if ('restart' in verdict) {
+      void this.restartGuest(vm.name, verdict.restart).catch((err: unknown) => this.host.log.error({ event: 'vm-restart-failed', vm: vm.name, err: (err as Error).message }, `vm ${vm.name}: not restarted: ${(err as Error).message}`));
+      throw new Error(`vm ${vm.name}: ${verdict.restart}: it restarts`);
+    }
+    if ('wait' in verdict) throw new Error(verdict.wait);
     await withRetries(() => this.moveDisks(vm, disks), 5, 200);
     await vm.qemu.qmp.execute('cont');
     const pausedMs = Date.now() - (vm.handoverPaused ?? Date.now());

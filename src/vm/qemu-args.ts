@@ -19,6 +19,11 @@ export interface DiskEndpoint {
   port: number;
   /** The export name (the volume's name). */
   export: string;
+  /**
+   * The open of the pool (Pool.incarnation) serving it when the VM connected: QEMU asks for
+   * `VOLUME@INCARNATION`, which a pool reopened since refuses (see VmManager.recover). Absent: the plain name.
+   */
+  incarnation?: string;
 }
 
 export interface VmSpec {
@@ -65,7 +70,7 @@ export function nbdNode(index: number, generation: number, disk: DiskEndpoint): 
     driver: 'nbd',
     'node-name': nbdNodeName(index, generation),
     server: { type: 'inet', host: disk.host, port: String(disk.port) },
-    export: disk.export,
+    export: disk.incarnation ? `${disk.export}@${disk.incarnation}` : disk.export,
     // No waiting reconnect: with a delay, requests in flight when the connection breaks wait and are resent
     // after the reconnect, maybe to a node that was not fenced. Measured on QEMU 7.2: 0 does not mean "never
     // reconnect": the requests in flight fail (werror=stop keeps them), and a later request on this node

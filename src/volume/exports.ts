@@ -11,14 +11,33 @@ export class PoolExports implements ExportProvider {
   private readonly devices = new Map<VolumeState, NbdExport>();
   private readonly users = new Map<string, number>();
 
-  constructor(private readonly pool: Pool) {}
+  /**
+   * `accepts`: an earlier open of the pool whose clients may go on here (one closed cleanly: every write it
+   * acknowledged was committed); absent: only this open.
+   */
+  constructor(
+    private readonly pool: Pool,
+    private readonly accepts: (incarnation: string) => boolean = () => false,
+  ) {}
 
   list(): NbdExport[] {
     return this.pool.listVolumes().map((v) => this.exportOf(v));
   }
 
+  /**
+   * `VOLUME`, or `VOLUME@INCARNATION`: the volume only if this open of the pool, or an earlier one that
+   * closed cleanly, is the one named (duet's VMs connect so: a QEMU reconnecting by itself to a pool
+   * reopened after a crash, which lost what it had not committed, is refused, and its daemon restarts the
+   * guest; see VmManager.recover).
+   */
   get(name: string): NbdExport | undefined {
     if (name === '') return this.list()[0];
+    const at = name.indexOf('@');
+    if (at >= 0) {
+      const incarnation = name.slice(at + 1);
+      if (incarnation !== this.pool.incarnation && !this.accepts(incarnation)) return undefined;
+      name = name.slice(0, at);
+    }
     const v = this.pool.volume(name);
     if (!v || v.record.incomplete || v.removed) return undefined;
     return this.exportOf(v);

@@ -63,6 +63,11 @@ export class Pool implements ChunkRefs {
   readonly readOnly: boolean;
   readonly name: string;
   readonly uuid: string;
+  /**
+   * This open of the pool (random, in memory): a client that knows which open it wrote to can tell a
+   * server that restarted, and may have lost new mappings it had not committed, from the same one.
+   */
+  readonly incarnation = randomUUID().replace(/-/g, '').slice(0, 16);
   readonly chunkSize: number;
   readonly journalBytes: number;
   /** The gate of the data path: volumes pass it, quiesced sections close it. */
