@@ -48,9 +48,10 @@ export const monotonicMs = (): number => performance.timeOrigin + performance.no
 /** What a node tells its peer about itself in every beat. */
 /**
  * `yielded`: the sender cannot serve and fenced itself (membership.ts); `witnessVote`: it has the witness's
- * vote; `upToDate`: the resources whose disk is UpToDate on the sender (it could be promoted for them).
+ * vote; `upToDate`: the resources whose disk is UpToDate on the sender (it could be promoted for them);
+ * `stuckPools`: pools the receiver serves to VMs on the sender while a link of theirs is down.
  */
-export interface BeatSummary { quorum: boolean; selfFenced: boolean; peerView: string; draining: boolean; yielded?: boolean; witnessVote?: boolean; upToDate?: string[] }
+export interface BeatSummary { quorum: boolean; selfFenced: boolean; peerView: string; draining: boolean; yielded?: boolean; witnessVote?: boolean; upToDate?: string[]; stuckPools?: string[] }
 
 const summarySchema = z.object({
   quorum: z.boolean(),
@@ -60,6 +61,7 @@ const summarySchema = z.object({
   yielded: z.boolean().optional(),
   witnessVote: z.boolean().optional(),
   upToDate: z.array(z.string().max(63)).max(64).optional(),
+  stuckPools: z.array(z.string().max(63)).max(64).optional(),
 });
 const beatSchema = z.object({
   v: z.number(),

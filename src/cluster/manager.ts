@@ -212,18 +212,30 @@ export class ClusterManager {
 
   private summary(): BeatSummary {
     const upToDate = this.host.resourceEntries().filter((e) => e.resource.disk === 'UpToDate').map((e) => e.name).slice(0, 64);
-    return { quorum: this.state.quorum, selfFenced: this.state.selfFenced, peerView: this.state.peer, draining: this.drained.has(this.host.node), yielded: this.state.yielded === true, witnessVote: this.state.witnessVote === true, upToDate };
+    return { quorum: this.state.quorum, selfFenced: this.state.selfFenced, peerView: this.state.peer, draining: this.drained.has(this.host.node), yielded: this.state.yielded === true, witnessVote: this.state.witnessVote === true, upToDate, stuckPools: this.stuckPools() };
   }
 
-  /** The resources Primary here whose writes are held with neither the peer's link nor the witness answering. */
-  private heldHere(): string[] {
-    return this.host.resourceEntries().filter((e) => e.resource.role === 'Primary' && e.resource.suspended && e.resource.peer?.replicating !== true).map((e) => e.name);
+  /** Pools the peer serves to VMs here while a link of theirs to the peer is down (their I/O hangs or fails). */
+  private stuckPools(): string[] {
+    if (!this.peer) return [];
+    const down = (pool: string): boolean => (this.host.config.pools[pool]?.devices ?? []).some((d) => this.host.resourceEntries().find((e) => e.name === d)?.resource.peer?.replicating !== true);
+    return this.host.vms.poolsServedBy(this.peer).filter(down).slice(0, 64);
   }
 
   /**
-   * How long writes of a Primary here have been held with neither its peer's link nor the witness
-   * answering (membership's "cannot serve"); undefined: none held.
+   * The resources Primary here that cannot serve: their peer's link is down and either their writes are
+   * held (the witness does not answer either) or the peer's VMs on their pools cannot reach them (the peer
+   * says so: its heartbeat still comes, on another path).
    */
+  private heldHere(peerStuckPools: string[]): string[] {
+    const usedByPeer = new Set(peerStuckPools.flatMap((p) => this.host.config.pools[p]?.devices ?? []));
+    return this.host
+      .resourceEntries()
+      .filter((e) => e.resource.role === 'Primary' && e.resource.peer?.replicating !== true && (e.resource.suspended || usedByPeer.has(e.name)))
+      .map((e) => e.name);
+  }
+
+  /** How long a Primary here has not been able to serve (membership's "cannot serve", see heldHere); undefined: it can. */
   private stuck(now: number, held: string[]): number | undefined {
     if (held.length === 0) this.stuckSince = undefined;
     else this.stuckSince ??= now;
@@ -279,7 +291,7 @@ export class ClusterManager {
     }
     if (direct !== undefined) this.peerSeen = true;
     const says = this.heartbeat?.peerSummary;
-    const held = this.heldHere();
+    const held = this.heldHere(says?.stuckPools ?? []);
     const peerSays = says ? { yielded: says.yielded === true, witnessVote: says.witnessVote === true, canTakeOver: held.every((r) => says.upToDate?.includes(r) === true) } : undefined;
     // A declaration of the peer by this node that outlived its reason (the clear at peer-back was lost, or this
     // daemon restarted and never saw the peer dead): the peer is heard directly, so it goes, or the peer would

@@ -36,8 +36,9 @@
  * A node that cannot serve: its main link is dead but the peer still hears
  * it on the heartbeat's second path, so it keeps quorum and is never
  * declared dead, while its resources cannot reach the peer's link nor the
- * witness to write alone (their writes are held, its VMs hang). It gives
- * its work up: once writes have been held for D with the witness silent,
+ * witness to write alone (their writes are held, its VMs hang), or the
+ * peer's VMs on its exports cannot reach them (the peer says so in its
+ * heartbeat). It gives its work up: once that has lasted D with the witness silent,
  * and the peer says it has the witness's vote, it fences itself as if it
  * had lost quorum and tells the peer so in its heartbeats (it yields). The
  * peer then asks the witness to declare it dead like a silent node, and the
@@ -98,7 +99,10 @@ export interface Observation {
   };
   /** A fence command is configured (the two-node way to take over). */
   fenceCommand: boolean;
-  /** How long writes of a Primary here have been held with neither the peer's link nor the witness answering; absent: none held. */
+  /**
+   * How long a Primary here has not been able to serve: its peer's link down, and its writes held (the
+   * witness silent too) or the peer's VMs on its exports unable to reach them; absent: it can.
+   */
   stuckMs?: number;
   /**
    * The peer's latest heartbeat: it yields (cannot serve, fenced itself), whether it has the witness's

@@ -395,8 +395,15 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
         throw err;
       }
       // A QEMU that wrote to an earlier open of this pool here, closed cleanly, may go on (nothing it was told is lost).
+      try {
+        this.incarnations.opened(name, pool.incarnation);
+      } catch (err) {
+        // Not recorded, not served: a crash of this open would pass for a clean end of the last one.
+        await pool.close().catch(() => undefined);
+        for (const d of devices) await Promise.resolve(d.close()).catch(() => undefined);
+        throw new UserError(`pool ${name}: could not record its open in ${path.join(this.home, 'pool-incarnations.json')} (${(err as Error).message}): not served; check that ${this.home} is writable`, 1);
+      }
       this.pools.set(name, { pool, exports: new PoolExports(pool, (inc) => this.incarnations.endOf(name, inc) === 'clean'), resources: [...p.devices] });
-      this.incarnations.opened(name, pool.incarnation);
       this.log.info({ event: 'pool-open', pool: name, volumes: pool.listVolumes().map((v) => v.record.name) }, `pool ${name} open, volumes exported at nbd://${this.address}:${this.config.exports.port}/`);
     }
   }
@@ -459,6 +466,7 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
     switch (c.cmd) {
       case 'vm.list':
       case 'vm.local':
+      case 'vm.incarnations':
       case 'vm.start':
       case 'vm.start-here':
       case 'vm.stop':

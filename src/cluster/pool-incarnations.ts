@@ -21,11 +21,19 @@ import type { Logger } from '../util/log.js';
 
 export type IncarnationEnd = 'open' | 'clean' | 'unclean' | 'unknown';
 
+/** Clean ends kept at most (older ones count as unknown: a guest that wrote to one restarts, the safe side). */
+const CLEAN_KEPT = 32;
+
 export interface PoolIncarnation {
   /** The incarnation serving now (open). */
   current?: string;
-  /** The last one that ended, and whether cleanly. */
-  ended?: { incarnation: string; clean: boolean };
+  /**
+   * The opens that ended cleanly since the last one that did not, oldest first: a client of any of them lost
+   * nothing (each committed all it acknowledged, and none after it lost anything).
+   */
+  clean?: string[];
+  /** The last open that ended uncleanly (its daemon died with it open, or its close failed). */
+  unclean?: string;
 }
 
 export class PoolIncarnations {
@@ -40,11 +48,10 @@ export class PoolIncarnations {
     for (const p of Object.values(this.pools)) {
       if (p.current === undefined) continue;
       // Open when the last daemon ended: it died with the pool open.
-      p.ended = { incarnation: p.current, clean: false };
-      delete p.current;
+      endUncleanly(p, p.current);
       changed = true;
     }
-    if (changed) this.save();
+    if (changed) this.trySave();
   }
 
   private load(): Record<string, PoolIncarnation> {
@@ -56,44 +63,77 @@ export class PoolIncarnations {
     }
     try {
       const j = JSON.parse(text) as { pools?: Record<string, PoolIncarnation> };
+      const id = (v: unknown): string | undefined => (typeof v === 'string' && /^[0-9a-f]{16}$/.test(v) ? v : undefined);
       const out: Record<string, PoolIncarnation> = {};
       for (const [pool, p] of Object.entries(j.pools ?? {})) {
-        const id = (v: unknown): string | undefined => (typeof v === 'string' && /^[0-9a-f]{16}$/.test(v) ? v : undefined);
-        const ended = p?.ended && id(p.ended.incarnation) ? { incarnation: id(p.ended.incarnation)!, clean: p.ended.clean === true } : undefined;
-        out[pool] = { ...(id(p?.current) ? { current: id(p.current) } : {}), ...(ended ? { ended } : {}) };
+        const clean = Array.isArray(p?.clean) ? p.clean.map(id).filter((x): x is string => x !== undefined).slice(-CLEAN_KEPT) : [];
+        out[pool] = { ...(id(p?.current) ? { current: id(p.current) } : {}), ...(clean.length > 0 ? { clean } : {}), ...(id(p?.unclean) ? { unclean: id(p.unclean) } : {}) };
       }
       return out;
     } catch (err) {
-      // Damaged: every earlier incarnation counts as unknown (a guest that wrote to one restarts, the safe side).
+      // Damaged: every earlier open counts as unknown (a guest that wrote to one restarts, the safe side).
       this.log.warn({ event: 'pool-incarnations-unreadable', file: this.file, err: (err as Error).message }, `${this.file} is unreadable (${(err as Error).message}): earlier pool opens count as ended uncleanly`);
       return {};
     }
   }
 
+  /** Durably (temp file fsynced, renamed, directory fsynced): a clean end believed after a power cut that undid it would be a lie. */
   private save(): void {
     const tmp = `${this.file}.tmp`;
+    const dir = path.dirname(this.file);
+    fs.mkdirSync(dir, { recursive: true });
+    const fd = fs.openSync(tmp, 'w', 0o600);
     try {
-      fs.mkdirSync(path.dirname(this.file), { recursive: true });
-      fs.writeFileSync(tmp, JSON.stringify({ v: 1, pools: this.pools }));
-      fs.renameSync(tmp, this.file);
+      fs.writeSync(fd, JSON.stringify({ v: 1, pools: this.pools }));
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, this.file);
+    const d = fs.openSync(dir, 'r');
+    try {
+      fs.fsyncSync(d);
+    } finally {
+      fs.closeSync(d);
+    }
+  }
+
+  private trySave(): void {
+    try {
+      this.save();
     } catch (err) {
+      // Not recorded: the file may still say an open is going on or ended cleanly when it did not. The next
+      // save (every open and close) writes the whole truth again.
       this.log.warn({ event: 'pool-incarnations-unsaved', file: this.file, err: (err as Error).message }, `could not save ${this.file}: ${(err as Error).message}`);
     }
   }
 
+  /**
+   * A new open of `pool`: recorded before it serves anything. Throws if that cannot be written (the pool
+   * must not serve: a crash of this open would not be known for one at the next start).
+   */
   opened(pool: string, incarnation: string): void {
+    const before = structuredClone(this.pools[pool]);
     const p = (this.pools[pool] ??= {});
     // Still open at a new open: its end was never seen (a close that threw): not clean.
-    if (p.current !== undefined && p.current !== incarnation) p.ended = { incarnation: p.current, clean: false };
+    if (p.current !== undefined && p.current !== incarnation) endUncleanly(p, p.current);
     p.current = incarnation;
-    this.save();
+    try {
+      this.save();
+    } catch (err) {
+      // This open will not serve: the record stays as it was.
+      if (before === undefined) delete this.pools[pool];
+      else this.pools[pool] = before;
+      throw err;
+    }
   }
 
   closed(pool: string, incarnation: string, clean: boolean): void {
     const p = (this.pools[pool] ??= {});
     if (p.current === incarnation) delete p.current;
-    p.ended = { incarnation, clean };
-    this.save();
+    if (clean) p.clean = [...(p.clean ?? []), incarnation].slice(-CLEAN_KEPT);
+    else endUncleanly(p, incarnation);
+    this.trySave();
   }
 
   /** How `incarnation` of `pool` ended on this node, as far as it knows. */
@@ -106,9 +146,17 @@ export class PoolIncarnations {
   }
 }
 
+/** An open ended without committing all it acknowledged: every earlier clean end no longer vouches for its clients. */
+function endUncleanly(p: PoolIncarnation, incarnation: string): void {
+  if (p.current === incarnation) delete p.current;
+  delete p.clean;
+  p.unclean = incarnation;
+}
+
 /** How `incarnation` ended by a node's record of the pool (see PoolIncarnations). */
 export function endOf(p: PoolIncarnation | undefined, incarnation: string): IncarnationEnd {
   if (p?.current === incarnation) return 'open';
-  if (p?.ended?.incarnation === incarnation) return p.ended.clean ? 'clean' : 'unclean';
+  if (p?.clean?.includes(incarnation)) return 'clean';
+  if (p?.unclean === incarnation) return 'unclean';
   return 'unknown';
 }

@@ -57,6 +57,7 @@ interface Mark {
 export type VmCommand =
   | { cmd: 'vm.list' }
   | { cmd: 'vm.local' }
+  | { cmd: 'vm.incarnations' }
   | { cmd: 'vm.start'; vm: string; on?: string; auto?: boolean; forwarded?: boolean }
   | { cmd: 'vm.start-here'; vm: string }
   | { cmd: 'vm.stop'; vm: string; force?: boolean }
@@ -77,6 +78,7 @@ const vmName = z.string().max(64);
 const commandSchema = z.discriminatedUnion('cmd', [
   z.object({ cmd: z.literal('vm.list') }).strict(),
   z.object({ cmd: z.literal('vm.local') }).strict(),
+  z.object({ cmd: z.literal('vm.incarnations') }).strict(),
   z.object({ cmd: z.literal('vm.start'), vm: vmName, on: z.string().max(64).optional(), auto: z.boolean().optional(), forwarded: z.boolean().optional() }).strict(),
   z.object({ cmd: z.literal('vm.start-here'), vm: vmName }).strict(),
   z.object({ cmd: z.literal('vm.stop'), vm: vmName, force: z.boolean().optional() }).strict(),
@@ -118,8 +120,8 @@ export interface VmHost {
   call(node: string, request: VmCommand, timeoutMs?: number): Promise<unknown>;
   /** The clients using NBD export `name` (a volume) on this node. */
   exportClients(name: string): string[];
-  /** Which open of each pool this node serves, and how the last one ended (cluster/pool-incarnations.ts). */
-  poolIncarnations(): Record<string, PoolIncarnation>;
+  /** Which open of each pool this node serves, and how earlier ones ended (cluster/pool-incarnations.ts); undefined: none kept. */
+  poolIncarnations(): Record<string, PoolIncarnation> | undefined;
 }
 
 /** Where a migration's destination waits for the guest from, and until when (kept across a daemon restart). */
@@ -156,8 +158,6 @@ interface LocalAnswer {
   node: string;
   vms: VmInfo[];
   marks: Record<string, Mark>;
-  /** The pools it serves, by incarnation (absent from an older daemon). */
-  pools?: Record<string, PoolIncarnation>;
 }
 
 const POWERDOWN_TIMEOUT_MS = 30_000;
@@ -190,6 +190,8 @@ export class VmManager {
   private readonly unattached = new Map<string, { pid: number; since: number; reason: string }>();
   /** Starts under way here (QEMU spawned, QMP not answering yet): a second start waits for the first. */
   private readonly starting = new Map<string, Promise<VmInfo>>();
+  /** Guests being restarted here (killed, not started again yet): reported as starting (localInfos). */
+  private readonly restarting = new Set<string>();
   private stopped = false;
   private autostarting = false;
   readonly accel = detectAccel();
@@ -372,6 +374,8 @@ export class VmManager {
         return { vms: await this.list() };
       case 'vm.local':
         return this.localAnswer();
+      case 'vm.incarnations':
+        return { node: this.host.node, pools: this.host.poolIncarnations() };
       case 'vm.start':
         return this.startVm(c.vm, c.on, c.auto === true, c.forwarded === true);
       case 'vm.start-here':
@@ -519,6 +523,11 @@ export class VmManager {
     });
   }
 
+  /** The pools `node` serves to VMs running here. */
+  poolsServedBy(node: string): string[] {
+    return [...new Set([...this.local.values()].filter((vm) => !vm.incoming).flatMap((vm) => vm.spec.disks.filter((d) => d.node === node).map((d) => d.volume.split('/')[0])))];
+  }
+
   /** The VMs running here whose disks `node` serves (what a takeover of `node` must restart, see restartServedBy). */
   servedBy(node: string): string[] {
     return [...this.local.values()].filter((vm) => !vm.incoming && vm.spec.disks.some((d) => d.node === node)).map((vm) => vm.name);
@@ -553,10 +562,15 @@ export class VmManager {
           if (!vm || vm.incoming) return { vm: name, restarted: false, err: 'no longer runs here' };
           // Its disks must be served here now (a promotion that failed leaves them nowhere: it stays paused).
           if (!this.servesEveryDisk(name)) return { vm: name, restarted: false, err: 'its disks are not served here (not taken over)' };
-          vm.stopping = true;
-          await vm.qemu.kill();
-          this.host.log.warn({ event: 'vm-restarting', vm: name, servedBy: node, why }, `vm ${name}: its disks were served by ${node} (${why}): writes it had not flushed may be lost with it: restarting the guest on ${this.host.node}, as after a crash of its disk`);
-          await this.startHere(name);
+          this.restarting.add(name);
+          try {
+            vm.stopping = true;
+            await vm.qemu.kill();
+            this.host.log.warn({ event: 'vm-restarting', vm: name, servedBy: node, why }, `vm ${name}: its disks were served by ${node} (${why}): writes it had not flushed may be lost with it: restarting the guest on ${this.host.node}, as after a crash of its disk`);
+            await this.startHere(name);
+          } finally {
+            this.restarting.delete(name);
+          }
           return { vm: name, restarted: true };
         });
         out.push(done);
@@ -624,8 +638,13 @@ export class VmManager {
       out.push({ ...this.stoppedInfo(name, `its QEMU runs but ${u.reason}`), node: this.host.node, state: 'failed', pid: u.pid, since: new Date(u.since).toISOString() });
     }
     for (const [name, exit] of this.exits) {
-      if (this.local.has(name) || this.unattached.has(name) || !exit.failed || !this.isVm(name)) continue;
+      if (this.local.has(name) || this.unattached.has(name) || this.starting.has(name) || this.restarting.has(name) || !exit.failed || !this.isVm(name)) continue;
       out.push({ ...this.stoppedInfo(name, exit.reason), node: this.host.node, state: 'failed' });
+    }
+    // Being started (or restarted) here: it runs here, as far as any other node deciding is concerned.
+    for (const name of new Set([...this.starting.keys(), ...this.restarting])) {
+      if (this.local.has(name) || this.unattached.has(name) || !this.isVm(name)) continue;
+      out.push({ ...this.stoppedInfo(name), node: this.host.node, state: 'starting' });
     }
     return out;
   }
@@ -643,7 +662,7 @@ export class VmManager {
   }
 
   private async localAnswer(): Promise<LocalAnswer> {
-    return { node: this.host.node, vms: await this.localInfos(), marks: this.marks, pools: this.host.poolIncarnations() };
+    return { node: this.host.node, vms: await this.localInfos(), marks: this.marks };
   }
 
   /** Where the VM runs now: this node, another, or nowhere; nodes that did not answer are listed. */
@@ -823,6 +842,13 @@ export class VmManager {
     return { name, memoryBytes: parseSize(String(c.memory)), cpus: c.cpus, disks, ...(boot ? { boot } : {}), accel: this.accel };
   }
 
+  /** The pool incarnations `node` keeps (undefined: it keeps none); throws when it does not answer. */
+  private async incarnationsOf(node: string): Promise<Record<string, PoolIncarnation> | undefined> {
+    if (node === this.host.node) return this.host.poolIncarnations();
+    const answer = (await this.host.call(node, { cmd: 'vm.incarnations' }, PEER_TIMEOUT_MS)) as { pools?: Record<string, PoolIncarnation> };
+    return answer.pools;
+  }
+
   /** Where each disk of `name` is served now, by which open of its pool (throws, exit 1, when a pool is open nowhere). */
   private async endpoints(name: string): Promise<DiskEndpoint[]> {
     const c = this.config(name);
@@ -835,11 +861,11 @@ export class VmManager {
         const resources = this.host.config.pools[pool]?.devices ?? [];
         throw new UserError(`vm ${name}: disk ${d}: pool ${pool} is open on no node (no node is Primary for ${resources.join(', ')}): make one Primary (resource primary ${resources[0] ?? 'RES'})`, 1);
       }
-      if (!pools.has(node)) pools.set(node, node === this.host.node ? this.host.poolIncarnations() : (await this.askLocal(node)).pools);
+      if (!pools.has(node)) pools.set(node, await this.incarnationsOf(node));
       const served = pools.get(node);
       const incarnation = served?.[pool]?.current;
-      // (A node that says nothing of this pool's incarnations, an older daemon: the plain name.)
-      if (served?.[pool] && incarnation === undefined) throw new UserError(`vm ${name}: disk ${d}: ${node} does not serve pool ${pool} right now (a role is moving): try again`, 1);
+      // (A node that keeps no incarnations, an older daemon: the plain name.)
+      if (served !== undefined && incarnation === undefined) throw new UserError(`vm ${name}: disk ${d}: ${node} does not serve pool ${pool} right now (a role is moving): try again`, 1);
       out.push({ volume: d, node, host: this.host.config.nodes[node].address, port: this.host.config.exports.port, export: volume, ...(incarnation ? { incarnation } : {}) });
     }
     return out;
@@ -859,12 +885,11 @@ export class VmManager {
       if (was.incarnation === undefined || disks[i]?.incarnation === was.incarnation) continue;
       const pool = was.volume.split('/')[0];
       let record: PoolIncarnation | undefined;
-      if (was.node === this.host.node) record = this.host.poolIncarnations()[pool];
-      else {
+      {
         try {
-          const answer = await this.askLocal(was.node);
-          if (!answer.pools) continue; // an older daemon: as before
-          record = answer.pools[pool];
+          const all = await this.incarnationsOf(was.node);
+          if (!all) continue; // a node that keeps no incarnations: as before
+          record = all[pool];
         } catch (err) {
           return { wait: `${was.node}, which served its disk ${was.volume}, does not answer (${(err as Error).message})` };
         }
@@ -877,15 +902,26 @@ export class VmManager {
     return { ok: true };
   }
 
-  /** Kill the guest's QEMU here and boot it again (its disks from where they are served now). */
-  private async restartGuest(name: string, why: string, fields: Record<string, unknown> = {}): Promise<void> {
+  /**
+   * Kill this copy of the guest (`vm`, if it is still the one here) and boot it again here, its disks from
+   * where they are served now. Reported as starting here all along (localInfos), so a node deciding
+   * meanwhile does not start a copy of its own.
+   */
+  private async restartGuest(vm: LocalVm, why: string, fields: Record<string, unknown> = {}): Promise<void> {
+    const name = vm.name;
     await this.locked(name, async () => {
-      const vm = this.local.get(name);
-      if (!vm || vm.incoming) return;
-      vm.stopping = true;
-      await vm.qemu.kill();
-      this.host.log.warn({ event: 'vm-restarting', vm: name, why, ...fields }, `vm ${name}: ${why}: restarting the guest on ${this.host.node}, as after a crash of its disk`);
-      await this.startHere(name);
+      if (this.local.get(name) !== vm || vm.incoming) return;
+      // Where its disks are served now, before it is killed: if they are served nowhere it stays paused.
+      await this.endpoints(name);
+      this.restarting.add(name);
+      try {
+        vm.stopping = true;
+        await vm.qemu.kill();
+        this.host.log.warn({ event: 'vm-restarting', vm: name, why, ...fields }, `vm ${name}: ${why}: restarting the guest on ${this.host.node}, as after a crash of its disk`);
+        await this.startHere(name);
+      } finally {
+        this.restarting.delete(name);
+      }
     });
   }
 
@@ -975,7 +1011,7 @@ export class VmManager {
           const disks = await this.endpoints(vm.name);
           const verdict = await this.mayGoOn(vm, disks);
           if ('restart' in verdict) {
-            await this.restartGuest(vm.name, verdict.restart, { reason });
+            await this.restartGuest(vm, verdict.restart, { reason });
             return;
           }
           if ('wait' in verdict) throw new Error(verdict.wait);
@@ -1410,7 +1446,7 @@ export class VmManager {
     // A handover closes the old open cleanly; one that did not finish may have left it dead.
     const verdict = await this.mayGoOn(vm, disks);
     if ('restart' in verdict) {
-      void this.restartGuest(vm.name, verdict.restart).catch((err: unknown) => this.host.log.error({ event: 'vm-restart-failed', vm: vm.name, err: (err as Error).message }, `vm ${vm.name}: not restarted: ${(err as Error).message}`));
+      void this.restartGuest(vm, verdict.restart).catch((err: unknown) => this.host.log.error({ event: 'vm-restart-failed', vm: vm.name, err: (err as Error).message }, `vm ${vm.name}: not restarted: ${(err as Error).message}`));
       throw new Error(`vm ${vm.name}: ${verdict.restart}: it restarts`);
     }
     if ('wait' in verdict) throw new Error(verdict.wait);

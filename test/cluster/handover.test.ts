@@ -45,7 +45,7 @@ function world(t: { after(fn: () => unknown): void }, faults: { secondaryFails?:
     },
   } as unknown as Resource;
   const poolServer = (): string | undefined => (s.alphaOpen ? 'alpha' : s.bravoOpen ? 'bravo' : undefined);
-  const vms = new VmManager({ node: 'bravo', home: dir, config, log: silentLogger(), address: '127.0.0.8', poolServer, call: () => Promise.reject(new Error('no VMs here')), exportClients: () => [], poolIncarnations: () => ({}) });
+  const vms = new VmManager({ node: 'bravo', home: dir, config, log: silentLogger(), address: '127.0.0.8', poolServer, call: () => Promise.reject(new Error('no VMs here')), exportClients: () => [], poolIncarnations: () => undefined });
   // As the node daemon does at its start: the manager answers for its VMs once it has looked for them.
   void vms.start();
   t.after(() => vms.stop());

@@ -35,12 +35,41 @@ test('an open ended by a clean close is clean; one still open when the daemon di
   // The daemon dies here (no close): the next one reads the file.
   const b = new PoolIncarnations(file, silentLogger());
   assert.equal(b.endOf('pa', B), 'unclean');
-  assert.equal(b.endOf('pa', A), 'unknown', 'only the last end is kept: an older open is unknown (a guest that wrote to it restarts)');
-  assert.deepEqual(b.snapshot(), { pa: { ended: { incarnation: B, clean: false } } });
+  assert.equal(b.endOf('pa', A), 'unknown', 'an unclean end voids the clean ones before it (a guest that wrote to A and reconnected to B lost what B lost)');
+  assert.deepEqual(b.snapshot(), { pa: { unclean: B } });
   // A close that failed is not clean either.
   b.opened('pa', A);
   b.closed('pa', A, false);
   assert.equal(b.endOf('pa', A), 'unclean');
+});
+
+test('clean ends since the last unclean one all vouch for their clients (a graceful restart, then a handover): review 3 M1', (t) => {
+  const file = tempFile(t);
+  const p = new PoolIncarnations(file, silentLogger());
+  const ids = ['1111111111111111', '2222222222222222', '3333333333333333'];
+  for (const id of ids) {
+    p.opened('pa', id);
+    p.closed('pa', id, true);
+  }
+  for (const id of ids) assert.equal(p.endOf('pa', id), 'clean');
+  assert.equal(new PoolIncarnations(file, silentLogger()).endOf('pa', ids[0]), 'clean', 'kept across a restart');
+  p.opened('pa', A);
+  p.closed('pa', A, false);
+  for (const id of ids) assert.equal(p.endOf('pa', id), 'unknown');
+});
+
+test('an open that cannot be recorded throws (the pool must not serve), durably written otherwise: review 3 H2', (t) => {
+  const file = tempFile(t);
+  const p = new PoolIncarnations(file, silentLogger());
+  p.opened('pa', A);
+  p.closed('pa', A, true);
+  fs.mkdirSync(`${file}.tmp`);
+  assert.throws(() => p.opened('pa', B), /EISDIR|directory/);
+  assert.equal(p.endOf('pa', B), 'unknown', 'not recorded: it never served');
+  assert.equal(p.endOf('pa', A), 'clean');
+  fs.rmdirSync(`${file}.tmp`);
+  p.opened('pa', B);
+  assert.equal(new PoolIncarnations(file, silentLogger()).endOf('pa', B), 'unclean', 'recorded once it could be');
 });
 
 test('a damaged record counts every earlier open as unknown, and is rewritten at the next change', (t) => {

@@ -426,77 +426,66 @@ test('a fence for a newer generation that is then cancelled leaves the older mar
   assert.equal(await isOutdated(w, 'bravo', 'r'), false);
 });
 
-test('declarations: granted only for a node silent at the witness for deadTime, at most one of two, cleared by their setter', async () => {
-  // A fake clock: silences are measured on it.
-  let now = 1_000_000;
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-witness-declare-'));
-  try {
-    const w = new Witness(path.join(dir, 'witness.json'), NODES, pino({ level: 'silent' }), () => now, 2000);
-    const call = (c: Record<string, unknown>) => {
-      try {
-        return { reply: w.handle(c) };
-      } catch (err) {
-        return { err: err as Error & { exitCode?: number } };
-      }
-    };
-    assert.deepEqual(call({ cmd: 'witness.heartbeat', node: 'alpha', generations: {}, inSync: {} }).reply?.silentMs, { alpha: 0, bravo: 0 });
-    now += 1500;
-    call({ cmd: 'witness.heartbeat', node: 'bravo', generations: {}, inSync: {} });
-    now += 1000;
-    // alpha silent 2500 ms, bravo 1000 ms.
-    const early = call({ cmd: 'witness.declare', node: 'alpha', peer: 'bravo' });
-    assert.match(early.err?.message ?? '', /the witness heard bravo 1000 ms ago: it is not dead/);
-    assert.equal(early.err?.exitCode, 1);
-    now += 100;
-    // (alpha's request was itself a sign of life: alpha is not silent now.)
-    assert.match(call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' }).err?.message ?? '', /heard alpha 100 ms ago/);
-    now += 2000;
-    const granted = call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' });
-    assert.deepEqual(granted.reply?.declared, { alpha: 'bravo' });
-    // Declared: alpha may not declare bravo in turn, and every answer tells it it is held dead.
-    now += 5000;
-    const back = call({ cmd: 'witness.declare', node: 'alpha', peer: 'bravo' });
-    assert.match(back.err?.message ?? '', /node alpha is held dead by bravo/);
-    assert.deepEqual(call({ cmd: 'witness.heartbeat', node: 'alpha', generations: {}, inSync: {} }).reply?.declared, { alpha: 'bravo' });
-    // Asking again is harmless; only the setter clears it.
-    assert.deepEqual(call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' }).reply?.declared, { alpha: 'bravo' });
-    call({ cmd: 'witness.clear', node: 'alpha', peer: 'alpha' });
-    assert.deepEqual(call({ cmd: 'witness.clear', node: 'alpha', peer: 'bravo' }).reply?.declared, { alpha: 'bravo' });
-    assert.deepEqual(call({ cmd: 'witness.clear', node: 'bravo', peer: 'alpha' }).reply?.declared, {});
-    assert.match(call({ cmd: 'witness.declare', node: 'bravo', peer: 'bravo' }).err?.message ?? '', /peer bravo is not another node/);
-  } finally {
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+/** A Witness called in-process on a fake clock (silences are measured on it); removed at the test's end. */
+function clockedWitness(t: { after(fn: () => void): void }): { call: (c: Record<string, unknown>) => { reply?: ReturnType<Witness['handle']>; err?: Error & { exitCode?: number } }; clock: { now: number } } {
+  const clock = { now: 1_000_000 };
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-witness-clocked-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const w = new Witness(path.join(dir, 'witness.json'), NODES, pino({ level: 'silent' }), () => clock.now, 2000);
+  const call = (c: Record<string, unknown>) => {
+    try {
+      return { reply: w.handle(c) };
+    } catch (err) {
+      return { err: err as Error & { exitCode?: number } };
+    }
+  };
+  return { call, clock };
+}
+
+test('declarations: granted only for a node silent at the witness for deadTime, at most one of two, cleared by their setter', async (t) => {
+  const { call, clock } = clockedWitness(t);
+  assert.deepEqual(call({ cmd: 'witness.heartbeat', node: 'alpha', generations: {}, inSync: {} }).reply?.silentMs, { alpha: 0, bravo: 0 });
+  clock.now += 1500;
+  call({ cmd: 'witness.heartbeat', node: 'bravo', generations: {}, inSync: {} });
+  clock.now += 1000;
+  // alpha silent 2500 ms, bravo 1000 ms.
+  const early = call({ cmd: 'witness.declare', node: 'alpha', peer: 'bravo' });
+  assert.match(early.err?.message ?? '', /the witness heard bravo 1000 ms ago: it is not dead/);
+  assert.equal(early.err?.exitCode, 1);
+  clock.now += 100;
+  // (alpha's request was itself a sign of life: alpha is not silent now.)
+  assert.match(call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' }).err?.message ?? '', /heard alpha 100 ms ago/);
+  clock.now += 2000;
+  const granted = call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' });
+  assert.deepEqual(granted.reply?.declared, { alpha: 'bravo' });
+  // Declared: alpha may not declare bravo in turn, and every answer tells it it is held dead.
+  clock.now += 5000;
+  const back = call({ cmd: 'witness.declare', node: 'alpha', peer: 'bravo' });
+  assert.match(back.err?.message ?? '', /node alpha is held dead by bravo/);
+  assert.deepEqual(call({ cmd: 'witness.heartbeat', node: 'alpha', generations: {}, inSync: {} }).reply?.declared, { alpha: 'bravo' });
+  // Asking again is harmless; only the setter clears it.
+  assert.deepEqual(call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' }).reply?.declared, { alpha: 'bravo' });
+  call({ cmd: 'witness.clear', node: 'alpha', peer: 'alpha' });
+  assert.deepEqual(call({ cmd: 'witness.clear', node: 'alpha', peer: 'bravo' }).reply?.declared, { alpha: 'bravo' });
+  assert.deepEqual(call({ cmd: 'witness.clear', node: 'bravo', peer: 'alpha' }).reply?.declared, {});
+  assert.match(call({ cmd: 'witness.declare', node: 'bravo', peer: 'bravo' }).err?.message ?? '', /peer bravo is not another node/);
 });
 
-test('a node held dead cannot outdate its peer (its held writes stay held): its peer is taking its work over; once cleared it can again', async () => {
-  let now = 1_000_000;
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-witness-declared-outdate-'));
-  try {
-    const w = new Witness(path.join(dir, 'witness.json'), NODES, pino({ level: 'silent' }), () => now, 2000);
-    const call = (c: Record<string, unknown>) => {
-      try {
-        return { reply: w.handle(c) };
-      } catch (err) {
-        return { err: err as Error & { exitCode?: number } };
-      }
-    };
-    call({ cmd: 'witness.heartbeat', node: 'bravo', generations: {}, inSync: {} });
-    now += 2500;
-    assert.deepEqual(call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' }).reply?.declared, { alpha: 'bravo' });
-    // alpha reaches the witness again before bravo wrote: it may not go on without bravo, which is taking its
-    // resources over (else bravo's first write would be refused and both would hold stale roles).
-    const refused = call({ cmd: 'witness.outdate', node: 'alpha', resource: 'r', peer: 'bravo', current: G0, until: G1 });
-    assert.match(refused.err?.message ?? '', /alpha is held dead by bravo: it may not go on without bravo/);
-    assert.equal(isOutdatedRefusal(refused.err), false, 'not the final "outdated" refusal: the write stays held until the witness says which');
-    assert.deepEqual(call({ cmd: 'witness.query', node: 'bravo', resource: 'r', current: G0 }).reply?.outdated, false);
-    // bravo writes: alpha is outdated; alpha's next try is refused as outdated (its held writes fail).
-    call({ cmd: 'witness.outdate', node: 'bravo', resource: 'r', peer: 'alpha', current: G0, until: G2 });
-    assert.match(call({ cmd: 'witness.outdate', node: 'alpha', resource: 'r', peer: 'bravo', current: G0, until: G1 }).err?.message ?? '', /alpha is itself outdated/);
-    // Cleared (bravo hears alpha again): alpha may fence again for another resource.
-    call({ cmd: 'witness.clear', node: 'bravo', peer: 'alpha' });
-    assert.ok(call({ cmd: 'witness.outdate', node: 'alpha', resource: 's', peer: 'bravo', current: G0, until: G1 }).reply);
-  } finally {
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+test('a node held dead cannot outdate its peer (its held writes stay held): its peer is taking its work over; once cleared it can again', async (t) => {
+  const { call, clock } = clockedWitness(t);
+  call({ cmd: 'witness.heartbeat', node: 'bravo', generations: {}, inSync: {} });
+  clock.now += 2500;
+  assert.deepEqual(call({ cmd: 'witness.declare', node: 'bravo', peer: 'alpha' }).reply?.declared, { alpha: 'bravo' });
+  // alpha reaches the witness again before bravo wrote: it may not go on without bravo, which is taking its
+  // resources over (else bravo's first write would be refused and both would hold stale roles).
+  const refused = call({ cmd: 'witness.outdate', node: 'alpha', resource: 'r', peer: 'bravo', current: G0, until: G1 });
+  assert.match(refused.err?.message ?? '', /alpha is held dead by bravo: it may not go on without bravo/);
+  assert.equal(isOutdatedRefusal(refused.err), false, 'not the final "outdated" refusal: the write stays held until the witness says which');
+  assert.deepEqual(call({ cmd: 'witness.query', node: 'bravo', resource: 'r', current: G0 }).reply?.outdated, false);
+  // bravo writes: alpha is outdated; alpha's next try is refused as outdated (its held writes fail).
+  call({ cmd: 'witness.outdate', node: 'bravo', resource: 'r', peer: 'alpha', current: G0, until: G2 });
+  assert.match(call({ cmd: 'witness.outdate', node: 'alpha', resource: 'r', peer: 'bravo', current: G0, until: G1 }).err?.message ?? '', /alpha is itself outdated/);
+  // Cleared (bravo hears alpha again): alpha may fence again for another resource.
+  call({ cmd: 'witness.clear', node: 'bravo', peer: 'alpha' });
+  assert.ok(call({ cmd: 'witness.outdate', node: 'alpha', resource: 's', peer: 'bravo', current: G0, until: G1 }).reply);
 });

@@ -127,10 +127,14 @@ test('two nodes, no witness: a failing fence command blocks the takeover and ale
   await until(() => hook.alerts.find((a) => a.event === 'failover-done'), 30_000, () => 'the failover alert');
 });
 
-test('a node cut off from its peer and the witness fences itself: its NBD clients are cut off, no write is acknowledged; its peer takes over; healed, it steps down and resyncs', { skip: iptablesSkip() }, async (t) => {
+/**
+ * alpha Primary of a with the witness, volume pa/v, then cut off from bravo and the witness (its main
+ * address; `secondPath`: the heartbeat's second addresses stay up). `cleanup` heals.
+ */
+async function alphaCutOff(t: { after(fn: () => unknown): void }, secondPath: boolean): Promise<{ c: Cluster; cleanup: Cleanup; cutAt: number }> {
   const cleanup = new Cleanup();
   t.after(() => cleanup.runAll());
-  const c = await makeCluster(t, { witness: true });
+  const c = await makeCluster(t, { witness: true, heartbeatAddresses: secondPath });
   await c.startWitness();
   await c.start('alpha');
   await c.start('bravo');
@@ -139,7 +143,11 @@ test('a node cut off from its peer and the witness fences itself: its NBD client
   const tag = `duet-failover-${process.pid}`;
   await cut(cleanup, ADDRESS.alpha, ADDRESS.bravo, tag);
   await cut(cleanup, ADDRESS.alpha, ADDRESS.witness, tag);
-  const cutAt = Date.now();
+  return { c, cleanup, cutAt: Date.now() };
+}
+
+test('a node cut off from its peer and the witness fences itself: its NBD clients are cut off, no write is acknowledged; its peer takes over; healed, it steps down and resyncs', { skip: iptablesSkip() }, async (t) => {
+  const { c, cleanup, cutAt } = await alphaCutOff(t, false);
   await waitStatus(c, 'bravo', 'bravo takes over', (x) => x.role === 'Primary', 30_000);
   // alpha (asked through its own address, which still works from here) fenced itself first.
   const ev = await events(c, 'alpha');
@@ -160,18 +168,7 @@ test('a node cut off from its peer and the witness fences itself: its NBD client
 });
 
 test('a node whose main address is cut off (its peer link and the witness gone) but heard on the heartbeat\'s second path cannot serve: its held write is never acknowledged, it fences itself and yields; its peer takes over; healed, it steps down and resyncs', { skip: iptablesSkip() }, async (t) => {
-  const cleanup = new Cleanup();
-  t.after(() => cleanup.runAll());
-  const c = await makeCluster(t, { witness: true, heartbeatAddresses: true });
-  await c.startWitness();
-  await c.start('alpha');
-  await c.start('bravo');
-  await waitStatus(c, 'alpha', 'the initial sync', (s) => s.role === 'Primary' && inSync(s), 60_000);
-  assert.equal((await c.duet('alpha', ['vol', 'create', 'pa/v', '--size', '16M'])).code, 0);
-  const tag = `duet-failover-${process.pid}`;
-  await cut(cleanup, ADDRESS.alpha, ADDRESS.bravo, tag);
-  await cut(cleanup, ADDRESS.alpha, ADDRESS.witness, tag);
-  const cutAt = Date.now();
+  const { c, cleanup, cutAt } = await alphaCutOff(t, true);
   // A write on alpha now must wait for the witness (alpha would write without its peer): it is held.
   const w = python('import nbd,sys\nh=nbd.NBD()\ntry:\n  h.connect_uri(sys.argv[1])\n  h.pwrite(b"y"*4096,0)\n  h.flush()\n  print("ok")\nexcept nbd.Error as e:\n  print("error", e)', [c.url('alpha', 'v')], { timeoutMs: 60_000 });
   // bravo still hears alpha on the second path: alpha is not silent, yet it is taken over.

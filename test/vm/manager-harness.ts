@@ -96,7 +96,7 @@ export async function twoNodes(t: AfterContext, options: TwoNodesOptions = {}): 
     poolServer: () => 'alpha',
     exportClients: (name) => server.clientsOf(name),
     // (No pool daemon here: the disks are asked for by their plain names.)
-    poolIncarnations: () => ({}),
+    poolIncarnations: () => undefined,
     call: async (to, request) => {
       if (nodes.drop?.(to, request)) throw new Error(`the duet daemon of node ${to} did not answer`);
       const m = nodes.managers[to];

@@ -13,6 +13,7 @@ import assert from 'node:assert/strict';
 import type { EventRecord } from '../../src/cluster/events.js';
 import type { Cluster } from '../e2e/cluster-harness.js';
 import { consoleOf, guestErrors, ticks, vmCluster, vmList, vmSkip, waitFor, waitTicks } from './vm-harness.js';
+import { qemusUnder } from './manager-harness.js';
 
 async function events(c: Cluster, node: string, since: number): Promise<EventRecord[]> {
   const r = await c.duet(node, ['events', '--json']);
@@ -41,18 +42,34 @@ async function restarted(c: Cluster, on: string, boot: string, since: number): P
   assert.equal(vms[0].state, 'running');
 }
 
-test('a VM on the peer: its disk server restarted gracefully, the guest goes on (same boot); killed -9 and back at once, the guest restarts on the peer', { skip: vmSkip, timeout: 400_000 }, async (t) => {
-  const c = await vmCluster(t, 'prefer: bravo');
-  let seen = await waitTicks(c, 'bravo', 0, 5);
+test('a VM on the peer: its disk server restarted gracefully (twice), the guest goes on (same boot); killed -9 and back at once, the guest restarts on the peer, and its prefer node never starts a second copy', { skip: vmSkip, timeout: 400_000 }, async (t) => {
+  // web prefers alpha (alpha decides where it starts), and is moved to bravo: alpha serves its disk to bravo.
+  const c = await vmCluster(t, 'prefer: alpha');
+  let seen = await waitTicks(c, 'alpha', 0, 3);
+  const m = await c.duet('alpha', ['vm', 'migrate', 'web', '--to', 'bravo'], { timeoutMs: 120_000 });
+  assert.equal(m.code, 0, m.describe());
+  seen = await waitTicks(c, 'bravo', seen[seen.length - 1].n, 3);
   const boot = seen[0].boot;
-  await c.kill('alpha', 'SIGTERM');
-  await c.start('alpha');
-  seen = await waitTicks(c, 'bravo', seen[seen.length - 1].n, 5);
-  assert.deepEqual([...new Set(ticks(await consoleOf(c, 'bravo')).map((x) => x.boot))], [boot], 'one boot: a clean close lets the guest go on');
+  for (let i = 0; i < 2; i++) {
+    await c.kill('alpha', 'SIGTERM');
+    await c.start('alpha');
+    seen = await waitTicks(c, 'bravo', seen[seen.length - 1].n, 5);
+  }
+  assert.deepEqual([...new Set(ticks(await consoleOf(c, 'bravo')).map((x) => x.boot))], [boot], 'one boot: clean closes let the guest go on');
   const killedAt = Date.now();
   await c.kill('alpha', 'SIGKILL');
   await c.start('alpha');
-  await restarted(c, 'bravo', boot, killedAt);
+  // While the guest restarts on bravo, alpha (its prefer node, which decides) must not start one too (review 3 H1).
+  let most = 0;
+  const watch = setInterval(() => (most = Math.max(most, qemusUnder(c.dir).length)), 100);
+  try {
+    await restarted(c, 'bravo', boot, killedAt);
+    await new Promise((r) => setTimeout(r, 5000)); // alpha's autostart has had its rounds
+  } finally {
+    clearInterval(watch);
+  }
+  assert.equal(most, 1, 'never two QEMUs of web');
+  assert.equal(qemusUnder(c.dir).length, 1);
 });
 
 test('a VM beside its disk server: the daemon killed -9 (the QEMU lives on) and back at once: the guest restarts there', { skip: vmSkip, timeout: 300_000 }, async (t) => {
