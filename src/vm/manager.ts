@@ -510,7 +510,8 @@ export class VmManager {
     return this.locked(name, async () => {
       const where = await this.locate(name);
       if (where.node && where.node !== this.host.node) return { vm: name, started: false, skipped: `runs on ${where.node}` };
-      const running = where.node === this.host.node;
+      // (One starting here already, by its autostart, is started by this takeover all the same.)
+      const running = where.node === this.host.node && where.state !== 'starting';
       const info = await this.startHere(name);
       if (targetBytes !== undefined && targetBytes < info.memoryBytes) {
         // The balloon driver loads a moment after boot: a squeeze asked too early is simply repeated by QEMU.
@@ -585,7 +586,10 @@ export class VmManager {
   /** The VMs of the cluster that should run (not stopped by vm stop) and run nowhere now. */
   async lostVms(): Promise<string[]> {
     const all = await this.list();
-    return all.filter((v) => !runsThere(v) && !this.marks[v.name]?.stopped).map((v) => v.name);
+    // One starting here already (its autostart got there first) is still the takeover's to boot and report:
+    // bootHere waits for that start (a fresh-clone run's mail named one VM of two).
+    const startingHere = (v: VmInfo): boolean => v.node === this.host.node && v.state === 'starting' && this.starting.has(v.name);
+    return all.filter((v) => (!runsThere(v) || startingHere(v)) && !this.marks[v.name]?.stopped).map((v) => v.name);
   }
 
   /** The VMs running here, with their memory now (for the memory plan). */
