@@ -307,6 +307,12 @@ export class History {
     if (this.mechanics === 'duet' && n.gi.bitmap === NO_GI) this.duetNewGeneration(n);
     const o = this.nodes[this.other(i)];
     if (n.gi.current === o.gi.current) this.hazards.push(`${n.name} wrote block ${block} without ${o.name} while both had current ${short(n.gi.current)}`);
+    // DRBD: a write under a generation the peer knows already (as its bitmap or history: a resync end the
+    // source never recorded left this node's UUIDs unbumped) is recorded by no UUID either (note 9; seed
+    // -500593096 found it with the peer promoted meanwhile, so the currents differed).
+    else if (this.mechanics === 'drbd' && n.gi.current !== NO_GI && [o.gi.bitmap, ...o.gi.history].includes(n.gi.current)) {
+      this.hazards.push(`${n.name} wrote block ${block} without ${o.name} under ${short(n.gi.current)}, a generation ${o.name} already holds`);
+    }
     return undefined;
   }
 
