@@ -563,15 +563,9 @@ export class VmManager {
           if (!vm || vm.incoming) return { vm: name, restarted: false, err: 'no longer runs here' };
           // Its disks must be served here now (a promotion that failed leaves them nowhere: it stays paused).
           if (!this.servesEveryDisk(name)) return { vm: name, restarted: false, err: 'its disks are not served here (not taken over)' };
-          this.restarting.add(name);
-          try {
-            vm.stopping = true;
-            await vm.qemu.kill();
-            this.host.log.warn({ event: 'vm-restarting', vm: name, servedBy: node, why }, `vm ${name}: its disks were served by ${node} (${why}): writes it had not flushed may be lost with it: restarting the guest on ${this.host.node}, as after a crash of its disk`);
-            await this.startHere(name);
-          } finally {
-            this.restarting.delete(name);
-          }
+          await this.killAndBoot(vm, () =>
+            this.host.log.warn({ event: 'vm-restarting', vm: name, servedBy: node, why }, `vm ${name}: its disks were served by ${node} (${why}): writes it had not flushed may be lost with it: restarting the guest on ${this.host.node}, as after a crash of its disk`),
+          );
           return { vm: name, restarted: true };
         });
         out.push(done);
@@ -917,16 +911,21 @@ export class VmManager {
       if (this.local.get(name) !== vm || vm.incoming) return;
       // Where its disks are served now, before it is killed: if they are served nowhere it stays paused.
       await this.endpoints(name);
-      this.restarting.add(name);
-      try {
-        vm.stopping = true;
-        await vm.qemu.kill();
-        this.host.log.warn({ event: 'vm-restarting', vm: name, why, ...fields }, `vm ${name}: ${why}: restarting the guest on ${this.host.node}, as after a crash of its disk`);
-        await this.startHere(name);
-      } finally {
-        this.restarting.delete(name);
-      }
+      await this.killAndBoot(vm, () => this.host.log.warn({ event: 'vm-restarting', vm: name, why, ...fields }, `vm ${name}: ${why}: restarting the guest on ${this.host.node}, as after a crash of its disk`));
     });
+  }
+
+  /** Under the VM's lock: kill this copy and boot the guest again here, reported as starting all along (localInfos); `said` logs why, once it is dead. */
+  private async killAndBoot(vm: LocalVm, said: () => void): Promise<void> {
+    this.restarting.add(vm.name);
+    try {
+      vm.stopping = true;
+      await vm.qemu.kill();
+      said();
+      await this.startHere(vm.name);
+    } finally {
+      this.restarting.delete(vm.name);
+    }
   }
 
   /** The VM's record beside its QEMU: what it runs with and, on a migration's destination, where from and until when. */
