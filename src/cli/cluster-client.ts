@@ -6,8 +6,8 @@
 import type { Command } from 'commander';
 import type { Readable, Writable } from 'node:stream';
 import { ClusterConfig, loadClusterConfig, loadSecret, nodeOf } from '../cluster/config.js';
-import { signRequest } from '../cluster/api-auth.js';
-import { callAdmin } from '../volume/admin-socket.js';
+import { callApi, type ApiTarget } from '../api/client.js';
+import { apiTargetOf } from '../api/target.js';
 import type { NodeCommand } from '../cluster/node.js';
 import { UserError } from '../util/errors.js';
 
@@ -31,10 +31,11 @@ export function requireCluster(cmd: Command): ClusterTarget {
   return t;
 }
 
+/** How to reach the node's API (address, token, CA). */
+export function nodeTarget(t: ClusterTarget, node = t.node): ApiTarget {
+  return apiTargetOf(t.config, node, loadSecret(t.config), `the duet daemon of node ${node} (is \`duet node run --node ${node}\` running?)`);
+}
+
 export async function callNode(t: ClusterTarget, request: NodeCommand, io: { input?: Readable; output?: Writable; timeoutMs?: number } = {}, node = t.node): Promise<unknown> {
-  const secret = loadSecret(t.config);
-  return callAdmin({ host: t.config.nodes[node].address, port: t.config.api.port }, signRequest(secret, request), {
-    ...io,
-    what: `the duet daemon of node ${node} (is \`duet node run --node ${node}\` running?)`,
-  });
+  return callApi(nodeTarget(t, node), request as NodeCommand & Record<string, unknown>, io);
 }

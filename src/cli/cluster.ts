@@ -6,10 +6,11 @@ import type { Command } from 'commander';
 import type { ClusterStatus, FenceTestReport } from '../cluster/status.js';
 import { formatEvent, type EventRecord } from '../cluster/events.js';
 import { UserError } from '../util/errors.js';
-import { callNode, requireCluster } from './cluster-client.js';
+import { followEvents } from '../api/client.js';
+import { callNode, nodeTarget, requireCluster } from './cluster-client.js';
 import { print } from './pool.js';
-
-const FOLLOW_EVERY_MS = 500;
+import { ProgressView, withProgress } from './progress.js';
+import type { NodeStatus } from '../cluster/node.js';
 
 export function registerCluster(program: Command): void {
   const cluster = program.command('cluster').description('the cluster as a whole: nodes, quorum, roles, VMs');
@@ -54,12 +55,18 @@ export function registerCluster(program: Command): void {
         since = Math.max(since, last);
       }
       if (!options.follow) return;
-      for (;;) {
-        await new Promise((resolve) => setTimeout(resolve, FOLLOW_EVERY_MS));
-        const more = (await callNode(t, { cmd: 'events.list', since })) as { events: EventRecord[]; lastSeq: number };
-        for (const r of more.events) show(r);
-        since = more.events.at(-1)?.seq ?? since;
-      }
+      // New records as server-sent events; a dropped stream is picked up again where it stopped.
+      let gap = false;
+      await followEvents(nodeTarget(t), since, (r) => {
+        if (gap) process.stderr.write(`duet: events: connected to node ${t.node} again\n`);
+        gap = false;
+        show(r as unknown as EventRecord);
+      }, {
+        onGap: (why) => {
+          if (!gap) process.stderr.write(`duet: events: ${why}; trying again every second\n`);
+          gap = true;
+        },
+      });
     });
 
   const node = program.commands.find((c) => c.name() === 'node') ?? program.command('node');
@@ -69,7 +76,7 @@ export function registerCluster(program: Command): void {
     .argument('<node>')
     .action(async (name: string, _o: unknown, cmd: Command) => {
       const t = requireCluster(cmd);
-      const r = await withProgress(t, name, callNode(t, { cmd: 'node.drain', node: name }, { timeoutMs: 24 * 3600_000 }) as Promise<{ message: string }>);
+      const r = await resyncProgress(t, name, 'drain', callNode(t, { cmd: 'node.drain', node: name }, { timeoutMs: 24 * 3600_000 }) as Promise<{ message: string }>);
       process.stdout.write(`${r.message}\n`);
     });
   node
@@ -78,7 +85,7 @@ export function registerCluster(program: Command): void {
     .argument('<node>')
     .action(async (name: string, _o: unknown, cmd: Command) => {
       const t = requireCluster(cmd);
-      const r = await withProgress(t, name, callNode(t, { cmd: 'node.rejoin', node: name }, { timeoutMs: 24 * 3600_000 }) as Promise<{ message: string }>);
+      const r = await resyncProgress(t, name, 'rejoin', callNode(t, { cmd: 'node.rejoin', node: name }, { timeoutMs: 24 * 3600_000 }) as Promise<{ message: string }>);
       process.stdout.write(`${r.message}\n`);
     });
 
@@ -97,41 +104,16 @@ export function registerCluster(program: Command): void {
 }
 
 /**
- * While a long node command runs, the resyncs of NODE's resources as lines on stderr (stdout keeps the
- * result alone): one line per resource every few seconds while a resync runs.
+ * While a long node command runs (drain, rejoin), the resyncs of NODE's
+ * resources as one progress view on stderr (stdout keeps the result alone).
  */
-async function withProgress<T>(t: ReturnType<typeof requireCluster>, node: string, work: Promise<T>): Promise<T> {
-  let done = false;
-  const watch = (async () => {
-    let last = 0;
-    while (!done) {
-      await new Promise((r) => setTimeout(r, 1000));
-      if (done || Date.now() - last < 3000) continue;
-      try {
-        const s = (await callNode(t, { cmd: 'resource.status' }, { timeoutMs: 5000 }, node)) as { resources: { name: string; peers: { resync: { doneBytes: number; totalBytes: number; rateBytesPerSec: number } | null }[] }[] };
-        for (const r of s.resources) {
-          const rs = r.peers[0]?.resync;
-          if (!rs || rs.totalBytes === 0) continue;
-          last = Date.now();
-          const pct = Math.floor((100 * rs.doneBytes) / rs.totalBytes);
-          const eta = rs.rateBytesPerSec > 0 ? Math.ceil((rs.totalBytes - rs.doneBytes) / rs.rateBytesPerSec) : undefined;
-          process.stderr.write(`resource ${r.name} on ${node}: resync ${pct}% (${mib(rs.doneBytes)} of ${mib(rs.totalBytes)} MiB, ${mib(rs.rateBytesPerSec)} MiB/s${eta !== undefined ? `, ${eta} s left` : ''})\n`);
-        }
-      } catch {
-        // The node is busy or restarting: the command itself reports what matters.
-      }
-    }
-  })();
-  try {
-    return await work;
-  } finally {
-    done = true;
-    await watch;
-  }
-}
-
-function mib(bytes: number): string {
-  return (bytes / 1048576).toFixed(1);
+function resyncProgress<T>(t: ReturnType<typeof requireCluster>, node: string, what: string, work: Promise<T>): Promise<T> {
+  return withProgress(ProgressView.for(`${what} ${node}: resync`), work, async () => {
+    const s = (await callNode(t, { cmd: 'resource.status' }, { timeoutMs: 5000 }, node)) as NodeStatus;
+    const running = s.resources.map((r) => r.peers[0]?.resync).filter((r) => r && r.totalBytes > 0);
+    if (running.length === 0) return undefined;
+    return { done: running.reduce((a, r) => a + r!.doneBytes, 0), total: running.reduce((a, r) => a + r!.totalBytes, 0), rate: running.reduce((a, r) => a + r!.rateBytesPerSec, 0) };
+  });
 }
 
 function formatStatus(s: ClusterStatus): string {

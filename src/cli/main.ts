@@ -12,6 +12,8 @@ import { registerVol } from './vol.js';
 import { registerNode, registerResource, registerWitness } from './resource.js';
 import { registerVm } from './vm.js';
 import { registerCluster } from './cluster.js';
+import { registerApi } from './api.js';
+import { registerDoctor } from './doctor.js';
 
 export async function main(argv: string[]): Promise<void> {
   const program = new Command();
@@ -32,6 +34,8 @@ export async function main(argv: string[]): Promise<void> {
   registerWitness(program);
   registerVm(program);
   registerCluster(program);
+  registerApi(program);
+  registerDoctor(program);
   registerDemo(program);
   try {
     await program.parseAsync(argv, { from: 'user' });

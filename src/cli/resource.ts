@@ -17,6 +17,7 @@ import { UserError } from '../util/errors.js';
 import { formatSize } from '../util/size.js';
 import { resolveHome } from '../volume/registry.js';
 import { callNode, requireCluster } from './cluster-client.js';
+import { ProgressView, withProgress } from './progress.js';
 import { print } from './pool.js';
 
 export function registerNode(program: Command): void {
@@ -112,6 +113,41 @@ export function registerResource(program: Command): void {
     });
 
   res
+    .command('wait-sync')
+    .description('wait until the resource is connected and both disks are UpToDate, showing the resync (like drbdsetup wait-sync)')
+    .argument('<resource>')
+    .option('--timeout <seconds>', 'give up after this long (exit 1)', (v) => {
+      const n = Number(v);
+      if (!Number.isFinite(n) || n <= 0) throw new UserError(`--timeout ${v}: give a number of seconds`);
+      return n;
+    })
+    .option('--json', 'print the final status as JSON (no progress)')
+    .action(async (name: string, options: { timeout?: number; json?: boolean }, cmd: Command) => {
+      const t = requireCluster(cmd);
+      const deadline = options.timeout === undefined ? Infinity : Date.now() + options.timeout * 1000;
+      const view = ProgressView.for(`resource ${name} on ${t.node}: resync`, { json: options.json });
+      try {
+        for (;;) {
+          const s = ((await callNode(t, { cmd: 'resource.status', resource: name }, { timeoutMs: 10_000 })) as NodeStatus).resources[0];
+          const p = s.peers[0];
+          if (s.disk === 'UpToDate' && p?.disk === 'UpToDate' && p.connection === 'Connected' && !p.resync) {
+            view.stop();
+            print(options.json === true, s, () => `resource ${name}: in sync with ${p.node} (${s.role} on ${t.node})\n`);
+            return;
+          }
+          if (s.down) throw new UserError(`resource ${name} is down on ${t.node}: ${s.down}`, 1);
+          if (p?.resync && p.resync.totalBytes > 0) view.update({ done: p.resync.doneBytes, total: p.resync.totalBytes, rate: p.resync.rateBytesPerSec });
+          if (Date.now() > deadline) {
+            throw new UserError(`resource ${name}: not in sync after ${options.timeout} s (${s.disk}, peer ${p?.node ?? '?'} ${p?.connection ?? 'StandAlone'} ${p?.disk ?? ''}${p?.resync ? `, resync ${Math.floor((100 * p.resync.doneBytes) / Math.max(1, p.resync.totalBytes))}%` : ''})`, 1);
+          }
+          await new Promise((r) => setTimeout(r, 500));
+        }
+      } finally {
+        view.stop();
+      }
+    });
+
+  res
     .command('primary')
     .description('make the resource Primary on this node (its pools open and their volumes are exported here)')
     .argument('<resource>')
@@ -159,28 +195,16 @@ export function registerResource(program: Command): void {
     .option('--json', 'machine-readable output')
     .action(async (name: string, options: { json?: boolean }, cmd: Command) => {
       const t = requireCluster(cmd);
-      const showProgress = process.stderr.isTTY || process.env.DUET_PROGRESS === '1';
-      const timer = showProgress
-        ? setInterval(() => {
-            void callNode(t, { cmd: 'resource.status', resource: name }).then(
-              (s) => {
-                const v = (s as NodeStatus).resources[0]?.peers[0]?.verify;
-                if (v?.running) process.stderr.write(`verify ${name}: ${percent(v.doneBytes, v.totalBytes)} (${formatSize(v.doneBytes)} of ${formatSize(v.totalBytes)}), ${formatSize(v.outOfSyncBytes)} out of sync\n`);
-              },
-              () => undefined,
-            );
-          }, 1000)
-        : undefined;
-      try {
-        const v = (await callNode(t, { cmd: 'resource.verify', resource: name })) as VerifyProgress & { resource: string };
-        print(options.json === true, v, () =>
-          v.outOfSyncBytes === 0
-            ? `resource ${name}: verified ${formatSize(v.totalBytes)}, no difference\n`
-            : `resource ${name}: ${formatSize(v.outOfSyncBytes)} out of sync, marked for resync:\n${v.ranges.map((r) => `  ${r.offset}+${r.length}\n`).join('')}`,
-        );
-      } finally {
-        if (timer) clearInterval(timer);
-      }
+      const work = callNode(t, { cmd: 'resource.verify', resource: name }) as Promise<VerifyProgress & { resource: string }>;
+      const v = await withProgress(ProgressView.for(`verify ${name}`, { json: options.json }), work, async () => {
+        const p = ((await callNode(t, { cmd: 'resource.status', resource: name }, { timeoutMs: 5000 })) as NodeStatus).resources[0]?.peers[0]?.verify;
+        return p?.running ? { done: p.doneBytes, total: p.totalBytes, note: `${formatSize(p.outOfSyncBytes)} out of sync` } : undefined;
+      });
+      print(options.json === true, v, () =>
+        v.outOfSyncBytes === 0
+          ? `resource ${name}: verified ${formatSize(v.totalBytes)}, no difference\n`
+          : `resource ${name}: ${formatSize(v.outOfSyncBytes)} out of sync, marked for resync:\n${v.ranges.map((r) => `  ${r.offset}+${r.length}\n`).join('')}`,
+      );
     });
 
   res

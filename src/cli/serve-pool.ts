@@ -4,7 +4,7 @@
  */
 import type { Command } from 'commander';
 import { NbdServer } from '../nbd/server.js';
-import { AdminServer } from '../volume/admin-socket.js';
+import { AdminServer } from '../api/line-socket.js';
 import { PoolExports } from '../volume/exports.js';
 import { holdPool } from '../volume/session.js';
 import { runCommand } from '../volume/service.js';

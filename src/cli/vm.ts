@@ -8,6 +8,7 @@ import type { ConsoleChunk } from '../vm/console.js';
 import { formatSize, parseSize } from '../util/size.js';
 import { UserError } from '../util/errors.js';
 import { callNode, requireCluster } from './cluster-client.js';
+import { ProgressView, withProgress } from './progress.js';
 import { print } from './pool.js';
 
 const LONG_MS = 180_000;
@@ -51,7 +52,12 @@ export function registerVm(program: Command): void {
     .requiredOption('--to <node>', 'the node to move it to')
     .action(async (name: string, options: { to: string }, cmd: Command) => {
       const t = requireCluster(cmd);
-      const r = (await callNode(t, { cmd: 'vm.migrate', vm: name, to: options.to }, { timeoutMs: 11 * 60_000 })) as { message: string };
+      const work = callNode(t, { cmd: 'vm.migrate', vm: name, to: options.to }, { timeoutMs: 11 * 60_000 }) as Promise<{ message: string }>;
+      const r = await withProgress(ProgressView.for(`migrate ${name} to ${options.to}`), work, async () => {
+        const m = ((await callNode(t, { cmd: 'vm.list' }, { timeoutMs: 5000 })) as { vms: VmInfo[] }).vms.find((v) => v.name === name)?.migration;
+        // RAM the guest rewrites goes again: the total is the guest's RAM, what was sent may pass it.
+        return m ? { done: m.transferredBytes, total: m.totalBytes, rate: m.rateBytesPerSec } : undefined;
+      });
       process.stdout.write(`${r.message}\n`);
     });
 

@@ -1,4 +1,6 @@
 /** `duet vol ...`: thin volumes, snapshots, clones, diffs, send/receive. */
+import fs from 'node:fs';
+import { Transform, Writable } from 'node:stream';
 import type { Command } from 'commander';
 import type { VolumeInfo } from '../volume/service.js';
 import type { Range } from '../volume/operations.js';
@@ -6,6 +8,7 @@ import type { ReceiveResult, SendResult } from '../volume/stream.js';
 import { UserError } from '../util/errors.js';
 import { formatSize } from '../util/size.js';
 import { poolCommand, print, sizeOption } from './pool.js';
+import { ProgressView } from './progress.js';
 
 /** POOL/VOL → [pool, vol]. */
 export function parseVolumePath(text: string): [string, string] {
@@ -121,7 +124,19 @@ export function registerVol(program: Command): void {
       if (process.stdout.isTTY) throw new UserError('send writes a binary stream: redirect stdout to a file or a pipe');
       const [pool, name] = parseVolumePath(source);
       const from = options.from === undefined ? undefined : samePool(source, options.from)[2];
-      const r = (await poolCommand(cmd, pool, { cmd: 'vol.send', name, from }, { output: process.stdout })) as SendResult;
+      const view = ProgressView.for(`send ${pool}/${name}`);
+      // What the stream will roughly hold (its data; headers add a little): the snapshot's, or the changes since --from.
+      const total = await (from === undefined
+        ? (poolCommand(cmd, pool, { cmd: 'vol.list' }) as Promise<{ name: string; usedBytes: number }[]>).then((l) => l.find((v) => v.name === name)?.usedBytes)
+        : (poolCommand(cmd, pool, { cmd: 'vol.diff', old: from, new: name }) as Promise<Range[]>).then((rs) => rs.reduce((n, x) => n + x.length, 0))
+      ).catch(() => undefined);
+      const out = new Counting(process.stdout, (n) => view.update({ done: n, total }));
+      let r: SendResult;
+      try {
+        r = (await poolCommand(cmd, pool, { cmd: 'vol.send', name, from }, { output: out })) as SendResult;
+      } finally {
+        view.stop();
+      }
       await new Promise<void>((resolve) => process.stdout.write('', () => resolve()));
       process.stderr.write(`sent ${pool}/${name}${from ? ` (incremental from ${from})` : ''}: ${r.records} record(s), ${formatSize(r.dataBytes)} of data\n`);
     });
@@ -133,7 +148,47 @@ export function registerVol(program: Command): void {
     .action(async (target: string, _o: unknown, cmd: Command) => {
       if (process.stdin.isTTY) throw new UserError('receive reads a stream: redirect stdin from a file or a pipe');
       const [pool, name] = parseVolumePath(target);
-      const r = (await poolCommand(cmd, pool, { cmd: 'vol.receive', name }, { input: process.stdin })) as ReceiveResult;
+      const view = ProgressView.for(`receive ${pool}/${name}`);
+      let total: number | undefined;
+      try {
+        const st = fs.fstatSync(0);
+        if (st.isFile()) total = st.size;
+      } catch {
+        // Unknown: the bytes and the rate alone.
+      }
+      let received = 0;
+      const input = process.stdin.pipe(
+        new Transform({
+          transform(chunk: Buffer, _enc, done) {
+            received += chunk.length;
+            view.update({ done: received, total });
+            done(null, chunk);
+          },
+        }),
+      );
+      let r: ReceiveResult;
+      try {
+        r = (await poolCommand(cmd, pool, { cmd: 'vol.receive', name }, { input })) as ReceiveResult;
+      } finally {
+        view.stop();
+      }
       process.stdout.write(`received ${pool}/${r.volume}${r.incremental ? ' (incremental)' : ''}: ${r.records} record(s), ${formatSize(r.dataBytes)} of data\n`);
     });
+}
+
+/** Passes a send stream on to `target` (stdout), with its backpressure, counting the bytes. */
+class Counting extends Writable {
+  private bytes = 0;
+  constructor(
+    private readonly target: NodeJS.WritableStream,
+    private readonly onBytes: (total: number) => void,
+  ) {
+    super();
+  }
+  override _write(chunk: Buffer, _enc: BufferEncoding, done: (err?: Error | null) => void): void {
+    this.bytes += chunk.length;
+    this.onBytes(this.bytes);
+    if (this.target.write(chunk)) done();
+    else this.target.once('drain', () => done());
+  }
 }

@@ -114,8 +114,15 @@ const schema = z
       .record(z.object({ devices: z.array(z.string()).min(1, 'name at least one resource'), 'chunk-size': size.optional() }).strict())
       .default({}),
     exports: z.object({ port: port.default(10809) }).strict().default({ port: 10809 }),
-    /** The node daemon's admin API (what `duet --config F --node N ...` talks to), at each node's address. */
-    api: z.object({ port: port.default(7800) }).strict().default({ port: 7800 }),
+    /**
+     * The node daemon's HTTP API and dashboard (what `duet --config F --node N ...` talks to), at each
+     * node's address. tls: false (plain HTTP) only when every node's address is a loopback one.
+     * metricsToken: /metrics needs the API token too (default: open, as Prometheus scrapes usually are).
+     */
+    api: z
+      .object({ port: port.default(7800), tls: z.boolean().default(true), metricsToken: z.boolean().default(false) })
+      .strict()
+      .default({ port: 7800, tls: true, metricsToken: false }),
     vms: z
       .record(
         z
@@ -280,6 +287,10 @@ function crossCheck(c: ClusterConfig, problem: (path: (string | number)[], messa
   const ports = new Map<number, string>([[c.exports.port, 'exports.port']]);
   if (ports.has(c.api.port)) problem(['api', 'port'], `port ${c.api.port} is already used by exports.port; give the API its own port`);
   ports.set(c.api.port, 'api.port');
+  if (!c.api.tls) {
+    const open = Object.entries(c.nodes).filter(([, node]) => !isLoopback(node.address));
+    if (open.length) problem(['api', 'tls'], `plain HTTP is only for loopback addresses, and node ${open[0][0]} is at ${open[0][1].address}: remove tls: false (the API then uses TLS with the cluster's own CA)`);
+  }
   if (ports.has(c.membership.heartbeatPort)) problem(['cluster', 'heartbeatPort'], `port ${c.membership.heartbeatPort} is already used by ${ports.get(c.membership.heartbeatPort)}; give the heartbeat its own port`);
   ports.set(c.membership.heartbeatPort, 'cluster.heartbeatPort');
   if (c.membership.selfFenceMs >= c.membership.deadTimeMs * 4) problem(['cluster', 'selfFence'], `${c.membership.selfFenceMs}ms is long next to deadTime (${c.membership.deadTimeMs}ms): a lost node's VMs would be down for both; keep selfFence under 4 × deadTime`);
@@ -333,6 +344,20 @@ function crossCheck(c: ClusterConfig, problem: (path: (string | number)[], messa
       problem(['vms', v, 'minMemory'], `${vm.minMemory} is more than memory (${vm.memory}): the floor must be at most the boot size`);
     }
   }
+}
+
+/** 127.0.0.0/8 or ::1: traffic that never leaves the machine. */
+export function isLoopback(a: string): boolean {
+  return net.isIPv4(a) ? a.startsWith('127.') : a === '::1';
+}
+
+/**
+ * Where the cluster CA's certificate is kept: beside the secret file, named after it (SECRET.ca.pem), so
+ * two clusters' secrets in one directory keep their own; for an inline secret, beside the cluster file.
+ */
+export function caFileOf(c: ClusterConfig): string {
+  const base = c.secret.file !== undefined ? path.resolve(path.dirname(c.file), c.secret.file) : path.resolve(c.file);
+  return `${base}.ca.pem`;
 }
 
 /** The cluster secret (file relative to the cluster file, or inline), as bytes. */

@@ -274,7 +274,16 @@ function tapLine(log: Logger, events: EventLog, level: Level, bindings: Record<s
   const [obj, msg, ...rest] = args;
   if (typeof obj !== 'object' || obj === null || events.closed) return;
   const { event, msg: objMsg, ...fields } = obj as Record<string, unknown>;
-  if (typeof event !== 'string' || !RECORDED_EVENTS.has(event)) return;
+  if (typeof event !== 'string') return;
+  // Every named line, recorded or not, for whoever counts them (the metrics: alerts sent, role changes).
+  if (events.listenerCount('line') > 0) {
+    try {
+      events.emit('line', event, { ...bindings, ...fields });
+    } catch {
+      // A counter's failure must not fail the caller's log line.
+    }
+  }
+  if (!RECORDED_EVENTS.has(event)) return;
   const message = typeof msg === 'string' ? format(msg, ...rest) : typeof objMsg === 'string' ? objMsg : event;
   try {
     events.record(event, { ...bindings, ...fields }, message, level);

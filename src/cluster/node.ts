@@ -28,24 +28,24 @@ import { Connector } from '../replication/connector.js';
 import { restoreBlocks } from '../replication/split-brain.js';
 import { Resource, ResourceStatus } from '../replication/resource.js';
 import type { Logger } from '../util/log.js';
-import { UserError } from '../util/errors.js';
+import { NotFoundError, UserError } from '../util/errors.js';
 import { formatSize, parseSize } from '../util/size.js';
 import { layoutFor } from '../replication/meta.js';
-import { AdminServer } from '../volume/admin-socket.js';
 import { PoolIncarnations, type PoolIncarnation } from './pool-incarnations.js';
 import { PoolExports } from '../volume/exports.js';
 import { Pool, readBestSuperblock } from '../volume/pool.js';
 import { Registry } from '../volume/registry.js';
-import { Command as PoolCommand, runCommand } from '../volume/service.js';
-import { verifyRequest } from './api-auth.js';
+import { Command as PoolCommand, poolInfo, runCommand } from '../volume/service.js';
 import { ClusterConfig, loadSecret, nodeOf } from './config.js';
 import type { Readable, Writable } from 'node:stream';
 import { DEFAULT_WITNESS_PORT, WitnessClient } from './witness.js';
 import { Quorum } from './quorum.js';
 import { LoopDelayMonitor, type LoopDelayStatus } from '../util/loop-delay.js';
 import { VmManager, type VmCommand, type VmHost } from '../vm/manager.js';
-import { callAdmin } from '../volume/admin-socket.js';
-import { signRequest } from './api-auth.js';
+import { callApi } from '../api/client.js';
+import type { MetricsSource } from '../api/metrics.js';
+import { apiTargetOf } from '../api/target.js';
+import { startApi, type NodeApi } from '../api/node-api.js';
 import { handover, type HandoverHost } from './handover.js';
 import { EventLog, tapEvents } from './events.js';
 import { ClusterManager, type ClusterHost } from './manager.js';
@@ -72,8 +72,21 @@ export type NodeCommand =
   | { cmd: 'node.drain'; node: string }
   | { cmd: 'cluster.fence-test'; node: string }
   | { cmd: 'events.list'; since?: number; limit?: number; tail?: number }
+  | { cmd: 'pools.list' }
   | VmCommand
   | (PoolCommand & { pool: string });
+
+/** A pool in GET /api/v1/pools: its usage when it is open on this node. */
+export interface PoolListEntry {
+  name: string;
+  resources: string[];
+  open: boolean;
+  node?: string;
+  sizeBytes?: number;
+  usedBytes?: number;
+  usedPercent?: number;
+  volumes?: number;
+}
 
 /** What `resource status` shows of each resource: a down one is Secondary, Diskless, StandAlone, with `down` saying why. */
 export type NodeResourceStatus = ResourceStatus & { lastRefusal: string | null; standAlone: boolean; quorum: boolean; down: string | null };
@@ -117,7 +130,7 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
   /** Which open of each pool this node serves, and how the last one ended (pool-incarnations.ts). */
   private readonly incarnations: PoolIncarnations;
   private nbd: NbdServer | undefined;
-  private api: AdminServer | undefined;
+  private api: NodeApi | undefined;
   private stopping = false;
   /** One pool/role change at a time. */
   private chain: Promise<unknown> = Promise.resolve();
@@ -208,14 +221,10 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
     });
   }
 
-  /** Ask another node's daemon (signed like the CLI's requests). */
+  /** Ask another node's daemon, through its API like the CLI. */
   call(node: string, request: NodeCommand, timeoutMs = 10_000): Promise<unknown> {
-    const target = this.config.nodes[node];
-    if (!target) return Promise.reject(new UserError(`no node named ${node} in ${this.config.file}`));
-    return callAdmin({ host: target.address, port: this.config.api.port, localAddress: this.address }, signRequest(this.secret, request), {
-      timeoutMs,
-      what: `the duet daemon of node ${node}`,
-    });
+    if (!this.config.nodes[node]) return Promise.reject(new NotFoundError(`no node named ${node} in ${this.config.file}`));
+    return callApi(apiTargetOf(this.config, node, this.secret, `the duet daemon of node ${node}`, this.address), request as NodeCommand & Record<string, unknown>, { timeoutMs });
   }
 
   /* -------------------------------------------------------------- quorum */
@@ -333,9 +342,7 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
       throw new UserError(`node ${this.node}: cannot serve NBD on ${this.address}:${this.config.exports.port} (${(err as Error).message})`);
     }
     try {
-      this.api = await AdminServer.listen<NodeCommand>({ host: this.address, port: this.config.api.port }, (c, io) => this.handle(c, io), this.log, {
-        authorize: (request) => verifyRequest(this.secret, request),
-      });
+      this.api = await startApi(this);
     } catch (err) {
       throw new UserError(`node ${this.node}: cannot open the API on ${this.address}:${this.config.api.port} (${(err as Error).message})`);
     }
@@ -439,7 +446,7 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
     if (!e) {
       const down = name !== undefined ? this.down.get(name) : undefined;
       if (down) throw new UserError(`resource ${down.name} is down on ${this.node}: ${down.reason}`, 1);
-      throw new UserError(`no resource ${name ?? ''} on node ${this.node} (resources here: ${this.resourceNames().join(', ') || 'none'})`);
+      throw new NotFoundError(`no resource ${name ?? ''} on node ${this.node} (resources here: ${this.resourceNames().join(', ') || 'none'})`);
     }
     return e;
   }
@@ -462,8 +469,11 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
     };
   }
 
-  private async handle(c: NodeCommand, io: { input?: Readable; output?: Writable }): Promise<unknown> {
+  /** Run a command of the API (src/api/routes.ts names each route's command). */
+  async handle(c: NodeCommand, io: { input?: Readable; output?: Writable }): Promise<unknown> {
     switch (c.cmd) {
+      case 'pools.list':
+        return this.poolList();
       case 'vm.list':
       case 'vm.local':
       case 'vm.incarnations':
@@ -488,7 +498,7 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
       case 'cluster.status':
         return clusterStatus(this);
       case 'cluster.set-drained':
-        if (!this.config.nodes[c.node]) throw new UserError(`no node named ${c.node} in ${this.config.file}`);
+        if (!this.config.nodes[c.node]) throw new NotFoundError(`no node named ${c.node} in ${this.config.file}`);
         this.cluster.setDrained(c.node, c.drained === true);
         return { node: c.node, drained: c.drained === true };
       case 'node.rejoin':
@@ -581,7 +591,7 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
       case 'resource.verify': {
         const e = this.entry(c.resource);
         const peer = e.resource.peer;
-        if (!peer) throw new UserError(`resource ${e.name} is not connected to ${e.peerNode}: nothing to verify against`);
+        if (!peer) throw new UserError(`resource ${e.name} is not connected to ${e.peerNode}: nothing to verify against`, 1);
         let v;
         try {
           v = await peer.runVerify();
@@ -597,8 +607,8 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
       default: {
         const open = this.pools.get(c.pool);
         if (!open) {
-          if (!this.config.pools[c.pool]) throw new UserError(`no pool ${c.pool} in ${this.config.file} (pools: ${Object.keys(this.config.pools).join(', ') || 'none'})`);
-          throw new UserError(`pool ${c.pool} is not open on ${this.node}: its resources (${this.config.pools[c.pool].devices.join(', ')}) are not Primary here`);
+          if (!this.config.pools[c.pool]) throw new NotFoundError(`no pool ${c.pool} in ${this.config.file} (pools: ${Object.keys(this.config.pools).join(', ') || 'none'})`);
+          throw new UserError(`pool ${c.pool} is not open on ${this.node}: its resources (${this.config.pools[c.pool].devices.join(', ')}) are not Primary here`, 1);
         }
         if (c.cmd === 'pool.extend') throw new UserError(`pool ${c.pool} is on replicated resources: add a resource to pools.${c.pool}.devices in ${this.config.file} instead`);
         return runCommand(
@@ -621,6 +631,32 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
     const run = this.chain.then(fn);
     this.chain = run.catch(() => undefined);
     return run;
+  }
+
+  /** What GET /metrics reads, at scrape time. */
+  metricsSource(): MetricsSource {
+    return {
+      node: this.node,
+      exports: () => this.nbd?.byExport ?? new Map(),
+      resources: () =>
+        this.status().resources.map((r) => ({
+          ...r,
+          peers: r.peers.map((p) => ({ ...p, inFlight: this.resources.get(r.name)?.resource.peer?.inFlight() ?? { writes: 0, bytes: 0 } })),
+        })),
+      pools: () => this.poolList(),
+      vms: () => this.vms.localInfos(),
+      lines: this.events,
+    };
+  }
+
+  /** The cluster file's pools: where each is open here, its usage. */
+  private poolList(): PoolListEntry[] {
+    return Object.entries(this.config.pools).map(([name, p]) => {
+      const open = this.pools.get(name);
+      if (!open) return { name, resources: p.devices, open: false };
+      const info = poolInfo({ pool: open.pool, registry: new Registry(this.home), devicePaths: open.resources.map((r) => `resource:${r}`), pid: process.pid });
+      return { name, resources: p.devices, open: true, node: this.node, sizeBytes: info.sizeBytes, usedBytes: info.usedBytes, usedPercent: info.usedPercent, volumes: info.volumes };
+    });
   }
 
   /** Graceful stop: no new connections, in-flight I/O finishes, pools and resources close cleanly. */

@@ -20,7 +20,7 @@
  * a resource not in sync (the peer's copy would be old), or the VMs not
  * fitting the peer's vmMemory even at their minMemory.
  */
-import { UserError } from '../util/errors.js';
+import { NotFoundError, UserError } from '../util/errors.js';
 import { parseSize } from '../util/size.js';
 import type { NodeResourceStatus, NodeStatus } from './node.js';
 import type { NodeDaemon } from './node.js';
@@ -65,7 +65,7 @@ function peerOf(d: NodeDaemon, node: string): string {
 }
 
 function checkNode(d: NodeDaemon, node: string, what: string): void {
-  if (!d.config.nodes[node]) throw new UserError(`${what} ${node}: no node named ${node} in ${d.config.file} (nodes: ${Object.keys(d.config.nodes).join(', ')})`);
+  if (!d.config.nodes[node]) throw new NotFoundError(`${what} ${node}: no node named ${node} in ${d.config.file} (nodes: ${Object.keys(d.config.nodes).join(', ')})`);
 }
 
 export async function rejoin(d: NodeDaemon, node: string): Promise<MoveResult> {

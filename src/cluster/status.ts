@@ -3,7 +3,7 @@
  * (what a takeover of a node would do, with the fence command run as a dry
  * run: `COMMAND NODE status`).
  */
-import { UserError } from '../util/errors.js';
+import { NotFoundError, UserError } from '../util/errors.js';
 import { formatSize, parseSize } from '../util/size.js';
 import type { VmInfo } from '../vm/manager.js';
 import { runFence } from './fence.js';
@@ -14,6 +14,8 @@ export interface ClusterStatus {
   cluster: string;
   /** The node that answered. */
   node: string;
+  /** Its clock when it answered (ISO 8601, ms): `duet doctor` measures the skew with it. */
+  time: string;
   quorum: boolean;
   witness: { configured: boolean; reachable: boolean | null };
   warnings: string[];
@@ -53,6 +55,7 @@ export async function clusterStatus(d: NodeDaemon): Promise<ClusterStatus> {
   return {
     cluster: c.cluster,
     node: d.node,
+    time: new Date().toISOString(),
     quorum: d.cluster.hasQuorum,
     witness: { configured: c.witness !== undefined, reachable },
     warnings,
@@ -74,7 +77,7 @@ export interface FenceTestReport {
 /** What a takeover of `node` by this node would do; the fence command runs with `status`, not `off`. */
 export async function fenceTest(d: NodeDaemon, node: string): Promise<FenceTestReport> {
   const c = d.config;
-  if (!c.nodes[node]) throw new UserError(`fence test ${node}: no node named ${node} in ${c.file} (nodes: ${Object.keys(c.nodes).join(', ')})`);
+  if (!c.nodes[node]) throw new NotFoundError(`fence test ${node}: no node named ${node} in ${c.file} (nodes: ${Object.keys(c.nodes).join(', ')})`);
   const peer = d.cluster.peer;
   if (node === d.node) {
     if (!peer) throw new UserError(`fence test ${node}: ${node} is the only node: nobody would fence it`);

@@ -59,8 +59,8 @@ import path from 'node:path';
 import { z } from 'zod';
 import type { Logger } from '../util/log.js';
 import { UserError, errnoCode } from '../util/errors.js';
-import { AdminServer, callAdmin } from '../volume/admin-socket.js';
-import { signRequest, verifyRequest } from './api-auth.js';
+import { AdminServer, callAdmin } from '../api/line-socket.js';
+import { signRequest, verifyRequest } from './witness-auth.js';
 
 export const DEFAULT_WITNESS_PORT = 7899;
 /** The exit code of the witness's answer "you are outdated yourself" (a refusal because of state). */
@@ -102,6 +102,8 @@ const commandSchema = z.discriminatedUnion('cmd', [
   z.object({ cmd: z.literal('witness.cancel'), node: name, resource: name, peer: name, until: generation }).strict(),
   /** Before a promotion; `force`: the operator promotes this copy whatever the witness holds. */
   z.object({ cmd: z.literal('witness.query'), node: name, resource: name, current: generation, force: z.boolean().optional() }).strict(),
+  /** Is the witness there, with this secret? (`duet doctor`.) Not a sign of life of the node: it changes nothing. */
+  z.object({ cmd: z.literal('witness.ping'), node: name }).strict(),
   /** Hold `peer` dead (granted only if the witness has not heard it for deadTime either). */
   z.object({ cmd: z.literal('witness.declare'), node: name, peer: name }).strict(),
   /** `peer` is back: the sender's declaration of it goes. */
@@ -190,6 +192,8 @@ export class Witness {
   /** Serve one command (already authenticated, not yet checked). */
   handle(request: unknown): WitnessReply {
     const c = this.check(request);
+    // A ping comes from a tool, not from the node's daemon: the node's silence must stay what it is.
+    if (c.cmd === 'witness.ping') return this.reply(c.node);
     this.lastSeen.set(c.node, this.mono());
     // Changes go to a draft, saved before they count: a failed save leaves the marks as they were.
     const draft: Marks = new Map([...this.marks].map(([r, m]) => [r, new Map(m)]));
@@ -269,9 +273,13 @@ export class Witness {
     }
     for (const l of logs) l();
     if (refusal) throw refusal;
+    return this.reply(c.node, 'resource' in c ? c.resource : undefined);
+  }
+
+  private reply(node: string, resource?: string): WitnessReply {
     return {
-      outdated: 'resource' in c ? this.isOutdated(c.resource, c.node) : false,
-      outdatedResources: [...this.marks].filter(([, m]) => m.has(c.node)).map(([r]) => r),
+      outdated: resource !== undefined ? this.isOutdated(resource, node) : false,
+      outdatedResources: [...this.marks].filter(([, m]) => m.has(node)).map(([r]) => r),
       silentMs: Object.fromEntries(this.nodes.map((n) => [n, this.silentMs(n)])),
       declared: Object.fromEntries(this.declared),
       boot: this.boot,

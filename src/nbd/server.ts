@@ -12,6 +12,7 @@ import type { ExportProvider, NbdExport } from './exports.js';
 import { negotiate, ProtocolError } from './handshake.js';
 import * as P from './protocol.js';
 import { Transmission, TransmissionStats } from './transmission.js';
+import { ExportStats } from './io-stats.js';
 import { RetiredDevice } from './retired.js';
 
 export interface NbdServerOptions {
@@ -155,6 +156,7 @@ class Connection {
       this.transmission = new Transmission(this.socket, this.queue, negotiated, this.log, {
         onDisconnect: (reason) => void this.disconnect(reason),
         stats: this.server.stats,
+        exportStats: this.server.exportStats(negotiated.export.name),
       });
       this.transmission.process();
     } catch (err) {
@@ -307,6 +309,17 @@ export class NbdServer {
   readonly exports: ExportProvider;
   readonly tls: NbdServerTls | undefined;
   readonly stats: TransmissionStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
+  /** Per export, since the server started (metrics read them). */
+  readonly byExport = new Map<string, ExportStats>();
+
+  exportStats(name: string): ExportStats {
+    let s = this.byExport.get(name);
+    if (!s) {
+      s = new ExportStats();
+      this.byExport.set(name, s);
+    }
+    return s;
+  }
   shuttingDown = false;
   private readonly log: Logger;
   private readonly servers: net.Server[] = [];

@@ -13,6 +13,7 @@ import type { Logger } from '../util/log.js';
 import { ByteQueue } from './bytequeue.js';
 import type { Negotiated } from './handshake.js';
 import * as P from './protocol.js';
+import { since, type ExportStats } from './io-stats.js';
 
 /** Reads at least this long look for holes first and send them as OFFSET_HOLE. */
 const SPARSE_READ_MIN_BYTES = 64 * 1024;
@@ -82,6 +83,8 @@ export interface TransmissionHooks {
   onDisconnect(reason: string): void;
   /** Count of requests and bytes, for metrics. */
   stats: TransmissionStats;
+  /** The export's requests, bytes and latency by operation (metrics). */
+  exportStats?: ExportStats;
 }
 
 export interface TransmissionStats {
@@ -92,6 +95,7 @@ export interface TransmissionStats {
 }
 
 export class Transmission {
+  private dispatchedAt = 0;
   private device: BlockDevice;
   private readonly structured: boolean;
   private readonly baseAllocation: boolean;
@@ -277,6 +281,10 @@ export class Transmission {
       this.hooks.onDisconnect('client disconnected');
       return;
     }
+    // When the request began (for its latency): complete() and track() read it, synchronously below.
+    this.dispatchedAt = performance.now();
+    const counted = this.hooks.exportStats?.of(type);
+    if (counted) counted.requests++;
     const invalid = this.validate(type, cmdFlags, offset, length);
     if (invalid !== null) {
       this.replyError(hi, lo, invalid[0], invalid[1], null);
@@ -288,9 +296,12 @@ export class Transmission {
       switch (type) {
         case P.NBD_CMD_READ:
           return this.read(hi, lo, offset, length, (cmdFlags & P.NBD_CMD_FLAG_DF) !== 0);
-        case P.NBD_CMD_WRITE:
+        case P.NBD_CMD_WRITE: {
           this.hooks.stats.bytesWritten += length;
+          const op = this.hooks.exportStats?.of(type);
+          if (op) op.bytes += length;
           return this.complete(hi, lo, type, offset, dev.write(offset, payload!, fua ? { fua } : undefined));
+        }
         case P.NBD_CMD_FLUSH:
           return this.complete(hi, lo, type, 0, dev.flush());
         case P.NBD_CMD_TRIM:
@@ -365,9 +376,12 @@ export class Transmission {
   // ---- read -----------------------------------------------------------------
 
   private read(hi: number, lo: number, offset: number, length: number, df: boolean): void {
+    const t0 = performance.now();
     this.hooks.stats.bytesRead += length;
+    const op = this.hooks.exportStats?.of(P.NBD_CMD_READ);
+    if (op) op.bytes += length;
     if (this.structured && !df && length >= SPARSE_READ_MIN_BYTES && this.device.capabilities.extents) {
-      this.track(this.sparseRead(hi, lo, offset, length), hi, lo, P.NBD_CMD_READ, offset);
+      this.track(this.sparseRead(hi, lo, offset, length), hi, lo, P.NBD_CMD_READ, offset, t0);
       return;
     }
     const headerBytes = this.structured ? P.STRUCTURED_REPLY_HEADER_SIZE + 8 : P.SIMPLE_REPLY_SIZE;
@@ -387,16 +401,19 @@ export class Transmission {
       throw err;
     }
     if (result === undefined) {
+      op?.observe(since(t0));
       this.sendData(reply, pooled);
       return;
     }
     this.inFlight++;
     result.then(
       () => {
+        op?.observe(since(t0));
         this.sendData(reply, pooled);
         this.done();
       },
       (err: unknown) => {
+        op?.observe(since(t0));
         if (pooled) largeBuffers.put(reply);
         this.failed(hi, lo, P.NBD_CMD_READ, offset, err);
         this.done();
@@ -470,8 +487,10 @@ export class Transmission {
   // ---- completion --------------------------------------------------------------
 
   /** Reply OK now if the device finished synchronously, else when it does. */
-  private complete(hi: number, lo: number, type: number, offset: number, result: void | Promise<void>): void {
+  private complete(hi: number, lo: number, type: number, offset: number, result: void | Promise<void>, t0 = this.dispatchedAt): void {
+    const op = this.hooks.exportStats?.of(type);
     if (result === undefined) {
+      op?.observe(since(t0));
       this.replyOk(hi, lo);
       return;
     }
@@ -482,11 +501,13 @@ export class Transmission {
     result.then(
       () => {
         if (release) largeBuffers.put(release);
+        op?.observe(since(t0));
         this.replyOk(hi, lo);
         this.done();
       },
       (err: unknown) => {
         if (release) largeBuffers.put(release);
+        op?.observe(since(t0));
         this.failed(hi, lo, type, offset, err);
         this.done();
       },
@@ -494,11 +515,16 @@ export class Transmission {
   }
 
   /** For work that sends its own replies: only errors are answered here. */
-  private track(work: Promise<void>, hi: number, lo: number, type: number, offset: number): void {
+  private track(work: Promise<void>, hi: number, lo: number, type: number, offset: number, t0 = this.dispatchedAt): void {
+    const op = this.hooks.exportStats?.of(type);
     this.inFlight++;
     work.then(
-      () => this.done(),
+      () => {
+        op?.observe(since(t0));
+        this.done();
+      },
       (err: unknown) => {
+        op?.observe(since(t0));
         this.failed(hi, lo, type, offset, err);
         this.done();
       },
@@ -516,6 +542,8 @@ export class Transmission {
   }
 
   private failed(hi: number, lo: number, type: number, offset: number, err: unknown): void {
+    const op = this.hooks.exportStats?.of(type);
+    if (op) op.errors++;
     const code = err instanceof BlockDeviceError ? err.code : (err as { code?: string })?.code;
     const message = err instanceof Error ? err.message : String(err);
     if (!(err instanceof BlockDeviceError)) this.log.error({ event: 'request failed', command: P.COMMAND_NAMES[type], offset, err: message });

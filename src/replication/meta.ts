@@ -168,7 +168,7 @@ export function decodeRecord(buf: Buffer): MetaRecord | undefined {
 }
 
 /** The valid slot with the higher sequence number, or undefined if neither is valid. */
-export async function readRecord(device: BlockDevice, layout: MetaLayout): Promise<MetaRecord | undefined> {
+export async function readRecord(device: Pick<BlockDevice, 'read'>, layout: MetaLayout): Promise<MetaRecord | undefined> {
   let best: MetaRecord | undefined;
   for (let slot = 0; slot < 2; slot++) {
     const buf = Buffer.alloc(SLOT);

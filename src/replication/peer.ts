@@ -251,6 +251,13 @@ export class PeerSession {
     }
   }
 
+  /** Writes sent to the peer and not yet acknowledged by it (the replication lag, metrics). */
+  inFlight(): { writes: number; bytes: number } {
+    let bytes = 0;
+    for (const p of this.pending.values()) bytes += p.length;
+    return { writes: this.pending.size, bytes };
+  }
+
   status(): PeerStatus {
     return {
       node: this.peerNode,

@@ -475,28 +475,28 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     this.mayChangeRole();
     const peer = this.peer?.state;
     if (peer?.role === 'Primary' && !this.options.allowTwoPrimaries) {
-      throw new UserError(`resource ${this.name}: ${peer.node} is Primary; make it Secondary first (resource secondary ${this.name} on ${peer.node})`);
+      throw new UserError(`resource ${this.name}: ${peer.node} is Primary; make it Secondary first (resource secondary ${this.name} on ${peer.node})`, 1);
     }
     const disk = this.disk;
     const peerGood = this.peerServes();
     if (disk === 'Diskless' && !peerGood) throw this.nothingToServe();
     if (disk !== 'UpToDate' && disk !== 'Diskless') {
-      if (peerGood && peer) throw new UserError(`resource ${this.name}: the disk here is ${disk} and ${peer.node} has the good data: let the resync finish, or promote ${peer.node}`);
+      if (peerGood && peer) throw new UserError(`resource ${this.name}: the disk here is ${disk} and ${peer.node} has the good data: let the resync finish, or promote ${peer.node}`, 1);
       if (!force) {
-        throw new UserError(`resource ${this.name}: the disk on ${this.node} is ${disk}: it may hold old or partial data; promote with --force only if you know it is the best copy`);
+        throw new UserError(`resource ${this.name}: the disk on ${this.node} is ${disk}: it may hold old or partial data; promote with --force only if you know it is the best copy`, 1);
       }
     }
     await this.options.mayPromote?.(this.name, force);
     // The link may have come up (and a resync begun here) while the witness was asked.
     this.mayChangeRole();
-    if (this.disk !== disk) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
+    if (this.disk !== disk) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`, 1);
     // Connected: the peer agrees first. It may be promoted at this very moment, or be Primary already over
     // a partition neither side has noticed yet (its writes on their way here). If the link goes first,
     // this node is promoted without the peer (a new generation, fenced).
     const session = this.peer;
     if (session) {
       const answer = await session.askPromotion();
-      if (answer.outcome === 'refused') throw new UserError(`resource ${this.name}: ${session.peerNode} refused the promotion: ${answer.reason}`);
+      if (answer.outcome === 'refused') throw new UserError(`resource ${this.name}: ${session.peerNode} refused the promotion: ${answer.reason}`, 1);
       try {
         // The previous Primary's last writes are on this disk before this node's own.
         if (answer.outcome === 'granted') await session.applied();
@@ -517,7 +517,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
   }
 
   private nothingToServe(): UserError {
-    return new UserError(`resource ${this.name}: no disk here and no UpToDate peer connected: nothing to serve`);
+    return new UserError(`resource ${this.name}: no disk here and no UpToDate peer connected: nothing to serve`, 1);
   }
 
   private async promoteAgreed(force: boolean, disk: DiskState): Promise<void> {
@@ -525,7 +525,7 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
     // witness stays away): the disk it was asked for may have failed, or become a resync's Inconsistent target.
     const still = (expected: DiskState): void => {
       this.mayChangeRole();
-      if (this.disk !== expected) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`);
+      if (this.disk !== expected) throw new UserError(`resource ${this.name}: the disk on ${this.node} became ${this.disk} meanwhile: try again`, 1);
       // (The link may have gone while the peer was asked.)
       if (!this.backing_ && !this.peerServes()) throw this.nothingToServe();
     };
@@ -562,12 +562,12 @@ export class Resource extends EventEmitter<ResourceEvents> implements BlockDevic
    * (a link may have come up while the witness was asked).
    */
   private mayChangeRole(): void {
-    if (this.syncStarting > 0) throw new UserError(`resource ${this.name}: a resync is starting on ${this.node} (saving the blocks a split-brain resolution overwrites): try again in a moment`);
-    if (this.peer?.handshake) throw new UserError(`resource ${this.name}: connecting to ${this.peer.peerNode} right now: try again in a moment`);
-    if (this.peer?.phase === 'sync-target') throw new UserError(`resource ${this.name}: ${this.node} is sync target of ${this.peer.peerNode}: let the resync finish, or promote ${this.peer.peerNode}`);
+    if (this.syncStarting > 0) throw new UserError(`resource ${this.name}: a resync is starting on ${this.node} (saving the blocks a split-brain resolution overwrites): try again in a moment`, 1);
+    if (this.peer?.handshake) throw new UserError(`resource ${this.name}: connecting to ${this.peer.peerNode} right now: try again in a moment`, 1);
+    if (this.peer?.phase === 'sync-target') throw new UserError(`resource ${this.name}: ${this.node} is sync target of ${this.peer.peerNode}: let the resync finish, or promote ${this.peer.peerNode}`, 1);
     const peer = this.peer?.state;
     if (this.role === 'Secondary' && peer?.role === 'Primary' && !this.options.allowTwoPrimaries) {
-      throw new UserError(`resource ${this.name}: ${peer.node} is Primary; make it Secondary first (resource secondary ${this.name} on ${peer.node})`);
+      throw new UserError(`resource ${this.name}: ${peer.node} is Primary; make it Secondary first (resource secondary ${this.name} on ${peer.node})`, 1);
     }
   }
 

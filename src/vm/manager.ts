@@ -17,7 +17,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import type { ClusterConfig } from '../cluster/config.js';
-import { UserError } from '../util/errors.js';
+import { NotFoundError, UserError } from '../util/errors.js';
 import type { Logger } from '../util/log.js';
 import { formatSize, parseSize } from '../util/size.js';
 import { ConsoleLog, HISTORY_MAX, type ConsoleChunk } from './console.js';
@@ -46,6 +46,8 @@ export interface VmInfo {
   reason?: string;
   /** Its node did not answer: this is what it said last. */
   stale?: boolean;
+  /** While it migrates away: QEMU's RAM transfer so far (RAM is sent again where the guest rewrites it). */
+  migration?: { to: string; transferredBytes: number; totalBytes: number; rateBytesPerSec: number };
 }
 
 /** `vm stop` / `vm start` remembered: the newest mark (by time) wins between nodes. */
@@ -144,6 +146,8 @@ interface LocalVm {
   incoming?: { from: string };
   /** The source of a migration under way: where to. */
   migratingTo?: string;
+  /** The running migration's RAM progress (QEMU's query-migrate), for `vm migrate`'s progress bar. */
+  migration?: { to: string; transferredBytes: number; totalBytes: number; startedAt: number };
   /** Paused for a move of its disks' Primary role (since then). */
   handoverPaused?: number;
   /** When a handover pause runs out: the VM resumes by itself, whatever became of the handover. */
@@ -421,7 +425,7 @@ export class VmManager {
     const vm = Object.hasOwn(this.host.config.vms, name) ? this.host.config.vms[name] : undefined;
     if (!vm) {
       const known = Object.keys(this.host.config.vms);
-      throw new UserError(`no VM named ${name} in ${this.host.config.file} (VMs: ${known.join(', ') || 'none'})`);
+      throw new NotFoundError(`no VM named ${name} in ${this.host.config.file} (VMs: ${known.join(', ') || 'none'})`);
     }
     return vm;
   }
@@ -628,7 +632,7 @@ export class VmManager {
     return { name, node: null, state: 'stopped', memoryBytes: parseSize(String(c.memory)), cpus: c.cpus, disks: c.disks, ...(reason ? { reason } : {}) };
   }
 
-  private async localInfos(): Promise<VmInfo[]> {
+  async localInfos(): Promise<VmInfo[]> {
     const out: VmInfo[] = [];
     for (const vm of this.local.values()) out.push(await this.infoOf(vm));
     for (const [name, u] of this.unattached) {
@@ -656,7 +660,18 @@ export class VmManager {
     } catch {
       // No balloon answer (a guest without the driver, a busy QEMU): the boot size.
     }
-    return { name: vm.name, node: this.host.node, state: vm.state, memoryBytes, cpus: vm.spec.cpus, disks: c.disks, pid: vm.qemu.pid, since: new Date(vm.since).toISOString() };
+    const m = vm.state === 'migrating' ? vm.migration : undefined;
+    return {
+      name: vm.name,
+      node: this.host.node,
+      state: vm.state,
+      memoryBytes,
+      cpus: vm.spec.cpus,
+      disks: c.disks,
+      pid: vm.qemu.pid,
+      since: new Date(vm.since).toISOString(),
+      ...(m ? { migration: { to: m.to, transferredBytes: m.transferredBytes, totalBytes: m.totalBytes, rateBytesPerSec: Math.round(m.transferredBytes / Math.max(0.001, (Date.now() - m.startedAt) / 1000)) } } : {}),
+    };
   }
 
   private async localAnswer(): Promise<LocalAnswer> {
@@ -1191,12 +1206,14 @@ export class VmManager {
           timeoutMs: MIGRATION_TIMEOUT_MS,
           maxDowntimeMs: this.host.config.migration.maxDowntime,
           ...(cap !== undefined ? { bandwidthBytesPerSec: parseSize(String(cap)) } : {}),
+          progress: (q) => (vm.migration = { to, transferredBytes: q.transferred, totalBytes: q.total, startedAt: t0 }),
         });
       } catch (err) {
         result = { status: 'failed' as const, totalTimeMs: Date.now() - t0, downtimeMs: 0, transferredBytes: 0, error: (err as Error).message };
       }
       result = await settleMigration(vm.qemu.qmp, result);
       vm.migratingTo = undefined;
+      vm.migration = undefined;
       if (result.status !== 'completed') {
         // (A destination declared dead and taken over is not asked: it is fenced, and would cost the timeout.)
         if (!this.fencedNodes.has(to)) await this.host.call(to, { cmd: 'vm.migrate-abort', vm: name }, 30_000).catch(() => undefined);

@@ -4,7 +4,7 @@
  * with no write in flight, and returns only once the change is committed.
  */
 import { randomUUID } from 'node:crypto';
-import { UserError } from '../util/errors.js';
+import { NotFoundError, UserError } from '../util/errors.js';
 import { formatSize } from '../util/size.js';
 import type { Pool, VolumeState } from './pool.js';
 import type { VolumeRecord } from './format.js';
@@ -25,7 +25,7 @@ export function checkName(kind: 'pool' | 'volume', name: string): void {
 
 export function findVolume(pool: Pool, name: string, includeHidden = false): VolumeState {
   const v = pool.volume(name);
-  if (!v || (v.record.incomplete && !includeHidden)) throw new UserError(`volume ${pool.name}/${name} does not exist (duet vol list ${pool.name} shows the volumes)`);
+  if (!v || (v.record.incomplete && !includeHidden)) throw new NotFoundError(`volume ${pool.name}/${name} does not exist (duet vol list ${pool.name} shows the volumes)`);
   return v;
 }
 

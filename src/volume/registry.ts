@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { native } from '../blockdev/native.js';
 import { alive } from '../blockdev/claim.js';
-import { UserError, errnoCode } from '../util/errors.js';
+import { NotFoundError, UserError, errnoCode } from '../util/errors.js';
 
 export const DEFAULT_HOME = '/var/lib/duet';
 
@@ -54,7 +54,7 @@ export class Registry {
     try {
       text = fs.readFileSync(this.file(name), 'utf8');
     } catch (err) {
-      if (errnoCode(err) === 'ENOENT') throw new UserError(`pool ${name} does not exist in ${this.home} (duet pool list shows the pools; --home or DUET_HOME picks another home)`);
+      if (errnoCode(err) === 'ENOENT') throw new NotFoundError(`pool ${name} does not exist in ${this.home} (duet pool list shows the pools; --home or DUET_HOME picks another home)`);
       throw new UserError(`pool ${name}: cannot read ${this.file(name)} (${errnoCode(err) ?? (err as Error).message})`);
     }
     try {

@@ -10,7 +10,7 @@ import type { BlockDevice } from '../blockdev/types.js';
 import type { Logger } from '../util/log.js';
 import { Pool } from './pool.js';
 import { PoolEntry, PoolInUse, PoolLock, Registry } from './registry.js';
-import { callAdmin } from './admin-socket.js';
+import { callAdmin } from '../api/line-socket.js';
 import { Command, runCommand } from './service.js';
 
 export interface PoolHold {

@@ -13,8 +13,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { pino } from 'pino';
 import { MAX_RESOURCES, Witness, WitnessClient, isOutdatedRefusal } from '../../src/cluster/witness.js';
-import { signRequest } from '../../src/cluster/api-auth.js';
-import { callAdmin } from '../../src/volume/admin-socket.js';
+import { signRequest } from '../../src/cluster/witness-auth.js';
+import { callAdmin } from '../../src/api/line-socket.js';
 
 const HOST = '127.0.0.1';
 const SECRET = Buffer.from('0123456789abcdef0123456789abcdef');

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { AdminServer, callAdmin } from '../../src/volume/admin-socket.js';
+import { AdminServer, callAdmin } from '../../src/api/line-socket.js';
 import { silentLogger } from '../../src/util/log.js';
 
 /** Send one raw request line, return the answer line (bounded). */

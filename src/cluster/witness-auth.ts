@@ -1,7 +1,8 @@
 /**
- * Requests to a node daemon's admin API carry an HMAC of the request with
- * the cluster secret and a timestamp, so only holders of the secret can
- * drive a node, and a captured request stops working after a minute.
+ * Requests to the witness carry an HMAC of the request with the cluster
+ * secret and a timestamp, so only the nodes can ask for votes, and a
+ * captured request stops working after a minute (the witness protocol is
+ * plain TCP, not TLS like the node API).
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';
 import { UserError } from '../util/errors.js';

@@ -1,6 +1,9 @@
 /**
- * The admin socket of a process that holds a pool (HOME/pools/NAME.sock):
- * how `duet vol ...` acts online while `serve --pool` runs.
+ * A JSON-lines request/answer socket. Two users, neither of them the admin
+ * API (that is HTTP, server.ts): the Unix socket of a process that holds a
+ * pool offline (HOME/pools/NAME.sock, how `duet vol ...` acts while
+ * `serve --pool` runs), and the witness's vote protocol (TCP, each request
+ * signed with the cluster secret, witness-auth.ts).
  *
  * Protocol: the client sends one JSON line, the Command. For `vol.receive`
  * the stream bytes follow and the client half-closes when done. The server
@@ -15,7 +18,7 @@ import { PassThrough, Readable, Writable } from 'node:stream';
 import { z } from 'zod';
 import type { Logger } from '../util/log.js';
 import { UserError, errnoCode } from '../util/errors.js';
-import type { Command } from './service.js';
+import type { Command } from '../volume/service.js';
 
 /** Any request: the pool commands, or the node daemon's (resource.*, and pool commands naming their pool). */
 export type Request = { cmd: string };

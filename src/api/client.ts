@@ -1,0 +1,222 @@
+/**
+ * How the CLI and a peer node reach a node daemon: a command becomes its
+ * route's HTTP request (routes.ts), sent with the cluster token over TLS
+ * checked against the cluster CA.
+ */
+import http from 'node:http';
+import https from 'node:https';
+import type { Readable, Writable } from 'node:stream';
+import { UserError, errnoCode } from '../util/errors.js';
+import { requestOf } from './routes.js';
+
+export interface ApiTarget {
+  host: string;
+  port: number;
+  token: string;
+  /** The cluster CA (PEM) the node's certificate must chain to; absent: plain HTTP. */
+  ca?: string;
+  /** Source address (a node calls its peer from its own address). */
+  localAddress?: string;
+  /** What the target is, for error messages. */
+  what: string;
+}
+
+export interface CallOptions {
+  /** A volume stream to send (vol.receive). */
+  input?: Readable;
+  /** Where a volume stream goes (vol.send). */
+  output?: Writable;
+  /**
+   * No answer within this: the connection is reset (RST), so a request the
+   * node has not read yet can no longer act after the caller was told it
+   * failed, and the call fails.
+   */
+  timeoutMs?: number;
+}
+
+interface ErrorBody {
+  error?: unknown;
+  hint?: unknown;
+  exitCode?: unknown;
+}
+
+/** Send `command` to the node and return its result (the route's JSON answer). */
+export function callApi(target: ApiTarget, command: { cmd: string } & Record<string, unknown>, o: CallOptions = {}): Promise<unknown> {
+  const { route, method, path, body } = requestOf(command);
+  const where = `${target.host}:${target.port}`;
+  const headers: Record<string, string> = { authorization: `Bearer ${target.token}`, accept: 'application/json' };
+  let payload: Buffer | undefined;
+  if (route.stream === 'in') headers['content-type'] = 'application/octet-stream';
+  else if (body !== undefined) {
+    payload = Buffer.from(JSON.stringify(body));
+    headers['content-type'] = 'application/json';
+    headers['content-length'] = String(payload.length);
+  }
+  const options: https.RequestOptions = {
+    host: target.host,
+    port: target.port,
+    method,
+    path,
+    headers,
+    ...(target.localAddress ? { localAddress: target.localAddress } : {}),
+    ...(target.ca ? { ca: target.ca } : {}),
+    // One connection a call: a timed-out call resets its connection, which must not be a pooled one.
+    agent: false,
+  };
+  return new Promise<unknown>((resolve, reject) => {
+    let settled = false;
+    const fail = (err: Error): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      reject(err);
+    };
+    const done = (value: unknown): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      resolve(value);
+    };
+    const req = target.ca ? https.request(options) : http.request(options);
+    const timer =
+      o.timeoutMs === undefined
+        ? undefined
+        : setTimeout(() => {
+            // RST, not FIN: what is not yet sent is dropped, and the node sees the hang-up at once.
+            const socket = req.socket;
+            if (socket && !socket.connecting && !socket.destroyed) socket.resetAndDestroy();
+            req.destroy();
+            fail(new UserError(`${target.what} at ${where} did not answer within ${o.timeoutMs} ms`));
+          }, o.timeoutMs);
+    req.on('error', (err) => {
+      const code = errnoCode(err);
+      if (code && /CERT|SELF_SIGNED|UNABLE_TO|ERR_TLS|HOSTNAME|IP_ADDRESS/.test(code)) {
+        fail(new UserError(`${target.what} at ${where}: its TLS certificate is not the cluster's (${code}); is it a node of this cluster, with the same secret?`));
+      } else if (code === 'EPROTO' || /wrong version number|packet length too long/i.test(err.message)) {
+        fail(new UserError(`${target.what} at ${where}: TLS and plain HTTP do not match (the cluster files differ in api.tls?)`));
+      } else fail(new UserError(`cannot reach ${target.what} at ${where} (${code ?? err.message})`));
+    });
+    req.on('response', (res) => {
+      const status = res.statusCode ?? 0;
+      if (route.stream === 'out' && status === 200 && o.output) {
+        const output = o.output;
+        res.on('data', (chunk: Buffer) => {
+          if (!output.write(chunk)) {
+            res.pause();
+            output.once('drain', () => res.resume());
+          }
+        });
+        res.on('aborted', () => fail(new UserError(`${target.what} at ${where} cut the stream half-way; the output is incomplete`)));
+        res.on('error', () => fail(new UserError(`${target.what} at ${where} cut the stream half-way; the output is incomplete`)));
+        res.on('end', () => {
+          if (!res.complete) return fail(new UserError(`${target.what} at ${where} cut the stream half-way; the output is incomplete`));
+          const trailer = res.trailers['x-duet-result'];
+          try {
+            done(trailer === undefined ? undefined : JSON.parse(trailer));
+          } catch {
+            fail(new UserError(`${target.what} at ${where} sent a malformed result`));
+          }
+        });
+        return;
+      }
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('error', (err) => fail(new UserError(`${target.what} at ${where}: the answer broke off (${errnoCode(err) ?? err.message})`)));
+      res.on('end', () => {
+        if (!res.complete) return fail(new UserError(`${target.what} at ${where}: the answer broke off`));
+        const text = Buffer.concat(chunks).toString('utf8');
+        let parsed: unknown;
+        try {
+          parsed = text === '' ? undefined : JSON.parse(text);
+        } catch {
+          return fail(new UserError(`${target.what} at ${where} sent a malformed answer (HTTP ${status})`));
+        }
+        if (status >= 200 && status < 300) return done(parsed ?? undefined);
+        const e = (parsed ?? {}) as ErrorBody;
+        const message = typeof e.error === 'string' ? e.error : `HTTP ${status}`;
+        const exitCode = typeof e.exitCode === 'number' && Number.isInteger(e.exitCode) && e.exitCode > 0 ? e.exitCode : status === 409 ? 1 : 2;
+        fail(new UserError(message, exitCode, typeof e.hint === 'string' ? e.hint : undefined));
+      });
+    });
+    if (route.stream === 'in' && o.input) {
+      o.input.on('error', (err) => {
+        req.destroy();
+        fail(new UserError(`reading the stream to send failed: ${err.message}`));
+      });
+      o.input.pipe(req);
+    } else req.end(payload);
+  });
+}
+
+/**
+ * Follow GET /api/v1/events/stream from `since` on: `onEvent` gets each
+ * record once, in order. A dropped stream is opened again from the last
+ * record seen (after `retryMs`), as a browser's EventSource would;
+ * `onGap` hears of each outage. Runs until `signal` aborts.
+ */
+export async function followEvents(
+  target: ApiTarget,
+  since: number,
+  onEvent: (r: { seq: number } & Record<string, unknown>) => void,
+  o: { signal?: AbortSignal; retryMs?: number; onGap?: (why: string) => void } = {},
+): Promise<void> {
+  let last = since;
+  const where = `${target.host}:${target.port}`;
+  while (!o.signal?.aborted) {
+    const why = await new Promise<string>((resolve) => {
+      const options: https.RequestOptions = {
+        host: target.host,
+        port: target.port,
+        method: 'GET',
+        path: `/api/v1/events/stream?since=${last}`,
+        headers: { authorization: `Bearer ${target.token}`, accept: 'text/event-stream' },
+        ...(target.localAddress ? { localAddress: target.localAddress } : {}),
+        ...(target.ca ? { ca: target.ca } : {}),
+        agent: false,
+      };
+      const req = target.ca ? https.request(options) : http.request(options);
+      const abort = (): void => {
+        req.destroy();
+        resolve('stopped');
+      };
+      o.signal?.addEventListener('abort', abort, { once: true });
+      req.on('error', (err) => resolve(`cannot reach ${target.what} at ${where} (${errnoCode(err) ?? err.message})`));
+      req.on('response', (res) => {
+        if (res.statusCode !== 200) {
+          res.resume();
+          resolve(`${target.what} at ${where} answered HTTP ${res.statusCode}`);
+          return;
+        }
+        let buf = '';
+        res.setEncoding('utf8');
+        res.on('data', (chunk: string) => {
+          buf += chunk;
+          for (let end = buf.indexOf('\n\n'); end >= 0; end = buf.indexOf('\n\n')) {
+            const block = buf.slice(0, end);
+            buf = buf.slice(end + 2);
+            const data = block
+              .split('\n')
+              .filter((l) => l.startsWith('data: '))
+              .map((l) => l.slice(6))
+              .join('\n');
+            if (!data) continue;
+            try {
+              const r = JSON.parse(data) as { seq: number } & Record<string, unknown>;
+              if (typeof r.seq === 'number' && r.seq > last) {
+                last = r.seq;
+                onEvent(r);
+              }
+            } catch {
+              // A record cut by a dropped connection: it comes again after the reconnect.
+            }
+          }
+        });
+        res.on('close', () => resolve(`${target.what} at ${where} closed the event stream`));
+      });
+      req.end();
+    }).finally(() => undefined);
+    if (o.signal?.aborted) return;
+    o.onGap?.(why);
+    await new Promise((resolve) => setTimeout(resolve, o.retryMs ?? 1000));
+  }
+}
