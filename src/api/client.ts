@@ -27,9 +27,9 @@ export interface CallOptions {
   /** Where a volume stream goes (vol.send). */
   output?: Writable;
   /**
-   * No answer within this: the connection is reset (RST), so a request the
-   * node has not read yet can no longer act after the caller was told it
-   * failed, and the call fails.
+   * No answer within this: the call fails and its connection is dropped.
+   * A request the node has read runs on all the same (as with any RPC): the
+   * error says the call may have run.
    */
   timeoutMs?: number;
 }
@@ -82,14 +82,25 @@ export function callApi(target: ApiTarget, command: { cmd: string } & Record<str
       o.timeoutMs === undefined
         ? undefined
         : setTimeout(() => {
-            // RST, not FIN: what is not yet sent is dropped, and the node sees the hang-up at once.
-            const socket = req.socket;
-            if (socket && !socket.connecting && !socket.destroyed) socket.resetAndDestroy();
+            fail(new UserError(`${target.what} at ${where} did not answer within ${o.timeoutMs} ms${sent ? ' (the request was sent: it may have run)' : ''}`));
+            // RST where the socket allows it (plain TCP), so the node sees the hang-up at once; a TLS socket cannot: FIN.
+            try {
+              const socket = req.socket;
+              if (socket && !socket.connecting && !socket.destroyed && !target.ca) socket.resetAndDestroy();
+            } catch {
+              // Dropped below either way.
+            }
             req.destroy();
-            fail(new UserError(`${target.what} at ${where} did not answer within ${o.timeoutMs} ms`));
           }, o.timeoutMs);
+    // Once the whole request is out, a broken connection no longer means "not done": the node may have run it.
+    let sent = false;
+    req.on('finish', () => (sent = true));
     req.on('error', (err) => {
       const code = errnoCode(err);
+      if (sent) {
+        fail(new UserError(`the connection to ${target.what} at ${where} broke after the request was sent (${code ?? err.message}): it may have run; look (status) before trying again`));
+        return;
+      }
       if (code && /CERT|SELF_SIGNED|UNABLE_TO|ERR_TLS|HOSTNAME|IP_ADDRESS/.test(code)) {
         fail(new UserError(`${target.what} at ${where}: its TLS certificate is not the cluster's (${code}); is it a node of this cluster, with the same secret?`));
       } else if (code === 'EPROTO' || /wrong version number|packet length too long/i.test(err.message)) {
@@ -121,9 +132,10 @@ export function callApi(target: ApiTarget, command: { cmd: string } & Record<str
       }
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('error', (err) => fail(new UserError(`${target.what} at ${where}: the answer broke off (${errnoCode(err) ?? err.message})`)));
+      res.on('error', (err) => fail(new UserError(`the connection to ${target.what} at ${where} broke in the middle of the answer (${errnoCode(err) ?? err.message}): the request may have run`)));
+      res.on('aborted', () => fail(new UserError(`the connection to ${target.what} at ${where} broke in the middle of the answer: the request may have run`)));
       res.on('end', () => {
-        if (!res.complete) return fail(new UserError(`${target.what} at ${where}: the answer broke off`));
+        if (!res.complete) return fail(new UserError(`the connection to ${target.what} at ${where} broke in the middle of the answer: the request may have run`));
         const text = Buffer.concat(chunks).toString('utf8');
         let parsed: unknown;
         try {
@@ -158,8 +170,10 @@ export async function followEvents(
   target: ApiTarget,
   since: number,
   onEvent: (r: { seq: number } & Record<string, unknown>) => void,
-  o: { signal?: AbortSignal; retryMs?: number; onGap?: (why: string) => void } = {},
+  o: { signal?: AbortSignal; retryMs?: number; onGap?: (why: string) => void; readTimeoutMs?: number } = {},
 ): Promise<void> {
+  // The server sends a keep-alive comment every 15 s: longer silence is a dead connection (a half-open one never errs).
+  const readTimeoutMs = o.readTimeoutMs ?? 45_000;
   let last = since;
   const where = `${target.host}:${target.port}`;
   while (!o.signal?.aborted) {
@@ -180,6 +194,11 @@ export async function followEvents(
         resolve('stopped');
       };
       o.signal?.addEventListener('abort', abort, { once: true });
+      req.once('close', () => o.signal?.removeEventListener('abort', abort));
+      req.setTimeout(readTimeoutMs, () => {
+        req.destroy();
+        resolve(`no word from ${target.what} at ${where} for ${readTimeoutMs} ms`);
+      });
       req.on('error', (err) => resolve(`cannot reach ${target.what} at ${where} (${errnoCode(err) ?? err.message})`));
       req.on('response', (res) => {
         if (res.statusCode !== 200) {

@@ -53,6 +53,7 @@ export interface MetricsSource {
   lines: EventEmitter;
 }
 
+const VM_CACHE_MS = 5000;
 const ROLES = ['Primary', 'Secondary'];
 const DISKS = ['UpToDate', 'Consistent', 'Outdated', 'Inconsistent', 'Failed', 'Diskless', 'DUnknown', 'Attaching'];
 const CONNECTIONS = ['Connected', 'Connecting', 'StandAlone', 'SyncSource', 'SyncTarget', 'VerifySource', 'VerifyTarget', 'Disconnecting'];
@@ -70,7 +71,7 @@ export class Metrics {
   constructor(private readonly src: MetricsSource) {
     const r = this.registry;
     r.setDefaultLabels({ node: src.node });
-    client.collectDefaultMetrics({ register: r, prefix: 'duet_process_' });
+    client.collectDefaultMetrics({ register: r, prefix: 'duet_' });
 
     // ---- exports: read from the NBD server's counters at scrape time.
     const ops = new client.Counter({ name: 'duet_export_requests_total', help: 'NBD requests by export and operation', labelNames: ['export', 'op'], registers: [r] });
@@ -165,7 +166,7 @@ export class Metrics {
         if (p.open && p.sizeBytes !== undefined) poolSize.set({ pool: p.name }, p.sizeBytes);
         if (p.open && p.usedBytes !== undefined) poolUsed.set({ pool: p.name }, p.usedBytes);
       }
-      for (const v of await src.vms()) {
+      for (const v of await this.vmsCached()) {
         oneHot(vmState, { vm: v.name }, 'state', VM_STATES, v.state);
         vmMemory.set({ vm: v.name }, v.memoryBytes);
       }
@@ -173,6 +174,18 @@ export class Metrics {
   }
 
   private readonly refresh: () => Promise<void>;
+  private vmCache: { at: number; vms: Promise<MetricsVm[]> } | undefined;
+
+  /**
+   * The VMs at most VM_CACHE_MS old: each look asks every QEMU for its
+   * balloon over QMP, which the handover's pause and resume use too; scrapes
+   * (open to anyone by default) must not crowd it.
+   */
+  private vmsCached(): Promise<MetricsVm[]> {
+    const now = Date.now();
+    if (!this.vmCache || now - this.vmCache.at > VM_CACHE_MS) this.vmCache = { at: now, vms: this.src.vms().catch(() => []) };
+    return this.vmCache.vms;
+  }
   private readonly api = new client.Histogram({
     name: 'duet_api_request_duration_seconds',
     help: 'API requests by route, method and status',
@@ -208,7 +221,7 @@ function label(v: string): string {
  * only observe, not mirror counts kept elsewhere.
  */
 export function latencyText(src: MetricsSource): string {
-  const lines = [`# HELP ${LATENCY} NBD request latency by export and operation, from the request's arrival to its reply`, `# TYPE ${LATENCY} histogram`];
+  const lines = [`# HELP ${LATENCY} NBD request latency by export and operation, from the request's dispatch to the device's completion (refused requests are not timed)`, `# TYPE ${LATENCY} histogram`];
   for (const [exp, stats] of src.exports()) {
     for (const [op, s] of stats.ops) {
       const l = `node="${label(src.node)}",export="${label(exp)}",op="${op}"`;

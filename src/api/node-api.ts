@@ -13,7 +13,7 @@ import { dashboardFile } from './dashboard.js';
 import { Metrics, type MetricsSource } from './metrics.js';
 import { caOf } from './target.js';
 import { RENEW_BEFORE_MS, serverCertificate, writeCaFile } from './tls.js';
-import { apiToken } from './token.js';
+import { apiToken, peerToken } from './token.js';
 
 export interface ApiHost {
   readonly config: ClusterConfig;
@@ -39,7 +39,7 @@ export async function startApi(host: ApiHost): Promise<NodeApi> {
   let tls: { key: string; cert: string; notAfter: Date } | undefined;
   const altNames = [address, ...(config.nodes[node].heartbeatAddress ? [config.nodes[node].heartbeatAddress!] : []), ...(isLoopback(address) ? ['localhost'] : [])];
   if (config.api.tls) {
-    const ca = caOf(secret, config.cluster);
+    const ca = caOf(config, secret);
     const file = caFileOf(config);
     try {
       if (writeCaFile(file, ca)) log.info({ event: 'api-ca-written', file }, `the cluster CA's certificate is in ${file} (import it in a browser to trust the dashboard)`);
@@ -53,6 +53,7 @@ export async function startApi(host: ApiHost): Promise<NodeApi> {
     host: address,
     port: config.api.port,
     token: apiToken(secret),
+    peerToken: peerToken(secret),
     ...(tls ? { tls } : {}),
     // The route's schema checked the fields: the command is one of NodeCommand's.
     handler: (c, io) => host.handle(c as unknown as NodeCommand, io),
@@ -68,7 +69,7 @@ export async function startApi(host: ApiHost): Promise<NodeApi> {
   if (tls) {
     timer = setInterval(() => {
       if (tls!.notAfter.getTime() - Date.now() > RENEW_BEFORE_MS) return;
-      tls = serverCertificate(caOf(secret, config.cluster), node, altNames);
+      tls = serverCertificate(caOf(config, secret), node, altNames);
       server.setCertificate(tls);
       log.info({ event: 'api-certificate-renewed', notAfter: tls.notAfter.toISOString() }, 'renewed the API certificate');
     }, RENEW_CHECK_MS);

@@ -32,8 +32,11 @@ export interface Route {
 
 const name = z.string().min(1).max(64);
 const volName = z.string().min(1).max(128);
-/** A query string's number. */
-const num = z.coerce.number().int().nonnegative();
+/** A query string's number: decimal digits only (not "", not 0x10, not 1e3). */
+const num = z
+  .string()
+  .regex(/^\d{1,15}$/, 'must be a whole number')
+  .transform(Number);
 /** A query string's boolean: true/false, 1/0. */
 const bool = z.union([z.boolean(), z.enum(['true', 'false', '1', '0']).transform((s) => s === 'true' || s === '1')]);
 const size = z.number().int().positive();

@@ -18,9 +18,9 @@ import { bearerOk } from './token.js';
 
 export type ApiHandler = (command: { cmd: string } & Record<string, unknown>, io: { input?: Readable; output?: Writable }) => Promise<unknown>;
 
-/** Where the event stream reads from: the records after a sequence number, and new ones as they come. */
+/** Where the event stream reads from: the recent records kept in memory, and new ones as they come. */
 export interface EventSource {
-  since(seq: number): { seq: number }[];
+  recent(seq: number): { seq: number }[];
   on(event: 'event', listener: (r: { seq: number }) => void): unknown;
   off(event: 'event', listener: (r: { seq: number }) => void): unknown;
 }
@@ -29,6 +29,11 @@ export interface ApiOptions {
   host: string;
   port: number;
   token: string;
+  /**
+   * The nodes' own token: the only one the peer routes (/api/v1/node/...) take, and good for every
+   * other route too. Absent: the peer routes are closed.
+   */
+  peerToken?: string;
   /** TLS key and certificate (PEM); absent: plain HTTP (loopback only, checked by the config). */
   tls?: { key: string; cert: string };
   handler: ApiHandler;
@@ -49,7 +54,11 @@ export interface ApiError {
   exitCode: number;
 }
 
+/** How long a stopping daemon lets running API requests finish (a rejoin can take hours: it is cut, and its caller told it may have run). */
+const CLOSE_GRACE_MS = 10_000;
+
 const HINTS: Record<number, string> = {
+  403: 'this route is for the nodes themselves',
   400: 'see GET /api/v1 for the routes and their fields',
   401: 'send the cluster token as "Authorization: Bearer TOKEN" (duet api token prints it)',
   404: 'GET /api/v1 lists the routes; the listings (/api/v1/resources, /vms, /pools) name what exists',
@@ -80,22 +89,35 @@ export class ApiServer {
       // A request's fields are small; volume streams are not parsed (octet-stream passes through).
       bodyLimit: 1024 * 1024,
       ...(o.tls ? { https: { key: o.tls.key, cert: o.tls.cert, minVersion: 'TLSv1.2' as const } } : {}),
-      // Keep-alive connections of a stopped daemon must not hold its close.
-      forceCloseConnections: true,
-      return503OnClosing: true,
+      // A stopping daemon closes idle keep-alive connections at once and lets running requests answer
+      // (close() bounds that wait): a caller must not be told "cannot reach" for a command that still runs.
+      forceCloseConnections: 'idle',
+      return503OnClosing: false,
+      // Volume names go up to 127 characters, and they are URL parameters.
+      maxParamLength: 512,
     });
     // A receive's body is the volume stream itself: handed to the command unread.
     app.addContentTypeParser('application/octet-stream', (_req, payload, done) => done(null, payload));
 
     app.addHook('onRequest', async (req, reply) => {
       (req as RequestWithStart).startedAt = process.hrtime.bigint();
-      const url = req.url;
-      const needsToken = url.startsWith('/api/') || (url.startsWith('/metrics') && o.metricsNeedToken === true);
+      // Decided by the route the router matched (it decodes the path), never by the raw URL: /%61pi/v1/...
+      // reaches the /api/v1/... route and must be checked like it.
+      const route = req.routeOptions.url ?? '';
+      const peerRoute = route.startsWith('/api/v1/node/');
+      const needsToken = route.startsWith('/api/') || (route === '/metrics' && o.metricsNeedToken === true);
       if (!needsToken) return;
-      if (!bearerOk(req.headers.authorization, o.token)) {
-        o.log.warn({ event: 'api-refused', from: req.ip, url: req.routeOptions.url ?? url }, 'refused an API request without the cluster token');
-        return reply.code(401).send(errorBody(401, req.headers.authorization ? 'wrong token: the node refused the request' : 'the API needs the cluster token', 2));
+      const header = req.headers.authorization;
+      const peer = o.peerToken !== undefined && bearerOk(header, o.peerToken);
+      if (peer) return;
+      const user = bearerOk(header, o.token);
+      if (user && !peerRoute) return;
+      if (user) {
+        o.log.warn({ event: 'api-refused', from: req.ip, url: route }, 'refused a peer route to a client token');
+        return reply.code(403).send(errorBody(403, `${route} is for the nodes of the cluster only`, 2, 'scripts and dashboards use the other routes (GET /api/v1 lists them)'));
       }
+      o.log.warn({ event: 'api-refused', from: req.ip, url: route }, 'refused an API request without the cluster token');
+      return reply.code(401).send(errorBody(401, header ? 'wrong token: the node refused the request' : 'the API needs the cluster token', 2));
     });
     app.addHook('onResponse', async (req, reply) => {
       const started = (req as RequestWithStart).startedAt;
@@ -155,8 +177,14 @@ export class ApiServer {
     server.setSecureContext?.({ key: tls.key, cert: tls.cert });
   }
 
-  async close(): Promise<void> {
-    await this.app.close();
+  /** Stop: running requests get up to `graceMs` to answer, then their connections are cut. */
+  async close(graceMs = CLOSE_GRACE_MS): Promise<void> {
+    const cut = setTimeout(() => (this.app.server as { closeAllConnections?: () => void }).closeAllConnections?.(), graceMs);
+    try {
+      await this.app.close();
+    } finally {
+      clearTimeout(cut);
+    }
   }
 }
 
@@ -232,9 +260,9 @@ async function streamOut(command: { cmd: string } & Record<string, unknown>, req
     out.pipe(res, { end: false });
   };
   out.once('readable', start);
-  req.raw.once('close', () => {
-    // The client left: stop reading the volume for it.
-    if (!res.writableFinished) out.destroy();
+  res.once('close', () => {
+    // The client left: the send fails (with an error, so a writer waiting for 'drain' hears it) and stops reading the volume.
+    if (!res.writableFinished) out.destroy(new Error('the client left before the stream ended'));
   });
   o.log.info({ event: 'api-command', cmd: command.cmd, from: req.ip }, 'API command');
   try {
@@ -269,8 +297,8 @@ function registerEventStream(app: FastifyInstance, events: EventSource, log: Log
     const q = (req.query ?? {}) as { since?: string };
     const lastId = req.headers['last-event-id'];
     const sinceText = typeof lastId === 'string' ? lastId : q.since ?? '0';
-    const since = Number(sinceText);
-    if (!Number.isSafeInteger(since) || since < 0) return reply.code(400).send(errorBody(400, 'bad request: since must be a sequence number', 2));
+    const since = /^\d{1,15}$/.test(sinceText) ? Number(sinceText) : NaN;
+    if (!Number.isSafeInteger(since)) return reply.code(400).send(errorBody(400, 'bad request: since must be a sequence number', 2));
     reply.hijack();
     const res = reply.raw;
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' });
@@ -282,12 +310,9 @@ function registerEventStream(app: FastifyInstance, events: EventSource, log: Log
     };
     const listener = (r: { seq: number }): void => write(r);
     events.on('event', listener);
-    // since() returns a bounded batch: read on until the backlog is sent (bounded by the ring's size).
-    for (let i = 0; i < 100; i++) {
-      const batch = events.since(last);
-      if (batch.length === 0) break;
-      for (const r of batch) write(r);
-    }
+    // The backlog is what is kept in memory only (the whole history is GET /api/v1/events, paged): reading
+    // the files here would stall the event loop, and with it the heartbeats, for a stream anyone may open.
+    for (const r of events.recent(last)) write(r);
     const keepAlive = setInterval(() => res.write(': keep-alive\n\n'), 15_000);
     keepAlive.unref();
     req.raw.once('close', () => {

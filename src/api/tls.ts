@@ -12,10 +12,10 @@
  * Deriving the CA from the secret gives nothing away: whoever has the
  * secret can already drive every node.
  */
-import { createECDH, createHash, createPrivateKey, createPublicKey, generateKeyPairSync, hkdfSync, X509Certificate, type KeyObject } from 'node:crypto';
+import { createECDH, createHash, createPrivateKey, createPublicKey, generateKeyPairSync, hkdfSync, scryptSync, type KeyObject } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { makeCertificate, pem } from './x509.js';
+import { makeCertificate, pem, tbsOf } from './x509.js';
 
 /** The order of P-256's base point: a private scalar must be in [1, n-1]. */
 const P256_N = BigInt('0xffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551');
@@ -37,10 +37,15 @@ function b64url(b: Buffer): string {
   return b.toString('base64url');
 }
 
-/** The CA's P-256 key, from the secret. */
+/**
+ * The CA's P-256 key, from the secret. scrypt first: the CA's public key is
+ * public (in every certificate a node shows), so each guess of a weak secret
+ * checked against it must cost an attacker what scrypt costs (~50 ms, 16 MiB).
+ */
 export function caKeyOf(secret: Buffer): KeyObject {
+  const seed = scryptSync(secret, 'duet-cluster-ca-v1', 32, { N: 2 ** 14, r: 8, p: 1, maxmem: 64 * 1024 * 1024 });
   for (let counter = 0; ; counter++) {
-    const d = Buffer.from(hkdfSync('sha256', secret, Buffer.from('duet-cluster-ca'), Buffer.from(`p256-key-${counter}`), 32));
+    const d = Buffer.from(hkdfSync('sha256', seed, Buffer.from('duet-cluster-ca'), Buffer.from(`p256-key-${counter}`), 32));
     const v = BigInt(`0x${d.toString('hex')}`);
     // Out of range once in 2^32: the next counter.
     if (v === 0n || v >= P256_N) continue;
@@ -51,7 +56,18 @@ export function caKeyOf(secret: Buffer): KeyObject {
   }
 }
 
-export function clusterCa(secret: Buffer, cluster: string): ClusterCa {
+/** What the CA may vouch for (its name constraints): the nodes' addresses and host names. */
+export interface CaNames {
+  ips: string[];
+  dns: string[];
+}
+
+/**
+ * The cluster CA. Name-constrained to the cluster's own addresses and node
+ * names: an admin imports it in a browser, and a CA that every holder of
+ * the secret can sign with must not be able to vouch for any other site.
+ */
+export function clusterCa(secret: Buffer, cluster: string, names: CaNames): ClusterCa {
   const key = caKeyOf(secret);
   const spki = createPublicKey(key).export({ type: 'spki', format: 'der' });
   const subject = `duet cluster ${cluster} CA`;
@@ -65,6 +81,7 @@ export function clusterCa(secret: Buffer, cluster: string): ClusterCa {
     publicKeySpki: spki,
     issuer: { subject, organization: 'duet', spki, privateKey: key },
     ca: true,
+    permitted: names,
   });
   return { key, spki, certPem: pem(der), subject };
 }
@@ -96,18 +113,24 @@ export function serverCertificate(ca: ClusterCa, node: string, altNames: string[
 }
 
 /**
- * Write the CA certificate to FILE unless a certificate of the same key is
- * already there (atomically: a reader never sees half a file).
+ * Write the CA certificate to FILE unless the same certificate (all but its
+ * signature, which differs from copy to copy) is already there; atomically:
+ * a reader never sees half a file.
  */
 export function writeCaFile(file: string, ca: ClusterCa): boolean {
   try {
-    const have = new X509Certificate(fs.readFileSync(file));
-    if (have.publicKey.export({ type: 'spki', format: 'der' }).equals(ca.spki)) return false;
+    const have = pemToDer(fs.readFileSync(file, 'utf8'));
+    if (have && tbsOf(have).equals(tbsOf(pemToDer(ca.certPem)!))) return false;
   } catch {
-    // Missing or unreadable: written below.
+    // Missing, unreadable or not a certificate: written below.
   }
   const tmp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
   fs.writeFileSync(tmp, ca.certPem, { mode: 0o644 });
   fs.renameSync(tmp, file);
   return true;
+}
+
+function pemToDer(text: string): Buffer | undefined {
+  const m = /-----BEGIN CERTIFICATE-----([^-]+)-----END CERTIFICATE-----/.exec(text);
+  return m ? Buffer.from(m[1].replace(/\s+/g, ''), 'base64') : undefined;
 }

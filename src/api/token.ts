@@ -13,6 +13,15 @@ export function apiToken(secret: Buffer): string {
   return createHmac('sha256', secret).update('duet-api-token-v1').digest('base64url');
 }
 
+/**
+ * The nodes' own token: the peer routes (/api/v1/node/...: boot a VM here without asking who
+ * decides, take a migration in, hold I/O) take only it, so the token a browser keeps cannot start a
+ * second copy of a running VM. Only a holder of the secret (a node) can compute it.
+ */
+export function peerToken(secret: Buffer): string {
+  return createHmac('sha256', secret).update('duet-peer-token-v1').digest('base64url');
+}
+
 /** Is `header` "Bearer TOKEN" with the right token? Constant time in the token's content. */
 export function bearerOk(header: string | undefined, token: string): boolean {
   if (typeof header !== 'string') return false;

@@ -61,6 +61,7 @@ const OID = {
   subjectAltName: '2.5.29.17',
   subjectKeyId: '2.5.29.14',
   authorityKeyId: '2.5.29.35',
+  nameConstraints: '2.5.29.30',
   serverAuth: '1.3.6.1.5.5.7.3.1',
   clientAuth: '1.3.6.1.5.5.7.3.2',
 };
@@ -87,8 +88,15 @@ function generalName(n: string): Buffer {
   return tlv(0x82, Buffer.from(n, 'ascii'));
 }
 
-function ipv6Bytes(addr: string): Buffer {
-  const [head, tail] = addr.includes('::') ? addr.split('::') : [addr, undefined];
+/** The 16 bytes of an IPv6 address, an IPv4 tail (::ffff:192.0.2.1) included. */
+export function ipv6Bytes(addr: string): Buffer {
+  let text = addr;
+  const v4 = /(\d+\.\d+\.\d+\.\d+)$/.exec(text);
+  if (v4) {
+    const b = v4[1].split('.').map(Number);
+    text = `${text.slice(0, -v4[1].length)}${((b[0] << 8) | b[1]).toString(16)}:${((b[2] << 8) | b[3]).toString(16)}`;
+  }
+  const [head, tail] = text.includes('::') ? text.split('::') : [text, undefined];
   const h = head ? head.split(':') : [];
   const t = tail ? tail.split(':') : [];
   const groups = tail === undefined ? h : [...h, ...Array(8 - h.length - t.length).fill('0'), ...t];
@@ -110,6 +118,8 @@ export interface CertificateSpec {
   ca: boolean;
   /** DNS names and IP addresses (server certificates). */
   altNames?: string[];
+  /** A CA's name constraints (RFC 5280 4.2.1.10): the only addresses and names it may vouch for. */
+  permitted?: { ips: string[]; dns: string[] };
 }
 
 /** A DER certificate. */
@@ -124,6 +134,17 @@ export function makeCertificate(s: CertificateSpec): Buffer {
   ];
   if (!s.ca) exts.push(extension(OID.extKeyUsage, false, seq(oid(OID.serverAuth), oid(OID.clientAuth))));
   if (s.altNames?.length) exts.push(extension(OID.subjectAltName, false, seq(...s.altNames.map(generalName))));
+  if (s.permitted) {
+    // GeneralSubtree { base }: an address with a full mask (one host), a DNS name (it and its subdomains).
+    const subtrees = [
+      ...s.permitted.ips.map((ip) => {
+        const bytes = net.isIP(ip) === 4 ? Buffer.from(ip.split('.').map(Number)) : ipv6Bytes(ip);
+        return seq(tlv(0x87, Buffer.concat([bytes, Buffer.alloc(bytes.length, 0xff)])));
+      }),
+      ...s.permitted.dns.map((d) => seq(tlv(0x82, Buffer.from(d, 'ascii')))),
+    ];
+    exts.push(extension(OID.nameConstraints, true, seq(tlv(0xa0, Buffer.concat(subtrees)))));
+  }
   const tbs = seq(
     tlv(0xa0, integer(Buffer.from([2]))),
     integer(s.serial),
@@ -141,4 +162,24 @@ export function makeCertificate(s: CertificateSpec): Buffer {
 export function pem(der: Buffer, label = 'CERTIFICATE'): string {
   const b64 = der.toString('base64').replace(/(.{64})/g, '$1\n').replace(/\n$/, '');
   return `-----BEGIN ${label}-----\n${b64}\n-----END ${label}-----\n`;
+}
+
+/** The to-be-signed part of a DER certificate: what two copies of one certificate share. */
+export function tbsOf(der: Buffer): Buffer {
+  // Certificate ::= SEQUENCE { tbsCertificate, ... }: skip the outer header, then take the first element whole.
+  const inner = headerLength(der, 0);
+  return der.subarray(inner, inner + elementLength(der, inner));
+}
+
+function headerLength(der: Buffer, at: number): number {
+  const first = der[at + 1];
+  return first < 0x80 ? 2 : 2 + (first & 0x7f);
+}
+
+function elementLength(der: Buffer, at: number): number {
+  const first = der[at + 1];
+  if (first < 0x80) return 2 + first;
+  let n = 0;
+  for (let i = 0; i < (first & 0x7f); i++) n = n * 256 + der[at + 2 + i];
+  return 2 + (first & 0x7f) + n;
 }

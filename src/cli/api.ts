@@ -20,7 +20,7 @@ export function registerApi(program: Command): void {
     .action((options: { out?: string }, cmd: Command) => {
       const t = requireCluster(cmd);
       if (!t.config.api.tls) throw new UserError(`${t.config.file}: api.tls is false: the API is plain HTTP on loopback, with no certificate`);
-      const pem = caOf(loadSecret(t.config), t.config.cluster).certPem;
+      const pem = caOf(t.config, loadSecret(t.config)).certPem;
       if (options.out === undefined) return void process.stdout.write(pem);
       try {
         fs.writeFileSync(options.out, pem, { mode: 0o644 });

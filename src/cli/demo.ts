@@ -16,7 +16,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Command } from 'commander';
 import { FileDevice } from '../blockdev/file.js';
-import { loadClusterConfig } from '../cluster/config.js';
+import { loadClusterConfig, loadSecret } from '../cluster/config.js';
+import { apiToken } from '../api/token.js';
 import { createMetadata } from '../replication/create-md.js';
 import { layoutFor, readRecord } from '../replication/meta.js';
 import type { NodeStatus } from '../cluster/node.js';
@@ -208,7 +209,12 @@ export function registerDemo(program: Command): void {
           '',
           formatStatus(status).trimEnd(),
           '',
+          `dashboard: https://${NODES.alpha}:7800/ (or bravo's, https://${NODES.bravo}:7800/); sign in with the token ${apiToken(loadSecret(config))}`,
+          `  the browser trusts it once the cluster CA is imported: ${path.join(dir, 'secret.ca.pem')} (${d} cert prints it)`,
+          `  metrics: curl --cacert ${path.join(dir, 'secret.ca.pem')} https://${NODES.alpha}:7800/metrics`,
+          '',
           'try, from another terminal:',
+          `  ${d} --node alpha doctor                    # preflight: QEMU/KVM, ports, disks, metadata, witness, clock`,
           `  ${d} --node alpha resource status            # roles, disks, connection, resync`,
           `  head -c 64M /dev/urandom > /tmp/rand.img && nbdcopy --flush /tmp/rand.img ${url}`,
           `  ${d} --node alpha resource disconnect r0; qemu-io -f raw -c 'write -P 7 0 1M' ${url}`,

@@ -175,6 +175,11 @@ export class EventLog extends EventEmitter {
     return this.readKept(from).slice(0, limit);
   }
 
+  /** The records with seq > since that are in memory (never a file read: cheap enough for anyone to ask). */
+  recent(since: number): EventRecord[] {
+    return this.ring.filter((r) => r.seq > since);
+  }
+
   /** The last n records. */
   tail(n: number): EventRecord[] {
     if (n <= 0) return [];

@@ -224,7 +224,7 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
   /** Ask another node's daemon, through its API like the CLI. */
   call(node: string, request: NodeCommand, timeoutMs = 10_000): Promise<unknown> {
     if (!this.config.nodes[node]) return Promise.reject(new NotFoundError(`no node named ${node} in ${this.config.file}`));
-    return callApi(apiTargetOf(this.config, node, this.secret, `the duet daemon of node ${node}`, this.address), request as NodeCommand & Record<string, unknown>, { timeoutMs });
+    return callApi(apiTargetOf(this.config, node, this.secret, `the duet daemon of node ${node}`, this.address, true), request as NodeCommand & Record<string, unknown>, { timeoutMs });
   }
 
   /* -------------------------------------------------------------- quorum */

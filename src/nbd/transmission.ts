@@ -287,6 +287,8 @@ export class Transmission {
     if (counted) counted.requests++;
     const invalid = this.validate(type, cmdFlags, offset, length);
     if (invalid !== null) {
+      // A refused request (past the end, a write to a read-only export) is an error the client saw.
+      if (counted) counted.errors++;
       this.replyError(hi, lo, invalid[0], invalid[1], null);
       return;
     }

@@ -10,12 +10,18 @@ import path from 'node:path';
 import { loadClusterConfig, loadSecret } from '../../src/cluster/config.js';
 import { apiTargetOf } from '../../src/api/target.js';
 import type { ApiTarget } from '../../src/api/client.js';
+import { peerToken as peerTokenOf } from '../../src/api/token.js';
 
 export interface RawAnswer {
   status: number;
   headers: http.IncomingHttpHeaders;
   text: string;
   json: unknown;
+}
+
+/** The token the nodes use between them (the /api/v1/node/ routes take only it). */
+export function peerToken(file: string): string {
+  return peerTokenOf(loadSecret(loadClusterConfig(file)));
 }
 
 export function targetOf(file: string, node: string): ApiTarget {

@@ -11,7 +11,7 @@ import { PassThrough } from 'node:stream';
 import { ROUTES } from '../../src/api/routes.js';
 import { callApi, type ApiTarget } from '../../src/api/client.js';
 import { makeCluster, waitStatus, inSync } from '../e2e/cluster-harness.js';
-import { raw, readCa, targetOf } from './api-harness.js';
+import { peerToken, raw, readCa, targetOf } from './api-harness.js';
 
 const MiB = 1024 * 1024;
 
@@ -23,6 +23,8 @@ function isErrorBody(v: unknown): v is { error: string; hint: string; exitCode: 
 /** A request of each route: a well-formed one (and the statuses it may get) and a malformed one (always 400). */
 interface Case {
   node?: 'alpha' | 'bravo';
+  /** A peer route (/api/v1/node/...): sent with the peers' token. */
+  peer?: boolean;
   /** Wait for the link to be up and in sync again afterwards. */
   resettle?: boolean;
   good: { path: string; body?: unknown; status: number[] };
@@ -135,6 +137,29 @@ test('api: every route answers a well-formed request and refuses a malformed one
   // /metrics is open by default (api.metricsToken), as Prometheus scrapes usually are.
   assert.equal((await raw(alpha, 'GET', '/metrics', { token: null })).status, 200);
 
+  // ---- the token cannot be dodged by spelling the path another way (the router decodes it).
+  for (const [method, p] of [
+    ['GET', '/%61pi/v1/status'],
+    ['POST', '/%61pi/v1/resources/a/primary'],
+    ['GET', '/api/v1/%72esources'],
+    ['GET', '/API/v1/status'],
+  ] as const) {
+    const r = await raw(alpha, method, p, { token: null, ...(method === 'POST' ? { body: '{"force":true}' } : {}) });
+    assert.ok(r.status === 401 || r.status === 404, `${method} ${p} without a token: ${r.status} ${r.text}`);
+  }
+  // ---- the routes one node asks of the other take the peers' token only, not the token people and dashboards hold.
+  const peerOnly = await raw(alpha, 'GET', '/api/v1/node/vms');
+  assert.equal(peerOnly.status, 403, peerOnly.text);
+  assert.ok(isErrorBody(peerOnly.json));
+  assert.equal((await raw(alpha, 'GET', '/api/v1/node/vms', { token: peerToken(c.file) })).status, 200);
+  // Query numbers are numbers: an empty or hex one is refused.
+  for (const q of ['since=', 'since=0x10', 'tail=1.5']) assert.equal((await raw(alpha, 'GET', `/api/v1/events?${q}`)).status, 400, q);
+  // Names up to the pool's limit (127 characters) work in URLs too.
+  const longName = 'v'.repeat(120);
+  assert.equal((await raw(alpha, 'POST', '/api/v1/pools/pa/volumes', { body: JSON.stringify({ name: longName, sizeBytes: 1048576 }) })).status, 200);
+  const removed = await raw(alpha, 'DELETE', `/api/v1/pools/pa/volumes/${longName}`);
+  assert.equal(removed.status, 200, removed.text);
+
   // ---- unknown routes and objects: 404 with a body.
   const nowhere = await raw(alpha, 'GET', '/api/v1/nowhere');
   assert.equal(nowhere.status, 404);
@@ -166,7 +191,8 @@ test('api: every route answers a well-formed request and refuses a malformed one
     const target = k.node === 'bravo' ? bravo : alpha;
     const body = (v: unknown): { body?: string | Buffer; contentType?: string } =>
       v === undefined ? {} : Buffer.isBuffer(v) ? { body: v, contentType: 'application/octet-stream' } : { body: JSON.stringify(v) };
-    const good = await raw(target, r.method, k.good.path, body(k.good.body));
+    const token = r.url.startsWith('/api/v1/node/') ? peerToken(c.file) : undefined;
+    const good = await raw(target, r.method, k.good.path, { ...body(k.good.body), token });
     assert.ok(k.good.status.includes(good.status), `${key}: good request got ${good.status}: ${good.text.slice(0, 300)}`);
     if (good.status >= 400) {
       assert.ok(isErrorBody(good.json), `${key}: ${good.text}`);
@@ -174,7 +200,7 @@ test('api: every route answers a well-formed request and refuses a malformed one
       assert.equal(good.status === 409, good.json.exitCode === 1, `${key}: ${good.text}`);
       assert.ok(!/internal error/.test(good.json.error), `${key}: ${good.json.error}`);
     }
-    const bad = await raw(target, r.method, k.bad.path, body(k.bad.body));
+    const bad = await raw(target, r.method, k.bad.path, { ...body(k.bad.body), token });
     assert.equal(bad.status, 400, `${key}: bad request got ${bad.status}: ${bad.text.slice(0, 300)}`);
     assert.ok(isErrorBody(bad.json), `${key}: ${bad.text}`);
     assert.match(bad.json.error, /^bad request: /, key);

@@ -5,6 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import https from 'node:https';
 import os from 'node:os';
 import path from 'node:path';
 import { DUET, haveProgram, readAt, ROOT, run, tmpDir, waitFor, withTimeout } from './harness.js';
@@ -168,6 +169,16 @@ test('npm start (duet demo): two nodes and a witness come up, the demo volume is
   }
   const info = await run('nbdinfo', ['--size', 'nbd://127.0.0.1:10809/demo']);
   assert.equal(info.stdout.trim(), String(1024 * 1024 * 1024), info.describe());
+  // The dashboard line: its URL and token work, over TLS checked against the CA file it names.
+  const dash = /dashboard: (https:\/\/127\.0\.0\.2:7800\/) .*sign in with the token (\S+)\n\s+the browser trusts it once the cluster CA is imported: (\S+)/.exec(out);
+  assert.ok(dash, out);
+  const ca = fs.readFileSync(dash[3], 'utf8');
+  const page = await httpsGet(`${dash[1]}`, ca);
+  assert.equal(page.status, 200);
+  assert.match(page.body, /<title>duet<\/title>/);
+  const status = await httpsGet(`${dash[1]}api/v1/status`, ca, dash[2]);
+  assert.equal(status.status, 200, status.body);
+  assert.equal((JSON.parse(status.body) as { cluster: string }).cluster, 'demo');
   const pids = [...fs.readdirSync(path.join(dir, 'logs'))];
   assert.deepEqual(pids.sort(), ['alpha.log', 'bravo.log', 'witness.log']);
   const vmsRun = haveProgram('qemu-system-x86_64') || process.env.CI === 'true';
@@ -215,4 +226,16 @@ function liveQemus(dir: string): string[] {
     }
   }
   return out;
+}
+
+function httpsGet(url: string, ca: string, token?: string): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = https.get(url, { ca, agent: false, headers: token ? { authorization: `Bearer ${token}` } : {} }, (res) => {
+      let body = '';
+      res.on('data', (b: Buffer) => (body += b.toString()));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+    });
+    req.setTimeout(10_000, () => req.destroy(new Error(`${url}: no answer`)));
+    req.on('error', reject);
+  });
 }
