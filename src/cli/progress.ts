@@ -93,9 +93,16 @@ export class ProgressView {
  */
 export async function withProgress<T>(view: ProgressView, work: Promise<T>, sample: () => Promise<Sample | undefined>, everyMs = 1000): Promise<T> {
   let done = false;
+  // The pause between samples ends early when the work does (an unref'd timer would let the process
+  // exit while the result waits to be printed).
+  let wake: () => void = () => undefined;
+  let timer: NodeJS.Timeout | undefined;
   const watch = (async () => {
     while (!done) {
-      await new Promise((r) => setTimeout(r, everyMs).unref());
+      await new Promise<void>((resolve) => {
+        wake = resolve;
+        timer = setTimeout(resolve, everyMs);
+      });
       if (done) break;
       try {
         const s = await sample();
@@ -109,6 +116,8 @@ export async function withProgress<T>(view: ProgressView, work: Promise<T>, samp
     return await work;
   } finally {
     done = true;
+    clearTimeout(timer);
+    wake();
     view.stop();
     await watch;
   }
