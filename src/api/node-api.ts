@@ -12,7 +12,7 @@ import { ApiServer } from './server.js';
 import { dashboardFile } from './dashboard.js';
 import { Metrics, type MetricsSource } from './metrics.js';
 import { caOf } from './target.js';
-import { RENEW_BEFORE_MS, serverCertificate, writeCaFile } from './tls.js';
+import { RENEW_BEFORE_MS, serverCertificate, writeCaFile, type ServerCertificate } from './tls.js';
 import { apiToken, peerToken } from './token.js';
 
 export interface ApiHost {
@@ -36,7 +36,7 @@ const RENEW_CHECK_MS = 12 * 3600_000;
 
 export async function startApi(host: ApiHost): Promise<NodeApi> {
   const { config, node, address, secret, log } = host;
-  let tls: { key: string; cert: string; notAfter: Date } | undefined;
+  let tls: ServerCertificate | undefined;
   const altNames = [address, ...(config.nodes[node].heartbeatAddress ? [config.nodes[node].heartbeatAddress!] : []), ...(isLoopback(address) ? ['localhost'] : [])];
   if (config.api.tls) {
     const ca = caOf(config, secret);
@@ -54,7 +54,7 @@ export async function startApi(host: ApiHost): Promise<NodeApi> {
     port: config.api.port,
     token: apiToken(secret),
     peerToken: peerToken(secret),
-    ...(tls ? { tls } : {}),
+    ...(tls ? { tls: { key: tls.key, cert: tls.chain } } : {}),
     // The route's schema checked the fields: the command is one of NodeCommand's.
     handler: (c, io) => host.handle(c as unknown as NodeCommand, io),
     events: host.events,
@@ -70,7 +70,7 @@ export async function startApi(host: ApiHost): Promise<NodeApi> {
     timer = setInterval(() => {
       if (tls!.notAfter.getTime() - Date.now() > RENEW_BEFORE_MS) return;
       tls = serverCertificate(caOf(config, secret), node, altNames);
-      server.setCertificate(tls);
+      server.setCertificate({ key: tls.key, cert: tls.chain });
       log.info({ event: 'api-certificate-renewed', notAfter: tls.notAfter.toISOString() }, 'renewed the API certificate');
     }, RENEW_CHECK_MS);
     timer.unref();

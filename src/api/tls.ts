@@ -88,7 +88,10 @@ export function clusterCa(secret: Buffer, cluster: string, names: CaNames): Clus
 
 export interface ServerCertificate {
   key: string;
+  /** The node's certificate alone. */
   cert: string;
+  /** The node's certificate and the CA's: what the server presents, so a client can match the CA's key in it. */
+  chain: string;
   notAfter: Date;
 }
 
@@ -109,7 +112,7 @@ export function serverCertificate(ca: ClusterCa, node: string, altNames: string[
     ca: false,
     altNames: [...new Set([node, ...altNames])],
   });
-  return { key: privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: pem(der), notAfter };
+  return { key: privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: pem(der), chain: pem(der) + ca.certPem, notAfter };
 }
 
 /**

@@ -218,6 +218,14 @@ test('api: the CLI and the API agree; a volume stream goes out and back in over 
   await waitStatus(c, 'alpha', 'alpha Primary and in sync', (s) => s.role === 'Primary' && inSync(s));
   const alpha: ApiTarget = targetOf(c.file, 'alpha');
 
+  // duet token and duet cert: what a browser or curl needs, from the cluster file alone.
+  const token = await c.duet('alpha', ['token']);
+  assert.equal(token.stdout.trim(), alpha.token);
+  const cert = await c.duet('alpha', ['cert']);
+  assert.equal(cert.code, 0, cert.describe());
+  assert.ok(new X509Certificate(cert.stdout).publicKey.equals(new X509Certificate(alpha.ca!).publicKey));
+  assert.ok(new X509Certificate(cert.stdout).ca);
+
   // CLI and API: the same resource, the same volumes.
   const cli = await c.duet('alpha', ['resource', 'status', 'a', '--json']);
   assert.equal(cli.code, 0, cli.describe());

@@ -147,8 +147,8 @@ test('api client over TLS: a call that times out fails with a clear error and th
   assert.deepEqual(await callApi({ host: '127.0.0.1', port, token: TOKEN, ca: ca.certPem, what: 'node alpha' }, { cmd: 'cluster.status' }, { timeoutMs: 5000 }), { late: true });
 });
 
-test('api server stop: a request already running gets its answer; a connection cut after the request was sent says it may have run', async (t) => {
-  const { callApi } = await import('../../src/api/client.js');
+/** An API server whose every command takes 500 ms, and a promise that resolves when one has started. */
+async function slowServer(): Promise<{ server: ApiServer; port: number; running: Promise<void> }> {
   const [port] = await freePorts(1);
   let started: () => void = () => undefined;
   const running = new Promise<void>((resolve) => (started = resolve));
@@ -163,29 +163,23 @@ test('api server stop: a request already running gets its answer; a connection c
       return { done: true };
     },
   });
-  const target = { host: '127.0.0.1', port, token: TOKEN, what: 'node alpha' };
+  return { server, port, running };
+}
+
+test('api server stop: a request already running gets its answer; a connection cut after the request was sent says it may have run', async (t) => {
+  const { callApi } = await import('../../src/api/client.js');
+  const one = await slowServer();
+  const target = { host: '127.0.0.1', port: one.port, token: TOKEN, what: 'node alpha' };
   const call = callApi(target, { cmd: 'cluster.status' });
-  await running;
-  await server.close();
+  await one.running;
+  await one.server.close();
   assert.deepEqual(await call, { done: true }, 'the daemon stopping let the running command answer');
 
-  const [port2] = await freePorts(1);
-  let started2: () => void = () => undefined;
-  const running2 = new Promise<void>((resolve) => (started2 = resolve));
-  const server2 = await ApiServer.listen({
-    host: '127.0.0.1',
-    port: port2,
-    token: TOKEN,
-    log,
-    handler: async () => {
-      started2();
-      await new Promise((r) => setTimeout(r, 500));
-      return { done: true };
-    },
-  });
-  t.after(() => server2.close());
-  const call2 = callApi({ ...target, port: port2 }, { cmd: 'cluster.status' });
-  await running2;
-  (server2.app.server as http.Server).closeAllConnections();
+  const two = await slowServer();
+  t.after(() => two.server.close());
+  const call2 = callApi({ ...target, port: two.port }, { cmd: 'cluster.status' });
+  await two.running;
+  (two.server.app.server as http.Server).closeAllConnections();
   await assert.rejects(call2, /the connection to node alpha at 127\.0\.0\.1:\d+ broke after the request was sent .*it may have run/);
 });
+

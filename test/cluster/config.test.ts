@@ -173,3 +173,13 @@ vms: { web: { disks: [p/web], memory: 1G, minMemory: 512M } }
   assert.ok(problems.some((p) => /pools\.p\.devices: its resources prefer different nodes \(a: alpha, b: bravo\)/.test(p)), problems.join('\n'));
   assert.ok(problems.some((p) => /vms\.web\.minMemory: 512M does not fit nodes\.alpha\.vmMemory \(256M\)/.test(p)), problems.join('\n'));
 });
+
+test('api: TLS by default; plain HTTP (tls: false) only when every node is on loopback; the CA file sits beside the secret', async () => {
+  const c = parseClusterConfig(EXAMPLE, '/etc/duet/c.yaml');
+  assert.deepEqual(c.api, { port: 7800, tls: true, metricsToken: false });
+  const { caFileOf } = await import('../../src/cluster/config.js');
+  assert.equal(caFileOf(c), '/etc/duet/secret.ca.pem');
+  assert.deepEqual(problemsOf(`${EXAMPLE}api: { tls: false }\n`), ['18 api.tls: plain HTTP is only for loopback addresses, and node alpha is at 192.0.2.1: remove tls: false (the API then uses TLS with the cluster\'s own CA)']);
+  const loopback = EXAMPLE.replace('192.0.2.1', '127.0.0.2').replace('192.0.2.2', '127.0.0.3').replace('192.0.2.3', '127.0.0.4');
+  assert.equal(parseClusterConfig(`${loopback}api: { tls: false, metricsToken: true }\n`, 'c.yaml').api.tls, false);
+});
