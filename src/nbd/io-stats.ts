@@ -51,7 +51,15 @@ export class ExportStats {
   }
 }
 
-/** Seconds since a performance.now() reading. */
+const hrtime = process.hrtime;
+
+/** Now, in milliseconds from an arbitrary point (monotonic): a request's start, for since(). */
+export function now(): number {
+  const t = hrtime();
+  return t[0] * 1e3 + t[1] / 1e6;
+}
+
+/** Seconds since a now() reading. */
 export function since(t0: number): number {
-  return (performance.now() - t0) / 1000;
+  return (now() - t0) / 1000;
 }

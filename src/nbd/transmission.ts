@@ -13,7 +13,7 @@ import type { Logger } from '../util/log.js';
 import { ByteQueue } from './bytequeue.js';
 import type { Negotiated } from './handshake.js';
 import * as P from './protocol.js';
-import { since, type ExportStats } from './io-stats.js';
+import { now, since, type ExportStats } from './io-stats.js';
 
 /** Reads at least this long look for holes first and send them as OFFSET_HOLE. */
 const SPARSE_READ_MIN_BYTES = 64 * 1024;
@@ -282,7 +282,7 @@ export class Transmission {
       return;
     }
     // When the request began (for its latency): complete() and track() read it, synchronously below.
-    this.dispatchedAt = performance.now();
+    this.dispatchedAt = now();
     const counted = this.hooks.exportStats?.of(type);
     if (counted) counted.requests++;
     const invalid = this.validate(type, cmdFlags, offset, length);
@@ -378,7 +378,7 @@ export class Transmission {
   // ---- read -----------------------------------------------------------------
 
   private read(hi: number, lo: number, offset: number, length: number, df: boolean): void {
-    const t0 = performance.now();
+    const t0 = now();
     this.hooks.stats.bytesRead += length;
     const op = this.hooks.exportStats?.of(P.NBD_CMD_READ);
     if (op) op.bytes += length;
