@@ -12,6 +12,7 @@
  * migration or a takeover; the CLI and the dashboard use the others.
  */
 import { z } from 'zod';
+import * as S from './schemas.js';
 
 export type Method = 'GET' | 'POST' | 'PUT' | 'DELETE';
 
@@ -28,6 +29,8 @@ export interface Route {
   stream?: StreamKind;
   /** One line for the route index (GET /api/v1). */
   summary: string;
+  /** The answer's shape (schemas.ts), where scripts rely on it. */
+  response?: z.ZodTypeAny;
 }
 
 const name = z.string().min(1).max(64);
@@ -48,8 +51,28 @@ const diskEndpoint = z
 const V = '/api/v1';
 
 function route(cmd: string, method: Method, url: string, shape: z.ZodRawShape, summary: string, stream?: StreamKind): Route {
-  return { cmd, method, url: `${V}${url}`, fields: z.object(shape).strict(), summary, ...(stream ? { stream } : {}) };
+  const response = RESPONSES[cmd];
+  return { cmd, method, url: `${V}${url}`, fields: z.object(shape).strict(), summary, ...(stream ? { stream } : {}), ...(response ? { response } : {}) };
 }
+
+const RESPONSES: Record<string, z.ZodTypeAny> = {
+  'cluster.status': S.clusterStatusSchema,
+  'pools.list': S.poolListSchema,
+  'resource.status': S.nodeStatusSchema,
+  'resource.primary': S.nodeStatusSchema,
+  'resource.secondary': S.nodeStatusSchema,
+  'resource.attach': S.nodeStatusSchema,
+  'resource.verify': S.verifySchema,
+  'cluster.fence-test': S.fenceTestSchema,
+  'events.list': S.eventsSchema,
+  'vm.list': S.vmListSchema,
+  'pool.show': S.poolInfoSchema,
+  'vol.list': z.array(S.volumeSchema),
+  'vol.create': S.volumeSchema,
+  'vol.resize': S.volumeSchema,
+  'vol.snapshot': S.volumeSchema,
+  'vol.clone': S.volumeSchema,
+};
 
 export const ROUTES: readonly Route[] = [
   route('cluster.status', 'GET', '/status', {}, 'the cluster: nodes, quorum, witness, resources, VMs, alerts'),

@@ -9,6 +9,7 @@ import https from 'node:https';
 import { X509Certificate } from 'node:crypto';
 import { PassThrough } from 'node:stream';
 import { ROUTES } from '../../src/api/routes.js';
+import { errorSchema, indexSchema } from '../../src/api/schemas.js';
 import { callApi, type ApiTarget } from '../../src/api/client.js';
 import { makeCluster, waitStatus, inSync } from '../e2e/cluster-harness.js';
 import { peerToken, raw, readCa, targetOf } from './api-harness.js';
@@ -132,6 +133,7 @@ test('api: every route answers a well-formed request and refuses a malformed one
   }
   const index = await raw(alpha, 'GET', '/api/v1');
   assert.equal(index.status, 200, index.text);
+  assert.ok(indexSchema.safeParse(index.json).success, index.text.slice(0, 300));
   const listed = (index.json as { routes: { method: string; url: string }[] }).routes.map((r) => `${r.method} ${r.url}`);
   for (const r of ROUTES) assert.ok(listed.includes(`${r.method} ${r.url}`), `${r.method} ${r.url} in the index`);
   // /metrics is open by default (api.metricsToken), as Prometheus scrapes usually are.
@@ -194,7 +196,12 @@ test('api: every route answers a well-formed request and refuses a malformed one
     const token = r.url.startsWith('/api/v1/node/') ? peerToken(c.file) : undefined;
     const good = await raw(target, r.method, k.good.path, { ...body(k.good.body), token });
     assert.ok(k.good.status.includes(good.status), `${key}: good request got ${good.status}: ${good.text.slice(0, 300)}`);
+    if (good.status < 300 && r.response) {
+      const shape = r.response.safeParse(good.json);
+      assert.ok(shape.success, `${key}: the answer does not have its documented shape: ${shape.success ? '' : JSON.stringify(shape.error.issues[0])}\n${good.text.slice(0, 500)}`);
+    }
     if (good.status >= 400) {
+      assert.ok(errorSchema.safeParse(good.json).success, `${key}: ${good.text}`);
       assert.ok(isErrorBody(good.json), `${key}: ${good.text}`);
       // 409 is the CLI's exit 1 (a refusal because of state), the rest exit 2.
       assert.equal(good.status === 409, good.json.exitCode === 1, `${key}: ${good.text}`);
