@@ -323,6 +323,12 @@ async function followEvents(signal: AbortSignal): Promise<void> {
           buf = buf.slice(end + 2);
           const data = block.split('\n').filter((l) => l.startsWith('data: ')).map((l) => l.slice(6)).join('\n');
           if (!data) continue;
+          if (/^event: gap$/m.test(block)) {
+            // Older than what the node keeps in memory: the list shows what it has, the CLI's duet events the rest.
+            const gap = JSON.parse(data) as { next: number };
+            since = Math.max(since, gap.next - 1);
+            continue;
+          }
           const e = JSON.parse(data) as EventRecord;
           if (e.seq <= since) continue;
           since = e.seq;

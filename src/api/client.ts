@@ -213,6 +213,13 @@ export async function followEvents(
           for (let end = buf.indexOf('\n\n'); end >= 0; end = buf.indexOf('\n\n')) {
             const block = buf.slice(0, end);
             buf = buf.slice(end + 2);
+            if (/^event: gap$/m.test(block)) {
+              const g = /^data: (.*)$/m.exec(block);
+              const gap = g ? (JSON.parse(g[1]) as { after: number; next: number }) : undefined;
+              if (gap) o.onGap?.(`events ${gap.after + 1} to ${gap.next - 1} are older than what ${target.what} keeps in memory: duet events lists them`);
+              if (gap) last = Math.max(last, gap.next - 1);
+              continue;
+            }
             const data = block
               .split('\n')
               .filter((l) => l.startsWith('data: '))

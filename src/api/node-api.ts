@@ -54,7 +54,7 @@ export async function startApi(host: ApiHost): Promise<NodeApi> {
     port: config.api.port,
     token: apiToken(secret),
     peerToken: peerToken(secret),
-    ...(tls ? { tls: { key: tls.key, cert: tls.chain } } : {}),
+    ...(tls ? { tls: { key: tls.key, cert: tls.cert } } : {}),
     // The route's schema checked the fields: the command is one of NodeCommand's.
     handler: (c, io) => host.handle(c as unknown as NodeCommand, io),
     events: host.events,
@@ -70,7 +70,7 @@ export async function startApi(host: ApiHost): Promise<NodeApi> {
     timer = setInterval(() => {
       if (tls!.notAfter.getTime() - Date.now() > RENEW_BEFORE_MS) return;
       tls = serverCertificate(caOf(config, secret), node, altNames);
-      server.setCertificate({ key: tls.key, cert: tls.chain });
+      server.setCertificate({ key: tls.key, cert: tls.cert });
       log.info({ event: 'api-certificate-renewed', notAfter: tls.notAfter.toISOString() }, 'renewed the API certificate');
     }, RENEW_CHECK_MS);
     timer.unref();

@@ -81,6 +81,8 @@ export class ApiServer {
   private constructor(
     readonly app: FastifyInstance,
     readonly url: string,
+    /** The open event streams: never idle, so ended by close() itself. */
+    private readonly streams: Set<import('node:http').ServerResponse>,
   ) {}
 
   static async listen(o: ApiOptions): Promise<ApiServer> {
@@ -143,7 +145,8 @@ export class ApiServer {
     }));
 
     for (const r of ROUTES) registerRoute(app, r, o);
-    if (o.events) registerEventStream(app, o.events, o.log);
+    const streams = new Set<import('node:http').ServerResponse>();
+    if (o.events) registerEventStream(app, o.events, o.log, streams);
 
     if (o.metrics) {
       const metrics = o.metrics;
@@ -168,7 +171,7 @@ export class ApiServer {
       await app.close().catch(() => undefined);
       throw err;
     }
-    return new ApiServer(app, `${o.tls ? 'https' : 'http'}://${o.host.includes(':') ? `[${o.host}]` : o.host}:${o.port}`);
+    return new ApiServer(app, `${o.tls ? 'https' : 'http'}://${o.host.includes(':') ? `[${o.host}]` : o.host}:${o.port}`, streams);
   }
 
   /** Replace the certificate (a renewed one) for new connections. */
@@ -180,6 +183,8 @@ export class ApiServer {
   /** Stop: running requests get up to `graceMs` to answer, then their connections are cut. */
   async close(graceMs = CLOSE_GRACE_MS): Promise<void> {
     const cut = setTimeout(() => (this.app.server as { closeAllConnections?: () => void }).closeAllConnections?.(), graceMs);
+    for (const res of this.streams) res.end();
+    this.streams.clear();
     try {
       await this.app.close();
     } finally {
@@ -252,6 +257,9 @@ async function streamOut(command: { cmd: string } & Record<string, unknown>, req
   reply.hijack();
   const res = reply.raw;
   const out = new PassThrough();
+  // Destroyed with an error when the client leaves: the writer hears of it by its next write (stream.ts),
+  // and an 'error' nobody listens to would end the whole daemon.
+  out.on('error', () => undefined);
   let started = false;
   const start = (): void => {
     if (started) return;
@@ -292,7 +300,7 @@ async function streamOut(command: { cmd: string } & Record<string, unknown>, req
  * Last-Event-ID a reconnecting browser sends), then each new one, as
  * server-sent events; a comment every 15 s keeps proxies from closing it.
  */
-function registerEventStream(app: FastifyInstance, events: EventSource, log: Logger): void {
+function registerEventStream(app: FastifyInstance, events: EventSource, log: Logger, streams: Set<import('node:http').ServerResponse>): void {
   app.get('/api/v1/events/stream', async (req, reply) => {
     const q = (req.query ?? {}) as { since?: string };
     const lastId = req.headers['last-event-id'];
@@ -312,11 +320,18 @@ function registerEventStream(app: FastifyInstance, events: EventSource, log: Log
     events.on('event', listener);
     // The backlog is what is kept in memory only (the whole history is GET /api/v1/events, paged): reading
     // the files here would stall the event loop, and with it the heartbeats, for a stream anyone may open.
-    for (const r of events.recent(last)) write(r);
+    const backlog = events.recent(last);
+    // Records older than the ones in memory are not sent: say so, so a follower does not take the hole for silence.
+    if (backlog.length > 0 && backlog[0].seq > last + 1) {
+      res.write(`event: gap\ndata: ${JSON.stringify({ after: last, next: backlog[0].seq })}\n\n`);
+    }
+    for (const r of backlog) write(r);
+    streams.add(res);
     const keepAlive = setInterval(() => res.write(': keep-alive\n\n'), 15_000);
     keepAlive.unref();
     req.raw.once('close', () => {
       clearInterval(keepAlive);
+      streams.delete(res);
       events.off('event', listener);
       log.debug({ event: 'api-events-closed', from: req.ip }, 'event stream closed');
     });

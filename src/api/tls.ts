@@ -67,7 +67,7 @@ export interface CaNames {
  * names: an admin imports it in a browser, and a CA that every holder of
  * the secret can sign with must not be able to vouch for any other site.
  */
-export function clusterCa(secret: Buffer, cluster: string, names: CaNames): ClusterCa {
+export function clusterCa(secret: Buffer, cluster: string, names?: CaNames): ClusterCa {
   const key = caKeyOf(secret);
   const spki = createPublicKey(key).export({ type: 'spki', format: 'der' });
   const subject = `duet cluster ${cluster} CA`;
@@ -75,27 +75,25 @@ export function clusterCa(secret: Buffer, cluster: string, names: CaNames): Clus
   const der = makeCertificate({
     subject,
     organization: 'duet',
-    serial: createHash('sha256').update(spki).digest().subarray(0, 16),
+    // One serial per content (the constraints), so two different copies never share issuer and serial (NSS refuses that).
+    serial: createHash('sha256').update(spki).update(JSON.stringify(names ?? null)).digest().subarray(0, 16),
     notBefore: new Date(Date.UTC(2025, 0, 1)),
     notAfter: new Date(Date.UTC(2049, 11, 31, 23, 59, 59)),
     publicKeySpki: spki,
     issuer: { subject, organization: 'duet', spki, privateKey: key },
     ca: true,
-    permitted: names,
+    ...(names ? { permitted: names } : {}),
   });
   return { key, spki, certPem: pem(der), subject };
 }
 
 export interface ServerCertificate {
   key: string;
-  /** The node's certificate alone. */
   cert: string;
-  /** The node's certificate and the CA's: what the server presents, so a client can match the CA's key in it. */
-  chain: string;
   notAfter: Date;
 }
 
-/** A server certificate for a node: its name and addresses, signed by the cluster CA. */
+/** A server certificate for a node: its addresses (and localhost on loopback), its name as the subject, signed by the cluster CA. */
 export function serverCertificate(ca: ClusterCa, node: string, altNames: string[], now = new Date()): ServerCertificate {
   const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const spki = publicKey.export({ type: 'spki', format: 'der' });
@@ -110,9 +108,10 @@ export function serverCertificate(ca: ClusterCa, node: string, altNames: string[
     publicKeySpki: spki,
     issuer: { subject: ca.subject, organization: 'duet', spki: ca.spki, privateKey: ca.key },
     ca: false,
-    altNames: [...new Set([node, ...altNames])],
+    altNames: [...new Set(altNames)],
   });
-  return { key: privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: pem(der), chain: pem(der) + ca.certPem, notAfter };
+  // The node's certificate alone is presented: clients hold the CA (a second copy sent along would clash in NSS).
+  return { key: privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, cert: pem(der), notAfter };
 }
 
 /**

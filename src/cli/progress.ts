@@ -18,7 +18,15 @@ export interface Sample {
   note?: string;
 }
 
-const PLAIN_EVERY_MS = 3000;
+/**
+ * Plain lines (not a terminal): the first after this long, then one each
+ * this long (DUET_PROGRESS_EVERY_MS); a command that ends sooner prints
+ * none, so a quick refusal is still the one line on stderr it always was.
+ */
+function plainEveryMs(): number {
+  const v = Number(process.env.DUET_PROGRESS_EVERY_MS);
+  return Number.isFinite(v) && v >= 0 ? v : 3000;
+}
 
 export function eta(seconds: number): string {
   if (!Number.isFinite(seconds) || seconds < 0) return '?';
@@ -29,6 +37,7 @@ export function eta(seconds: number): string {
 
 export class ProgressView {
   private bar: cliProgress.SingleBar | undefined;
+  private readonly createdAt = Date.now();
   private lastPlain = 0;
   private first: { at: number; done: number } | undefined;
   private stopped = false;
@@ -73,7 +82,8 @@ export class ProgressView {
       this.bar.update(total ? Math.min(s.done, total) : 0, payload);
       return;
     }
-    if (now - this.lastPlain < PLAIN_EVERY_MS) return;
+    const every = plainEveryMs();
+    if (now - this.createdAt < every || now - this.lastPlain < every) return;
     this.lastPlain = now;
     const pct = total ? `${Math.floor((100 * s.done) / total)}% (${payload.doneH} of ${payload.totalH}), ` : `${payload.doneH}, `;
     this.stream.write(`${this.title}: ${pct}${payload.rateH}${total ? `, ETA ${payload.etaH}` : ''}${payload.note}\n`);

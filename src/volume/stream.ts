@@ -136,18 +136,31 @@ class RecordWriter {
   constructor(private readonly out: Writable) {}
 
   async raw(buf: Buffer): Promise<void> {
+    // A stream its reader gave up on (an API client that left) is destroyed: after that a write
+    // neither errs nor drains, so it is asked first, and 'close' ends a wait too.
+    if (this.out.destroyed) throw new UserError(`send: cannot write the stream (${this.out.errored?.message ?? 'its reader is gone'})`);
     if (!this.out.write(buf)) {
       await new Promise<void>((resolve, reject) => {
-        const onError = (err: Error): void => {
+        const done = (): void => {
           this.out.off('drain', onDrain);
+          this.out.off('error', onError);
+          this.out.off('close', onClose);
+        };
+        const onError = (err: Error): void => {
+          done();
           reject(new UserError(`send: cannot write the stream (${err.message})`));
         };
+        const onClose = (): void => {
+          done();
+          reject(new UserError(`send: cannot write the stream (${this.out.errored?.message ?? 'its reader is gone'})`));
+        };
         const onDrain = (): void => {
-          this.out.off('error', onError);
+          done();
           resolve();
         };
         this.out.once('drain', onDrain);
         this.out.once('error', onError);
+        this.out.once('close', onClose);
       });
     }
   }
@@ -370,3 +383,6 @@ async function dropHidden(pool: Pool, temp: VolumeState): Promise<void> {
   if (temp.removed) return;
   await pool.exclusive(() => pool.quiescedCommit(() => pool.apply({ type: 'remove', id: temp.record.id }, true)));
 }
+
+/** The send stream's writer, for the API server's tests of a reader that leaves. */
+export { RecordWriter as RecordWriterForTests };

@@ -9,6 +9,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, X509Certificate } from 'node:crypto';
 import fs from 'node:fs';
+import tls from 'node:tls';
 import path from 'node:path';
 import { chromium, type Page } from 'playwright-core';
 import { tmpDir } from '../e2e/harness.js';
@@ -23,9 +24,15 @@ test('dashboard: sign in, see both nodes and the demo VM, migrate it with a conf
   const c = await vmCluster(t, 'cpus: 1, prefer: alpha');
   await waitFor(async () => (await vmList(c, 'alpha'))[0].state === 'running', 90_000, () => `vm web running\n${c.describe()}`);
   const alpha = targetOf(c.file, 'alpha');
-  // Trust exactly the cluster's CA key (Chromium's own store is not touched).
-  const caSpki = new X509Certificate(alpha.ca!).publicKey.export({ type: 'spki', format: 'der' });
-  const spkiHash = createHash('sha256').update(caSpki).digest('base64');
+  // Trust exactly this node's key, once its certificate checked out against the cluster CA here (Chromium's own store is not touched).
+  const leaf = await new Promise<X509Certificate>((resolve, reject) => {
+    const s = tls.connect({ host: alpha.host, port: alpha.port, ca: alpha.ca }, () => {
+      resolve(s.getPeerX509Certificate()!);
+      s.end();
+    });
+    s.on('error', reject);
+  });
+  const spkiHash = createHash('sha256').update(leaf.publicKey.export({ type: 'spki', format: 'der' })).digest('base64');
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--no-sandbox', `--ignore-certificate-errors-spki-list=${spkiHash}`] });
   t.after(() => browser.close());
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });

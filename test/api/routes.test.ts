@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import https from 'node:https';
+import { spawnSync } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
 import { PassThrough } from 'node:stream';
 import { ROUTES } from '../../src/api/routes.js';
@@ -114,6 +115,9 @@ test('api: every route answers a well-formed request and refuses a malformed one
   });
   assert.ok(peerCert.checkIP('127.0.0.2'), peerCert.subjectAltName);
   assert.ok(peerCert.checkIssued(new X509Certificate(ca)));
+  // The node presents its own certificate only (the clients hold the CA; a second copy would clash in NSS).
+  const shown = spawnSync('openssl', ['s_client', '-connect', `${alpha.host}:${alpha.port}`, '-showcerts'], { input: '', encoding: 'utf8', timeout: 20_000 });
+  assert.equal((shown.stdout.match(/BEGIN CERTIFICATE/g) ?? []).length, 1, shown.stdout.slice(0, 2000));
   // Without the cluster CA a client refuses the node (a self-made CA, trusted by nobody else).
   await assert.rejects(raw(alpha, 'GET', '/api/v1', { ca: null }), /self-signed|unable to verify|certificate/i);
   // Plain HTTP to the TLS port gets nowhere.

@@ -183,3 +183,67 @@ test('api server stop: a request already running gets its answer; a connection c
   await assert.rejects(call2, /the connection to node alpha at 127\.0\.0\.1:\d+ broke after the request was sent .*it may have run/);
 });
 
+
+test('api server: a send whose client leaves while the sender is between writes (reading the disk) fails that send, and the daemon lives on', async (t) => {
+  const { RecordWriterForTests } = await import('../../src/volume/stream.js');
+  const [port] = await freePorts(1);
+  let between: () => void = () => undefined;
+  const paused = new Promise<void>((resolve) => (between = resolve));
+  let goOn: () => void = () => undefined;
+  const disk = new Promise<void>((resolve) => (goOn = resolve));
+  let outcome: string | undefined;
+  const server = await ApiServer.listen({
+    host: '127.0.0.1',
+    port,
+    token: TOKEN,
+    log,
+    handler: async (_c, io) => {
+      const w = new RecordWriterForTests(io.output!);
+      try {
+        await w.raw(Buffer.alloc(64 * 1024, 1));
+        between();
+        // "Reading the disk": the client leaves meanwhile.
+        await disk;
+        for (let i = 0; i < 64; i++) await w.raw(Buffer.alloc(64 * 1024, 2));
+        outcome = 'finished';
+      } catch (err) {
+        outcome = `failed: ${(err as Error).message}`;
+        throw err;
+      }
+      return { records: 0 };
+    },
+  });
+  t.after(() => server.close());
+  const req = http.get({ host: '127.0.0.1', port, path: '/api/v1/pools/p/volumes/s/stream', agent: false, headers: { authorization: `Bearer ${TOKEN}` } });
+  req.on('error', () => undefined);
+  req.on('response', (res) => res.resume());
+  await paused;
+  req.destroy();
+  await new Promise((r) => setTimeout(r, 200));
+  goOn();
+  for (let i = 0; i < 100 && outcome === undefined; i++) await new Promise((r) => setTimeout(r, 50));
+  assert.match(outcome ?? 'still running', /^failed: send: cannot write the stream/);
+});
+
+test('api server: a stop ends the open event streams at once (they are never idle); a follower behind the records in memory is told of the gap', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-api-events-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const events = EventLog.open(dir, 'alpha', { ringRecords: 10, log });
+  t.after(() => events.close());
+  for (let i = 0; i < 30; i++) events.record('vm-started', { vm: `v${i}` }, `vm v${i} started`);
+  const [port] = await freePorts(1);
+  const server = await ApiServer.listen({ host: '127.0.0.1', port, token: TOKEN, handler: async () => null, events, log });
+  const gaps: string[] = [];
+  const got: number[] = [];
+  const stop = new AbortController();
+  const following = followEvents({ host: '127.0.0.1', port, token: TOKEN, what: 'node alpha' }, 5, (r) => got.push(r.seq), { signal: stop.signal, retryMs: 60_000, onGap: (why) => gaps.push(why) });
+  for (let i = 0; i < 100 && got.length < 10; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.equal(got[0], 21);
+  assert.match(gaps[0] ?? '', /events 6 to 20 are older than what node alpha keeps in memory/);
+  // close() with a long grace: the stream must not hold it.
+  const closed = server.close(60_000).then(() => 'closed');
+  const first = await Promise.race([closed, new Promise((r) => setTimeout(() => r('held'), 5000))]);
+  stop.abort();
+  await following;
+  assert.equal(first, 'closed', 'an open event stream held the stop');
+});

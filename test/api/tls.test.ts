@@ -16,7 +16,7 @@ import { createPublicKey } from 'node:crypto';
 const secret = Buffer.from('a-cluster-secret-of-some-length');
 const other = Buffer.from('another-cluster-secret-entirely');
 /** The nodes a CA of these tests may vouch for. */
-const NAMES = { ips: ['192.0.2.7', '::1', '127.0.0.1', '127.0.0.2', '::ffff:192.0.2.1'], dns: ['alpha', 'localhost'] };
+const NAMES = { ips: ['192.0.2.7', '::1', '127.0.0.1', '127.0.0.2', '::ffff:192.0.2.1'], dns: ['invalid', 'localhost'] };
 
 test('tls: the CA key follows from the secret alone (both nodes and every CLI agree), and differs for another secret', () => {
   const a = createPublicKey(caKeyOf(secret)).export({ type: 'spki', format: 'der' });
@@ -41,7 +41,9 @@ test('tls: the CA is a CA (basic constraints, key usage), self-signed; a server 
   assert.ok(x.checkIssued(caX));
   assert.equal(x.checkIP('192.0.2.7'), '192.0.2.7');
   assert.equal(x.checkIP('::1'), '::1');
-  assert.equal(x.checkHost('alpha'), 'alpha');
+  assert.equal(x.checkHost('localhost'), 'localhost');
+  assert.equal(x.checkHost('alpha'), undefined, 'the node name is the subject, not a DNS name it answers for');
+  assert.match(x.subject, /CN=alpha/);
   assert.equal(x.checkIP('192.0.2.8'), undefined);
   assert.equal(new Date(x.validTo).getTime(), now.getTime() + SERVER_CERT_DAYS * 86400_000);
   assert.ok(new Date(x.validFrom).getTime() < now.getTime());
@@ -119,7 +121,7 @@ test('tls: the CA vouches only for the cluster\'s addresses and names (name cons
   const v = spawnSync('openssl', ['verify', '-CAfile', path.join(dir, 'ca.pem'), path.join(dir, 'rogue.pem')], { encoding: 'utf8' });
   assert.notEqual(v.status, 0, v.stdout);
   assert.match(v.stdout + v.stderr, /subtree|name constraint/i);
-  const rogueHost = serverCertificate(ca, 'www.example.org', ['127.0.0.1']);
+  const rogueHost = serverCertificate(ca, 'alpha', ['127.0.0.1', 'www.example.org']);
   fs.writeFileSync(path.join(dir, 'rogue-host.pem'), rogueHost.cert);
   const v2 = spawnSync('openssl', ['verify', '-CAfile', path.join(dir, 'ca.pem'), path.join(dir, 'rogue-host.pem')], { encoding: 'utf8' });
   assert.notEqual(v2.status, 0, 'a host name outside the cluster: refused');
@@ -136,4 +138,24 @@ test('tls: the CA vouches only for the cluster\'s addresses and names (name cons
   writeCaFile(file, ca);
   assert.equal(writeCaFile(file, clusterCa(secret, 'home', NAMES)), false);
   assert.equal(writeCaFile(file, clusterCa(secret, 'home', { ips: [...NAMES.ips, '192.0.2.8'], dns: NAMES.dns })), true);
+});
+
+test('tls: the nodes and the CLI trust the CA without its constraints (a node whose addresses changed is still trusted); the browser copy keeps them', () => {
+  const browser = clusterCa(secret, 'home', NAMES);
+  const trust = clusterCa(secret, 'home');
+  const moved = new X509Certificate(serverCertificate(browser, 'alpha', ['203.0.113.9']).cert);
+  assert.ok(moved.verify(new X509Certificate(trust.certPem).publicKey));
+  assert.ok(moved.checkIssued(new X509Certificate(trust.certPem)));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-tls-'));
+  try {
+    fs.writeFileSync(path.join(dir, 'trust.pem'), trust.certPem);
+    fs.writeFileSync(path.join(dir, 'browser.pem'), browser.certPem);
+    fs.writeFileSync(path.join(dir, 'moved.pem'), serverCertificate(browser, 'alpha', ['203.0.113.9']).cert);
+    assert.equal(spawnSync('openssl', ['verify', '-CAfile', path.join(dir, 'trust.pem'), path.join(dir, 'moved.pem')]).status, 0);
+    assert.notEqual(spawnSync('openssl', ['verify', '-CAfile', path.join(dir, 'browser.pem'), path.join(dir, 'moved.pem')]).status, 0);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  // Two copies never share issuer and serial (NSS refuses a second certificate with both).
+  assert.notEqual(new X509Certificate(trust.certPem).serialNumber, new X509Certificate(browser.certPem).serialNumber);
 });

@@ -46,7 +46,8 @@ test('progress: a bar with rate and ETA on a terminal, plain lines in a pipe, no
   assert.match(recv.stdout, /received pa\/r1: \d+ record\(s\)/);
 
   // In a pipe: a plain line (no escapes) on stderr; stdout is only the stream.
-  const piped = await c.duet('alpha', ['vol', 'send', 'pa/s1']);
+  // (DUET_PROGRESS_EVERY_MS=0: at once; by default the first line comes after 3 s, so quick commands print none.)
+  const piped = await c.duet('alpha', ['vol', 'send', 'pa/s1'], { env: { ...process.env, DUET_PROGRESS_EVERY_MS: '0' } });
   assert.equal(piped.code, 0, piped.describe());
   assert.match(piped.stderr, /^send pa\/s1: \d+% \(.* of .*\), .*\/s, ETA /m, piped.describe());
   assert.ok(!piped.stderr.includes(ESC));
