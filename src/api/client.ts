@@ -97,7 +97,7 @@ export function callApi(target: ApiTarget, command: { cmd: string } & Record<str
     req.on('finish', () => (sent = true));
     req.on('error', (err) => {
       const code = errnoCode(err);
-      if (sent) {
+      if (sent && !(code === 'EPROTO' || /CERT|SELF_SIGNED|UNABLE_TO|ERR_TLS|HOSTNAME|IP_ADDRESS/.test(code ?? ''))) {
         fail(new UserError(`the connection to ${target.what} at ${where} broke after the request was sent (${code ?? err.message}): it may have run; look (status) before trying again`));
         return;
       }

@@ -182,9 +182,13 @@ export class Metrics {
    * (open to anyone by default) must not crowd it.
    */
   private vmsCached(): Promise<MetricsVm[]> {
-    const now = Date.now();
-    if (!this.vmCache || now - this.vmCache.at > VM_CACHE_MS) this.vmCache = { at: now, vms: this.src.vms().catch(() => []) };
-    return this.vmCache.vms;
+    const c = this.vmCache;
+    // A look under way is shared (a slow QEMU must not make every scrape start another); a finished one is kept VM_CACHE_MS.
+    if (c && (c.at === 0 || Date.now() - c.at <= VM_CACHE_MS)) return c.vms;
+    const entry = { at: 0, vms: this.src.vms().catch((): MetricsVm[] => []) };
+    void entry.vms.then(() => (entry.at = Date.now()));
+    this.vmCache = entry;
+    return entry.vms;
   }
   private readonly api = new client.Histogram({
     name: 'duet_api_request_duration_seconds',

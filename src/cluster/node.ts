@@ -471,6 +471,9 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
 
   /** Run a command of the API (src/api/routes.ts names each route's command). */
   async handle(c: NodeCommand, io: { input?: Readable; output?: Writable }): Promise<unknown> {
+    // A stopping daemon has let go of its VMs (they run on, detached) and is closing its pools: an answer
+    // now ("no VM here") would be wrong, so none is given; the caller counts it as not answering.
+    if (this.stopping) throw new UserError(`node ${this.node} is stopping: ask again when it is back`, 1);
     switch (c.cmd) {
       case 'pools.list':
         return this.poolList();

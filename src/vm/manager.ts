@@ -1197,6 +1197,9 @@ export class VmManager {
         ({ port } = (await this.host.call(to, { cmd: 'vm.migrate-in', vm: name, from: this.host.node, memoryBytes: vm.spec.memoryBytes, cpus: vm.spec.cpus, disks: vm.spec.disks, waitMs: MIGRATION_TIMEOUT_MS + 60_000 }, 60_000)) as { port: number });
       } catch (err) {
         vm.state = 'running';
+        // It may have started its incoming QEMU all the same (the answer was lost or late): end it, or it waits for a
+        // migration that never comes and refuses the next one. Harmless when nothing started there.
+        void this.host.call(to, { cmd: 'vm.migrate-abort', vm: name }, 10_000).catch(() => undefined);
         throw new UserError(`vm ${name}: ${to} cannot take it: ${(err as Error).message}; it still runs on ${this.host.node}`, 1);
       }
       let result;
