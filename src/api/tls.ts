@@ -40,10 +40,11 @@ function b64url(b: Buffer): string {
 /**
  * The CA's P-256 key, from the secret. scrypt first: the CA's public key is
  * public (in every certificate a node shows), so each guess of a weak secret
- * checked against it must cost an attacker what scrypt costs (~50 ms, 16 MiB).
+ * checked against it must cost an attacker what scrypt costs (~25 ms and 8 MiB
+ * here; more would slow every CLI command, which derives it once).
  */
 export function caKeyOf(secret: Buffer): KeyObject {
-  const seed = scryptSync(secret, 'duet-cluster-ca-v1', 32, { N: 2 ** 14, r: 8, p: 1, maxmem: 64 * 1024 * 1024 });
+  const seed = scryptSync(secret, 'duet-cluster-ca-v1', 32, { N: 2 ** 13, r: 8, p: 1, maxmem: 64 * 1024 * 1024 });
   for (let counter = 0; ; counter++) {
     const d = Buffer.from(hkdfSync('sha256', seed, Buffer.from('duet-cluster-ca'), Buffer.from(`p256-key-${counter}`), 32));
     const v = BigInt(`0x${d.toString('hex')}`);

@@ -7,7 +7,7 @@ import type { Command } from 'commander';
 import path from 'node:path';
 import { loadClusterConfig, loadSecret } from '../cluster/config.js';
 import { DEFAULT_WITNESS_PORT, Witness } from '../cluster/witness.js';
-import { NodeDaemon, NodeResourceStatus, NodeStatus } from '../cluster/node.js';
+import type { NodeResourceStatus, NodeStatus } from '../cluster/node.js';
 import { FileDevice } from '../blockdev/file.js';
 import { DiskInUse } from '../blockdev/claim.js';
 import { createMetadata } from '../replication/create-md.js';
@@ -32,6 +32,8 @@ export function registerNode(program: Command): void {
       const config = loadClusterConfig(file);
       const log = createLogger('duet-node', undefined, { async: true });
       const home = resolveHome(opts.home);
+      // Loaded here: the daemon (HTTP server, metrics, VMs) is not what the other commands need to start fast.
+      const { NodeDaemon } = await import('../cluster/node.js');
       const daemon = await NodeDaemon.start(config, opts.node ?? process.env.DUET_NODE, { home, log });
       let stopping = false;
       const stop = async (signal: string): Promise<void> => {
