@@ -25,6 +25,14 @@ export function clusterOf(cmd: Command): ClusterTarget | undefined {
   return { config, node: nodeOf(config, opts.node ?? process.env.DUET_NODE) };
 }
 
+/** The cluster file alone (commands about the cluster as a whole: token, cert), no node needed. */
+export function requireConfig(cmd: Command): ClusterConfig {
+  const opts = cmd.optsWithGlobals() as { config?: string };
+  const file = opts.config ?? process.env.DUET_CONFIG;
+  if (!file) throw new UserError('name the cluster file: --config FILE (or DUET_CONFIG)');
+  return loadClusterConfig(file);
+}
+
 export function requireCluster(cmd: Command): ClusterTarget {
   const t = clusterOf(cmd);
   if (!t) throw new UserError('name the cluster file and the node: --config FILE --node NAME (or DUET_CONFIG and DUET_NODE)');

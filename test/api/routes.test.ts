@@ -13,6 +13,7 @@ import { ROUTES } from '../../src/api/routes.js';
 import { errorSchema, indexSchema } from '../../src/api/schemas.js';
 import { callApi, type ApiTarget } from '../../src/api/client.js';
 import { makeCluster, waitStatus, inSync } from '../e2e/cluster-harness.js';
+import { DUET, ROOT, run } from '../e2e/harness.js';
 import { peerToken, raw, readCa, targetOf } from './api-harness.js';
 
 const MiB = 1024 * 1024;
@@ -230,9 +231,10 @@ test('api: the CLI and the API agree; a volume stream goes out and back in over 
   const alpha: ApiTarget = targetOf(c.file, 'alpha');
 
   // duet token and duet cert: what a browser or curl needs, from the cluster file alone.
-  const token = await c.duet('alpha', ['token']);
-  assert.equal(token.stdout.trim(), alpha.token);
-  const cert = await c.duet('alpha', ['cert']);
+  // (No --node: they are about the cluster, as the README and the demo show them.)
+  const token = await run(process.execPath, [DUET, '--config', c.file, 'token'], { cwd: ROOT });
+  assert.equal(token.stdout.trim(), alpha.token, token.describe());
+  const cert = await run(process.execPath, [DUET, '--config', c.file, 'cert'], { cwd: ROOT });
   assert.equal(cert.code, 0, cert.describe());
   assert.ok(new X509Certificate(cert.stdout).publicKey.equals(new X509Certificate(alpha.ca!).publicKey));
   assert.ok(new X509Certificate(cert.stdout).ca);
