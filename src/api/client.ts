@@ -40,6 +40,27 @@ interface ErrorBody {
   exitCode?: unknown;
 }
 
+/** A request to the node: HTTPS checked against the cluster CA when the target has one, plain HTTP otherwise. */
+function requestTo(target: ApiTarget, method: string, path: string, headers: Record<string, string>): http.ClientRequest {
+  const options: https.RequestOptions = {
+    host: target.host,
+    port: target.port,
+    method,
+    path,
+    headers,
+    ...(target.localAddress ? { localAddress: target.localAddress } : {}),
+    ...(target.ca ? { ca: target.ca } : {}),
+    // One connection a request: a timed-out call drops its connection, which must not be a pooled one.
+    agent: false,
+  };
+  return target.ca ? https.request(options) : http.request(options);
+}
+
+/** An error code that says the node's certificate did not check out against the cluster CA. */
+function isCertificateError(code: string | undefined): boolean {
+  return code !== undefined && /CERT|SELF_SIGNED|UNABLE_TO|ERR_TLS|HOSTNAME|IP_ADDRESS/.test(code);
+}
+
 /** Send `command` to the node and return its result (the route's JSON answer). */
 export function callApi(target: ApiTarget, command: { cmd: string } & Record<string, unknown>, o: CallOptions = {}): Promise<unknown> {
   const { route, method, path, body } = requestOf(command);
@@ -52,17 +73,6 @@ export function callApi(target: ApiTarget, command: { cmd: string } & Record<str
     headers['content-type'] = 'application/json';
     headers['content-length'] = String(payload.length);
   }
-  const options: https.RequestOptions = {
-    host: target.host,
-    port: target.port,
-    method,
-    path,
-    headers,
-    ...(target.localAddress ? { localAddress: target.localAddress } : {}),
-    ...(target.ca ? { ca: target.ca } : {}),
-    // One connection a call: a timed-out call resets its connection, which must not be a pooled one.
-    agent: false,
-  };
   return new Promise<unknown>((resolve, reject) => {
     let settled = false;
     const fail = (err: Error): void => {
@@ -77,7 +87,7 @@ export function callApi(target: ApiTarget, command: { cmd: string } & Record<str
       clearTimeout(timer);
       resolve(value);
     };
-    const req = target.ca ? https.request(options) : http.request(options);
+    const req = requestTo(target, method, path, headers);
     const timer =
       o.timeoutMs === undefined
         ? undefined
@@ -97,11 +107,11 @@ export function callApi(target: ApiTarget, command: { cmd: string } & Record<str
     req.on('finish', () => (sent = true));
     req.on('error', (err) => {
       const code = errnoCode(err);
-      if (sent && !(code === 'EPROTO' || /CERT|SELF_SIGNED|UNABLE_TO|ERR_TLS|HOSTNAME|IP_ADDRESS/.test(code ?? ''))) {
+      if (sent && code !== 'EPROTO' && !isCertificateError(code)) {
         fail(new UserError(`the connection to ${target.what} at ${where} broke after the request was sent (${code ?? err.message}): it may have run; look (status) before trying again`));
         return;
       }
-      if (code && /CERT|SELF_SIGNED|UNABLE_TO|ERR_TLS|HOSTNAME|IP_ADDRESS/.test(code)) {
+      if (isCertificateError(code)) {
         fail(new UserError(`${target.what} at ${where}: its TLS certificate is not the cluster's (${code}); is it a node of this cluster, with the same secret?`));
       } else if (code === 'EPROTO' || /wrong version number|packet length too long/i.test(err.message)) {
         fail(new UserError(`${target.what} at ${where}: TLS and plain HTTP do not match (the cluster files differ in api.tls?)`));
@@ -178,17 +188,7 @@ export async function followEvents(
   const where = `${target.host}:${target.port}`;
   while (!o.signal?.aborted) {
     const why = await new Promise<string>((resolve) => {
-      const options: https.RequestOptions = {
-        host: target.host,
-        port: target.port,
-        method: 'GET',
-        path: `/api/v1/events/stream?since=${last}`,
-        headers: { authorization: `Bearer ${target.token}`, accept: 'text/event-stream' },
-        ...(target.localAddress ? { localAddress: target.localAddress } : {}),
-        ...(target.ca ? { ca: target.ca } : {}),
-        agent: false,
-      };
-      const req = target.ca ? https.request(options) : http.request(options);
+      const req = requestTo(target, 'GET', `/api/v1/events/stream?since=${last}`, { authorization: `Bearer ${target.token}`, accept: 'text/event-stream' });
       const abort = (): void => {
         req.destroy();
         resolve('stopped');

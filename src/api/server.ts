@@ -214,12 +214,18 @@ function commandOf(r: Route, req: FastifyRequest): { command: { cmd: string } & 
   return { command: { cmd: r.cmd, ...parsed.data } };
 }
 
-function sendError(reply: FastifyReply, err: unknown, log: Logger, cmd: string): void {
+/** The status and body of a command's failure (a fault of duet's is logged). */
+function commandError(err: unknown, log: Logger, cmd: string): { status: number; body: ApiError } {
   const status = statusOf(err);
   if (status === 500) log.error({ event: 'api-command-failed', cmd, err: (err as Error).stack }, 'API command failed');
   const message = status === 500 ? `internal error: ${(err as Error).message}` : (err as Error).message;
   const hint = err instanceof UserError ? err.hint : undefined;
-  reply.code(status).send(errorBody(status, message, err instanceof UserError ? err.exitCode : 70, hint));
+  return { status, body: errorBody(status, message, err instanceof UserError ? err.exitCode : 70, hint) };
+}
+
+function sendError(reply: FastifyReply, err: unknown, log: Logger, cmd: string): void {
+  const { status, body } = commandError(err, log, cmd);
+  reply.code(status).send(body);
 }
 
 function registerRoute(app: FastifyInstance, r: Route, o: ApiOptions): void {
@@ -283,8 +289,8 @@ async function streamOut(command: { cmd: string } & Record<string, unknown>, req
   } catch (err) {
     if (!started) {
       out.destroy();
-      const status = statusOf(err);
-      const body = JSON.stringify(errorBody(status, status === 500 ? `internal error: ${(err as Error).message}` : (err as Error).message, err instanceof UserError ? err.exitCode : 70));
+      const { status, body: answer } = commandError(err, o.log, command.cmd);
+      const body = JSON.stringify(answer);
       res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) });
       res.end(body);
       return;

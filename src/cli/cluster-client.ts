@@ -17,20 +17,23 @@ export interface ClusterTarget {
 }
 
 /** The cluster named by the global options or the environment, if any. */
+/** The cluster file the global options or the environment name, if any. */
+function configOf(cmd: Command): ClusterConfig | undefined {
+  const file = (cmd.optsWithGlobals() as { config?: string }).config ?? process.env.DUET_CONFIG;
+  return file ? loadClusterConfig(file) : undefined;
+}
+
 export function clusterOf(cmd: Command): ClusterTarget | undefined {
-  const opts = cmd.optsWithGlobals() as { config?: string; node?: string };
-  const file = opts.config ?? process.env.DUET_CONFIG;
-  if (!file) return undefined;
-  const config = loadClusterConfig(file);
-  return { config, node: nodeOf(config, opts.node ?? process.env.DUET_NODE) };
+  const config = configOf(cmd);
+  if (!config) return undefined;
+  return { config, node: nodeOf(config, (cmd.optsWithGlobals() as { node?: string }).node ?? process.env.DUET_NODE) };
 }
 
 /** The cluster file alone (commands about the cluster as a whole: token, cert), no node needed. */
 export function requireConfig(cmd: Command): ClusterConfig {
-  const opts = cmd.optsWithGlobals() as { config?: string };
-  const file = opts.config ?? process.env.DUET_CONFIG;
-  if (!file) throw new UserError('name the cluster file: --config FILE (or DUET_CONFIG)');
-  return loadClusterConfig(file);
+  const config = configOf(cmd);
+  if (!config) throw new UserError('name the cluster file: --config FILE (or DUET_CONFIG)');
+  return config;
 }
 
 export function requireCluster(cmd: Command): ClusterTarget {
