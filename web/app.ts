@@ -180,7 +180,6 @@ function renderStatus(s: ClusterStatus): void {
     !s.witness.configured ? badge('no witness', 'warn') : s.witness.reachable ? badge('witness', 'ok') : badge('witness silent', 'warn'),
   ].join(' ');
   $('warnings').textContent = s.warnings.join(' · ');
-  const others = (n: string): string[] => s.nodes.map((x) => x.name).filter((x) => x !== n);
   $('nodes').innerHTML =
     '<tr><th>Node</th><th>State</th><th>Heartbeat</th><th></th></tr>' +
     s.nodes
@@ -192,7 +191,6 @@ function renderStatus(s: ClusterStatus): void {
           <button data-act="rejoin" data-node="${esc(n.name)}">Rejoin</button></td></tr>`;
       })
       .join('');
-  void others;
 }
 
 function resyncCell(p: ResourceStatus['peers'][number]): string {
