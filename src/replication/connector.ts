@@ -6,7 +6,7 @@
  * a refused link is logged and the connector keeps serving and retrying.
  */
 import net from 'node:net';
-import { authenticateLink, LinkIdentity, LinkRefused } from './link-auth.js';
+import { authenticateLink, LinkIdentity, LinkRefused, sharedFeatures } from './link-auth.js';
 import { LinkOptions, PeerLink } from './link.js';
 import { PeerSession } from './peer.js';
 import type { Resource } from './resource.js';
@@ -113,7 +113,7 @@ export class Connector {
         return;
       }
       const link = new PeerLink(socket, leftover, { clock: r.clock, ...this.options.link });
-      r.peer = new PeerSession(r, link, peer.node);
+      r.peer = new PeerSession(r, link, peer.node, sharedFeatures(peer));
       r.log.info({ event: 'link-up', resource: r.name, peer: peer.node }, `link to ${peer.node} up`);
       r.emit('changed');
     } catch (err) {

@@ -30,13 +30,31 @@ export interface LinkIdentity {
   node: string;
   resource: string;
   secret: Buffer;
+  /** What this side's hello lists (default LINK_FEATURES; tests play an older build with []). */
+  features?: readonly string[];
 }
+
+/**
+ * What this build can do beyond link protocol 1: a peer that does not list a
+ * feature never receives its frames (a node of an older build connects and
+ * works as before).
+ */
+export const FEATURE_VERIFY_ASK = 'verify-ask';
+export const LINK_FEATURES: readonly string[] = [FEATURE_VERIFY_ASK];
 
 export interface Hello {
   protocol: number;
   cluster: string;
   node: string;
   resource: string;
+  /** Absent from older builds' hellos. */
+  features?: string[];
+}
+
+/** The features both sides have (the peer's list as it came: anything not a list of strings is none). */
+export function sharedFeatures(peer: Hello): Set<string> {
+  const theirs = Array.isArray(peer.features) ? peer.features.filter((f): f is string => typeof f === 'string') : [];
+  return new Set(theirs.filter((f) => LINK_FEATURES.includes(f)));
 }
 
 export class LinkRefused extends Error {
@@ -137,7 +155,7 @@ export async function authenticateLink(socket: Socket, me: LinkIdentity, allowed
   const deadline = clock.now() + timeoutMs;
   const reader = new FrameReader(socket);
   const challenge = randomBytes(CHALLENGE);
-  const hello: Hello = { protocol: LINK_PROTOCOL, cluster: me.cluster, node: me.node, resource: me.resource };
+  const hello: Hello = { protocol: LINK_PROTOCOL, cluster: me.cluster, node: me.node, resource: me.resource, features: [...(me.features ?? LINK_FEATURES)] };
   const refuse = (err: LinkRefused): never => {
     // The link is being torn down: a late reset must not become an uncaught 'error'.
     socket.on('error', () => undefined);

@@ -18,6 +18,7 @@ import * as W from './wire.js';
 import { Resync, ResyncProgress } from './resync.js';
 import { finishedWithin } from '../util/timeout.js';
 import type { TimerHandle } from '../util/clock.js';
+import { FEATURE_VERIFY_ASK, LINK_FEATURES } from './link-auth.js';
 
 export type ConnectionState = 'Connected' | 'Connecting' | 'StandAlone' | 'SyncSource' | 'SyncTarget';
 
@@ -136,6 +137,12 @@ export class PeerSession {
   verify: VerifyProgress | undefined;
   /** Verify requests waiting for their answer: a bit per block, set where the peer's block differs. */
   private verifyWaiters = new Map<number, Deferred<Buffer>>();
+  /** A Secondary's verify: pieces asked of the Primary, answered by its VERIFY (null: it could not read the piece). */
+  private askWaiters = new Map<number, Deferred<Buffer | null>>();
+  /** Pieces the peer asked this side (its Primary) to verify, by offset: their answers mark this side's bitmap too. */
+  private askedOfMe = new Map<number, number>();
+  /** The sum of askedOfMe: a verify keeps VERIFY_WINDOW pieces in flight, so much more is a peer gone wrong. */
+  private askedOfMeTotal = 0;
   private targetReady: Promise<void> | undefined;
   /** A disk failed during this link's resync, which ended without the link: resync frames still on their way are dropped. */
   private resyncAborted = false;
@@ -161,6 +168,8 @@ export class PeerSession {
     readonly resource: Resource,
     readonly link: PeerLink,
     readonly peerNode: string,
+    /** What both builds can do beyond link protocol 1 (link-auth.ts). */
+    readonly features: ReadonlySet<string> = new Set(LINK_FEATURES),
   ) {
     link.on('frame', (type, payload) => {
       try {
@@ -538,10 +547,28 @@ export class PeerSession {
         return this.onVerifyRequest(W.decodeVerify(payload, size));
       case W.F_VERIFY_REPLY: {
         const { offset, length, differs } = W.decodeVerifyReply(payload, size);
+        if (length !== Math.min(VERIFY_PIECE, size - offset)) throw new W.ProtocolError(`verify answer for ${offset}+${length}, which was not asked`);
         const waiter = this.verifyWaiters.get(offset);
-        if (!waiter || length !== Math.min(VERIFY_PIECE, size - offset)) throw new W.ProtocolError(`verify answer for ${offset}+${length}, which was not asked`);
-        this.verifyWaiters.delete(offset);
-        waiter.resolve(Buffer.from(differs));
+        if (waiter) {
+          this.verifyWaiters.delete(offset);
+          waiter.resolve(Buffer.from(differs));
+          return;
+        }
+        // The answer to a piece the peer's verify asked of this side: what differs resyncs from here.
+        if (!this.answeredAsk(offset)) throw new W.ProtocolError(`verify answer for ${offset}+${length}, which was not asked`);
+        this.markDiffering(offset, length, differs);
+        return;
+      }
+      case W.F_VERIFY_ASK: {
+        const { offset, length } = W.decodeVerifyAsk(payload, size);
+        return this.onVerifyAsk(offset, length);
+      }
+      case W.F_VERIFY_ASK_FAILED: {
+        const { offset } = W.decodeVerifyAsk(payload, size, 'verify ask failure');
+        const waiter = this.askWaiters.get(offset);
+        if (!waiter) throw new W.ProtocolError(`verify ask failure for ${offset}, which was not asked`);
+        this.askWaiters.delete(offset);
+        waiter.resolve(null);
         return;
       }
       case W.F_OUTDATE:
@@ -901,57 +928,97 @@ export class PeerSession {
 
   /* ------------------------------------------------------------- verify */
 
-  /** Compare every block with the peer by digest; mark what differs (it resyncs on the next connect). */
+  /**
+   * Compare every block with the peer by digest; mark what differs (it
+   * resyncs on the next connect). The digests go from the Primary to the
+   * Secondary, whichever side runs the verify: the Primary reads each piece
+   * in the order of its application writes and the Secondary compares in the
+   * order it applies them, so a write on its way is never taken for a
+   * difference. A Secondary asks the Primary for each piece (VERIFY_ASK);
+   * with no Primary (or a peer of an older build) this side sends its own.
+   */
   async runVerify(onProgress?: (v: VerifyProgress) => void): Promise<VerifyProgress> {
     const r = this.resource;
     if (!this.replicating || this.phase !== 'connected') throw new Error(`resource ${r.name} is not Connected to ${this.peerNode} (${this.connection()})`);
     if (this.verify?.running) throw new Error(`a verify of ${r.name} is already running`);
+    if (!r.backing) throw new Error(`resource ${r.name} has no disk on ${r.node} (Diskless): nothing to verify; attach it first`);
+    if (this.state?.disk === 'Diskless') throw new Error(`resource ${r.name} has no disk on ${this.peerNode} (Diskless): nothing to verify against`);
+    const ask = r.role !== 'Primary' && this.state?.role === 'Primary' && this.features.has(FEATURE_VERIFY_ASK);
     const v: VerifyProgress = { doneBytes: 0, totalBytes: r.size, outOfSyncBytes: 0, running: true, ranges: [] };
     this.verify = v;
-    r.log.info({ event: 'verify-start', resource: r.name, peer: this.peerNode }, 'online verify started');
+    r.log.info({ event: 'verify-start', resource: r.name, peer: this.peerNode, digestsFrom: ask ? this.peerNode : r.node }, 'online verify started');
     const inFlight = new Set<Promise<void>>();
+    let failed: string | undefined;
     try {
-      for (let offset = 0; offset < r.size && this.link.isUp; offset += VERIFY_PIECE) {
+      for (let offset = 0; offset < r.size && this.link.isUp && failed === undefined; offset += VERIFY_PIECE) {
         const length = Math.min(VERIFY_PIECE, r.size - offset);
         while (inFlight.size >= VERIFY_WINDOW) await Promise.race(inFlight);
         // Down while waiting for room: a waiter added now would never be answered.
-        if (!this.link.isUp) break;
-        const answer = deferred<Buffer>();
-        this.verifyWaiters.set(offset, answer);
-        // Read and send under the write order, so the peer compares with the same writes applied.
-        await r.appWrites.run(offset, length, async () => {
-          const data = await this.readLocal(offset, length);
-          if (!data) throw new Error('the local disk failed during verify');
-          this.link.send(W.F_VERIFY, W.encodeRange(offset, length, blockDigests(data)));
-        });
-        const job: Promise<void> = answer.promise.then((differs) => {
-          inFlight.delete(job);
-          for (let i = 0; i * BLOCK < length; i++) {
-            if ((differs[i >> 3] & (1 << (i & 7))) === 0) continue;
-            const at = offset + i * BLOCK;
-            const n = Math.min(BLOCK, length - i * BLOCK);
-            r.bitmap.mark(at, n);
-            v.outOfSyncBytes += n;
-            const last = v.ranges[v.ranges.length - 1];
-            if (last && last.offset + last.length === at) last.length += n;
-            else v.ranges.push({ offset: at, length: n });
+        if (!this.link.isUp || failed !== undefined) break;
+        let answer: Promise<Buffer | null>;
+        if (ask) {
+          const asked = deferred<Buffer | null>();
+          this.askWaiters.set(offset, asked);
+          this.link.send(W.F_VERIFY_ASK, W.encodeRange(offset, length));
+          answer = asked.promise;
+        } else {
+          const answered = deferred<Buffer>();
+          this.verifyWaiters.set(offset, answered);
+          answer = answered.promise;
+          // Read and send under the write order, so the peer compares with the same writes applied.
+          const sent = await r.appWrites.run(offset, length, async () => {
+            const data = await this.readLocal(offset, length);
+            if (!data) return false;
+            this.link.send(W.F_VERIFY, W.encodeRange(offset, length, blockDigests(data)));
+            return true;
+          });
+          if (!sent) {
+            this.verifyWaiters.delete(offset);
+            failed = `the disk of ${r.name} on ${r.node} failed during verify (at ${offset})`;
+            break;
           }
+        }
+        const job: Promise<void> = answer.then((differs) => {
+          inFlight.delete(job);
+          if (differs === null) {
+            failed ??= `${this.peerNode} could not read its disk of ${r.name} during verify (at ${offset})`;
+            return;
+          }
+          v.outOfSyncBytes += this.markDiffering(offset, length, differs, v.ranges);
           v.doneBytes += length;
           onProgress?.(v);
         });
         inFlight.add(job);
-        if (!this.link.isUp) break;
       }
       await Promise.all(inFlight);
     } finally {
       v.running = false;
     }
+    if (failed !== undefined) throw new Error(failed);
     if (!this.link.isUp && v.doneBytes < v.totalBytes) throw new Error(`the link to ${this.peerNode} went down during verify (${v.doneBytes} of ${v.totalBytes} bytes compared)`);
     await r.writeBitmap();
     r.log.info({ event: 'verify-done', resource: r.name, peer: this.peerNode, outOfSyncBytes: v.outOfSyncBytes, ranges: v.ranges.slice(0, 20) }, `verify done: ${v.outOfSyncBytes} bytes out of sync`);
     return v;
   }
 
+  /** Mark the blocks of a piece whose "differs" bit is set; the bytes marked (and their ranges appended, merged, to `ranges`). */
+  private markDiffering(offset: number, length: number, differs: Buffer, ranges?: { offset: number; length: number }[]): number {
+    let marked = 0;
+    for (let i = 0; i * BLOCK < length; i++) {
+      if ((differs[i >> 3] & (1 << (i & 7))) === 0) continue;
+      const at = offset + i * BLOCK;
+      const n = Math.min(BLOCK, length - i * BLOCK);
+      this.resource.bitmap.mark(at, n);
+      marked += n;
+      if (!ranges) continue;
+      const last = ranges[ranges.length - 1];
+      if (last && last.offset + last.length === at) last.length += n;
+      else ranges.push({ offset: at, length: n });
+    }
+    return marked;
+  }
+
+  /** The peer answers a verify piece: compare in the order writes from the peer are applied here. */
   private onVerifyRequest({ offset, length, digests: rest }: { offset: number; length: number; digests: Buffer }): void {
     void this.applying.run(offset, length, async () => {
       const mine = await this.readLocal(offset, length);
@@ -959,12 +1026,46 @@ export class PeerSession {
       const differs = Buffer.alloc(W.VERIFY_REPLY_BYTES);
       for (let i = 0; i * BLOCK < length; i++) {
         const same = ours !== undefined && ours.subarray(i * DIGEST, (i + 1) * DIGEST).equals(rest.subarray(i * DIGEST, (i + 1) * DIGEST));
-        if (same) continue;
-        differs[i >> 3] |= 1 << (i & 7);
-        this.resource.bitmap.mark(offset + i * BLOCK, Math.min(BLOCK, length - i * BLOCK));
+        if (!same) differs[i >> 3] |= 1 << (i & 7);
       }
+      this.markDiffering(offset, length, differs);
       this.link.send(W.F_VERIFY_REPLY, W.encodeRange(offset, length, differs));
+      // This side's own verify asked for this piece: that is its answer (the peer's answer marks the peer's bitmap).
+      const asked = this.askWaiters.get(offset);
+      if (asked) {
+        this.askWaiters.delete(offset);
+        asked.resolve(differs);
+      }
     });
+  }
+
+  /** The peer's verify asks this side (its Primary) for a piece: send the digests in the order of this side's writes. */
+  private onVerifyAsk(offset: number, length: number): void {
+    const r = this.resource;
+    // A verify keeps VERIFY_WINDOW pieces in flight: more is a peer gone wrong, not work to queue.
+    if (this.askedOfMeTotal >= 4 * VERIFY_WINDOW) throw new W.ProtocolError(`more than ${4 * VERIFY_WINDOW} verify pieces asked at once`);
+    this.askedOfMe.set(offset, (this.askedOfMe.get(offset) ?? 0) + 1);
+    this.askedOfMeTotal++;
+    void r.appWrites.run(offset, length, async () => {
+      const data = await this.readLocal(offset, length);
+      if (!this.link.isUp) return;
+      if (data) {
+        this.link.send(W.F_VERIFY, W.encodeRange(offset, length, blockDigests(data)));
+        return;
+      }
+      this.answeredAsk(offset);
+      this.link.send(W.F_VERIFY_ASK_FAILED, W.encodeRange(offset, length));
+    });
+  }
+
+  /** One piece the peer asked of this side is answered; false if none was outstanding at `offset`. */
+  private answeredAsk(offset: number): boolean {
+    const n = this.askedOfMe.get(offset) ?? 0;
+    if (n === 0) return false;
+    if (n === 1) this.askedOfMe.delete(offset);
+    else this.askedOfMe.set(offset, n - 1);
+    this.askedOfMeTotal--;
+    return true;
   }
 
   /* ---------------------------------------------------------------- down */
@@ -995,6 +1096,10 @@ export class PeerSession {
     this.reads.clear();
     for (const w of this.verifyWaiters.values()) w.resolve(Buffer.alloc(W.VERIFY_REPLY_BYTES));
     this.verifyWaiters.clear();
+    for (const w of this.askWaiters.values()) w.resolve(Buffer.alloc(W.VERIFY_REPLY_BYTES));
+    this.askWaiters.clear();
+    this.askedOfMe.clear();
+    this.askedOfMeTotal = 0;
     this.link.resume();
     r.log.warn({ event: 'disconnected', resource: r.name, peer: this.peerNode, why, phase: wasPhase }, `lost ${this.peerNode}: ${why}`);
     if (r.peer === this) r.peer = undefined;

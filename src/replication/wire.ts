@@ -49,6 +49,16 @@ export const F_RS_DONE = 44;
 export const F_VERIFY = 50;
 /** u64 offset | u32 length | u8 same */
 export const F_VERIFY_REPLY = 51;
+/**
+ * u64 offset | u32 length: a Secondary's verify asks the Primary to send a
+ * VERIFY for this piece. The Primary's application writes order the link, so
+ * only digests read in that order (and compared in the receiver's apply
+ * order) never take a write in flight for a difference. Sent only to a peer
+ * whose hello lists FEATURE_VERIFY_ASK.
+ */
+export const F_VERIFY_ASK = 52;
+/** u64 offset | u32 length: the Primary could not read that piece (its disk failed); the verify stops. */
+export const F_VERIFY_ASK_FAILED = 53;
 /** JSON {reason}: the sender refuses to go on (split brain, unrelated data...) */
 export const F_REFUSE = 60;
 /** The Primary is about to go on without the receiver (an admin disconnect): its copy is Outdated from now on. */
@@ -121,6 +131,8 @@ const FRAME_NAMES: Record<number, string> = {
   [F_RS_DONE]: 'RS_DONE',
   [F_VERIFY]: 'VERIFY',
   [F_VERIFY_REPLY]: 'VERIFY_REPLY',
+  [F_VERIFY_ASK]: 'VERIFY_ASK',
+  [F_VERIFY_ASK_FAILED]: 'VERIFY_ASK_FAILED',
   [F_REFUSE]: 'REFUSE',
   [F_OUTDATE]: 'OUTDATE',
   [F_PROMOTE]: 'PROMOTE',
@@ -387,6 +399,14 @@ export function decodeVerify(p: Buffer, dataBytes: number): { offset: number; le
   const { offset, length, rest } = decodeRange(p, dataBytes, VERIFY_PIECE, 'verify request');
   exactly(rest, Math.ceil(length / BLOCK) * VERIFY_DIGEST, 'verify digests');
   return { offset, length, digests: rest };
+}
+
+/** A verify piece asked of the Primary (or its failure): a whole piece, nothing more. */
+export function decodeVerifyAsk(p: Buffer, dataBytes: number, what = 'verify ask'): { offset: number; length: number } {
+  const { offset, length, rest } = decodeRange(p, dataBytes, VERIFY_PIECE, what);
+  expectEmpty(rest, what);
+  if (offset % VERIFY_PIECE !== 0 || length !== Math.min(VERIFY_PIECE, dataBytes - offset)) throw new ProtocolError(`${what} for ${offset}+${length}, not a verify piece`);
+  return { offset, length };
 }
 
 /** A verify answer: the piece asked and VERIFY_REPLY_BYTES of "differs" bits. */

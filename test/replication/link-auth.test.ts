@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { authenticateLink, encodeFrame, FRAME_HELLO, LinkIdentity, LinkRefused } from '../../src/replication/link-auth.js';
+import { authenticateLink, encodeFrame, FEATURE_VERIFY_ASK, FRAME_HELLO, LinkIdentity, LinkRefused, sharedFeatures } from '../../src/replication/link-auth.js';
 
 const SECRET = Buffer.from('correct horse battery staple, twice');
 
@@ -81,4 +81,16 @@ test('garbage, an oversized frame, a truncated hello and silence are refused wit
     assert.ok(r instanceof LinkRefused, `${name}: ${String(r)}`);
     assert.equal(r.reason, reason, name);
   }
+});
+
+test('features: each side learns what both builds can do; an older build (no list), a garbled list or an unknown feature counts for nothing', async (t) => {
+  const [c, s] = await pair(t);
+  const [ra, rb] = await both(authenticateLink(c, id('alpha'), ['bravo']), authenticateLink(s, id('bravo', { features: [] }), ['alpha']));
+  type Peer = { peer: Parameters<typeof sharedFeatures>[0] };
+  assert.deepEqual([...sharedFeatures((ra as Peer).peer)], [], 'bravo plays an older build: alpha sees no feature');
+  assert.deepEqual([...sharedFeatures((rb as Peer).peer)], [FEATURE_VERIFY_ASK], 'alpha lists verify-ask');
+  const hello = { protocol: 1, cluster: 'home', node: 'x', resource: 'a' };
+  assert.deepEqual([...sharedFeatures(hello)], []);
+  assert.deepEqual([...sharedFeatures({ ...hello, features: 'verify-ask' as unknown as string[] })], []);
+  assert.deepEqual([...sharedFeatures({ ...hello, features: [FEATURE_VERIFY_ASK, 'teleport', 7 as unknown as string] })], [FEATURE_VERIFY_ASK]);
 });

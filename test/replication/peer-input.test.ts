@@ -72,6 +72,18 @@ const cases: Case[] = [
   { name: 'a verify larger than a verify piece', mode: 'connected', frame: 'VERIFY', send: (_t, p) => p.send(W.F_VERIFY, range(0, 512 * 1024, Buffer.alloc(128 * 16))) },
   { name: 'a verify with too few digests', mode: 'connected', frame: 'VERIFY', send: (_t, p) => p.send(W.F_VERIFY, range(0, 8192, Buffer.alloc(16))) },
   { name: 'a verify answer nobody asked for', mode: 'connected', frame: 'VERIFY_REPLY', send: (_t, p) => p.send(W.F_VERIFY_REPLY, range(0, 4096, Buffer.alloc(8))) },
+  { name: 'a verify ask that is not a verify piece', mode: 'connected', frame: 'VERIFY_ASK', send: (_t, p) => p.send(W.F_VERIFY_ASK, range(4096, 4096)) },
+  { name: 'a verify ask carrying bytes', mode: 'connected', frame: 'VERIFY_ASK', send: (_t, p) => p.send(W.F_VERIFY_ASK, range(0, W.VERIFY_PIECE, Buffer.alloc(1))) },
+  { name: 'a verify ask past the data area', mode: 'connected', frame: 'VERIFY_ASK', send: (t, p) => p.send(W.F_VERIFY_ASK, range(layout(t).bitmapOffset, W.VERIFY_PIECE)) },
+  { name: 'a verify ask failure for a piece nobody asked for', mode: 'connected', frame: 'VERIFY_ASK_FAILED', send: (_t, p) => p.send(W.F_VERIFY_ASK_FAILED, range(0, W.VERIFY_PIECE)) },
+  {
+    name: 'verify asks without end, never answered',
+    mode: 'connected',
+    frame: 'VERIFY_ASK',
+    send: (_t, p) => {
+      for (let i = 0; i < 200; i++) p.send(W.F_VERIFY_ASK, range(0, W.VERIFY_PIECE));
+    },
+  },
   // --------------------------------------------------------------- STATE
   { name: 'a state that is not JSON', mode: 'connected', frame: 'STATE', send: (_t, p) => p.send(W.F_STATE, Buffer.from('{"node":')) },
   { name: 'a state with an unknown role', mode: 'connected', frame: 'STATE', send: (t, p) => p.send(W.F_STATE, stateOf(t, { role: 'Boss' })) },
@@ -321,6 +333,134 @@ test('a verify answer of the wrong size fails the verify instead of passing it',
     p.send(W.F_VERIFY_REPLY, range(Number(ask.readBigUInt64BE(0)), ask.readUInt32BE(8), Buffer.alloc(2)));
     assert.match(await bounded(verifying, 5000, 'the verify'), /went down during verify/);
     assert.equal((await droppedFor(t, p, from)).frame, 'VERIFY_REPLY');
+  } finally {
+    await stopTarget(t);
+  }
+});
+
+/**
+ * A raw Primary answering the target's verify asks as they come, with what
+ * `answer` says (digests, or a failed read), until `verifying` settles
+ * (bounded); returns the offsets asked, in order.
+ */
+async function answerAsks(p: RawPeer, verifying: Promise<unknown>, answer: (offset: number, length: number) => Buffer | 'fail'): Promise<number[]> {
+  let settled = false;
+  void verifying.then(() => (settled = true), () => (settled = true));
+  const asked: number[] = [];
+  let seen = 0;
+  const deadline = Date.now() + 10_000;
+  while (!settled && Date.now() < deadline) {
+    const asks = p.frames.filter((f) => f.type === W.F_VERIFY_ASK);
+    for (const f of asks.slice(seen)) {
+      const offset = Number(f.payload.readBigUInt64BE(0));
+      const length = f.payload.readUInt32BE(8);
+      asked.push(offset);
+      const a = answer(offset, length);
+      if (a === 'fail') p.send(W.F_VERIFY_ASK_FAILED, range(offset, length));
+      else p.send(W.F_VERIFY, range(offset, length, a));
+    }
+    seen = asks.length;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  return asked;
+}
+
+test('a Secondary\'s verify asks its Primary for the digests and compares them; a block that differs is reported and marked', async () => {
+  const t = await startTarget();
+  const r = t.node.resource;
+  try {
+    const p = await RawPeer.connect(t);
+    await establish(t, p, 'connected');
+    const mine = await dataArea(t);
+    const theirs = Buffer.from(mine);
+    theirs.fill(0x5a, 3 * W.VERIFY_PIECE + 8192, 3 * W.VERIFY_PIECE + 12288);
+    const verifying = r.peer!.runVerify();
+    const asked = await answerAsks(p, verifying, (offset, length) => verifyDigests(theirs.subarray(offset, offset + length)));
+    const v = await bounded(verifying, 5000, 'the verify');
+    assert.deepEqual(asked, Array.from({ length: Math.ceil(r.size / W.VERIFY_PIECE) }, (_, i) => i * W.VERIFY_PIECE));
+    assert.deepEqual(v.ranges, [{ offset: 3 * W.VERIFY_PIECE + 8192, length: 4096 }]);
+    assert.equal(v.outOfSyncBytes, 4096);
+    assert.equal(r.bitmap.outOfSyncBytes, 4096);
+    assert.equal(p.frames.filter((f) => f.type === W.F_VERIFY).length, 0, 'the Secondary sent no digests of its own');
+    await until('each piece answered, so the Primary marks its side too', () => p.frames.filter((f) => f.type === W.F_VERIFY_REPLY).length === asked.length, 5000);
+    assert.ok(p.isUp);
+  } finally {
+    await stopTarget(t);
+  }
+});
+
+test('a Secondary\'s verify stops with a clear error when its Primary cannot read a piece', async () => {
+  const t = await startTarget();
+  const r = t.node.resource;
+  try {
+    const p = await RawPeer.connect(t);
+    await establish(t, p, 'connected');
+    const mine = await dataArea(t);
+    const verifying = r.peer!.runVerify().then(
+      () => 'passed',
+      (err: Error) => err.message,
+    );
+    await answerAsks(p, verifying, (offset, length) => (offset === 2 * W.VERIFY_PIECE ? 'fail' : verifyDigests(mine.subarray(offset, offset + length))));
+    assert.match(await bounded(verifying, 5000, 'the verify'), /alpha could not read its disk of r0 during verify \(at 524288\)/);
+    assert.equal(r.peer?.verify?.running, false);
+    assert.ok(p.isUp, 'a failed piece is not a protocol error');
+  } finally {
+    await stopTarget(t);
+  }
+});
+
+test('a Secondary facing a Primary of an older build (no verify-ask) sends its own digests, as before', async () => {
+  const t = await startTarget();
+  const r = t.node.resource;
+  try {
+    const p = await RawPeer.connect(t, { features: [] });
+    await establish(t, p, 'connected');
+    const verifying = r.peer!.runVerify();
+    let answered = 0;
+    const deadline = Date.now() + 10_000;
+    let settled = false;
+    void verifying.then(() => (settled = true), () => (settled = true));
+    while (!settled && Date.now() < deadline) {
+      const asks = p.frames.filter((f) => f.type === W.F_VERIFY);
+      for (const f of asks.slice(answered)) p.send(W.F_VERIFY_REPLY, range(Number(f.payload.readBigUInt64BE(0)), f.payload.readUInt32BE(8), Buffer.alloc(W.VERIFY_REPLY_BYTES)));
+      answered = asks.length;
+      await new Promise((res) => setTimeout(res, 5));
+    }
+    const v = await bounded(verifying, 5000, 'the verify');
+    assert.equal(v.outOfSyncBytes, 0);
+    assert.equal(answered, Math.ceil(r.size / W.VERIFY_PIECE));
+    assert.equal(p.frames.filter((f) => f.type === W.F_VERIFY_ASK).length, 0, 'no frame the older build does not know');
+  } finally {
+    await stopTarget(t);
+  }
+});
+
+test('a Primary answers its peer\'s verify ask with its digests and marks what the peer found different', async () => {
+  const t = await startTarget();
+  const r = t.node.resource;
+  try {
+    const p = await RawPeer.connect(t);
+    await establish(t, p, 'connected');
+    await r.peer!.close('test: reconnect with bravo Primary');
+    await until('raw link down', () => !p.isUp, 5000);
+    await r.promote(true);
+    const q = await RawPeer.connect(t);
+    q.send(W.F_STATE, stateOf(t, { role: 'Secondary', gi: r.record.gi }));
+    q.send(W.F_BITMAP_DONE);
+    await until('connected', () => r.peer?.phase === 'connected', 5000);
+    q.send(W.F_VERIFY_ASK, range(W.VERIFY_PIECE, W.VERIFY_PIECE));
+    const v = await q.frame(W.F_VERIFY);
+    assert.equal(Number(v.readBigUInt64BE(0)), W.VERIFY_PIECE);
+    const mine = await dataArea(t);
+    assert.ok(v.subarray(12).equals(verifyDigests(mine.subarray(W.VERIFY_PIECE, 2 * W.VERIFY_PIECE))));
+    const differs = Buffer.alloc(W.VERIFY_REPLY_BYTES);
+    differs[0] = 0b10;
+    q.send(W.F_VERIFY_REPLY, range(W.VERIFY_PIECE, W.VERIFY_PIECE, differs));
+    await until('marked', () => r.bitmap.outOfSyncBytes === 4096, 5000);
+    // The answer was taken: a second one for the same piece is not.
+    const from = t.events.length;
+    q.send(W.F_VERIFY_REPLY, range(W.VERIFY_PIECE, W.VERIFY_PIECE, differs));
+    assert.equal((await droppedFor(t, q, from)).frame, 'VERIFY_REPLY');
   } finally {
     await stopTarget(t);
   }

@@ -87,13 +87,13 @@ export class RawPeer {
     });
   }
 
-  /** Connect to the target once it has no link (it refuses a second one), and authenticate as alpha. */
-  static async connect(t: Target): Promise<RawPeer> {
+  /** Connect to the target once it has no link (it refuses a second one), and authenticate as alpha (`features`: as an older build would, e.g. []). */
+  static async connect(t: Target, options: { features?: string[] } = {}): Promise<RawPeer> {
     await until('the previous link to be gone', () => t.node.resource.peer === undefined, 5000);
     const socket = net.createConnection({ host: '127.0.0.3', port: t.port, localAddress: '127.0.0.2' });
     socket.on('error', () => undefined);
     await once(socket, 'connect');
-    const { leftover } = await authenticateLink(socket, { cluster: 'test', node: 'alpha', resource: 'r0', secret: SECRET }, ['bravo'], 5000);
+    const { leftover } = await authenticateLink(socket, { cluster: 'test', node: 'alpha', resource: 'r0', secret: SECRET, features: options.features }, ['bravo'], 5000);
     const link = new PeerLink(socket, leftover, { pingIntervalMs: 100, pingTimeoutMs: 5000 });
     return new RawPeer(socket, link);
   }
