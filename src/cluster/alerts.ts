@@ -18,10 +18,15 @@
  * one undeliverable alert cannot hold back the others forever. When the
  * channel itself is down (the usual case) nothing behind it could get through
  * anyway; when it comes back, the queue drains at once.
+ *
+ * With a spool directory (the daemon's: NODE_HOME/alerts), what waits is
+ * also on disk (alert-spool.ts): a daemon stopped or crashed before the mail
+ * server came back sends those alerts when it starts again.
  */
 import { createTransport } from 'nodemailer';
 import type { Logger } from '../util/log.js';
 import { UserError } from '../util/errors.js';
+import { AlertSpool, type Spooled } from './alert-spool.js';
 
 export interface AlertsConfig {
   /** smtp: "smtp://host:port" (smtps:// = TLS from the start); user:pass@ in the URL allowed. */
@@ -56,18 +61,26 @@ export interface AlertOptions {
   timeoutMs?: number;
   /** Alerts waiting per channel, besides the one being delivered; beyond it the oldest is dropped. */
   maxQueued?: number;
+  /** Keep undelivered alerts here too, and deliver what an earlier run left (see alert-spool.ts). */
+  spoolDir?: string;
 }
 
 type ChannelName = 'email' | 'webhook';
 interface Counters { sent: number; failedAttempts: number; gaveUp: number }
+
+/** An alert in a channel's queue; `spooled` when it is also on disk. */
+interface Queued {
+  alert: Alert;
+  spooled?: Spooled;
+}
 
 interface Channel {
   name: ChannelName;
   /** Where it goes, without secrets: safe to log. */
   target: string;
   deliver: (a: Alert, signal: AbortSignal) => Promise<void>;
-  waiting: Alert[];
-  current: Alert | undefined;
+  waiting: Queued[];
+  current: Queued | undefined;
   counters: Counters;
 }
 
@@ -84,6 +97,7 @@ export class Alerter {
   private readonly idleWaiters = new Set<() => void>();
   private readonly secrets: string[] = [];
   private closeTransport = (): void => {};
+  private readonly spool: AlertSpool | undefined;
 
   constructor(config: AlertsConfig | undefined, options: AlertOptions) {
     this.log = options.log;
@@ -92,18 +106,30 @@ export class Alerter {
     this.maxQueued = Math.max(1, options.maxQueued ?? 100);
     if (config?.email) this.channels.push(this.emailChannel(config.email, options.from));
     if (config?.webhook) this.channels.push(this.webhookChannel(config.webhook.url));
+    if (options.spoolDir) {
+      const { spool, waiting } = AlertSpool.open(options.spoolDir, this.channels.map((c) => c.name), this.log);
+      this.spool = spool;
+      for (const ch of this.channels) {
+        const left = waiting.get(ch.name) ?? [];
+        if (left.length === 0) continue;
+        this.log.info({ event: 'alert-spool-loaded', channel: ch.name, alerts: left.length }, `${left.length} alert(s) for ${ch.name} left undelivered before this start go out now`);
+        for (const spooled of left) this.enqueue(ch, { alert: spooled.alert, spooled });
+      }
+    }
   }
 
   send(alert: Alert): void {
     if (this.stop.signal.aborted) {
-      if (this.channels.length) this.drop(undefined, alert, 'alerter closed');
+      if (this.channels.length) this.drop(undefined, { alert }, 'alerter closed');
       return;
     }
-    for (const ch of this.channels) {
-      if (ch.waiting.length >= this.maxQueued) this.drop(ch, ch.waiting.shift()!, `queue full (${this.maxQueued} waiting)`);
-      ch.waiting.push(alert);
-      if (!ch.current) this.pump(ch).catch((err: unknown) => this.log.error({ event: 'alert-bug', channel: ch.name, err: String(err) }, 'alert queue failed'));
-    }
+    for (const ch of this.channels) this.enqueue(ch, { alert, spooled: this.spool?.save(ch.name, alert) });
+  }
+
+  private enqueue(ch: Channel, q: Queued): void {
+    if (ch.waiting.length >= this.maxQueued) this.drop(ch, ch.waiting.shift()!, `queue full (${this.maxQueued} waiting)`);
+    ch.waiting.push(q);
+    if (!ch.current) this.pump(ch).catch((err: unknown) => this.log.error({ event: 'alert-bug', channel: ch.name, err: String(err) }, 'alert queue failed'));
   }
 
   idle(timeoutMs: number): Promise<void> {
@@ -124,7 +150,13 @@ export class Alerter {
     if (this.stop.signal.aborted) return;
     this.stop.abort(); // cuts the attempt in flight and every retry wait
     for (const ch of this.channels) {
-      for (const a of [...(ch.current ? [ch.current] : []), ...ch.waiting.splice(0)]) this.drop(ch, a, 'alerter closed');
+      const left = [...(ch.current ? [ch.current] : []), ...ch.waiting.splice(0)];
+      if (this.spool && left.length) {
+        // On disk already (or on its way there): the next start sends them.
+        this.log.info({ event: 'alert-spool-kept', channel: ch.name, alerts: left.length, dir: this.spool.dir }, `${left.length} undelivered alert(s) of ${ch.name} kept in ${this.spool.dir} for the next start`);
+        continue;
+      }
+      for (const q of left) this.drop(ch, q, 'alerter closed');
     }
     this.closeTransport();
     for (const done of [...this.idleWaiters]) done();
@@ -132,9 +164,10 @@ export class Alerter {
 
   private async pump(ch: Channel): Promise<void> {
     try {
-      for (let a = ch.waiting.shift(); a && !this.stop.signal.aborted; a = ch.waiting.shift()) {
-        ch.current = a;
-        await this.deliverWithRetries(ch, a);
+      for (let q = ch.waiting.shift(); q && !this.stop.signal.aborted; q = ch.waiting.shift()) {
+        ch.current = q;
+        // Done with it (sent or given up) unless the alerter was closed meanwhile: then the spool keeps it.
+        if ((await this.deliverWithRetries(ch, q.alert)) && q.spooled) await this.spool?.remove(q.spooled);
       }
     } finally {
       ch.current = undefined;
@@ -142,7 +175,8 @@ export class Alerter {
     }
   }
 
-  private async deliverWithRetries(ch: Channel, a: Alert): Promise<void> {
+  /** Delivered or given up: true; cut short by close(): false. */
+  private async deliverWithRetries(ch: Channel, a: Alert): Promise<boolean> {
     const base = { channel: ch.name, target: ch.target, alert: a.event, node: a.node };
     for (let attempt = 1; ; attempt++) {
       const timeout = AbortSignal.timeout(this.timeoutMs);
@@ -150,9 +184,9 @@ export class Alerter {
         await ch.deliver(a, AbortSignal.any([this.stop.signal, timeout]));
         ch.counters.sent++;
         this.log.info({ event: 'alert-sent', ...base, attempt }, `alert ${a.event} sent by ${ch.name}`);
-        return;
+        return true;
       } catch (err) {
-        if (this.stop.signal.aborted) return; // dropped and logged by close()
+        if (this.stop.signal.aborted) return false; // dropped (or kept in the spool) and logged by close()
         ch.counters.failedAttempts++;
         const why = timeout.aborted ? `no answer within ${this.timeoutMs} ms` : this.scrub(errorText(err));
         this.log.warn({ event: 'alert-failed', ...base, attempt, err: why }, `alert ${a.event} not sent by ${ch.name} (attempt ${attempt}): ${why}`);
@@ -160,10 +194,10 @@ export class Alerter {
         if (delayMs === undefined) {
           ch.counters.gaveUp++;
           this.log.error({ event: 'alert-gave-up', ...base, attempts: attempt, err: why }, `alert ${a.event} given up on ${ch.name} after ${attempt} attempts`);
-          return;
+          return true;
         }
         await this.sleep(delayMs);
-        if (this.stop.signal.aborted) return;
+        if (this.stop.signal.aborted) return false;
       }
     }
   }
@@ -200,8 +234,10 @@ export class Alerter {
     return { name, target, deliver, waiting: [], current: undefined, counters: { sent: 0, failedAttempts: 0, gaveUp: 0 } };
   }
 
-  private drop(ch: Channel | undefined, a: Alert, reason: string): void {
+  private drop(ch: Channel | undefined, q: Queued, reason: string): void {
+    const a = q.alert;
     this.log.warn({ event: 'alert-dropped', channel: ch?.name, alert: a.event, node: a.node, reason }, `alert ${a.event} dropped: ${reason}`);
+    if (q.spooled) void this.spool?.remove(q.spooled);
   }
 
   private isIdle(): boolean {

@@ -240,7 +240,7 @@ export const RECORDED_EVENTS: ReadonlySet<string> = new Set([
   'handover-start', 'handover-done', 'handover-rollback-failed',
   'vm-started', 'vm-stopped', 'vm-exited', 'vm-autostarted', 'vm-autostart-failed', 'vm-migrated', 'vm-migrated-away', 'vm-migration-failed',
   'vm-memory-set', 'vm-disk-full', 'vm-stale-copy-ended', 'vm-start-without-prefer', 'vm-restarting', 'vm-restart-failed', 'vm-disks-lost', 'vm-incoming-from-lost',
-  'drain-start', 'drain-done', 'rejoin-start', 'rejoin-done', 'alert-gave-up', 'verify-done', 'event-loop-stall',
+  'drain-start', 'drain-done', 'rejoin-start', 'rejoin-done', 'alert-gave-up', 'alert-dropped', 'alert-spool-loaded', 'alert-spool-bad', 'alert-spool-failed', 'verify-done', 'event-loop-stall',
   // The cluster manager's steps (manager.ts, failover.ts, rejoin.ts).
   'node-unreachable', 'node-back', 'node-drained', 'node-undrained', 'node-yields', 'self-fence-ended', 'self-fence-skipped', 'step-down', 'step-down-failed',
   'takeover-promoted', 'takeover-promote-failed', 'takeover-vm-failed', 'takeover-incomplete', 'takeover-failed', 'storage-fenced', 'vm-left-out',

@@ -116,7 +116,8 @@ export class ClusterManager {
     this.timing = { deadTimeMs: m.deadTimeMs, selfFenceMs: m.selfFenceMs, heartbeatMs: heartbeatFor(m.deadTimeMs) };
     this.state = initialState(this.now());
     this.witnessView = quorum.hasWitness ? { answeredMs: undefined, peerSilentMs: undefined, peerDeclared: false, selfDeclared: false } : undefined;
-    this.alerter = new Alerter(host.config.alerts, { log: host.log, from: host.node });
+    // Undelivered alerts survive a restart (NODE_HOME/alerts): the failover mail must not be lost with the daemon that raised it.
+    this.alerter = new Alerter(host.config.alerts, { log: host.log, from: host.node, spoolDir: path.join(host.home, 'alerts') });
     host.events.on('event', (r: EventRecord) => this.alertFor(r));
     const saved = this.loadState();
     for (const n of saved.drained) if (host.config.nodes[n]) this.drained.add(n);

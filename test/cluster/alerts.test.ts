@@ -234,3 +234,103 @@ test('close() drops what is pending, with a log line, and stops retrying', async
   assert.deepEqual(events().filter((e) => e.event === 'alert-dropped').map((e) => e.alert), ['test-1', 'test-2', 'test-3']);
   assert.deepEqual(alerter.stats().webhook, { sent: 0, failedAttempts: 1, gaveUp: 0 });
 });
+
+/** The spool's files of one channel, oldest first (names are zero-padded sequence numbers). */
+function spooled(dir: string, channel: string): string[] {
+  try {
+    return fs.readdirSync(path.join(dir, channel)).sort();
+  } catch {
+    return [];
+  }
+}
+
+async function until(what: string, cond: () => boolean): Promise<void> {
+  for (const deadline = Date.now() + WAIT_MS; !cond(); await sleep(20)) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+  }
+}
+
+test('alerts still waiting when the daemon stops are on disk; the next start delivers them in order, then the spool is empty', async (t) => {
+  let up = false;
+  const hook = await startHook(t, () => (up ? 200 : 503));
+  const dir = tempDir(t);
+  const first = capture();
+  const a = new Alerter({ webhook: { url: hook.url } }, { log: first.log, from: 'bravo', retryDelaysMs: [60_000], timeoutMs: 3000, spoolDir: dir });
+  for (let i = 1; i <= 3; i++) a.send(numbered(i));
+  await first.waitFor((e) => e.event === 'alert-failed', 'alert-failed (503)');
+  await until('three alerts spooled', () => spooled(dir, 'webhook').filter((f) => f.endsWith('.json')).length === 3);
+  a.close();
+  assert.deepEqual(first.events().filter((e) => e.event === 'alert-dropped'), [], 'closing with a spool drops nothing');
+  assert.ok(first.events().some((e) => e.event === 'alert-spool-kept'));
+  const files = spooled(dir, 'webhook');
+  assert.deepEqual(files, ['000000000001.json', '000000000002.json', '000000000003.json']);
+  assert.equal(fs.statSync(path.join(dir, 'webhook', files[0]!)).mode & 0o777, 0o600, 'alerts may quote hostnames and VM names: not world-readable');
+
+  up = true;
+  const second = capture();
+  const b = new Alerter({ webhook: { url: hook.url } }, { log: second.log, from: 'bravo', retryDelaysMs: [100], timeoutMs: 3000, spoolDir: dir });
+  t.after(() => b.close());
+  b.send(numbered(4));
+  await b.idle(WAIT_MS);
+  const delivered = hook.requests.filter((r) => r.status === 200).map((r) => JSON.parse(r.body) as Alert);
+  assert.deepEqual(delivered.map((x) => x.event), ['test-1', 'test-2', 'test-3', 'test-4'], 'the old ones first, in the order they were raised');
+  assert.deepEqual(delivered[0], numbered(1), 'read back as it was sent');
+  assert.ok(second.events().some((e) => e.event === 'alert-spool-loaded'));
+  await until('spool empty', () => spooled(dir, 'webhook').length === 0);
+});
+
+test('the spool after a crash: a half-written file is removed, a damaged one set aside with a warning, the good ones delivered; new alerts number after the old', async (t) => {
+  const hook = await startHook(t, () => 200);
+  const dir = tempDir(t);
+  // What a run that died left: two alerts saved, one save cut short, one file damaged on disk.
+  const first = capture();
+  let down = true;
+  const dead = await startHook(t, () => (down ? 503 : 200));
+  const a = new Alerter({ webhook: { url: dead.url } }, { log: first.log, from: 'bravo', retryDelaysMs: [60_000], timeoutMs: 3000, spoolDir: dir });
+  for (let i = 1; i <= 3; i++) a.send(numbered(i));
+  await until('three alerts spooled', () => spooled(dir, 'webhook').filter((f) => f.endsWith('.json')).length === 3);
+  await first.waitFor((e) => e.event === 'alert-failed', 'alert-failed (503)');
+  a.close();
+  down = false;
+  const sub = path.join(dir, 'webhook');
+  fs.writeFileSync(path.join(sub, '000000000009.json.tmp'), '{"format":"duet-al');
+  const damaged = path.join(sub, '000000000002.json');
+  fs.writeFileSync(damaged, fs.readFileSync(damaged, 'utf8').replace('alert 2', 'alert X'));
+  fs.writeFileSync(path.join(sub, '000000000007.json'), 'not json at all');
+
+  const second = capture();
+  const b = new Alerter({ webhook: { url: hook.url } }, { log: second.log, from: 'bravo', retryDelaysMs: [100], timeoutMs: 3000, spoolDir: dir });
+  t.after(() => b.close());
+  b.send(numbered(4));
+  await b.idle(WAIT_MS);
+  assert.deepEqual(hook.requests.map((r) => (JSON.parse(r.body) as Alert).event), ['test-1', 'test-3', 'test-4']);
+  const bad = second.events().filter((e) => e.event === 'alert-spool-bad') as Array<LogEvent & { reason?: string }>;
+  assert.equal(bad.length, 2);
+  assert.ok(bad.some((e) => /checksum/.test(e.reason ?? '')), 'the edited alert fails its checksum');
+  await until('only the set-aside files left', () => spooled(dir, 'webhook').join() === '000000000002.json.bad,000000000007.json.bad');
+  // New alerts are numbered after every file seen, set aside or not: nothing is overwritten.
+  assert.ok(!second.events().some((e) => e.event === 'alert-spool-failed'));
+});
+
+test('the spool keeps each channel apart: mail down, webhook up; a channel taken out of the config has its alerts dropped with a log line', async (t) => {
+  const hook = await startHook(t, () => 200);
+  const dir = tempDir(t);
+  const [smtpPort] = await freePorts(1); // nothing listens: mail is down
+  const first = capture();
+  const a = new Alerter({ webhook: { url: hook.url }, email: { to: 'admin@example.invalid', smtp: `smtp://127.0.0.1:${smtpPort}` } }, { log: first.log, from: 'bravo', retryDelaysMs: [60_000], timeoutMs: 3000, spoolDir: dir });
+  a.send(FAILOVER);
+  await first.waitFor((e) => e.event === 'alert-failed' && e.channel === 'email', 'the mail attempt failed');
+  await until('webhook delivered and unspooled', () => hook.requests.length === 1 && spooled(dir, 'webhook').length === 0);
+  assert.deepEqual(spooled(dir, 'email'), ['000000000001.json']);
+  a.close();
+
+  const second = capture();
+  const b = new Alerter({ webhook: { url: hook.url } }, { log: second.log, from: 'bravo', timeoutMs: 3000, spoolDir: dir });
+  t.after(() => b.close());
+  await b.idle(WAIT_MS);
+  const dropped = second.events().filter((e) => e.event === 'alert-dropped');
+  assert.deepEqual(dropped.map((e) => [e.channel, e.alert]), [['email', 'failover-done']]);
+  assert.match(dropped[0]!.reason ?? '', /no longer configured/);
+  assert.deepEqual(spooled(dir, 'email'), []);
+  assert.equal(hook.requests.length, 1, 'the webhook did not get it twice');
+});
