@@ -136,12 +136,13 @@ export class PeerSession {
   resync: Resync | undefined;
   verify: VerifyProgress | undefined;
   /** Verify requests waiting for their answer: a bit per block, set where the peer's block differs. */
-  private verifyWaiters = new Map<number, Deferred<Buffer>>();
-  /** A Secondary's verify: pieces asked of the Primary, answered by its VERIFY (null: it could not read the piece). */
-  private askWaiters = new Map<number, Deferred<Buffer | null>>();
-  /** Pieces the peer asked this side (its Primary) to verify, by offset: their answers mark this side's bitmap too. */
+  private verifyWaiters = new Map<number, Deferred<PieceAnswer>>();
+  /** A Secondary's verify: pieces asked of the Primary, answered by its VERIFY (this side compares). */
+  private askWaiters = new Map<number, Deferred<PieceAnswer>>();
+  /** Pieces the peer asked this side (its Primary) for, not answered yet. */
+  private asksUnanswered = 0;
+  /** VERIFYs this side sent for the peer's asks, by offset, waiting for its VERIFY_REPLY (which marks this side's bitmap too). */
   private askedOfMe = new Map<number, number>();
-  /** The sum of askedOfMe: a verify keeps VERIFY_WINDOW pieces in flight, so much more is a peer gone wrong. */
   private askedOfMeTotal = 0;
   private targetReady: Promise<void> | undefined;
   /** A disk failed during this link's resync, which ended without the link: resync frames still on their way are dropped. */
@@ -554,8 +555,8 @@ export class PeerSession {
           waiter.resolve(Buffer.from(differs));
           return;
         }
-        // The answer to a piece the peer's verify asked of this side: what differs resyncs from here.
-        if (!this.answeredAsk(offset)) throw new W.ProtocolError(`verify answer for ${offset}+${length}, which was not asked`);
+        // The answer to a VERIFY this side sent for the peer's ask: what differs resyncs from here.
+        if (!this.answeredVerifyFor(offset)) throw new W.ProtocolError(`verify answer for ${offset}+${length}, which was not asked`);
         this.markDiffering(offset, length, differs);
         return;
       }
@@ -563,12 +564,17 @@ export class PeerSession {
         const { offset, length } = W.decodeVerifyAsk(payload, size);
         return this.onVerifyAsk(offset, length);
       }
-      case W.F_VERIFY_ASK_FAILED: {
-        const { offset } = W.decodeVerifyAsk(payload, size, 'verify ask failure');
-        const waiter = this.askWaiters.get(offset);
-        if (!waiter) throw new W.ProtocolError(`verify ask failure for ${offset}, which was not asked`);
-        this.askWaiters.delete(offset);
-        waiter.resolve(null);
+      case W.F_VERIFY_UNREADABLE: {
+        const { offset } = W.decodeVerifyAsk(payload, size, 'verify unreadable');
+        const waiter = this.verifyWaiters.get(offset) ?? this.askWaiters.get(offset);
+        if (waiter) {
+          this.verifyWaiters.delete(offset) || this.askWaiters.delete(offset);
+          waiter.resolve('peer-unreadable');
+          return;
+        }
+        // The answer to a VERIFY sent for the peer's ask (nothing to mark), or to an ask that the
+        // Primary's own verify already answered (its VERIFY crossed the ask): nothing waits for it.
+        this.answeredVerifyFor(offset);
         return;
       }
       case W.F_OUTDATE:
@@ -936,6 +942,8 @@ export class PeerSession {
    * order it applies them, so a write on its way is never taken for a
    * difference. A Secondary asks the Primary for each piece (VERIFY_ASK);
    * with no Primary (or a peer of an older build) this side sends its own.
+   * A piece that either side cannot read, or that the link took down with it,
+   * is not compared: the verify fails rather than call it in sync or not.
    */
   async runVerify(onProgress?: (v: VerifyProgress) => void): Promise<VerifyProgress> {
     const r = this.resource;
@@ -949,22 +957,23 @@ export class PeerSession {
     r.log.info({ event: 'verify-start', resource: r.name, peer: this.peerNode, digestsFrom: ask ? this.peerNode : r.node }, 'online verify started');
     const inFlight = new Set<Promise<void>>();
     let failed: string | undefined;
+    const stopped = (why: VerifyStop, at: number): string | undefined => {
+      if (why === 'down') return undefined; // said below, with how much was compared
+      const node = why === 'local-unreadable' ? r.node : this.peerNode;
+      return `the disk of ${r.name} on ${node} could not be read during verify (at ${at}); nothing after it was compared`;
+    };
     try {
       for (let offset = 0; offset < r.size && this.link.isUp && failed === undefined; offset += VERIFY_PIECE) {
         const length = Math.min(VERIFY_PIECE, r.size - offset);
         while (inFlight.size >= VERIFY_WINDOW) await Promise.race(inFlight);
         // Down while waiting for room: a waiter added now would never be answered.
         if (!this.link.isUp || failed !== undefined) break;
-        let answer: Promise<Buffer | null>;
+        const answered = deferred<PieceAnswer>();
         if (ask) {
-          const asked = deferred<Buffer | null>();
-          this.askWaiters.set(offset, asked);
+          this.askWaiters.set(offset, answered);
           this.link.send(W.F_VERIFY_ASK, W.encodeRange(offset, length));
-          answer = asked.promise;
         } else {
-          const answered = deferred<Buffer>();
           this.verifyWaiters.set(offset, answered);
-          answer = answered.promise;
           // Read and send under the write order, so the peer compares with the same writes applied.
           const sent = await r.appWrites.run(offset, length, async () => {
             const data = await this.readLocal(offset, length);
@@ -974,17 +983,17 @@ export class PeerSession {
           });
           if (!sent) {
             this.verifyWaiters.delete(offset);
-            failed = `the disk of ${r.name} on ${r.node} failed during verify (at ${offset})`;
+            failed = stopped('local-unreadable', offset);
             break;
           }
         }
-        const job: Promise<void> = answer.then((differs) => {
+        const job: Promise<void> = answered.promise.then((answer) => {
           inFlight.delete(job);
-          if (differs === null) {
-            failed ??= `${this.peerNode} could not read its disk of ${r.name} during verify (at ${offset})`;
+          if (typeof answer === 'string') {
+            failed ??= stopped(answer, offset);
             return;
           }
-          v.outOfSyncBytes += this.markDiffering(offset, length, differs, v.ranges);
+          v.outOfSyncBytes += this.markDiffering(offset, length, answer, v.ranges);
           v.doneBytes += length;
           onProgress?.(v);
         });
@@ -995,7 +1004,8 @@ export class PeerSession {
       v.running = false;
     }
     if (failed !== undefined) throw new Error(failed);
-    if (!this.link.isUp && v.doneBytes < v.totalBytes) throw new Error(`the link to ${this.peerNode} went down during verify (${v.doneBytes} of ${v.totalBytes} bytes compared)`);
+    // Every piece answered, or the verify is no verdict: pieces the link took down with it were never compared.
+    if (v.doneBytes < v.totalBytes) throw new Error(`the link to ${this.peerNode} went down during verify (${v.doneBytes} of ${v.totalBytes} bytes compared)`);
     await r.writeBitmap();
     r.log.info({ event: 'verify-done', resource: r.name, peer: this.peerNode, outOfSyncBytes: v.outOfSyncBytes, ranges: v.ranges.slice(0, 20) }, `verify done: ${v.outOfSyncBytes} bytes out of sync`);
     return v;
@@ -1018,48 +1028,55 @@ export class PeerSession {
     return marked;
   }
 
-  /** The peer answers a verify piece: compare in the order writes from the peer are applied here. */
+  /** The peer sends a verify piece: compare in the order writes from the peer are applied here. */
   private onVerifyRequest({ offset, length, digests: rest }: { offset: number; length: number; digests: Buffer }): void {
     void this.applying.run(offset, length, async () => {
+      // This side's own verify may have asked for this piece: this is its answer.
+      const asked = this.askWaiters.get(offset);
+      if (asked) this.askWaiters.delete(offset);
       const mine = await this.readLocal(offset, length);
+      if (!mine && this.features.has(FEATURE_VERIFY_ASK)) {
+        // No copy to compare (the disk failed): no verdict on the piece, not "every block differs".
+        this.link.send(W.F_VERIFY_UNREADABLE, W.encodeRange(offset, length));
+        asked?.resolve('local-unreadable');
+        return;
+      }
       const ours = mine ? blockDigests(mine) : undefined;
       const differs = Buffer.alloc(W.VERIFY_REPLY_BYTES);
       for (let i = 0; i * BLOCK < length; i++) {
         const same = ours !== undefined && ours.subarray(i * DIGEST, (i + 1) * DIGEST).equals(rest.subarray(i * DIGEST, (i + 1) * DIGEST));
         if (!same) differs[i >> 3] |= 1 << (i & 7);
       }
-      this.markDiffering(offset, length, differs);
+      if (mine) this.markDiffering(offset, length, differs);
       this.link.send(W.F_VERIFY_REPLY, W.encodeRange(offset, length, differs));
-      // This side's own verify asked for this piece: that is its answer (the peer's answer marks the peer's bitmap).
-      const asked = this.askWaiters.get(offset);
-      if (asked) {
-        this.askWaiters.delete(offset);
-        asked.resolve(differs);
-      }
+      asked?.resolve(mine ? differs : 'local-unreadable');
     });
   }
 
   /** The peer's verify asks this side (its Primary) for a piece: send the digests in the order of this side's writes. */
   private onVerifyAsk(offset: number, length: number): void {
     const r = this.resource;
-    // A verify keeps VERIFY_WINDOW pieces in flight: more is a peer gone wrong, not work to queue.
-    if (this.askedOfMeTotal >= 4 * VERIFY_WINDOW) throw new W.ProtocolError(`more than ${4 * VERIFY_WINDOW} verify pieces asked at once`);
-    this.askedOfMe.set(offset, (this.askedOfMe.get(offset) ?? 0) + 1);
-    this.askedOfMeTotal++;
+    // A correct peer keeps VERIFY_WINDOW pieces in flight (its answers go out before its next asks): far more is a peer gone wrong.
+    if (this.asksUnanswered + this.askedOfMeTotal >= 4 * VERIFY_WINDOW) throw new W.ProtocolError(`more than ${4 * VERIFY_WINDOW} verify pieces asked at once`);
+    this.asksUnanswered++;
     void r.appWrites.run(offset, length, async () => {
       const data = await this.readLocal(offset, length);
+      // Down meanwhile: the counts were reset with the link.
       if (!this.link.isUp) return;
-      if (data) {
-        this.link.send(W.F_VERIFY, W.encodeRange(offset, length, blockDigests(data)));
+      this.asksUnanswered--;
+      if (!data) {
+        this.link.send(W.F_VERIFY_UNREADABLE, W.encodeRange(offset, length));
         return;
       }
-      this.answeredAsk(offset);
-      this.link.send(W.F_VERIFY_ASK_FAILED, W.encodeRange(offset, length));
+      // Only a piece sent may be answered: a reply that comes before it is a protocol error.
+      this.askedOfMe.set(offset, (this.askedOfMe.get(offset) ?? 0) + 1);
+      this.askedOfMeTotal++;
+      this.link.send(W.F_VERIFY, W.encodeRange(offset, length, blockDigests(data)));
     });
   }
 
-  /** One piece the peer asked of this side is answered; false if none was outstanding at `offset`. */
-  private answeredAsk(offset: number): boolean {
+  /** The peer answered a VERIFY this side sent for its ask; false if none was waiting at `offset`. */
+  private answeredVerifyFor(offset: number): boolean {
     const n = this.askedOfMe.get(offset) ?? 0;
     if (n === 0) return false;
     if (n === 1) this.askedOfMe.delete(offset);
@@ -1094,10 +1111,12 @@ export class PeerSession {
     this.promotion?.answer.resolve({ outcome: 'down' });
     for (const rd of this.reads.values()) rd.done.resolve(1);
     this.reads.clear();
-    for (const w of this.verifyWaiters.values()) w.resolve(Buffer.alloc(W.VERIFY_REPLY_BYTES));
+    // Pieces not compared: no verdict on them (runVerify says how much was).
+    for (const w of this.verifyWaiters.values()) w.resolve('down');
     this.verifyWaiters.clear();
-    for (const w of this.askWaiters.values()) w.resolve(Buffer.alloc(W.VERIFY_REPLY_BYTES));
+    for (const w of this.askWaiters.values()) w.resolve('down');
     this.askWaiters.clear();
+    this.asksUnanswered = 0;
     this.askedOfMe.clear();
     this.askedOfMeTotal = 0;
     this.link.resume();
@@ -1112,6 +1131,11 @@ export class PeerSession {
 
 /** Bytes of one block's digest in a verify request (SHA-256, truncated). */
 const DIGEST = W.VERIFY_DIGEST;
+
+/** Why a verify piece got no verdict: the link went down, or one side could not read its copy. */
+type VerifyStop = 'down' | 'local-unreadable' | 'peer-unreadable';
+/** A verify piece's answer: a bit per block, set where the copies differ; or why there is none. */
+type PieceAnswer = Buffer | VerifyStop;
 
 /** One truncated SHA-256 per 4 KiB block, so verify reports exactly which blocks differ. */
 function blockDigests(data: Buffer): Buffer {

@@ -57,8 +57,14 @@ export const F_VERIFY_REPLY = 51;
  * whose hello lists FEATURE_VERIFY_ASK.
  */
 export const F_VERIFY_ASK = 52;
-/** u64 offset | u32 length: the Primary could not read that piece (its disk failed); the verify stops. */
-export const F_VERIFY_ASK_FAILED = 53;
+/**
+ * u64 offset | u32 length: "I could not read my copy of this piece" (my disk
+ * failed), the answer to a VERIFY_ASK or a VERIFY in place of VERIFY or
+ * VERIFY_REPLY; the verify stops with that error instead of counting the
+ * piece as different. Sent only to a peer that lists FEATURE_VERIFY_ASK (an
+ * older build gets a VERIFY_REPLY with every block different, as before).
+ */
+export const F_VERIFY_UNREADABLE = 53;
 /** JSON {reason}: the sender refuses to go on (split brain, unrelated data...) */
 export const F_REFUSE = 60;
 /** The Primary is about to go on without the receiver (an admin disconnect): its copy is Outdated from now on. */
@@ -132,7 +138,7 @@ const FRAME_NAMES: Record<number, string> = {
   [F_VERIFY]: 'VERIFY',
   [F_VERIFY_REPLY]: 'VERIFY_REPLY',
   [F_VERIFY_ASK]: 'VERIFY_ASK',
-  [F_VERIFY_ASK_FAILED]: 'VERIFY_ASK_FAILED',
+  [F_VERIFY_UNREADABLE]: 'VERIFY_UNREADABLE',
   [F_REFUSE]: 'REFUSE',
   [F_OUTDATE]: 'OUTDATE',
   [F_PROMOTE]: 'PROMOTE',
@@ -401,7 +407,7 @@ export function decodeVerify(p: Buffer, dataBytes: number): { offset: number; le
   return { offset, length, digests: rest };
 }
 
-/** A verify piece asked of the Primary (or its failure): a whole piece, nothing more. */
+/** A verify piece asked of the Primary (or that a side could not read): a whole piece, nothing more. */
 export function decodeVerifyAsk(p: Buffer, dataBytes: number, what = 'verify ask'): { offset: number; length: number } {
   const { offset, length, rest } = decodeRange(p, dataBytes, VERIFY_PIECE, what);
   expectEmpty(rest, what);

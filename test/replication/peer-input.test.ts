@@ -75,7 +75,7 @@ const cases: Case[] = [
   { name: 'a verify ask that is not a verify piece', mode: 'connected', frame: 'VERIFY_ASK', send: (_t, p) => p.send(W.F_VERIFY_ASK, range(4096, 4096)) },
   { name: 'a verify ask carrying bytes', mode: 'connected', frame: 'VERIFY_ASK', send: (_t, p) => p.send(W.F_VERIFY_ASK, range(0, W.VERIFY_PIECE, Buffer.alloc(1))) },
   { name: 'a verify ask past the data area', mode: 'connected', frame: 'VERIFY_ASK', send: (t, p) => p.send(W.F_VERIFY_ASK, range(layout(t).bitmapOffset, W.VERIFY_PIECE)) },
-  { name: 'a verify ask failure for a piece nobody asked for', mode: 'connected', frame: 'VERIFY_ASK_FAILED', send: (_t, p) => p.send(W.F_VERIFY_ASK_FAILED, range(0, W.VERIFY_PIECE)) },
+  { name: 'a verify-unreadable notice that is not a verify piece', mode: 'connected', frame: 'VERIFY_UNREADABLE', send: (_t, p) => p.send(W.F_VERIFY_UNREADABLE, range(0, 4096)) },
   {
     name: 'verify asks without end, never answered',
     mode: 'connected',
@@ -356,7 +356,7 @@ async function answerAsks(p: RawPeer, verifying: Promise<unknown>, answer: (offs
       const length = f.payload.readUInt32BE(8);
       asked.push(offset);
       const a = answer(offset, length);
-      if (a === 'fail') p.send(W.F_VERIFY_ASK_FAILED, range(offset, length));
+      if (a === 'fail') p.send(W.F_VERIFY_UNREADABLE, range(offset, length));
       else p.send(W.F_VERIFY, range(offset, length, a));
     }
     seen = asks.length;
@@ -401,7 +401,7 @@ test('a Secondary\'s verify stops with a clear error when its Primary cannot rea
       (err: Error) => err.message,
     );
     await answerAsks(p, verifying, (offset, length) => (offset === 2 * W.VERIFY_PIECE ? 'fail' : verifyDigests(mine.subarray(offset, offset + length))));
-    assert.match(await bounded(verifying, 5000, 'the verify'), /alpha could not read its disk of r0 during verify \(at 524288\)/);
+    assert.match(await bounded(verifying, 5000, 'the verify'), /the disk of r0 on alpha could not be read during verify \(at 524288\)/);
     assert.equal(r.peer?.verify?.running, false);
     assert.ok(p.isUp, 'a failed piece is not a protocol error');
   } finally {
