@@ -32,7 +32,19 @@ export interface CallOptions {
    * error says the call may have run.
    */
   timeoutMs?: number;
+  /** TCP keepalive idle time (default KEEPALIVE_MS; tests shorten it). */
+  keepAliveMs?: number;
 }
+
+/**
+ * A long call (a verify, a migration) waits for its answer with nothing in
+ * flight: if the node loses power, no segment is ever retransmitted and TCP
+ * alone would wait forever on the half-open connection. Keepalive probes
+ * (libuv: after this idle time, 10 probes a second apart) end it in about
+ * this + 10 s; a node that is up answers them from its kernel however long
+ * the command runs.
+ */
+export const KEEPALIVE_MS = 15_000;
 
 interface ErrorBody {
   error?: unknown;
@@ -41,7 +53,7 @@ interface ErrorBody {
 }
 
 /** A request to the node: HTTPS checked against the cluster CA when the target has one, plain HTTP otherwise. */
-function requestTo(target: ApiTarget, method: string, path: string, headers: Record<string, string>): http.ClientRequest {
+function requestTo(target: ApiTarget, method: string, path: string, headers: Record<string, string>, keepAliveMs = KEEPALIVE_MS): http.ClientRequest {
   const options: https.RequestOptions = {
     host: target.host,
     port: target.port,
@@ -53,7 +65,9 @@ function requestTo(target: ApiTarget, method: string, path: string, headers: Rec
     // One connection a request: a timed-out call drops its connection, which must not be a pooled one.
     agent: false,
   };
-  return target.ca ? https.request(options) : http.request(options);
+  const req = target.ca ? https.request(options) : http.request(options);
+  req.on('socket', (socket) => socket.setKeepAlive(true, keepAliveMs));
+  return req;
 }
 
 /** An error code that says the node's certificate did not check out against the cluster CA. */
@@ -87,7 +101,7 @@ export function callApi(target: ApiTarget, command: { cmd: string } & Record<str
       clearTimeout(timer);
       resolve(value);
     };
-    const req = requestTo(target, method, path, headers);
+    const req = requestTo(target, method, path, headers, o.keepAliveMs);
     const timer =
       o.timeoutMs === undefined
         ? undefined
@@ -107,6 +121,10 @@ export function callApi(target: ApiTarget, command: { cmd: string } & Record<str
     req.on('finish', () => (sent = true));
     req.on('error', (err) => {
       const code = errnoCode(err);
+      if (sent && code === 'ETIMEDOUT') {
+        fail(new UserError(`${target.what} at ${where} went silent (no answer to TCP keepalives: powered off, or cut off?); the command may have run: look (status) once it is back`));
+        return;
+      }
       if (sent && code !== 'EPROTO' && !isCertificateError(code)) {
         fail(new UserError(`the connection to ${target.what} at ${where} broke after the request was sent (${code ?? err.message}): it may have run; look (status) before trying again`));
         return;
