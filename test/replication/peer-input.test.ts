@@ -13,7 +13,7 @@ import { newGi, NO_GI } from '../../src/replication/meta.js';
 import { BLOCK } from '../../src/replication/bitmap.js';
 import { pattern } from '../blockdev/conformance.js';
 import { until } from './pair.js';
-import { bounded, dataArea, droppedFor, establish, metaArea, Mode, RawPeer, startTarget, stateOf, stopTarget, Target, u32, u64, verifyDigests } from './raw-peer.js';
+import { bounded, connectToPrimary, dataArea, droppedFor, establish, metaArea, Mode, RawPeer, serveFrames, settledFlag, startTarget, stateOf, stopTarget, Target, u32, u64, verifyDigests } from './raw-peer.js';
 
 const uncaught: unknown[] = [];
 const onUncaught = (err: unknown): void => void uncaught.push(err);
@@ -344,24 +344,20 @@ test('a verify answer of the wrong size fails the verify instead of passing it',
  * (bounded); returns the offsets asked, in order.
  */
 async function answerAsks(p: RawPeer, verifying: Promise<unknown>, answer: (offset: number, length: number) => Buffer | 'fail'): Promise<number[]> {
-  let settled = false;
-  void verifying.then(() => (settled = true), () => (settled = true));
   const asked: number[] = [];
-  let seen = 0;
-  const deadline = Date.now() + 10_000;
-  while (!settled && Date.now() < deadline) {
-    const asks = p.frames.filter((f) => f.type === W.F_VERIFY_ASK);
-    for (const f of asks.slice(seen)) {
-      const offset = Number(f.payload.readBigUInt64BE(0));
-      const length = f.payload.readUInt32BE(8);
+  await serveFrames(
+    p,
+    W.F_VERIFY_ASK,
+    (f) => {
+      const offset = Number(f.readBigUInt64BE(0));
+      const length = f.readUInt32BE(8);
       asked.push(offset);
       const a = answer(offset, length);
       if (a === 'fail') p.send(W.F_VERIFY_UNREADABLE, range(offset, length));
       else p.send(W.F_VERIFY, range(offset, length, a));
-    }
-    seen = asks.length;
-    await new Promise((r) => setTimeout(r, 5));
-  }
+    },
+    settledFlag(verifying),
+  );
   return asked;
 }
 
@@ -417,15 +413,15 @@ test('a Secondary facing a Primary of an older build (no verify-ask) sends its o
     await establish(t, p, 'connected');
     const verifying = r.peer!.runVerify();
     let answered = 0;
-    const deadline = Date.now() + 10_000;
-    let settled = false;
-    void verifying.then(() => (settled = true), () => (settled = true));
-    while (!settled && Date.now() < deadline) {
-      const asks = p.frames.filter((f) => f.type === W.F_VERIFY);
-      for (const f of asks.slice(answered)) p.send(W.F_VERIFY_REPLY, range(Number(f.payload.readBigUInt64BE(0)), f.payload.readUInt32BE(8), Buffer.alloc(W.VERIFY_REPLY_BYTES)));
-      answered = asks.length;
-      await new Promise((res) => setTimeout(res, 5));
-    }
+    await serveFrames(
+      p,
+      W.F_VERIFY,
+      (f) => {
+        answered++;
+        p.send(W.F_VERIFY_REPLY, range(Number(f.readBigUInt64BE(0)), f.readUInt32BE(8), Buffer.alloc(W.VERIFY_REPLY_BYTES)));
+      },
+      settledFlag(verifying),
+    );
     const v = await bounded(verifying, 5000, 'the verify');
     assert.equal(v.outOfSyncBytes, 0);
     assert.equal(answered, Math.ceil(r.size / W.VERIFY_PIECE));
@@ -439,15 +435,7 @@ test('a Primary answers its peer\'s verify ask with its digests and marks what t
   const t = await startTarget();
   const r = t.node.resource;
   try {
-    const p = await RawPeer.connect(t);
-    await establish(t, p, 'connected');
-    await r.peer!.close('test: reconnect with bravo Primary');
-    await until('raw link down', () => !p.isUp, 5000);
-    await r.promote(true);
-    const q = await RawPeer.connect(t);
-    q.send(W.F_STATE, stateOf(t, { role: 'Secondary', gi: r.record.gi }));
-    q.send(W.F_BITMAP_DONE);
-    await until('connected', () => r.peer?.phase === 'connected', 5000);
+    const q = await connectToPrimary(t);
     q.send(W.F_VERIFY_ASK, range(W.VERIFY_PIECE, W.VERIFY_PIECE));
     const v = await q.frame(W.F_VERIFY);
     assert.equal(Number(v.readBigUInt64BE(0)), W.VERIFY_PIECE);

@@ -239,3 +239,41 @@ export async function bounded<T>(promise: Promise<T>, ms: number, what: string):
     clearTimeout(timer);
   }
 }
+
+/** () => true once `p` has settled (either way). */
+export function settledFlag(p: Promise<unknown>): () => boolean {
+  let settled = false;
+  void p.then(
+    () => (settled = true),
+    () => (settled = true),
+  );
+  return () => settled;
+}
+
+/** Poll every 5 ms, bounded, until `done` holds, handing each new frame of `type` to `each`. */
+export async function serveFrames(p: RawPeer, type: number, each: (payload: Buffer) => void, done: () => boolean, timeoutMs = 10_000): Promise<void> {
+  let seen = 0;
+  const deadline = Date.now() + timeoutMs;
+  while (!done()) {
+    if (Date.now() > deadline) throw new Error(`serving frames of type ${type}: not done within ${timeoutMs} ms`);
+    const frames = p.frames.filter((f) => f.type === type);
+    for (const f of frames.slice(seen)) each(f.payload);
+    seen = frames.length;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** The target (bravo) made Primary, and a raw alpha connected to it as its Secondary, in sync. */
+export async function connectToPrimary(t: Target): Promise<RawPeer> {
+  const r = t.node.resource;
+  const p = await RawPeer.connect(t);
+  await establish(t, p, 'connected');
+  r.peer!.close('test: reconnect with bravo Primary');
+  await until('raw link down', () => !p.isUp, 5000);
+  await r.promote(true);
+  const q = await RawPeer.connect(t);
+  q.send(W.F_STATE, stateOf(t, { role: 'Secondary', gi: r.record.gi }));
+  q.send(W.F_BITMAP_DONE);
+  await until('connected', () => r.peer?.phase === 'connected', 5000);
+  return q;
+}

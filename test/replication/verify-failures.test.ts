@@ -14,7 +14,7 @@ import { encodeFrame } from '../../src/replication/link-auth.js';
 import { FaultyDevice } from '../../src/blockdev/faulty.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { freePort, initialSync, newDisk, startNode, stopNode, until } from './pair.js';
-import { bounded, dataArea, droppedFor, establish, LogEvent, RawPeer, startTarget, stateOf, stopTarget, Target, verifyDigests } from './raw-peer.js';
+import { bounded, connectToPrimary, dataArea, droppedFor, establish, LogEvent, RawPeer, serveFrames, settledFlag, startTarget, stopTarget, Target, verifyDigests } from './raw-peer.js';
 
 const PIECE = W.VERIFY_PIECE;
 const range = (offset: number, length: number, ...rest: Buffer[]): Buffer => W.encodeRange(offset, length, ...rest);
@@ -29,19 +29,6 @@ function outcome(p: Promise<unknown>): Promise<string> {
   );
 }
 
-/** Poll every 5 ms, bounded, until `done` holds, handing each new frame of `type` to `each`. */
-async function serve(p: RawPeer, type: number, each: (payload: Buffer) => void, done: () => boolean, timeoutMs = 10_000): Promise<void> {
-  let seen = 0;
-  const deadline = Date.now() + timeoutMs;
-  while (!done()) {
-    if (Date.now() > deadline) throw new Error(`serving frames of type ${type}: not done within ${timeoutMs} ms`);
-    const frames = p.frames.filter((f) => f.type === type);
-    for (const f of frames.slice(seen)) each(f.payload);
-    seen = frames.length;
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
 test('a Secondary\'s verify whose link goes down before its last asks are answered does not report "in sync"', async () => {
   const t = await startTarget();
   const r = t.node.resource;
@@ -53,7 +40,7 @@ test('a Secondary\'s verify whose link goes down before its last asks are answer
     const verifying = outcome(r.peer!.runVerify());
     let lastAsked = false;
     // The Primary answers every piece but the last; once the last is asked, the link goes down.
-    await serve(
+    await serveFrames(
       p,
       W.F_VERIFY_ASK,
       (f) => {
@@ -80,7 +67,7 @@ test('a verify sent to a peer of an older build whose link goes down before its 
     const last = (Math.ceil(r.size / PIECE) - 1) * PIECE;
     const verifying = outcome(r.peer!.runVerify());
     let lastSent = false;
-    await serve(
+    await serveFrames(
       p,
       W.F_VERIFY,
       (f) => {
@@ -117,13 +104,12 @@ test('a Secondary whose own disk fails during its verify reports the failure, no
     const verifying = outcome(r.peer!.runVerify());
     // From its first comparison on, bravo's disk returns errors: it detaches and goes Diskless.
     faulty.failWith({ op: 'read' });
-    let settled = false;
-    void verifying.then(() => (settled = true));
-    await serve(
+    const settled = settledFlag(verifying);
+    await serveFrames(
       p,
       W.F_VERIFY_ASK,
       (f) => p.send(W.F_VERIFY, range(offsetOf(f), lengthOf(f), verifyDigests(theirs.subarray(offsetOf(f), offsetOf(f) + lengthOf(f))))),
-      () => settled,
+      settled,
     );
     const result = await bounded(verifying, 5000, 'the verify');
     assert.equal(r.disk === 'UpToDate', false, 'the disk failed (the test made it)');
@@ -138,15 +124,7 @@ test('a peer cannot lift the cap on verify asks by answering each one before the
   const r = t.node.resource;
   try {
     // bravo Primary, the raw alpha Secondary (as peer-input.test.ts does it).
-    const p = await RawPeer.connect(t);
-    await establish(t, p, 'connected');
-    r.peer!.close('test: reconnect with bravo Primary');
-    await until('raw link down', () => !p.isUp, 5000);
-    await r.promote(true);
-    const q = await RawPeer.connect(t);
-    q.send(W.F_STATE, stateOf(t, { role: 'Secondary', gi: r.record.gi }));
-    q.send(W.F_BITMAP_DONE);
-    await until('connected', () => r.peer?.phase === 'connected', 5000);
+    const q = await connectToPrimary(t);
     // 200 asks, each followed at once by a "reply" to it: every ask costs the Primary a 256 KiB read
     // under its write order, and the cap of 4*VERIFY_WINDOW outstanding asks never sees more than one.
     const pieces = Math.floor(r.size / PIECE);
@@ -181,15 +159,14 @@ test('a Primary verifying at the same time, whose disk then fails, does not make
     await p.frame(W.F_VERIFY_REPLY, (f) => offsetOf(f) === 0);
     p.send(W.F_VERIFY_UNREADABLE, range(0, lengthOf(ask0)));
     // Every other piece alpha still answers (those it had read before the failure).
-    let settled = false;
-    void verifying.then(() => (settled = true));
-    await serve(
+    const settled = settledFlag(verifying);
+    await serveFrames(
       p,
       W.F_VERIFY_ASK,
       (f) => {
         if (offsetOf(f) !== 0) p.send(W.F_VERIFY, range(offsetOf(f), lengthOf(f), digestsAt(offsetOf(f), lengthOf(f))));
       },
-      () => settled || !p.isUp,
+      () => settled() || !p.isUp,
     );
     await bounded(verifying, 5000, 'the verify');
     const errors = t.events.slice(from).filter((e) => e.event === 'peer-protocol-error');
