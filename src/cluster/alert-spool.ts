@@ -4,15 +4,18 @@
  * failover, the usual case for a home network whose router died with the
  * node) delivers them when it starts again, in the order they were raised.
  *
- * One file per alert and channel, DIR/<channel>/<seq>.json, written to a
- * temporary name, fsynced and renamed (a crash leaves the whole file or
- * none), removed once that channel sent the alert or gave it up. Each file
- * carries a format name, a version, its sequence number and a SHA-256 of
- * the alert, so a damaged file is set aside (NAME.bad), not sent as
- * garbage. Delivery is at least once: an alert sent just before a crash,
- * its file not yet removed, is sent again.
+ * One file per alert and channel, DIR/<channel>/<seq>.json. It is written
+ * under a temporary name of its own (pid and random), fsynced, and linked to
+ * its final name, which fails if the name is taken: no number is used twice,
+ * even by two processes, and a crash leaves the whole file or none. It is
+ * removed once that channel sent the alert or gave it up. Each file carries
+ * a format name, a version, its sequence number (the one in its name) and a
+ * SHA-256 of all of that and the alert, so a damaged or renamed file is set
+ * aside (NAME.bad, its number never reused), not sent as garbage or again
+ * at every start. Delivery is at least once: an alert sent just before a
+ * crash or a stop, its file not yet removed, is sent again.
  */
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
@@ -22,6 +25,10 @@ import type { Alert } from './alerts.js';
 
 const FORMAT = 'duet-alert';
 const VERSION = 1;
+/** A spool file is a few KiB; anything much bigger is not one of ours. */
+const FILE_BYTES_MAX = 1024 * 1024;
+/** seq.json, seq.json.bad, seq.json.PID.RANDOM.tmp: the number is the file's. */
+const NAME = /^(\d{12,15})\.json(\.bad|\.(\d+)\.[0-9a-f]+\.tmp)?$/;
 
 const alertSchema = z.object({
   event: z.string(),
@@ -39,21 +46,22 @@ const fileSchema = z.object({
   seq: z.number().int().nonnegative(),
   channel: z.string(),
   sha256: z.string(),
-  /** The alert's JSON text: the checksum is of exactly these bytes. */
+  /** The alert's JSON text. */
   alert: z.string(),
 });
 
 /** An alert of one channel, saved (or being saved) in the spool. */
 export interface Spooled {
   channel: string;
-  seq: number;
   alert: Alert;
-  /** Settles once the file is durable (false: it could not be written; the alert still goes from memory). */
-  saved: Promise<boolean>;
+  /** Settles once the file is durable: its path, or undefined if it could not be written (the alert still goes from memory). */
+  saved: Promise<string | undefined>;
 }
 
 export class AlertSpool {
   private nextSeq = 1;
+  /** Saves under way: a stop waits for them, so what it says it kept is on disk. */
+  private readonly saving = new Set<Promise<string | undefined>>();
 
   private constructor(
     readonly dir: string,
@@ -68,41 +76,34 @@ export class AlertSpool {
   static open(dir: string, channels: readonly string[], log: Logger): { spool: AlertSpool; waiting: Map<string, Spooled[]> } {
     const spool = new AlertSpool(dir, log);
     const waiting = new Map<string, Spooled[]>();
-    let names: string[] = [];
-    try {
-      names = fs.readdirSync(dir);
-    } catch {
-      // No spool yet: nothing waits.
-    }
     let maxSeq = 0;
-    for (const channel of names) {
+    for (const channel of spool.list(dir)) {
       const sub = path.join(dir, channel);
-      let files: string[];
-      try {
-        if (!fs.statSync(sub).isDirectory()) continue;
-        files = fs.readdirSync(sub);
-      } catch {
-        continue;
-      }
-      const found: Spooled[] = [];
-      for (const name of files) {
+      if (!spool.isDir(sub)) continue;
+      const found: Array<{ seq: number; entry: Spooled }> = [];
+      for (const name of spool.list(sub)) {
+        const m = NAME.exec(name);
+        if (!m) continue;
+        const seq = Number(m[1]);
+        // Every number seen is taken, set aside or not: a new alert never reuses one.
+        maxSeq = Math.max(maxSeq, seq);
         const file = path.join(sub, name);
-        if (name.endsWith('.tmp')) {
-          spool.unlink(file);
+        if (m[3] !== undefined) {
+          // Half-written by a process that died (a live one is still writing it).
+          if (!alive(Number(m[3]))) spool.unlink(file);
           continue;
         }
-        if (!name.endsWith('.json')) continue;
-        const entry = spool.read(file, channel);
+        if (m[2] === '.bad') continue;
+        const entry = spool.read(file, channel, seq);
         if (!entry) continue;
-        maxSeq = Math.max(maxSeq, entry.seq);
         if (!channels.includes(channel)) {
           log.warn({ event: 'alert-dropped', channel, alert: entry.alert.event, node: entry.alert.node, reason: 'channel no longer configured' }, `alert ${entry.alert.event} dropped: channel ${channel} is no longer configured`);
           spool.unlink(file);
           continue;
         }
-        found.push(entry);
+        found.push({ seq, entry });
       }
-      if (found.length) waiting.set(channel, found.sort((a, b) => a.seq - b.seq));
+      if (found.length) waiting.set(channel, found.sort((a, b) => a.seq - b.seq).map((f) => f.entry));
     }
     spool.nextSeq = maxSeq + 1;
     return { spool, waiting };
@@ -110,17 +111,65 @@ export class AlertSpool {
 
   /** Save `alert` for `channel`; returns at once, the file is written in the background. */
   save(channel: string, alert: Alert): Spooled {
-    const seq = this.nextSeq++;
-    const entry: Spooled = { channel, seq, alert, saved: Promise.resolve(false) };
-    entry.saved = this.write(channel, seq, alert);
-    return entry;
+    const saved = this.write(channel, alert);
+    this.saving.add(saved);
+    void saved.finally(() => this.saving.delete(saved));
+    return { channel, alert, saved };
+  }
+
+  /** Save `alert` for `channel` before returning (a daemon that is stopping may exit right after). */
+  saveNow(channel: string, alert: Alert): boolean {
+    const body = this.bodyFor(channel, alert);
+    if (body === undefined) return false;
+    try {
+      const sub = path.join(this.dir, channel);
+      fs.mkdirSync(sub, { recursive: true, mode: 0o700 });
+      for (let tries = 0; tries < 1000; tries++) {
+        const seq = this.nextSeq++;
+        const tmp = this.tmpName(channel, seq);
+        const fd = fs.openSync(tmp, 'wx', 0o600);
+        try {
+          fs.writeSync(fd, body(seq));
+          fs.fsyncSync(fd);
+        } finally {
+          fs.closeSync(fd);
+        }
+        try {
+          fs.linkSync(tmp, this.file(channel, seq));
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code === 'EEXIST') continue;
+          throw err;
+        } finally {
+          fs.rmSync(tmp, { force: true });
+        }
+        const d = fs.openSync(sub, 'r');
+        try {
+          fs.fsyncSync(d);
+        } finally {
+          fs.closeSync(d);
+        }
+        return true;
+      }
+      throw new Error('no free sequence number after 1000 tries');
+    } catch (err) {
+      this.failed('save', channel, err);
+      return false;
+    }
+  }
+
+  /** Wait (bounded) until every save under way has ended. */
+  async settled(timeoutMs: number): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([Promise.allSettled([...this.saving]), new Promise((resolve) => (timer = setTimeout(resolve, timeoutMs)))]);
+    clearTimeout(timer);
   }
 
   /** `channel` is done with the alert (sent, given up or dropped): its file goes. */
   async remove(entry: Spooled): Promise<void> {
-    if (!(await entry.saved)) return;
+    const file = await entry.saved;
+    if (!file) return;
     try {
-      await fsp.unlink(this.file(entry.channel, entry.seq));
+      await fsp.unlink(file);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') this.failed('remove', entry.channel, err);
     }
@@ -130,53 +179,85 @@ export class AlertSpool {
     return path.join(this.dir, channel, `${String(seq).padStart(12, '0')}.json`);
   }
 
-  private async write(channel: string, seq: number, alert: Alert): Promise<boolean> {
-    const file = this.file(channel, seq);
-    const tmp = `${file}.tmp`;
-    let body: string;
+  private tmpName(channel: string, seq: number): string {
+    return `${this.file(channel, seq)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
+  }
+
+  /** The file's text for a sequence number, or undefined (logged) if the alert is not JSON. */
+  private bodyFor(channel: string, alert: Alert): ((seq: number) => string) | undefined {
+    let text: string;
     try {
-      const text = JSON.stringify(alert, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v));
-      body = JSON.stringify({ format: FORMAT, version: VERSION, seq, channel, sha256: checksum(text), alert: text });
+      text = JSON.stringify(alert, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v));
     } catch (err) {
       this.failed('save', channel, err); // data that is not JSON (a cycle): it goes from memory only
-      return false;
+      return undefined;
     }
+    return (seq) => JSON.stringify({ format: FORMAT, version: VERSION, seq, channel, sha256: checksum(seq, channel, text), alert: text });
+  }
+
+  private async write(channel: string, alert: Alert): Promise<string | undefined> {
+    const body = this.bodyFor(channel, alert);
+    if (body === undefined) return undefined;
+    const sub = path.join(this.dir, channel);
+    let tmp: string | undefined;
     try {
-      await fsp.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
-      const fh = await fsp.open(tmp, 'w', 0o600);
-      try {
-        await fh.writeFile(body);
-        await fh.sync();
-      } finally {
-        await fh.close();
+      await fsp.mkdir(sub, { recursive: true, mode: 0o700 });
+      for (let tries = 0; tries < 1000; tries++) {
+        const seq = this.nextSeq++;
+        tmp = this.tmpName(channel, seq);
+        const fh = await fsp.open(tmp, 'wx', 0o600);
+        try {
+          await fh.writeFile(body(seq));
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+        const file = this.file(channel, seq);
+        try {
+          // A link, not a rename: it fails if the number is taken (another process, a file not seen at open).
+          await fsp.link(tmp, file);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+            await fsp.rm(tmp, { force: true });
+            continue;
+          }
+          throw err;
+        }
+        await fsp.rm(tmp, { force: true });
+        tmp = undefined;
+        const dir = await fsp.open(sub, 'r');
+        try {
+          await dir.sync();
+        } finally {
+          await dir.close();
+        }
+        return file;
       }
-      await fsp.rename(tmp, file);
-      const dir = await fsp.open(path.dirname(file), 'r');
-      try {
-        await dir.sync();
-      } finally {
-        await dir.close();
-      }
-      return true;
+      throw new Error('no free sequence number after 1000 tries');
     } catch (err) {
       this.failed('save', channel, err);
-      await fsp.rm(tmp, { force: true }).catch(() => undefined);
-      return false;
+      if (tmp) await fsp.rm(tmp, { force: true }).catch(() => undefined);
+      return undefined;
     }
   }
 
   /** One spooled alert, or undefined (a damaged file is renamed NAME.bad, with a warning). */
-  private read(file: string, channel: string): Spooled | undefined {
+  private read(file: string, channel: string, seq: number): Spooled | undefined {
     let why: string;
     try {
-      const parsed = fileSchema.safeParse(JSON.parse(fs.readFileSync(file, 'utf8')));
-      if (!parsed.success) why = `not a ${FORMAT} v${VERSION} file (${parsed.error.issues[0]?.path.join('.') || 'root'}: ${parsed.error.issues[0]?.message})`;
-      else if (parsed.data.channel !== channel) why = `it belongs to channel ${parsed.data.channel}, not ${channel}`;
-      else if (parsed.data.sha256 !== checksum(parsed.data.alert)) why = 'its checksum does not match (damaged)';
+      const st = fs.lstatSync(file);
+      if (!st.isFile()) why = 'it is not a regular file';
+      else if (st.size > FILE_BYTES_MAX) why = `it is ${st.size} bytes, not an alert`;
       else {
-        const alert = alertSchema.safeParse(JSON.parse(parsed.data.alert));
-        if (!alert.success) why = `the alert in it is not an alert (${alert.error.issues[0]?.path.join('.')}: ${alert.error.issues[0]?.message})`;
-        else return { channel, seq: parsed.data.seq, alert: alert.data as Alert, saved: Promise.resolve(true) };
+        const parsed = fileSchema.safeParse(JSON.parse(fs.readFileSync(file, 'utf8')));
+        if (!parsed.success) why = `not a ${FORMAT} v${VERSION} file (${parsed.error.issues[0]?.path.join('.') || 'root'}: ${parsed.error.issues[0]?.message})`;
+        else if (parsed.data.seq !== seq || parsed.data.channel !== channel) why = `it says it is number ${parsed.data.seq} of ${parsed.data.channel}, not ${seq} of ${channel}`;
+        else if (parsed.data.sha256 !== checksum(seq, channel, parsed.data.alert)) why = 'its checksum does not match (damaged)';
+        else {
+          const alert = alertSchema.safeParse(JSON.parse(parsed.data.alert));
+          if (!alert.success) why = `the alert in it is not an alert (${alert.error.issues[0]?.path.join('.')}: ${alert.error.issues[0]?.message})`;
+          else return { channel, alert: alert.data as Alert, saved: Promise.resolve(file) };
+        }
       }
     } catch (err) {
       why = `unreadable: ${(err as Error).message}`;
@@ -190,6 +271,24 @@ export class AlertSpool {
     return undefined;
   }
 
+  private list(dir: string): string[] {
+    try {
+      return fs.readdirSync(dir);
+    } catch (err) {
+      // None yet is the usual case; anything else is worth a line (the alerts in it wait).
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') this.failed('read', undefined, err);
+      return [];
+    }
+  }
+
+  private isDir(p: string): boolean {
+    try {
+      return fs.lstatSync(p).isDirectory();
+    } catch {
+      return false;
+    }
+  }
+
   private unlink(file: string): void {
     try {
       fs.unlinkSync(file);
@@ -198,11 +297,24 @@ export class AlertSpool {
     }
   }
 
-  private failed(what: 'save' | 'remove', channel: string, err: unknown): void {
-    this.log.warn({ event: 'alert-spool-failed', channel, op: what, dir: this.dir, err: (err as Error).message }, `could not ${what} an alert in ${this.dir}: ${(err as Error).message} (it is delivered from memory; a restart before then loses it)`);
+  private failed(what: 'save' | 'remove' | 'read', channel: string | undefined, err: unknown): void {
+    const tail = what === 'read' ? 'the alerts in it are not sent until it can be read' : 'it is delivered from memory; a restart before then loses it';
+    this.log.warn({ event: 'alert-spool-failed', channel, op: what, dir: this.dir, err: (err as Error).message }, `could not ${what} ${what === 'read' ? 'the alert spool' : 'an alert'} in ${this.dir}: ${(err as Error).message} (${tail})`);
   }
 }
 
-function checksum(text: string): string {
-  return createHash('sha256').update(text).digest('hex');
+/** Whether a process with this pid runs (EPERM: it does, as another user). */
+function alive(pid: number): boolean {
+  if (pid === process.pid) return true;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Of the header (number, channel) and the alert's text: a file copied under another name does not check out. */
+function checksum(seq: number, channel: string, text: string): string {
+  return createHash('sha256').update(`${FORMAT}\n${VERSION}\n${seq}\n${channel}\n${text}`).digest('hex');
 }

@@ -21,7 +21,10 @@
  *
  * With a spool directory (the daemon's: NODE_HOME/alerts), what waits is
  * also on disk (alert-spool.ts): a daemon stopped or crashed before the mail
- * server came back sends those alerts when it starts again.
+ * server came back sends those alerts when it starts again. The spool is
+ * opened by start(), once the daemon is sure to run (a second daemon on the
+ * same home that fails to claim its disks never sends the first one's
+ * alerts); until then alerts wait in memory.
  */
 import { createTransport } from 'nodemailer';
 import type { Logger } from '../util/log.js';
@@ -85,6 +88,8 @@ interface Channel {
 }
 
 const RETRY_DELAYS_MS = [1000, 5000, 30_000, 120_000, 600_000];
+/** How long a stop waits for alerts still being written to the spool. */
+const SPOOL_SETTLE_MS = 10_000;
 const SUBJECT_SUMMARY_CHARS_MAX = 200;
 
 export class Alerter {
@@ -97,7 +102,10 @@ export class Alerter {
   private readonly idleWaiters = new Set<() => void>();
   private readonly secrets: string[] = [];
   private closeTransport = (): void => {};
-  private readonly spool: AlertSpool | undefined;
+  private readonly spoolDir: string | undefined;
+  private spool: AlertSpool | undefined;
+  /** With a spool: nothing is delivered before start() (it puts what earlier runs left first). */
+  private started: boolean;
 
   constructor(config: AlertsConfig | undefined, options: AlertOptions) {
     this.log = options.log;
@@ -106,21 +114,32 @@ export class Alerter {
     this.maxQueued = Math.max(1, options.maxQueued ?? 100);
     if (config?.email) this.channels.push(this.emailChannel(config.email, options.from));
     if (config?.webhook) this.channels.push(this.webhookChannel(config.webhook.url));
-    if (options.spoolDir) {
-      const { spool, waiting } = AlertSpool.open(options.spoolDir, this.channels.map((c) => c.name), this.log);
-      this.spool = spool;
-      for (const ch of this.channels) {
-        const left = waiting.get(ch.name) ?? [];
-        if (left.length === 0) continue;
-        this.log.info({ event: 'alert-spool-loaded', channel: ch.name, alerts: left.length }, `${left.length} alert(s) for ${ch.name} left undelivered before this start go out now`);
-        for (const spooled of left) this.enqueue(ch, { alert: spooled.alert, spooled });
-      }
+    this.spoolDir = options.spoolDir;
+    this.started = this.spoolDir === undefined;
+  }
+
+  /** Open the spool: what earlier runs left goes first, then what was raised since this one began; delivery starts. */
+  start(): void {
+    if (this.started || this.stop.signal.aborted) return;
+    this.started = true;
+    const { spool, waiting } = AlertSpool.open(this.spoolDir!, this.channels.map((c) => c.name), this.log);
+    this.spool = spool;
+    for (const ch of this.channels) {
+      const raised = ch.waiting.splice(0);
+      const left = waiting.get(ch.name) ?? [];
+      if (left.length) this.log.info({ event: 'alert-spool-loaded', channel: ch.name, alerts: left.length }, `${left.length} alert(s) for ${ch.name} left undelivered before this start go out now`);
+      for (const spooled of left) this.enqueue(ch, { alert: spooled.alert, spooled });
+      for (const q of raised) this.enqueue(ch, { alert: q.alert, spooled: spool.save(ch.name, q.alert) });
     }
   }
 
   send(alert: Alert): void {
     if (this.stop.signal.aborted) {
-      if (this.channels.length) this.drop(undefined, { alert }, 'alerter closed');
+      // Raised while the daemon stops: kept for its next start if there is a spool (written now: the process may exit next).
+      for (const ch of this.channels) {
+        if (this.spool?.saveNow(ch.name, alert)) this.log.info({ event: 'alert-spool-kept', channel: ch.name, alerts: 1, dir: this.spool.dir }, `alert ${alert.event} kept in ${this.spool.dir} for the next start`);
+        else this.drop(ch, { alert }, 'alerter closed');
+      }
       return;
     }
     for (const ch of this.channels) this.enqueue(ch, { alert, spooled: this.spool?.save(ch.name, alert) });
@@ -129,7 +148,7 @@ export class Alerter {
   private enqueue(ch: Channel, q: Queued): void {
     if (ch.waiting.length >= this.maxQueued) this.drop(ch, ch.waiting.shift()!, `queue full (${this.maxQueued} waiting)`);
     ch.waiting.push(q);
-    if (!ch.current) this.pump(ch).catch((err: unknown) => this.log.error({ event: 'alert-bug', channel: ch.name, err: String(err) }, 'alert queue failed'));
+    if (!ch.current && this.started) this.pump(ch).catch((err: unknown) => this.log.error({ event: 'alert-bug', channel: ch.name, err: String(err) }, 'alert queue failed'));
   }
 
   idle(timeoutMs: number): Promise<void> {
@@ -146,20 +165,27 @@ export class Alerter {
     return { email: of('email'), webhook: of('webhook') };
   }
 
-  close(): void {
+  /** Stop delivering; with a spool, resolves once what waits is on disk (bounded), for the next start. */
+  async close(): Promise<void> {
     if (this.stop.signal.aborted) return;
     this.stop.abort(); // cuts the attempt in flight and every retry wait
+    const kept: Array<[Channel, Queued[]]> = [];
     for (const ch of this.channels) {
       const left = [...(ch.current ? [ch.current] : []), ...ch.waiting.splice(0)];
-      if (this.spool && left.length) {
-        // On disk already (or on its way there): the next start sends them.
-        this.log.info({ event: 'alert-spool-kept', channel: ch.name, alerts: left.length, dir: this.spool.dir }, `${left.length} undelivered alert(s) of ${ch.name} kept in ${this.spool.dir} for the next start`);
-        continue;
-      }
-      for (const q of left) this.drop(ch, q, 'alerter closed');
+      if (this.spool) kept.push([ch, left]);
+      else for (const q of left) this.drop(ch, q, 'alerter closed');
     }
     this.closeTransport();
     for (const done of [...this.idleWaiters]) done();
+    if (!this.spool) return;
+    await this.spool.settled(SPOOL_SETTLE_MS);
+    for (const [ch, left] of kept) {
+      const onDisk: Queued[] = [];
+      // A save still under way after the wait counts as not on disk (a race with an already settled promise reads it without waiting).
+      for (const q of left) if (q.spooled && (await Promise.race([q.spooled.saved, Promise.resolve(undefined)]))) onDisk.push(q);
+      if (onDisk.length) this.log.info({ event: 'alert-spool-kept', channel: ch.name, alerts: onDisk.length, dir: this.spool.dir }, `${onDisk.length} undelivered alert(s) of ${ch.name} kept in ${this.spool.dir} for the next start`);
+      for (const q of left) if (!onDisk.includes(q)) this.drop(ch, q, 'alerter closed before it was on disk');
+    }
   }
 
   private async pump(ch: Channel): Promise<void> {

@@ -181,6 +181,8 @@ export class ClusterManager {
   }
 
   async start(): Promise<void> {
+    // The daemon runs (its disks are claimed): alerts earlier runs left are sent now.
+    this.alerter.start();
     if (this.peer) {
       const nodes = this.host.config.nodes;
       const addresses = (n: string): string[] => [nodes[n].address, ...(nodes[n].heartbeatAddress ? [nodes[n].heartbeatAddress!] : [])];
@@ -207,8 +209,16 @@ export class ClusterManager {
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.timer) clearInterval(this.timer);
-    this.alerter.close();
     await this.heartbeat?.close();
+  }
+
+  /**
+   * The last step of a daemon's stop: alerts raised while its pools and
+   * resources closed (a disk that failed its last flush) are still sent or
+   * spooled; what waits is on disk when this returns.
+   */
+  async closeAlerts(): Promise<void> {
+    await this.alerter.close();
   }
 
   private summary(): BeatSummary {

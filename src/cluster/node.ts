@@ -686,6 +686,7 @@ export class NodeDaemon implements VmHost, HandoverHost, ClusterHost {
       await e.connector.stop();
       await e.resource.close().catch((err: unknown) => this.log.error({ event: 'resource-close-failed', resource: e.name, err: (err as Error).message }));
     }
+    await this.cluster.closeAlerts();
     this.events.close();
   }
 }

@@ -256,10 +256,11 @@ test('alerts still waiting when the daemon stops are on disk; the next start del
   const dir = tempDir(t);
   const first = capture();
   const a = new Alerter({ webhook: { url: hook.url } }, { log: first.log, from: 'bravo', retryDelaysMs: [60_000], timeoutMs: 3000, spoolDir: dir });
+  a.start();
   for (let i = 1; i <= 3; i++) a.send(numbered(i));
   await first.waitFor((e) => e.event === 'alert-failed', 'alert-failed (503)');
   await until('three alerts spooled', () => spooled(dir, 'webhook').filter((f) => f.endsWith('.json')).length === 3);
-  a.close();
+  await a.close();
   assert.deepEqual(first.events().filter((e) => e.event === 'alert-dropped'), [], 'closing with a spool drops nothing');
   assert.ok(first.events().some((e) => e.event === 'alert-spool-kept'));
   const files = spooled(dir, 'webhook');
@@ -269,6 +270,7 @@ test('alerts still waiting when the daemon stops are on disk; the next start del
   up = true;
   const second = capture();
   const b = new Alerter({ webhook: { url: hook.url } }, { log: second.log, from: 'bravo', retryDelaysMs: [100], timeoutMs: 3000, spoolDir: dir });
+  b.start();
   t.after(() => b.close());
   b.send(numbered(4));
   await b.idle(WAIT_MS);
@@ -287,19 +289,24 @@ test('the spool after a crash: a half-written file is removed, a damaged one set
   let down = true;
   const dead = await startHook(t, () => (down ? 503 : 200));
   const a = new Alerter({ webhook: { url: dead.url } }, { log: first.log, from: 'bravo', retryDelaysMs: [60_000], timeoutMs: 3000, spoolDir: dir });
+  a.start();
   for (let i = 1; i <= 3; i++) a.send(numbered(i));
   await until('three alerts spooled', () => spooled(dir, 'webhook').filter((f) => f.endsWith('.json')).length === 3);
   await first.waitFor((e) => e.event === 'alert-failed', 'alert-failed (503)');
-  a.close();
+  await a.close();
   down = false;
   const sub = path.join(dir, 'webhook');
-  fs.writeFileSync(path.join(sub, '000000000009.json.tmp'), '{"format":"duet-al');
+  // Half-written by a process that is gone (pid above any pid_max), and one this process is writing (left alone).
+  fs.writeFileSync(path.join(sub, '000000000009.json.999999999.0badc0de.tmp'), '{"format":"duet-al');
+  const mine = `000000000010.json.${process.pid}.00c0ffee.tmp`;
+  fs.writeFileSync(path.join(sub, mine), '{"format":"duet-al');
   const damaged = path.join(sub, '000000000002.json');
   fs.writeFileSync(damaged, fs.readFileSync(damaged, 'utf8').replace('alert 2', 'alert X'));
   fs.writeFileSync(path.join(sub, '000000000007.json'), 'not json at all');
 
   const second = capture();
   const b = new Alerter({ webhook: { url: hook.url } }, { log: second.log, from: 'bravo', retryDelaysMs: [100], timeoutMs: 3000, spoolDir: dir });
+  b.start();
   t.after(() => b.close());
   b.send(numbered(4));
   await b.idle(WAIT_MS);
@@ -307,8 +314,9 @@ test('the spool after a crash: a half-written file is removed, a damaged one set
   const bad = second.events().filter((e) => e.event === 'alert-spool-bad') as Array<LogEvent & { reason?: string }>;
   assert.equal(bad.length, 2);
   assert.ok(bad.some((e) => /checksum/.test(e.reason ?? '')), 'the edited alert fails its checksum');
-  await until('only the set-aside files left', () => spooled(dir, 'webhook').join() === '000000000002.json.bad,000000000007.json.bad');
-  // New alerts are numbered after every file seen, set aside or not: nothing is overwritten.
+  await until('only the set-aside files (and the live writer\'s) left', () => spooled(dir, 'webhook').join() === ['000000000002.json.bad', '000000000007.json.bad', mine].join());
+  // New alerts are numbered after every file seen, set aside or half-written: nothing is overwritten.
+  assert.ok(second.events().some((e) => e.event === 'alert-sent' && e.alert === 'test-4'));
   assert.ok(!second.events().some((e) => e.event === 'alert-spool-failed'));
 });
 
@@ -318,14 +326,16 @@ test('the spool keeps each channel apart: mail down, webhook up; a channel taken
   const [smtpPort] = await freePorts(1); // nothing listens: mail is down
   const first = capture();
   const a = new Alerter({ webhook: { url: hook.url }, email: { to: 'admin@example.invalid', smtp: `smtp://127.0.0.1:${smtpPort}` } }, { log: first.log, from: 'bravo', retryDelaysMs: [60_000], timeoutMs: 3000, spoolDir: dir });
+  a.start();
   a.send(FAILOVER);
   await first.waitFor((e) => e.event === 'alert-failed' && e.channel === 'email', 'the mail attempt failed');
   await until('webhook delivered and unspooled', () => hook.requests.length === 1 && spooled(dir, 'webhook').length === 0);
   assert.deepEqual(spooled(dir, 'email'), ['000000000001.json']);
-  a.close();
+  await a.close();
 
   const second = capture();
   const b = new Alerter({ webhook: { url: hook.url } }, { log: second.log, from: 'bravo', timeoutMs: 3000, spoolDir: dir });
+  b.start();
   t.after(() => b.close());
   await b.idle(WAIT_MS);
   const dropped = second.events().filter((e) => e.event === 'alert-dropped');
