@@ -205,7 +205,7 @@ export function registerResource(program: Command): void {
       print(options.json === true, v, () =>
         v.outOfSyncBytes === 0
           ? `resource ${name}: verified ${formatSize(v.totalBytes)}, no difference\n`
-          : `resource ${name}: ${formatSize(v.outOfSyncBytes)} out of sync, marked for resync:\n${v.ranges.map((r) => `  ${r.offset}+${r.length}\n`).join('')}`,
+          : `resource ${name}: ${formatSize(v.outOfSyncBytes)} out of sync, marked for resync:\n${v.ranges.map((r) => `  ${r.offset}+${r.length}\n`).join('')}${listedBytes(v.ranges) < v.outOfSyncBytes ? `  ... (the first ${v.ranges.length} ranges; ${formatSize(v.outOfSyncBytes - listedBytes(v.ranges))} more)\n` : ''}`,
       );
     });
 
@@ -323,4 +323,9 @@ export function formatStatus(s: NodeStatus): string {
   const l = s.eventLoop;
   const loop = l ? [`event loop: p99 ${l.last.p99Ms} ms, max ${l.last.maxMs} ms in the last ${l.windowSeconds} s; worst max ${l.worstMaxMs} ms since start`] : [];
   return `${[...s.resources.map((r) => formatResource(r)), ...loop].join('\n')}\n`;
+}
+
+/** Bytes in a verify's listed ranges (it lists the first VERIFY_RANGES_MAX). */
+function listedBytes(ranges: { offset: number; length: number }[]): number {
+  return ranges.reduce((n, r) => n + r.length, 0);
 }

@@ -110,6 +110,8 @@ const WRITE_PIECE = W.MAX_DATA_PIECE;
 /** A zeroing or trim in one frame: well under the 32-bit length field, block-aligned. */
 const ZERO_PIECE = 1024 * 1024 * 1024;
 const VERIFY_WINDOW = 16;
+/** A verify lists at most this many ranges that differ (its byte count covers them all). */
+export const VERIFY_RANGES_MAX = 1000;
 /** How long a handshake waits for writes under way before it says what this side has. */
 const WRITES_SETTLE_MS = 1000;
 
@@ -141,6 +143,8 @@ export class PeerSession {
   private askWaiters = new Map<number, Deferred<PieceAnswer>>();
   /** Pieces the peer asked this side (its Primary) for, not answered yet. */
   private asksUnanswered = 0;
+  /** Verify pieces from the peer waiting to be compared here (bounded: a correct peer waits for its answers). */
+  private verifyQueued = 0;
   /** VERIFYs this side sent for the peer's asks, by offset, waiting for its VERIFY_REPLY (which marks this side's bitmap too). */
   private askedOfMe = new Map<number, number>();
   private askedOfMeTotal = 0;
@@ -564,12 +568,12 @@ export class PeerSession {
         const { offset, length } = W.decodeVerifyAsk(payload, size);
         return this.onVerifyAsk(offset, length);
       }
-      case W.F_VERIFY_UNREADABLE: {
-        const { offset } = W.decodeVerifyAsk(payload, size, 'verify unreadable');
+      case W.F_VERIFY_NO_VERDICT: {
+        const { offset, why } = W.decodeVerifyNoVerdict(payload, size);
         const waiter = this.verifyWaiters.get(offset) ?? this.askWaiters.get(offset);
         if (waiter) {
           this.verifyWaiters.delete(offset) || this.askWaiters.delete(offset);
-          waiter.resolve('peer-unreadable');
+          waiter.resolve(why === W.NO_VERDICT_ROLES ? 'roles-changed' : 'peer-unreadable');
           return;
         }
         // The answer to a VERIFY sent for the peer's ask (nothing to mark), or to an ask that the
@@ -957,8 +961,12 @@ export class PeerSession {
     r.log.info({ event: 'verify-start', resource: r.name, peer: this.peerNode, digestsFrom: ask ? this.peerNode : r.node }, 'online verify started');
     const inFlight = new Set<Promise<void>>();
     let failed: string | undefined;
+    // The digests go from the Primary: a switchover during the verify leaves pieces read under the old roles.
+    const roles = (): string => `${r.node} ${r.role}, ${this.peerNode} ${this.state?.role ?? 'Unknown'}`;
+    const startRoles = roles();
     const stopped = (why: VerifyStop, at: number): string | undefined => {
       if (why === 'down') return undefined; // said below, with how much was compared
+      if (why === 'roles-changed') return `the roles changed during the verify of ${r.name} (${startRoles}; now ${roles()}); nothing after ${at} was compared: run it again`;
       const node = why === 'local-unreadable' ? r.node : this.peerNode;
       return `the disk of ${r.name} on ${node} could not be read during verify (at ${at}); nothing after it was compared`;
     };
@@ -989,6 +997,7 @@ export class PeerSession {
         }
         const job: Promise<void> = answered.promise.then((answer) => {
           inFlight.delete(job);
+          if (typeof answer !== 'string' && roles() !== startRoles) answer = 'roles-changed';
           if (typeof answer === 'string') {
             failed ??= stopped(answer, offset);
             return;
@@ -1011,7 +1020,7 @@ export class PeerSession {
     return v;
   }
 
-  /** Mark the blocks of a piece whose "differs" bit is set; the bytes marked (and their ranges appended, merged, to `ranges`). */
+  /** Mark the blocks of a piece whose "differs" bit is set; the bytes marked (and their ranges appended, merged, to `ranges`, at most VERIFY_RANGES_MAX). */
   private markDiffering(offset: number, length: number, differs: Buffer, ranges?: { offset: number; length: number }[]): number {
     let marked = 0;
     for (let i = 0; i * BLOCK < length; i++) {
@@ -1023,34 +1032,51 @@ export class PeerSession {
       if (!ranges) continue;
       const last = ranges[ranges.length - 1];
       if (last && last.offset + last.length === at) last.length += n;
-      else ranges.push({ offset: at, length: n });
+      else if (ranges.length < VERIFY_RANGES_MAX) ranges.push({ offset: at, length: n });
     }
     return marked;
   }
 
   /** The peer sends a verify piece: compare in the order writes from the peer are applied here. */
   private onVerifyRequest({ offset, length, digests: rest }: { offset: number; length: number; digests: Buffer }): void {
+    // A correct peer keeps VERIFY_WINDOW pieces of its own and its answers to this side's asks in flight.
+    if (this.verifyQueued >= 8 * VERIFY_WINDOW) throw new W.ProtocolError(`more than ${8 * VERIFY_WINDOW} verify pieces sent without waiting for the answers`);
+    this.verifyQueued++;
     void this.applying.run(offset, length, async () => {
-      // This side's own verify may have asked for this piece: this is its answer.
-      const asked = this.askWaiters.get(offset);
-      if (asked) this.askWaiters.delete(offset);
-      const mine = await this.readLocal(offset, length);
-      if (!mine && this.features.has(FEATURE_VERIFY_ASK)) {
-        // No copy to compare (the disk failed): no verdict on the piece, not "every block differs".
-        this.link.send(W.F_VERIFY_UNREADABLE, W.encodeRange(offset, length));
-        asked?.resolve('local-unreadable');
-        return;
+      try {
+        await this.compareVerifyPiece(offset, length, rest);
+      } finally {
+        this.verifyQueued--;
       }
-      const ours = mine ? blockDigests(mine) : undefined;
-      const differs = Buffer.alloc(W.VERIFY_REPLY_BYTES);
-      for (let i = 0; i * BLOCK < length; i++) {
-        const same = ours !== undefined && ours.subarray(i * DIGEST, (i + 1) * DIGEST).equals(rest.subarray(i * DIGEST, (i + 1) * DIGEST));
-        if (!same) differs[i >> 3] |= 1 << (i & 7);
-      }
-      if (mine) this.markDiffering(offset, length, differs);
-      this.link.send(W.F_VERIFY_REPLY, W.encodeRange(offset, length, differs));
-      asked?.resolve(mine ? differs : 'local-unreadable');
     });
+  }
+
+  private async compareVerifyPiece(offset: number, length: number, rest: Buffer): Promise<void> {
+    const r = this.resource;
+    // This side's own verify may have asked for this piece: this is its answer.
+    const asked = this.askWaiters.get(offset);
+    if (asked) this.askWaiters.delete(offset);
+    const noVerdict = (why: number): void => {
+      this.link.send(W.F_VERIFY_NO_VERDICT, W.encodeRange(offset, length, Buffer.from([why])));
+      asked?.resolve(why === W.NO_VERDICT_ROLES ? 'roles-changed' : 'local-unreadable');
+    };
+    const current = this.features.has(FEATURE_VERIFY_ASK);
+    // Digests come from the Primary; a Primary here means this side was promoted since they were read
+    // (a peer of this build sends its own only as Primary, or with no Primary at its start): this
+    // side's writes since are not in them, so no verdict rather than a false difference.
+    if (current && r.role === 'Primary' && this.state?.role !== 'Primary') return noVerdict(W.NO_VERDICT_ROLES);
+    const mine = await this.readLocal(offset, length);
+    // No copy to compare (the disk failed): no verdict on the piece, not "every block differs".
+    if (!mine && current) return noVerdict(W.NO_VERDICT_UNREADABLE);
+    const ours = mine ? blockDigests(mine) : undefined;
+    const differs = Buffer.alloc(W.VERIFY_REPLY_BYTES);
+    for (let i = 0; i * BLOCK < length; i++) {
+      const same = ours !== undefined && ours.subarray(i * DIGEST, (i + 1) * DIGEST).equals(rest.subarray(i * DIGEST, (i + 1) * DIGEST));
+      if (!same) differs[i >> 3] |= 1 << (i & 7);
+    }
+    if (mine) this.markDiffering(offset, length, differs);
+    this.link.send(W.F_VERIFY_REPLY, W.encodeRange(offset, length, differs));
+    asked?.resolve(mine ? differs : 'local-unreadable');
   }
 
   /** The peer's verify asks this side (its Primary) for a piece: send the digests in the order of this side's writes. */
@@ -1065,7 +1091,7 @@ export class PeerSession {
       if (!this.link.isUp) return;
       this.asksUnanswered--;
       if (!data) {
-        this.link.send(W.F_VERIFY_UNREADABLE, W.encodeRange(offset, length));
+        this.link.send(W.F_VERIFY_NO_VERDICT, W.encodeRange(offset, length, Buffer.from([W.NO_VERDICT_UNREADABLE])));
         return;
       }
       // Only a piece sent may be answered: a reply that comes before it is a protocol error.
@@ -1132,8 +1158,8 @@ export class PeerSession {
 /** Bytes of one block's digest in a verify request (SHA-256, truncated). */
 const DIGEST = W.VERIFY_DIGEST;
 
-/** Why a verify piece got no verdict: the link went down, or one side could not read its copy. */
-type VerifyStop = 'down' | 'local-unreadable' | 'peer-unreadable';
+/** Why a verify piece got no verdict: the link went down, one side could not read its copy, or a switchover. */
+type VerifyStop = 'down' | 'local-unreadable' | 'peer-unreadable' | 'roles-changed';
 /** A verify piece's answer: a bit per block, set where the copies differ; or why there is none. */
 type PieceAnswer = Buffer | VerifyStop;
 

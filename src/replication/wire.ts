@@ -58,13 +58,17 @@ export const F_VERIFY_REPLY = 51;
  */
 export const F_VERIFY_ASK = 52;
 /**
- * u64 offset | u32 length: "I could not read my copy of this piece" (my disk
- * failed), the answer to a VERIFY_ASK or a VERIFY in place of VERIFY or
- * VERIFY_REPLY; the verify stops with that error instead of counting the
- * piece as different. Sent only to a peer that lists FEATURE_VERIFY_ASK (an
- * older build gets a VERIFY_REPLY with every block different, as before).
+ * u64 offset | u32 length | u8 why: "no verdict on this piece", the answer
+ * to a VERIFY_ASK or a VERIFY in place of VERIFY or VERIFY_REPLY; the verify
+ * stops with that error instead of counting the piece as different or not.
+ * Why: NO_VERDICT_UNREADABLE (my disk failed) or NO_VERDICT_ROLES (I became
+ * Primary since the digests were read: my writes since are not in them).
+ * Sent only to a peer that lists FEATURE_VERIFY_ASK (an older build gets a
+ * VERIFY_REPLY with every block different, as before).
  */
-export const F_VERIFY_UNREADABLE = 53;
+export const F_VERIFY_NO_VERDICT = 53;
+export const NO_VERDICT_UNREADABLE = 0;
+export const NO_VERDICT_ROLES = 1;
 /** JSON {reason}: the sender refuses to go on (split brain, unrelated data...) */
 export const F_REFUSE = 60;
 /** The Primary is about to go on without the receiver (an admin disconnect): its copy is Outdated from now on. */
@@ -138,7 +142,7 @@ const FRAME_NAMES: Record<number, string> = {
   [F_VERIFY]: 'VERIFY',
   [F_VERIFY_REPLY]: 'VERIFY_REPLY',
   [F_VERIFY_ASK]: 'VERIFY_ASK',
-  [F_VERIFY_UNREADABLE]: 'VERIFY_UNREADABLE',
+  [F_VERIFY_NO_VERDICT]: 'VERIFY_NO_VERDICT',
   [F_REFUSE]: 'REFUSE',
   [F_OUTDATE]: 'OUTDATE',
   [F_PROMOTE]: 'PROMOTE',
@@ -407,10 +411,21 @@ export function decodeVerify(p: Buffer, dataBytes: number): { offset: number; le
   return { offset, length, digests: rest };
 }
 
-/** A verify piece asked of the Primary (or that a side could not read): a whole piece, nothing more. */
-export function decodeVerifyAsk(p: Buffer, dataBytes: number, what = 'verify ask'): { offset: number; length: number } {
-  const { offset, length, rest } = decodeRange(p, dataBytes, VERIFY_PIECE, what);
-  expectEmpty(rest, what);
+/** A verify piece asked of the Primary: a whole piece, nothing more. */
+export function decodeVerifyAsk(p: Buffer, dataBytes: number): { offset: number; length: number } {
+  const { offset, length, rest } = decodeRange(p, dataBytes, VERIFY_PIECE, 'verify ask');
+  expectEmpty(rest, 'verify ask');
+  return wholePiece(offset, length, dataBytes, 'verify ask');
+}
+
+/** No verdict on a verify piece: the piece and one byte saying why. */
+export function decodeVerifyNoVerdict(p: Buffer, dataBytes: number): { offset: number; length: number; why: number } {
+  const { offset, length, rest } = decodeRange(p, dataBytes, VERIFY_PIECE, 'verify no-verdict');
+  if (rest.length !== 1 || rest[0] > NO_VERDICT_ROLES) throw new ProtocolError('verify no-verdict without a known reason byte');
+  return { ...wholePiece(offset, length, dataBytes, 'verify no-verdict'), why: rest[0] };
+}
+
+function wholePiece(offset: number, length: number, dataBytes: number, what: string): { offset: number; length: number } {
   if (offset % VERIFY_PIECE !== 0 || length !== Math.min(VERIFY_PIECE, dataBytes - offset)) throw new ProtocolError(`${what} for ${offset}+${length}, not a verify piece`);
   return { offset, length };
 }

@@ -75,7 +75,9 @@ const cases: Case[] = [
   { name: 'a verify ask that is not a verify piece', mode: 'connected', frame: 'VERIFY_ASK', send: (_t, p) => p.send(W.F_VERIFY_ASK, range(4096, 4096)) },
   { name: 'a verify ask carrying bytes', mode: 'connected', frame: 'VERIFY_ASK', send: (_t, p) => p.send(W.F_VERIFY_ASK, range(0, W.VERIFY_PIECE, Buffer.alloc(1))) },
   { name: 'a verify ask past the data area', mode: 'connected', frame: 'VERIFY_ASK', send: (t, p) => p.send(W.F_VERIFY_ASK, range(layout(t).bitmapOffset, W.VERIFY_PIECE)) },
-  { name: 'a verify-unreadable notice that is not a verify piece', mode: 'connected', frame: 'VERIFY_UNREADABLE', send: (_t, p) => p.send(W.F_VERIFY_UNREADABLE, range(0, 4096)) },
+  { name: 'a verify no-verdict that is not a verify piece', mode: 'connected', frame: 'VERIFY_NO_VERDICT', send: (_t, p) => p.send(W.F_VERIFY_NO_VERDICT, range(0, 4096, Buffer.from([0]))) },
+  { name: 'a verify no-verdict without its reason', mode: 'connected', frame: 'VERIFY_NO_VERDICT', send: (_t, p) => p.send(W.F_VERIFY_NO_VERDICT, range(0, W.VERIFY_PIECE)) },
+  { name: 'a verify no-verdict with an unknown reason', mode: 'connected', frame: 'VERIFY_NO_VERDICT', send: (_t, p) => p.send(W.F_VERIFY_NO_VERDICT, range(0, W.VERIFY_PIECE, Buffer.from([9]))) },
   {
     name: 'verify asks without end, never answered',
     mode: 'connected',
@@ -353,7 +355,7 @@ async function answerAsks(p: RawPeer, verifying: Promise<unknown>, answer: (offs
       const length = f.readUInt32BE(8);
       asked.push(offset);
       const a = answer(offset, length);
-      if (a === 'fail') p.send(W.F_VERIFY_UNREADABLE, range(offset, length));
+      if (a === 'fail') p.send(W.F_VERIFY_NO_VERDICT, range(offset, length, Buffer.from([W.NO_VERDICT_UNREADABLE])));
       else p.send(W.F_VERIFY, range(offset, length, a));
     },
     settledFlag(verifying),
