@@ -17,14 +17,16 @@ import type { ClusterStatus, FenceTestReport } from '../../src/cluster/status.js
 import type { EventRecord } from '../../src/cluster/events.js';
 
 /** A webhook receiver: every POSTed alert. */
-async function webhook(t: { after(fn: () => unknown): void }): Promise<{ url: string; alerts: Array<Record<string, unknown>> }> {
-  const alerts: Array<Record<string, unknown>> = [];
+/** A webhook that takes alerts (or, while `down`, answers 503 and keeps none). */
+async function webhook(t: { after(fn: () => unknown): void }): Promise<{ url: string; alerts: Array<Record<string, unknown>>; down: boolean }> {
+  const hook = { url: '', alerts: [] as Array<Record<string, unknown>>, down: false };
   const server = http.createServer((req, res) => {
     let body = '';
     req.on('data', (b: Buffer) => (body += b.toString()));
     req.on('end', () => {
+      if (hook.down) return void res.writeHead(503).end();
       try {
-        alerts.push(JSON.parse(body) as Record<string, unknown>);
+        hook.alerts.push(JSON.parse(body) as Record<string, unknown>);
       } catch {
         // not an alert
       }
@@ -32,8 +34,9 @@ async function webhook(t: { after(fn: () => unknown): void }): Promise<{ url: st
     });
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  t.after(() => new Promise<void>((resolve) => server.close(() => resolve())));
-  return { url: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}/hook`, alerts };
+  t.after(() => new Promise<void>((resolve) => (server.closeAllConnections(), server.close(() => resolve()))));
+  hook.url = `http://127.0.0.1:${(server.address() as net.AddressInfo).port}/hook`;
+  return hook;
 }
 
 
@@ -254,16 +257,25 @@ test('two nodes, no witness: a node that comes up alone never fences or takes ov
   assert.equal(s.nodes.find((n) => n.name === 'alpha')?.state, 'offline');
 });
 
-test('the survivor\'s daemon restarted after a takeover takes over again at once (not after startup.waitForPeer): the peer it took over has not been heard since', async (t) => {
-  const c = await makeCluster(t, { witness: true, extra: ['startup: { waitForPeer: 600 }'] });
+test('the survivor\'s daemon restarted after a takeover takes over again at once (not after startup.waitForPeer): the peer it took over has not been heard since; the failover alert it could not send before it died is sent after', async (t) => {
+  const hook = await webhook(t);
+  hook.down = true;
+  const c = await makeCluster(t, { witness: true, extra: ['startup: { waitForPeer: 600 }', `alerts: { webhook: { url: "${hook.url}" } }`] });
   await c.startWitness();
   await c.start('alpha');
   await c.start('bravo');
   await waitStatus(c, 'alpha', 'the initial sync', (s) => s.role === 'Primary' && inSync(s), 60_000);
   await c.kill('alpha');
   await waitStatus(c, 'bravo', 'bravo takes over', (s) => s.role === 'Primary', 30_000);
+  // The webhook is down: the failover alert waits in bravo's spool when its daemon dies (kill -9).
+  const spool = path.join(c.dir, 'home-bravo', 'alerts', 'webhook');
+  const spooled = (): string[] => (fs.existsSync(spool) ? fs.readdirSync(spool).filter((f) => f.endsWith('.json')) : []);
+  await until(() => spooled().some((f) => fs.readFileSync(path.join(spool, f), 'utf8').includes('failover-done')) || undefined, 30_000, () => `the failover alert in ${spool} (${spooled().join(', ')})`);
   await c.kill('bravo');
+  hook.down = false;
   await c.start('bravo');
+  const alert = await until(() => hook.alerts.find((a) => a.event === 'failover-done'), 30_000, () => `the failover alert after the restart (got ${hook.alerts.map((a) => a.event).join(', ')})`);
+  assert.equal(alert.node, 'alpha');
   // Its restart left it Secondary; with a 10-minute waitForPeer only its record of the takeover brings it back.
   try {
     await waitStatus(c, 'bravo', 'bravo Primary again', (s) => s.role === 'Primary', 30_000);
