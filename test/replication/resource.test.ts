@@ -173,13 +173,14 @@ test('EIO on the Primary\'s disk: detached, Diskless, reads and writes go on thr
   }
 });
 
-test('verify finds exactly a block corrupted behind the Secondary\'s back; reconnecting resyncs it', async () => {
+for (const side of ['Primary', 'Secondary'] as const) test(`verify started on the ${side} finds exactly a block corrupted behind the Secondary's back; reconnecting resyncs it`, async () => {
   const { a, b } = await syncedPair();
   try {
     await a.resource.write(0, randomBytes(8 * MiB));
     await a.resource.flush();
     await b.disk.write(3 * MiB + 8192, Buffer.alloc(4096, 0x66));
-    const v = await a.resource.peer!.runVerify();
+    // On the Secondary it asks the Primary for the digests (VERIFY_ASK): the same verdict.
+    const v = await (side === 'Primary' ? a : b).resource.peer!.runVerify();
     assert.equal(v.outOfSyncBytes, 4096);
     assert.deepEqual(v.ranges, [{ offset: 3 * MiB + 8192, length: 4096 }]);
     a.connector.kick('resync what verify found');
