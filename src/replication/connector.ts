@@ -113,7 +113,7 @@ export class Connector {
         return;
       }
       const link = new PeerLink(socket, leftover, { clock: r.clock, ...this.options.link });
-      r.peer = new PeerSession(r, link, peer.node, sharedFeatures(peer));
+      r.peer = new PeerSession(r, link, peer.node, sharedFeatures(peer, this.options.identity.features));
       r.log.info({ event: 'link-up', resource: r.name, peer: peer.node }, `link to ${peer.node} up`);
       r.emit('changed');
     } catch (err) {

@@ -51,10 +51,10 @@ export interface Hello {
   features?: string[];
 }
 
-/** The features both sides have (the peer's list as it came: anything not a list of strings is none). */
-export function sharedFeatures(peer: Hello): Set<string> {
+/** The features both sides have: `mine` (this side's hello) and the peer's list as it came (anything not a list of strings is none). */
+export function sharedFeatures(peer: Hello, mine: readonly string[] = LINK_FEATURES): Set<string> {
   const theirs = Array.isArray(peer.features) ? peer.features.filter((f): f is string => typeof f === 'string') : [];
-  return new Set(theirs.filter((f) => LINK_FEATURES.includes(f)));
+  return new Set(theirs.filter((f) => mine.includes(f)));
 }
 
 export class LinkRefused extends Error {

@@ -93,4 +93,5 @@ test('features: each side learns what both builds can do; an older build (no lis
   assert.deepEqual([...sharedFeatures(hello)], []);
   assert.deepEqual([...sharedFeatures({ ...hello, features: 'verify-ask' as unknown as string[] })], []);
   assert.deepEqual([...sharedFeatures({ ...hello, features: [FEATURE_VERIFY_ASK, 'teleport', 7 as unknown as string] })], [FEATURE_VERIFY_ASK]);
+  assert.deepEqual([...sharedFeatures({ ...hello, features: [FEATURE_VERIFY_ASK] }, [])], [], 'this side plays an older build: none either');
 });
