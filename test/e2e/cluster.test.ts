@@ -198,6 +198,11 @@ test('verify through the CLI finds exactly the block corrupted behind the Second
   fs.readSync(rfd, back, 0, 4096, at);
   fs.closeSync(rfd);
   assert.ok(back.equals(Buffer.alloc(4096)), 'the corrupted block is the Primary\'s again');
+  // From the Secondary too (it asks the Primary for the digests): in sync now, once bravo has seen its resync end.
+  await waitStatus(c, 'bravo', 'bravo in sync', (s) => inSync(s) && s.peers[0].connection === 'Connected');
+  const v2 = await c.duet('bravo', ['resource', 'verify', 'a', '--json'], { timeoutMs: 120_000 });
+  assert.equal(v2.code, 0, v2.describe());
+  assert.equal((JSON.parse(v2.stdout) as { outOfSyncBytes: number }).outOfSyncBytes, 0, v2.stdout);
 
   assert.equal((await c.duet('alpha', ['resource', 'disconnect', 'a'])).code, 0);
   await waitStatus(c, 'bravo', 'bravo Outdated', (s) => s.disk === 'Outdated');
