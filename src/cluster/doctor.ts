@@ -159,6 +159,30 @@ export async function runDoctor(o: DoctorOptions): Promise<Check[]> {
     add('home', 'problem', `${o.home}: ${errnoCode(err) ?? (err as Error).message}: give a writable directory (--home or DUET_HOME)`);
   }
 
+  // ---- alerts: configured, and nothing stuck in the spool (HOME/alerts, alert-spool.ts).
+  const channels = [...(config.alerts?.email ? ['email'] : []), ...(config.alerts?.webhook ? ['webhook'] : [])];
+  if (channels.length === 0) add('alerts', 'warning', `no alerts in ${config.file}: nobody is told when a node fails (add alerts: { email: { to, smtp } } or alerts: { webhook: { url } })`);
+  else {
+    const waiting: string[] = [];
+    const bad: string[] = [];
+    for (const ch of channels) {
+      const dir = path.join(o.home, 'alerts', ch);
+      let names: string[] = [];
+      try {
+        names = fs.readdirSync(dir);
+      } catch {
+        // No spool yet: nothing waits.
+      }
+      const n = names.filter((f) => /^\d+\.json$/.test(f)).length;
+      const b = names.filter((f) => f.endsWith('.bad')).length;
+      const where = ch === 'email' ? `alerts.email.smtp (${new URL(config.alerts!.email!.smtp).host})` : `alerts.webhook.url (${new URL(config.alerts!.webhook!.url).origin})`;
+      if (n) waiting.push(`${n} ${ch} alert(s) not sent yet: is ${where} reachable from here?`);
+      if (b) bad.push(`${b} damaged ${ch} alert file(s) set aside in ${dir} (*.bad): read them, then remove them`);
+    }
+    if (waiting.length || bad.length) add('alerts', 'warning', [...waiting, ...bad].join('; '));
+    else add('alerts', 'ok', `${channels.join(' and ')}; nothing waiting to be sent`);
+  }
+
   // ---- the witness.
   if (!config.witness) add('witness', 'warning', `no witness in ${config.file}: a lost peer cannot be told from a cut link (add witness: { address })`);
   else if (secret) {
