@@ -506,8 +506,10 @@ export class VmManager {
   /**
    * Boot `name` here for a takeover (the cluster manager has fenced the node it ran on), then squeeze
    * it to `targetBytes` if given. A VM stopped by vm stop stays stopped; one running already is left alone.
+   * `name` is one of lostVms(): if it runs here by now, its autostart got there first during the takeover,
+   * and it is the takeover's to report as started all the same (`already`).
    */
-  async bootHere(name: string, targetBytes?: number): Promise<{ vm: string; started: boolean; skipped?: string; info?: VmInfo }> {
+  async bootHere(name: string, targetBytes?: number): Promise<{ vm: string; started: boolean; already?: boolean; skipped?: string; info?: VmInfo }> {
     await this.ready;
     this.config(name);
     if (this.marks[name]?.stopped) return { vm: name, started: false, skipped: 'stopped by vm stop' };
@@ -524,7 +526,7 @@ export class VmManager {
           this.host.log.warn({ event: 'vm-squeeze-failed', vm: name, target: targetBytes, err: (err as Error).message }, `vm ${name}: could not set its memory to ${formatSize(targetBytes)}: ${(err as Error).message}`);
         });
       }
-      return { vm: name, started: !running, info };
+      return { vm: name, started: true, ...(running ? { already: true } : {}), info };
     });
   }
 
