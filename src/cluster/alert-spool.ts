@@ -111,7 +111,8 @@ export class AlertSpool {
 
   /** Save `alert` for `channel`; returns at once, the file is written in the background. */
   save(channel: string, alert: Alert): Spooled {
-    const saved = this.write(channel, alert);
+    // The number is taken now, before any await: alerts raised one after another keep their order on disk.
+    const saved = this.write(channel, alert, this.nextSeq++);
     this.saving.add(saved);
     void saved.finally(() => this.saving.delete(saved));
     return { channel, alert, saved };
@@ -195,7 +196,7 @@ export class AlertSpool {
     return (seq) => JSON.stringify({ format: FORMAT, version: VERSION, seq, channel, sha256: checksum(seq, channel, text), alert: text });
   }
 
-  private async write(channel: string, alert: Alert): Promise<string | undefined> {
+  private async write(channel: string, alert: Alert, first: number): Promise<string | undefined> {
     const body = this.bodyFor(channel, alert);
     if (body === undefined) return undefined;
     const sub = path.join(this.dir, channel);
@@ -203,7 +204,8 @@ export class AlertSpool {
     try {
       await fsp.mkdir(sub, { recursive: true, mode: 0o700 });
       for (let tries = 0; tries < 1000; tries++) {
-        const seq = this.nextSeq++;
+        // Taken (another process, a file not seen at open): the next free number after all seen.
+        const seq = tries === 0 ? first : this.nextSeq++;
         tmp = this.tmpName(channel, seq);
         const fh = await fsp.open(tmp, 'wx', 0o600);
         try {

@@ -344,3 +344,17 @@ test('the spool keeps each channel apart: mail down, webhook up; a channel taken
   assert.deepEqual(spooled(dir, 'email'), []);
   assert.equal(hook.requests.length, 1, 'the webhook did not get it twice');
 });
+
+test('alerts raised at once keep their order on disk: each takes its number when it is raised, not when its directory is ready', async (t) => {
+  const hook = await startHook(t, () => 503);
+  const dir = tempDir(t);
+  const { log } = capture();
+  const a = new Alerter({ webhook: { url: hook.url } }, { log, from: 'bravo', retryDelaysMs: [60_000], timeoutMs: 3000, spoolDir: dir, maxQueued: 300 });
+  a.start();
+  for (let i = 1; i <= 200; i++) a.send(numbered(i));
+  await a.close();
+  const files = spooled(dir, 'webhook').filter((f) => f.endsWith('.json'));
+  assert.equal(files.length, 200);
+  const order = files.map((f) => (JSON.parse((JSON.parse(fs.readFileSync(path.join(dir, 'webhook', f), 'utf8')) as { alert: string }).alert) as Alert).event);
+  assert.deepEqual(order, Array.from({ length: 200 }, (_, i) => `test-${i + 1}`));
+});
